@@ -1,0 +1,151 @@
+"""``hybrid-vae probe`` and ``hybrid-vae explain``: what the engine sees and what it would decide."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from policy import (
+    DecodeJob,
+    DecodeSettings,
+    GiB,
+    GpuState,
+    HybridVAEError,
+    LatentError,
+    ProfileError,
+    decide,
+    load_profiles,
+    parse_simulation,
+    probe,
+)
+from policy.model import Decision
+from policy.profiles import Profiles
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("probe", help="show the GPU memory the engine sees now")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default=None, help="cuda:N, mps or cpu (default: current CUDA device)")
+    p.set_defaults(func=cmd_probe)
+
+    e = sub.add_parser("explain", help="show the decision for a decode (simulate a card with --gpu/--free-gib)")
+    e.add_argument("--family", required=True, help="sd15, sdxl, sd3, flux, hunyuanvideo, wan, or one from your profile")
+    e.add_argument("--width", type=int, required=True, help="output width in pixels")
+    e.add_argument("--height", type=int, required=True, help="output height in pixels")
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--frames", type=int, default=None, help="output frames (video families)")
+    e.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="dtype the VAE decodes in (default: the family's, e.g. float32 for stock SDXL)")
+    e.add_argument("--gpu", default=None, help="simulate this card; a profiled name fills in its total")
+    e.add_argument("--total-gib", type=float, default=None, help="simulated total memory")
+    e.add_argument("--free-gib", type=float, default=None, help="simulated free memory")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--remote", dest="remote", action="store_true", default=None, help="allow remote decode")
+    g.add_argument("--no-remote", dest="remote", action="store_false", help="never decode remotely")
+    e.add_argument("--endpoint", default=None, help="remote endpoint URL for this family")
+    e.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
+    e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.25)")
+    e.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
+    e.add_argument("--custom-vae", action="store_true", help="the VAE is not the family's stock VAE")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_explain)
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"hybrid-vae: error: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    try:
+        state = probe(args.device)
+    except ProfileError as exc:
+        return _fail(str(exc), 2)
+    if args.json:
+        print(json.dumps(state.to_dict(), indent=2))
+        return 0
+    print(f"device     {state.device}  ({state.name})")
+    print(f"source     {state.source}{' (SIMULATED)' if state.simulated else ''}")
+    print(f"total      {state.total_bytes / GiB:.2f} GiB")
+    print(f"free       {state.free_bytes / GiB:.2f} GiB  + torch cache {state.torch_reusable_bytes / GiB:.2f} GiB")
+    if state.uuid:
+        print(f"uuid       {state.uuid}")
+    if state.note:
+        print(f"note       {state.note}")
+    return 0
+
+
+def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None, free_gib: float | None) -> GpuState | None:
+    """The card given on the command line, or None to probe the real one."""
+    if gpu is None and total_gib is None and free_gib is None:
+        return None
+    parts = [f"name={gpu or 'Simulated GPU'}"]
+    if total_gib is None:
+        prof = profiles.gpu(gpu) if gpu else None
+        if prof is None:
+            if free_gib is None:
+                raise LatentError(f"--gpu {gpu!r} is not a profiled card; give --total-gib and --free-gib")
+            total_gib = free_gib
+        else:
+            total_gib = prof.total_gib
+    parts.append(f"total_gib={total_gib}")
+    parts.append(f"free_gib={free_gib if free_gib is not None else total_gib}")
+    return parse_simulation(",".join(parts))
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        profiles = load_profiles(args.profile)
+    except ProfileError as exc:
+        return _fail(f"{exc}\n(the built-in profiles are unchanged; fix the file or drop --profile)", 1)
+    try:
+        state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib)
+        if state is None:
+            state = probe(total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
+        kw: dict[str, Any] = {"mode": args.mode}
+        if args.remote is not None:
+            kw["allow_remote"] = args.remote
+        if args.endpoint:
+            kw["endpoints"] = {args.family: args.endpoint}
+        if args.reserve_gib is not None:
+            kw["reserve_bytes"] = int(args.reserve_gib * GiB)
+        settings = DecodeSettings(**kw)
+        job = DecodeJob(family=args.family, width=args.width, height=args.height, batch=args.batch,
+                        frames=args.frames, dtype=args.dtype, custom_vae=args.custom_vae)
+        decision = decide(job, state, profiles, settings)
+    except (LatentError, ProfileError) as exc:
+        return _fail(str(exc), 2)
+    except ValueError as exc:  # pydantic validation of settings
+        return _fail(str(exc), 2)
+    except HybridVAEError as exc:
+        return _fail(str(exc), 1)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2, default=str))
+    else:
+        print(render(decision))
+    return 0
+
+
+def render(d: Decision) -> str:
+    """A short readable table of a decision."""
+    g, j, c = d.gpu, d.job, d.chosen
+    sim = " SIMULATED" if g.simulated else ""
+    frames = f" x {j.frames} frames" if j.frames else ""
+    lines = [
+        f"GPU       {g.name}{sim}: {g.total_bytes / GiB:.2f} GiB total, {g.free_bytes / GiB:.2f} GiB free "
+        f"(+{g.torch_reusable_bytes / GiB:.2f} cache), source {g.source}; profile: {d.gpu_profile or 'none'}",
+        f"Job       {j.family} {j.width}x{j.height}{frames}, batch {j.batch}, {c.dtype}",
+        f"Decision  {c.label}: peak {c.estimate.peak_bytes / GiB:.2f} GiB, {c.estimate.seconds:.3f} s",
+        f"Reason    {d.reason}",
+        "Chain     " + " -> ".join(p.label for p in d.plans),
+        "",
+        f"  {'option':<26} {'peak GiB':>9} {'seconds':>9}  fits  why",
+    ]
+    for o in d.options:
+        p = o.plan
+        lines.append(f"  {p.label:<26} {p.estimate.peak_bytes / GiB:>9.2f} {p.estimate.seconds:>9.3f}  "
+                     f"{'yes' if o.feasible else 'no ':<4}  {o.why}")
+    lines += ["", f"Sources   peak: {c.estimate.peak_source}", f"          seconds: {c.estimate.seconds_source}"]
+    return "\n".join(lines)

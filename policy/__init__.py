@@ -1,0 +1,35 @@
+"""hybrid-vae's decision engine: pure Python, no torch/diffusers/requests import at import time.
+
+Inputs in, frozen decision out::
+
+    from policy import DecodeJob, DecodeSettings, decide, load_profiles, probe
+    decision = decide(DecodeJob("sdxl", 1024, 1024), probe(), load_profiles(), DecodeSettings())
+    decision.chosen.path      # "full" | "tiled" | "remote" | "cpu"
+"""
+
+from policy.decide import decide, endpoint_for
+from policy.errors import (
+    CircuitOpenError,
+    DecodeFailedError,
+    HybridVAEError,
+    LatentError,
+    PlanError,
+    ProfileError,
+    RemoteConnectError,
+    RemoteError,
+    RemoteProtocolError,
+    RemoteSecurityError,
+    RemoteStatusError,
+    RemoteTimeoutError,
+)
+from policy.gpu import ENV_SIMULATE, GiB, GpuState, parse_simulation, probe
+from policy.model import DecodeJob, DecodeSettings, Decision, Estimate, NetworkStats, Option, Plan
+from policy.profiles import ENV_PROFILE, Family, Profiles, ProfileStore, load_profiles
+
+__all__ = [
+    "ENV_PROFILE", "ENV_SIMULATE", "CircuitOpenError", "DecodeFailedError", "DecodeJob", "DecodeSettings",
+    "Decision", "Estimate", "Family", "GiB", "GpuState", "HybridVAEError", "LatentError", "NetworkStats", "Option",
+    "Plan", "PlanError", "ProfileError", "ProfileStore", "Profiles", "RemoteConnectError", "RemoteError",
+    "RemoteProtocolError", "RemoteSecurityError", "RemoteStatusError", "RemoteTimeoutError", "decide",
+    "endpoint_for", "load_profiles", "parse_simulation", "probe",
+]

@@ -1,0 +1,280 @@
+"""``decide(job, gpu, profiles, settings, network=None) -> Decision``: a pure function.
+
+Rules (each is tested):
+- Candidates: full (whole batch), full item by item (batch > 1), temporal chunks (video), tiled at
+  every tile cap from the family's smallest up to the image size, remote (when allowed and an
+  endpoint serves this family's VAE), cpu.
+- A GPU plan is feasible when its estimated peak <= available - reserve
+  (available = NVML free + torch's reusable cache).
+- ``auto`` chooses the feasible plan with the smallest estimated seconds (ties: the larger tile).
+  Forced modes put their path first when it is feasible and otherwise say why and fall back to auto.
+- Never a GPU plan first whose estimate exceeds what is available. When nothing fits the budget,
+  the smallest tile is tried first only if it fits inside the reserve; else remote, else cpu.
+- Fallbacks: after a GPU plan, plans that need at least a quarter less memory (so an OOM retry can
+  succeed), remote by speed, and cpu last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from policy.errors import ProfileError
+from policy.estimate import (
+    check_job,
+    cpu_seconds,
+    decode_dtype,
+    gpu_speed,
+    latent_frames,
+    local_seconds,
+    peak_bytes,
+    remote_estimate,
+    spatial_tiles,
+)
+from policy.gpu import GiB, GpuState
+from policy.model import (
+    DecodeJob,
+    DecodeSettings,
+    Decision,
+    Estimate,
+    NetworkArg,
+    NetworkStats,
+    Option,
+    Plan,
+    ResponseFormat,
+)
+from policy.profiles import Family, Profiles
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple[str | None, str]:
+    """The endpoint URL for this job, or None and the reason remote is not possible."""
+    if not settings.allow_remote:
+        return None, "remote decode is off (opt-in: the endpoint sees the images)"
+    if job.custom_vae and not settings.allow_remote_custom_vae:
+        return None, f"custom VAE {job.vae_id or ''} differs from the endpoint's; remote not allowed for it".replace("  ", " ")
+    url = settings.endpoints.get(job.family)
+    if url:
+        return url, "configured endpoint"
+    if settings.use_builtin_endpoints and fam.endpoints:
+        ep = fam.endpoints[0]
+        return ep.url, f"built-in {ep.provider} endpoint serving {ep.vae}"
+    return None, f"no endpoint serves {job.family}; set one in settings (e.g. your own `hybrid-vae serve`)"
+
+
+def _net_for(network: NetworkArg, url: str) -> NetworkStats:
+    if network is None:
+        return NetworkStats()
+    if isinstance(network, NetworkStats):
+        return network
+    if isinstance(network, Mapping):
+        got = network.get(url)
+        return got if got is not None else NetworkStats()
+    raise TypeError(f"network must be NetworkStats, a mapping of endpoint -> NetworkStats, or None; got {type(network).__name__}")
+
+
+def _formats(job: DecodeJob, fam: Family, settings: DecodeSettings) -> list[ResponseFormat]:
+    if settings.remote_format != "auto":
+        return [settings.remote_format]
+    if fam.video:
+        return ["raw"] if settings.remote_quality == "lossless" else ["raw", "mp4"]
+    return ["raw", "png"] if settings.remote_quality == "lossless" else ["raw", "png", "jpg"]
+
+
+def _tile_caps(job: DecodeJob, fam: Family, settings: DecodeSettings) -> list[int]:
+    step = max(fam.tiling.tile_step_px, fam.spatial_compression)
+    lo = settings.min_tile_px or fam.tiling.min_tile_px
+    lo = max(step, (lo // step) * step)
+    hi = max(job.width, job.height)
+    caps = list(range(lo, hi, step))
+    if not caps and hi > fam.spatial_compression * 2:
+        caps = [max(fam.spatial_compression * 2, (hi // 2 // step) * step or step)]
+    return [c for c in caps if c < hi]
+
+
+def _actual_tile(job: DecodeJob, fam: Family, cap: int, overlap: int) -> int:
+    """The tile size that runs under a cap: equalised tiles for images, the cap itself for video."""
+    if fam.video:
+        return cap
+    ty, tx = spatial_tiles(job, fam, cap, overlap)
+    return max(max(s for _, s in ty), max(s for _, s in tx)) * fam.spatial_compression
+
+
+def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings | None = None,
+           network: NetworkArg = None) -> Decision:
+    """Choose how to decode ``job`` on ``gpu``; pure: the same inputs give the same decision.
+
+    Args:
+        job (`DecodeJob`): what to decode.
+        gpu (`GpuState`): memory now (see :func:`policy.gpu.probe`).
+        profiles (`Profiles`): families and GPU profiles.
+        settings (`DecodeSettings`, defaults to `DecodeSettings()`): the user's choices.
+        network (`NetworkStats | Mapping[str, NetworkStats] | None`): what is known about endpoints;
+            None assumes a 50 Mbit/s, 150 ms link.
+
+    Raises:
+        ProfileError: unknown family. LatentError: a job that cannot be decoded (size, frames, batch).
+    """
+    settings = settings or DecodeSettings()
+    fam = profiles.family(job.family)
+    check_job(job, fam)
+    dtype = decode_dtype(job, fam)
+    gp = profiles.gpu(gpu.name)
+    speed = gpu_speed(fam, gp, job, settings, gpu)
+    on_gpu = gpu.is_accelerator
+    available = gpu.available_bytes if on_gpu else 0
+    budget = available - settings.reserve_bytes
+    sc = fam.spatial_compression
+    overlap = (settings.tile_overlap_px // sc) * sc
+    peak_src = f"{job.family} memory model: {fam.memory.source}"
+
+    def local(path: str, *, tile: int | None = None, chunk: int | None = None, slice_batch: bool = False) -> Plan:
+        ov = overlap if tile is not None else 0
+        fov = fam.tiling.frame_chunk_overlap if chunk is not None else 0
+        est = Estimate(
+            peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch),
+            seconds=local_seconds(job, fam, speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
+                                  frame_overlap=fov, slice_batch=slice_batch),
+            peak_source=peak_src, seconds_source=speed.source)
+        return Plan(path=path, estimate=est, dtype=dtype, tile_px=tile, overlap_px=ov,  # type: ignore[arg-type]
+                    frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch)
+
+    # ---- candidates -------------------------------------------------------------------------
+    gpu_plans: list[Plan] = []
+    chunk = fam.tiling.frame_chunk
+    lat_frames = latent_frames(job, fam)
+    use_chunks = fam.video and chunk is not None and lat_frames > chunk
+    gpu_plans.append(local("full"))
+    if job.batch > 1:
+        gpu_plans.append(local("full", slice_batch=True))
+    if use_chunks:
+        gpu_plans.append(local("tiled", chunk=chunk, slice_batch=True))
+    seen: set[int] = set()
+    for cap in _tile_caps(job, fam, settings):
+        tile = _actual_tile(job, fam, cap, overlap)
+        if tile in seen or tile >= max(job.width, job.height):
+            continue
+        seen.add(tile)
+        gpu_plans.append(local("tiled", tile=tile, chunk=chunk if use_chunks else None, slice_batch=True))
+
+    options: list[Option] = []
+    feasible: list[Plan] = []
+    for p in gpu_plans:
+        if not on_gpu:
+            options.append(Option(p, False, f"no GPU ({gpu.note or gpu.source})"))
+        elif p.estimate.peak_bytes <= budget:
+            feasible.append(p)
+            options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {_gib(budget)} budget"))
+        else:
+            options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {_gib(budget)} budget"))
+
+    remote: Plan | None = None
+    url, remote_why = endpoint_for(job, fam, settings)
+    if url is not None:
+        net = _net_for(network, url)
+        if not net.available:
+            remote_why = f"endpoint {url} unavailable ({net.note or 'circuit open'})"
+        else:
+            best: tuple[float, Plan] | None = None
+            for fmt in _formats(job, fam, settings):
+                est = remote_estimate(job, fam, net, fmt)
+                plan = Plan(path="remote", estimate=est, dtype=dtype, endpoint=url, response_format=fmt)
+                if best is None or est.seconds < best[0]:
+                    best = (est.seconds, plan)
+            assert best is not None
+            remote = best[1]
+            options.append(Option(remote, True, f"{remote_why}; {remote.response_format} est. {remote.estimate.seconds:.2f} s"))
+    cpu: Plan | None = None
+    if settings.allow_cpu:
+        cpu = Plan(path="cpu", dtype="float32",
+                   estimate=Estimate(peak_bytes=0, seconds=cpu_seconds(job, fam), peak_source="cpu: host memory",
+                                     seconds_source="generic CPU model (assumed)"))
+        options.append(Option(cpu, True, "last resort"))
+
+    def rank(p: Plan) -> tuple[float, float]:
+        # seconds first; on ties the larger tile (full counts as infinite)
+        return (p.estimate.seconds, -(p.tile_px or math.inf) if p.path != "remote" else 0.0)
+
+    # ---- choose -----------------------------------------------------------------------------
+    pool = feasible + ([remote] if remote is not None else [])
+    reason_prefix = ""
+    chosen: Plan | None = None
+    full = gpu_plans[0]
+    if settings.mode == "full":
+        fulls = [p for p in feasible if p.path == "full"]
+        if fulls:
+            chosen = min(fulls, key=rank)
+        else:
+            reason_prefix = f"full requested but needs {_gib(full.estimate.peak_bytes)} > {_gib(budget)}; "
+    elif settings.mode == "tiled":
+        tiled = [p for p in feasible if p.path == "tiled"]
+        if tiled:
+            chosen = min(tiled, key=lambda p: (-(p.tile_px or 0), p.estimate.seconds))
+        else:
+            reason_prefix = "tiled requested but no tile fits; "
+    elif settings.mode == "remote":
+        if remote is not None:
+            chosen = remote
+        else:
+            reason_prefix = f"remote requested but {remote_why}; "
+    if chosen is None and pool:
+        chosen = min(pool, key=rank)
+    squeezed = False
+    if chosen is None and on_gpu:
+        # nothing fits the budget: the smallest plan may still fit inside the reserve
+        smallest = min(gpu_plans, key=lambda p: p.estimate.peak_bytes)
+        if smallest.estimate.peak_bytes <= available:
+            chosen, squeezed = smallest, True
+    if chosen is None:
+        if cpu is None:
+            raise ProfileError("nothing can decode this job: no GPU plan fits, remote is unavailable and "
+                               "allow_cpu is off; enable remote or allow_cpu", key_path="allow_cpu", value=False)
+        chosen = cpu
+
+    # ---- fallbacks --------------------------------------------------------------------------
+    chain: list[Plan] = [chosen]
+    last_peak = chosen.estimate.peak_bytes if chosen.path in ("full", "tiled") else math.inf
+    local_pool = sorted((p for p in feasible if p is not chosen), key=rank)
+    for p in local_pool:
+        if p.estimate.peak_bytes <= 0.75 * last_peak and len(chain) < 4:
+            chain.append(p)
+            last_peak = p.estimate.peak_bytes
+    smallest_fit = min(feasible, key=lambda p: p.estimate.peak_bytes) if feasible else None
+    if smallest_fit is not None and smallest_fit not in chain and smallest_fit.estimate.peak_bytes < last_peak:
+        chain.append(smallest_fit)
+    if remote is not None and remote not in chain:
+        # remote goes before the first local fallback slower than it
+        pos = next((i for i, p in enumerate(chain) if i > 0 and p.estimate.seconds > remote.estimate.seconds), len(chain))
+        chain.insert(pos, remote)
+    if cpu is not None and cpu not in chain:
+        chain.append(cpu)
+
+    # ---- reason -----------------------------------------------------------------------------
+    avail_txt = (f"{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} cache)"
+                 f" - {_gib(settings.reserve_bytes)} reserve = {_gib(budget)}")
+    c = chosen
+    if c.path == "full" and not c.slice_batch:
+        reason = f"full fits: needs {_gib(c.estimate.peak_bytes)} of {_gib(budget)}"
+    elif c.path == "full":
+        reason = (f"batch of {job.batch} needs {_gib(full.estimate.peak_bytes)} > {_gib(budget)}; "
+                  f"one at a time needs {_gib(c.estimate.peak_bytes)}")
+    elif c.path == "tiled":
+        what = "squeezed into the reserve: " if squeezed else ""
+        reason = (f"{what}{c.label}: {_gib(c.estimate.peak_bytes)} fits {_gib(budget)}, "
+                  f"full needs {_gib(full.estimate.peak_bytes)}")
+    elif c.path == "remote":
+        local_best = min(feasible, key=rank) if feasible else None
+        vs = (f"faster than {local_best.label} ({local_best.estimate.seconds:.2f} s)" if local_best
+              else f"nothing local fits {_gib(budget)}")
+        reason = f"remote {c.response_format} est. {c.estimate.seconds:.2f} s, {vs}"
+    else:
+        why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
+        reason = f"cpu: {why}; remote: {remote_why if remote is None else 'failed before'}"
+    reason = reason_prefix + reason + f" [{avail_txt}]"
+
+    return Decision(plans=tuple(chain), reason=reason, options=tuple(options), gpu=gpu, job=job,
+                    available_bytes=available, budget_bytes=budget, gpu_profile=gp.name if gp else None,
+                    sources=profiles.sources)

@@ -1,0 +1,112 @@
+"""Every error hybrid-vae raises, in one place.
+
+Each error carries its context (the file and key, the endpoint and status, the latent file) so a
+message can say what went wrong, with which value, and what to do::
+
+    HybridVAEError
+    ├── ProfileError            a profile or settings file is broken (file, key path, value)
+    ├── LatentError             a latent does not match its family (shape, dtype, NaN, ...); also a ValueError
+    ├── PlanError               an executor cannot run a plan (unknown path, unsupported VAE)
+    ├── DecodeFailedError       every plan failed; the latent was saved (``latent_path``)
+    └── RemoteError             a remote decode failed (``endpoint``)
+        ├── RemoteConnectError      connection refused / DNS / TLS
+        ├── RemoteTimeoutError      connect or read timeout, or the deadline ran out
+        ├── RemoteStatusError       HTTP 4xx/5xx (``status``, ``body``)
+        ├── RemoteProtocolError     a response that breaks the protocol (shape, dtype, size, truncation)
+        ├── RemoteSecurityError     a token would go where it must not
+        └── CircuitOpenError        the endpoint failed repeatedly and is skipped for a while
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HybridVAEError(Exception):
+    """Base class of every hybrid-vae error."""
+
+
+class ProfileError(HybridVAEError):
+    """A profile YAML (built-in or user override) could not be used.
+
+    Attributes:
+        file: the file that was read (``None`` for in-memory data).
+        key_path: dotted path of the offending key (``families.sdxl.memory.bytes_per_px``), or ``""``.
+        value: the offending value (``None`` when the problem is the file itself).
+    """
+
+    def __init__(self, message: str, *, file: str | Path | None = None, key_path: str = "",
+                 value: object = None) -> None:
+        self.file = str(file) if file is not None else None
+        self.key_path = key_path
+        self.value = value
+        self.detail = message
+        where = self.file or "<profile data>"
+        if key_path:
+            where += f": {key_path}"
+        shown = "" if value is None else f" (value: {value!r})"
+        super().__init__(f"{where}: {message}{shown}")
+
+
+class LatentError(HybridVAEError, ValueError):
+    """A latent that cannot be decoded as asked: wrong rank, channels, dtype, NaN/inf, missing size."""
+
+
+class PlanError(HybridVAEError):
+    """An executor was handed a plan it cannot run."""
+
+
+class DecodeFailedError(HybridVAEError):
+    """Every plan of the chain failed. Nothing is lost: the latent was saved to ``latent_path``.
+
+    Attributes:
+        latent_path: the ``.safetensors`` file holding the latent and its metadata.
+        attempts: ``(plan label, error text)`` for each plan that was tried.
+    """
+
+    def __init__(self, message: str, *, latent_path: Path | None,
+                 attempts: tuple[tuple[str, str], ...] = ()) -> None:
+        self.latent_path = latent_path
+        self.attempts = attempts
+        super().__init__(message)
+
+
+class RemoteError(HybridVAEError):
+    """A remote decode failed. ``endpoint`` is the URL that was asked."""
+
+    def __init__(self, message: str, *, endpoint: str) -> None:
+        self.endpoint = endpoint
+        super().__init__(f"{endpoint}: {message}")
+
+
+class RemoteConnectError(RemoteError):
+    """The endpoint could not be reached (refused, DNS, TLS)."""
+
+
+class RemoteTimeoutError(RemoteError):
+    """The endpoint did not answer within the connect/read timeout or the decode deadline."""
+
+
+class RemoteStatusError(RemoteError):
+    """The endpoint answered with an HTTP error status."""
+
+    def __init__(self, message: str, *, endpoint: str, status: int, body: str = "") -> None:
+        self.status = status
+        self.body = body
+        super().__init__(f"HTTP {status}: {message}", endpoint=endpoint)
+
+
+class RemoteProtocolError(RemoteError):
+    """The answer breaks the protocol: wrong shape/dtype header, truncated or oversize body, bad image."""
+
+
+class RemoteSecurityError(RemoteError):
+    """A request would send the token to an unconfigured host or over plain HTTP to a remote host."""
+
+
+class CircuitOpenError(RemoteError):
+    """The endpoint failed repeatedly; it is skipped until ``retry_at`` (monotonic seconds)."""
+
+    def __init__(self, message: str, *, endpoint: str, retry_at: float) -> None:
+        self.retry_at = retry_at
+        super().__init__(message, endpoint=endpoint)

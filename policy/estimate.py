@@ -1,0 +1,244 @@
+"""Peak bytes and seconds of each way to decode, with the source of every number.
+
+Memory (see ``MemoryModel``): linear in output voxels and dtype size, fitted on H200 peak
+*allocated* bytes (docs/estimator.md; tests/test_estimator.py checks every row of the data:
+each estimate lies within +0% .. +10% of the measurement).
+
+Seconds: from the card's GPU profile when it has rows for this decoder (interpolated by pixel
+count), else the family's H200 figure scaled by the card's speed (from its profile, or
+``settings.generic_speed_factor`` for an unknown card).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from policy.errors import LatentError
+from policy.gpu import GpuState
+from policy.model import DecodeJob, DecodeSettings, Estimate, NetworkStats, ResponseFormat
+from policy.profiles import Dtype, Family, GpuProfile, GpuRow, dtype_bytes
+from policy.tiles import axis_tiles, diffusers_axis, temporal_chunks
+
+H200_SD15_1MP_S = 0.0885  # full decode, 1024x1024 fp16, H200 (shared/data)
+CPU_SECONDS_PER_VOXEL = 4e-5  # float32 SD decoder on a few CPU cores (assumed; calibrate to refine)
+REMOTE_SPEED_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed)
+# Response bytes per output pixel and extra seconds per megapixel (encode + decode) per format.
+FORMAT_BYTES_PER_PX: dict[str, float] = {"raw": 3.0, "png": 1.6, "jpg": 0.35, "mp4": 0.08}
+FORMAT_S_PER_MP: dict[str, float] = {"raw": 0.0, "png": 0.12, "jpg": 0.03, "mp4": 0.05}
+
+
+def decode_dtype(job: DecodeJob, fam: Family) -> Dtype:
+    """The dtype the VAE runs in: the job's, else the family's default."""
+    return job.dtype or fam.default_dtype
+
+
+def latent_frames(job: DecodeJob, fam: Family) -> int:
+    """Latent frames of a video job (1 for images)."""
+    if not fam.video:
+        return 1
+    frames = job.frames or 1
+    return (frames - 1) // fam.temporal_compression + 1
+
+
+def check_job(job: DecodeJob, fam: Family) -> None:
+    """Raise :class:`LatentError` naming the field when the job cannot describe a decode of ``fam``."""
+    step = fam.spatial_compression * (2 if fam.packed else 1)
+    for name, v in (("width", job.width), ("height", job.height)):
+        if v <= 0 or v % fam.spatial_compression:
+            raise LatentError(f"{name}={v}: must be a positive multiple of {fam.spatial_compression} for {job.family}")
+        if v > 65536:
+            raise LatentError(f"{name}={v}: larger than 65536 px")
+    if fam.packed and (job.width % step or job.height % step):
+        # packed latents need 2x2 latent patches; unpacked latents of the same family do not
+        pass
+    if job.batch < 1 or job.batch > 1024:
+        raise LatentError(f"batch={job.batch}: must be between 1 and 1024")
+    if fam.video:
+        if job.frames is None or job.frames < 1:
+            raise LatentError(f"frames={job.frames}: {job.family} is a video family; give the output frame count")
+        if (job.frames - 1) % fam.temporal_compression:
+            raise LatentError(f"frames={job.frames}: must be 1 + a multiple of {fam.temporal_compression} for {job.family}")
+    elif job.frames not in (None, 1):
+        raise LatentError(f"frames={job.frames}: {job.family} is an image family; leave frames unset")
+
+
+def _frames_per_chunk(fam: Family, chunk_lat: int | None, frames_out: int) -> int:
+    """Output frames decoded at once."""
+    if not fam.video:
+        return 1
+    if fam.tiling.always_chunked:
+        return min(frames_out, fam.temporal_compression)
+    if chunk_lat is None:
+        return frames_out
+    # diffusers decodes chunk + 1 latent frames per temporal tile
+    return min(frames_out, chunk_lat * fam.temporal_compression + 1)
+
+
+def spatial_tiles(job: DecodeJob, fam: Family, tile_px: int, overlap_px: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Latent tiles along height and width as the executor will run them.
+
+    Images use the engine's equalised tiles; video VAEs tile inside diffusers (fixed stride).
+    """
+    sc = fam.spatial_compression
+    cut = diffusers_axis if fam.video else axis_tiles
+    return cut(job.height // sc, tile_px // sc, overlap_px // sc), cut(job.width // sc, tile_px // sc, overlap_px // sc)
+
+
+def region_peak(fam: Family, dsize: int, px: int, frames: int, items: int) -> float:
+    """Peak bytes of decoding ``items`` regions of ``px`` pixels x ``frames`` output frames at once."""
+    m = fam.memory
+    one = m.bytes_per_voxel * frames + m.extra_frame_voxels
+    many = items * (m.batch_bytes_per_voxel * frames + m.extra_frame_voxels)
+    peak = dsize * px * max(one, many)
+    if px >= m.workspace_min_px:
+        peak += m.constant_bytes
+    return peak
+
+
+def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: int,
+               frame_chunk: int | None, slice_batch: bool) -> int:
+    """Peak allocated bytes of a local decode (weights added when the VAE is not resident)."""
+    dsize = dtype_bytes(decode_dtype(job, fam))
+    sc = fam.spatial_compression
+    frames_out = job.frames or 1
+    fr = _frames_per_chunk(fam, frame_chunk, frames_out)
+    chunked = fam.video and (fam.tiling.always_chunked or frame_chunk is not None) and fr < frames_out
+    if tile_px is None:
+        ph, pw = job.height, job.width
+    else:
+        ty, tx = spatial_tiles(job, fam, tile_px, overlap_px)
+        ph, pw = max(s for _, s in ty) * sc, max(s for _, s in tx) * sc
+    items = 1 if (slice_batch or tile_px is not None or chunked) else job.batch
+    peak = region_peak(fam, dsize, ph * pw, fr, items)
+    if tile_px is not None or chunked or slice_batch:
+        peak += dsize * fam.memory.accum_bytes_per_voxel * job.batch * frames_out * job.height * job.width
+    if not job.vae_resident:
+        peak += fam.weights_bytes_fp16 * dsize / 2
+    return int(peak)
+
+
+def _rows_for(gp: GpuProfile, dsize: int) -> list[GpuRow]:
+    """Rows usable for the SD decoder at ``dsize`` bytes (seed: sd15 = fp16, sdxl = stock fp32)."""
+    out = []
+    for r in gp.rows:
+        rb = dtype_bytes(r.dtype) if r.dtype else (4 if r.model == "sdxl" else 2)
+        if rb == dsize and r.model in ("sd15", "sdxl", "sdxl_fp16", "flux", "sd3"):
+            out.append(r)
+    return out
+
+
+def _interp(rows: Sequence[GpuRow], px: float) -> float:
+    """Full-decode seconds at ``px`` pixels from rows: piecewise linear in pixels, proportional below."""
+    pts: dict[int, list[float]] = {}
+    for r in rows:
+        pts.setdefault(r.size * r.size, []).append(r.time_s)
+    xs = sorted(pts)
+    ys = [sorted(pts[x])[len(pts[x]) // 2] for x in xs]
+    if px <= xs[0] or len(xs) == 1:
+        return ys[0] * px / xs[0]
+    for i in range(1, len(xs)):
+        if px <= xs[i] or i == len(xs) - 1:
+            slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+            return max(ys[i - 1] + slope * (px - xs[i - 1]), ys[0] * px / xs[0] * 0.5)
+    raise AssertionError("unreachable")
+
+
+class SpeedModel:
+    """Seconds of local decodes on one card for one family, with its source."""
+
+    def __init__(self, fam: Family, gp: GpuProfile | None, dsize: int, settings: DecodeSettings) -> None:
+        self.fam, self.dsize = fam, dsize
+        t = fam.timing
+        self.rows: list[GpuRow] = []
+        self.rows_scale = 1.0
+        if gp is not None and t.profile_model == "sd":
+            self.rows = _rows_for(gp, dsize)
+            if not self.rows:
+                other = _rows_for(gp, 2 if dsize == 4 else 4)
+                if other:
+                    self.rows = other
+                    self.rows_scale = t.fp32_factor if dsize == 4 else 1 / t.fp32_factor
+        # card speed against an H200, from the profile's fp16 SD rows at 1 MP
+        card: float | None = None
+        if gp is not None:
+            fp16 = _rows_for(gp, 2)
+            fp32 = _rows_for(gp, 4)
+            if fp16:
+                card = _interp(fp16, 1024 * 1024) / H200_SD15_1MP_S
+            elif fp32:
+                card = _interp(fp32, 1024 * 1024) / t.fp32_factor / H200_SD15_1MP_S
+        if card is not None and gp is not None:
+            self.card_factor, self.card_source = card, f"{gp.name} profile ({card:.2f}x an H200)"
+        else:
+            self.card_factor = settings.generic_speed_factor
+            self.card_source = f"unprofiled card assumed {settings.generic_speed_factor:g}x slower than an H200"
+        if self.rows and gp is not None:
+            scale = "" if self.rows_scale == 1.0 else f", scaled x{self.rows_scale:.2f} for dtype"
+            self.source = f"{gp.name} profile rows ({len(self.rows)}), interpolated by pixels{scale}"
+        else:
+            self.source = f"generic: {fam.architecture} H200 measurement x {self.card_source}"
+
+    def full(self, voxels: float) -> float:
+        if self.rows:
+            return _interp(self.rows, voxels) * self.rows_scale * self.fam.timing.relative_cost
+        t = self.fam.timing
+        per = t.h200_seconds_per_voxel_fp16 * (t.fp32_factor if self.dsize == 4 else 1.0)
+        return voxels * per * self.card_factor
+
+    def per_tile(self) -> float:
+        return self.fam.timing.per_tile_h200_s * self.card_factor
+
+
+def local_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, *, tile_px: int | None, overlap_px: int,
+                  frame_chunk: int | None, frame_overlap: int, slice_batch: bool) -> float:
+    """Seconds of a local GPU decode: decoded voxels (overlaps counted) plus a fixed cost per tile/chunk."""
+    sc = fam.spatial_compression
+    tiles = 1
+    if tile_px is None:
+        area = job.height * job.width
+    else:
+        ty, tx = spatial_tiles(job, fam, tile_px, overlap_px)
+        area = sum(s for _, s in ty) * sum(s for _, s in tx) * sc * sc
+        tiles = len(ty) * len(tx)
+    frames_out = job.frames or 1
+    decoded_frames = frames_out
+    chunks = 1
+    if fam.video and frame_chunk is not None and not fam.tiling.always_chunked:
+        lat = latent_frames(job, fam)
+        ch = temporal_chunks(lat, frame_chunk + 1, frame_overlap + 1)
+        chunks = len(ch)
+        decoded_frames = sum((s - 1) * fam.temporal_compression + 1 for _, s in ch) if chunks > 1 else frames_out
+    one = speed.full(area * decoded_frames)
+    per_item = one + (tiles * chunks - (1 if tiles * chunks == 1 else 0)) * speed.per_tile()
+    if slice_batch or tile_px is not None:
+        return per_item * job.batch
+    # whole batch at once: slightly cheaper per image than one by one (H200: 0.308 s vs 4 x 0.089 s)
+    return per_item * job.batch * (0.87 if job.batch > 1 else 1.0)
+
+
+def cpu_seconds(job: DecodeJob, fam: Family) -> float:
+    return job.batch * (job.frames or 1) * job.height * job.width * CPU_SECONDS_PER_VOXEL * fam.timing.relative_cost
+
+
+def remote_estimate(job: DecodeJob, fam: Family, net: NetworkStats, fmt: ResponseFormat) -> Estimate:
+    """Seconds of a remote decode: round trip + upload + server decode + download + encode/decode."""
+    lat_bytes = job.batch * fam.latent_channels * latent_frames(job, fam) * (job.height // fam.spatial_compression) \
+        * (job.width // fam.spatial_compression) * dtype_bytes(job.dtype or fam.default_dtype)
+    px = job.batch * (job.frames or 1) * job.height * job.width
+    down = int(px * FORMAT_BYTES_PER_PX[fmt])
+    if net.server_seconds_per_voxel is not None:
+        server = px * net.server_seconds_per_voxel
+        ssrc = "measured server speed"
+    else:
+        server = px * fam.timing.h200_seconds_per_voxel_fp16 * REMOTE_SPEED_FACTOR
+        ssrc = f"server assumed {REMOTE_SPEED_FACTOR:g}x slower than an H200"
+    secs = net.rtt_s + lat_bytes / net.up_bytes_per_s + server + down / net.down_bytes_per_s \
+        + px / 1e6 * FORMAT_S_PER_MP[fmt]
+    src = f"network {net.source} (rtt {net.rtt_s * 1000:.0f} ms, {net.down_bytes_per_s * 8 / 1e6:.0f} Mbit/s down); {ssrc}"
+    return Estimate(peak_bytes=0, seconds=secs, peak_source="remote: no local GPU memory", seconds_source=src,
+                    bytes_up=int(lat_bytes), bytes_down=down)
+
+
+def gpu_speed(fam: Family, gp: GpuProfile | None, job: DecodeJob, settings: DecodeSettings, gpu: GpuState) -> SpeedModel:
+    del gpu
+    return SpeedModel(fam, gp, dtype_bytes(decode_dtype(job, fam)), settings)

@@ -1,0 +1,246 @@
+"""What memory the decode can use right now: NVML free + torch's reusable cache, per device.
+
+``probe()`` never raises because NVML, a driver or torch is missing: it falls back
+NVML (matched to the torch device by UUID) -> ``torch.cuda.mem_get_info`` (ROCm) -> MPS -> CPU,
+and says in ``note`` which source failed and why. Nothing is probed at import time.
+
+Env ``HYBRID_VAE_SIMULATE_GPU`` (``name=NVIDIA GeForce RTX 3070,free_gib=1.0[,total_gib=8]``)
+replaces the probe with a simulated card for tests and what-if runs; every report shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+from policy.errors import ProfileError
+
+log = logging.getLogger("hybrid_vae")
+
+ENV_SIMULATE = "HYBRID_VAE_SIMULATE_GPU"
+GiB = 1024**3
+Source = Literal["nvml", "torch", "mps", "cpu", "simulated"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuState:
+    """A snapshot of one device's memory.
+
+    Attributes:
+        name: the device's name (``"cpu"`` without an accelerator).
+        uuid: NVML/torch UUID when known.
+        total_bytes: total memory.
+        free_bytes: free memory as the driver sees it (NVML, or ``mem_get_info``).
+        torch_reusable_bytes: memory this process's caching allocator holds but does not use
+            (``reserved - active``); available to the decode, invisible to NVML's ``free``.
+        source: where ``free_bytes`` came from.
+        note: why a better source was not used ("" when none failed).
+        device: the torch device string the numbers belong to (``cuda:0``, ``mps``, ``cpu``).
+        simulated: True when the numbers come from ``HYBRID_VAE_SIMULATE_GPU`` or CLI flags.
+    """
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+    source: Source
+    uuid: str | None = None
+    torch_reusable_bytes: int = 0
+    note: str = ""
+    device: str = "cpu"
+    simulated: bool = False
+
+    @property
+    def available_bytes(self) -> int:
+        """Memory a decode may use: free + torch's reusable cache."""
+        return self.free_bytes + self.torch_reusable_bytes
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self.source != "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["available_bytes"] = self.available_bytes
+        return d
+
+
+def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | None = None) -> GpuState:
+    """Parse ``name=...,free_gib=...[,total_gib=...][,reusable_gib=...]`` into a simulated state.
+
+    ``total_for(name)`` supplies the total of a profiled card when ``total_gib`` is absent.
+    """
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ProfileError("expected key=value pairs, e.g. 'name=NVIDIA GeForce RTX 3070,free_gib=1.0'",
+                               file=ENV_SIMULATE, key_path=part.strip(), value=spec)
+        k, v = part.split("=", 1)
+        fields[k.strip()] = v.strip()
+    allowed = {"name", "free_gib", "total_gib", "reusable_gib"}
+    for k in fields:
+        if k not in allowed:
+            raise ProfileError(f"unknown key; allowed: {', '.join(sorted(allowed))}", file=ENV_SIMULATE,
+                               key_path=k, value=fields[k])
+    name = fields.get("name", "Simulated GPU")
+    nums: dict[str, float] = {}
+    for k in ("free_gib", "total_gib", "reusable_gib"):
+        if k in fields:
+            try:
+                nums[k] = float(fields[k])
+            except ValueError:
+                raise ProfileError("must be a number of GiB", file=ENV_SIMULATE, key_path=k, value=fields[k]) from None
+            if nums[k] < 0:
+                raise ProfileError("must be >= 0", file=ENV_SIMULATE, key_path=k, value=fields[k])
+    total = nums.get("total_gib")
+    if total is None and total_for is not None:
+        total = total_for(name)
+    if total is None:
+        total = nums.get("free_gib", 8.0)
+    free = nums.get("free_gib", total)
+    if free > total:
+        raise ProfileError(f"free_gib exceeds total_gib ({total})", file=ENV_SIMULATE, key_path="free_gib", value=free)
+    return GpuState(name=name, total_bytes=int(total * GiB), free_bytes=int(free * GiB),
+                    torch_reusable_bytes=int(nums.get("reusable_gib", 0.0) * GiB),
+                    source="simulated", device="simulated", simulated=True,
+                    note=f"simulated by {ENV_SIMULATE}={spec!r}")
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except Exception as exc:  # torch broken or absent: report, never raise
+        return exc
+    return torch
+
+
+def _visible_index(torch: Any, device: str | int | None) -> int:
+    if device is None:
+        return int(torch.cuda.current_device())
+    if isinstance(device, int):
+        return device
+    s = str(device)
+    return int(s.split(":", 1)[1]) if ":" in s else int(torch.cuda.current_device())
+
+
+def _nvml_by_uuid(uuid: str | None, torch_name: str, index: int) -> tuple[int, int, str, str] | str:
+    """(total, free, name, uuid) from NVML for the device with ``uuid``; or an error text."""
+    try:
+        import pynvml
+    except Exception as exc:
+        return f"NVML unavailable ({type(exc).__name__}: {exc}); install nvidia-ml-py"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return f"NVML init failed ({exc})"
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        match = None
+        for h in handles:
+            u = pynvml.nvmlDeviceGetUUID(h)
+            u = u.decode() if isinstance(u, bytes) else str(u)
+            if uuid and _norm_uuid(u) == _norm_uuid(uuid):
+                match = (h, u)
+                break
+        if match is None:
+            if uuid:
+                return f"no NVML device has the torch device's UUID {uuid}"
+            if count == 1:  # no UUID from torch (old torch): only safe when there is one device
+                u = pynvml.nvmlDeviceGetUUID(handles[0])
+                match = (handles[0], u.decode() if isinstance(u, bytes) else str(u))
+            else:
+                return f"torch gives no UUID and NVML sees {count} devices; cannot match device {index}"
+        h, u = match
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        name = pynvml.nvmlDeviceGetName(h)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return int(mem.total), int(mem.free), name or torch_name, u
+    except Exception as exc:
+        return f"NVML query failed ({exc})"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            log.debug("nvmlShutdown failed", exc_info=True)
+
+
+def _norm_uuid(u: str) -> str:
+    u = u.strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        if u.startswith(prefix):
+            u = u[len(prefix):]
+    return u.replace("-", "")
+
+
+def probe(device: str | int | None = None, *, simulate: str | None = None,
+          total_for: Callable[[str], float | None] | None = None) -> GpuState:
+    """Read the memory of ``device`` (default: torch's current CUDA device) now.
+
+    Args:
+        device: ``"cuda:1"``, ``1``, ``"mps"``, ``"cpu"`` or ``None``.
+        simulate: a simulation spec; ``None`` reads env ``HYBRID_VAE_SIMULATE_GPU``.
+        total_for: looks up a profiled card's total for simulations that give only a name.
+    """
+    spec = simulate if simulate is not None else os.environ.get(ENV_SIMULATE, "")
+    if spec.strip():
+        state = parse_simulation(spec, total_for=total_for)
+        log.warning("hybrid-vae: GPU SIMULATED (%s): %s, %.2f GiB free", ENV_SIMULATE, state.name,
+                    state.free_bytes / GiB)
+        return state
+    notes: list[str] = []
+    torch = _torch()
+    if isinstance(torch, Exception):
+        return GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu",
+                        note=f"torch unavailable ({torch})")
+    want_cuda = device is None or isinstance(device, int) or str(device).startswith("cuda")
+    if want_cuda:
+        try:
+            has_cuda = bool(torch.cuda.is_available())
+        except Exception as exc:
+            has_cuda = False
+            notes.append(f"torch.cuda.is_available failed ({exc})")
+        if has_cuda:
+            idx = _visible_index(torch, device)
+            props = torch.cuda.get_device_properties(idx)
+            uuid = getattr(props, "uuid", None)
+            uuid_s = str(uuid) if uuid is not None else None
+            reusable = 0
+            try:
+                stats = torch.cuda.memory_stats(idx)
+                reusable = max(0, int(stats.get("reserved_bytes.all.current", 0))
+                               - int(stats.get("active_bytes.all.current", 0)))
+            except Exception as exc:
+                notes.append(f"torch.cuda.memory_stats failed ({exc})")
+            is_rocm = getattr(torch.version, "hip", None) is not None
+            nv = "ROCm build: NVML does not apply" if is_rocm else _nvml_by_uuid(uuid_s, props.name, idx)
+            if isinstance(nv, tuple):
+                total, free, name, u = nv
+                return GpuState(name=name, uuid=u, total_bytes=total, free_bytes=free, torch_reusable_bytes=reusable,
+                                source="nvml", note="; ".join(notes), device=f"cuda:{idx}")
+            notes.append(nv)
+            try:
+                free, total = torch.cuda.mem_get_info(idx)
+                return GpuState(name=str(props.name), uuid=uuid_s, total_bytes=int(total), free_bytes=int(free),
+                                torch_reusable_bytes=reusable, source="torch", note="; ".join(notes),
+                                device=f"cuda:{idx}")
+            except Exception as exc:
+                notes.append(f"torch.cuda.mem_get_info failed ({exc})")
+        elif device is not None and str(device).startswith("cuda"):
+            notes.append("CUDA is not available")
+    try:
+        mps = getattr(torch.backends, "mps", None)
+        if (device is None or str(device) == "mps") and mps is not None and mps.is_available():
+            total = int(torch.mps.recommended_max_memory())
+            used = int(torch.mps.driver_allocated_memory())
+            return GpuState(name="Apple MPS", total_bytes=total, free_bytes=max(0, total - used), source="mps",
+                            note="; ".join(notes), device="mps")
+    except Exception as exc:
+        notes.append(f"MPS query failed ({exc})")
+    if not notes:
+        notes.append("no CUDA or MPS device")
+    return GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="; ".join(notes), device="cpu")

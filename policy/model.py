@@ -1,0 +1,215 @@
+"""The engine's inputs and outputs as frozen data: job, settings, network, plans, decision."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from policy.gpu import GiB, GpuState
+from policy.profiles import Dtype
+
+Path_ = Literal["full", "tiled", "remote", "cpu"]
+Mode = Literal["auto", "full", "tiled", "remote"]
+ResponseFormat = Literal["raw", "png", "jpg", "mp4"]
+MiB = 1024**2
+
+
+class DecodeSettings(BaseModel):
+    """What the user chose. Every field has a safe default; remote decode is off unless enabled.
+
+    Keyword-only construction; unknown keys are errors (``extra="forbid"``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = Field("auto", description="auto: fastest plan that fits; full/tiled/remote: tried first when possible (fallbacks stay).")
+    allow_remote: bool = Field(False, description="Send latents to a remote endpoint. The endpoint's operator sees the images.")
+    endpoints: dict[str, str] = Field(default_factory=dict, description="Family -> endpoint URL; overrides the built-in endpoints.")
+    use_builtin_endpoints: bool = Field(True, description="Use the families' built-in (Hugging Face) endpoints when no override is set.")
+    allow_remote_custom_vae: bool = Field(False, description="Allow remote decode of a custom/fine-tuned VAE's latents on an endpoint that serves another VAE.")
+    reserve_bytes: int = Field(256 * MiB, ge=0, le=64 * GiB, description="Memory left untouched for fragmentation and other processes.")
+    tile_overlap_px: int = Field(64, ge=0, le=512, description="Output pixels shared by neighbouring tiles (multiple of the family's compression). Tiled output differs from a full decode; more overlap hides seams, costs time.")
+    min_tile_px: int | None = Field(None, ge=64, le=4096, description="Smallest tile tried; None: the family's.")
+    remote_format: Literal["auto", "raw", "png", "jpg"] = Field("auto", description="Response format; auto picks by measured bandwidth and remote_quality.")
+    remote_quality: Literal["lossless", "high"] = Field("lossless", description="lossless: raw or png only; high: jpg allowed.")
+    remote_deadline_s: float = Field(60.0, gt=0, le=3600, description="Time a remote plan may take before the next plan runs.")
+    allow_cpu: bool = Field(True, description="Decode on the CPU as the last resort.")
+    generic_speed_factor: float = Field(5.0, gt=0, le=1000, description="An unprofiled card is assumed this many times slower than an H200.")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: dict[str, str]) -> dict[str, str]:
+        for fam, url in v.items():
+            if not (url.startswith("http://") or url.startswith("https://")):
+                raise ValueError(f"endpoint for {fam!r} must start with http:// or https://, got {url!r}")
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeJob:
+    """One decode: what the latents are and what they should become.
+
+    Attributes:
+        family: family key (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``hunyuanvideo``, ``wan``).
+        width, height: output size in pixels.
+        batch: images (or videos) in the latent.
+        frames: output frames for video (``None`` for images).
+        dtype: the dtype the VAE decodes in (``None``: the family's default, e.g. float32 for stock SDXL).
+        vae_id: the VAE checkpoint (hub id or path) when known.
+        custom_vae: the VAE differs from the family's stock VAE (remote endpoints serve stock VAEs).
+        vae_resident: the VAE weights are already on the device (else their bytes count toward the peak).
+    """
+
+    family: str
+    width: int
+    height: int
+    batch: int = 1
+    frames: int | None = None
+    dtype: Dtype | None = None
+    vae_id: str | None = None
+    custom_vae: bool = False
+    vae_resident: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkStats:
+    """What is known about reaching one endpoint.
+
+    Attributes:
+        rtt_s: round trip of a small request.
+        down_bytes_per_s / up_bytes_per_s: throughput.
+        source: ``measured`` (the client's running figures) or ``assumed`` (defaults).
+        available: False while the endpoint's circuit breaker is open.
+        server_seconds_per_voxel: the server's decode speed when measured.
+    """
+
+    rtt_s: float = 0.15
+    down_bytes_per_s: float = 50e6 / 8
+    up_bytes_per_s: float = 20e6 / 8
+    source: Literal["measured", "assumed"] = "assumed"
+    available: bool = True
+    server_seconds_per_voxel: float | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Estimated peak allocated bytes and seconds of a plan, and where each number came from."""
+
+    peak_bytes: int
+    seconds: float
+    peak_source: str
+    seconds_source: str
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One way to run the decode. Executors take plans; plans are data.
+
+    Attributes:
+        path: ``full`` | ``tiled`` | ``remote`` | ``cpu``.
+        tile_px: spatial tile cap in output pixels (tiled), else None.
+        overlap_px: output pixels shared by neighbouring tiles.
+        frame_chunk: latent frames per temporal chunk (video), None for all at once.
+        frame_overlap: latent frames shared by consecutive chunks.
+        slice_batch: decode the batch one item at a time.
+        dtype: the dtype the decode runs in.
+        endpoint / response_format: for remote plans.
+        estimate: the plan's estimated peak and seconds.
+    """
+
+    path: Path_
+    estimate: Estimate
+    dtype: Dtype
+    tile_px: int | None = None
+    overlap_px: int = 0
+    frame_chunk: int | None = None
+    frame_overlap: int = 0
+    slice_batch: bool = False
+    endpoint: str | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def label(self) -> str:
+        """Short human text, e.g. ``tiled 384px/64``, ``full (item by item)``, ``remote png``."""
+        if self.path == "tiled":
+            parts = []
+            if self.tile_px is not None:
+                parts.append(f"{self.tile_px}px/{self.overlap_px}")
+            if self.frame_chunk is not None:
+                parts.append(f"{self.frame_chunk}-frame chunks")
+            return "tiled " + ", ".join(parts)
+        if self.path == "remote":
+            return f"remote {self.response_format}"
+        if self.path == "full" and self.slice_batch:
+            return "full (item by item)"
+        return self.path
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["label"] = self.label
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A candidate plan and whether it fits, with the reason."""
+
+    plan: Plan
+    feasible: bool
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.plan.to_dict(), "feasible": self.feasible, "why": self.why}
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The ordered plan chain (first = chosen, the rest = fallbacks) and why."""
+
+    plans: tuple[Plan, ...]
+    reason: str
+    options: tuple[Option, ...]
+    gpu: GpuState
+    job: DecodeJob
+    available_bytes: int
+    budget_bytes: int
+    gpu_profile: str | None
+    sources: tuple[str, ...] = ()
+
+    @property
+    def chosen(self) -> Plan:
+        return self.plans[0]
+
+    @property
+    def fallbacks(self) -> tuple[Plan, ...]:
+        return self.plans[1:]
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.chosen
+        return {
+            "decision": {**c.to_dict(), "reason": self.reason},
+            "fallbacks": [p.to_dict() for p in self.fallbacks],
+            "options": [o.to_dict() for o in self.options],
+            "gpu": self.gpu.to_dict(),
+            "gpu_profile": self.gpu_profile,
+            "job": self.job.to_dict(),
+            "available_bytes": self.available_bytes,
+            "budget_bytes": self.budget_bytes,
+            "simulated": self.gpu.simulated,
+            "profile_sources": list(self.sources),
+        }
+
+
+NetworkArg = NetworkStats | Mapping[str, NetworkStats] | None
