@@ -1,0 +1,384 @@
+"""Run one :class:`~policy.model.Plan` on a diffusers VAE object.
+
+``run_plan(plan, vae, z, family=fam)`` decodes latents that are already in VAE space (unpacked,
+normalised: see :mod:`extension.latents`) and returns a float tensor in [-1, 1],
+``[B, 3, H, W]`` or ``[B, 3, F, H, W]``, on the device the plan ran on.
+
+* ``full``: ``vae.decode(z)`` at once (or item by item when ``plan.slice_batch``), with diffusers'
+  own tiling, slicing and frame-wise decoding switched off.
+* ``tiled``, image VAEs with ``post_quant_conv`` + ``decoder`` (``AutoencoderKL``): the engine's own
+  tiler. Its grid is :func:`policy.tiles.axis_tiles` (equal tiles, the geometry the estimator
+  assumed), tiles are blended with separable linear ramps that sum to one over every overlap, and
+  accumulated in place into one preallocated output, one batch item at a time. We do not use
+  diffusers' ``tiled_decode`` here: its fixed stride leaves thin edge tiles (wasted decoder passes,
+  weak context at the border) and its memory/time is not the one the estimate describes.
+  Other image VAEs fall back to their ``enable_tiling()`` with the plan's tile.
+* ``tiled``, video VAEs (``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``): diffusers'
+  ``tiled_decode`` with the plan's spatial tile, stride ``tile - overlap``, and (HunyuanVideo)
+  the plan's temporal chunk through ``tile_sample_min_num_frames`` / ``..._stride_num_frames``.
+* ``cpu``: the VAE in float32 on the CPU.
+
+Every attribute, the device and the dtype of the VAE are restored afterwards, also when the decode
+raises. The run dtype only ever widens the VAE's (float16/bfloat16 -> float32), so restoring is
+lossless; on a CPU the decode always runs in float32 (half-precision convolutions there are slow
+or missing). torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from policy.errors import PlanError
+from policy.tiles import axis_tiles, diffusers_axis
+
+if TYPE_CHECKING:
+    import torch
+
+    from policy.model import Plan
+    from policy.profiles import Family
+
+log = logging.getLogger("hybrid_vae.executors")
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)``: called after each tile, temporal chunk or batch item."""
+
+__all__ = ["ProgressFn", "blend_weights", "is_kl_like", "run_plan", "run_settings", "vae_device_dtype"]
+
+_MISSING = object()
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def vae_device_dtype(vae: Any) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the VAE's first parameter (CPU/float32 for a parameterless module)."""
+    import torch
+
+    for p in vae.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def run_settings(plan: Plan, vae: Any,
+                 device: str | torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype ``plan`` runs on ``vae``.
+
+    Device: CPU for ``cpu`` plans, else ``device`` (default: where the VAE is). Dtype: float32 on a
+    CPU; else the plan's dtype when it is the VAE's or float32 (a lossless upcast), otherwise the
+    VAE's own dtype (never a lossy cast of the weights).
+    """
+    import torch
+
+    vdev, vdtype = vae_device_dtype(vae)
+    dev = torch.device("cpu") if plan.path == "cpu" else torch.device(device) if device is not None else vdev
+    if dev.type == "cpu":
+        return dev, torch.float32
+    if plan.dtype not in _DTYPES:
+        raise PlanError(f"plan dtype {plan.dtype!r} is not one of {', '.join(_DTYPES)}")
+    want = getattr(torch, plan.dtype)
+    if want == vdtype or want == torch.float32:
+        return dev, want
+    log.info("plan dtype %s would narrow the VAE's %s weights; decoding in %s", plan.dtype, vdtype, vdtype)
+    return dev, vdtype
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, attrs: Mapping[str, Any]) -> Iterator[None]:
+    """Set attributes for the duration of the block; restore (or delete) them afterwards, even on error."""
+    saved = {k: getattr(obj, k, _MISSING) for k in attrs}
+    try:
+        for k, v in attrs.items():
+            setattr(obj, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is _MISSING:
+                with contextlib.suppress(AttributeError):
+                    delattr(obj, k)
+            else:
+                setattr(obj, k, v)
+
+
+@contextlib.contextmanager
+def _placed(vae: Any, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Move/cast the VAE for the block and move it back (device and dtype) afterwards, even on error."""
+    odev, odtype = vae_device_dtype(vae)
+    moved = odev != device or odtype != dtype
+    try:
+        if moved:
+            vae.to(device=device, dtype=dtype)
+        yield
+    finally:
+        if moved:
+            vae.to(device=odev, dtype=odtype)
+
+
+@contextlib.contextmanager
+def _counting(module: Any, on_call: Callable[[], None]) -> Iterator[None]:
+    """Call ``on_call`` after every forward of ``module`` (progress for tiling that runs inside diffusers)."""
+    handle = module.register_forward_hook(lambda *_: on_call())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+#: VAE classes that have ``decoder`` and ``post_quant_conv`` but whose decode is not ``decoder(pqc(z))``.
+_NOT_KL_LIKE = frozenset({
+    "AsymmetricAutoencoderKL", "AutoencoderKLTemporalDecoder", "AutoencoderKLHunyuanVideo",
+    "AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLLTXVideo", "AutoencoderKLMochi",
+    "AutoencoderKLAllegro",
+})
+
+
+def is_kl_like(vae: Any) -> bool:
+    """True when the engine's own tiler can run this VAE: an ``AutoencoderKL``-style image VAE whose
+    decode is ``decoder(post_quant_conv(z))`` (``post_quant_conv`` may be ``None``)."""
+    import torch
+
+    dec = getattr(vae, "decoder", None)
+    return (isinstance(dec, torch.nn.Module) and hasattr(vae, "post_quant_conv")
+            and type(vae).__name__ not in _NOT_KL_LIKE)
+
+
+def blend_weights(tiles: list[tuple[int, int]], scale: int, *, device: Any = None,
+                  dtype: Any = None) -> list[torch.Tensor]:
+    """Per-tile 1-D blend weights along one axis, in output pixels.
+
+    Each tile gets a linear ramp over every overlap with a neighbour (rising where it overlaps the
+    previous tile, falling where it overlaps the next), then the weights are divided by their sum
+    at each pixel, so they form a partition of unity: overlapping weights sum to exactly one, also
+    where more than two tiles overlap. The 2-D weight of a tile is the outer product of its y and x
+    weights, which is again a partition of unity.
+
+    Args:
+        tiles (`list[tuple[int, int]]`): ``(start, size)`` in latent pixels, ordered, as from
+            :func:`policy.tiles.axis_tiles`.
+        scale (`int`): output pixels per latent pixel.
+
+    Returns:
+        list[torch.Tensor]: one 1-D tensor of ``size * scale`` weights per tile.
+    """
+    import torch
+
+    length = max(s + n for s, n in tiles) * scale
+    raw: list[torch.Tensor] = []
+    total = torch.zeros(length, dtype=torch.float64)
+    for i, (s, n) in enumerate(tiles):
+        w = torch.ones(n * scale, dtype=torch.float64)
+        start, end = s * scale, (s + n) * scale
+        if i > 0:
+            prev_end = (tiles[i - 1][0] + tiles[i - 1][1]) * scale
+            o = min(prev_end, end) - start
+            if o > 0:
+                w[:o] = torch.minimum(w[:o], (torch.arange(o, dtype=torch.float64) + 0.5) / o)
+        if i + 1 < len(tiles):
+            next_start = tiles[i + 1][0] * scale
+            o = end - max(next_start, start)
+            if o > 0:
+                w[n * scale - o:] = torch.minimum(w[n * scale - o:],
+                                                  1.0 - (torch.arange(o, dtype=torch.float64) + 0.5) / o)
+        raw.append(w)
+        total[start:end] += w
+    out = []
+    for (s, n), w in zip(tiles, raw, strict=True):
+        out.append((w / total[s * scale:(s + n) * scale]).to(device=device, dtype=dtype or torch.float32))
+    return out
+
+
+def _out_channels(vae: Any) -> int:
+    cfg = getattr(vae, "config", None)
+    return int(getattr(cfg, "out_channels", 3) or 3)
+
+
+def _decode_call(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    out = vae.decode(z, return_dict=False)[0]
+    return out
+
+
+def _full(vae: Any, z: torch.Tensor, *, slice_batch: bool, progress: ProgressFn | None) -> torch.Tensor:
+
+    attrs: dict[str, Any] = {}
+    for k in ("use_tiling", "use_slicing", "use_framewise_decoding"):
+        if hasattr(vae, k):
+            attrs[k] = False
+    with _patched(vae, attrs):
+        if not slice_batch or z.shape[0] == 1:
+            out = _decode_call(vae, z)
+            if progress:
+                progress(1, 1)
+            return out
+        return _items(vae, z, progress)
+
+
+def _tiled_kl(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
+              progress: ProgressFn | None) -> torch.Tensor:
+    """The engine's tiler: equal tiles from ``axis_tiles``, linear-ramp blending, in-place accumulation."""
+    import torch
+
+    sc = fam.spatial_compression
+    if plan.tile_px is None:
+        raise PlanError(f"tiled plan {plan.label!r} has no tile size for an image VAE")
+    b, _, h, w = z.shape
+    ty = axis_tiles(h, plan.tile_px // sc, plan.overlap_px // sc)
+    tx = axis_tiles(w, plan.tile_px // sc, plan.overlap_px // sc)
+    wy = blend_weights(ty, sc, device=z.device, dtype=z.dtype)
+    wx = blend_weights(tx, sc, device=z.device, dtype=z.dtype)
+    out = torch.zeros((b, _out_channels(vae), h * sc, w * sc), dtype=z.dtype, device=z.device)
+    pqc = getattr(vae, "post_quant_conv", None)
+    total, done = b * len(ty) * len(tx), 0
+    for i in range(b):
+        for (ys, yn), wyt in zip(ty, wy, strict=True):
+            for (xs, xn), wxt in zip(tx, wx, strict=True):
+                zt = z[i:i + 1, :, ys:ys + yn, xs:xs + xn]
+                if pqc is not None:
+                    zt = pqc(zt)
+                dec = vae.decoder(zt)
+                del zt
+                dec.mul_(wyt.view(-1, 1)).mul_(wxt.view(1, -1))
+                out[i:i + 1, :, ys * sc:(ys + yn) * sc, xs * sc:(xs + xn) * sc].add_(dec)
+                del dec
+                done += 1
+                if progress:
+                    progress(done, total)
+    return out
+
+
+def _tiled_fallback(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
+                    progress: ProgressFn | None) -> torch.Tensor:
+    """An image VAE the engine cannot tile itself: its own ``enable_tiling()`` with the plan's tile."""
+    tile = plan.tile_px
+    if tile is None or not hasattr(vae, "use_tiling"):
+        raise PlanError(f"{type(vae).__name__} has no decoder/post_quant_conv and no diffusers tiling; "
+                        f"cannot run {plan.label!r} (use a full, remote or cpu plan)")
+    sc = fam.spatial_compression
+    cand: dict[str, Any] = {
+        "use_tiling": True, "use_slicing": False,
+        "tile_sample_min_size": tile, "tile_latent_min_size": tile // sc,
+        "tile_overlap_factor": plan.overlap_px / tile,
+        "tile_sample_min_height": tile, "tile_sample_min_width": tile,
+        "tile_sample_stride_height": tile - plan.overlap_px,
+        "tile_sample_stride_width": tile - plan.overlap_px,
+    }
+    attrs = {k: v for k, v in cand.items() if hasattr(vae, k)}
+    with _patched(vae, attrs):
+        return _items(vae, z, progress)
+
+
+def _items(vae: Any, z: torch.Tensor, progress: ProgressFn | None) -> torch.Tensor:
+    import torch
+
+    b = z.shape[0]
+    result: torch.Tensor | None = None
+    for i in range(b):
+        part = _decode_call(vae, z[i:i + 1])
+        if result is None:
+            result = torch.empty((b, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        result[i:i + 1].copy_(part)
+        del part
+        if progress:
+            progress(i + 1, b)
+    assert result is not None
+    return result
+
+
+def _video_calls(plan: Plan, fam: Family, arch: str, t: int, h: int, w: int) -> int:
+    """Decoder forward calls diffusers makes for one item under the plan (for progress)."""
+    sc = fam.spatial_compression
+    tiles = 1
+    if plan.tile_px is not None and (h > plan.tile_px // sc or w > plan.tile_px // sc):
+        tl, ol = plan.tile_px // sc, plan.overlap_px // sc
+        tiles = len(diffusers_axis(h, tl, ol)) * len(diffusers_axis(w, tl, ol))
+    if arch == "wan":
+        return tiles * t
+    chunks = 1
+    if plan.frame_chunk is not None and t > plan.frame_chunk:
+        chunks = len(range(0, t, max(1, plan.frame_chunk - plan.frame_overlap)))
+    return tiles * chunks
+
+
+def _tiled_video(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
+                 progress: ProgressFn | None) -> torch.Tensor:
+    """Video VAEs: diffusers' own spatial tiling and (HunyuanVideo) temporal chunks, the plan's numbers."""
+
+    if not hasattr(vae, "use_tiling") or not hasattr(vae, "tile_sample_min_height"):
+        raise PlanError(f"{type(vae).__name__} has no diffusers video tiling; cannot run {plan.label!r}")
+    b, _, t, h, w = z.shape
+    sc, tc = fam.spatial_compression, fam.temporal_compression
+    tile_h = plan.tile_px if plan.tile_px is not None else h * sc
+    tile_w = plan.tile_px if plan.tile_px is not None else w * sc
+    attrs: dict[str, Any] = {
+        "use_tiling": plan.tile_px is not None, "use_slicing": False,
+        "tile_sample_min_height": tile_h, "tile_sample_min_width": tile_w,
+        "tile_sample_stride_height": max(sc, tile_h - plan.overlap_px),
+        "tile_sample_stride_width": max(sc, tile_w - plan.overlap_px),
+    }
+    if hasattr(vae, "use_framewise_decoding"):
+        attrs["use_framewise_decoding"] = plan.frame_chunk is not None
+        if plan.frame_chunk is not None:
+            if plan.frame_overlap >= plan.frame_chunk:
+                raise PlanError(f"frame_overlap ({plan.frame_overlap}) must be smaller than frame_chunk "
+                                f"({plan.frame_chunk})")
+            attrs["tile_sample_min_num_frames"] = plan.frame_chunk * tc
+            attrs["tile_sample_stride_num_frames"] = (plan.frame_chunk - plan.frame_overlap) * tc
+    arch = "wan" if fam.architecture == "wan" else "hunyuanvideo"
+    per_item = _video_calls(plan, fam, arch, t, h, w)
+    total, done = b * per_item, 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(min(done, total), total)
+
+    with _patched(vae, attrs), _counting(vae.decoder, tick):
+        result = _items(vae, z, None)
+    if progress and done != total:
+        log.debug("video tiling made %d decoder calls, expected %d", done, total)
+        progress(total, total)
+    return result
+
+
+def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
+             device: str | torch.device | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+    """Decode ``latents`` (VAE space, unpacked) with ``vae`` as ``plan`` says.
+
+    Args:
+        plan (`Plan`): a ``full``, ``tiled`` or ``cpu`` plan (remote plans run in the remote client).
+        vae: a diffusers VAE (``AutoencoderKL``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``,
+            or another class with ``decode``).
+        latents (`torch.Tensor`): ``[B, C, h, w]`` or ``[B, C, T, h, w]``; moved to the run device/dtype.
+        family (`Family`): the family profile (compression factors, architecture).
+        device (`str | torch.device | None`, defaults to the VAE's device): where GPU plans run.
+            The orchestrator passes the probed device, or the device that exists when the GPU is
+            simulated. ``cpu`` plans always run on the CPU.
+        progress (`ProgressFn | None`): ``progress(done, total)`` after each tile, chunk or item.
+
+    Returns:
+        torch.Tensor: float in [-1, 1] on the run device, in the run dtype.
+
+    Raises:
+        PlanError: a remote plan, an unknown path, or a tiled plan this VAE cannot run.
+        torch.OutOfMemoryError and whatever the VAE raises: passed through (the VAE is restored).
+    """
+    import torch
+
+    if plan.path not in ("full", "tiled", "cpu"):
+        raise PlanError(f"run_plan cannot run a {plan.path!r} plan; remote plans go to the remote client")
+    dev, dtype = run_settings(plan, vae, device)
+    video = latents.dim() == 5
+    if video != family.video:
+        raise PlanError(f"latents are {latents.dim()}-D but family is {'video' if family.video else 'image'}")
+    with torch.no_grad(), _placed(vae, dev, dtype):
+        z = latents.to(device=dev, dtype=dtype)
+        if plan.path in ("full", "cpu"):
+            out = _full(vae, z, slice_batch=plan.slice_batch, progress=progress)
+        elif video:
+            out = _tiled_video(vae, z, plan, family, progress)
+        elif is_kl_like(vae):
+            out = _tiled_kl(vae, z, plan, family, progress)
+        else:
+            out = _tiled_fallback(vae, z, plan, family, progress)
+        del z
+        return out.clamp_(-1.0, 1.0)
