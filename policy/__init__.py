@@ -23,13 +23,39 @@ from policy.errors import (
     RemoteTimeoutError,
 )
 from policy.gpu import ENV_SIMULATE, GiB, GpuState, parse_simulation, probe
-from policy.model import DecodeJob, DecodeSettings, Decision, Estimate, NetworkStats, Option, Plan
+from policy.model import Decision, DecodeJob, DecodeSettings, Estimate, NetworkStats, Option, Plan
 from policy.profiles import ENV_PROFILE, Family, Profiles, ProfileStore, load_profiles
 
 __all__ = [
-    "ENV_PROFILE", "ENV_SIMULATE", "CircuitOpenError", "DecodeFailedError", "DecodeJob", "DecodeSettings",
-    "Decision", "Estimate", "Family", "GiB", "GpuState", "HybridVAEError", "LatentError", "NetworkStats", "Option",
-    "Plan", "PlanError", "ProfileError", "ProfileStore", "Profiles", "RemoteConnectError", "RemoteError",
-    "RemoteProtocolError", "RemoteSecurityError", "RemoteStatusError", "RemoteTimeoutError", "decide",
-    "endpoint_for", "load_profiles", "parse_simulation", "probe",
+    "ENV_PROFILE",
+    "ENV_SIMULATE",
+    "CircuitOpenError",
+    "Decision",
+    "DecodeFailedError",
+    "DecodeJob",
+    "DecodeSettings",
+    "Estimate",
+    "Family",
+    "GiB",
+    "GpuState",
+    "HybridVAEError",
+    "LatentError",
+    "NetworkStats",
+    "Option",
+    "Plan",
+    "PlanError",
+    "ProfileError",
+    "ProfileStore",
+    "Profiles",
+    "RemoteConnectError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "RemoteSecurityError",
+    "RemoteStatusError",
+    "RemoteTimeoutError",
+    "decide",
+    "endpoint_for",
+    "load_profiles",
+    "parse_simulation",
+    "probe",
 ]

@@ -33,9 +33,9 @@ from policy.estimate import (
 )
 from policy.gpu import GiB, GpuState
 from policy.model import (
+    Decision,
     DecodeJob,
     DecodeSettings,
-    Decision,
     Estimate,
     NetworkArg,
     NetworkStats,
@@ -44,6 +44,8 @@ from policy.model import (
     ResponseFormat,
 )
 from policy.profiles import Family, Profiles
+
+LOSSY = frozenset({"jpg", "mp4"})
 
 
 def _gib(b: float) -> str:
@@ -154,6 +156,8 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         gpu_plans.append(local("tiled", chunk=chunk, slice_batch=True))
     seen: set[int] = set()
     for cap in _tile_caps(job, fam, settings):
+        if cap <= 2 * overlap:
+            continue  # the overlap would swallow the tile
         tile = _actual_tile(job, fam, cap, overlap)
         if tile in seen or tile >= max(job.width, job.height):
             continue
@@ -182,8 +186,10 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
             for fmt in _formats(job, fam, settings):
                 est = remote_estimate(job, fam, net, fmt)
                 plan = Plan(path="remote", estimate=est, dtype=dtype, endpoint=url, response_format=fmt)
-                if best is None or est.seconds < best[0]:
-                    best = (est.seconds, plan)
+                # a lossy format must win clearly (20%) over a lossless one to be chosen
+                score = est.seconds * (1.25 if fmt in LOSSY else 1.0)
+                if best is None or score < best[0]:
+                    best = (score, plan)
             assert best is not None
             remote = best[1]
             options.append(Option(remote, True, f"{remote_why}; {remote.response_format} est. {remote.estimate.seconds:.2f} s"))

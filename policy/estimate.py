@@ -12,6 +12,7 @@ count), else the family's H200 figure scaled by the card's speed (from its profi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from policy.errors import LatentError
 from policy.gpu import GpuState
@@ -25,6 +26,7 @@ REMOTE_SPEED_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed)
 # Response bytes per output pixel and extra seconds per megapixel (encode + decode) per format.
 FORMAT_BYTES_PER_PX: dict[str, float] = {"raw": 3.0, "png": 1.6, "jpg": 0.35, "mp4": 0.08}
 FORMAT_S_PER_MP: dict[str, float] = {"raw": 0.0, "png": 0.12, "jpg": 0.03, "mp4": 0.05}
+Geometry = Literal["engine", "diffusers"]
 
 
 def decode_dtype(job: DecodeJob, fam: Family) -> Dtype:
@@ -42,15 +44,11 @@ def latent_frames(job: DecodeJob, fam: Family) -> int:
 
 def check_job(job: DecodeJob, fam: Family) -> None:
     """Raise :class:`LatentError` naming the field when the job cannot describe a decode of ``fam``."""
-    step = fam.spatial_compression * (2 if fam.packed else 1)
     for name, v in (("width", job.width), ("height", job.height)):
         if v <= 0 or v % fam.spatial_compression:
             raise LatentError(f"{name}={v}: must be a positive multiple of {fam.spatial_compression} for {job.family}")
         if v > 65536:
             raise LatentError(f"{name}={v}: larger than 65536 px")
-    if fam.packed and (job.width % step or job.height % step):
-        # packed latents need 2x2 latent patches; unpacked latents of the same family do not
-        pass
     if job.batch < 1 or job.batch > 1024:
         raise LatentError(f"batch={job.batch}: must be between 1 and 1024")
     if fam.video:
@@ -74,18 +72,20 @@ def _frames_per_chunk(fam: Family, chunk_lat: int | None, frames_out: int) -> in
     return min(frames_out, chunk_lat * fam.temporal_compression + 1)
 
 
-def spatial_tiles(job: DecodeJob, fam: Family, tile_px: int, overlap_px: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def spatial_tiles(job: DecodeJob, fam: Family, tile_px: int, overlap_px: int, *,
+                  geometry: Geometry = "engine") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Latent tiles along height and width as the executor will run them.
 
-    Images use the engine's equalised tiles; video VAEs tile inside diffusers (fixed stride).
+    Images use the engine's equalised tiles; video VAEs (and ``geometry="diffusers"``) tile the way
+    diffusers does (fixed stride, clipped edge tiles).
     """
     sc = fam.spatial_compression
-    cut = diffusers_axis if fam.video else axis_tiles
+    cut = diffusers_axis if (fam.video or geometry == "diffusers") else axis_tiles
     return cut(job.height // sc, tile_px // sc, overlap_px // sc), cut(job.width // sc, tile_px // sc, overlap_px // sc)
 
 
 def region_peak(fam: Family, dsize: int, px: int, frames: int, items: int) -> float:
-    """Peak bytes of decoding ``items`` regions of ``px`` pixels x ``frames`` output frames at once."""
+    """Peak bytes of a full decode of ``items`` regions of ``px`` pixels x ``frames`` output frames."""
     m = fam.memory
     one = m.bytes_per_voxel * frames + m.extra_frame_voxels
     many = items * (m.batch_bytes_per_voxel * frames + m.extra_frame_voxels)
@@ -96,22 +96,44 @@ def region_peak(fam: Family, dsize: int, px: int, frames: int, items: int) -> fl
 
 
 def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: int,
-               frame_chunk: int | None, slice_batch: bool) -> int:
-    """Peak allocated bytes of a local decode (weights added when the VAE is not resident)."""
+               frame_chunk: int | None, slice_batch: bool, geometry: Geometry = "engine") -> int:
+    """Peak allocated bytes of a local decode (weights added when the VAE is not resident).
+
+    Args:
+        tile_px: spatial tile cap in output pixels (None: whole frames).
+        overlap_px: output pixels shared by neighbouring tiles.
+        frame_chunk: latent frames per temporal chunk (video), None: all frames at once.
+        slice_batch: one batch item at a time.
+        geometry: ``engine`` (the engine's tiler for images) or ``diffusers`` (diffusers' own tiling,
+            as in the calibration data).
+    """
+    m = fam.memory
     dsize = dtype_bytes(decode_dtype(job, fam))
     sc = fam.spatial_compression
     frames_out = job.frames or 1
+    out_vox = job.batch * frames_out * job.height * job.width
     fr = _frames_per_chunk(fam, frame_chunk, frames_out)
     chunked = fam.video and (fam.tiling.always_chunked or frame_chunk is not None) and fr < frames_out
     if tile_px is None:
-        ph, pw = job.height, job.width
+        items = 1 if (slice_batch or chunked) else job.batch
+        peak = region_peak(fam, dsize, job.height * job.width, fr, items)
+        if chunked or (slice_batch and job.batch > 1):
+            peak += dsize * m.stitch_bytes_per_voxel * out_vox
+            if not fam.video:  # finished items wait in the output
+                peak += dsize * 3 * out_vox
     else:
-        ty, tx = spatial_tiles(job, fam, tile_px, overlap_px)
-        ph, pw = max(s for _, s in ty) * sc, max(s for _, s in tx) * sc
-    items = 1 if (slice_batch or tile_px is not None or chunked) else job.batch
-    peak = region_peak(fam, dsize, ph * pw, fr, items)
-    if tile_px is not None or chunked or slice_batch:
-        peak += dsize * fam.memory.accum_bytes_per_voxel * job.batch * frames_out * job.height * job.width
+        ty, tx = spatial_tiles(job, fam, tile_px, overlap_px, geometry=geometry)
+        tile = max(s for _, s in ty) * max(s for _, s in tx) * sc * sc
+        decoded = sum(s for _, s in ty) * sum(s for _, s in tx) * sc * sc
+        bpv = m.tile_bytes_per_voxel or m.bytes_per_voxel
+        peak = dsize * tile * (bpv * fr + m.extra_frame_voxels) + m.tile_constant_bytes
+        if tile >= m.tile_workspace_min_px:
+            peak += m.tile_workspace_bytes
+        if fam.video or geometry == "diffusers":
+            peak += dsize * (m.overlap_bytes_per_voxel * max(0, decoded - job.height * job.width) * job.batch * frames_out
+                             + m.stitch_bytes_per_voxel * out_vox)
+        else:  # engine tiler: the output buffer plus one weighted tile (3 channels each)
+            peak += dsize * 3 * (out_vox + 2 * tile)
     if not job.vae_resident:
         peak += fam.weights_bytes_fp16 * dsize / 2
     return int(peak)

@@ -32,20 +32,28 @@ class _Model(BaseModel):
 
 
 class MemoryModel(_Model):
-    """Peak *allocated* bytes of a decode, in bytes per output voxel per byte of dtype.
+    """Peak *allocated* bytes of a decode. Coefficients are bytes per output voxel per byte of dtype.
 
-    full peak  = dsize * px * (bytes_per_voxel * frames_at_once + extra_frame_voxels) + constant_bytes
-    (one image: frames_at_once = 1; a batch of B images: max(first, B * batch_bytes_per_voxel))
-    tiled peak = the same with the tile's pixels, plus ``accum_bytes_per_voxel * dsize`` for every
-    output voxel held while the tiles are stitched.
+    full:  ``dsize * px * max(bpv * F + extra, B * (batch_bpv * F + extra)) + constant`` (constant once
+           ``px >= workspace_min_px``), F = output frames decoded at once, B = items decoded at once.
+    tiled (one item at a time): the same with the tile's pixels and ``tile_bytes_per_voxel``, plus
+      - diffusers' tiling (video, and the calibration data): ``overlap_bytes_per_voxel`` for every voxel
+        decoded twice and ``stitch_bytes_per_voxel`` for every output voxel;
+      - the engine's own image tiler: its output buffer (3 channels) and one blended tile, computed
+        from what it allocates, not fitted.
     """
 
-    bytes_per_voxel: float = Field(gt=0, le=1e6, description="Peak bytes per output voxel per dtype byte, one item.")
-    batch_bytes_per_voxel: float = Field(gt=0, le=1e6, description="Peak bytes per voxel per dtype byte for each image of a batch decoded at once.")
+    bytes_per_voxel: float = Field(gt=0, le=1e6, description="Full decode: peak bytes per output voxel per dtype byte, one item.")
+    batch_bytes_per_voxel: float = Field(gt=0, le=1e6, description="Full decode: per voxel per dtype byte for each item of a batch decoded at once.")
     extra_frame_voxels: float = Field(0.0, ge=0, le=1e7, description="Extra bytes per output *pixel* per dtype byte independent of frames (video causal caches).")
-    constant_bytes: float = Field(0.0, ge=0, le=2**34, description="Workspace bytes independent of size (cuDNN), counted once a decoded region reaches workspace_min_px.")
-    workspace_min_px: int = Field(0, ge=0, le=2**31, description="Pixels per frame from which constant_bytes is counted (smaller tiles measured without it).")
-    accum_bytes_per_voxel: float = Field(5.0, ge=0, le=1e4, description="Bytes per output voxel per dtype byte held while tiles/chunks are stitched.")
+    constant_bytes: float = Field(0.0, ge=0, le=2**34, description="Full decode: workspace bytes (cuDNN) once a region reaches workspace_min_px.")
+    workspace_min_px: int = Field(0, ge=0, le=2**31, description="Pixels per frame from which constant_bytes is counted.")
+    tile_bytes_per_voxel: float | None = Field(None, gt=0, le=1e6, description="Like bytes_per_voxel for one tile; None: bytes_per_voxel.")
+    tile_workspace_bytes: float = Field(0.0, ge=0, le=2**34, description="Tiled: workspace bytes once a tile exceeds tile_workspace_min_px.")
+    tile_workspace_min_px: int = Field(0, ge=0, le=2**31, description="Tile pixels above which tile_workspace_bytes is counted.")
+    tile_constant_bytes: float = Field(0.0, ge=0, le=2**34, description="Tiled: constant bytes.")
+    overlap_bytes_per_voxel: float = Field(0.0, ge=0, le=1e4, description="diffusers' tiling: bytes per voxel decoded beyond the output (overlaps) per dtype byte.")
+    stitch_bytes_per_voxel: float = Field(0.0, ge=0, le=1e4, description="diffusers' tiling/chunking: bytes per output voxel per dtype byte held while stitching.")
     measured: bool = Field(description="True when fitted on measurements (see source).")
     source: str = Field(min_length=1, max_length=300, description="Where the coefficients come from.")
 
@@ -208,11 +216,12 @@ def _merge(base: Any, over: Any) -> Any:
     return copy.deepcopy(over)
 
 
-def _merge_gpus(base: list[Any], over: Any, path: Path) -> list[Any]:
+def _merge_gpus(base: list[Any], over: Any, path: Path) -> tuple[list[Any], dict[int, int]]:
     if not isinstance(over, list):
         raise ProfileError("must be a list of GPU entries", file=path, key_path="gpus", value=type(over).__name__)
     out = [dict(g) for g in base]
     index = {g.get("name"): i for i, g in enumerate(out)}
+    origin: dict[int, int] = {}
     for i, g in enumerate(over):
         if not isinstance(g, dict) or "name" not in g:
             raise ProfileError("each GPU entry is a mapping with a 'name'", file=path, key_path=f"gpus.{i}",
@@ -222,15 +231,20 @@ def _merge_gpus(base: list[Any], over: Any, path: Path) -> list[Any]:
         else:
             index[g["name"]] = len(out)
             out.append(copy.deepcopy(g))
-    return out
+        origin[index[g["name"]]] = i
+    return out, origin
 
 
-def _validate(data: dict[str, Any], sources: list[str], blame: Path | None) -> Profiles:
+def _validate(data: dict[str, Any], sources: list[str], blame: Path | None,
+              gpu_origin: dict[int, int] | None = None) -> Profiles:
     try:
         return Profiles.model_validate({**data, "sources": tuple(sources)})
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        parts = [str(p) for p in err["loc"]]
+        if gpu_origin and len(parts) > 1 and parts[0] == "gpus" and parts[1].isdigit() and int(parts[1]) in gpu_origin:
+            parts[1] = str(gpu_origin[int(parts[1])])  # the index in the user's file
+        loc = ".".join(parts)
         value = err.get("input")
         if isinstance(value, (dict, list)):
             value = None
@@ -269,9 +283,10 @@ def load_profiles(override: str | Path | None = None, *, builtin: Path | None = 
         if not isinstance(user["families"], dict):
             raise ProfileError("must be a mapping of family name to fields", file=path, key_path="families")
         merged["families"] = _merge(data["families"], user["families"])
+    origin: dict[int, int] = {}
     if "gpus" in user:
-        merged["gpus"] = _merge_gpus(data["gpus"], user["gpus"], path)
-    return _validate(merged, [*sources, str(path)], path)
+        merged["gpus"], origin = _merge_gpus(data["gpus"], user["gpus"], path)
+    return _validate(merged, [*sources, str(path)], path, origin)
 
 
 class ProfileStore:

@@ -1,0 +1,97 @@
+"""`hybrid-vae probe|explain` as a user runs them: the installed console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+EXE = shutil.which("hybrid-vae") or os.path.join(os.path.dirname(sys.executable), "hybrid-vae")
+GiB = 2**30
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k not in ("HYBRID_VAE_SIMULATE_GPU", "HYBRID_VAE_PROFILE")}
+    e.update(env or {})
+    return subprocess.run([EXE, *args], capture_output=True, text=True, env=e, timeout=120)
+
+
+def explain(*args: str, env: dict | None = None) -> dict:
+    r = run("explain", "--family", "sdxl", "--width", "1024", "--height", "1024", *args, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_4090_full():
+    out = explain("--gpu", "NVIDIA GeForce RTX 4090", "--free-gib", "20", "--no-remote")
+    assert out["decision"]["path"] == "full"
+    assert out["decision"]["tile_px"] is None
+    for key in ("reason", "estimate"):
+        assert key in out["decision"]
+    assert out["decision"]["estimate"]["peak_bytes"] > 0 and out["decision"]["estimate"]["seconds"] > 0
+    assert out["gpu"]["free_bytes"] == 20 * GiB and out["gpu"]["source"] == "simulated"
+    assert isinstance(out["fallbacks"], list) and all("path" in p for p in out["fallbacks"])
+    assert all({"feasible", "why", "path"} <= set(o) for o in out["options"])
+
+
+def test_3070_tiled_fits_and_is_largest():
+    out = explain("--gpu", "NVIDIA GeForce RTX 3070", "--free-gib", "1.0", "--no-remote")
+    d = out["decision"]
+    assert d["path"] == "tiled" and isinstance(d["tile_px"], int)
+    assert d["estimate"]["peak_bytes"] <= 1.0 * GiB - 256 * 2**20
+    larger = [o for o in out["options"] if o["path"] == "tiled" and o["tile_px"] > d["tile_px"]]
+    assert larger and not any(o["feasible"] for o in larger)
+
+
+def test_remote_and_no_remote():
+    out = explain("--gpu", "NVIDIA GeForce RTX 3070", "--free-gib", "0.1", "--remote")
+    assert out["decision"]["path"] == "remote"
+    out = explain("--gpu", "NVIDIA GeForce RTX 3070", "--free-gib", "0.1", "--no-remote")
+    chain = [out["decision"], *out["fallbacks"]]
+    assert chain[-1]["path"] == "cpu" and all(p["path"] != "remote" for p in chain)
+
+
+def test_env_simulation_is_shown():
+    out = explain(env={"HYBRID_VAE_SIMULATE_GPU": "name=NVIDIA GeForce RTX 3070,free_gib=1.0"})
+    assert out["simulated"] is True and out["decision"]["path"] == "tiled"
+    assert out["gpu"]["total_bytes"] == 8 * GiB  # filled in from the profile
+    r = run("explain", "--family", "sdxl", "--width", "1024", "--height", "1024",
+            env={"HYBRID_VAE_SIMULATE_GPU": "name=NVIDIA GeForce RTX 3070,free_gib=1.0"})
+    assert "SIMULATED" in r.stdout and "Reason" in r.stdout and "Chain" in r.stdout
+
+
+def test_broken_profile_exits_nonzero_naming_file_and_key(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("families:\n  sdxl:\n    scaling_factr: 0.1\n")
+    r = run("explain", "--family", "sdxl", "--width", "1024", "--height", "1024", "--gpu", "NVIDIA GeForce RTX 4090",
+            "--profile", str(f))
+    assert r.returncode != 0
+    assert str(f) in r.stderr and "families.sdxl.scaling_factr" in r.stderr
+    r = run("explain", "--family", "sdxl", "--width", "1024", "--height", "1024", "--gpu", "NVIDIA GeForce RTX 4090",
+            env={"HYBRID_VAE_PROFILE": str(f)})
+    assert r.returncode != 0 and "scaling_factr" in r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["explain", "--family", "sdxl", "--width", "abc", "--height", "1024"],
+    ["explain", "--width", "1024", "--height", "1024"],
+    ["explain", "--family", "sdxl", "--width", "1003", "--height", "1024", "--gpu", "NVIDIA GeForce RTX 4090"],
+    ["explain", "--family", "nope", "--width", "1024", "--height", "1024", "--gpu", "NVIDIA GeForce RTX 4090"],
+    ["explain", "--family", "sdxl", "--width", "1024", "--height", "1024", "--gpu", "Unknown Card"],
+    ["explain", "--family", "sdxl", "--width", "1024", "--height", "1024", "--remote", "--no-remote"],
+])
+def test_bad_flags_exit_2(args):
+    r = run(*args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "error" in r.stderr
+
+
+def test_probe_runs_without_gpu():
+    r = run("probe", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["source"] in ("cpu", "nvml", "torch", "mps") and "note" in s

@@ -1,0 +1,236 @@
+"""decide(): the issue's must-show cases and property tests over random jobs and GPU states."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policy import DecodeJob, DecodeSettings, GiB, GpuState, LatentError, NetworkStats, ProfileError, decide, load_profiles
+from policy.decide import _actual_tile
+from policy.estimate import peak_bytes
+
+P = load_profiles("")
+CARDS = [g.name for g in P.gpus] + ["Some Unprofiled GPU"]
+
+
+def card(name: str, free_gib: float, total_gib: float | None = None, reusable_gib: float = 0.0) -> GpuState:
+    prof = P.gpu(name)
+    total = total_gib or (prof.total_gib if prof else max(free_gib, 8.0))
+    return GpuState(name=name, total_bytes=int(total * GiB), free_bytes=int(free_gib * GiB),
+                    torch_reusable_bytes=int(reusable_gib * GiB), source="simulated", simulated=True)
+
+
+SDXL = DecodeJob("sdxl", 1024, 1024)
+
+
+def test_4090_20gib_full():
+    d = decide(SDXL, card("NVIDIA GeForce RTX 4090", 20), P, DecodeSettings(allow_remote=False))
+    assert d.chosen.path == "full"
+    assert d.gpu_profile == "NVIDIA GeForce RTX 4090"
+    assert d.plans[-1].path == "cpu"
+
+
+def test_3070_1gib_largest_fitting_tile():
+    s = DecodeSettings(allow_remote=False)
+    d = decide(SDXL, card("NVIDIA GeForce RTX 3070", 1.0), P, s)
+    c = d.chosen
+    assert c.path == "tiled"
+    assert c.estimate.peak_bytes <= 1.0 * GiB - s.reserve_bytes
+    fam = P.family("sdxl")
+    # no larger tile fits: every larger cap either runs the same tiles or exceeds the budget
+    for cap in range(c.tile_px + 8, 1024, 8):
+        tile = _actual_tile(SDXL, fam, cap, c.overlap_px)
+        if tile == c.tile_px:
+            continue
+        need = peak_bytes(SDXL, fam, tile_px=tile, overlap_px=c.overlap_px, frame_chunk=None, slice_batch=True)
+        assert need > d.budget_bytes, (cap, tile, need)
+
+
+def test_tiny_free_remote_or_cpu():
+    g = card("NVIDIA GeForce RTX 3070", 0.1)
+    d = decide(SDXL, g, P, DecodeSettings(allow_remote=True))
+    assert d.chosen.path == "remote"
+    assert d.chosen.endpoint.startswith("https://")
+    d = decide(SDXL, g, P, DecodeSettings(allow_remote=False))
+    assert d.plans[-1].path == "cpu"
+    assert all(p.path != "remote" for p in d.plans)
+
+
+def test_batch_prefers_item_by_item_over_tiling():
+    # 4 x 1024 fp16 needs ~8.4 GiB at once, ~2.4 GiB one by one
+    job = DecodeJob("sd15", 1024, 1024, batch=4, dtype="float16")
+    d = decide(job, card("NVIDIA H200", 4.0, total_gib=140), P, DecodeSettings())
+    assert d.chosen.path == "full" and d.chosen.slice_batch
+    assert "one at a time" in d.reason
+
+
+def test_video_temporal_chunks_before_spatial_tiles():
+    job = DecodeJob("hunyuanvideo", 512, 320, frames=61, dtype="float16")
+    d = decide(job, card("NVIDIA GeForce RTX 4090", 12), P, DecodeSettings())
+    c = d.chosen
+    assert c.path == "tiled" and c.frame_chunk == 4 and c.tile_px is None  # 8.9 GiB chunked fits, 31 GiB full does not
+    d = decide(job, card("NVIDIA GeForce RTX 4090", 5), P, DecodeSettings())
+    assert d.chosen.tile_px is not None and d.chosen.frame_chunk == 4
+
+
+def test_forced_modes_keep_fallbacks_and_never_exceed():
+    g = card("NVIDIA GeForce RTX 3070", 1.0)
+    d = decide(SDXL, g, P, DecodeSettings(mode="full"))
+    assert d.chosen.path == "tiled" and d.reason.startswith("full requested but")
+    d = decide(SDXL, card("NVIDIA GeForce RTX 4090", 20), P, DecodeSettings(mode="tiled"))
+    assert d.chosen.path == "tiled" and d.plans[-1].path == "cpu"
+    d = decide(SDXL, card("NVIDIA GeForce RTX 4090", 20), P, DecodeSettings(mode="remote", allow_remote=True))
+    assert d.chosen.path == "remote" and any(p.path == "full" for p in d.fallbacks)
+    d = decide(SDXL, card("NVIDIA GeForce RTX 4090", 20), P, DecodeSettings(mode="remote"))
+    assert d.chosen.path == "full" and "remote requested but remote decode is off" in d.reason
+
+
+def test_remote_rules():
+    g = card("NVIDIA GeForce RTX 3070", 0.1)
+    custom = dataclasses.replace(SDXL, custom_vae=True, vae_id="my/finetune")
+    d = decide(custom, g, P, DecodeSettings(allow_remote=True))
+    assert d.chosen.path == "cpu" and "custom VAE" in d.reason
+    d = decide(custom, g, P, DecodeSettings(allow_remote=True, allow_remote_custom_vae=True))
+    assert d.chosen.path == "remote"
+    wan = DecodeJob("wan", 832, 480, frames=81)
+    d = decide(wan, g, P, DecodeSettings(allow_remote=True))
+    assert all(p.path != "remote" for p in d.plans) and "no endpoint serves wan" in d.reason
+    d = decide(wan, g, P, DecodeSettings(allow_remote=True, endpoints={"wan": "http://127.0.0.1:9000/wan"}))
+    assert d.chosen.path == "remote" and d.chosen.endpoint == "http://127.0.0.1:9000/wan"
+    down = {d.chosen.endpoint: NetworkStats(available=False, note="circuit open after 3 failures")}
+    d2 = decide(wan, g, P, DecodeSettings(allow_remote=True, endpoints={"wan": "http://127.0.0.1:9000/wan"}), down)
+    assert d2.chosen.path == "cpu"
+
+
+def test_response_format_follows_bandwidth():
+    g = card("NVIDIA GeForce RTX 3070", 0.1)
+    s = DecodeSettings(allow_remote=True, remote_quality="high")
+    fast = decide(SDXL, g, P, s, NetworkStats(rtt_s=0.001, down_bytes_per_s=5e9 / 8, up_bytes_per_s=5e9 / 8, source="measured"))
+    slow = decide(SDXL, g, P, s, NetworkStats(rtt_s=0.15, down_bytes_per_s=10e6 / 8, up_bytes_per_s=10e6 / 8, source="measured"))
+    assert fast.chosen.response_format == "raw"
+    assert slow.chosen.response_format == "jpg"
+    lossless = decide(SDXL, g, P, DecodeSettings(allow_remote=True), NetworkStats(down_bytes_per_s=10e6 / 8))
+    assert lossless.chosen.response_format in ("raw", "png")
+
+
+def test_reusable_cache_counts():
+    job = DecodeJob("sd15", 1024, 1024, dtype="float16")
+    d1 = decide(job, card("NVIDIA GeForce RTX 3070", 1.5), P)
+    d2 = decide(job, card("NVIDIA GeForce RTX 3070", 1.5, reusable_gib=1.5), P)
+    assert d1.chosen.path == "tiled" and d2.chosen.path == "full"
+
+
+def test_no_gpu_is_cpu():
+    cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="no CUDA")
+    d = decide(SDXL, cpu, P)
+    assert [p.path for p in d.plans] == ["cpu"]
+
+
+@pytest.mark.parametrize(("job", "match"), [
+    (DecodeJob("sdxl", 1004, 1024), "width=1004"),
+    (DecodeJob("sdxl", 1024, 1024, frames=9), "image family"),
+    (DecodeJob("hunyuanvideo", 512, 320, frames=10), "frames=10"),
+    (DecodeJob("hunyuanvideo", 512, 320), "frames=None"),
+    (DecodeJob("sd15", 512, 512, batch=0), "batch=0"),
+])
+def test_bad_jobs(job, match):
+    with pytest.raises(LatentError, match=match):
+        decide(job, card("NVIDIA GeForce RTX 4090", 20), P)
+
+
+def test_unknown_family():
+    with pytest.raises(ProfileError, match="known families: flux, hunyuanvideo, sd15, sd3, sdxl, wan"):
+        decide(DecodeJob("sd9", 512, 512), card("NVIDIA GeForce RTX 4090", 20), P)
+
+
+def test_decision_is_frozen_and_json_ready():
+    import json
+    d = decide(SDXL, card("NVIDIA GeForce RTX 3070", 1.0), P)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.reason = "x"  # type: ignore[misc]
+    out = json.loads(json.dumps(d.to_dict()))
+    assert out["decision"]["path"] == "tiled" and out["gpu"]["source"] == "simulated"
+    assert all("feasible" in o and "why" in o for o in out["options"])
+
+
+# ---------------------------------------------------------------- properties
+
+
+@st.composite
+def jobs(draw):
+    fam = draw(st.sampled_from(sorted(P.families)))
+    f = P.family(fam)
+    if f.video:
+        w = draw(st.integers(16, 160)) * 8
+        h = draw(st.integers(16, 96)) * 8
+        frames = 1 + 4 * draw(st.integers(0, 32))
+    else:
+        w = draw(st.integers(32, 320)) * 8
+        h = draw(st.integers(32, 320)) * 8
+        frames = None
+    return DecodeJob(fam, w, h, batch=draw(st.integers(1, 4)), frames=frames,
+                     dtype=draw(st.sampled_from([None, "float16", "bfloat16", "float32"])),
+                     vae_resident=draw(st.booleans()))
+
+
+free_gib = st.floats(0.0, 48.0, allow_nan=False)
+settings_st = st.builds(DecodeSettings, allow_remote=st.booleans(), reserve_bytes=st.integers(0, 2 * GiB),
+                        tile_overlap_px=st.sampled_from([0, 32, 64, 128]))
+PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _state(name, free, reusable=0.0):
+    return GpuState(name=name, total_bytes=int(64 * GiB), free_bytes=int(free * GiB),
+                    torch_reusable_bytes=int(reusable * GiB), source="simulated", simulated=True)
+
+
+@PROPS
+@given(job=jobs(), name=st.sampled_from(CARDS), free=free_gib, reusable=st.floats(0, 2), s=settings_st)
+def test_chosen_local_plan_always_fits(job, name, free, reusable, s):
+    d = decide(job, _state(name, free, reusable), P, s)
+    c = d.chosen
+    if c.path in ("full", "tiled"):
+        assert c.estimate.peak_bytes <= d.available_bytes
+        fits_budget = [o for o in d.options if o.feasible and o.plan.path in ("full", "tiled")]
+        if fits_budget:
+            assert c.estimate.peak_bytes <= d.budget_bytes
+    # every local GPU fallback after a GPU plan needs less memory than the plans before it
+    last = None
+    for p in d.plans:
+        if p.path in ("full", "tiled"):
+            if last is not None:
+                assert p.estimate.peak_bytes < last
+            last = p.estimate.peak_bytes
+    assert d.plans[-1].path == "cpu"
+
+
+@PROPS
+@given(job=jobs(), name=st.sampled_from(CARDS), f1=free_gib, f2=free_gib, s=settings_st)
+def test_more_free_memory_never_worse(job, name, f1, f2, s):
+    lo, hi = sorted((f1, f2))
+    a = decide(job, _state(name, lo), P, s).chosen
+    b = decide(job, _state(name, hi), P, s).chosen
+    assert b.estimate.seconds <= a.estimate.seconds * (1 + 1e-9)
+    if a.path == "tiled" and b.path == "tiled" and a.tile_px and b.tile_px:
+        assert b.tile_px >= a.tile_px
+    if a.path == "full":
+        assert b.path != "tiled"
+
+
+@PROPS
+@given(job=jobs(), name=st.sampled_from(CARDS), free=free_gib,
+       mode=st.sampled_from(["auto", "full", "tiled", "remote"]))
+def test_no_remote_is_never_remote(job, name, free, mode):
+    d = decide(job, _state(name, free), P, DecodeSettings(allow_remote=False, mode=mode))
+    assert all(p.path != "remote" for p in d.plans)
+    assert all(not o.plan.path == "remote" for o in d.options)
+
+
+@PROPS
+@given(job=jobs(), name=st.sampled_from(CARDS), free=free_gib)
+def test_pure_same_inputs_same_decision(job, name, free):
+    g = _state(name, free)
+    assert decide(job, g, P).to_dict() == decide(job, g, P).to_dict()
