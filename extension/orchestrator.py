@@ -1,0 +1,446 @@
+"""``HybridDecoder``: validate -> probe -> decide -> run the plan chain -> pixels, or a saved latent.
+
+::
+
+    from extension.orchestrator import HybridDecoder
+    dec = HybridDecoder(settings=DecodeSettings(), latent_dir="./hybrid-vae-latents")
+    result = dec.decode(latents, vae, family="sdxl")
+    result.tensor              # float in [-1, 1], [B, 3, H, W] (video: [B, 3, F, H, W])
+    result.report.infotext()   # "tiled 384px/64, 0.75 GiB budget < 4.79 GiB full"
+
+Failure handling, plan by plan: an out-of-memory error (``torch.OutOfMemoryError``, its CUDA alias,
+or a ``RuntimeError`` saying "out of memory") is recorded, the ``except`` block is left so the
+traceback's frames (and the tensors they hold) are freed, ``gc.collect()`` and
+``torch.cuda.empty_cache()`` run, and the next plan starts. A :class:`~policy.errors.RemoteError`,
+a :class:`~policy.errors.PlanError` or any other error of a local plan also moves on (logged with
+its traceback). A :class:`~policy.errors.LatentError` stops at once: bad input is not retried.
+When every plan failed, the latent is saved with :func:`extension.latents.save_latent` and
+:class:`~policy.errors.DecodeFailedError` names the file and the command that decodes it later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from extension.executors import ProgressFn, run_plan, vae_device_dtype
+from extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
+from policy.decide import decide
+from policy.errors import (
+    DecodeFailedError,
+    HybridVAEError,
+    LatentError,
+    PlanError,
+    ProfileError,
+    RemoteError,
+    RemoteStatusError,
+    RemoteTimeoutError,
+)
+from policy.gpu import GiB, GpuState
+from policy.gpu import probe as probe_gpu
+from policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
+from policy.profiles import Family, ProfileStore
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("hybrid_vae.orchestrator")
+
+__all__ = ["DEFAULT_LATENT_DIR", "DecodeReport", "DecodeResult", "HybridDecoder", "RemoteDecoder",
+           "RemoteInfo", "is_oom"]
+
+DEFAULT_LATENT_DIR = "./hybrid-vae-latents"
+
+
+class RemoteResultLike(Protocol):
+    tensor: Any
+    endpoint: str
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+
+
+class RemoteDecoder(Protocol):
+    """What the orchestrator needs from a remote client (``extension.remote`` implements it)."""
+
+    def decode(self, latents: Any, *, plan: Plan, job: DecodeJob, family: Family, deadline_s: float,
+               height: int, width: int) -> RemoteResultLike: ...
+
+    def network_stats(self) -> Mapping[str, NetworkStats]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteInfo:
+    """What a remote decode cost."""
+
+    endpoint: str
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeReport:
+    """What happened in one decode, truthfully.
+
+    Attributes:
+        chosen: the plan the decision put first.
+        ran: the plan that produced the image.
+        attempts: ``(plan label, error text or None, seconds)`` per plan tried, in order.
+        seconds: wall time of the whole decode (validation to result).
+        peak_bytes: measured peak allocated bytes of the successful attempt (CUDA only, else None).
+        reason: the decision's one-line reason.
+        decision: the full decision (chain, options, GPU state).
+        simulated: the GPU state was simulated (``HYBRID_VAE_SIMULATE_GPU``).
+        device: the torch device the successful local plan ran on ("remote" for remote).
+        remote: endpoint, bytes and seconds when a remote plan produced the image.
+        profile_error: why the user's profile file was ignored (the built-ins were used), if it was.
+    """
+
+    chosen: Plan
+    ran: Plan
+    attempts: tuple[tuple[str, str | None, float], ...]
+    seconds: float
+    peak_bytes: int | None
+    reason: str
+    decision: Decision
+    simulated: bool
+    device: str
+    remote: RemoteInfo | None = None
+    profile_error: str | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        return self.ran is not self.chosen
+
+    def infotext(self) -> str:
+        """One truthful line for the image's metadata.
+
+        E.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full, 0.41 s`` or
+        ``full, fell back from remote raw (HTTP 503), 0.30 s``.
+        """
+        d, ran = self.decision, self.ran
+        if self.fell_back:
+            first_err = next((e for _, e, _ in self.attempts if e), "failed")
+            text = f"{ran.label}, fell back from {self.chosen.label} ({first_err})"
+        elif ran.path == "tiled":
+            full = _full_need(d)
+            text = f"{ran.label}, {_gib(d.budget_bytes)} budget < {_gib(full)} full" if full is not None \
+                else f"{ran.label}, {_gib(d.budget_bytes)} budget"
+        elif ran.path == "full":
+            text = f"{ran.label}, {_gib(ran.estimate.peak_bytes)} of {_gib(d.budget_bytes)} budget"
+        elif ran.path == "remote":
+            host = _host(self.remote.endpoint if self.remote else ran.endpoint or "")
+            text = f"remote {ran.response_format} via {host}"
+        else:
+            text = "cpu, no GPU" if not d.gpu.is_accelerator \
+                else f"cpu, no GPU plan fits {_gib(d.available_bytes)} available"
+        text += f", {self.seconds:.2f} s"
+        if self.simulated:
+            text += f" [simulated {d.gpu.name}, ran on {self.device}]"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen.to_dict(),
+            "ran": self.ran.to_dict(),
+            "attempts": [{"plan": lab, "error": err, "seconds": round(s, 4)}
+                         for lab, err, s in self.attempts],
+            "seconds": round(self.seconds, 4),
+            "peak_bytes": self.peak_bytes,
+            "reason": self.reason,
+            "simulated": self.simulated,
+            "device": self.device,
+            "remote": dataclasses.asdict(self.remote) if self.remote else None,
+            "profile_error": self.profile_error,
+            "infotext": self.infotext(),
+            "decision": self.decision.to_dict(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+    """The decoded tensor (float in [-1, 1]), PIL images when ``output="pil"``, and the report."""
+
+    tensor: Any
+    report: DecodeReport
+    images: list[Any] | None = None
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc or url
+
+
+def _full_need(d: Decision) -> int | None:
+    for o in d.options:
+        if o.plan.path == "full" and not o.plan.slice_batch:
+            return o.plan.estimate.peak_bytes
+    return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for ``torch.OutOfMemoryError`` (``torch.cuda.OutOfMemoryError`` is the same class) and for
+    ``RuntimeError``s whose text says "out of memory" (older torch, MPS, some ROCm paths)."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _short_error(exc: BaseException) -> str:
+    if is_oom(exc):
+        return "out of memory"
+    if isinstance(exc, RemoteStatusError):
+        return f"HTTP {exc.status}"
+    if isinstance(exc, RemoteTimeoutError):
+        return "timeout"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200]
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _vae_dtype_for(vae: Any, fam: Family) -> str | None:
+    """The dtype the VAE decodes in: float32 when it forces an upcast, else its weights' dtype."""
+    cfg = getattr(vae, "config", None)
+    force = getattr(cfg, "force_upcast", None) if cfg is not None else None
+    if force if force is not None else fam.force_upcast:
+        return "float32"
+    _, dtype = vae_device_dtype(vae)
+    name = str(dtype).replace("torch.", "")
+    return name if name in ("float16", "bfloat16", "float32") else None
+
+
+def to_pil(tensor: torch.Tensor) -> list[Any]:
+    """[-1, 1] ``[B, 3, H, W]`` -> list of PIL images (video ``[B, 3, F, H, W]`` -> all frames, in order)."""
+    import torch
+    from PIL import Image
+
+    t = tensor.detach().float().cpu()
+    if t.dim() == 5:
+        t = t.permute(0, 2, 1, 3, 4).reshape(-1, *t.shape[1:2], *t.shape[3:])
+    arr = ((t.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+class HybridDecoder:
+    """Decides and runs every VAE decode; never loses an image.
+
+    Args:
+        settings (`DecodeSettings`, defaults to `DecodeSettings()`): the user's choices.
+        profile_path (`str | Path | None`): a user profile YAML merged over the built-ins; a broken
+            file is reported in the decode report and the built-ins stay in force.
+        profile_store (`ProfileStore | None`): share a store between decoders (tests); default: a new one.
+        latent_dir (`str | Path`, defaults to `"./hybrid-vae-latents"`): where a latent is saved when
+            every plan fails.
+        remote (`RemoteDecoder | None`): the remote client; without one, remote plans are never chosen.
+        probe (`Callable[[], GpuState] | None`): reads the GPU; default :func:`policy.gpu.probe`
+            (which honours ``HYBRID_VAE_SIMULATE_GPU``).
+        device (`str | None`): where GPU plans run; default: the probed device, or when the GPU is
+            simulated, CUDA if present, else wherever the VAE is (so the simulated plan runs for real).
+        before_plan (`Callable[[Plan], None] | None`): called before each attempt (fault injection in
+            tests and the demo; may raise like a decode would).
+        on_decision (`Callable[[Decision], None] | None`): called once the decision is made, before
+            any plan runs (a UI shows the plan, the CLI decides whether to draw a progress bar).
+    """
+
+    def __init__(self, *, settings: DecodeSettings | None = None, profile_path: str | Path | None = None,
+                 profile_store: ProfileStore | None = None, latent_dir: str | Path = DEFAULT_LATENT_DIR,
+                 remote: RemoteDecoder | None = None, probe: Callable[[], GpuState] | None = None,
+                 device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
+                 on_decision: Callable[[Decision], None] | None = None) -> None:
+        self.settings = settings or DecodeSettings()
+        self.profile_path = profile_path
+        self.store = profile_store or ProfileStore()
+        self.latent_dir = Path(latent_dir)
+        self.remote = remote
+        self._probe = probe
+        self.device = device
+        self.before_plan = before_plan
+        self.on_decision = on_decision
+
+    def _gpu(self, total_for: Callable[[str], float | None]) -> GpuState:
+        return self._probe() if self._probe is not None else probe_gpu(total_for=total_for)
+
+    def _run_device(self, gpu: GpuState, vae: Any) -> str:
+        import torch
+
+        if self.device is not None:
+            return self.device
+        if gpu.simulated:
+            if torch.cuda.is_available():
+                return "cuda"
+            return str(vae_device_dtype(vae)[0])
+        if gpu.device.startswith(("cuda", "mps")):
+            return gpu.device
+        return str(vae_device_dtype(vae)[0])
+
+    def decode(self, latents: torch.Tensor, vae: Any, *, family: str, height: int | None = None,
+               width: int | None = None, frames: int | None = None, vae_id: str | None = None,
+               custom_vae: bool = False, output: Literal["pt", "pil"] = "pt", dtype: str | None = None,
+               progress: ProgressFn | None = None) -> DecodeResult:
+        """Decode ``latents`` (as the pipeline produced them: normalised, Flux possibly packed).
+
+        Args:
+            latents (`torch.Tensor`): ``[B, C, h, w]``, packed ``[B, N, C*4]`` (Flux; give height/width),
+                or video ``[B, C, T, h, w]``.
+            vae: the diffusers VAE to decode with (any device; restored afterwards).
+            family (`str`): the family key (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``hunyuanvideo``, ``wan``).
+            height, width (`int | None`): output pixels; required for packed latents.
+            frames (`int | None`): output frames of a video (default: from the latent, ``1 + 4 (T - 1)``).
+            vae_id (`str | None`), custom_vae (`bool`): which VAE; a custom VAE is never sent to an
+                endpoint serving another one unless the settings allow it.
+            output (`"pt" | "pil"`, defaults to `"pt"`): ``"pil"`` also fills ``result.images``.
+            dtype (`str | None`): the decode dtype; default: float32 when the VAE forces an upcast,
+                else the VAE's own dtype.
+            progress (`ProgressFn | None`): ``progress(done, total)`` per tile/chunk/item.
+
+        Raises:
+            LatentError, ProfileError: bad input (before any VAE runs).
+            DecodeFailedError: every plan failed; ``latent_path`` holds the saved latent.
+        """
+        import torch
+
+        t_start = time.perf_counter()
+        if output not in ("pt", "pil"):
+            raise ValueError(f"output={output!r}: use 'pt' (tensor in [-1, 1]) or 'pil'")
+        profiles, perr = self.store.get(self.profile_path)
+        if perr is not None:
+            log.warning("hybrid-vae: profile ignored, built-ins used: %s", perr)
+        fam = profiles.family(family)
+        validate_latents(latents, fam, family_name=family, height=height, width=width,
+                         families=profiles.families)
+        z = unpack_flux(latents, height or 0, width or 0, spatial_compression=fam.spatial_compression) \
+            if latents.dim() == 3 else latents
+        sc = fam.spatial_compression
+        out_h, out_w = int(z.shape[-2]) * sc, int(z.shape[-1]) * sc
+        n_frames = None
+        if fam.video:
+            n_frames = (int(z.shape[2]) - 1) * fam.temporal_compression + 1
+            if frames is not None and frames != n_frames:
+                raise LatentError(f"frames={frames}, but {int(z.shape[2])} latent frames decode to "
+                                  f"{n_frames}; leave frames unset or pass the matching latent")
+        if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
+            raise LatentError(f"dtype={dtype!r}: use float16, bfloat16 or float32")
+        job_dtype = dtype or _vae_dtype_for(vae, fam)
+
+        gpu = self._gpu(lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
+        vdev, _ = vae_device_dtype(vae)
+        job = DecodeJob(family=family, width=out_w, height=out_h, batch=int(z.shape[0]), frames=n_frames,
+                        dtype=job_dtype, vae_id=vae_id, custom_vae=custom_vae,  # type: ignore[arg-type]
+                        vae_resident=gpu.simulated or not gpu.is_accelerator or vdev.type != "cpu")
+        settings = self.settings
+        if self.remote is None and settings.allow_remote:
+            settings = settings.model_copy(update={"allow_remote": False})
+        network = self.remote.network_stats() if self.remote is not None else None
+        save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
+                     "vae_id": vae_id, "custom_vae": custom_vae}
+        try:
+            decision = decide(job, gpu, profiles, settings, network)
+        except ProfileError as exc:
+            # nothing can decode this job (no plan at all): keep the latent
+            path = self._save(latents, family, fam, {**save_meta, "reason": f"no plan: {exc}"})
+            raise DecodeFailedError(f"no plan can decode this job: {exc}. {self._later(path)}",
+                                    latent_path=path) from None
+
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        run_dev = self._run_device(gpu, vae)
+        z_vae = to_vae_space(z.to(torch.float32), fam)
+        attempts: list[tuple[str, str | None, float]] = []
+        for plan in decision.plans:
+            t0 = time.perf_counter()
+            error: str | None = None
+            oom = False
+            peak: int | None = None
+            remote_info: RemoteInfo | None = None
+            out: Any = None
+            use_cuda = plan.path in ("full", "tiled") and run_dev.startswith("cuda")
+            base = 0
+            if use_cuda:
+                torch.cuda.synchronize(run_dev)
+                torch.cuda.reset_peak_memory_stats(run_dev)
+                base = torch.cuda.memory_allocated(run_dev)
+            try:
+                if self.before_plan is not None:
+                    self.before_plan(plan)
+                if plan.path == "remote":
+                    if self.remote is None:
+                        raise PlanError("no remote client configured")
+                    rr = self.remote.decode(latents, plan=plan, job=job, family=fam,
+                                            deadline_s=settings.remote_deadline_s, height=out_h, width=out_w)
+                    out = rr.tensor
+                    remote_info = RemoteInfo(rr.endpoint, int(rr.bytes_up), int(rr.bytes_down),
+                                             float(rr.seconds))
+                else:
+                    out = run_plan(plan, vae, z_vae, family=fam, device=run_dev, progress=progress)
+                    if use_cuda:
+                        torch.cuda.synchronize(run_dev)
+                        peak = max(0, torch.cuda.max_memory_allocated(run_dev) - base)
+            except LatentError:
+                raise
+            except (RemoteError, PlanError) as exc:
+                error = _short_error(exc)
+                log.warning("hybrid-vae: %s failed: %s", plan.label, exc)
+            except Exception as exc:
+                error = _short_error(exc)
+                oom = is_oom(exc)
+                if oom:
+                    log.warning("hybrid-vae: %s ran out of memory; trying the next plan", plan.label)
+                else:
+                    log.warning("hybrid-vae: %s failed; trying the next plan", plan.label, exc_info=True)
+            # outside the except block: the traceback and the frames it pinned are gone
+            secs = time.perf_counter() - t0
+            attempts.append((plan.label, error, secs))
+            if error is None:
+                report = DecodeReport(
+                    chosen=decision.chosen, ran=plan, attempts=tuple(attempts),
+                    seconds=time.perf_counter() - t_start, peak_bytes=peak, reason=decision.reason,
+                    decision=decision, simulated=gpu.simulated,
+                    device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else run_dev),
+                    remote=remote_info, profile_error=str(perr) if perr else None)
+                log.info("hybrid-vae: %s", report.infotext())
+                images = to_pil(out) if output == "pil" else None
+                return DecodeResult(tensor=out, report=report, images=images)
+            out = None
+            if oom or plan.path != "remote":
+                _release_memory()
+
+        listing = "; ".join(f"{lab}: {err}" for lab, err, _ in attempts)
+        path = self._save(latents, family, fam, {**save_meta, "reason": f"every plan failed: {listing}"})
+        raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
+                                attempts=tuple((lab, err or "") for lab, err, _ in attempts))
+
+    def _save(self, latents: torch.Tensor, family: str, fam: Family, meta: dict[str, Any]) -> Path | None:
+        try:
+            path = save_latent(latents, self.latent_dir, family=family, profile=fam, meta=meta)
+        except (OSError, HybridVAEError, RuntimeError) as exc:
+            log.error("hybrid-vae: could not save the latent to %s: %s", self.latent_dir, exc)
+            return None
+        log.error("hybrid-vae: decode failed; latent saved to %s", path)
+        return path
+
+    def _later(self, path: Path | None) -> str:
+        if path is None:
+            return f"The latent could NOT be saved to {self.latent_dir} (see the log)."
+        return (f"The latent is saved in {path}; decode it later with `hybrid-vae decode {path} --vae <VAE>` "
+                "(family and size are in the file).")
