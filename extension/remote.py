@@ -1,0 +1,860 @@
+"""Remote VAE decode over the hybrid-inference protocol: a hardened client on ``requests``.
+
+What it adds to diffusers' ``remote_decode`` (see ``shared/notes/remote-protocol.md``):
+
+* connect and read timeouts on by default, and an overall deadline per call that holds even when a
+  server trickles bytes (each attempt runs on a guard thread; the caller never waits past it);
+* bounded retries with exponential backoff and jitter on connection errors, 429 (``Retry-After``
+  honoured up to a cap) and 5xx; redirects are never followed;
+* a circuit breaker per endpoint: after ``failure_threshold`` failed calls the endpoint is skipped
+  (no connection at all) for ``cooldown_s``, then one half-open probe decides;
+* a bearer token that goes only to the endpoints it was configured for (exact origin match), and
+  only over HTTPS unless the host is loopback: anything else raises :class:`RemoteSecurityError`
+  before a socket is opened;
+* bounded responses (``Content-Length`` checked before reading, the stream aborted past the limit),
+  image decoding guarded against decompression bombs (declared size checked before ``load()``),
+  ``shape``/``dtype`` headers checked against what was asked, truncated bodies and non-JSON error
+  pages reported clearly;
+* per-endpoint round-trip time and throughput (EWMA) for the engine: :meth:`RemoteClient.network_stats`.
+
+Every failure raises a :class:`policy.errors.RemoteError` subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import ipaddress
+import json
+import logging
+import math
+import random
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from policy.errors import (
+    CircuitOpenError,
+    LatentError,
+    RemoteConnectError,
+    RemoteError,
+    RemoteProtocolError,
+    RemoteSecurityError,
+    RemoteStatusError,
+    RemoteTimeoutError,
+)
+from policy.model import NetworkStats
+
+if TYPE_CHECKING:
+    import torch
+
+    from policy.model import DecodeJob, Plan
+    from policy.profiles import Family
+
+log = logging.getLogger("hybrid_vae.remote")
+
+#: Element sizes of the dtypes the protocol carries.
+WIRE_DTYPES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
+MiB = 1024**2
+#: Statuses retried with backoff.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Statuses that say "this request" is wrong, not "this endpoint": they do not trip the breaker.
+REQUEST_STATUSES = frozenset({400, 413, 415, 422})
+USER_AGENT = "hybrid-vae/0.1 (+remote decode client)"
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteResult:
+    """A finished remote decode, shaped like a local one.
+
+    Attributes:
+        tensor: float32 in [-1, 1] on the CPU, ``[B, 3, H, W]`` or ``[B, 3, F, H, W]``.
+        endpoint: the URL that answered.
+        bytes_up / bytes_down: request and response body bytes (all requests of the call).
+        seconds: wall time of the call, retries and backoff included.
+        status: HTTP status of the answer (200).
+        format: ``raw`` | ``png`` | ``jpg`` | ``mp4`` (what was actually requested).
+        attempts: HTTP requests made (retries and per-image requests included).
+        server_seconds: decode time the server reported (``X-Decode-Seconds``), when it did.
+    """
+
+    tensor: torch.Tensor
+    endpoint: str
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    status: int
+    format: str
+    attempts: int = 1
+    server_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteResponse:
+    """One successful protocol request (:meth:`RemoteClient.request`).
+
+    ``output`` is a ``torch.Tensor`` (``pt`` output, or a video server's ``pil`` frames), a
+    ``PIL.Image.Image`` (``pil`` image) or ``bytes`` (``mp4``; a uint8 ``[F, H, W, 3]`` tensor with
+    ``decode_video``), already checked against what was asked.
+    """
+
+    endpoint: str
+    status: int
+    headers: Mapping[str, str]
+    output: Any
+    output_type: str
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    attempts: int
+    server_seconds: float | None = None
+
+
+@dataclasses.dataclass
+class _Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    t_start: float
+    t_headers: float
+    t_end: float
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of ``url``, lower-cased, default ports filled in."""
+    p = requests.utils.urlparse(url)
+    scheme = (p.scheme or "").lower()
+    host = (p.hostname or "").lower().rstrip(".")
+    try:
+        port = p.port
+    except ValueError:
+        port = None
+    return scheme, host, port or (443 if scheme == "https" else 80)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1 (no DNS lookup)."""
+    h = host.strip("[]").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+class CircuitBreaker:
+    """Closed -> (``failure_threshold`` failed calls) -> open for ``cooldown_s`` -> half-open: one
+    probe call; success closes, failure re-opens with the cool-down doubled (up to ``max_cooldown_s``).
+
+    Thread-safe. ``clock`` is injectable for tests (default ``time.monotonic``).
+    """
+
+    def __init__(self, *, failure_threshold: int = 3, cooldown_s: float = 30.0, max_cooldown_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
+        self.failure_threshold, self.base_cooldown, self.max_cooldown = failure_threshold, cooldown_s, max_cooldown_s
+        self._clock, self._lock = clock, threading.Lock()
+        self.failures, self.open_until, self.cooldown = 0, 0.0, cooldown_s
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self.failures < self.failure_threshold:
+                return "closed"
+            return "open" if self._clock() < self.open_until or self._probing else "half-open"
+
+    def acquire(self) -> float | None:
+        """None when a call may go ahead; else the monotonic time the endpoint may be tried again."""
+        with self._lock:
+            if self.failures < self.failure_threshold:
+                return None
+            now = self._clock()
+            if now < self.open_until:
+                return self.open_until
+            if self._probing:  # someone else is probing: wait for the verdict
+                return now + 1.0
+            self._probing = True
+            return None
+
+    def success(self) -> None:
+        with self._lock:
+            self.failures, self._probing, self.cooldown = 0, False, self.base_cooldown
+
+    def failure(self) -> None:
+        with self._lock:
+            was_probe = self._probing
+            self.failures += 1
+            self._probing = False
+            if self.failures >= self.failure_threshold:
+                if was_probe:
+                    self.cooldown = min(self.max_cooldown, self.cooldown * 2)
+                self.open_until = self._clock() + self.cooldown
+
+    def release(self) -> None:
+        """A call ended without a verdict on the endpoint (e.g. a 400 for that request)."""
+        with self._lock:
+            self._probing = False
+
+
+class _Stats:
+    """EWMA figures for one endpoint."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.rtt: float | None = None
+        self.down: float | None = None
+        self.up: float | None = None
+        self.server_spv: float | None = None
+        self.samples = 0
+
+    def add(self, name: str, value: float) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else old + self.alpha * (value - old))
+        self.samples += 1
+
+
+def _error_text(reply: _Reply) -> str:
+    """A short message from an error body: JSON ``error``/``detail``, else a snippet of text/HTML."""
+    ctype = reply.headers.get("content-type", "")
+    text = reply.body[:4096].decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            for key in ("error", "detail", "message"):
+                if key in data:
+                    return str(data[key])[:300]
+        return json.dumps(data)[:300]
+    except ValueError:
+        pass
+    if "html" in ctype or text.lstrip().startswith("<"):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+        text = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", text, flags=re.I | re.S)
+        text = re.sub(r"<[^>]+>", " ", text)
+        if title:
+            text = title.group(1) + ": " + text
+    snippet = re.sub(r"\s+", " ", text).strip()[:200]
+    return f"non-JSON {ctype or 'body'}: {snippet!r}"
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """C-contiguous little-endian bytes of ``t`` in its own dtype (bf16 as its raw 2-byte pattern)."""
+    import torch
+
+    name = str(t.dtype).rsplit(".", 1)[-1]
+    if name not in WIRE_DTYPES:
+        raise LatentError(f"dtype={name}: the protocol carries float16, bfloat16, float32 or uint8; cast the latent first")
+    c = t.detach().to("cpu").contiguous()
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[WIRE_DTYPES[name]]
+    arr = c.view(as_int).numpy()
+    if sys.byteorder == "big":
+        arr = arr.byteswap()
+    return arr.tobytes()
+
+
+def tensor_from_bytes(body: bytes, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`tensor_bytes` (copies ``body``)."""
+    import numpy as np
+    import torch
+
+    size = WIRE_DTYPES[dtype]
+    arr = np.frombuffer(body, dtype=f"<{'u' if size == 1 else 'i'}{size}").reshape(list(shape))
+    t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+    want = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}[dtype]
+    return t.view(want)
+
+
+class RemoteClient:
+    """A client for remote VAE decode endpoints (the hybrid-inference protocol).
+
+    Args:
+        token (`str | None`, defaults to `None`): bearer token (e.g. your Hugging Face token).
+        trusted_endpoints (`Iterable[str]`, defaults to `()`): URLs the token may go to; matched by exact
+            origin (scheme, host, port). Other endpoints are called without it. A trusted endpoint on plain
+            HTTP that is not loopback raises :class:`RemoteSecurityError` before anything is sent.
+        connect_timeout_s (`float`, defaults to `5.0`) / read_timeout_s (`float`, defaults to `60.0`):
+            per connect and per socket read; the call's ``deadline_s`` caps both.
+        max_retries (`int`, defaults to `2`): extra attempts after a connection error, 429 or 5xx.
+        backoff_base_s (`float`, defaults to `0.25`) / backoff_max_s (`float`, defaults to `4.0`):
+            delay ``base * 2**n`` capped, times a random factor in [0.5, 1] (jitter).
+        retry_after_cap_s (`float`, defaults to `10.0`): longest ``Retry-After`` honoured; longer waits fail fast.
+        failure_threshold (`int`, defaults to `3`), cooldown_s (`float`, defaults to `30.0`),
+            max_cooldown_s (`float`, defaults to `300.0`): circuit breaker per endpoint.
+        max_response_bytes (`int`, defaults to 1 GiB): hard cap on any response body; each decode also caps
+            it at 1.25x the raw output size + 1 MiB.
+        max_image_pixels (`int`, defaults to `2**28`): largest image decoded when the size is not known.
+        ewma_alpha (`float`, defaults to `0.3`): weight of a new network measurement.
+        session (`requests.Session | None`): bring your own (proxies, certificates); redirects are never
+            followed whatever its settings.
+        seed (`int | None`): seed of the jitter (tests).
+
+    Trade-offs: retries cost time inside the deadline; a lower ``failure_threshold`` gives up on a flaky
+    endpoint sooner (the orchestrator then decodes locally).
+    """
+
+    def __init__(self, *, token: str | None = None, trusted_endpoints: Iterable[str] = (),
+                 connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0, max_retries: int = 2,
+                 backoff_base_s: float = 0.25, backoff_max_s: float = 4.0, retry_after_cap_s: float = 10.0,
+                 failure_threshold: int = 3, cooldown_s: float = 30.0, max_cooldown_s: float = 300.0,
+                 max_response_bytes: int = 1024 * MiB, max_image_pixels: int = 2**28, ewma_alpha: float = 0.3,
+                 session: requests.Session | None = None, seed: int | None = None) -> None:
+        for name, v in (("connect_timeout_s", connect_timeout_s), ("read_timeout_s", read_timeout_s)):
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a positive number of seconds, got {v!r}; timeouts cannot be disabled")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.token = token or None
+        self.trusted = {origin(u) for u in trusted_endpoints}
+        self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self.max_retries, self.backoff_base_s, self.backoff_max_s = max_retries, backoff_base_s, backoff_max_s
+        self.retry_after_cap_s = retry_after_cap_s
+        self._breaker_args = {"failure_threshold": failure_threshold, "cooldown_s": cooldown_s,
+                              "max_cooldown_s": max_cooldown_s}
+        self.max_response_bytes, self.max_image_pixels = max_response_bytes, max_image_pixels
+        self._alpha = ewma_alpha
+        self.session = session or requests.Session()
+        self.session.max_redirects = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._stats: dict[str, _Stats] = {}
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    def breaker(self, endpoint: str) -> CircuitBreaker:
+        """The circuit breaker of ``endpoint`` (created on first use)."""
+        with self._lock:
+            if endpoint not in self._breakers:
+                self._breakers[endpoint] = CircuitBreaker(**self._breaker_args)  # type: ignore[arg-type]
+            return self._breakers[endpoint]
+
+    def _stat(self, endpoint: str) -> _Stats:
+        with self._lock:
+            return self._stats.setdefault(endpoint, _Stats(self._alpha))
+
+    def network_stats(self) -> dict[str, NetworkStats]:
+        """What is known about each endpoint used so far, for :func:`policy.decide`.
+
+        ``source`` is ``measured`` once a figure was measured (unmeasured figures keep the engine's
+        defaults); ``available`` is False while the endpoint's circuit is open.
+        """
+        d = NetworkStats()
+        out: dict[str, NetworkStats] = {}
+        with self._lock:
+            keys = set(self._stats) | set(self._breakers)
+        for ep in sorted(keys):
+            s, b = self._stat(ep), self.breaker(ep)
+            state = b.state
+            note = (f"circuit {state} after {b.failures} failed calls" if state != "closed"
+                    else f"{s.samples} measurements" if s.samples else "not measured")
+            out[ep] = NetworkStats(rtt_s=s.rtt if s.rtt is not None else d.rtt_s,
+                                   down_bytes_per_s=s.down or d.down_bytes_per_s,
+                                   up_bytes_per_s=s.up or d.up_bytes_per_s,
+                                   source="measured" if s.samples else "assumed",
+                                   available=state != "open", server_seconds_per_voxel=s.server_spv, note=note)
+        return out
+
+    def _headers(self, endpoint: str) -> dict[str, str]:
+        """Base headers, with the token when (and only when) this endpoint may have it."""
+        h = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if self.token is None:
+            return h
+        o = origin(endpoint)
+        if o not in self.trusted:
+            log.debug("token not sent to %s: not a configured endpoint", endpoint)
+            return h
+        if o[0] != "https" and not is_loopback(o[1]):
+            raise RemoteSecurityError("refusing to send the bearer token over plain HTTP to a non-loopback host; "
+                                      "use https:// or remove the token", endpoint=endpoint)
+        h["Authorization"] = f"Bearer {self.token}"
+        return h
+
+    # ---- one HTTP exchange -----------------------------------------------------------------------
+    def _exchange(self, method: str, url: str, *, deadline: float, limit: int, params: Any = None,
+                  data: bytes | None = None, headers: Mapping[str, str]) -> _Reply:
+        """One request on a guard thread: returns by ``deadline`` whatever the server does."""
+        box: dict[str, Any] = {}
+        done, cancel = threading.Event(), threading.Event()
+
+        def run() -> None:
+            try:
+                box["reply"] = self._exchange_inner(method, url, deadline=deadline, limit=limit, params=params,
+                                                    data=data, headers=headers, box=box, cancel=cancel)
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="hybrid-vae-remote", daemon=True).start()
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            cancel.set()
+            sock = box.get("sock")
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            raise RemoteTimeoutError("deadline ran out while waiting for the response", endpoint=url)
+        if "error" in box:
+            raise box["error"]
+        return box["reply"]  # type: ignore[no-any-return]
+
+    def _exchange_inner(self, method: str, url: str, *, deadline: float, limit: int, params: Any,
+                        data: bytes | None, headers: Mapping[str, str], box: dict[str, Any],
+                        cancel: threading.Event) -> _Reply:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RemoteTimeoutError("deadline ran out before the request", endpoint=url)
+        timeout = (min(self.connect_timeout_s, remaining), min(self.read_timeout_s, remaining))
+        t0 = time.monotonic()
+        try:
+            resp = self.session.request(method, url, params=params, data=data, headers=dict(headers),
+                                        timeout=timeout, stream=True, allow_redirects=False)
+        except requests.exceptions.ConnectTimeout as exc:
+            raise RemoteConnectError(f"connect timeout after {timeout[0]:.1f} s ({exc})", endpoint=url) from None
+        except requests.exceptions.Timeout:
+            raise RemoteTimeoutError(f"no response within the read timeout of {timeout[1]:.1f} s",
+                                     endpoint=url) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise RemoteConnectError(f"cannot connect ({_short(exc)})", endpoint=url) from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema) as exc:
+            raise RemoteConnectError(f"invalid endpoint URL ({exc}); use http(s)://host[:port]/path",
+                                     endpoint=url) from None
+        t_headers = time.monotonic()
+        try:
+            conn = getattr(resp.raw, "connection", None) or getattr(resp.raw, "_connection", None)
+            box["sock"] = getattr(conn, "sock", None)
+            hdrs = {k.lower(): v for k, v in resp.headers.items()}
+            enc = hdrs.get("content-encoding", "identity").lower()
+            if enc not in ("", "identity"):
+                raise RemoteProtocolError(f"response is {enc}-encoded although identity was asked; refusing "
+                                          "to decompress an unbounded body", endpoint=url)
+            declared = hdrs.get("content-length")
+            cap = limit if resp.status_code < 400 else 64 * 1024
+            if declared is not None and declared.isdigit() and int(declared) > cap and resp.status_code < 400:
+                raise RemoteProtocolError(f"response of {int(declared)} bytes exceeds the limit of {cap} bytes",
+                                          endpoint=url)
+            body = self._read_body(resp, url=url, cap=cap, deadline=deadline, sock=box["sock"], cancel=cancel,
+                                   keep_partial=resp.status_code >= 400)
+            if declared is not None and declared.isdigit() and len(body) < int(declared) and resp.status_code < 400:
+                raise RemoteProtocolError(f"truncated body: {len(body)} of {declared} bytes", endpoint=url)
+        finally:
+            resp.close()
+        return _Reply(resp.status_code, hdrs, body, t0, t_headers, time.monotonic())
+
+    def _read_body(self, resp: requests.Response, *, url: str, cap: int, deadline: float, sock: Any,
+                   cancel: threading.Event, keep_partial: bool) -> bytes:
+        import urllib3.exceptions
+
+        raw = resp.raw
+        read1 = getattr(raw, "read1", None)
+        buf = bytearray()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or cancel.is_set():
+                raise RemoteTimeoutError(f"deadline ran out after {len(buf)} body bytes (slow transfer)", endpoint=url)
+            if sock is not None:
+                try:
+                    sock.settimeout(min(self.read_timeout_s, remaining))
+                except OSError:
+                    pass
+            try:
+                chunk = read1(64 * 1024) if read1 is not None else raw.read(8 * 1024)
+            except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+                raise RemoteTimeoutError(f"read timeout after {len(buf)} body bytes", endpoint=url) from None
+            except (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError, OSError) as exc:
+                if keep_partial:
+                    break
+                if cancel.is_set():
+                    raise RemoteTimeoutError("deadline ran out during the transfer", endpoint=url) from None
+                raise RemoteProtocolError(f"truncated body after {len(buf)} bytes ({_short(exc)})",
+                                          endpoint=url) from None
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > cap:
+                if keep_partial:
+                    break
+                raise RemoteProtocolError(f"response exceeds the limit of {cap} bytes; aborted", endpoint=url)
+        return bytes(buf)
+
+    # ---- a call: breaker, retries, deadline ------------------------------------------------------
+    def _call(self, endpoint: str, *, params: Any, data: bytes, headers: Mapping[str, str], deadline: float,
+              limit: int, parse: Callable[[_Reply], Any]) -> tuple[_Reply, Any, int]:
+        base = self._headers(endpoint)  # may raise RemoteSecurityError: nothing sent, breaker untouched
+        breaker = self.breaker(endpoint)
+        retry_at = breaker.acquire()
+        if retry_at is not None:
+            raise CircuitOpenError(f"skipped: {breaker.failures} failed calls; retry in "
+                                   f"{max(0.0, retry_at - time.monotonic()):.0f} s", endpoint=endpoint,
+                                   retry_at=retry_at)
+        attempt, last = 0, None
+        try:
+            while True:
+                attempt += 1
+                wait = None
+                try:
+                    reply = self._exchange("POST", endpoint, deadline=deadline, limit=limit, params=params,
+                                           data=data, headers={**base, **headers})
+                    if 200 <= reply.status < 300:
+                        out = parse(reply)
+                        breaker.success()
+                        return reply, out, attempt
+                    if 300 <= reply.status < 400:
+                        raise RemoteStatusError(f"redirect to {reply.headers.get('location', '?')} not followed; "
+                                                "configure the final URL", endpoint=endpoint, status=reply.status)
+                    err = RemoteStatusError(_error_text(reply), endpoint=endpoint, status=reply.status,
+                                            body=reply.body[:2048].decode("utf-8", "replace"))
+                    if reply.status not in RETRY_STATUSES:
+                        raise err
+                    last = err
+                    if reply.status in (429, 503):
+                        ra = _retry_after(reply.headers.get("retry-after"))
+                        if ra is not None and ra > self.retry_after_cap_s:
+                            raise RemoteStatusError(f"{_error_text(reply)} (Retry-After {ra:.0f} s exceeds the cap of "
+                                                    f"{self.retry_after_cap_s:.0f} s)", endpoint=endpoint,
+                                                    status=reply.status) from None
+                        wait = ra
+                except RemoteConnectError as exc:
+                    last = exc
+                if attempt > self.max_retries:
+                    raise last
+                if wait is None:
+                    wait = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)) * (0.5 + self._rng.random() / 2)
+                if time.monotonic() + wait >= deadline:
+                    raise last
+                log.info("remote %s: attempt %d failed (%s); retrying in %.2f s", endpoint, attempt, last, wait)
+                time.sleep(wait)
+        except RemoteStatusError as exc:
+            if exc.status in REQUEST_STATUSES:
+                breaker.release()
+            else:
+                breaker.failure()
+            raise
+        except RemoteError:
+            breaker.failure()
+            raise
+        except BaseException:
+            breaker.release()
+            raise
+
+    def _measure(self, endpoint: str, reply: _Reply, bytes_up: int, voxels: int | None) -> float | None:
+        s = self._stat(endpoint)
+        server: float | None = None
+        try:
+            server = float(reply.headers["x-decode-seconds"])
+        except (KeyError, ValueError):
+            pass
+        ttfb = reply.t_headers - reply.t_start
+        down_t = reply.t_end - reply.t_headers
+        if len(reply.body) >= 32 * 1024 and down_t > 0:
+            s.add("down", min(len(reply.body) / down_t, 1e10))
+        if server is not None:
+            overhead = max(1e-4, ttfb - server)
+            if bytes_up < 32 * 1024 or s.rtt is None:
+                s.add("rtt", overhead)
+            else:
+                s.add("up", min(bytes_up / max(1e-4, overhead - s.rtt), 1e10))
+            if voxels:
+                s.add("server_spv", server / voxels)
+        return server
+
+    # ---- public API ------------------------------------------------------------------------------
+    def health(self, endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+        """GET ``<origin>/health``: ``{"status": "ok"|"unknown"|"down"|"error", "http_status", "seconds", "info"}``.
+
+        A 404 means the server has no health route: ``unknown``, not down. Measures round-trip time.
+        """
+        scheme, host, port = origin(endpoint)
+        url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/health"
+        t0 = time.monotonic()
+        try:
+            reply = self._exchange("GET", url, deadline=t0 + timeout_s, limit=MiB,
+                                   headers=self._headers(endpoint))
+        except (RemoteConnectError, RemoteTimeoutError, RemoteProtocolError) as exc:
+            return {"status": "down", "http_status": None, "seconds": time.monotonic() - t0, "info": str(exc)}
+        secs = reply.t_headers - reply.t_start
+        self._stat(endpoint).add("rtt", secs)
+        info: Any = None
+        try:
+            info = json.loads(reply.body.decode("utf-8"))
+        except ValueError:
+            info = reply.body[:200].decode("utf-8", "replace")
+        status = "ok" if reply.status == 200 else "unknown" if reply.status in (404, 405) else "error"
+        return {"status": status, "http_status": reply.status, "seconds": secs, "info": info}
+
+    def request(self, endpoint: str, latents: torch.Tensor, *, output_type: str = "pt", image_format: str = "jpg",
+                partial_postprocess: bool = True, scaling_factor: float | None = None,
+                shift_factor: float | None = None, do_scaling: bool | None = None, height: int | None = None,
+                width: int | None = None, deadline_s: float = 60.0, expect_shape: Sequence[Sequence[int]] | None = None,
+                expect_size: tuple[int, int] | None = None, expect_frames: int | None = None,
+                max_response_bytes: int | None = None, voxels: int | None = None,
+                decode_video: bool = False) -> RemoteResponse:
+        """One protocol request, with query parameters exactly as diffusers' ``remote_decode`` sends them.
+
+        Args:
+            endpoint: decode URL. latents: sent as-is (un-normalised; packed for Flux).
+            output_type: ``pil`` | ``pt`` | ``mp4``. image_format: ``jpg`` | ``png`` (for ``pil``).
+            partial_postprocess: with ``pt``, True asks for uint8 ``[B, H, W, 3]``.
+            scaling_factor / shift_factor: the server decodes ``z / scaling + shift``; ``do_scaling=True``
+                (legacy) asks for the server model's own normalisation.
+            height / width: output pixels (needed for packed latents).
+            deadline_s: the whole call, retries included.
+            expect_shape: accepted tensor shapes; expect_size: ``(width, height)`` of an image or video frame;
+                expect_frames: frames of an mp4.
+            max_response_bytes: body cap (default: the client's).
+            voxels: output voxels (to learn the server's speed).
+            decode_video: with ``mp4``, return the frames as a uint8 ``[F, H, W, 3]`` tensor (needs PyAV).
+
+        Raises:
+            RemoteError subclasses; :class:`policy.errors.LatentError` for a dtype the protocol cannot carry.
+        """
+        if output_type not in ("pil", "pt", "mp4"):
+            raise ValueError(f"output_type={output_type!r}: use 'pil', 'pt' or 'mp4'")
+        if image_format not in ("jpg", "png"):
+            raise ValueError(f"image_format={image_format!r}: use 'jpg' or 'png'")
+        t_start = time.monotonic()
+        deadline = t_start + deadline_s
+        data = tensor_bytes(latents)
+        params: dict[str, Any] = {"image_format": image_format, "output_type": output_type,
+                                  "partial_postprocess": partial_postprocess, "shape": list(latents.shape),
+                                  "dtype": str(latents.dtype).rsplit(".", 1)[-1]}
+        if scaling_factor is not None:
+            params["scaling_factor"] = scaling_factor
+        if shift_factor is not None:
+            params["shift_factor"] = shift_factor
+        if do_scaling and scaling_factor is None:
+            params["do_scaling"] = True
+        if height is not None and width is not None:
+            params["height"], params["width"] = height, width
+        accept = {"mp4": "text/plain", "pil": "image/jpeg" if image_format == "jpg" else "image/png"}.get(
+            output_type, "tensor/binary")
+        headers = {"Content-Type": "tensor/binary", "Accept": accept}
+        limit = min(max_response_bytes or self.max_response_bytes, self.max_response_bytes)
+
+        def parse(reply: _Reply) -> Any:
+            if "shape" in reply.headers or output_type == "pt":
+                return _parse_tensor(reply, endpoint, expect_shape)
+            if output_type == "pil":
+                return _parse_image(reply.body, endpoint, expect_size, image_format, self.max_image_pixels)
+            if decode_video or expect_size is not None:
+                return _read_mp4(reply.body, endpoint, expect_size, expect_frames, decode=decode_video)
+            return reply.body
+
+        reply, out, attempts = self._call(endpoint, params=params, data=data, headers=headers, deadline=deadline,
+                                          limit=limit, parse=parse)
+        server = self._measure(endpoint, reply, len(data), voxels)
+        return RemoteResponse(endpoint=endpoint, status=reply.status, headers=reply.headers, output=out,
+                              output_type=output_type, bytes_up=len(data) * attempts, bytes_down=len(reply.body),
+                              seconds=time.monotonic() - t_start, attempts=attempts, server_seconds=server)
+
+    def decode(self, latents: torch.Tensor, *, plan: Plan, job: DecodeJob, family: Family, deadline_s: float,
+               height: int, width: int) -> RemoteResult:
+        """Run a remote plan: send the ORIGINAL latents with the family's factors, return a local-like tensor.
+
+        Args:
+            latents: un-normalised latents: ``[B, C, h, w]``, Flux packed ``[B, (H/16)*(W/16), 64]``, or
+                video ``[B, C, T, h, w]``.
+            plan: a ``remote`` plan (``endpoint``, ``response_format`` raw|png|jpg|mp4).
+            job / family: what is decoded (batch, frames, compression, normalisation).
+            deadline_s: the whole decode, every request of it.
+            height / width: output pixels (used for packed latents; checked for the others).
+
+        Returns:
+            RemoteResult: float32 CPU tensor in [-1, 1] (quantised to 8 bits by every format).
+        """
+        if plan.endpoint is None:
+            raise ValueError("plan.endpoint is None: decode() needs a remote plan with an endpoint")
+        endpoint, fmt = plan.endpoint, plan.response_format or "raw"
+        lat = latents
+        sc = family.spatial_compression
+        if family.video:
+            if lat.ndim != 5 or lat.shape[1] != family.latent_channels:
+                raise LatentError(f"latents shape {tuple(lat.shape)}: {job.family} needs [B, "
+                                  f"{family.latent_channels}, T, h, w]")
+            b, t = lat.shape[0], lat.shape[2]
+            frames = (t - 1) * family.temporal_compression + 1
+            h, w = lat.shape[3] * sc, lat.shape[4] * sc
+        elif lat.ndim == 3:
+            if not family.packed or lat.shape[2] != family.latent_channels * 4:
+                raise LatentError(f"latents shape {tuple(lat.shape)}: 3-D latents are only valid packed for a "
+                                  f"packed family ([B, (H/16)*(W/16), {family.latent_channels * 4}])")
+            b, frames, h, w = lat.shape[0], None, height, width
+            if (h // (sc * 2)) * (w // (sc * 2)) != lat.shape[1]:
+                raise LatentError(f"height={height}, width={width} do not match {lat.shape[1]} packed patches")
+        else:
+            if lat.ndim != 4 or lat.shape[1] != family.latent_channels:
+                raise LatentError(f"latents shape {tuple(lat.shape)}: {job.family} needs [B, "
+                                  f"{family.latent_channels}, h, w]")
+            b, frames, h, w = lat.shape[0], None, lat.shape[2] * sc, lat.shape[3] * sc
+        if fmt == "mp4" and (not family.video or not _has_av()):
+            log.info("remote %s: mp4 %s; asking for raw frames", endpoint,
+                     "is for video families" if not family.video else "needs PyAV (pip install av)")
+            fmt = "raw"
+        if family.video and fmt in ("png", "jpg"):
+            fmt = "raw"
+        scaling = {"scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor,
+                   "do_scaling": family.latents_mean is not None and family.scaling_factor is None}
+        nf = frames or 1
+        raw_size = b * nf * h * w * 3
+        limit = int(raw_size * 1.25) + MiB
+        t0 = time.monotonic()
+        deadline = t0 + deadline_s
+        if fmt in ("png", "jpg"):
+            parts, up, down, attempts, server = [], 0, 0, 0, 0.0
+            for i in range(b):
+                r = self.request(endpoint, lat[i:i + 1], output_type="pil", image_format=fmt, partial_postprocess=False,
+                                 height=height, width=width, deadline_s=max(1e-3, deadline - time.monotonic()),
+                                 expect_size=(w, h), max_response_bytes=limit, voxels=h * w, **scaling)
+                parts.append(_image_to_tensor(r.output))
+                up, down, attempts = up + r.bytes_up, down + r.bytes_down, attempts + r.attempts
+                server += r.server_seconds or 0.0
+            import torch
+
+            return RemoteResult(torch.cat(parts), endpoint, up, down, time.monotonic() - t0, 200, fmt, attempts,
+                                server or None)
+        if fmt == "mp4":
+            r = self.request(endpoint, lat, output_type="mp4", height=height, width=width, deadline_s=deadline_s,
+                             expect_size=(w, h), expect_frames=b * nf, max_response_bytes=limit, voxels=b * nf * h * w,
+                             decode_video=True, **scaling)
+            tensor = _uint8_to_tensor(r.output, b, frames)
+        else:
+            shapes = [[b * nf, h, w, 3]] + ([[b, nf, h, w, 3]] if family.video else [])
+            r = self.request(endpoint, lat, output_type="pt", partial_postprocess=True, height=height, width=width,
+                             deadline_s=deadline_s, expect_shape=shapes, max_response_bytes=limit,
+                             voxels=b * nf * h * w, **scaling)
+            tensor = _uint8_to_tensor(r.output, b, frames)
+        return RemoteResult(tensor, endpoint, r.bytes_up, r.bytes_down, time.monotonic() - t0, r.status, fmt,
+                            r.attempts, r.server_seconds)
+
+    def close(self) -> None:
+        """Close the HTTP session's connections."""
+        self.session.close()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\][^')\"]*", text)
+    return (m.group(0) if m else text)[:200]
+
+
+def _parse_tensor(reply: _Reply, endpoint: str, expect: Sequence[Sequence[int]] | None) -> torch.Tensor:
+    sh, dt = reply.headers.get("shape"), reply.headers.get("dtype")
+    if sh is None or dt is None:
+        raise RemoteProtocolError(f"tensor response without {'shape' if sh is None else 'dtype'} header",
+                                  endpoint=endpoint)
+    try:
+        shape = json.loads(sh)
+    except ValueError:
+        raise RemoteProtocolError(f"shape header {sh[:80]!r} is not a JSON list", endpoint=endpoint) from None
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 6
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape)):
+        raise RemoteProtocolError(f"shape header {sh[:80]!r} is not a list of 1-6 non-negative ints", endpoint=endpoint)
+    if dt not in WIRE_DTYPES:
+        raise RemoteProtocolError(f"dtype header {dt[:40]!r} is not one of {', '.join(WIRE_DTYPES)}", endpoint=endpoint)
+    if expect is not None and shape not in [list(s) for s in expect]:
+        raise RemoteProtocolError(f"shape header {shape} does not match the request (expected "
+                                  f"{' or '.join(str(list(s)) for s in expect)})", endpoint=endpoint)
+    if expect is not None and dt != "uint8" and all(len(s) and s[-1] == 3 for s in expect):
+        raise RemoteProtocolError(f"dtype {dt} for a uint8 (partial_postprocess) request", endpoint=endpoint)
+    need = math.prod(shape) * WIRE_DTYPES[dt]
+    if len(reply.body) != need:
+        what = "truncated body" if len(reply.body) < need else "body longer than shape x dtype"
+        raise RemoteProtocolError(f"{what}: {len(reply.body)} bytes, shape {shape} {dt} needs {need}",
+                                  endpoint=endpoint)
+    return tensor_from_bytes(reply.body, dt, shape)
+
+
+def _parse_image(body: bytes, endpoint: str, expect: tuple[int, int] | None, fmt: str, max_pixels: int) -> Any:
+    """Open an image with only the asked decoder; check the declared size before decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    want = "JPEG" if fmt == "jpg" else "PNG"
+    try:
+        img = Image.open(io.BytesIO(body), formats=[want])
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise RemoteProtocolError(f"body is not a {want} image ({_short(exc)}); first bytes {body[:16]!r}",
+                                  endpoint=endpoint) from None
+    w, h = img.size
+    if w * h > max_pixels or (expect is not None and (w, h) != tuple(expect)):
+        wanted = f"{expect[0]}x{expect[1]}" if expect else f"at most {max_pixels} pixels"
+        raise RemoteProtocolError(f"image declares {w}x{h}, expected {wanted}; not decoded", endpoint=endpoint)
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise RemoteProtocolError(f"broken {want} ({_short(exc)})", endpoint=endpoint) from None
+    return img.convert("RGB")
+
+
+def _has_av() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read_mp4(body: bytes, endpoint: str, size: tuple[int, int] | None, frames: int | None, *,
+              decode: bool) -> Any:
+    """Check an mp4's declared frame size before decoding; with ``decode`` return uint8 ``[F, H, W, 3]``
+    (at most ``frames`` + 1 frames are decoded, and exactly ``frames`` must be there)."""
+    import av
+    import numpy as np
+    import torch
+
+    got: list[Any] = []
+    try:
+        with av.open(io.BytesIO(body)) as c:
+            st = c.streams.video[0]
+            w, h = st.codec_context.width, st.codec_context.height
+            if size is not None and (w, h) != tuple(size):
+                raise RemoteProtocolError(f"mp4 frames are {w}x{h}, expected {size[0]}x{size[1]}; not decoded",
+                                          endpoint=endpoint)
+            if not decode:
+                return body
+            for frame in c.decode(st):
+                got.append(frame.to_ndarray(format="rgb24"))
+                if frames is not None and len(got) > frames:
+                    break
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        raise RemoteProtocolError(f"body is not a readable mp4 video ({_short(exc)})", endpoint=endpoint) from None
+    if not got or (frames is not None and len(got) != frames):
+        raise RemoteProtocolError(f"mp4 has {len(got)}{'+' if frames and len(got) > frames else ''} frames, "
+                                  f"expected {frames}", endpoint=endpoint)
+    return torch.from_numpy(np.stack(got))
+
+
+def _uint8_to_tensor(u8: torch.Tensor, b: int, frames: int | None) -> torch.Tensor:
+    x = u8.reshape(b, frames or 1, *u8.shape[-3:]).float().div(127.5).sub(1.0)  # [B, F, H, W, 3]
+    x = x.permute(0, 4, 1, 2, 3)  # [B, 3, F, H, W]
+    return x.contiguous() if frames is not None else x[:, :, 0].contiguous()
+
+
+def _image_to_tensor(img: Any) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.float().div(127.5).sub(1.0).permute(2, 0, 1).unsqueeze(0).contiguous()

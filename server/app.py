@@ -1,0 +1,196 @@
+"""``create_app``: a Starlette app that decodes latents over the hybrid-inference protocol.
+
+diffusers' own ``remote_decode`` works against it unchanged::
+
+    from diffusers.utils.remote_utils import remote_decode
+    image = remote_decode("http://127.0.0.1:8188/sd15", latent, scaling_factor=0.18215)
+
+Routes: ``POST /<family>`` (also ``/<family>/`` and ``/<family>/predict``), ``POST /`` and ``/predict``
+when exactly one family is served, ``GET /health`` (also ``GET /``). Errors are JSON
+``{"error": ..., "field": ...}`` with a 4xx/5xx status; nothing is allocated for a request that is
+refused (auth, content type, size, shape and memory are checked before the body is read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from policy.errors import LatentError
+from policy.gpu import GpuState
+from policy.profiles import Profiles, load_profiles
+from server.protocol import BadRequest, DecodeRequest, encode_output, latent_from_body, normalise, parse_request
+from server.service import DecodeService, ServedVAE, VaeOrLoader
+
+log = logging.getLogger("hybrid_vae.server")
+
+MiB = 1024**2
+CONTENT_TYPES = ("tensor/binary", "application/octet-stream")
+
+
+def default_device() -> str:
+    """``cuda`` when available, else ``mps``, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _error(exc: BadRequest) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=exc.headers)
+
+
+def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None, max_body_bytes: int = 256 * MiB,
+               max_output_pixels: int = 2**27, device: str | None = None, profiles: Profiles | None = None,
+               batch_window_s: float = 0.004, max_batch: int = 8, preload: bool = False, jpeg_quality: int = 95,
+               probe_fn: Callable[[], GpuState] | None = None) -> Starlette:
+    """Build the decode app.
+
+    Args:
+        families (`Mapping[str, VAE | Callable[[], VAE]]`): family key (``sd15``, ``sdxl``, ``flux``,
+            ``hunyuanvideo``, ``wan``, ``sd3`` or one from your profile) -> a diffusers VAE or a loader
+            called on first use. The key selects the latent layout and default normalisation.
+        token (`str | None`, defaults to `None`): when set, every decode needs ``Authorization: Bearer <token>``
+            (401 otherwise). ``/health`` stays open for load balancers.
+        max_body_bytes (`int`, defaults to 256 MiB): larger bodies get 413 before they are read.
+        max_output_pixels (`int`, defaults to `2**27`): output voxels (B x F x H x W) per request; more gets
+            422 before anything is allocated. On a GPU the engine's smallest-tile estimate is also checked
+            against the device's memory.
+        device (`str | None`): ``cuda``/``cuda:N``/``mps``/``cpu``; default: :func:`default_device`.
+        profiles (`Profiles | None`): default :func:`policy.load_profiles` (honours ``HYBRID_VAE_PROFILE``).
+        batch_window_s (`float`, defaults to `0.004`) / max_batch (`int`, defaults to `8`): batching of
+            concurrent same-shape image requests (see :class:`server.service.DecodeService`).
+        preload (`bool`, defaults to `False`): load every VAE at startup instead of on first use.
+        jpeg_quality (`int`, defaults to `95`): quality of ``image_format=jpg`` answers.
+        probe_fn: reads the device memory (default :func:`policy.gpu.probe` for ``device``).
+
+    Raises:
+        ProfileError: a family key the profiles do not know (the message lists the known ones).
+    """
+    profiles = profiles or load_profiles()
+    device = device or default_device()
+    served = {name: ServedVAE(name, profiles.family(name), src, device=device) for name, src in families.items()}
+    if not served:
+        raise ValueError("families is empty: serve at least one, e.g. families={'sd15': vae}")
+    service = DecodeService(served, profiles=profiles, device=device, max_output_pixels=max_output_pixels,
+                            batch_window_s=batch_window_s, max_batch=max_batch, probe_fn=probe_fn)
+    secret = token.encode() if token else None
+
+    def authorised(request: Request) -> bool:
+        if secret is None:
+            return True
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), secret)
+
+    def prepare(body: bytes, req: DecodeRequest, s: ServedVAE) -> Any:
+        from extension.latents import validate_latents
+
+        z = latent_from_body(body, req)
+        validate_latents(z, s.family, family_name=s.name, height=req.height if req.packed else None,
+                         width=req.width if req.packed else None)
+        vae = s.get()
+        return normalise(z, req, family=s.family, vae_config=getattr(vae, "config", None))
+
+    async def read_body(request: Request, expected: int) -> bytes:
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > expected:
+                raise BadRequest(f"body is longer than shape x dtype ({expected} bytes)", field="shape",
+                                 status=413 if len(buf) > max_body_bytes else 400)
+        if len(buf) != expected:
+            raise BadRequest(f"body has {len(buf)} bytes; shape x dtype needs {expected}", field="shape")
+        return bytes(buf)
+
+    async def decode(request: Request) -> Response:
+        if not authorised(request):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        name = request.path_params.get("family")
+        try:
+            if name is None:
+                if len(served) != 1:
+                    raise BadRequest(f"this server serves {len(served)} families; POST to /<family>, one of "
+                                     f"{', '.join(sorted(served))}", field="family", status=404)
+                name = next(iter(served))
+            s = served.get(name)
+            if s is None:
+                raise BadRequest(f"family {name!r} is not served here; served: {', '.join(sorted(served))}",
+                                 field="family", status=404)
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in CONTENT_TYPES:
+                raise BadRequest(f"Content-Type {ctype or '(none)'!r}: send the latent's raw bytes as tensor/binary",
+                                 field="content-type", status=415)
+            req = parse_request(request.query_params.multi_items(), family_name=name, family=s.family,
+                                accept=request.headers.get("accept"))
+            if req.body_bytes > max_body_bytes:
+                raise BadRequest(f"latent of {req.body_bytes} bytes exceeds this server's limit of {max_body_bytes}",
+                                 field="shape", status=413)
+            declared = request.headers.get("content-length")
+            if declared is not None:
+                if not declared.isdigit():
+                    raise BadRequest(f"Content-Length {declared!r} is not a number", field="content-length")
+                if int(declared) > max_body_bytes:
+                    raise BadRequest(f"body of {declared} bytes exceeds the limit of {max_body_bytes}",
+                                     field="content-length", status=413)
+                if int(declared) != req.body_bytes:
+                    raise BadRequest(f"Content-Length {declared} does not match shape {list(req.shape)} {req.dtype} "
+                                     f"({req.body_bytes} bytes)", field="shape")
+            await run_in_threadpool(service.admit, s, req)
+            with service.uploading():
+                body = await read_body(request, req.body_bytes)
+                z = await run_in_threadpool(prepare, body, req, s)
+                del body
+                fut = service.submit(s, req, z)
+            x, meta = await asyncio.wrap_future(fut)
+            out, headers = await run_in_threadpool(encode_output, x, req, jpeg_quality=jpeg_quality)
+        except BadRequest as exc:
+            return _error(exc)
+        except LatentError as exc:
+            return _error(BadRequest(str(exc), field="latents"))
+        except Exception as exc:
+            log.exception("hybrid-vae serve: decode failed")
+            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"[:500]}, status_code=500)
+        headers.update({"X-Decode-Seconds": f"{meta['seconds']:.6f}", "X-Decode-Plan": str(meta["plan"]),
+                        "X-Decode-Batch": str(meta["batch"])})
+        media = headers.pop("content-type")
+        return Response(out, media_type=media, headers=headers)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(service.health))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.start()
+        if preload:
+            for s in served.values():
+                await run_in_threadpool(s.get)
+        log.info("hybrid-vae serve: %s on %s", ", ".join(sorted(served)), device)
+        try:
+            yield
+        finally:
+            service.stop()
+
+    routes = [Route("/health", health, methods=["GET"]), Route("/", health, methods=["GET"]),
+              Route("/", decode, methods=["POST"]), Route("/predict", decode, methods=["POST"]),
+              Route("/{family}", decode, methods=["POST"]), Route("/{family}/", decode, methods=["POST"]),
+              Route("/{family}/predict", decode, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.service = service
+    app.state.served = served
+    return app

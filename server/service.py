@@ -1,0 +1,341 @@
+"""The server's decode service: served VAEs, admission checks, a batching queue, plan execution.
+
+One worker thread owns the device and runs one decode at a time (a GPU gains nothing from two VAE
+decodes racing for its memory). Requests for the same family and the same latent shape that wait in
+the queue together are concatenated into one batch when the engine says the whole batch fits a full
+decode; otherwise they run one by one. The worker waits for companions only while other requests are
+still uploading (at most ``batch_window_s``), so a lone request never pays the window.
+
+Plans come from :func:`policy.decide` on the server's own device (``full`` or ``tiled`` on a GPU,
+``cpu`` on a CPU-only server) and run with :func:`extension.executors.run_plan`; an out-of-memory
+error moves on to the next plan of the chain. A GPU server never falls back to its CPU: it answers
+503 with ``Retry-After`` instead, so the client decodes elsewhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from policy.decide import decide
+from policy.gpu import GiB, GpuState, probe
+from policy.model import DecodeJob, DecodeSettings, Plan
+from policy.profiles import Family, Profiles
+from server.protocol import BadRequest, DecodeRequest
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("hybrid_vae.server")
+
+#: A served model: a diffusers VAE, or a zero-argument callable that loads one on first use.
+VaeOrLoader = Any
+
+
+class ServedVAE:
+    """One served family: its profile, and its VAE placed on the device once (loaded lazily)."""
+
+    def __init__(self, name: str, family: Family, source: VaeOrLoader, *, device: str) -> None:
+        if hasattr(source, "decode"):
+            self._vae, self._loader = source, None
+        elif callable(source):
+            self._vae, self._loader = None, source
+        else:
+            raise TypeError(f"family {name!r}: expected a diffusers VAE or a loader callable, got "
+                            f"{type(source).__name__}")
+        self.name, self.family, self.device = name, family, device
+        self._lock = threading.Lock()
+        self._placed = False
+        self.error: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._vae is not None and self._placed
+
+    def get(self) -> Any:
+        """The VAE on the server's device (loads it on first use; load errors are kept for /health)."""
+        with self._lock:
+            if self._vae is None:
+                assert self._loader is not None
+                try:
+                    self._vae = self._loader()
+                except Exception as exc:
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    raise
+            if not self._placed:
+                self._vae = self._vae.to(self.device).eval()
+                self._placed = True
+            return self._vae
+
+    @property
+    def dtype_name(self) -> str:
+        if self._vae is None:
+            return self.family.default_dtype
+        for p in self._vae.parameters():
+            name = str(p.dtype).rsplit(".", 1)[-1]
+            return "float32" if self.family.force_upcast else name
+        return "float32"
+
+    def info(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "class": type(self._vae).__name__ if self._vae is not None else None,
+                "dtype": self.dtype_name if self._vae is not None else None, "video": self.family.video,
+                "latent_channels": self.family.latent_channels, "packed": self.family.packed, "error": self.error}
+
+
+@dataclasses.dataclass
+class _Item:
+    served: ServedVAE
+    req: DecodeRequest
+    z: Any  # VAE-space latent, float32, CPU
+    future: concurrent.futures.Future[tuple[Any, dict[str, Any]]]
+
+
+class DecodeService:
+    """Admission, batching queue and plan execution for the served families.
+
+    Args:
+        served (`Mapping[str, ServedVAE]`): families by name.
+        profiles (`Profiles`): the engine's profiles.
+        device (`str`): ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
+        max_output_pixels (`int`, defaults to `2**27`): output voxels (B x F x H x W) accepted per request.
+        batch_window_s (`float`, defaults to `0.004`): how long the worker waits for companions to a request
+            while other uploads are in progress.
+        max_batch (`int`, defaults to `8`): images decoded together at most.
+        reserve_bytes (`int`, defaults to 512 MiB): device memory the engine leaves free.
+        probe_fn (`Callable[[], GpuState] | None`): reads the device (default :func:`policy.gpu.probe`).
+    """
+
+    def __init__(self, served: Mapping[str, ServedVAE], *, profiles: Profiles, device: str,
+                 max_output_pixels: int = 2**27, batch_window_s: float = 0.004, max_batch: int = 8,
+                 reserve_bytes: int = 512 * 1024**2, probe_fn: Callable[[], GpuState] | None = None) -> None:
+        self.served, self.profiles, self.device = dict(served), profiles, device
+        self.max_output_pixels, self.batch_window_s, self.max_batch = max_output_pixels, batch_window_s, max_batch
+        self.settings = DecodeSettings(allow_remote=False, allow_cpu=True, reserve_bytes=reserve_bytes)
+        self._probe = probe_fn or (lambda: probe(device))
+        self._cv = threading.Condition()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._uploading = 0
+        self._busy = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.counters = {"requests": 0, "decodes": 0, "batches": 0, "batched_items": 0, "max_batch_seen": 0,
+                         "errors": 0}
+        self.last_plan: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="hybrid-vae-decode", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- admission (before the body is read) -----------------------------------------------------
+    def gpu(self) -> GpuState:
+        return self._probe()
+
+    def _job(self, served: ServedVAE, batch: int, frames: int | None, h: int, w: int) -> DecodeJob:
+        return DecodeJob(family=served.name, width=w, height=h, batch=batch, frames=frames,
+                         dtype=served.dtype_name, vae_resident=True)  # type: ignore[arg-type]
+
+    def admit(self, served: ServedVAE, req: DecodeRequest) -> None:
+        """Refuse, with nothing allocated, a request this server can never decode.
+
+        Raises:
+            BadRequest: 422 when the output exceeds ``max_output_pixels`` or the smallest plan needs more
+                memory than the device has in total.
+        """
+        if req.voxels > self.max_output_pixels:
+            raise BadRequest(f"output of {req.voxels:,} pixels (batch x frames x {req.height}x{req.width}) exceeds "
+                             f"this server's limit of {self.max_output_pixels:,}; send smaller batches or "
+                             "raise --max-output-pixels", field="shape", status=422)
+        gpu = self.gpu()
+        if not gpu.is_accelerator:
+            return
+        from policy.errors import HybridVAEError
+
+        try:
+            d = decide(self._job(served, req.batch, req.frames, req.height, req.width), gpu, self.profiles,
+                       self.settings)
+        except HybridVAEError as exc:
+            raise BadRequest(f"cannot plan this decode: {exc}", field="shape", status=422) from None
+        local = [o.plan.estimate.peak_bytes for o in d.options if o.plan.path in ("full", "tiled")]
+        if local and min(local) > gpu.total_bytes - self.settings.reserve_bytes:
+            raise BadRequest(f"decode needs at least {min(local) / GiB:.2f} GiB even in the smallest tile; "
+                             f"{gpu.name} has {gpu.total_bytes / GiB:.2f} GiB", field="shape", status=422)
+
+    @contextlib.contextmanager
+    def uploading(self) -> Iterator[None]:
+        """Mark a request whose body is being received (the batching window waits only for these)."""
+        with self._cv:
+            self._uploading += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._uploading -= 1
+                self._cv.notify_all()
+
+    # ---- queue -----------------------------------------------------------------------------------
+    def submit(self, served: ServedVAE, req: DecodeRequest, z: torch.Tensor
+               ) -> concurrent.futures.Future[tuple[Any, dict[str, Any]]]:
+        """Queue a normalised latent; the future gives ``(float [-1, 1] CPU tensor, meta)``."""
+        fut: concurrent.futures.Future[tuple[Any, dict[str, Any]]] = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping:
+                raise BadRequest("server is shutting down", status=503, headers={"Retry-After": "1"})
+            self.counters["requests"] += 1
+            self._queue.append(_Item(served, req, z, fut))
+            self._cv.notify_all()
+        if self._thread is None:
+            self.start()
+        return fut
+
+    def _compatible(self, a: _Item, b: _Item, voxels: int) -> bool:
+        return (a.served is b.served and a.req.frames is None and b.req.frames is None
+                and tuple(a.z.shape[1:]) == tuple(b.z.shape[1:])
+                and voxels + b.req.voxels <= self.max_output_pixels)
+
+    def _collect(self) -> list[_Item] | None:
+        with self._cv:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cv.wait()
+            first = self._queue.popleft()
+            batch = [first]
+            if first.req.frames is None and self.max_batch > 1:
+                end = time.monotonic() + self.batch_window_s
+                while len(batch) < self.max_batch:
+                    voxels = sum(i.req.voxels for i in batch)
+                    for item in list(self._queue):
+                        if len(batch) < self.max_batch and self._compatible(first, item, voxels):
+                            self._queue.remove(item)
+                            batch.append(item)
+                            voxels += item.req.voxels
+                    remaining = end - time.monotonic()
+                    if len(batch) >= self.max_batch or remaining <= 0 or self._uploading == 0:
+                        break
+                    self._cv.wait(remaining)
+            self._busy = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            try:
+                self._execute(batch)
+            finally:
+                with self._cv:
+                    self._busy = 0
+
+    def _execute(self, batch: list[_Item]) -> None:
+        items = [i for i in batch if i.future.set_running_or_notify_cancel()]
+        if items:
+            self._run(items)
+
+    def _run(self, items: list[_Item]) -> None:
+        import torch
+
+        try:
+            z = items[0].z if len(items) == 1 else torch.cat([i.z for i in items])
+            out, meta = self.decode_now(items[0].served, z, items[0].req, batch=len(items))
+        except Exception as exc:
+            if len(items) > 1 and not isinstance(exc, BadRequest):
+                for i in items:  # a batch failure: give each request its own chance
+                    self._run([i])
+                return
+            with self._cv:
+                self.counters["errors"] += len(items)
+            for i in items:
+                i.future.set_exception(exc)
+            return
+        with self._cv:
+            self.counters["decodes"] += len(items)
+            self.counters["batches"] += 1
+            if len(items) > 1:
+                self.counters["batched_items"] += len(items)
+            self.counters["max_batch_seen"] = max(self.counters["max_batch_seen"], len(items))
+        for n, i in enumerate(items):
+            i.future.set_result((out[n:n + 1], meta))
+
+    # ---- one decode ------------------------------------------------------------------------------
+    def decode_now(self, served: ServedVAE, z: torch.Tensor, req: DecodeRequest, *,
+                   batch: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Decide and run the plan chain for ``z`` (VAE space) on this thread.
+
+        Returns:
+            ``(float [-1, 1] CPU tensor, meta)``; meta has ``plan``, ``seconds``, ``batch``, ``reason``.
+
+        Raises:
+            BadRequest: 503 (with Retry-After) when no plan fits the device now; 422 when it never can.
+        """
+        from extension.executors import run_plan
+        from extension.orchestrator import is_oom
+
+        vae = served.get()
+        b = int(z.shape[0])
+        gpu = self.gpu()
+        d = decide(self._job(served, b, req.frames, req.height, req.width), gpu, self.profiles, self.settings)
+        if b > 1 and (d.chosen.path != "full" or d.chosen.slice_batch):
+            # the batch does not fit at once: one by one (each with its own decision)
+            parts = [self.decode_now(served, z[i:i + 1], req) for i in range(b)]
+            import torch
+
+            return torch.cat([p[0] for p in parts]), {**parts[0][1], "batch": b, "plan": f"{parts[0][1]['plan']} x{b}"}
+        plans: list[Plan] = [p for p in d.plans if p.path != "cpu" or not gpu.is_accelerator]
+        if not plans:
+            raise BadRequest(f"no plan fits {gpu.available_bytes / GiB:.2f} GiB free on {gpu.name} now; retry later",
+                             status=503, headers={"Retry-After": "2"})
+        t0 = time.perf_counter()
+        errors = []
+        for plan in plans:
+            try:
+                out = run_plan(plan, vae, z, family=served.family)
+                x = out.float().cpu()
+                del out
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                errors.append(f"{plan.label}: out of memory")
+                log.warning("hybrid-vae serve: %s ran out of memory; next plan", plan.label)
+            else:
+                secs = time.perf_counter() - t0
+                self.last_plan = plan.label
+                return x, {"plan": plan.label, "seconds": secs, "batch": batch or b, "reason": d.reason}
+            gc.collect()
+            if gpu.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+        raise BadRequest(f"every plan ran out of memory ({'; '.join(errors)}); retry later", status=503,
+                         headers={"Retry-After": "2"})
+
+    # ---- health ----------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        gpu = self.gpu()
+        with self._cv:
+            queue = {"waiting": len(self._queue), "uploading": self._uploading, "decoding": self._busy,
+                     **self.counters}
+        return {"status": "ok", "families": {k: v.info() for k, v in self.served.items()},
+                "device": {"device": self.device, "name": gpu.name, "source": gpu.source,
+                           "total_bytes": gpu.total_bytes, "available_bytes": gpu.available_bytes,
+                           "simulated": gpu.simulated},
+                "queue": queue, "busy": bool(queue["decoding"] or queue["waiting"]), "last_plan": self.last_plan}
