@@ -1,0 +1,201 @@
+"""``hybrid-vae serve``: run the self-hosted decode endpoint under uvicorn.
+
+::
+
+    hybrid-vae serve --demo                                   # fixture + tiny VAEs, offline
+    hybrid-vae serve --family sdxl=madebyollin/sdxl-vae-fp16-fix --family flux=/models/flux-vae
+    hybrid-vae serve --host 0.0.0.0 --port 8188 --token "$TOKEN" --workers 2 --family sd15=...
+
+Each family is served at ``http://HOST:PORT/<family>``. torch, diffusers, starlette and uvicorn are
+imported only when the command runs (``hybrid-vae --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hybrid_vae.server")
+
+ENV_TOKEN = "HYBRID_VAE_SERVER_TOKEN"
+ENV_CONFIG = "HYBRID_VAE_SERVE_CONFIG"
+DEMO_FAMILIES = ("sd15", "sdxl", "flux", "hunyuanvideo", "wan")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run a decode endpoint that speaks the hybrid-inference protocol",
+                       description="Serve VAEs over HTTP at http://HOST:PORT/<family>; diffusers' remote_decode "
+                                   "and hybrid-vae's remote client both work against it.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, set --token)")
+    p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
+    p.add_argument("--family", action="append", default=[], metavar="F=PATH_OR_HUB_ID",
+                   help="serve family F (sd15, sdxl, sd3, flux, hunyuanvideo, wan) from a diffusers folder, a "
+                        "pipeline folder with vae/, a .safetensors file, or a hub id; repeat for more")
+    p.add_argument("--demo", action="store_true",
+                   help="serve the trained fixture VAE as sd15 and tiny random-weight VAEs as sdxl, flux, "
+                        "hunyuanvideo and wan (offline; images are not meaningful except sd15)")
+    p.add_argument("--token", default=None,
+                   help=f"require 'Authorization: Bearer TOKEN' (default: env {ENV_TOKEN}; unset = no auth)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="weights dtype on a GPU (auto: the family's, float32 for VAEs that force an upcast)")
+    p.add_argument("--max-body-mib", type=float, default=256.0, help="largest request body (default 256)")
+    p.add_argument("--max-output-pixels", type=int, default=2**27,
+                   help="largest output per request in voxels, batch x frames x H x W (default 134217728)")
+    p.add_argument("--batch-window-ms", type=float, default=4.0,
+                   help="wait for same-shape requests to batch while others upload (default 4)")
+    p.add_argument("--max-batch", type=int, default=8, help="images decoded together at most (default 8)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="uvicorn worker processes (each loads every VAE; see server/README.md)")
+    p.add_argument("--profile", default=None, help="profile YAML merged over the built-ins (extra families)")
+    p.add_argument("--lazy", action="store_true", help="load each VAE on its first request, not at startup")
+    p.set_defaults(func=cmd_serve)
+
+
+def _parse_families(specs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, src = spec.partition("=")
+        if not sep or not name.strip() or not src.strip():
+            raise ValueError(f"--family {spec!r}: use F=PATH_OR_HUB_ID, e.g. sdxl=madebyollin/sdxl-vae-fp16-fix")
+        if name.strip() in out:
+            raise ValueError(f"--family {name.strip()!r} given twice")
+        out[name.strip()] = src.strip()
+    return out
+
+
+def vae_class(architecture: str) -> Any:
+    """The diffusers class for a family architecture (``sd``, ``hunyuanvideo``, ``wan``)."""
+    import diffusers
+
+    return {"sd": diffusers.AutoencoderKL, "hunyuanvideo": diffusers.AutoencoderKLHunyuanVideo,
+            "wan": diffusers.AutoencoderKLWan}[architecture]
+
+
+def load_vae(family_name: str, source: str, *, device: str, dtype: str = "auto", profile: str | None = None) -> Any:
+    """Load the VAE of ``family_name`` from a folder, a pipeline folder (``vae/``), a single file or a hub id.
+
+    The class comes from the family's architecture (AutoencoderKL / AutoencoderKLHunyuanVideo /
+    AutoencoderKLWan). On a CPU the weights are float32; on a GPU the ``dtype`` (auto: float32 when the
+    VAE's config forces an upcast, else the family's default dtype).
+    """
+    import torch
+
+    from policy.profiles import load_profiles
+
+    fam = load_profiles(profile).family(family_name)
+    cls = vae_class(fam.architecture)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not hasattr(cls, "from_single_file"):
+            raise ValueError(f"{cls.__name__} cannot load a single file ({path}); give a diffusers folder")
+        vae = cls.from_single_file(str(path), torch_dtype=torch.float32)
+    elif path.is_dir():
+        sub = "vae" if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file() else None
+        vae = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=torch.float32)
+    else:
+        try:
+            vae = cls.from_pretrained(source, torch_dtype=torch.float32)
+        except (OSError, ValueError):
+            vae = cls.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
+    if device != "cpu":
+        name = dtype
+        if name == "auto":
+            upcast = bool(getattr(vae.config, "force_upcast", False)) and fam.force_upcast
+            name = "float32" if upcast else fam.default_dtype
+        vae = vae.to(getattr(torch, name))
+    return vae.eval()
+
+
+def demo_families() -> dict[str, Any]:
+    """Loaders for ``--demo``: the trained fixture as sd15, tiny random-weight VAEs for the others."""
+    from extension.fixture import build_tiny_vae, load_fixture_vae
+
+    def sd15() -> Any:
+        try:
+            return load_fixture_vae()
+        except FileNotFoundError as exc:
+            log.warning("hybrid-vae serve --demo: %s; serving a tiny random-weight sd15 VAE instead", exc)
+            return build_tiny_vae("sd15")
+
+    out: dict[str, Any] = {"sd15": sd15}
+    for kind in DEMO_FAMILIES[1:]:
+        out[kind] = (lambda k=kind: build_tiny_vae(k))
+    return out
+
+
+def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    fams = _parse_families(args.family)
+    if not fams and not args.demo:
+        raise ValueError("nothing to serve: give --family F=PATH_OR_HUB_ID (repeatable) or --demo")
+    return {"families": fams, "demo": bool(args.demo), "device": args.device, "dtype": args.dtype,
+            "max_body_bytes": int(args.max_body_mib * 1024**2), "max_output_pixels": args.max_output_pixels,
+            "batch_window_s": args.batch_window_ms / 1000.0, "max_batch": args.max_batch, "profile": args.profile,
+            "preload": not args.lazy}
+
+
+def build_app(config: dict[str, Any], token: str | None) -> Any:
+    """The Starlette app for a serve configuration (also used by each uvicorn worker)."""
+    from policy.profiles import load_profiles
+    from server.app import create_app, default_device
+
+    device = config.get("device") or default_device()
+    families: dict[str, Any] = demo_families() if config.get("demo") else {}
+    for name, src in config["families"].items():
+        families[name] = (lambda n=name, s=src: load_vae(n, s, device=device, dtype=config.get("dtype", "auto"),
+                                                         profile=config.get("profile")))
+    return create_app(families=families, token=token, max_body_bytes=config["max_body_bytes"],
+                      max_output_pixels=config["max_output_pixels"], device=device,
+                      profiles=load_profiles(config.get("profile")), batch_window_s=config["batch_window_s"],
+                      max_batch=config["max_batch"], preload=config.get("preload", True))
+
+
+def app_from_env() -> Any:
+    """uvicorn factory for ``--workers N`` (and for running under your own uvicorn/gunicorn):
+    ``HYBRID_VAE_SERVE_CONFIG`` holds the JSON configuration, ``HYBRID_VAE_SERVER_TOKEN`` the token."""
+    raw = os.environ.get(ENV_CONFIG)
+    if not raw:
+        raise RuntimeError(f"{ENV_CONFIG} is not set; start through `hybrid-vae serve` or set it to the JSON config")
+    return build_app(json.loads(raw), os.environ.get(ENV_TOKEN) or None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("hybrid-vae: error: serve needs the server extra: pip install 'sdnext-hybrid-vae[server]'",
+              file=sys.stderr)
+        return 3
+    try:
+        config = _config_from_args(args)
+    except ValueError as exc:
+        print(f"hybrid-vae: error: {exc}", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get(ENV_TOKEN) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        log.warning("hybrid-vae serve: listening on %s without a token: anyone who reaches it can decode "
+                    "(and sees the images); set --token or %s", args.host, ENV_TOKEN)
+    names = sorted(set(config["families"]) | (set(DEMO_FAMILIES) if config["demo"] else set()))
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"hybrid-vae serve: http://{shown}:{args.port}/<family> for {', '.join(names)}"
+          f"{' (token required)' if token else ''}", flush=True)
+    if args.workers > 1:
+        os.environ[ENV_CONFIG] = json.dumps(config)
+        if token:
+            os.environ[ENV_TOKEN] = token
+        uvicorn.run("server.cli:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    log_level="info")
+        return 0
+    try:
+        app = build_app(config, token)
+    except Exception as exc:  # a bad family key or profile: one clear line
+        print(f"hybrid-vae: error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

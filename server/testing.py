@@ -1,0 +1,50 @@
+"""Run an ASGI app under a real uvicorn server on loopback, in a background thread (tests, benchmarks).
+
+::
+
+    with serve_in_thread(create_app(families={"sd15": vae}, device="cpu")) as base:
+        requests.post(f"{base}/sd15", ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int | None = None,
+                    start_timeout_s: float = 120.0) -> Iterator[str]:
+    """Start ``app`` with uvicorn on ``host``; yield ``http://host:port``; stop it on exit.
+
+    Raises:
+        RuntimeError: the server did not start within ``start_timeout_s`` (e.g. a VAE failed to load).
+    """
+    import uvicorn
+
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    end = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > end:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
