@@ -307,3 +307,34 @@ def test_concurrent_requests_are_batched_and_equal_to_single_decodes(server: tup
     assert service.counters["batched_items"] > before["batched_items"]
     for got, want in zip(outs[:2], singles, strict=True):
         assert (got - want).abs().max() < 1e-4  # batching changes nothing visible
+
+
+# ---- Hugging Face Inference Endpoints custom handler -----------------------------------------------
+def test_endpoint_handler_loads_a_saved_vae_and_decodes(tmp_path: object) -> None:
+    import base64
+    from pathlib import Path
+
+    from PIL import Image
+
+    from server.handler import EndpointHandler, detect_family
+
+    repo = Path(str(tmp_path))
+    vae = _vae("sdxl")
+    vae.save_pretrained(repo / "vae")  # a pipeline-style repository with vae/
+    assert detect_family(repo) == "sdxl"
+    handler = EndpointHandler(str(repo), device="cpu")
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(z / 0.13025).sample.clamp(-1, 1)
+    # raw bytes in, image out (the toolkit serialises it per Accept)
+    img = handler({"inputs": z.numpy().tobytes(), "parameters": {"shape": [1, 4, 8, 8], "dtype": "float32",
+                                                                 "scaling_factor": "0.13025"}})
+    assert isinstance(img, Image.Image) and img.size == (64, 64)
+    # base64 JSON in (the public toolkit), tensor dict out
+    out = handler({"inputs": base64.b64encode(z.numpy().tobytes()).decode(),
+                   "parameters": {"shape": "[1, 4, 8, 8]", "dtype": "float32", "output_type": "pt",
+                                  "partial_postprocess": False, "do_scaling": True}})
+    got = torch.frombuffer(bytearray(base64.b64decode(out["data"])), dtype=torch.float32).reshape(out["shape"])
+    assert out["dtype"] == "float32" and torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        handler({"inputs": b"\0" * 10, "parameters": {"shape": [1, 4, 8, 8], "dtype": "float32"}})
