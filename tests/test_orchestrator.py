@@ -1,0 +1,302 @@
+"""HybridDecoder: the plan chain on real diffusers VAEs, OOM recovery, saved latents, bad input, remote."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from extension.executors import run_plan
+from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
+from extension.latents import load_latent, pack_flux, to_vae_space, unpack_flux
+from extension.orchestrator import HybridDecoder, is_oom
+from policy import (
+    DecodeFailedError,
+    DecodeSettings,
+    LatentError,
+    ProfileError,
+    load_profiles,
+    parse_simulation,
+)
+
+BIG = "name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=8"
+
+
+def sim(spec: str = BIG):
+    return lambda: parse_simulation(spec)
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    return load_profiles("")
+
+
+@pytest.fixture
+def tiny():
+    return build_tiny_vae("sd15")
+
+
+def latent(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+class DecoderCalls:
+    """Counts decoder forwards; raises ``exc`` on the calls listed in ``fail`` (1-based), or on all."""
+
+    def __init__(self, vae, *, fail=(), exc_factory=None, always=False):
+        self.n = 0
+        self.fail, self.always, self.exc_factory = set(fail), always, exc_factory
+        self.handle = vae.decoder.register_forward_pre_hook(self.hook)
+
+    def hook(self, _m, _i):
+        self.n += 1
+        if self.always or self.n in self.fail:
+            raise self.exc_factory()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.handle.remove()
+
+
+def oom():
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (injected)")
+
+
+# ---- the chosen plan runs ---------------------------------------------------------------------
+
+def test_simulated_gpu_runs_the_chosen_tiled_plan_on_cpu(monkeypatch, tmp_path):
+    """Env simulation, fixture VAE, real picture: the tiles the decision chose run here, and look right."""
+    from PIL import Image
+
+    vae = load_fixture_vae()
+    img = fixture_image("astronaut", 256).resize((512, 512), Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode() * 0.18215
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", "name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=0.9")
+    calls = []
+    res = HybridDecoder(latent_dir=tmp_path).decode(z, vae, family="sd15", progress=lambda d, n: calls.append((d, n)))
+    r = res.report
+    assert r.simulated and r.device == "cpu" and r.ran is r.chosen and r.ran.path == "tiled"
+    from policy.tiles import axis_tiles
+
+    n = len(axis_tiles(64, r.ran.tile_px // 8, r.ran.overlap_px // 8)) ** 2
+    assert calls == [(i + 1, n) for i in range(n)] and n > 1
+    full = run_plan(r.decision.options[0].plan, vae, z / 0.18215, family=load_profiles("").family("sd15"))
+    mse = float(((res.tensor - full) ** 2).mean())
+    assert 10 * np.log10(4 / mse) >= 40
+    assert r.infotext().startswith(f"{r.ran.label}, ") and "budget <" in r.infotext() and "simulated" in r.infotext()
+    assert r.peak_bytes is None  # no CUDA: nothing measured, nothing invented
+
+
+def test_full_on_a_big_card_equals_direct_decode(tiny, tmp_path):
+    z = latent(1, 4, 16, 16)
+    res = HybridDecoder(probe=sim(), latent_dir=tmp_path).decode(z, tiny, family="sd15")
+    assert res.report.ran.path == "full" and res.report.attempts[0][1] is None
+    with torch.no_grad():
+        direct = tiny.decode(z / 0.18215).sample.clamp(-1, 1)
+    torch.testing.assert_close(res.tensor, direct)
+    json.dumps(res.report.to_dict())  # serialisable
+
+
+# ---- failures move down the chain -----------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [oom, lambda: RuntimeError("CUDA error: out of memory"),
+                                  lambda: torch.OutOfMemoryError("out of memory (MPS)")],
+                         ids=["cuda-oom", "runtime-text", "torch-oom"])
+def test_out_of_memory_in_full_plan_falls_to_the_next_plan(tiny, tmp_path, make):
+    z = latent(1, 4, 40, 40)
+    freed = []
+    hold = []
+
+    def exc():
+        big = torch.empty(1 << 20)  # pinned by this frame, which the traceback keeps alive
+        hold.append(weakref.ref(big))
+        return make()
+
+    def before(plan):
+        if hold:
+            freed.append(hold[0]() is None)
+
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, before_plan=before)
+    with DecoderCalls(tiny, fail=[1], exc_factory=exc):
+        res = dec.decode(z, tiny, family="sd15")
+    r = res.report
+    assert r.chosen.path == "full" and r.ran is r.decision.plans[1] and r.ran.path == "tiled"
+    assert r.attempts[0][0] == "full" and r.attempts[0][1] == "out of memory" and r.attempts[1][1] is None
+    assert freed == [True]  # the failed attempt's memory was released before the next plan ran
+    assert r.infotext().startswith(f"{r.ran.label}, fell back from full (out of memory)")
+    again = run_plan(r.ran, tiny, to_vae_space(z, load_profiles("").family("sd15")),
+                     family=load_profiles("").family("sd15"))
+    torch.testing.assert_close(res.tensor, again)
+    assert not list(tmp_path.iterdir())  # nothing saved: the image was made
+
+
+def test_any_local_error_moves_on_and_cpu_is_last(tiny, tmp_path):
+    z = latent(1, 4, 40, 40)
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path)
+    with DecoderCalls(tiny, always=True, exc_factory=lambda: ValueError("cudnn said no")) as calls:
+        with pytest.raises(DecodeFailedError):
+            dec.decode(z, tiny, family="sd15")
+    assert calls.n == len(HybridDecoder(probe=sim()).decode(z, tiny, family="sd15").report.decision.plans)
+
+
+def test_every_plan_failing_saves_the_latent_and_names_it(tiny, tmp_path):
+    z = latent(1, 4, 40, 40, dtype=torch.float16)
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path / "saved")
+    with DecoderCalls(tiny, always=True, exc_factory=oom), pytest.raises(DecodeFailedError) as e:
+        dec.decode(z, tiny, family="sd15", vae_id="my/vae")
+    err = e.value
+    assert err.latent_path is not None and err.latent_path.is_file()
+    assert str(err.latent_path) in str(err) and "hybrid-vae decode" in str(err)
+    labels = [a[0] for a in err.attempts]
+    assert labels[0] == "full" and labels[-1] == "cpu" and all(a[1] == "out of memory" for a in err.attempts)
+    back, meta = load_latent(err.latent_path)
+    assert torch.equal(back, z)  # the latent as given: not normalised, same dtype
+    assert meta["family"] == "sd15" and meta["height"] == 320 and meta["width"] == 320
+    assert meta["vae_id"] == "my/vae" and "every plan failed" in meta["reason"]
+
+
+def test_no_plan_at_all_still_saves_the_latent(tiny, tmp_path):
+    dec = HybridDecoder(probe=sim("name=cpu-only,total_gib=1,free_gib=0"), settings=DecodeSettings(allow_cpu=False),
+                        latent_dir=tmp_path)
+    with pytest.raises(DecodeFailedError, match="no plan can decode this job") as e:
+        dec.decode(latent(1, 4, 8, 8), tiny, family="sd15")
+    assert e.value.latent_path is not None and e.value.latent_path.is_file()
+
+
+# ---- bad input is rejected before any decoder runs --------------------------------------------
+
+@pytest.mark.parametrize("z, family, kw, err, text", [
+    (latent(1, 16, 8, 8), "sd15", {}, LatentError, "16 channels; family sd15 expects 4"),
+    (torch.full((1, 4, 8, 8), float("nan")), "sd15", {}, LatentError, "NaN"),
+    (torch.full((1, 4, 8, 8), float("inf")), "sd15", {}, LatentError, "inf"),
+    (latent(1, 16, 64), "flux", {}, LatentError, "give height and width"),
+    (latent(1, 4, 8, 8), "sd9", {}, ProfileError, "unknown family"),
+    (latent(4, 8, 8), "sd15", {}, LatentError, "3-D"),
+    (latent(1, 4, 2, 8, 8), "sd15", {}, LatentError, "5-D"),
+    (latent(1, 4, 8, 8), "sd15", {"dtype": "float64"}, LatentError, "dtype='float64'"),
+], ids=["channels", "nan", "inf", "packed-no-size", "unknown-family", "rank3", "rank5", "dtype"])
+def test_bad_input_fails_before_the_decoder(tiny, tmp_path, z, family, kw, err, text):
+    with DecoderCalls(tiny) as calls, pytest.raises(err, match=text):
+        HybridDecoder(probe=sim(), latent_dir=tmp_path).decode(z, tiny, family=family, **kw)
+    assert calls.n == 0 and not list(tmp_path.iterdir())
+
+
+def test_latent_error_during_the_chain_is_not_retried(tiny, tmp_path):
+    def before(plan):
+        raise LatentError("bad latent found late")
+
+    with DecoderCalls(tiny) as calls, pytest.raises(LatentError, match="found late"):
+        HybridDecoder(probe=sim(), latent_dir=tmp_path, before_plan=before).decode(latent(1, 4, 8, 8), tiny,
+                                                                                   family="sd15")
+    assert calls.n == 0 and not list(tmp_path.iterdir())
+
+
+def test_is_oom():
+    assert is_oom(oom()) and is_oom(RuntimeError("HIP out of memory")) and not is_oom(RuntimeError("shape"))
+
+
+# ---- other families ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["full", "tiled"])
+def test_flux_packed_latents(profiles, tmp_path, mode):
+    vae = build_tiny_vae("flux")
+    z = latent(1, 16, 24, 32, seed=5)
+    packed = pack_flux(z)
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path,
+                        settings=DecodeSettings(mode=mode, min_tile_px=64, tile_overlap_px=32))
+    res = dec.decode(packed, vae, family="flux", height=192, width=256)
+    assert res.report.ran.path == mode and res.tensor.shape == (1, 3, 192, 256)
+    if mode == "full":
+        with torch.no_grad():
+            direct = vae.decode(unpack_flux(packed, 192, 256) / 0.3611 + 0.1159).sample.clamp(-1, 1)
+        torch.testing.assert_close(res.tensor, direct)
+
+
+@pytest.mark.parametrize("kind, frames", [("hunyuanvideo", 6), ("wan", 2)])
+@pytest.mark.parametrize("mode", ["full", "tiled"])
+def test_video_families(tmp_path, kind, frames, mode):
+    vae = build_tiny_vae(kind)
+    z = latent(1, 16, frames, 16, 16, seed=6)
+    calls = []
+    dec = HybridDecoder(probe=sim("name=NVIDIA H100 80GB HBM3,total_gib=80,free_gib=80"), latent_dir=tmp_path,
+                        settings=DecodeSettings(mode=mode, min_tile_px=64, tile_overlap_px=16))
+    res = dec.decode(z, vae, family=kind, progress=lambda d, n: calls.append((d, n)))
+    r = res.report
+    out_frames = (frames - 1) * 4 + 1
+    assert res.tensor.shape == (1, 3, out_frames, 128, 128)
+    assert r.ran.path == mode and r.ran is r.chosen
+    if mode == "tiled":
+        assert r.ran.tile_px is not None and r.ran.tile_px < 128 and calls[-1][1] > frames
+
+
+def test_video_frames_argument_is_checked(tmp_path):
+    vae = build_tiny_vae("wan")
+    with pytest.raises(LatentError, match="frames=9, but 2 latent frames decode to 5"):
+        HybridDecoder(probe=sim(), latent_dir=tmp_path).decode(latent(1, 16, 2, 8, 8), vae, family="wan", frames=9)
+
+
+# ---- remote plans (real client, real loopback servers) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def failing_server():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from server.testing import serve_in_thread
+
+    async def down(request):
+        return JSONResponse({"error": "Service Unavailable"}, status_code=503)
+
+    with serve_in_thread(Starlette(routes=[Route("/{path:path}", down, methods=["POST", "GET"])])) as base:
+        yield base
+
+
+def test_remote_503_falls_back_to_local_and_says_so(tiny, tmp_path, failing_server):
+    from extension.remote import RemoteClient
+
+    url = f"{failing_server}/sd15"
+    client = RemoteClient(max_retries=0)
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, remote=client,
+                        settings=DecodeSettings(allow_remote=True, endpoints={"sd15": url}, mode="remote",
+                                                remote_format="raw"))
+    res = dec.decode(latent(1, 4, 16, 16), tiny, family="sd15")
+    r = res.report
+    assert r.chosen.path == "remote" and r.ran.path == "full" and r.remote is None
+    assert r.attempts[0][1] == "HTTP 503"
+    assert r.infotext().startswith("full, fell back from remote raw (HTTP 503)")
+
+
+def test_remote_success_gets_the_original_latents(tiny, tmp_path):
+    from extension.remote import RemoteClient
+    from server.app import create_app
+    from server.testing import serve_in_thread
+
+    z = latent(1, 4, 16, 16, seed=9)
+    with serve_in_thread(create_app(families={"sd15": tiny}, device="cpu")) as base:
+        dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, remote=RemoteClient(max_retries=0),
+                            settings=DecodeSettings(allow_remote=True, endpoints={"sd15": f"{base}/sd15"},
+                                                    mode="remote", remote_format="raw"))
+        res = dec.decode(z, tiny, family="sd15")
+    r = res.report
+    assert r.ran.path == "remote" and r.device == "remote" and r.remote is not None
+    assert r.remote.bytes_up == z.numel() * 4 and r.remote.bytes_down > 0
+    with torch.no_grad():
+        local = tiny.decode(z / 0.18215).sample.clamp(-1, 1)
+    # the server normalised the original latents itself: same picture up to 8-bit quantisation
+    assert float((res.tensor - local).abs().max()) <= 1.5 / 127.5
+    assert "remote raw via 127.0.0.1" in r.infotext()
+
+
+def test_no_remote_client_means_no_remote_plan(tiny, tmp_path):
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path,
+                        settings=DecodeSettings(allow_remote=True, endpoints={"sd15": "http://127.0.0.1:9/"}))
+    r = dec.decode(latent(1, 4, 8, 8), tiny, family="sd15").report
+    assert all(p.path != "remote" for p in r.decision.plans)
