@@ -335,7 +335,6 @@ class RemoteClient:
         self.max_response_bytes, self.max_image_pixels = max_response_bytes, max_image_pixels
         self._alpha = ewma_alpha
         self.session = session or requests.Session()
-        self.session.max_redirects = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -605,14 +604,15 @@ class RemoteClient:
         status = "ok" if reply.status == 200 else "unknown" if reply.status in (404, 405) else "error"
         return {"status": status, "http_status": reply.status, "seconds": secs, "info": info}
 
-    def request(self, endpoint: str, latents: torch.Tensor, *, output_type: str = "pt", image_format: str = "jpg",
-                partial_postprocess: bool = True, scaling_factor: float | None = None,
+    def request(self, endpoint: str, latents: torch.Tensor, *, output_type: str = "pil", image_format: str = "jpg",
+                partial_postprocess: bool = False, scaling_factor: float | None = None,
                 shift_factor: float | None = None, do_scaling: bool | None = None, height: int | None = None,
                 width: int | None = None, deadline_s: float = 60.0, expect_shape: Sequence[Sequence[int]] | None = None,
                 expect_size: tuple[int, int] | None = None, expect_frames: int | None = None,
                 max_response_bytes: int | None = None, voxels: int | None = None,
                 decode_video: bool = False) -> RemoteResponse:
-        """One protocol request, with query parameters exactly as diffusers' ``remote_decode`` sends them.
+        """One protocol request, with query parameters exactly as diffusers' ``remote_decode`` sends them
+        (same defaults: ``output_type="pil"``, ``image_format="jpg"``, ``partial_postprocess=False``).
 
         Args:
             endpoint: decode URL. latents: sent as-is (un-normalised; packed for Flux).

@@ -256,7 +256,7 @@ class DecodeService:
 
         try:
             z = items[0].z if len(items) == 1 else torch.cat([i.z for i in items])
-            out, meta = self.decode_now(items[0].served, z, items[0].req, batch=len(items))
+            out, meta = self.decode_now(items[0].served, z, items[0].req, batch=int(z.shape[0]))
         except Exception as exc:
             if len(items) > 1 and not isinstance(exc, BadRequest):
                 for i in items:  # a batch failure: give each request its own chance
@@ -273,8 +273,11 @@ class DecodeService:
             if len(items) > 1:
                 self.counters["batched_items"] += len(items)
             self.counters["max_batch_seen"] = max(self.counters["max_batch_seen"], len(items))
-        for n, i in enumerate(items):
-            i.future.set_result((out[n:n + 1], meta))
+        start = 0
+        for i in items:
+            n = int(i.z.shape[0])
+            i.future.set_result((out[start:start + n], meta))
+            start += n
 
     # ---- one decode ------------------------------------------------------------------------------
     def decode_now(self, served: ServedVAE, z: torch.Tensor, req: DecodeRequest, *,
