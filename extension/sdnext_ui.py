@@ -1,0 +1,378 @@
+"""SD.Next settings, the per-generation accordion, and reading SD.Next's model (family, custom VAE).
+
+One settings section ``("hybrid_vae", "Hybrid VAE")``; every key starts with ``hybrid_vae_``. Values
+are read at decode time with :func:`read_config` (``shared.opts.secrets`` first, then
+``shared.opts.data``, then the default), so a change applies to the next generation without a
+restart. A value that cannot be used (a malformed endpoint list, a mode that does not exist) is
+reported in the log and the image's infotext, and its default is used instead; it never stops a
+generation.
+
+``modules.*`` and ``gradio`` are imported inside the functions that need them: importing this module
+outside SD.Next is cheap and safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from policy.errors import ProfileError
+from policy.model import DecodeSettings, MiB
+from policy.profiles import Family, Profiles
+
+log = logging.getLogger("hybrid_vae.sdnext")
+
+__all__ = ["GEN_MODES", "MODES", "OPTIONS", "PREFIX", "SECTION", "Config", "OptionSpec", "accordion_ui",
+           "detect_custom", "detect_family", "from_vae_space", "hub_id", "opts_getter", "parse_endpoints",
+           "raw_decode", "read_config", "register_settings", "resolve_settings", "token_endpoints"]
+
+SECTION = ("hybrid_vae", "Hybrid VAE")
+PREFIX = "hybrid_vae_"
+MODES = ("auto", "full", "tiled", "remote")
+#: Choices of the per-generation override; the first one means "use the settings".
+GEN_MODES = ("settings default", *MODES)
+SETTINGS_FILE = "SD.Next settings"
+#: Hosts that may receive the Hugging Face token (suffix match on the endpoint's host).
+HF_HOST_SUFFIXES = (".huggingface.cloud", ".hf.space", "huggingface.co")
+VAE_ARCH = {"AutoencoderKL": "sd", "AutoencoderKLHunyuanVideo": "hunyuanvideo", "AutoencoderKLWan": "wan"}
+STOCK_VAE_SETTINGS = frozenset({"", "automatic", "none", "default"})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One SD.Next option: key, default, label, gradio component name and its arguments."""
+
+    key: str
+    default: Any
+    label: str
+    component: str  # Checkbox | Radio | Textbox | Slider
+    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec(PREFIX + "enabled", True, "Hybrid VAE: choose full, tiled or remote decode for every image", "Checkbox"),
+    OptionSpec(PREFIX + "mode", "auto", "Decode mode (auto: the fastest plan that fits the VRAM free now)", "Radio",
+               {"choices": list(MODES)}),
+    OptionSpec(PREFIX + "allow_remote", False, "Allow remote decode (privacy: the endpoint sees your images)", "Checkbox"),
+    OptionSpec(PREFIX + "remote_custom_vae", False,
+               "Allow remote decode for custom or fine-tuned VAEs (the endpoint decodes with its own VAE)", "Checkbox"),
+    OptionSpec(PREFIX + "endpoints", "", "Remote endpoints per family: family=url, ... (e.g. sdxl=https://host/decode)",
+               "Textbox"),
+    OptionSpec(PREFIX + "builtin_endpoints", True,
+               "Use the built-in Hugging Face endpoints for families without an endpoint above", "Checkbox"),
+    OptionSpec(PREFIX + "hf_token", "", "Hugging Face token for remote decode (kept in secrets.json, sent only to "
+               "Hugging Face endpoints)", "Textbox", {"type": "password"}),
+    OptionSpec(PREFIX + "reserve_mib", 256, "VRAM reserve in MiB (left untouched by the decode)", "Slider",
+               {"minimum": 0, "maximum": 8192, "step": 64}),
+    OptionSpec(PREFIX + "tile_overlap_px", 64, "Tile overlap in pixels (more hides seams, costs time)", "Slider",
+               {"minimum": 0, "maximum": 256, "step": 8}),
+    OptionSpec(PREFIX + "remote_deadline_s", 60, "Remote decode deadline in seconds (then the next plan runs)", "Slider",
+               {"minimum": 5, "maximum": 600, "step": 5}),
+    OptionSpec(PREFIX + "profile_path", "", "Profile YAML path (merged over the built-in profiles; see "
+               "profiles/example-override.yaml)", "Textbox"),
+    OptionSpec(PREFIX + "decision_log", True, "Decision log (JSON lines in <data>/hybrid-vae/decisions.jsonl)", "Checkbox"),
+)
+_DEFAULTS = {o.key: o.default for o in OPTIONS}
+
+
+def register_settings() -> None:
+    """Add the "Hybrid VAE" section to SD.Next's settings (call from ``script_callbacks.on_ui_settings``)."""
+    from modules import shared
+
+    try:
+        import gradio as gr
+    except ImportError:  # settings still work (API, config.json); only the widgets are plain
+        gr = None
+    for spec in OPTIONS:
+        comp = getattr(gr, spec.component, None) if gr is not None else None
+        info = shared.OptionInfo(spec.default, spec.label, comp, dict(spec.args) or None, section=SECTION)
+        shared.opts.add_option(spec.key, info)
+
+
+def opts_getter(opts: Any) -> Callable[[str, Any], Any]:
+    """``get(key, default)`` over SD.Next's options: ``opts.secrets`` (keys ending ``_token``), then ``opts.data``."""
+
+    def get(key: str, default: Any) -> Any:
+        secrets = getattr(opts, "secrets", None)
+        if isinstance(secrets, Mapping) and key in secrets:
+            return secrets[key]
+        data = getattr(opts, "data", None)
+        return data.get(key, default) if isinstance(data, Mapping) else default
+
+    return get
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The user's hybrid-vae settings as read at one decode.
+
+    Attributes:
+        problems: one line per value that could not be used (its default was used instead).
+    """
+
+    enabled: bool = True
+    mode: str = "auto"
+    allow_remote: bool = False
+    remote_custom_vae: bool = False
+    endpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    builtin_endpoints: bool = True
+    token: str | None = None
+    reserve_mib: int = 256
+    tile_overlap_px: int = 64
+    remote_deadline_s: float = 60.0
+    profile_path: str | None = None
+    decision_log: bool = True
+    problems: tuple[str, ...] = ()
+
+
+def parse_endpoints(text: str, families: Iterable[str]) -> dict[str, str]:
+    """Parse ``"sdxl=https://a/decode, flux=http://127.0.0.1:8000/decode"`` strictly.
+
+    Entries are separated by commas or new lines; empty entries are ignored.
+
+    Raises:
+        ProfileError: naming the setting, the entry and the fix (unknown family, missing ``=``,
+            a URL that is not ``http(s)://host/...``, a family given twice).
+    """
+    known = sorted(families)
+    out: dict[str, str] = {}
+    key = PREFIX + "endpoints"
+    for raw in str(text or "").replace("\n", ",").split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        if "=" not in entry:
+            raise ProfileError("expected family=url, e.g. sdxl=https://host/decode", file=SETTINGS_FILE, key_path=key,
+                               value=entry)
+        fam, url = (s.strip() for s in entry.split("=", 1))
+        if fam not in known:
+            raise ProfileError(f"unknown family {fam!r}; known families: {', '.join(known)}", file=SETTINGS_FILE,
+                               key_path=key, value=entry)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+            raise ProfileError("the URL must be http(s)://host[:port]/path without spaces", file=SETTINGS_FILE,
+                               key_path=key, value=entry)
+        if fam in out:
+            raise ProfileError(f"family {fam!r} is given twice; keep one endpoint per family", file=SETTINGS_FILE,
+                               key_path=key, value=entry)
+        out[fam] = url
+    return out
+
+
+def _bool(get: Callable[[str, Any], Any], key: str, problems: list[str]) -> bool:
+    v = get(key, _DEFAULTS[key])
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    problems.append(f"{key}={v!r} is not true/false; using {_DEFAULTS[key]}")
+    return bool(_DEFAULTS[key])
+
+
+def _number(get: Callable[[str, Any], Any], key: str, problems: list[str], lo: float, hi: float) -> float:
+    v = get(key, _DEFAULTS[key])
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not (lo <= f <= hi):
+        problems.append(f"{key}={v!r} is not a number in [{lo:g}, {hi:g}]; using {_DEFAULTS[key]}")
+        return float(_DEFAULTS[key])
+    return f
+
+
+def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> Config:
+    """Read and check every ``hybrid_vae_*`` value; a bad value falls back to its default and is listed in ``problems``."""
+    problems: list[str] = []
+    mode = str(get(PREFIX + "mode", "auto") or "auto").strip().lower()
+    if mode not in MODES:
+        problems.append(f"{PREFIX}mode={mode!r} is not one of {', '.join(MODES)}; using auto")
+        mode = "auto"
+    try:
+        endpoints = parse_endpoints(str(get(PREFIX + "endpoints", "") or ""), families)
+    except ProfileError as exc:
+        problems.append(f"{exc}; no endpoint overrides used")
+        endpoints = {}
+    overlap = int(_number(get, PREFIX + "tile_overlap_px", problems, 0, 512))
+    if overlap % 8:
+        problems.append(f"{PREFIX}tile_overlap_px={overlap} is not a multiple of 8; using {overlap - overlap % 8}")
+        overlap -= overlap % 8
+    token = str(get(PREFIX + "hf_token", "") or "").strip() or None
+    path = str(get(PREFIX + "profile_path", "") or "").strip() or None
+    return Config(
+        enabled=_bool(get, PREFIX + "enabled", problems), mode=mode,
+        allow_remote=_bool(get, PREFIX + "allow_remote", problems),
+        remote_custom_vae=_bool(get, PREFIX + "remote_custom_vae", problems),
+        endpoints=endpoints, builtin_endpoints=_bool(get, PREFIX + "builtin_endpoints", problems), token=token,
+        reserve_mib=int(_number(get, PREFIX + "reserve_mib", problems, 0, 65536)), tile_overlap_px=overlap,
+        remote_deadline_s=_number(get, PREFIX + "remote_deadline_s", problems, 1, 3600), profile_path=path,
+        decision_log=_bool(get, PREFIX + "decision_log", problems), problems=tuple(problems))
+
+
+def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str = "Full") -> tuple[DecodeSettings, list[str]]:
+    """The :class:`DecodeSettings` for one decode, and notes for the infotext.
+
+    Args:
+        cfg: the settings read by :func:`read_config`.
+        override: the accordion's choice for this generation (``"settings default"`` or ``None``: none).
+        vae_type: SD.Next's ``vae_type``; ``"Remote"`` means "remote preferred" (when remote is allowed).
+    """
+    notes: list[str] = []
+    mode = cfg.mode
+    if override and override != GEN_MODES[0]:
+        if override in MODES:
+            mode = override
+        else:
+            notes.append(f"unknown per-generation mode {override!r} ignored")
+    if vae_type == "Remote":
+        if cfg.allow_remote:
+            mode = "remote"
+        else:
+            notes.append("SD.Next VAE type Remote ignored: remote decode is off in Hybrid VAE settings")
+    if mode == "remote" and not cfg.allow_remote and vae_type != "Remote":
+        notes.append("remote requested but remote decode is off in Hybrid VAE settings")
+    return DecodeSettings(mode=mode, allow_remote=cfg.allow_remote, endpoints=dict(cfg.endpoints),  # type: ignore[arg-type]
+                          use_builtin_endpoints=cfg.builtin_endpoints, allow_remote_custom_vae=cfg.remote_custom_vae,
+                          reserve_bytes=cfg.reserve_mib * MiB, tile_overlap_px=cfg.tile_overlap_px,
+                          remote_deadline_s=cfg.remote_deadline_s), notes
+
+
+def token_endpoints(urls: Iterable[str]) -> list[str]:
+    """The endpoints among ``urls`` that may receive the Hugging Face token (HTTPS Hugging Face hosts)."""
+    out = []
+    for u in urls:
+        p = urlsplit(u)
+        host = (p.hostname or "").lower()
+        if p.scheme == "https" and (host.endswith(HF_HOST_SUFFIXES) or host == "huggingface.co"):
+            out.append(u)
+    return out
+
+
+def accordion_ui(is_img2img: bool) -> list[Any]:
+    """The AlwaysVisible accordion: one Radio overriding the decode mode for one generation."""
+    import gradio as gr
+
+    tab = "img2img" if is_img2img else "txt2img"
+    with gr.Accordion("Hybrid VAE", open=False, elem_id=f"hybrid_vae_{tab}"):
+        mode = gr.Radio(label="Hybrid VAE mode", choices=list(GEN_MODES), value=GEN_MODES[0],
+                        elem_id=f"hybrid_vae_{tab}_mode")
+    return [mode]
+
+
+# ---- reading SD.Next's model -----------------------------------------------------------------------
+def detect_family(vae: Any, profiles: Profiles) -> tuple[str | None, str]:
+    """The family key of ``vae`` from its class and config (channels, scaling/shift or mean/std), or None and why.
+
+    ``AutoencoderKL`` with 4 channels and scaling 0.18215 -> sd15, 0.13025 -> sdxl; 16 channels with shift
+    0.0609 -> sd3, 0.1159 -> flux; ``AutoencoderKLHunyuanVideo`` / ``AutoencoderKLWan`` with the family's
+    factors. Families added in a profile YAML are matched the same way.
+    """
+    cls = type(vae).__name__
+    arch = VAE_ARCH.get(cls)
+    if arch is None:
+        return None, f"{cls} is not a VAE class hybrid-vae decodes"
+    cfg = getattr(vae, "config", None)
+
+    def get(key: str) -> Any:
+        return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+
+    channels = get("latent_channels") or get("z_dim")
+
+    def close(a: Any, b: float | None) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        try:
+            return abs(float(a) - float(b)) <= 1e-3 * max(1.0, abs(float(b)))
+        except (TypeError, ValueError):
+            return False
+
+    for key, fam in profiles.families.items():
+        if fam.architecture != arch or fam.latent_channels != channels:
+            continue
+        if fam.latents_mean is not None and fam.latents_std is not None:
+            mean, std = get("latents_mean"), get("latents_std")
+            if mean is None or std is None or len(mean) != len(fam.latents_mean) or len(std) != len(fam.latents_std):
+                continue
+            if all(close(a, b) for a, b in zip(mean, fam.latents_mean, strict=True)) and \
+                    all(close(a, b) for a, b in zip(std, fam.latents_std, strict=True)):
+                return key, ""
+        elif close(get("scaling_factor"), fam.scaling_factor) and close(get("shift_factor") or 0.0, fam.shift_factor or 0.0):
+            return key, ""
+    return None, (f"{cls} with {channels} channels, scaling {get('scaling_factor')}, shift {get('shift_factor')} "
+                  "matches no family (add one in your profile YAML)")
+
+
+def hub_id(name: str) -> str:
+    """``.../models--org--name/snapshots/x/vae`` -> ``org/name``; other strings unchanged (no trailing ``/vae``)."""
+    s = name.replace("\\", "/").rstrip("/")
+    if "models--" in s:
+        s = s.split("models--", 1)[1].split("/", 1)[0].replace("--", "/")
+    elif s.endswith("/vae"):
+        s = s[: -len("/vae")]
+    return s
+
+
+def detect_custom(vae: Any, model: Any, fam: Family, *, sd_vae: Any = None,
+                  loaded_vae_file: Any = None) -> tuple[bool, str | None, str]:
+    """``(custom, vae_id, why)``: is ``vae`` something other than the family's stock VAE (``fam.vae_ids``)?
+
+    A VAE chosen in SD.Next's VAE setting or loaded from a file is custom; so is one whose checkpoint
+    name (the VAE's or the pipeline's ``_name_or_path``, Hugging Face cache paths understood) is not a
+    stock id: remote endpoints serve stock VAEs only, so unknown counts as custom.
+    """
+    if str(sd_vae or "").strip().lower() not in STOCK_VAE_SETTINGS:
+        return True, str(sd_vae), f"SD.Next VAE setting selects {sd_vae}"
+    if loaded_vae_file:
+        return True, Path(str(loaded_vae_file)).name, f"VAE loaded from {loaded_vae_file}"
+    names = []
+    for obj in (vae, model):
+        cfg = getattr(obj, "config", None)
+        n = (cfg.get("_name_or_path") if isinstance(cfg, Mapping) else getattr(cfg, "_name_or_path", None)) if cfg else None
+        if n:
+            names.append(str(n))
+    stock = {v.lower() for v in fam.vae_ids}
+    for n in names:
+        hub = hub_id(n).lower()
+        if hub in stock or any(hub.endswith("/" + s) for s in stock):
+            return False, hub_id(n), "stock VAE"
+    first = names[0] if names else None
+    return True, first, "not a known stock VAE checkpoint" if first else "VAE checkpoint unknown"
+
+
+def from_vae_space(z: Any, fam: Family) -> Any:
+    """Inverse of :func:`extension.latents.to_vae_space`: what a pipeline hands to ``vae.decode`` -> model latents."""
+    import torch
+
+    if fam.latents_mean is not None and fam.latents_std is not None:
+        view = [1, len(fam.latents_mean)] + [1] * (z.dim() - 2)
+        mean = torch.tensor(fam.latents_mean, dtype=z.dtype, device=z.device).view(view)
+        std = torch.tensor(fam.latents_std, dtype=z.dtype, device=z.device).view(view)
+        return (z - mean) / std
+    out = z - fam.shift_factor if fam.shift_factor else z
+    assert fam.scaling_factor is not None
+    return out * fam.scaling_factor
+
+
+@contextlib.contextmanager
+def raw_decode(vae: Any) -> Iterator[None]:
+    """While the engine runs, ``vae.decode`` is the class's own method: SD.Next's ``sd_hijack_vae`` (which
+    swallows exceptions, out-of-memory included) and our own wrapper are out of the way."""
+    meth = getattr(type(vae), "decode", None)
+    if meth is None:
+        yield
+        return
+    had = "decode" in vae.__dict__
+    saved = vae.__dict__.get("decode")
+    vae.__dict__["decode"] = meth.__get__(vae, type(vae))
+    try:
+        yield
+    finally:
+        if had:
+            vae.__dict__["decode"] = saved
+        else:
+            vae.__dict__.pop("decode", None)

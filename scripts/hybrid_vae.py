@@ -1,0 +1,59 @@
+"""SD.Next entry point of hybrid-vae (thin: the work is in ``extension/sdnext.py``).
+
+SD.Next executes this file with the extension folder on ``sys.path`` only while it runs, and does not
+keep it in ``sys.modules``; the folder is added for good here so the engine's later imports resolve.
+A missing dependency (install.py is skipped by quick launches) logs one error naming the package and
+leaves SD.Next's decode untouched.
+"""
+
+import logging
+import os
+import sys
+
+import modules.scripts as scripts
+
+_EXT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _EXT_DIR not in sys.path:
+    sys.path.append(_EXT_DIR)
+_PIP_NAMES = {"yaml": "PyYAML", "pynvml": "nvidia-ml-py"}
+
+try:
+    from extension import sdnext
+except ImportError as _exc:  # a dependency of the engine is missing
+    sdnext = None
+    _name = (getattr(_exc, "name", None) or str(_exc)).split(".")[0]
+    _pip = _PIP_NAMES.get(_name, _name)
+    logging.getLogger("hybrid_vae").error(
+        "hybrid-vae: disabled, Python package %r is missing (%s); install it with `python -m pip install %s` in "
+        "SD.Next's environment, or restart SD.Next without --quick so the extension's install.py runs. "
+        "SD.Next decodes as before.", _pip, _exc, _pip)
+else:
+    try:
+        sdnext.setup()
+    except Exception:  # SD.Next must keep working whatever happens here
+        logging.getLogger("hybrid_vae").exception("hybrid-vae: setup failed; SD.Next decodes as before")
+
+
+class HybridVAEScript(scripts.Script):
+    """The "Hybrid VAE" accordion in txt2img/img2img: the decode mode for one generation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._impl = sdnext.AccordionScript() if sdnext is not None else None
+
+    def title(self):
+        return "Hybrid VAE"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible if self._impl is not None else False
+
+    def ui(self, is_img2img):
+        return self._impl.ui(is_img2img) if self._impl is not None else []
+
+    def process(self, p, *args):
+        if self._impl is not None:
+            self._impl.process(p, *args)
+
+    def postprocess(self, p, processed, *args):
+        if self._impl is not None:
+            self._impl.postprocess(p, processed, *args)
