@@ -176,7 +176,7 @@ def write_images(result: DecodeResult, out: Path) -> list[Path]:
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
 
-    from extension.latents import load_latent
+    from extension.latents import load_latent, validate_latents
     from policy.profiles import load_profiles
 
     try:
@@ -187,6 +187,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
             return _fail(f"{args.latent} has no family in its metadata; pass --family "
                          f"({', '.join(sorted(profiles.families))})", 2)
         fam = profiles.family(family)
+        height = args.height or meta.get("height")
+        width = args.width or meta.get("width")
+        # check the latent before loading a VAE (loading real weights takes a while)
+        validate_latents(latents, fam, family_name=family, height=height, width=width,
+                         families=profiles.families)
         if args.fixture:
             from extension.fixture import load_fixture_vae
 
@@ -198,8 +203,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
             vae = load_vae(str(meta["vae_id"]), fam)
         else:
             return _fail("no VAE: pass --vae PATH_OR_HUB_ID (or --fixture for the bundled fixture VAE)", 2)
-        height = args.height or meta.get("height")
-        width = args.width or meta.get("width")
         bar = _Progress()
         decoder = _decoder(args, on_decision=bar.on_decision)
         try:
@@ -209,6 +212,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     except (LatentError, ProfileError) as exc:
+        return _fail(str(exc), 2)
+    except FileNotFoundError as exc:  # the fixture's weights
         return _fail(str(exc), 2)
     except DecodeFailedError as exc:
         return _fail(str(exc), 1)

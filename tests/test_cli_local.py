@@ -1,0 +1,131 @@
+"""`hybrid-vae decode` and `hybrid-vae demo` as a user runs them: the console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from extension.fixture import build_tiny_vae, load_fixture_vae
+from extension.latents import save_latent
+from extension.orchestrator import HybridDecoder
+from policy import DecodeFailedError, load_profiles, parse_simulation
+
+EXE = shutil.which("hybrid-vae") or os.path.join(os.path.dirname(sys.executable), "hybrid-vae")
+
+
+def run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k not in ("HYBRID_VAE_SIMULATE_GPU", "HYBRID_VAE_PROFILE")}
+    e.update(env or {})
+    return subprocess.run([EXE, *args], capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def test_cli_module_does_not_import_torch():
+    code = "import sys, extension.cli_local; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_help_lists_decode_and_demo():
+    r = run("--help")
+    assert r.returncode == 0 and "decode" in r.stdout and "demo" in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_writes_the_pngs(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"0-picture.png", "1-full.png", "2-tiled.png", "3-oom-fallback.png", "4-cpu.png", "demo.json"} <= names
+    for n in ("1-full.png", "2-tiled.png", "4-cpu.png"):
+        assert Image.open(out / n).size == (512, 512)
+    cases = {c["case"]: c for c in json.loads((out / "demo.json").read_text())["cases"]}
+    assert cases["1-full"]["decision"] == "full" and not cases["1-full"]["fell_back"]
+    assert cases["2-tiled"]["decision"].startswith("tiled ") and cases["2-tiled"]["psnr_vs_full_db"] >= 40
+    oom = cases["3-oom-fallback"]
+    assert oom["fell_back"] and oom["chosen"] == "full" and oom["attempts"][0][1] == "out of memory"
+    assert oom["psnr_vs_full_db"] >= 40
+    assert cases["4-cpu"]["decision"] == "cpu" and cases["4-cpu"]["psnr_vs_full_db"] == float("inf")
+    assert cases["1-full"]["psnr_vs_picture_db"] > 20  # the fixture reconstructs the picture
+    assert "PSNR vs full" in r.stdout and "5-remote" in r.stdout
+    # deterministic: a second run decides the same and produces the same pixels
+    r2 = run("demo", "--out", str(tmp_path / "again"), "--no-oom")
+    assert r2.returncode == 0, r2.stderr
+    for n in ("1-full.png", "2-tiled.png"):
+        assert np.array_equal(np.asarray(Image.open(out / n)), np.asarray(Image.open(tmp_path / "again" / n)))
+
+
+def test_failed_decode_then_cli_decode_reproduces_the_image(tmp_path):
+    vae = load_fixture_vae()
+    z = torch.randn(1, 4, 24, 32, generator=torch.Generator().manual_seed(4)) * 0.8
+
+    def oom(_m, _i):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    h = vae.decoder.register_forward_pre_hook(oom)
+    try:
+        with pytest.raises(DecodeFailedError) as e:
+            HybridDecoder(probe=lambda: parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=8"),
+                          latent_dir=tmp_path / "latents").decode(z, vae, family="sd15")
+    finally:
+        h.remove()
+    path = e.value.latent_path
+    assert path is not None and path.is_file() and str(path) in str(e.value)
+    png = tmp_path / "again.png"
+    r = run("decode", str(path), "--fixture", "-o", str(png), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ran"]["path"] == "cpu" and report["written"] == [str(png)]
+    with torch.no_grad():
+        direct = vae.decode(z / 0.18215).sample.clamp(-1, 1)
+    want = ((direct[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    got = np.asarray(Image.open(png))
+    assert got.shape == (192, 256, 3)
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+
+
+def test_decode_simulated_tiled_and_text_report(tmp_path):
+    z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(5))
+    path = save_latent(z, tmp_path, family="sd15", profile=load_profiles("").family("sd15"))
+    r = run("decode", str(path), "--fixture", "--gpu", "NVIDIA GeForce RTX 3070", "--free-gib", "0.7",
+            "-o", str(tmp_path / "t.png"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hybrid VAE: tiled ") and "simulated NVIDIA GeForce RTX 3070" in r.stdout
+    assert Image.open(tmp_path / "t.png").size == (384, 384)
+
+
+def test_decode_video_with_a_vae_folder_writes_a_gif(tmp_path):
+    vae = build_tiny_vae("hunyuanvideo")
+    vae.save_pretrained(tmp_path / "vae")
+    z = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(6))
+    path = save_latent(z, tmp_path, family="hunyuanvideo", profile=load_profiles("").family("hunyuanvideo"))
+    r = run("decode", str(path), "--vae", str(tmp_path / "vae"))
+    assert r.returncode == 0, r.stderr
+    gif = path.with_suffix(".gif")
+    im = Image.open(gif)
+    assert im.size == (64, 64) and im.n_frames == 5
+
+
+def test_decode_errors_are_clear(tmp_path):
+    z = torch.randn(1, 4, 8, 8)
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"latents": z}, str(bare))
+    r = run("decode", str(bare), "--fixture")
+    assert r.returncode == 2 and "has no family in its metadata; pass --family" in r.stderr
+    r = run("decode", str(bare), "--family", "sd15")
+    assert r.returncode == 2 and "no VAE: pass --vae" in r.stderr
+    r = run("decode", str(bare), "--family", "flux", "--fixture")
+    assert r.returncode == 2 and "4 channels; family flux expects 16" in r.stderr
+    r = run("decode", str(tmp_path / "nope.safetensors"), "--fixture")
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = run("decode", str(bare), "--family", "sd15", "--vae", "nobody/no-such-vae", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "cannot load a AutoencoderKL" in r.stderr
