@@ -1,0 +1,313 @@
+"""hybrid-vae inside SD.Next (the stand-in in tests/sdnext_stub, loaded the way SD.Next loads extensions).
+
+Real diffusers VAEs decode on the CPU; low-VRAM cards are simulated with HYBRID_VAE_SIMULATE_GPU;
+out-of-memory errors are real ``torch.cuda.OutOfMemoryError`` raised from the decoder's forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "sdnext_stub"))
+import stubtools  # noqa: E402
+
+from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae  # noqa: E402
+from extension.sdnext_ui import OPTIONS, SECTION  # noqa: E402
+
+LOW_VRAM = "name=NVIDIA GeForce RTX 3070,free_gib=1.0"
+BIG_VRAM = "name=NVIDIA GeForce RTX 4090,free_gib=20.0"
+
+
+@pytest.fixture(scope="module")
+def kl_vae():
+    """The trained fixture VAE (SD1.5-like), or a tiny random SD1.5 VAE until the fixture's weights exist."""
+    try:
+        vae = load_fixture_vae()
+        vae.trained = True
+    except FileNotFoundError:
+        vae = build_tiny_vae("sd15")
+        vae.trained = False
+    return vae
+
+
+@pytest.fixture(scope="module")
+def latent512(kl_vae):
+    """A 512 px picture encoded by ``kl_vae``, scaled as a pipeline hands it to SD.Next's decode."""
+    from PIL import Image
+
+    img = fixture_image("astronaut", 256).resize((512, 512), Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return kl_vae.encode(x).latent_dist.mode() * kl_vae.config.scaling_factor
+
+
+@pytest.fixture(scope="module")
+def latent256(latent512):
+    return latent512[:, :, 16:48, 16:48].contiguous()
+
+
+@pytest.fixture
+def sd(tmp_path, monkeypatch):
+    """A fresh SD.Next stand-in (data folder in tmp_path) with no simulated GPU and no user profile."""
+    monkeypatch.delenv("HYBRID_VAE_SIMULATE_GPU", raising=False)
+    monkeypatch.delenv("HYBRID_VAE_PROFILE", raising=False)
+    monkeypatch.setenv("SD_STUB_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    ns = stubtools.fresh_sdnext(tmp_path / "data")
+    ns.data = tmp_path / "data"
+    yield ns
+    ns.script_callbacks.script_unloaded_callback()
+    stubtools.purge()
+
+
+def loaded(sd, model):
+    sd.shared.sd_model = model
+    stubtools.load_extension()
+    sd.script_callbacks.ui_settings_callback()
+    return sd.scripts_manager.ScriptRunner(False)
+
+
+def decisions(sd) -> list[dict]:
+    path = sd.data / "hybrid-vae" / "decisions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def generate(sd, runner, latents, *, mode=None, vae_type="Full", size=512):
+    args = [mode] if mode is not None else None
+    p = sd.processing.StableDiffusionProcessing(latents=latents, width=size, height=size, vae_type=vae_type,
+                                                scripts=runner, script_args=args)
+    return p, sd.processing.process_images(p)
+
+
+class OomOnForward:
+    """Raises a real torch.cuda.OutOfMemoryError from ``module``'s forward (the first ``times`` calls)."""
+
+    def __init__(self, module, times: int | None = 1):
+        self.calls, self.times = 0, times
+        self.handle = module.register_forward_pre_hook(self.hook)
+
+    def hook(self, *_):
+        self.calls += 1
+        if self.times is None or self.calls <= self.times:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    def remove(self):
+        self.handle.remove()
+
+
+# ---- loading, settings, hooks ----------------------------------------------------------------------
+def test_settings_section_registered_with_prefixed_keys(sd, kl_vae):
+    loaded(sd, stubtools.ImagePipeline(kl_vae))
+    labels = sd.shared.opts.data_labels
+    ours = {k: v for k, v in labels.items() if v.section == SECTION}
+    assert set(ours) == {o.key for o in OPTIONS}
+    assert all(k.startswith("hybrid_vae_") and v.visible for k, v in ours.items())
+    assert ours["hybrid_vae_allow_remote"].default is False
+    assert "endpoint sees your images" in ours["hybrid_vae_allow_remote"].label
+    assert ours["hybrid_vae_mode"].component_args == {"choices": ["auto", "full", "tiled", "remote"]}
+    # the token is a secret: SD.Next keeps it out of config.json
+    sd.shared.opts.hybrid_vae_hf_token = "hf_secret"
+    sd.shared.opts.hybrid_vae_reserve_mib = 512
+    sd.shared.opts.save()
+    assert "hf_secret" not in (sd.data / "config.json").read_text()
+    assert json.loads((sd.data / "secrets.json").read_text()) == {"hybrid_vae_hf_token": "hf_secret"}
+    assert json.loads((sd.data / "config.json").read_text()) == {"hybrid_vae_reserve_mib": 512}
+
+
+def test_hook_installed_once_across_reloads_and_removed_on_unload(sd, kl_vae):
+    original = sd.processing_vae.vae_decode
+    classes = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    wrapper = sd.processing_vae.vae_decode
+    assert wrapper is not original and wrapper._hybrid_vae_original is original
+    assert [type(s).__name__ for s in classes.alwayson_scripts] == ["HybridVAEScript"]
+    stubtools.load_extension()  # the script file executed again without an unload
+    assert sd.processing_vae.vae_decode is wrapper and wrapper._hybrid_vae_original is original
+    assert len(sd.script_callbacks.callback_map["callbacks_script_unloaded"]) == 1
+    sd.script_callbacks.script_unloaded_callback()
+    assert sd.processing_vae.vae_decode is original
+    stubtools.load_extension()  # SD.Next's UI reload: unload, then load again
+    again = sd.processing_vae.vae_decode
+    assert again is not original and again._hybrid_vae_original is original
+    sd.script_callbacks.script_unloaded_callback()
+    assert sd.processing_vae.vae_decode is original
+
+
+@pytest.mark.parametrize("output_type", ["np", "pil"])
+def test_decode_returns_what_sdnext_returns(sd, kl_vae, latent256, output_type):
+    pipe = stubtools.ImagePipeline(kl_vae)
+    sd.shared.sd_model = pipe
+    ref = sd.processing_vae.vae_decode(latent256, pipe, output_type=output_type)
+    loaded(sd, pipe)
+    out = sd.processing_vae.vae_decode(latent256, pipe, output_type=output_type)
+    assert type(out) is type(ref)
+    if output_type == "np":
+        assert out.shape == ref.shape == (1, 256, 256, 3) and out.dtype == ref.dtype
+        assert float(np.abs(out - ref).max()) < 1e-4
+    else:
+        assert len(out) == len(ref) == 1 and out[0].size == ref[0].size and out[0].mode == ref[0].mode
+        diff = np.abs(np.asarray(out[0], dtype=np.int16) - np.asarray(ref[0], dtype=np.int16))
+        assert int(diff.max()) <= 1
+    (entry,) = decisions(sd)
+    assert entry["source"] == "vae_decode" and entry["family"] == "sd15" and entry["report"]["ran"]["path"] == "cpu"
+
+
+def test_low_vram_card_gets_tiled_and_infotext_says_so(sd, kl_vae, latent512, monkeypatch):
+    pipe = stubtools.ImagePipeline(kl_vae)
+    sd.shared.sd_model = pipe
+    full = sd.processing_vae.vae_decode(latent512, pipe, output_type="np")
+    runner = loaded(sd, pipe)
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", LOW_VRAM)
+    p, processed = generate(sd, runner, latent512)
+    assert len(processed.images) == 1 and processed.images[0].size == (512, 512)
+    line = p.extra_generation_params["Hybrid VAE"]
+    assert line.startswith("tiled ") and "budget <" in line and "simulated NVIDIA GeForce RTX 3070" in line
+    assert f'Hybrid VAE: "{line}"' in processed.infotexts[0]  # quoted as SD.Next quotes values with commas
+    tiled = np.asarray(processed.images[0], dtype=np.float32) / 255
+    mse = float(((tiled - full[0]) ** 2).mean())
+    # tiles blend into (nearly) the full decode; a random-weight VAE has no locality, so less there
+    assert 10 * np.log10(1 / max(mse, 1e-12)) > (30 if kl_vae.trained else 20)
+
+
+def test_injected_oom_falls_back_and_keeps_the_image(sd, kl_vae, latent256, monkeypatch):
+    runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
+    oom = OomOnForward(kl_vae.decoder, times=1)
+    try:
+        p, processed = generate(sd, runner, latent256, size=256)
+    finally:
+        oom.remove()
+    assert oom.calls >= 2 and len(processed.images) == 1
+    line = p.extra_generation_params["Hybrid VAE"]
+    assert "fell back from full (out of memory)" in line
+    (entry,) = decisions(sd)
+    assert entry["report"]["attempts"][0]["error"] == "out of memory" and entry["report"]["attempts"][-1]["error"] is None
+
+
+def test_everything_failing_saves_the_latent_and_the_cli_decodes_it(sd, kl_vae, latent256, tmp_path, caplog):
+    pipe = stubtools.ImagePipeline(kl_vae)
+    sd.shared.sd_model = pipe
+    ref = sd.processing_vae.vae_decode(latent256, pipe, output_type="np")
+    loaded(sd, pipe)
+    oom = OomOnForward(kl_vae.decoder, times=None)
+    try:
+        with caplog.at_level(logging.ERROR):
+            out = sd.processing_vae.vae_decode(latent256, pipe, output_type="pil")
+    finally:
+        oom.remove()
+    assert out == []
+    files = list((sd.data / "hybrid-vae" / "latents").glob("*.safetensors"))
+    assert len(files) == 1
+    latent_file = str(files[0])
+    assert latent_file in sd.shared.state.textinfo and "hybrid-vae decode" in sd.shared.state.textinfo
+    assert any(latent_file in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    (entry,) = decisions(sd)
+    assert entry["failed"] is True and entry["latent_path"] == latent_file
+    try:
+        load_fixture_vae()
+    except FileNotFoundError:
+        pytest.skip("fixture VAE weights not trained yet: the CLI step needs them")
+    png = tmp_path / "recovered.png"
+    run = subprocess.run([sys.executable, "-m", "extension.cli", "decode", latent_file, "--fixture", "-o", str(png)],
+                         capture_output=True, text=True, timeout=300, cwd=stubtools.REPO_DIR)
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+
+    got = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255
+    assert got.shape == ref[0].shape and float(np.abs(got - ref[0]).max()) <= 1.5 / 255
+
+
+def test_tiny_disabled_and_interrupted_are_sdnexts(sd, kl_vae, latent256):
+    pipe = stubtools.ImagePipeline(kl_vae)
+    sd.shared.sd_model = pipe
+    ref = sd.processing_vae.vae_decode(latent256, pipe, output_type="np")
+    runner = loaded(sd, pipe)
+    p, processed = generate(sd, runner, latent256, vae_type="Tiny", size=256)
+    assert sd.processing_vae.taesd_calls == [(1, 4, 32, 32)] and len(processed.images) == 1
+    assert "Hybrid VAE" not in p.extra_generation_params and decisions(sd) == []
+    sd.shared.opts.data["hybrid_vae_enabled"] = False
+    out = sd.processing_vae.vae_decode(latent256, pipe, output_type="np")
+    assert np.array_equal(out, ref) and decisions(sd) == []
+    sd.shared.opts.data["hybrid_vae_enabled"] = True
+    sd.shared.state.interrupt()
+    assert sd.processing_vae.vae_decode(latent256, pipe, output_type="np") == [] and decisions(sd) == []
+
+
+def test_profile_yaml_path_applies_to_the_next_generation(sd, kl_vae, latent512, tmp_path, monkeypatch, caplog):
+    runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", LOW_VRAM)
+    p1, _ = generate(sd, runner, latent512)
+    assert p1.extra_generation_params["Hybrid VAE"].startswith("tiled")
+    cheap = tmp_path / "cheap.yaml"  # "my decoder needs a tenth of the memory": full now fits 0.75 GiB
+    cheap.write_text("families:\n  sd15:\n    memory:\n      bytes_per_voxel: 120\n      batch_bytes_per_voxel: 100\n")
+    sd.shared.opts.data["hybrid_vae_profile_path"] = str(cheap)
+    p2, _ = generate(sd, runner, latent512)
+    assert p2.extra_generation_params["Hybrid VAE"].startswith("full,")
+    assert str(cheap) in decisions(sd)[-1]["report"]["decision"]["profile_sources"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("families:\n  sd15:\n    memory:\n      bytes_per_voxle: 120\n")
+    sd.shared.opts.data["hybrid_vae_profile_path"] = str(broken)
+    with caplog.at_level(logging.WARNING):
+        p3, processed = generate(sd, runner, latent512)
+    assert len(processed.images) == 1  # the generation carries on with the built-ins
+    line = p3.extra_generation_params["Hybrid VAE"]
+    assert line.startswith("tiled") and "profile ignored, built-ins used" in line and str(broken) in line
+    assert "bytes_per_voxle" in line and "unknown key" in line
+    assert any(str(broken) in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_per_generation_mode_and_sdnext_remote_choice(sd, kl_vae, latent256, latent512, monkeypatch):
+    runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
+    p, _ = generate(sd, runner, latent512, mode="tiled")
+    assert p.extra_generation_params["Hybrid VAE"].startswith("tiled")
+    p, _ = generate(sd, runner, latent256, mode="settings default", size=256)
+    assert p.extra_generation_params["Hybrid VAE"].startswith("full,")
+    # SD.Next's own "Remote" VAE type: remote preferred, but remote decode is off in our settings
+    p, processed = generate(sd, runner, latent256, vae_type="Remote", size=256)
+    line = p.extra_generation_params["Hybrid VAE"]
+    assert len(processed.images) == 1 and line.startswith("full,") and "remote decode is off" in line
+    assert sd.processing_vae.remote_calls == []  # nothing left the machine
+
+
+def test_batches_get_their_own_line_and_failed_batch_keeps_others(sd, kl_vae, latent256, monkeypatch):
+    runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
+    oom = OomOnForward(kl_vae.decoder, times=1)
+    try:
+        _, processed = generate(sd, runner, [latent256, latent256], size=256)
+    finally:
+        oom.remove()
+    assert len(processed.images) == 2
+    assert "fell back" in processed.infotexts[0] and "fell back" not in processed.infotexts[1]
+
+
+def test_flux_packed_latents(sd):
+    vae = build_tiny_vae("flux")
+    pipe = stubtools.ImagePipeline(vae, packed=True)
+    sd.shared.sd_model = pipe
+    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    packed = z.view(1, 16, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 64, 64)
+    ref = sd.processing_vae.vae_decode(packed, pipe, output_type="np", width=128, height=128)
+    loaded(sd, pipe)
+    out = sd.processing_vae.vae_decode(packed, pipe, output_type="np", width=128, height=128)
+    assert out.shape == ref.shape == (1, 128, 128, 3) and float(np.abs(out - ref).max()) < 1e-4
+    assert decisions(sd)[-1]["family"] == "flux"
+
+
+def test_unsupported_vae_goes_to_sdnext(sd):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    odd = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, latent_channels=4, scaling_factor=0.5)
+    pipe = stubtools.ImagePipeline(odd)
+    loaded(sd, pipe)
+    out = sd.processing_vae.vae_decode(torch.randn(1, 4, 8, 8), pipe, output_type="np")
+    assert out.shape == (1, 8, 8, 3) and decisions(sd) == []
