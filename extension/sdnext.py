@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
+import importlib
 import json
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -119,6 +120,13 @@ class Runtime:
         self._wrapped: list[tuple[weakref.ref[Any], Callable[..., Any]]] = []
         self._remote: Any = None
         self._remote_key: tuple[Any, ...] | None = None
+        self.ext_dir: str | None = None
+
+    def ensure_path(self, *_: Any) -> None:
+        """Put the extension folder on ``sys.path`` for good. SD.Next gives each script a new ``sys.path`` list
+        while it loads and restores the old list afterwards, so this is done again from later callbacks."""
+        if self.ext_dir and self.ext_dir not in sys.path:
+            sys.path.append(self.ext_dir)
 
     # ---- hooks -----------------------------------------------------------------------------------
     def install(self) -> bool:
@@ -216,6 +224,7 @@ class Runtime:
                 self._gen = None
 
     def before_process(self, p: Any) -> None:
+        self.ensure_path()
         self.begin_generation(p)
         from modules import shared
 
@@ -225,6 +234,7 @@ class Runtime:
         self.end_generation(p)
 
     def model_loaded(self, sd_model: Any) -> None:
+        self.ensure_path()
         self.wrap_pipeline_vae(sd_model)
 
     def _set_infotext(self, text: str | None) -> None:
@@ -532,6 +542,14 @@ class Runtime:
                          None, None)
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def current_runtime() -> Runtime | None:
     """The active runtime, if the hooks are installed."""
     from modules import processing_vae
@@ -540,19 +558,24 @@ def current_runtime() -> Runtime | None:
     return rt if isinstance(rt, Runtime) and rt.active else None
 
 
-def setup(*, before_plan: Callable[[Plan], None] | None = None) -> Runtime | None:
+def setup(*, ext_dir: str | None = None, before_plan: Callable[[Plan], None] | None = None) -> Runtime | None:
     """Install the hooks (once) and register settings and callbacks; None (SD.Next untouched) when a
-    required package is missing."""
+    required package is missing.
+
+    Args:
+        ext_dir (`str | None`): the extension folder, kept on ``sys.path`` (see :meth:`Runtime.ensure_path`).
+        before_plan: fault injection for tests (see :class:`Runtime`).
+    """
     from modules import processing_vae, script_callbacks
 
-    missing = [pip for mod, pip in REQUIRED if importlib.util.find_spec(mod) is None]
+    missing = [pip for mod, pip in REQUIRED if not _importable(mod)]
     if missing:
         log.error("hybrid-vae: disabled, missing package(s) %s; install with `python -m pip install %s` in SD.Next's "
                   "Python environment (or restart SD.Next without --quick so install.py runs); SD.Next decodes as before",
                   ", ".join(missing), " ".join(missing))
         return None
     for mod, pip, effect in OPTIONAL:
-        if importlib.util.find_spec(mod) is None:
+        if not _importable(mod):
             log.warning("hybrid-vae: %s is not installed: %s (python -m pip install %s)", mod, effect, pip)
     rt = getattr(processing_vae, MARK_RUNTIME, None)
     if not isinstance(rt, Runtime) or not rt.active:
@@ -560,7 +583,9 @@ def setup(*, before_plan: Callable[[Plan], None] | None = None) -> Runtime | Non
         rt.install()
     elif before_plan is not None:
         rt.before_plan = before_plan
+    rt.ext_dir = ext_dir or rt.ext_dir
     script_callbacks.on_ui_settings(register_settings)
+    script_callbacks.on_ui_settings(rt.ensure_path)
     script_callbacks.on_script_unloaded(rt.uninstall)
     script_callbacks.on_before_process(rt.before_process)
     script_callbacks.on_after_process(rt.after_process)
@@ -576,6 +601,10 @@ class AccordionScript:
 
     def title(self) -> str:
         return "Hybrid VAE"
+
+    def available(self) -> bool:
+        """False when setup left SD.Next untouched (a missing package): the accordion is hidden."""
+        return current_runtime() is not None
 
     def ui(self, is_img2img: bool) -> list[Any]:
         return accordion_ui(is_img2img)

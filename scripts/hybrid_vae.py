@@ -1,7 +1,8 @@
 """SD.Next entry point of hybrid-vae (thin: the work is in ``extension/sdnext.py``).
 
-SD.Next executes this file with the extension folder on ``sys.path`` only while it runs, and does not
-keep it in ``sys.modules``; the folder is added for good here so the engine's later imports resolve.
+SD.Next executes this file with the extension folder on ``sys.path`` only while it runs (a new list,
+swapped back afterwards) and does not keep it in ``sys.modules``: the engine's packages are imported
+here, and ``setup`` puts the folder back on ``sys.path`` from SD.Next's later callbacks.
 A missing dependency (install.py is skipped by quick launches) logs one error naming the package and
 leaves SD.Next's decode untouched.
 """
@@ -29,7 +30,7 @@ except ImportError as _exc:  # a dependency of the engine is missing
         "SD.Next decodes as before.", _pip, _exc, _pip)
 else:
     try:
-        sdnext.setup()
+        sdnext.setup(ext_dir=_EXT_DIR)
     except Exception:  # SD.Next must keep working whatever happens here
         logging.getLogger("hybrid_vae").exception("hybrid-vae: setup failed; SD.Next decodes as before")
 
@@ -45,7 +46,7 @@ class HybridVAEScript(scripts.Script):
         return "Hybrid VAE"
 
     def show(self, is_img2img):
-        return scripts.AlwaysVisible if self._impl is not None else False
+        return scripts.AlwaysVisible if self._impl is not None and self._impl.available() else False
 
     def ui(self, is_img2img):
         return self._impl.ui(is_img2img) if self._impl is not None else []

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "sdnext_stub"))
-import stubtools  # noqa: E402
+import stubtools
 
-from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae  # noqa: E402
-from extension.sdnext_ui import OPTIONS, SECTION  # noqa: E402
+from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
+from extension.sdnext_ui import OPTIONS, SECTION
 
 LOW_VRAM = "name=NVIDIA GeForce RTX 3070,free_gib=1.0"
 BIG_VRAM = "name=NVIDIA GeForce RTX 4090,free_gib=20.0"

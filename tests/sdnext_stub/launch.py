@@ -20,7 +20,7 @@ def _load():
 
 
 def is_installed(pkg):
-    path, state = _load()
+    _path, state = _load()
     if state is None:
         try:
             metadata.distribution(pkg)
@@ -35,7 +35,7 @@ def run_pip(pkg, desc=None):
     if state is None:
         raise RuntimeError(f"Couldn't install {desc or pkg}: the launch stub has no state file")
     state["calls"].append([pkg, desc])
-    name = pkg.split()[-1]
+    name = pkg.split()[-1].strip("\"'")
     bare = name.split(">")[0].split("=")[0].split("<")[0]
     failed = bare.lower() in {p.lower() for p in state.get("fail", [])}
     if not failed:
