@@ -55,7 +55,8 @@ def _run(client: Any, url: str, fmt: str, latents: list[Any], *, produce_s: floa
     job = DecodeJob("sd15", w, h)
 
     def dec(z: Any) -> RemoteResult:
-        return client.decode(z, plan=plan, job=job, family=fam, deadline_s=300, height=h, width=w)
+        out: RemoteResult = client.decode(z, plan=plan, job=job, family=fam, deadline_s=300, height=h, width=w)
+        return out
 
     results: list[RemoteResult] = []
     t0 = time.perf_counter()

@@ -23,23 +23,33 @@ Every failure raises a :class:`policy.errors.RemoteError` subclass.
 from __future__ import annotations
 
 import dataclasses
-import io
-import ipaddress
 import json
 import logging
 import math
 import random
-import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import requests
 
+from extension.remote_wire import (
+    Reply,
+    error_text,
+    has_av,
+    image_to_tensor,
+    is_loopback,
+    origin,
+    parse_image,
+    parse_tensor,
+    read_mp4,
+    retry_after,
+    short,
+    tensor_bytes,
+    uint8_to_tensor,
+)
 from policy.errors import (
     CircuitOpenError,
     LatentError,
@@ -60,8 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hybrid_vae.remote")
 
-#: Element sizes of the dtypes the protocol carries.
-WIRE_DTYPES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
 MiB = 1024**2
 #: Statuses retried with backoff.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -115,39 +123,6 @@ class RemoteResponse:
     seconds: float
     attempts: int
     server_seconds: float | None = None
-
-
-@dataclasses.dataclass
-class _Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    t_start: float
-    t_headers: float
-    t_end: float
-
-
-def origin(url: str) -> tuple[str, str, int]:
-    """``(scheme, host, port)`` of ``url``, lower-cased, default ports filled in."""
-    p = requests.utils.urlparse(url)
-    scheme = (p.scheme or "").lower()
-    host = (p.hostname or "").lower().rstrip(".")
-    try:
-        port = p.port
-    except ValueError:
-        port = None
-    return scheme, host, port or (443 if scheme == "https" else 80)
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ::1 (no DNS lookup)."""
-    h = host.strip("[]").lower()
-    if h == "localhost" or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 class CircuitBreaker:
@@ -221,69 +196,6 @@ class _Stats:
         old = getattr(self, name)
         setattr(self, name, value if old is None else old + self.alpha * (value - old))
         self.samples += 1
-
-
-def _error_text(reply: _Reply) -> str:
-    """A short message from an error body: JSON ``error``/``detail``, else a snippet of text/HTML."""
-    ctype = reply.headers.get("content-type", "")
-    text = reply.body[:4096].decode("utf-8", "replace")
-    try:
-        data = json.loads(text)
-        if isinstance(data, dict):
-            for key in ("error", "detail", "message"):
-                if key in data:
-                    return str(data[key])[:300]
-        return json.dumps(data)[:300]
-    except ValueError:
-        pass
-    if "html" in ctype or text.lstrip().startswith("<"):
-        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
-        text = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", text, flags=re.I | re.S)
-        text = re.sub(r"<[^>]+>", " ", text)
-        if title:
-            text = title.group(1) + ": " + text
-    snippet = re.sub(r"\s+", " ", text).strip()[:200]
-    return f"non-JSON {ctype or 'body'}: {snippet!r}"
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """C-contiguous little-endian bytes of ``t`` in its own dtype (bf16 as its raw 2-byte pattern)."""
-    import torch
-
-    name = str(t.dtype).rsplit(".", 1)[-1]
-    if name not in WIRE_DTYPES:
-        raise LatentError(f"dtype={name}: the protocol carries float16, bfloat16, float32 or uint8; cast the latent first")
-    c = t.detach().to("cpu").contiguous()
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[WIRE_DTYPES[name]]
-    arr = c.view(as_int).numpy()
-    if sys.byteorder == "big":
-        arr = arr.byteswap()
-    return arr.tobytes()
-
-
-def tensor_from_bytes(body: bytes, dtype: str, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`tensor_bytes` (copies ``body``)."""
-    import numpy as np
-    import torch
-
-    size = WIRE_DTYPES[dtype]
-    arr = np.frombuffer(body, dtype=f"<{'u' if size == 1 else 'i'}{size}").reshape(list(shape))
-    t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
-    want = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}[dtype]
-    return t.view(want)
 
 
 class RemoteClient:
@@ -391,7 +303,7 @@ class RemoteClient:
 
     # ---- one HTTP exchange -----------------------------------------------------------------------
     def _exchange(self, method: str, url: str, *, deadline: float, limit: int, params: Any = None,
-                  data: bytes | None = None, headers: Mapping[str, str]) -> _Reply:
+                  data: bytes | None = None, headers: Mapping[str, str]) -> Reply:
         """One request on a guard thread: returns by ``deadline`` whatever the server does."""
         box: dict[str, Any] = {}
         done, cancel = threading.Event(), threading.Event()
@@ -421,7 +333,7 @@ class RemoteClient:
 
     def _exchange_inner(self, method: str, url: str, *, deadline: float, limit: int, params: Any,
                         data: bytes | None, headers: Mapping[str, str], box: dict[str, Any],
-                        cancel: threading.Event) -> _Reply:
+                        cancel: threading.Event) -> Reply:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RemoteTimeoutError("deadline ran out before the request", endpoint=url)
@@ -436,7 +348,7 @@ class RemoteClient:
             raise RemoteTimeoutError(f"no response within the read timeout of {timeout[1]:.1f} s",
                                      endpoint=url) from None
         except requests.exceptions.ConnectionError as exc:
-            raise RemoteConnectError(f"cannot connect ({_short(exc)})", endpoint=url) from None
+            raise RemoteConnectError(f"cannot connect ({short(exc)})", endpoint=url) from None
         except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                 requests.exceptions.InvalidSchema) as exc:
             raise RemoteConnectError(f"invalid endpoint URL ({exc}); use http(s)://host[:port]/path",
@@ -461,7 +373,7 @@ class RemoteClient:
                 raise RemoteProtocolError(f"truncated body: {len(body)} of {declared} bytes", endpoint=url)
         finally:
             resp.close()
-        return _Reply(resp.status_code, hdrs, body, t0, t_headers, time.monotonic())
+        return Reply(resp.status_code, hdrs, body, t0, t_headers, time.monotonic())
 
     def _read_body(self, resp: requests.Response, *, url: str, cap: int, deadline: float, sock: Any,
                    cancel: threading.Event, keep_partial: bool) -> bytes:
@@ -488,7 +400,7 @@ class RemoteClient:
                     break
                 if cancel.is_set():
                     raise RemoteTimeoutError("deadline ran out during the transfer", endpoint=url) from None
-                raise RemoteProtocolError(f"truncated body after {len(buf)} bytes ({_short(exc)})",
+                raise RemoteProtocolError(f"truncated body after {len(buf)} bytes ({short(exc)})",
                                           endpoint=url) from None
             if not chunk:
                 break
@@ -501,7 +413,7 @@ class RemoteClient:
 
     # ---- a call: breaker, retries, deadline ------------------------------------------------------
     def _call(self, endpoint: str, *, params: Any, data: bytes, headers: Mapping[str, str], deadline: float,
-              limit: int, parse: Callable[[_Reply], Any]) -> tuple[_Reply, Any, int]:
+              limit: int, parse: Callable[[Reply], Any]) -> tuple[Reply, Any, int]:
         base = self._headers(endpoint)  # may raise RemoteSecurityError: nothing sent, breaker untouched
         breaker = self.breaker(endpoint)
         retry_at = breaker.acquire()
@@ -509,7 +421,8 @@ class RemoteClient:
             raise CircuitOpenError(f"skipped: {breaker.failures} failed calls; retry in "
                                    f"{max(0.0, retry_at - time.monotonic()):.0f} s", endpoint=endpoint,
                                    retry_at=retry_at)
-        attempt, last = 0, None
+        attempt = 0
+        last: RemoteError | None = None
         try:
             while True:
                 attempt += 1
@@ -524,20 +437,21 @@ class RemoteClient:
                     if 300 <= reply.status < 400:
                         raise RemoteStatusError(f"redirect to {reply.headers.get('location', '?')} not followed; "
                                                 "configure the final URL", endpoint=endpoint, status=reply.status)
-                    err = RemoteStatusError(_error_text(reply), endpoint=endpoint, status=reply.status,
+                    err = RemoteStatusError(error_text(reply), endpoint=endpoint, status=reply.status,
                                             body=reply.body[:2048].decode("utf-8", "replace"))
                     if reply.status not in RETRY_STATUSES:
                         raise err
                     last = err
                     if reply.status in (429, 503):
-                        ra = _retry_after(reply.headers.get("retry-after"))
+                        ra = retry_after(reply.headers.get("retry-after"))
                         if ra is not None and ra > self.retry_after_cap_s:
-                            raise RemoteStatusError(f"{_error_text(reply)} (Retry-After {ra:.0f} s exceeds the cap of "
+                            raise RemoteStatusError(f"{error_text(reply)} (Retry-After {ra:.0f} s exceeds the cap of "
                                                     f"{self.retry_after_cap_s:.0f} s)", endpoint=endpoint,
                                                     status=reply.status) from None
                         wait = ra
                 except RemoteConnectError as exc:
                     last = exc
+                assert last is not None
                 if attempt > self.max_retries:
                     raise last
                 if wait is None:
@@ -559,7 +473,7 @@ class RemoteClient:
             breaker.release()
             raise
 
-    def _measure(self, endpoint: str, reply: _Reply, bytes_up: int, voxels: int | None) -> float | None:
+    def _measure(self, endpoint: str, reply: Reply, bytes_up: int, voxels: int | None) -> float | None:
         s = self._stat(endpoint)
         server: float | None = None
         try:
@@ -654,13 +568,13 @@ class RemoteClient:
         headers = {"Content-Type": "tensor/binary", "Accept": accept}
         limit = min(max_response_bytes or self.max_response_bytes, self.max_response_bytes)
 
-        def parse(reply: _Reply) -> Any:
+        def parse(reply: Reply) -> Any:
             if "shape" in reply.headers or output_type == "pt":
-                return _parse_tensor(reply, endpoint, expect_shape)
+                return parse_tensor(reply, endpoint, expect_shape)
             if output_type == "pil":
-                return _parse_image(reply.body, endpoint, expect_size, image_format, self.max_image_pixels)
+                return parse_image(reply.body, endpoint, expect_size, image_format, self.max_image_pixels)
             if decode_video or expect_size is not None:
-                return _read_mp4(reply.body, endpoint, expect_size, expect_frames, decode=decode_video)
+                return read_mp4(reply.body, endpoint, expect_size, expect_frames, decode=decode_video)
             return reply.body
 
         reply, out, attempts = self._call(endpoint, params=params, data=data, headers=headers, deadline=deadline,
@@ -709,14 +623,15 @@ class RemoteClient:
                 raise LatentError(f"latents shape {tuple(lat.shape)}: {job.family} needs [B, "
                                   f"{family.latent_channels}, h, w]")
             b, frames, h, w = lat.shape[0], None, lat.shape[2] * sc, lat.shape[3] * sc
-        if fmt == "mp4" and (not family.video or not _has_av()):
+        if fmt == "mp4" and (not family.video or not has_av()):
             log.info("remote %s: mp4 %s; asking for raw frames", endpoint,
                      "is for video families" if not family.video else "needs PyAV (pip install av)")
             fmt = "raw"
         if family.video and fmt in ("png", "jpg"):
             fmt = "raw"
-        scaling = {"scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor,
-                   "do_scaling": family.latents_mean is not None and family.scaling_factor is None}
+        scaling: dict[str, Any] = {
+            "scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor,
+            "do_scaling": family.latents_mean is not None and family.scaling_factor is None}
         nf = frames or 1
         raw_size = b * nf * h * w * 3
         limit = int(raw_size * 1.25) + MiB
@@ -728,7 +643,7 @@ class RemoteClient:
                 r = self.request(endpoint, lat[i:i + 1], output_type="pil", image_format=fmt, partial_postprocess=False,
                                  height=height, width=width, deadline_s=max(1e-3, deadline - time.monotonic()),
                                  expect_size=(w, h), max_response_bytes=limit, voxels=h * w, **scaling)
-                parts.append(_image_to_tensor(r.output))
+                parts.append(image_to_tensor(r.output))
                 up, down, attempts = up + r.bytes_up, down + r.bytes_down, attempts + r.attempts
                 server += r.server_seconds or 0.0
             import torch
@@ -739,13 +654,13 @@ class RemoteClient:
             r = self.request(endpoint, lat, output_type="mp4", height=height, width=width, deadline_s=deadline_s,
                              expect_size=(w, h), expect_frames=b * nf, max_response_bytes=limit, voxels=b * nf * h * w,
                              decode_video=True, **scaling)
-            tensor = _uint8_to_tensor(r.output, b, frames)
+            tensor = uint8_to_tensor(r.output, b, frames)
         else:
             shapes = [[b * nf, h, w, 3]] + ([[b, nf, h, w, 3]] if family.video else [])
             r = self.request(endpoint, lat, output_type="pt", partial_postprocess=True, height=height, width=width,
                              deadline_s=deadline_s, expect_shape=shapes, max_response_bytes=limit,
                              voxels=b * nf * h * w, **scaling)
-            tensor = _uint8_to_tensor(r.output, b, frames)
+            tensor = uint8_to_tensor(r.output, b, frames)
         return RemoteResult(tensor, endpoint, r.bytes_up, r.bytes_down, time.monotonic() - t0, r.status, fmt,
                             r.attempts, r.server_seconds)
 
@@ -754,107 +669,3 @@ class RemoteClient:
         self.session.close()
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc)
-    m = re.search(r"\[Errno -?\d+\][^')\"]*", text)
-    return (m.group(0) if m else text)[:200]
-
-
-def _parse_tensor(reply: _Reply, endpoint: str, expect: Sequence[Sequence[int]] | None) -> torch.Tensor:
-    sh, dt = reply.headers.get("shape"), reply.headers.get("dtype")
-    if sh is None or dt is None:
-        raise RemoteProtocolError(f"tensor response without {'shape' if sh is None else 'dtype'} header",
-                                  endpoint=endpoint)
-    try:
-        shape = json.loads(sh)
-    except ValueError:
-        raise RemoteProtocolError(f"shape header {sh[:80]!r} is not a JSON list", endpoint=endpoint) from None
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= 6
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape)):
-        raise RemoteProtocolError(f"shape header {sh[:80]!r} is not a list of 1-6 non-negative ints", endpoint=endpoint)
-    if dt not in WIRE_DTYPES:
-        raise RemoteProtocolError(f"dtype header {dt[:40]!r} is not one of {', '.join(WIRE_DTYPES)}", endpoint=endpoint)
-    if expect is not None and shape not in [list(s) for s in expect]:
-        raise RemoteProtocolError(f"shape header {shape} does not match the request (expected "
-                                  f"{' or '.join(str(list(s)) for s in expect)})", endpoint=endpoint)
-    if expect is not None and dt != "uint8" and all(len(s) and s[-1] == 3 for s in expect):
-        raise RemoteProtocolError(f"dtype {dt} for a uint8 (partial_postprocess) request", endpoint=endpoint)
-    need = math.prod(shape) * WIRE_DTYPES[dt]
-    if len(reply.body) != need:
-        what = "truncated body" if len(reply.body) < need else "body longer than shape x dtype"
-        raise RemoteProtocolError(f"{what}: {len(reply.body)} bytes, shape {shape} {dt} needs {need}",
-                                  endpoint=endpoint)
-    return tensor_from_bytes(reply.body, dt, shape)
-
-
-def _parse_image(body: bytes, endpoint: str, expect: tuple[int, int] | None, fmt: str, max_pixels: int) -> Any:
-    """Open an image with only the asked decoder; check the declared size before decoding pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    want = "JPEG" if fmt == "jpg" else "PNG"
-    try:
-        img = Image.open(io.BytesIO(body), formats=[want])
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise RemoteProtocolError(f"body is not a {want} image ({_short(exc)}); first bytes {body[:16]!r}",
-                                  endpoint=endpoint) from None
-    w, h = img.size
-    if w * h > max_pixels or (expect is not None and (w, h) != tuple(expect)):
-        wanted = f"{expect[0]}x{expect[1]}" if expect else f"at most {max_pixels} pixels"
-        raise RemoteProtocolError(f"image declares {w}x{h}, expected {wanted}; not decoded", endpoint=endpoint)
-    try:
-        img.load()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RemoteProtocolError(f"broken {want} ({_short(exc)})", endpoint=endpoint) from None
-    return img.convert("RGB")
-
-
-def _has_av() -> bool:
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _read_mp4(body: bytes, endpoint: str, size: tuple[int, int] | None, frames: int | None, *,
-              decode: bool) -> Any:
-    """Check an mp4's declared frame size before decoding; with ``decode`` return uint8 ``[F, H, W, 3]``
-    (at most ``frames`` + 1 frames are decoded, and exactly ``frames`` must be there)."""
-    import av
-    import numpy as np
-    import torch
-
-    got: list[Any] = []
-    try:
-        with av.open(io.BytesIO(body)) as c:
-            st = c.streams.video[0]
-            w, h = st.codec_context.width, st.codec_context.height
-            if size is not None and (w, h) != tuple(size):
-                raise RemoteProtocolError(f"mp4 frames are {w}x{h}, expected {size[0]}x{size[1]}; not decoded",
-                                          endpoint=endpoint)
-            if not decode:
-                return body
-            for frame in c.decode(st):
-                got.append(frame.to_ndarray(format="rgb24"))
-                if frames is not None and len(got) > frames:
-                    break
-    except (av.error.FFmpegError, IndexError, ValueError) as exc:
-        raise RemoteProtocolError(f"body is not a readable mp4 video ({_short(exc)})", endpoint=endpoint) from None
-    if not got or (frames is not None and len(got) != frames):
-        raise RemoteProtocolError(f"mp4 has {len(got)}{'+' if frames and len(got) > frames else ''} frames, "
-                                  f"expected {frames}", endpoint=endpoint)
-    return torch.from_numpy(np.stack(got))
-
-
-def _uint8_to_tensor(u8: torch.Tensor, b: int, frames: int | None) -> torch.Tensor:
-    x = u8.reshape(b, frames or 1, *u8.shape[-3:]).float().div(127.5).sub(1.0)  # [B, F, H, W, 3]
-    x = x.permute(0, 4, 1, 2, 3)  # [B, 3, F, H, W]
-    return x.contiguous() if frames is not None else x[:, :, 0].contiguous()
-
-
-def _image_to_tensor(img: Any) -> torch.Tensor:
-    import numpy as np
-    import torch
-
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.float().div(127.5).sub(1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
