@@ -65,8 +65,8 @@ from policy.model import NetworkStats
 if TYPE_CHECKING:
     import torch
 
-    from policy.model import DecodeJob, Plan
-    from policy.profiles import Family
+    from policy.model import DecodeJob, DecodeSettings, Plan
+    from policy.profiles import Family, Profiles
 
 log = logging.getLogger("hybrid_vae.remote")
 
@@ -251,6 +251,19 @@ class RemoteClient:
         self._lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._stats: dict[str, _Stats] = {}
+
+    @classmethod
+    def for_settings(cls, settings: DecodeSettings, profiles: Profiles, *, token: str | None = None,
+                     **kwargs: Any) -> RemoteClient:
+        """A client whose token may go to the endpoints these settings can choose: the configured ones
+        (``settings.endpoints``) and, with ``use_builtin_endpoints``, the families' built-in endpoints.
+
+        Extra keyword arguments go to the constructor (timeouts, retries, breaker, ...).
+        """
+        trusted = list(settings.endpoints.values())
+        if settings.use_builtin_endpoints:
+            trusted += [ep.url for fam in profiles.families.values() for ep in fam.endpoints]
+        return cls(token=token, trusted_endpoints=trusted, **kwargs)
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     def breaker(self, endpoint: str) -> CircuitBreaker:

@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -163,6 +163,9 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
             return _error(exc)
         except LatentError as exc:
             return _error(BadRequest(str(exc), field="latents"))
+        except ClientDisconnect:
+            log.info("hybrid-vae serve: client left during the upload")
+            return Response(status_code=499)
         except Exception as exc:
             log.exception("hybrid-vae serve: decode failed")
             return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"[:500]}, status_code=500)

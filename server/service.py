@@ -79,9 +79,11 @@ class ServedVAE:
     def dtype_name(self) -> str:
         if self._vae is None:
             return self.family.default_dtype
+        force = getattr(getattr(self._vae, "config", None), "force_upcast", None)
+        if force if force is not None else self.family.force_upcast:
+            return "float32"
         for p in self._vae.parameters():
-            name = str(p.dtype).rsplit(".", 1)[-1]
-            return "float32" if self.family.force_upcast else name
+            return str(p.dtype).rsplit(".", 1)[-1]
         return "float32"
 
     def info(self) -> dict[str, Any]:

@@ -334,6 +334,16 @@ def test_token_rules_for_https_and_loopback() -> None:
     assert is_loopback("127.8.9.1") and is_loopback("::1") and not is_loopback("10.0.0.1")
 
 
+def test_for_settings_trusts_configured_and_builtin_endpoints() -> None:
+    s = DecodeSettings(allow_remote=True, endpoints={"sdxl": "https://gpu.example.invalid/sdxl"})
+    c = RemoteClient.for_settings(s, PROFILES, token="hf_x")
+    assert "Authorization" in c._headers("https://gpu.example.invalid/sdxl")
+    hf = PROFILES.family("sd15").endpoints[0].url
+    assert "Authorization" in c._headers(hf)
+    off = RemoteClient.for_settings(s.model_copy(update={"use_builtin_endpoints": False}), PROFILES, token="hf_x")
+    assert "Authorization" not in off._headers(hf)
+
+
 def test_server_token_with_client_token(demo: str) -> None:
     from server.app import create_app
 
