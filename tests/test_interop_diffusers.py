@@ -97,7 +97,7 @@ def test_flux_packed_small_as_tensor(demo: str) -> None:
 
 
 def test_video_mp4(demo: str) -> None:
-    import av
+    av = pytest.importorskip("av", reason="mp4 needs PyAV: pip install 'sdnext-hybrid-vae[server]'")
 
     z = _latent(1, 16, 3, 8, 8)
     data = remote_decode(f"{demo}/hunyuanvideo", z, output_type="mp4", return_type="mp4")
