@@ -424,6 +424,8 @@ class Runtime:
                                      vae_id=job.vae_id, custom_vae=job.custom)
         finally:
             self._tls.busy = False
+        if job.settings.mode != "auto" and res.report.chosen.path != job.settings.mode:
+            job.notes.insert(0, res.report.reason.split("; ")[0])  # "tiled requested but no tile fits"
         text = self._line(res.report, job.notes)
         self._set_infotext(text)
         self._log(job, {"infotext": text, "report": res.report.to_dict()})

@@ -234,8 +234,6 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
             mode = "remote"
         else:
             notes.append("SD.Next VAE type Remote ignored: remote decode is off in Hybrid VAE settings")
-    if mode == "remote" and not cfg.allow_remote and vae_type != "Remote":
-        notes.append("remote requested but remote decode is off in Hybrid VAE settings")
     return DecodeSettings(mode=mode, allow_remote=cfg.allow_remote, endpoints=dict(cfg.endpoints),  # type: ignore[arg-type]
                           use_builtin_endpoints=cfg.builtin_endpoints, allow_remote_custom_vae=cfg.remote_custom_vae,
                           reserve_bytes=cfg.reserve_mib * MiB, tile_overlap_px=cfg.tile_overlap_px,
