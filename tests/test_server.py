@@ -286,6 +286,19 @@ def test_gpu_memory_admission_uses_the_engine() -> None:
         assert r.status_code == 200 and r.headers["X-Decode-Plan"] == "full"
 
 
+def test_server_tiles_when_its_device_is_short_of_memory() -> None:
+    """The engine plans on the server's own device: 1 GiB free (0.5 GiB budget) cannot hold a 512 px
+    float32 decode (about 1.3 GiB), so the server decodes in tiles and says so."""
+    gpu = parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=1.0,total_gib=8")
+    app = create_app(families={"sd15": _vae("sd15")}, device="cpu", probe_fn=lambda: gpu)
+    with serve_in_thread(app) as base:
+        r = _post(base + "/sd15", torch.randn(1, 4, 64, 64), output_type="pt", partial_postprocess=True)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Decode-Plan"].startswith("tiled ") and json.loads(r.headers["shape"]) == [1, 512, 512, 3]
+        h = requests.get(base + "/health", timeout=10).json()
+        assert h["last_plan"] == r.headers["X-Decode-Plan"] and h["device"]["simulated"] is True
+
+
 # ---- batching ---------------------------------------------------------------------------------------
 def test_concurrent_requests_are_batched_and_equal_to_single_decodes(server: tuple[str, object]) -> None:
     base, app = server
