@@ -1,0 +1,28 @@
+"""Stand-in for ``comfy.ldm.models.autoencoder`` (tests only): ComfyUI's decoders return plain tensors.
+
+They share the modules of a diffusers VAE (same weights), so a decode here equals the diffusers one.
+"""
+
+import torch
+
+
+class AutoencodingEngine(torch.nn.Module):
+    """``decode(z) = decoder(z)`` (ComfyUI's engine without quant convs, e.g. the Flux VAE)."""
+
+    def __init__(self, diffusers_vae):
+        super().__init__()
+        self.decoder = diffusers_vae.decoder
+
+    def decode(self, z, **decoder_kwargs):
+        return self.decoder(z, **decoder_kwargs)
+
+
+class AutoencoderKL(AutoencodingEngine):
+    """``decode(z) = decoder(post_quant_conv(z))`` (ComfyUI's SD1.x/SDXL VAE)."""
+
+    def __init__(self, diffusers_vae):
+        super().__init__(diffusers_vae)
+        self.post_quant_conv = diffusers_vae.post_quant_conv
+
+    def decode(self, z, **decoder_kwargs):
+        return self.decoder(self.post_quant_conv(z), **decoder_kwargs)

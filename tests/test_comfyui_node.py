@@ -1,0 +1,254 @@
+"""The "Hybrid VAE Decode" ComfyUI node, loaded from a ``custom_nodes/`` folder the way ComfyUI loads it,
+against a stand-in of ComfyUI's API (``tests/comfy_stub``: ``comfy.sd.VAE`` with ComfyUI's attribute names
+around real diffusers weights, ``comfy.model_management``, ``folder_paths``).
+
+Real diffusers VAEs on the CPU; the endpoint is ``hybrid-vae serve --demo``'s app on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from extension.fixture import build_tiny_vae, load_fixture_vae
+from policy import DecodeJob, DecodeSettings, decide, load_profiles, parse_simulation
+from server.cli import build_app
+from server.testing import free_port, serve_in_thread
+
+REPO = Path(__file__).resolve().parents[1]
+STUB = REPO / "tests" / "comfy_stub"
+DEMO_CONFIG = {"families": {}, "demo": True, "device": "cpu", "max_body_bytes": 256 * 1024**2,
+               "max_output_pixels": 2**27, "batch_window_s": 0.004, "max_batch": 8, "preload": True}
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ModuleType]]:
+    """ComfyUI's stand-in on sys.path, the node package symlinked into custom_nodes/ and loaded like ComfyUI."""
+    out = tmp_path_factory.mktemp("comfy-output")
+    saved_path, saved_env = list(sys.path), os.environ.get("COMFY_STUB_OUTPUT")
+    os.environ["COMFY_STUB_OUTPUT"] = str(out)
+    sys.path.insert(0, str(STUB))
+    custom_nodes = tmp_path_factory.mktemp("custom_nodes")
+    link = custom_nodes / "hybrid_vae"
+    link.symlink_to(REPO / "extension" / "comfyui", target_is_directory=True)
+    try:
+        import comfy.model_management
+        import comfy.sd
+        import loader
+
+        pack = loader.load_custom_node(str(link))
+        yield {"pack": pack, "sd": comfy.sd, "mm": comfy.model_management, "out": out}  # type: ignore[dict-item]
+    finally:
+        sys.path[:] = saved_path
+        for name in [m for m in sys.modules if m == "comfy" or m.startswith("comfy.") or m in ("loader", "folder_paths")]:
+            del sys.modules[name]
+        if saved_env is None:
+            os.environ.pop("COMFY_STUB_OUTPUT", None)
+        else:
+            os.environ["COMFY_STUB_OUTPUT"] = saved_env
+
+
+@pytest.fixture(scope="module")
+def sd15_weights() -> torch.nn.Module:
+    try:
+        return load_fixture_vae()
+    except FileNotFoundError:  # the trained fixture is not committed yet: same architecture, random weights
+        return build_tiny_vae("sd15")
+
+
+def _comfy_vae(comfy: dict, dvae: torch.nn.Module, *, channels: int = 4, kind: str = "kl") -> object:
+    """A ComfyUI VAE (stub) around a diffusers VAE, with ComfyUI's own decoder module types."""
+    from comfy.ldm.hunyuan_video.vae import VideoVAE
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+    from comfy.ldm.wan.vae import WanVAE
+
+    model = {"kl": lambda: AutoencoderKL(dvae), "engine": lambda: AutoencodingEngine(dvae),
+             "hunyuan": lambda: VideoVAE(dvae), "wan": lambda: WanVAE(dvae), "diffusers": lambda: dvae}[kind]()
+    return comfy["sd"].VAE(model, latent_channels=channels, video=kind in ("hunyuan", "wan"))
+
+
+def _latent(*shape: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A ComfyUI LATENT: samples in the VAE's own space (as the sampler leaves them)."""
+    return {"samples": torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.5}
+
+
+def test_loads_from_custom_nodes_like_comfyui(comfy: dict) -> None:
+    pack = comfy["pack"]
+    assert pack.__name__ == str(Path(pack.__file__).parent).replace(".", "_x_")  # ComfyUI's module naming
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"HybridVAEDecode"}
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"HybridVAEDecode": "Hybrid VAE Decode"}
+    node_cls = pack.NODE_CLASS_MAPPINGS["HybridVAEDecode"]
+    assert node_cls.__module__ == pack.__name__ + ".nodes"  # the relative import resolved inside the package
+
+
+_FRESH_LOAD = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                    and "editable" not in getattr(type(f), "__module__", "")]
+sys.path[:] = [p for p in sys.path if p not in ("", {repo!r})]
+try:
+    import policy
+    raise SystemExit("the engine is importable before the node package runs: the test proves nothing")
+except ImportError:
+    pass
+sys.path.insert(0, {stub!r})
+import loader
+pack = loader.load_custom_node({link!r})
+assert {repo!r} in sys.path and sys.path[-1] == {repo!r}, sys.path[-3:]
+assert "server" not in sys.modules, "the node imported a top-level 'server' (ComfyUI has its own)"
+print("OK", sorted(pack.NODE_CLASS_MAPPINGS))
+"""
+
+
+def test_loads_in_a_fresh_comfyui_like_interpreter_without_the_repo_on_sys_path(tmp_path: Path) -> None:
+    """Only the symlink leads to the engine: the package appends the repository root to sys.path itself,
+    and never imports a top-level ``server`` module (ComfyUI's own ``server`` must not be shadowed)."""
+    import subprocess
+
+    link = tmp_path / "custom_nodes" / "hybrid_vae"
+    link.parent.mkdir()
+    link.symlink_to(REPO / "extension" / "comfyui", target_is_directory=True)
+    code = _FRESH_LOAD.format(repo=str(REPO), stub=str(STUB), link=str(link))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK ['HybridVAEDecode']" in proc.stdout
+
+
+def test_node_api(comfy: dict) -> None:
+    node_cls = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]
+    spec = node_cls.INPUT_TYPES()
+    assert spec["required"]["samples"][0] == "LATENT" and spec["required"]["vae"][0] == "VAE"
+    assert spec["optional"]["endpoint"][0] == "STRING" and spec["optional"]["endpoint"][1]["default"] == ""
+    assert spec["optional"]["family"][0][0] == "auto" and "hunyuanvideo" in spec["optional"]["family"][0]
+    assert spec["optional"]["mode"][0] == ["auto", "full", "tiled", "remote"]
+    assert spec["optional"]["free_memory_first"][0] == "BOOLEAN"
+    assert node_cls.RETURN_TYPES == ("IMAGE", "STRING") and len(node_cls.RETURN_NAMES) == 2
+    assert callable(getattr(node_cls(), node_cls.FUNCTION)) and isinstance(node_cls.CATEGORY, str)
+
+
+def test_decodes_like_comfyui_and_asks_comfyui_for_room(comfy: dict, sd15_weights: torch.nn.Module) -> None:
+    vae = _comfy_vae(comfy, sd15_weights)
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 16, 16)
+    comfy["mm"].LOAD_CALLS.clear()
+    image, text = node.decode(lat, vae)
+    ref = vae.decode(lat["samples"])  # ComfyUI's own VAE Decode
+    assert image.shape == (1, 128, 128, 3) and image.dtype == torch.float32
+    assert 0.0 <= image.min().item() and image.max().item() <= 1.0
+    assert (image - ref).abs().max().item() < 1e-4
+    assert text.startswith("Hybrid VAE: ") and "sd15" in text and "ComfyUI vae.decode" in text
+    first = comfy["mm"].LOAD_CALLS[0]
+    assert first["models"] == [vae.patcher]
+    assert first["memory_required"] == vae.memory_used_decode(lat["samples"].shape, vae.vae_dtype)
+    comfy["mm"].LOAD_CALLS.clear()
+    node.decode(lat, vae, free_memory_first=False)
+    assert len(comfy["mm"].LOAD_CALLS) == 1  # only ComfyUI's own decode loaded the VAE this time
+
+
+@pytest.mark.slow
+def test_low_vram_simulated_runs_comfyuis_tiled_decode_with_the_engines_tile(
+        comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = "name=NVIDIA GeForce RTX 3070,free_gib=0.5"
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", spec)
+    vae = _comfy_vae(comfy, sd15_weights)
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 40, 40, seed=1)
+    image, text = node.decode(lat, vae)
+    profiles = load_profiles()
+    expect = decide(DecodeJob("sd15", 320, 320, dtype="float32"), parse_simulation(spec, total_for=lambda n: 8.0),
+                    profiles, DecodeSettings()).chosen
+    assert expect.path == "tiled"
+    kind, args = vae.decode_calls[-1]
+    assert kind == "decode_tiled"
+    assert args["tile_x"] == args["tile_y"] == expect.tile_px // 8 and args["overlap"] == expect.overlap_px // 8
+    assert f"tiled {expect.tile_px}px" in text and "simulated NVIDIA GeForce RTX 3070" in text
+    assert "vae.decode_tiled(tile_x=" in text
+    ref = vae.decode(lat["samples"])
+    assert image.shape == ref.shape == (1, 320, 320, 3)
+    assert (image - ref).abs().mean().item() < 0.05  # tiled vs full: seams only
+
+
+def test_remote_endpoint_down_falls_back_to_local_and_says_so(comfy: dict, sd15_weights: torch.nn.Module) -> None:
+    vae = _comfy_vae(comfy, sd15_weights)
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 8, 8, seed=2)
+    image, text = node.decode(lat, vae, endpoint=f"http://127.0.0.1:{free_port()}/sd15")
+    assert image.shape == (1, 64, 64, 3)
+    assert "fell back from remote" in text and "Connection refused" in text
+    assert (image - vae.decode(lat["samples"])).abs().max().item() < 1e-4
+
+
+def test_remote_endpoint_up_decodes_remotely(comfy: dict, sd15_weights: torch.nn.Module) -> None:
+    vae = _comfy_vae(comfy, sd15_weights)
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 8, 8, seed=3)
+    with serve_in_thread(build_app(DEMO_CONFIG, None)) as base:
+        image, text = node.decode(lat, vae, endpoint=f"{base}/sd15", mode="remote")
+    assert "remote" in text and "fell back" not in text and "via 127.0.0.1" in text
+    # the demo serves the same sd15 weights: the remote image matches ComfyUI's decode up to 8-bit rounding
+    assert (image - vae.decode(lat["samples"])).abs().max().item() <= 1 / 255 + 1e-3
+
+
+def test_a_diffusers_first_stage_model_runs_on_the_engines_executors(
+        comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", "name=NVIDIA GeForce RTX 3070,free_gib=0.5")
+    vae = _comfy_vae(comfy, sd15_weights, kind="diffusers")
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 40, 40, seed=4)
+    image, text = node.decode(lat, vae)
+    assert "tiled" in text and "engine executors" in text and vae.decode_calls == []
+    with torch.no_grad():
+        ref = ((sd15_weights.decode(lat["samples"]).sample.clamp(-1, 1) + 1) / 2).movedim(1, -1)
+    assert (image - ref).abs().mean().item() < 0.05
+
+
+def test_video_vae_gives_frames(comfy: dict) -> None:
+    vae = _comfy_vae(comfy, build_tiny_vae("hunyuanvideo"), channels=16, kind="hunyuan")
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 16, 2, 8, 8, seed=5)
+    image, text = node.decode(lat, vae)
+    assert image.shape == (5, 64, 64, 3) and "hunyuanvideo" in text
+    ref = vae.decode(lat["samples"])  # [B, T, H, W, C]
+    assert (image - ref.reshape(-1, *ref.shape[-3:])).abs().max().item() < 1e-4
+
+
+def test_flux_and_a_vae_without_a_family(comfy: dict) -> None:
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    flux = _comfy_vae(comfy, build_tiny_vae("flux"), channels=16, kind="engine")
+    image, text = node.decode(_latent(1, 16, 8, 8, seed=6), flux)
+    assert image.shape == (1, 64, 64, 3) and "| flux (" in text
+    odd = comfy["sd"].VAE(build_tiny_vae("sd15").decoder, latent_channels=4)
+    odd.latent_channels, odd.upscale_ratio = 7, 8  # a VAE the engine has no family for
+    odd.first_stage_model = type("Odd", (torch.nn.Module,), {"decode": lambda self, z: torch.zeros(
+        z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8)})()
+    image, text = node.decode({"samples": torch.zeros(1, 7, 4, 4)}, odd)
+    assert image.shape == (1, 32, 32, 3) and "ComfyUI vae.decode" in text and "no family" in text
+
+
+def test_every_plan_failing_saves_the_latent_in_comfyuis_output(comfy: dict, sd15_weights: torch.nn.Module) -> None:
+    from policy import DecodeFailedError
+
+    vae = _comfy_vae(comfy, sd15_weights)
+
+    def broken(samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
+        raise RuntimeError("decoder exploded")
+
+    vae.decode = broken  # type: ignore[method-assign]
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    with pytest.raises(DecodeFailedError) as err:
+        node.decode(_latent(1, 4, 8, 8, seed=7), vae, endpoint=f"http://127.0.0.1:{free_port()}/sd15")
+    path = err.value.latent_path
+    assert path is not None and path.is_file() and path.parent == comfy["out"] / "hybrid-vae-latents"
+    assert "decoder exploded" in str(err.value)
+
+
+def test_repo_root_is_found_through_the_symlink(comfy: dict) -> None:
+    pack = comfy["pack"]
+    assert pack.repo_root() == REPO
+    assert Path(pack.__file__).parent.is_symlink() or Path(pack.__file__).resolve() != Path(pack.__file__)
