@@ -49,6 +49,9 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.25)")
     e.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
     e.add_argument("--custom-vae", action="store_true", help="the VAE is not the family's stock VAE")
+    e.add_argument("--learned", nargs="?", const="", default=None, metavar="PATH",
+                   help="apply learned timings (alone: $HYBRID_VAE_LEARNED or the user cache file; "
+                        "reset with `hybrid-vae calibrate --reset-learned`)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_explain)
 
@@ -114,7 +117,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         settings = DecodeSettings(**kw)
         job = DecodeJob(family=args.family, width=args.width, height=args.height, batch=args.batch,
                         frames=args.frames, dtype=args.dtype, custom_vae=args.custom_vae)
-        decision = decide(job, state, profiles, settings)
+        learned_info: dict[str, Any] | None = None
+        learned = None
+        if getattr(args, "learned", None) is not None:
+            from policy.learned import LearnedStore
+
+            store = LearnedStore(args.learned or None)
+            learned = store.load()
+            learned_info = {"path": str(store.path), "error": store.error, "min_count": learned.min_count,
+                            "entries": [e.to_dict() for e in learned.for_card(state.name, job.family)]}
+        decision = decide(job, state, profiles, settings, learned=learned)
     except (LatentError, ProfileError) as exc:
         return _fail(str(exc), 2)
     except ValueError as exc:  # pydantic validation of settings
@@ -122,10 +134,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except HybridVAEError as exc:
         return _fail(str(exc), 1)
     if args.json:
-        print(json.dumps(decision.to_dict(), indent=2, default=str))
+        out = decision.to_dict()
+        if learned_info is not None:
+            out["learned"] = learned_info
+        print(json.dumps(out, indent=2, default=str))
     else:
         print(render(decision))
+        if learned_info is not None:
+            print(render_learned(learned_info))
     return 0
+
+
+def render_learned(info: dict[str, Any]) -> str:
+    """The learned-timing lines of ``explain`` (entries of this card and family)."""
+    head = f"Learned   {info['path']}"
+    if info.get("error"):
+        return f"{head}: ignored ({info['error']})"
+    entries = info["entries"]
+    if not entries:
+        return f"{head}: nothing learned for this card and family yet"
+    lines = [f"{head} (applied from {info['min_count']} decodes)"]
+    for e in entries:
+        used = "applied" if e["count"] >= info["min_count"] else "not yet applied"
+        lines.append(f"          {e['path']:<6} {e['bucket']:>7}: x{e['factor']:.2f} from {e['count']} decodes ({used})")
+    return "\n".join(lines)
 
 
 def render(d: Decision) -> str:

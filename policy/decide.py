@@ -12,6 +12,7 @@ Rules (each is tested):
   the smallest tile is tried first only if it fits inside the reserve; else remote, else cpu.
 - Fallbacks: after a GPU plan, plans that need at least a quarter less memory (so an OOM retry can
   succeed), remote by speed, and cpu last.
+- Learned timings (``learned=``, see :mod:`policy.learned`) scale local plans' seconds, never memory.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from policy.estimate import (
     spatial_tiles,
 )
 from policy.gpu import GiB, GpuState
+from policy.learned import Learned, job_voxels
 from policy.model import (
     Decision,
     DecodeJob,
@@ -106,7 +108,7 @@ def _actual_tile(job: DecodeJob, fam: Family, cap: int, overlap: int) -> int:
 
 
 def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings | None = None,
-           network: NetworkArg = None) -> Decision:
+           network: NetworkArg = None, learned: Learned | None = None) -> Decision:
     """Choose how to decode ``job`` on ``gpu``; pure: the same inputs give the same decision.
 
     Args:
@@ -116,6 +118,9 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         settings (`DecodeSettings`, defaults to `DecodeSettings()`): the user's choices.
         network (`NetworkStats | Mapping[str, NetworkStats] | None`): what is known about endpoints;
             None assumes a 50 Mbit/s, 150 ms link.
+        learned (`Learned | None`): learned timing factors of this machine (read by the caller from
+            :class:`policy.learned.LearnedStore`); they scale local plans' seconds and are named in
+            each plan's ``seconds_source``.
 
     Raises:
         ProfileError: unknown family. LatentError: a job that cannot be decoded (size, frames, batch).
@@ -136,11 +141,18 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     def local(path: str, *, tile: int | None = None, chunk: int | None = None, slice_batch: bool = False) -> Plan:
         ov = overlap if tile is not None else 0
         fov = fam.tiling.frame_chunk_overlap if chunk is not None else 0
+        secs = local_seconds(job, fam, speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
+                             frame_overlap=fov, slice_batch=slice_batch)
+        secs_src = speed.source
+        if learned is not None:
+            factor, entry = learned.factor(gpu.name, job.family, path, job_voxels(job))
+            if entry is not None:
+                secs *= factor
+                wide = " (card-wide)" if entry.family != job.family else ""
+                secs_src += f"; x{factor:.2f} learned from {entry.count} decodes{wide}"
         est = Estimate(
             peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch),
-            seconds=local_seconds(job, fam, speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
-                                  frame_overlap=fov, slice_batch=slice_batch),
-            peak_source=peak_src, seconds_source=speed.source)
+            seconds=secs, peak_source=peak_src, seconds_source=secs_src)
         return Plan(path=path, estimate=est, dtype=dtype, tile_px=tile, overlap_px=ov,  # type: ignore[arg-type]
                     frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch)
 

@@ -1,0 +1,295 @@
+"""What users would otherwise run, as strategies the simulated world can execute.
+
+Each strategy turns a :class:`~bench.world.Scenario` into a sequence of :class:`~bench.world.Exec`
+attempts and stops at the first success; an out-of-memory error either moves it to its next attempt
+or, where that system gives up, loses the image. Sources for each rule are in the docstrings and in
+``shared/notes/peers.md`` / ``memory-and-speed.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from bench.world import Exec, Scenario, World
+from policy.decide import decide
+from policy.learned import Learned
+from policy.model import Decision, DecodeSettings
+from policy.profiles import Family, Profiles, dtype_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one strategy did in one scenario.
+
+    Attributes:
+        supported: False where the system cannot decode this family at all (Tiled VAE and video).
+        delivered: an image came out. seconds: wall time of all attempts (failed ones included).
+        attempts: labels of the executions tried, in order. ooms: attempts that ran out of memory.
+        wasted: failed attempts (OOMs and failed remote requests).
+        note: why an image was lost (``out of memory``, ``no endpoint``, ...).
+    """
+
+    supported: bool
+    delivered: bool
+    seconds: float
+    attempts: tuple[str, ...] = ()
+    ooms: int = 0
+    wasted: int = 0
+    note: str = ""
+
+
+def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | list[tuple[str, Exec]]) -> Outcome:
+    """Run attempts in order until one succeeds."""
+    t, ooms, wasted, labels, note = 0.0, 0, 0, [], ""
+    for label, ex in chain:
+        a = world.attempt(sc, ex)
+        t += a.seconds
+        labels.append(label)
+        if a.ok:
+            return Outcome(True, True, t, tuple(labels), ooms, wasted)
+        wasted += 1
+        ooms += a.oom
+        note = a.error or "failed"
+    return Outcome(True, False, t, tuple(labels), ooms, wasted, note or "nothing to try")
+
+
+# ---- this engine ---------------------------------------------------------------------------------
+
+
+def engine_decision(sc: Scenario, profiles: Profiles, *, reserve_mib: float | None = None,
+                    learned: Learned | None = None, cache: dict[tuple[object, ...], Decision] | None = None) -> Decision:
+    """``decide`` for a scenario (remote allowed when there is a network), memoised in ``cache``."""
+    key = (sc.key, reserve_mib, id(learned) if learned is not None else None)
+    if cache is not None and key in cache:
+        return cache[key]
+    kw: dict[str, object] = {"allow_remote": sc.network is not None}
+    if reserve_mib is not None:
+        kw["reserve_bytes"] = int(reserve_mib * 2**20)
+    d = decide(sc.job(), sc.gpu(), profiles, DecodeSettings(**kw),  # type: ignore[arg-type]
+               sc.network.stats() if sc.network else None, learned=learned)
+    if cache is not None:
+        cache[key] = d
+    return d
+
+
+def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *, tight_first: bool) -> Outcome:
+    fam = profiles.family(sc.family)
+    plans = list(d.plans)
+    if tight_first:
+        tight = [o.plan for o in d.options if o.plan.path in ("full", "tiled") and not o.feasible
+                 and o.plan.estimate.peak_bytes <= d.available_bytes]
+        if tight:
+            t = min(tight, key=lambda p: p.estimate.seconds)
+            if t.estimate.seconds * 1.25 < d.chosen.estimate.seconds:
+                plans.insert(0, t)
+    return run_chain(world, sc, [(p.label, Exec.from_plan(p, fam, sc.batch)) for p in plans])
+
+
+def engine(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """``decide`` with default settings and its fallback chain, run in the world."""
+    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=False)
+
+
+def engine_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """The engine with the learned timings of a warm-up run (see :func:`bench.matrix.train_learned`)."""
+    d = engine_decision(sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
+    return _run_decision(world, sc, profiles, d, tight_first=False)
+
+
+def engine_reserve_64(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """WHAT-IF: the engine with ``reserve_bytes`` = 64 MiB instead of the default 256 MiB."""
+    d = engine_decision(sc, profiles, reserve_mib=64, cache=kw.get("cache"))
+    return _run_decision(world, sc, profiles, d, tight_first=False)
+
+
+def engine_tight_first(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """WHAT-IF (not the engine's rule today): a local plan that fits the available memory but not the
+    reserve goes first when it is >= 1.25x faster than the decision's choice; the decision's chain
+    stays behind it, so an OOM costs one attempt, never the image."""
+    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=True)
+
+
+def engine_tight_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """WHAT-IF: the 'tight plan first' rule and learned timings together."""
+    d = engine_decision(sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
+    return _run_decision(world, sc, profiles, d, tight_first=True)
+
+
+# ---- peers -----------------------------------------------------------------------------------------
+
+
+def _default_full(fam: Family, batch: int) -> Exec:
+    """diffusers' default decode: the whole batch at once; HunyuanVideo frame-wise (its default), Wan chunked."""
+    if fam.video and fam.tiling.frame_chunk is not None:
+        return Exec("full", items=batch, frame_chunk=fam.tiling.frame_chunk, frame_overlap=fam.tiling.frame_chunk_overlap)
+    return Exec("full", items=batch)
+
+
+def always_full(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
+    """diffusers ``vae.decode`` (tiling and slicing off): an OOM is an exception; the image is lost."""
+    return run_chain(world, sc, [("full", _default_full(profiles.family(sc.family), sc.batch))])
+
+
+def sdnext_default(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
+    """SD.Next ``full_vae_decode``: VAE slicing on by default (one image at a time), tiling off unless
+    --lowvram; any exception, OOM included, returns ``[]``: the image is lost."""
+    fam = profiles.family(sc.family)
+    ex = _default_full(fam, sc.batch)
+    if not fam.video:
+        ex = Exec("full", items=1)
+    return run_chain(world, sc, [("full (sliced)", ex)])
+
+
+def comfy_formula(fam: Family, sc: Scenario) -> float:
+    """ComfyUI's ``memory_used_decode`` for ONE item (bytes): SD 2178, HunyuanVideo 1500*T, Wan 7000 per latent px x 64."""
+    s = fam.spatial_compression
+    lat_px = (sc.height // s) * (sc.width // s)
+    ds = dtype_bytes(sc.dtype)
+    if fam.architecture == "hunyuanvideo":
+        t = ((sc.frames or 1) - 1) // fam.temporal_compression + 1
+        return 1500.0 * t * lat_px * 64 * ds
+    if fam.architecture == "wan":
+        return 7000.0 * lat_px * 64 * ds
+    return 2178.0 * lat_px * 64 * ds
+
+
+def _comfy_tiled(fam: Family, tile_lat: int) -> Exec:
+    """``decode_tiled_``: three passes (t x t, t/2 x 2t, 2t x t/2) averaged; overlap t/4 (16 at t=64)."""
+    s = fam.spatial_compression
+    t = tile_lat * s
+    return Exec("tiled", tiles=((t, t), (t // 2, t * 2), (t * 2, t // 2)), overlap_px=(tile_lat // 4) * s,
+                geometry="comfy")
+
+
+def _comfy_video_tiled(fam: Family) -> Exec:
+    """``decode_tiled_3d``: 256 px spatial tiles, overlap 64 px, every frame at once (tile_t=999)."""
+    return Exec("tiled", tiles=((256, 256),), overlap_px=64, geometry="diffusers", frame_chunk=None)
+
+
+def _comfy_retries(fam: Family) -> Iterator[tuple[str, Exec]]:
+    if fam.video:
+        yield "tiled 3d 256px", _comfy_video_tiled(fam)
+        return
+    tile = 64
+    while tile >= 8:  # current ComfyUI: shrink by 8 latent px after each further OOM
+        yield f"tiled x3 {tile * fam.spatial_compression}px", _comfy_tiled(fam, tile)
+        tile -= 8
+
+
+def comfyui(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
+    """ComfyUI / Forge ``VAE.decode``: items per pass = free memory (NVML + torch cache) / formula, at
+    least 1 — so the full decode is always tried; OOM -> tiled (64-latent tiles, three passes), then
+    smaller tiles after each further OOM; the last OOM is raised: the image is lost."""
+    fam = profiles.family(sc.family)
+    per = comfy_formula(fam, sc)
+    k = max(1, min(sc.batch, int(sc.gpu().available_bytes / per)))
+    # ComfyUI's own video VAEs decode every frame at once (Wan: causally, frame by frame)
+    first = Exec("full", items=k)
+
+    def chain() -> Iterator[tuple[str, Exec]]:
+        yield f"full x{k}", first
+        yield from _comfy_retries(fam)
+
+    return run_chain(world, sc, chain())
+
+
+def comfy_gated(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
+    """The formula used as a gate (as Forge's and InvokeAI's users experience it): full only when the
+    formula fits the free memory, else tiled with 64-latent tiles at once; OOM -> ComfyUI's tiled retries."""
+    fam = profiles.family(sc.family)
+    per = comfy_formula(fam, sc)
+    avail = sc.gpu().available_bytes
+    k = min(sc.batch, int(avail / per))
+
+    def chain() -> Iterator[tuple[str, Exec]]:
+        if k >= 1:
+            yield f"full x{k}", Exec("full", items=k)
+        yield from _comfy_retries(fam)
+
+    return run_chain(world, sc, chain())
+
+
+def tiledvae_tile(total_gib: float) -> int:
+    """Tiled VAE's decoder tile (latent px) from TOTAL VRAM in MiB against thresholds in thousands."""
+    mib = total_gib * 1024
+    for limit, tile in ((30000, 256), (16000, 192), (12000, 128), (8000, 96)):
+        if mib > limit:
+            return tile
+    return 64
+
+
+def tiled_vae(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
+    """Tiled VAE (A1111 multidiffusion-upscaler): always tiles, tile from total VRAM, 11-latent-px pad,
+    fast GroupNorm estimate; images only; an OOM is an error (image lost)."""
+    fam = profiles.family(sc.family)
+    if fam.video:
+        return Outcome(False, False, 0.0, note="images only")
+    s = fam.spatial_compression
+    tile = tiledvae_tile(sc.card.total_gib) * s
+    ex = Exec("tiled", tiles=((tile, tile),), overlap_px=11 * s, geometry="tiledvae")
+    return run_chain(world, sc, [(f"tiled vae {tile}px", ex)])
+
+
+def always_remote(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
+    """diffusers ``remote_decode`` / ComfyUI-HFRemoteVae: raw tensor back, no fallback; no endpoint,
+    no network or an HTTP error loses the image."""
+    return run_chain(world, sc, [("remote raw", Exec("remote", fmt="raw"))])
+
+
+
+Strategy = Callable[..., Outcome]
+STRATEGIES: dict[str, tuple[str, Strategy]] = {
+    "engine": ("hybrid-vae (this engine)", engine),
+    "always_full": ("always full (diffusers default)", always_full),
+    "sdnext": ("SD.Next default (full, sliced; OOM -> nothing)", sdnext_default),
+    "comfyui": ("ComfyUI/Forge (try full, OOM -> tiled x3)", comfyui),
+    "comfy_gated": ("ComfyUI formula as a gate", comfy_gated),
+    "tiled_vae": ("Tiled VAE (tile from total VRAM)", tiled_vae),
+    "always_remote": ("always remote (no fallback)", always_remote),
+}
+#: The engine under other settings or rules (what-if rows; never mixed into the headline table).
+WHAT_IF: dict[str, tuple[str, Strategy]] = {
+    "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
+    "engine_reserve64": ("engine, reserve 64 MiB instead of 256 MiB", engine_reserve_64),
+    "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),
+    "engine_tight_learned": ("engine + 'tight plan first' + learned timings", engine_tight_learned),
+}
+ALL: dict[str, tuple[str, Strategy]] = {**STRATEGIES, **WHAT_IF}
+
+
+def candidates(sc: Scenario, profiles: Profiles, cache: dict[tuple[object, ...], Any] | None = None) -> list[Exec]:
+    """Every execution any strategy could run here: the engine's local options at every tile, remote
+    raw and png, the CPU, and the peers' own plans. The best successful one defines regret."""
+    fam = profiles.family(sc.family)
+    key = ("candidates", sc.local_key)
+    d = cache.get(key) if cache is not None else None
+    if d is None:
+        d = decide(sc.job(), sc.gpu(), profiles, DecodeSettings(allow_remote=False))
+        if cache is not None:
+            cache[key] = d
+    out = {Exec.from_plan(o.plan, fam, sc.batch) for o in d.options}
+    if sc.network is not None and fam.endpoints:  # lossless formats (video: raw only; mp4 is lossy)
+        out |= {Exec("remote", fmt="raw")} | (set() if fam.video else {Exec("remote", fmt="png")})
+    out.add(_default_full(fam, sc.batch))
+    if not fam.video:
+        out.add(Exec("full", items=1))
+        out.add(_comfy_tiled(fam, 64))
+        t = tiledvae_tile(sc.card.total_gib) * fam.spatial_compression
+        out.add(Exec("tiled", tiles=((t, t),), overlap_px=11 * fam.spatial_compression, geometry="tiledvae"))
+    else:
+        out.add(_comfy_video_tiled(fam))
+    return sorted(out, key=lambda e: e.key)
+
+
+def best_seconds(world: World, sc: Scenario, profiles: Profiles,
+                 cache: dict[tuple[object, ...], Any] | None = None) -> tuple[float, str]:
+    """The fastest execution that succeeds in this world, and its key."""
+    best = (math.inf, "")
+    for ex in candidates(sc, profiles, cache):
+        a = world.attempt(sc, ex)
+        if a.ok and a.seconds < best[0]:
+            best = (a.seconds, ex.key)
+    return best

@@ -1,0 +1,345 @@
+"""Learned timings: how far this machine's measured decode seconds are from the engine's estimates.
+
+The engine's seconds come from GPU profiles (the seed's tables, the H200 data, or
+``hybrid-vae calibrate``) and a generic model for cards without one. Each successful local decode
+adds one observation ``measured / estimated`` to an exponentially weighted moving average (EWMA, in
+log space, so x2 and x0.5 weigh the same) per key
+
+    (card name, family, path, size bucket)
+
+where ``path`` is ``full`` or ``tiled`` and the size bucket is the output megapixels per item
+(frames included) rounded to a power of two (``0.25MP``, ``1MP``, ``4MP``, ...). Every observation
+also updates a card-wide entry ``(card, *, *, *)``. ``decide(..., learned=...)`` multiplies a local
+plan's seconds by the exact key's factor once it has ``min_count`` observations, else by the
+card-wide factor once that has ``min_count`` (most of what is learned is "this card is slower than
+its profile says", which holds across families, sizes and paths; one card-wide factor for both
+paths cannot flip a full-vs-tiled choice, per-path factors from other sizes could), and says so in the plan's
+``seconds_source`` (``"...; x0.82 learned from 12 decodes"``, ``"... (card-wide)"``). Memory
+estimates are never learned here: a wrong memory estimate is an out-of-memory error, and those are
+handled by the fallback chain.
+
+Everything in this module except :class:`LearnedStore` is pure data and math. The store is a small
+JSON file (at most ``max_entries`` keys, the least recently updated dropped first) at, in order:
+the path given, env ``HYBRID_VAE_LEARNED``, or ``<user cache dir>/hybrid-vae/learned.json``.
+Reset it with ``hybrid-vae calibrate --reset-learned`` (or delete the file). A broken file never
+stops a decode: it reads as empty and the error is kept in :attr:`LearnedStore.error`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from policy.model import Decision, DecodeJob, Plan
+
+log = logging.getLogger("hybrid_vae.learned")
+
+ENV_LEARNED = "HYBRID_VAE_LEARNED"
+LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled"})
+MAX_ENTRIES = 512
+FORMAT_VERSION = 1
+#: One observation moves the factor at most this far (first decode of a process: cuDNN warm-up).
+RATIO_CLAMP = (0.25, 4.0)
+ANY = "*"  # family and bucket of a card-wide entry
+
+
+def size_bucket(voxels: float) -> str:
+    """The size bucket of ``voxels`` output pixels (x frames) per item: megapixels rounded to a power of 2.
+
+    >>> size_bucket(1024 * 1024), size_bucket(832 * 1216), size_bucket(512 * 512)
+    ('1MP', '1MP', '0.25MP')
+    """
+    mp = max(float(voxels), 1.0) / 2**20
+    exp = max(-6, min(12, round(math.log2(mp))))
+    return f"{2.0**exp:g}MP"
+
+
+def job_voxels(job: DecodeJob) -> int:
+    """Output pixels x frames of one item of ``job`` (what :func:`size_bucket` buckets)."""
+    return job.width * job.height * (job.frames or 1)
+
+
+def entry_key(card: str, family: str, path: str, bucket: str) -> str:
+    """The store's key: ``card|family|path|bucket`` (card name as the probe reports it)."""
+    return f"{card}|{family}|{path}|{bucket}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedEntry:
+    """One key's learned factor.
+
+    Attributes:
+        card, family, path, bucket: the key (see module docs).
+        factor: EWMA of measured / estimated seconds (1.0 = the estimate was right).
+        count: observations so far.
+        updated: UNIX time of the last observation (the oldest entries are dropped first).
+    """
+
+    card: str
+    family: str
+    path: str
+    bucket: str
+    factor: float
+    count: int
+    updated: float
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.card, self.family, self.path, self.bucket)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _entry_from(obj: object) -> LearnedEntry | None:
+    """An entry from decoded JSON, or None when a field is missing or out of range."""
+    if not isinstance(obj, Mapping):
+        return None
+    try:
+        e = LearnedEntry(card=str(obj["card"]), family=str(obj["family"]), path=str(obj["path"]),
+                         bucket=str(obj["bucket"]), factor=float(obj["factor"]), count=int(obj["count"]),
+                         updated=float(obj["updated"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    lo, hi = RATIO_CLAMP
+    path_ok = e.path in LEARN_PATHS or (e.path == ANY and e.family == ANY and e.bucket == ANY)
+    if not (lo <= e.factor <= hi) or e.count < 1 or not path_ok or not math.isfinite(e.updated):
+        return None
+    return e
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """A snapshot of learned factors; pass it to ``decide(..., learned=...)``.
+
+    Attributes:
+        entries: entries by :func:`entry_key`.
+        min_count: observations a key needs before its factor is applied (fewer: shown, not used).
+    """
+
+    entries: Mapping[str, LearnedEntry] = dataclasses.field(default_factory=dict)
+    min_count: int = 3
+
+    def lookup(self, card: str, family: str, path: str, voxels: float) -> LearnedEntry | None:
+        """The entry for this key, applied or not."""
+        return self.entries.get(entry_key(card, family, path, size_bucket(voxels)))
+
+    def factor(self, card: str, family: str, path: str, voxels: float) -> tuple[float, LearnedEntry | None]:
+        """``(factor, entry)`` to apply to a local plan's seconds: the exact key's entry, else the
+        card-wide one (``entry.family == "*"``), each only from ``min_count`` observations; ``(1.0, None)``
+        when none applies."""
+        if path not in LEARN_PATHS:
+            return 1.0, None
+        for e in (self.lookup(card, family, path, voxels), self.entries.get(entry_key(card, ANY, ANY, ANY))):
+            if e is not None and e.count >= self.min_count:
+                return e.factor, e
+        return 1.0, None
+
+    def for_card(self, card: str, family: str | None = None) -> list[LearnedEntry]:
+        """Entries of one card (and family), sorted by key."""
+        return sorted((e for e in self.entries.values() if e.card == card and (family is None or e.family == family)),
+                      key=lambda e: e.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, "min_count": self.min_count,
+                "entries": [e.to_dict() for e in sorted(self.entries.values(), key=lambda e: e.key)]}
+
+    @classmethod
+    def from_dict(cls, data: object, *, min_count: int = 3) -> Learned:
+        """Parse :meth:`to_dict` output; malformed entries are skipped (a warning names how many)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"learned timings must be a JSON object with 'entries', got {type(data).__name__}")
+        raw = data.get("entries", [])
+        if not isinstance(raw, list):
+            raise ValueError("'entries' must be a list")
+        entries: dict[str, LearnedEntry] = {}
+        bad = 0
+        for obj in raw:
+            e = _entry_from(obj)
+            if e is None:
+                bad += 1
+            else:
+                entries[e.key] = e
+        if bad:
+            log.warning("hybrid-vae: skipped %d malformed learned-timing entries", bad)
+        return cls(entries=entries, min_count=min_count)
+
+
+def observe(learned: Learned, *, card: str, family: str, path: str, voxels: float, estimated_s: float,
+            measured_s: float, now: float, alpha: float = 0.2, max_entries: int = MAX_ENTRIES) -> Learned:
+    """Return ``learned`` with one more observation (pure; the input is unchanged).
+
+    Args:
+        estimated_s: the engine's estimate *without* any learned factor (see
+            :meth:`LearnedStore.record_plan`, which divides the applied factor out).
+        measured_s: the decode's wall time.
+        alpha: EWMA weight of a new observation once a key has ``1 / alpha`` observations; before
+            that the factor is the plain (log) mean, so early observations are not over-weighted
+            toward the prior.
+        max_entries: keys kept; the least recently updated are dropped.
+
+    Raises:
+        ValueError: a non-positive or non-finite time, an unknown path, or alpha outside (0, 1].
+    """
+    if path not in LEARN_PATHS:
+        raise ValueError(f"path={path!r}: only {sorted(LEARN_PATHS)} decodes are learned")
+    for name, v in (("estimated_s", estimated_s), ("measured_s", measured_s)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v!r}: must be a positive number of seconds")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha!r}: must be in (0, 1]")
+    if family == ANY:
+        raise ValueError(f"family={family!r} is reserved for card-wide entries")
+    lo, hi = RATIO_CLAMP
+    ratio = min(hi, max(lo, measured_s / estimated_s))
+    entries = dict(learned.entries)
+    for fam, pth, bucket in ((family, path, size_bucket(voxels)), (ANY, ANY, ANY)):
+        key = entry_key(card, fam, pth, bucket)
+        old = entries.get(key)
+        if old is None:
+            factor, count = ratio, 1
+        else:
+            count = old.count + 1
+            a = max(alpha, 1.0 / count)
+            factor = math.exp((1 - a) * math.log(old.factor) + a * math.log(ratio))
+        entries[key] = LearnedEntry(card=card, family=fam, path=pth, bucket=bucket, factor=factor, count=count,
+                                    updated=now)
+    if len(entries) > max_entries:
+        keep = sorted(entries.values(), key=lambda e: (e.updated, e.key))[-max_entries:]
+        entries = {e.key: e for e in keep}
+    return Learned(entries=entries, min_count=learned.min_count)
+
+
+def default_path() -> Path:
+    """``$HYBRID_VAE_LEARNED``, else ``<cache>/hybrid-vae/learned.json`` (XDG / %LOCALAPPDATA% / ~/Library/Caches)."""
+    env = os.environ.get(ENV_LEARNED)
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "hybrid-vae" / "learned.json"
+
+
+class LearnedStore:
+    """The learned factors in a small JSON file. Reads never raise; writes are atomic (temp file + rename).
+
+    Two processes recording at the same moment may lose one observation (last writer wins); nothing
+    else is at risk, and an observation is cheap to lose.
+
+    Args:
+        path (`str | Path | None`): the file; None: env ``HYBRID_VAE_LEARNED`` or the user cache dir.
+        max_entries (`int`, defaults to 512): keys kept (the least recently updated are dropped).
+        alpha (`float`, defaults to 0.2): EWMA weight of a new observation (see :func:`observe`).
+        min_count (`int`, defaults to 3): observations before a factor is applied.
+    """
+
+    def __init__(self, path: str | Path | None = None, *, max_entries: int = MAX_ENTRIES, alpha: float = 0.2,
+                 min_count: int = 3) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries={max_entries}: must be >= 1")
+        self.path = Path(path).expanduser() if path not in (None, "") else default_path()
+        self.max_entries, self.alpha, self.min_count = max_entries, alpha, min_count
+        self.error: str | None = None
+
+    def load(self) -> Learned:
+        """The stored factors; empty when the file is missing or broken (then :attr:`error` says why)."""
+        self.error = None
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return Learned(min_count=self.min_count)
+        except (OSError, UnicodeDecodeError) as exc:
+            self.error = f"{self.path}: cannot read learned timings: {exc}"
+        else:
+            try:
+                return Learned.from_dict(json.loads(text), min_count=self.min_count)
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                self.error = (f"{self.path}: not a learned-timings file ({exc}); ignored; "
+                              "reset it with `hybrid-vae calibrate --reset-learned`")
+        log.warning("hybrid-vae: %s", self.error)
+        return Learned(min_count=self.min_count)
+
+    def save(self, learned: Learned) -> None:
+        """Write ``learned`` atomically (creates the folder)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".learned-", suffix=".json", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(learned.to_dict(), f, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def record(self, *, card: str, family: str, path: str, voxels: float, estimated_s: float, measured_s: float,
+               now: float | None = None) -> LearnedEntry:
+        """Add one observation and save; returns the updated entry."""
+        new = observe(self.load(), card=card, family=family, path=path, voxels=voxels, estimated_s=estimated_s,
+                      measured_s=measured_s, now=time.time() if now is None else now, alpha=self.alpha,
+                      max_entries=self.max_entries)
+        self.save(new)
+        e = new.lookup(card, family, path, voxels)
+        assert e is not None
+        return e
+
+    def record_plan(self, *, card: str, family: str, path: str, voxels: float, plan_seconds: float,
+                    measured_s: float, applied: Learned | None) -> LearnedEntry | None:
+        """Record a decode that ran a plan whose estimate may already include a learned factor.
+
+        ``plan_seconds`` is ``plan.estimate.seconds`` as ``decide(..., learned=applied)`` produced it;
+        the factor ``applied`` gave is divided out so the EWMA always compares against the raw model.
+        Returns None (nothing recorded) for paths that are not learned or non-positive times.
+        """
+        if path not in LEARN_PATHS or not (measured_s > 0 and plan_seconds > 0):
+            return None
+        f = applied.factor(card, family, path, voxels)[0] if applied is not None else 1.0
+        return self.record(card=card, family=family, path=path, voxels=voxels, estimated_s=plan_seconds / f,
+                           measured_s=measured_s)
+
+    def record_decision(self, decision: Decision, plan: Plan, measured_s: float, *,
+                        applied: Learned | None) -> LearnedEntry | None:
+        """Record a successful decode of ``plan`` (one of ``decision.plans``) that took ``measured_s``.
+
+        Nothing is recorded for remote/cpu plans and for simulated or CPU-only GPU states (the time
+        would belong to another device than the key's card). ``applied`` is the snapshot passed to
+        ``decide``. Never raises for an unwritable file: logs and returns None.
+        """
+        gpu = decision.gpu
+        if plan.path not in LEARN_PATHS or gpu.simulated or not gpu.is_accelerator:
+            return None
+        try:
+            return self.record_plan(card=gpu.name, family=decision.job.family, path=plan.path,
+                                    voxels=job_voxels(decision.job), plan_seconds=plan.estimate.seconds,
+                                    measured_s=measured_s, applied=applied)
+        except OSError as exc:
+            log.warning("hybrid-vae: could not save learned timings to %s: %s", self.path, exc)
+            return None
+
+    def reset(self) -> int:
+        """Delete the file; returns how many entries it held (0 when there was none or it was broken)."""
+        n = len(self.load().entries) if self.path.exists() else 0
+        self.path.unlink(missing_ok=True)
+        return n
+
+
+def merge_observations(learned: Learned, observations: Iterable[tuple[str, str, str, float, float, float]], *,
+                       now: float = 0.0, alpha: float = 0.2) -> Learned:
+    """Fold ``(card, family, path, voxels, estimated_s, measured_s)`` tuples into ``learned`` (bench, tests)."""
+    for i, (card, family, path, voxels, est, meas) in enumerate(observations):
+        learned = observe(learned, card=card, family=family, path=path, voxels=voxels, estimated_s=est,
+                          measured_s=meas, now=now + i, alpha=alpha)
+    return learned
