@@ -234,7 +234,7 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
             mode = "remote"
         else:
             notes.append("SD.Next VAE type Remote ignored: remote decode is off in Hybrid VAE settings")
-    return DecodeSettings(mode=mode, allow_remote=cfg.allow_remote, endpoints=dict(cfg.endpoints),  # type: ignore[arg-type]
+    return DecodeSettings(mode=mode, allow_remote=cfg.allow_remote, endpoints=dict(cfg.endpoints),
                           use_builtin_endpoints=cfg.builtin_endpoints, allow_remote_custom_vae=cfg.remote_custom_vae,
                           reserve_bytes=cfg.reserve_mib * MiB, tile_overlap_px=cfg.tile_overlap_px,
                           remote_deadline_s=cfg.remote_deadline_s), notes
