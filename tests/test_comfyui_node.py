@@ -151,27 +151,79 @@ def test_decodes_like_comfyui_and_asks_comfyui_for_room(comfy: dict, sd15_weight
     assert len(comfy["mm"].LOAD_CALLS) == 1  # only ComfyUI's own decode loaded the VAE this time
 
 
-@pytest.mark.slow
-def test_low_vram_simulated_runs_comfyuis_tiled_decode_with_the_engines_tile(
+LOW_VRAM = "name=NVIDIA GeForce RTX 3070,free_gib=0.5"
+
+
+def _expected_tiled(size: int) -> object:
+    plan = decide(DecodeJob("sd15", size, size, dtype="float32"), parse_simulation(LOW_VRAM, total_for=lambda n: 8.0),
+                  load_profiles(), DecodeSettings()).chosen
+    assert plan.path == "tiled"
+    return plan
+
+
+def test_low_vram_simulated_tiles_a_standard_vae_with_the_engines_tiler(
         comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = "name=NVIDIA GeForce RTX 3070,free_gib=0.5"
-    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", spec)
+    """ComfyUI's AutoencoderKL is decoder(post_quant_conv(z)): the engine's one-pass tiler runs it, tile by tile
+    through first_stage_model.decode, after asking ComfyUI to load the VAE for one tile."""
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", LOW_VRAM)
     vae = _comfy_vae(comfy, sd15_weights)
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 40, 40, seed=1)
+    comfy["mm"].LOAD_CALLS.clear()
+    image, text = node.decode(lat, vae, free_memory_first=False)
+    plan = _expected_tiled(320)
+    assert f"tiled {plan.tile_px}px" in text and "simulated NVIDIA GeForce RTX 3070" in text
+    assert "engine tiler" in text and vae.decode_calls == []  # neither ComfyUI's decode nor decode_tiled
+    tile = plan.tile_px // 8
+    assert [c["memory_required"] for c in comfy["mm"].LOAD_CALLS] == [
+        vae.memory_used_decode((1, 4, tile, tile), vae.vae_dtype)]
+    ref = vae.decode(lat["samples"])
+    assert image.shape == ref.shape == (1, 320, 320, 3)
+    assert (image - ref).abs().mean().item() < 0.05  # tiled vs full: tile borders only (GroupNorm sees each tile)
+
+
+@pytest.mark.slow
+def test_low_vram_simulated_runs_comfyuis_decode_tiled_for_other_vaes(
+        comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VAE that is not decoder(post_quant_conv(z)) (here a TAESD-like one): ComfyUI's own decode_tiled, with
+    the engine's tile and overlap in latent units."""
+    from comfy.taesd.taesd import TAESD
+
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", LOW_VRAM)
+    vae = comfy["sd"].VAE(TAESD(sd15_weights), latent_channels=4)
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 40, 40, seed=1)
     image, text = node.decode(lat, vae)
-    profiles = load_profiles()
-    expect = decide(DecodeJob("sd15", 320, 320, dtype="float32"), parse_simulation(spec, total_for=lambda n: 8.0),
-                    profiles, DecodeSettings()).chosen
-    assert expect.path == "tiled"
+    plan = _expected_tiled(320)
     kind, args = vae.decode_calls[-1]
     assert kind == "decode_tiled"
-    assert args["tile_x"] == args["tile_y"] == expect.tile_px // 8 and args["overlap"] == expect.overlap_px // 8
-    assert f"tiled {expect.tile_px}px" in text and "simulated NVIDIA GeForce RTX 3070" in text
+    assert args["tile_x"] == args["tile_y"] == plan.tile_px // 8 and args["overlap"] == plan.overlap_px // 8
     assert "vae.decode_tiled(tile_x=" in text
     ref = vae.decode(lat["samples"])
     assert image.shape == ref.shape == (1, 320, 320, 3)
-    assert (image - ref).abs().mean().item() < 0.05  # tiled vs full: seams only
+    assert (image - ref).abs().mean().item() < 0.05
+
+
+def test_video_tiles_and_frame_chunks_reach_comfyuis_decode_tiled(comfy: dict) -> None:
+    """The executors' video tiling attributes become decode_tiled's tile_x/tile_y/overlap/tile_t/overlap_t."""
+    from comfy.ldm.hunyuan_video.vae import VideoVAE
+
+    from extension.executors import run_plan
+    from policy import Estimate, Plan
+
+    pack_nodes = sys.modules[comfy["pack"].__name__ + ".nodes"]
+    vae = comfy["sd"].VAE(VideoVAE(build_tiny_vae("hunyuanvideo")), latent_channels=16, video=True)
+    fam = load_profiles().family("hunyuanvideo")
+    adapter = pack_nodes.ComfyVAEAdapter(vae, fam)
+    plan = Plan(path="tiled", dtype="float32", tile_px=32, overlap_px=16, frame_chunk=2, frame_overlap=1,
+                estimate=Estimate(peak_bytes=0, seconds=0.0, peak_source="test", seconds_source="test"))
+    z = torch.randn(1, 16, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    out = run_plan(plan, adapter, z, family=fam)
+    assert out.shape == (1, 3, 5, 48, 48)
+    kind, args = vae.decode_calls[-1]
+    assert kind == "decode_tiled"
+    assert args == {"tile_x": 4, "tile_y": 4, "overlap": 2, "tile_t": 2, "overlap_t": 1}
+    assert not adapter.use_tiling and not adapter.use_framewise_decoding  # restored after the plan
 
 
 def test_remote_endpoint_down_falls_back_to_local_and_says_so(comfy: dict, sd15_weights: torch.nn.Module) -> None:
@@ -202,7 +254,7 @@ def test_a_diffusers_first_stage_model_runs_on_the_engines_executors(
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 40, 40, seed=4)
     image, text = node.decode(lat, vae)
-    assert "tiled" in text and "engine executors" in text and vae.decode_calls == []
+    assert "tiled" in text and "engine executors (diffusers VAE)" in text and vae.decode_calls == []
     with torch.no_grad():
         ref = ((sd15_weights.decode(lat["samples"]).sample.clamp(-1, 1) + 1) / 2).movedim(1, -1)
     assert (image - ref).abs().mean().item() < 0.05

@@ -6,14 +6,17 @@ What the node does with ComfyUI's objects (``comfy.sd.VAE`` and the ``LATENT`` d
   inside the sampler), ``[B, C, h, w]`` or video ``[B, C, T, h, w]``. The node normalises them with the
   family's factors (``(z - shift) * scaling``, or ``(z - mean) / std``) because the engine and the
   endpoints take latents as diffusion pipelines hand them over.
-* **Local plans run through ComfyUI's own decoder**: ``vae.decode`` for a full decode, and
+* **Local plans** keep ComfyUI's model management in charge of the weights (loading, offloading, low-VRAM
+  casting). A full decode is ComfyUI's own ``vae.decode``. A tiled decode of a standard image VAE (ComfyUI's
+  ``AutoencoderKL``/``AutoencodingEngine`` with the SD ``Decoder``: SD1.x, SDXL, SD3, Flux) runs the engine's
+  one-pass tiler over ``first_stage_model.decode`` after ``load_models_gpu`` for the tile, exactly as
+  ComfyUI's own tiled decode calls it; any other VAE (video, TAESD, ...) gets ComfyUI's
   ``vae.decode_tiled(tile_x, tile_y, overlap[, tile_t, overlap_t])`` with the engine's tile, overlap and
-  temporal chunk (converted to latent units) for a tiled one. ComfyUI's model management keeps control of
-  the weights (loading, offloading, low-VRAM casting), which the engine's own executors would bypass.
-  Trade-off: ComfyUI's 2-D ``decode_tiled`` averages three passes with differently shaped tiles (about
-  three times the decoder work of one pass at the same memory); the engine only tiles when a full decode
-  does not fit. A VAE whose ``first_stage_model`` is a diffusers model (wrappers from other node packs)
-  is decoded by the engine's executors directly (one-pass tiler).
+  temporal chunk in latent units. Why not always ``decode_tiled``: ComfyUI's 2-D version averages three
+  passes with differently shaped tiles (``tile_x // 2 x tile_y * 2``, ...), about three times the decoder
+  work at the same memory, and with the engine's small tiles the half-width pass needs many more. A VAE whose
+  ``first_stage_model`` is a diffusers model (wrappers from other node packs) is decoded by the engine's
+  executors directly.
 * **Remote** is opt-in: a non-empty ``endpoint`` enables it for that family (the endpoint must serve the
   same VAE as the one wired in: the endpoint's operator sees the images). A bearer token is read from the
   environment variable ``HYBRID_VAE_TOKEN`` (never from a widget, so it does not land in saved workflows).
@@ -47,7 +50,8 @@ from policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.comfyui")
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ComfyVAEAdapter", "HybridVAEDecode", "comfy_family"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ComfyVAEAdapter", "HybridVAEDecode", "comfy_family",
+           "comfy_kl_like"]
 
 ENV_TOKEN = "HYBRID_VAE_TOKEN"
 MODES = ("auto", "full", "tiled", "remote")
@@ -104,8 +108,8 @@ def comfy_family(vae: Any, z: Any, profiles: Profiles) -> tuple[str | None, str]
         key = {4: "sd15", 16: "flux"}.get(int(channels), "")
     else:
         return None, f"{dim}-D latents ({cls}) are not images"
-    fam = profiles.families.get(key)
-    if fam is None or fam.latent_channels != channels or (spatial is not None and spatial != fam.spatial_compression):
+    prof = profiles.families.get(key)
+    if prof is None or prof.latent_channels != channels or (spatial is not None and spatial != prof.spatial_compression):
         return None, f"{cls}: {channels} latent channels, {spatial}x; no matching family"
     return key, f"ComfyUI VAE {cls}, {channels} channels"
 
@@ -129,16 +133,23 @@ class ComfyVAEAdapter(torch.nn.Module):
     Its ``decode`` runs ComfyUI's ``vae.decode`` (full) or ``vae.decode_tiled`` with the tile the executor
     set through diffusers' tiling attributes (``tile_sample_min_size``/``tile_overlap_factor`` for images;
     ``tile_sample_min_height``/``..._width``, strides and ``tile_sample_min_num_frames`` for video), and
-    returns float [-1, 1] ``[B, C, H, W]`` / ``[B, C, F, H, W]``. It has no ``post_quant_conv``, so the
-    engine never runs its own tiler on ComfyUI's weights. A zero-size parameter carries ComfyUI's device
-    and dtype for the engine (moving it moves nothing else). ``calls`` lists what ran, for the report.
+    returns float [-1, 1] ``[B, C, H, W]`` / ``[B, C, F, H, W]``. With ``engine_tiles`` (ComfyUI's standard
+    image VAEs, :func:`comfy_kl_like`) it also has ``post_quant_conv = None`` and a ``decoder`` that runs one
+    tile through ``first_stage_model.decode``, so the engine's one-pass tiler runs instead of
+    ``decode_tiled``; without it there is no ``post_quant_conv`` and the engine never tiles ComfyUI's weights
+    itself. A zero-size parameter carries ComfyUI's device and dtype for the engine (moving it moves nothing
+    else). ``calls`` lists what ran, for the report.
 
     Args:
         comfy_vae: the ``comfy.sd.VAE`` (``decode``, ``decode_tiled``, ``device``, ``vae_dtype``).
         family (`Family`): the engine family (compression factors, video or not).
+        engine_tiles (`bool`, defaults to `False`): let the engine's tiler run ``first_stage_model.decode``
+            per tile (only for decoders that are ``decoder(post_quant_conv(z))``).
     """
 
-    def __init__(self, comfy_vae: Any, family: Family) -> None:
+    _vae: Any
+
+    def __init__(self, comfy_vae: Any, family: Family, *, engine_tiles: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "_vae", comfy_vae)  # not a submodule: ComfyUI owns its weights
         self._fam = family
@@ -146,9 +157,15 @@ class ComfyVAEAdapter(torch.nn.Module):
         dtype = getattr(comfy_vae, "vae_dtype", None) or torch.float32
         self._anchor = torch.nn.Parameter(torch.empty(0, device=dev, dtype=dtype), requires_grad=False)
         self.config = types.SimpleNamespace(force_upcast=False, out_channels=int(getattr(comfy_vae, "output_channels", 3)))
-        self.decoder = torch.nn.Identity()  # the executors' progress hook needs a module; ComfyUI reports its own
         self.use_tiling = False
         self.calls: list[str] = []
+        self.decoder: torch.nn.Module
+        if engine_tiles:
+            # the engine's tiler calls decoder(post_quant_conv(tile)); here decoder = first_stage_model.decode
+            self.post_quant_conv = None
+            self.decoder = _ComfyTileDecoder(comfy_vae, self.calls)
+        else:
+            self.decoder = torch.nn.Identity()  # the executors' progress hook needs a module; ComfyUI reports its own
         sc = family.spatial_compression
         if family.video:
             self.use_framewise_decoding = False
@@ -195,6 +212,50 @@ class ComfyVAEAdapter(torch.nn.Module):
         if x.shape[1] > 3:
             x = x[:, :3]
         return (x,) if not return_dict else types.SimpleNamespace(sample=x)
+
+
+class _ComfyTileDecoder(torch.nn.Module):
+    """One tile through ComfyUI's ``first_stage_model.decode``, as ComfyUI's tiled decode calls it: the VAE
+    loaded by ``load_models_gpu`` for the tile's memory first, the tile cast to ``vae.vae_dtype`` on
+    ``vae.device``, the result handed back in the caller's dtype and device."""
+
+    _vae: Any
+
+    def __init__(self, comfy_vae: Any, calls: list[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_vae", comfy_vae)
+        self._calls = calls
+        self._loaded = False
+        self.tiles = 0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        vae = self._vae
+        if not self._loaded:
+            estimate = getattr(vae, "memory_used_decode", None)
+            try:
+                from comfy import model_management
+            except ImportError:
+                model_management = None
+            if model_management is not None and callable(estimate) and getattr(vae, "patcher", None) is not None:
+                model_management.load_models_gpu([vae.patcher], memory_required=int(estimate(z.shape, vae.vae_dtype)))
+            self._loaded = True
+        out = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
+        self.tiles += 1
+        if self.tiles == 1:
+            self._calls.append("first_stage_model.decode per tile (engine tiler)")
+        return out.to(device=z.device, dtype=z.dtype)
+
+
+#: ComfyUI first-stage models whose decode is ``decoder(post_quant_conv(z))`` with the SD ``Decoder``.
+KL_MODELS = frozenset({"AutoencoderKL", "AutoencodingEngine", "AutoencodingEngineLegacy"})
+
+
+def comfy_kl_like(vae: Any) -> bool:
+    """True for ComfyUI's standard image VAEs (SD1.x, SDXL, SD3, Flux), which the engine's tiler may run."""
+    fsm = getattr(vae, "first_stage_model", None)
+    dec = getattr(fsm, "decoder", None)
+    return (int(getattr(vae, "latent_dim", 2)) == 2 and type(fsm).__name__ in KL_MODELS
+            and isinstance(dec, torch.nn.Module) and type(dec).__name__ == "Decoder" and callable(getattr(fsm, "decode", None)))
 
 
 def _to_image(x: Any) -> Any:
@@ -299,8 +360,9 @@ class HybridVAEDecode:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
         room = _make_room(vae, z) if free_memory_first else None
         fsm = getattr(vae, "first_stage_model", None)
-        target = fsm if fsm is not None and _is_diffusers_vae(fsm) else ComfyVAEAdapter(vae, fam)
-        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint),  # type: ignore[arg-type]
+        target = fsm if fsm is not None and _is_diffusers_vae(fsm) else \
+            ComfyVAEAdapter(vae, fam, engine_tiles=comfy_kl_like(vae))
+        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint),
                                   endpoints={key: endpoint} if endpoint else {})
         decoder = HybridDecoder(settings=settings, profile_store=self._store, latent_dir=_comfy_latent_dir(),
                                 remote=self._remote_client(endpoint) if endpoint else None, probe=probe)
