@@ -74,6 +74,7 @@ class Runtime(DecodePaths):
         self._remote: Any = None
         self._remote_key: tuple[Any, ...] | None = None
         self.ext_dir: str | None = None
+        self._warned: set[str] = set()
 
     def ensure_path(self, *_: Any) -> None:
         """Put the extension folder on ``sys.path`` for good. SD.Next gives each script a new ``sys.path`` list

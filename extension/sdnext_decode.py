@@ -83,6 +83,7 @@ class DecodePaths:
     _gen: tuple[Any, str | None] | None
     _remote: Any
     _remote_key: tuple[Any, ...] | None
+    _warned: set[str]
 
     def _set_infotext(self, text: str | None) -> None:
         with self._lock:
@@ -242,8 +243,11 @@ class DecodePaths:
         if perr:
             notes.append(f"profile ignored, built-ins used: {perr}")
         notes.extend(f"setting ignored: {p}" for p in cfg.problems)
-        for n in notes:
-            log.warning("hybrid-vae: %s", n)
+        for n in notes:  # each distinct problem is a warning once, then debug (no spam per decode)
+            with self._lock:
+                first = n not in self._warned
+                self._warned.add(n)
+            log.log(logging.WARNING if first else logging.DEBUG, "hybrid-vae: %s", n)
         sd_vae_opt = getattr(getattr(shared, "opts", None), "sd_vae", None)
         loaded = None
         with contextlib.suppress(ImportError, AttributeError):
