@@ -96,7 +96,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(slim, indent=2, default=str))
     else:
-        print(f"{res['scenarios']} scenarios in {res['elapsed_s']:.1f} s on {res['jobs']} processes\n")
+        print(f"{res['scenarios']} scenarios in {res['elapsed_s']:.1f} s on {res['jobs']} processes "
+              f"({res['cpu_s']:.1f} CPU-seconds)\n")
         print(matrix.markdown(res))
         if not args.no_what_if:
             print("\n" + matrix.what_if_markdown(res))
@@ -104,8 +105,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not (args.no_write or args.reduced or args.profile or args.seed):
         from bench.report import write_section
 
-        sens = matrix.sensitivity() if not args.no_what_if else None
-        write_section("bench/matrix.py", matrix.section(res, sens))
+        sens = matrix.sensitivity(jobs=args.jobs) if not args.no_what_if else None
+        cdf = None
+        try:
+            from bench import plots
+
+            cdf = plots.regret_cdf(res)
+        except ImportError:
+            print("regret plot skipped: matplotlib is not installed (the `plots` extra)", file=sys.stderr)
+        write_section("bench/matrix.py", matrix.section(res, sens, cdf=cdf))
     return 0
 
 
@@ -161,8 +169,7 @@ def gpu_cases() -> list[GpuCase]:
 def tiny_cases() -> list[GpuCase]:
     """A plumbing smoke run with tiny random VAEs (any device, seconds on a CPU)."""
     c = GpuCase
-    return [c("sd15", "tiny:sd15", "float32", 128, 128, 1.0), c("sd15", "tiny:sd15", "float32", 192, 128, 0.001),
-            c("flux", "tiny:flux", "float32", 128, 128, 1.0, batch=2),
+    return [c("sd15", "tiny:sd15", "float32", 128, 128, 1.0, batch=2), c("sd15", "tiny:sd15", "float32", 384, 320, 0.6),
             c("hunyuanvideo", "tiny:hunyuanvideo", "float32", 64, 64, 1.0, frames=5)]
 
 
@@ -191,8 +198,8 @@ def _default_full(vae: Any, z: Any, device: str) -> dict[str, Any]:
         ok, err = False, "out of memory"
     secs = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
-    gc.collect()
     if cuda:
+        gc.collect()
         torch.cuda.empty_cache()
     return {"ok": ok, "error": err, "seconds": round(secs, 4), "peak_bytes": peak}
 
@@ -225,8 +232,8 @@ def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300
         key = (case.kind, case.dtype)
         if key not in vaes:
             vaes.clear()
-            gc.collect()
             if cuda:
+                gc.collect()
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
                 torch.cuda.empty_cache()
             if case.kind.startswith("tiny:"):
@@ -274,8 +281,8 @@ def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300
         except DecodeFailedError as exc:
             rec.update(delivered=False, error=str(exc)[:300], ooms=sum(1 for _, e in exc.attempts if e == "out of memory"),
                        seconds=round(time.perf_counter() - t0, 4))
-        gc.collect()
         if cuda:
+            gc.collect()
             torch.cuda.empty_cache()
         from extension.latents import to_vae_space
 
@@ -310,6 +317,30 @@ def summarise_gpu(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+CALIBRATE_NOTE = """### Calibrating a card, learning its timings
+
+- `hybrid-vae calibrate [--out FILE]` (GPU only; a few minutes, progress bar) decodes with a random-weight
+  SD-architecture VAE at 512-2048 px in float16 and float32 and writes a GPU profile YAML (`gpus: - name,
+  total_gib, rows` with peak allocated bytes and seconds, source `hybrid-vae calibrate <date>`); `hybrid-vae
+  explain --profile FILE` (or `HYBRID_VAE_PROFILE=FILE`) then names that profile as the seconds source. On a
+  machine without CUDA it says there is nothing to calibrate, writes nothing and exits 0.
+- Learned timings (`policy/learned.py`): after each successful local decode on a real GPU the orchestrator
+  records measured / estimated seconds per (card, family, path, size bucket) and card-wide, as an EWMA in a
+  bounded JSON file (512 entries; `$HYBRID_VAE_LEARNED` or the user cache dir). From 3 decodes a factor
+  scales that card's local estimates (`explain --learned` shows the factors and the sources say
+  `x0.82 learned from 12 decodes`). Reset: `hybrid-vae calibrate --reset-learned`."""
+
+
+def gpu_placeholder() -> str:
+    """The section text until a GPU run replaces it."""
+    return ("## Real decodes on a GPU\n\nNot run yet: the session that wrote this had no GPU. One command runs all "
+            "of it (31 scenarios, about 5 minutes on an H100) and replaces this section with the card's name and "
+            "the results: `hybrid-vae bench --gpu` (or `python -m bench.cli gpu --out bench/results`). It emulates "
+            "smaller cards with `torch.cuda.set_per_process_memory_fraction` (the VAE's weights + the scenario's "
+            "free memory), runs every scenario through `HybridDecoder`, and records OOM errors, the measured peak "
+            "against the estimate, seconds, and diffusers' default decode under the same cap.\n\n" + CALIBRATE_NOTE)
+
+
 def gpu_markdown(res: dict[str, Any]) -> str:
     s = res["summary"]
     lines = [f"## Real decodes on {res['card']}", "",
@@ -334,7 +365,7 @@ def gpu_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['case']} | {r.get('ran', 'FAILED')} | {att or r.get('error', '')} | "
                      f"{'' if mp is None else f'{mp / GiB:.2f}'} | {'' if ep is None else f'{ep / GiB:.2f}'} | "
                      f"{r.get('seconds', '')} | {'ok' if dd['ok'] else 'OOM (lost)'} {dd['seconds']} s |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + CALIBRATE_NOTE
 
 
 def _r(x: float | None) -> str:

@@ -135,6 +135,14 @@ def _init(profile_path: str, params: WorldParams, names: tuple[str, ...], traine
 
 
 def _run_chunk(chunk: list[Scenario]) -> list[dict[str, Any]]:
+    t0 = time.process_time()
+    rows = _run_scenarios(chunk)
+    if rows:
+        rows[0]["cpu_s"] = time.process_time() - t0
+    return rows
+
+
+def _run_scenarios(chunk: list[Scenario]) -> list[dict[str, Any]]:
     profiles, world, names = _STATE["profiles"], _STATE["world"], _STATE["names"]
     rows = []
     cache: dict[tuple[object, ...], Any] = {}
@@ -208,7 +216,8 @@ def run(profiles_path: str = "", *, reduced: bool = False, params: WorldParams |
                                  initargs=(profiles_path, params, names, trained)) as ex:
             rows = [r for part in ex.map(_run_chunk, chunks) for r in part]
     elapsed = time.perf_counter() - t0
-    return {"scenarios": len(scs), "elapsed_s": elapsed, "jobs": jobs, "reduced": reduced,
+    cpu = sum(r.pop("cpu_s", 0.0) for r in rows)
+    return {"scenarios": len(scs), "elapsed_s": elapsed, "cpu_s": cpu, "jobs": jobs, "reduced": reduced,
             "world": dataclasses.asdict(params), **summarise(rows, names), "rows": rows}
 
 
@@ -348,7 +357,7 @@ def sensitivity(jobs: int | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def section(res: dict[str, Any], sens: list[dict[str, Any]] | None = None) -> str:
+def section(res: dict[str, Any], sens: list[dict[str, Any]] | None = None, *, cdf: Any = None) -> str:
     """The docs/benchmarks.md section of ``hybrid-vae bench --simulate``."""
     e = res["strategies"]["engine"]
     t = res.get("targets", {})
@@ -357,13 +366,15 @@ def section(res: dict[str, Any], sens: list[dict[str, Any]] | None = None) -> st
         "## Simulated scenario matrix: this engine against every peer strategy", "",
         f"`hybrid-vae bench --simulate`: {res['scenarios']} scenarios (7 families x 21 image shapes or 10 video "
         f"shapes x 9 cards x 5 free-memory levels x 3 networks), {len(res['strategies'])} strategies, "
-        f"{res['elapsed_s']:.0f} s on {res['jobs']} processes. The ground truth is not the engine's estimate: "
+        f"{res['elapsed_s']:.0f} s wall on {res['jobs']} processes ({res.get('cpu_s', 0):.0f} CPU-seconds in the "
+        "workers; the wall time depends on what else the machine runs). The ground truth is not the engine's estimate: "
         "`bench/world.py` builds it from the H200 measurements and the seed's GPU tables (true peaks from the "
         "nearest measured rows, times from the measured curves and a fitted per-tile cost, lognormal noise per "
         "card, scenario and decode, failed attempts cost what the measured OOM attempts cost); "
         "`bench/strategies.py` encodes each peer from its source. Regret = seconds / fastest execution that "
         "succeeds in that scenario - 1, over delivered images.", "",
         markdown(res), "",
+        *([f"![regret distribution](img/{cdf.name})", ""] if cdf is not None else []),
         f"Targets for this engine (0 OOMs, 0 lost, median regret <= 5%, p95 <= 20%): {met}. "
         f"Measured: {e['ooms']} OOMs, {e['lost']} lost, median {_f(e['median_regret'])}, p95 {_f(e['p95_regret'])}.",
         "",

@@ -264,12 +264,8 @@ def candidates(sc: Scenario, profiles: Profiles, cache: dict[tuple[object, ...],
     """Every execution any strategy could run here: the engine's local options at every tile, remote
     raw and png, the CPU, and the peers' own plans. The best successful one defines regret."""
     fam = profiles.family(sc.family)
-    key = ("candidates", sc.local_key)
-    d = cache.get(key) if cache is not None else None
-    if d is None:
-        d = decide(sc.job(), sc.gpu(), profiles, DecodeSettings(allow_remote=False))
-        if cache is not None:
-            cache[key] = d
+    # the engine's own decision without a network has every local option (and is cached for it)
+    d = engine_decision(dataclasses.replace(sc, network=None), profiles, cache=cache)
     out = {Exec.from_plan(o.plan, fam, sc.batch) for o in d.options}
     if sc.network is not None and fam.endpoints:  # lossless formats (video: raw only; mp4 is lossy)
         out |= {Exec("remote", fmt="raw")} | (set() if fam.video else {Exec("remote", fmt="png")})

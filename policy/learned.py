@@ -13,8 +13,8 @@ also updates a card-wide entry ``(card, *, *, *)``. ``decide(..., learned=...)``
 plan's seconds by the exact key's factor once it has ``min_count`` observations, else by the
 card-wide factor once that has ``min_count`` (most of what is learned is "this card is slower than
 its profile says", which holds across families, sizes and paths; one card-wide factor for both
-paths cannot flip a full-vs-tiled choice, per-path factors from other sizes could), and says so in the plan's
-``seconds_source`` (``"...; x0.82 learned from 12 decodes"``, ``"... (card-wide)"``). Memory
+paths cannot flip a full-vs-tiled choice, per-path factors taken from other sizes could), and says
+so in the plan's ``seconds_source`` (``"...; x0.82 learned from 12 decodes"``, ``"... (card-wide)"``). Memory
 estimates are never learned here: a wrong memory estimate is an out-of-memory error, and those are
 handled by the fallback chain.
 
@@ -146,9 +146,9 @@ class Learned:
         return 1.0, None
 
     def for_card(self, card: str, family: str | None = None) -> list[LearnedEntry]:
-        """Entries of one card (and family), sorted by key."""
-        return sorted((e for e in self.entries.values() if e.card == card and (family is None or e.family == family)),
-                      key=lambda e: e.key)
+        """Entries of one card (and family, with the card-wide entry), sorted by key."""
+        return sorted((e for e in self.entries.values()
+                       if e.card == card and (family is None or e.family in (family, ANY))), key=lambda e: e.key)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, "min_count": self.min_count,

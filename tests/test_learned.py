@@ -1,0 +1,227 @@
+"""Learned timings: EWMA math, the bounded JSON store, decide(learned=...), and `explain --learned`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from policy import DecodeJob, DecodeSettings, GiB, GpuState, NetworkStats, decide, load_profiles
+from policy.learned import (
+    ANY,
+    ENV_LEARNED,
+    Learned,
+    LearnedStore,
+    default_path,
+    job_voxels,
+    observe,
+    size_bucket,
+)
+
+P = load_profiles("")
+CARD = "NVIDIA GeForce RTX 4090"
+EXE = shutil.which("hybrid-vae") or os.path.join(os.path.dirname(sys.executable), "hybrid-vae")
+
+
+def real_gpu(name: str = CARD, free_gib: float = 20.0) -> GpuState:
+    """A GPU state as the real probe reports it (not simulated), so decodes on it are learned."""
+    return GpuState(name=name, total_bytes=24 * GiB, free_bytes=int(free_gib * GiB), source="nvml", device="cuda:0")
+
+
+def obs(learned: Learned, ratio: float, *, path: str = "full", family: str = "sdxl", voxels: float = 2**20,
+        now: float = 0.0, card: str = CARD) -> Learned:
+    return observe(learned, card=card, family=family, path=path, voxels=voxels, estimated_s=1.0, measured_s=ratio,
+                   now=now)
+
+
+def test_size_buckets():
+    assert size_bucket(1024 * 1024) == "1MP"
+    assert size_bucket(832 * 1216) == "1MP"
+    assert size_bucket(512 * 512) == "0.25MP"
+    assert size_bucket(2048 * 2048) == "4MP"
+    assert size_bucket(61 * 320 * 512) == "8MP"
+    assert size_bucket(0) == size_bucket(1)
+
+
+def test_first_observations_average_then_ewma():
+    a = obs(Learned(), 2.0)
+    e = a.lookup(CARD, "sdxl", "full", 2**20)
+    assert e is not None and e.factor == pytest.approx(2.0) and e.count == 1
+    b = obs(a, 0.5, now=1)
+    assert b.lookup(CARD, "sdxl", "full", 2**20).factor == pytest.approx(1.0)  # geometric mean of 2 and 0.5
+    assert a.lookup(CARD, "sdxl", "full", 2**20).factor == pytest.approx(2.0)  # observe is pure
+    x = Learned()
+    for i in range(5):  # plain log mean while count <= 1/alpha
+        x = obs(x, [1.0, 2.0, 4.0, 1.0, 2.0][i], now=i)
+    assert x.lookup(CARD, "sdxl", "full", 2**20).factor == pytest.approx((1 * 2 * 4 * 1 * 2) ** 0.2)
+    y = obs(x, 3.0, now=9)  # then alpha = 0.2
+    want = math.exp(0.8 * math.log(x.lookup(CARD, "sdxl", "full", 2**20).factor) + 0.2 * math.log(3.0))
+    assert y.lookup(CARD, "sdxl", "full", 2**20).factor == pytest.approx(want)
+
+
+def test_outliers_are_clamped_and_bad_input_rejected():
+    e = obs(Learned(), 100.0).lookup(CARD, "sdxl", "full", 2**20)
+    assert e.factor == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="path='remote'"):
+        obs(Learned(), 1.0, path="remote")
+    with pytest.raises(ValueError, match="measured_s=-1"):
+        observe(Learned(), card=CARD, family="sdxl", path="full", voxels=1, estimated_s=1, measured_s=-1, now=0)
+    with pytest.raises(ValueError, match="reserved"):
+        obs(Learned(), 1.0, family=ANY)
+
+
+def test_card_wide_fallback_and_min_count():
+    x = Learned()
+    for i in range(2):
+        x = obs(x, 2.0, family="flux", voxels=4 * 2**20, now=i)
+    # nothing applies before min_count (3) observations, anywhere
+    assert x.factor(CARD, "flux", "full", 4 * 2**20) == (1.0, None)
+    x = obs(x, 2.0, family="sd15", voxels=2**20, path="tiled", now=3)
+    f, e = x.factor(CARD, "sdxl", "tiled", 2**18)  # another family, size and path: the card-wide entry
+    assert f == pytest.approx(2.0) and e is not None and e.family == ANY and e.count == 3
+    assert x.factor("Another GPU", "sdxl", "full", 2**20) == (1.0, None)
+    for i in range(3):
+        x = obs(x, 0.5, family="flux", voxels=4 * 2**20, now=10 + i)
+    f, e = x.factor(CARD, "flux", "full", 4 * 2**20)  # the exact key once it has 3+ observations
+    assert e is not None and e.family == "flux" and f < 1.0
+
+
+def test_bounded_oldest_dropped():
+    x = Learned()
+    for i in range(600):
+        x = observe(x, card=f"GPU {i}", family="sd15", path="full", voxels=2**20, estimated_s=1, measured_s=1, now=i,
+                    max_entries=512)
+    assert len(x.entries) == 512
+    assert not any(e.card == "GPU 0" for e in x.entries.values())
+    assert any(e.card == "GPU 599" for e in x.entries.values())
+
+
+def test_dict_round_trip_skips_malformed():
+    x = obs(obs(Learned(), 1.5), 1.5, now=1)
+    data = x.to_dict()
+    data["entries"].append({"card": "x", "family": "sd15"})  # incomplete
+    data["entries"].append({**data["entries"][0], "factor": 1e9})  # out of range
+    y = Learned.from_dict(json.loads(json.dumps(data)))
+    assert y.entries == x.entries
+    with pytest.raises(ValueError):
+        Learned.from_dict(["not", "a", "dict"])
+
+
+def test_store_round_trip_reset_and_broken_file(tmp_path):
+    path = tmp_path / "sub" / "learned.json"
+    store = LearnedStore(path)
+    assert store.load().entries == {} and store.error is None
+    e = store.record(card=CARD, family="sdxl", path="full", voxels=2**20, estimated_s=0.2, measured_s=0.3, now=5.0)
+    assert e.factor == pytest.approx(1.5) and path.is_file()
+    assert LearnedStore(path).load().entries[e.key] == e
+    assert not list(path.parent.glob(".learned-*"))  # no temp files left behind
+    assert store.reset() == 2  # the exact key and the card-wide one
+    assert not path.exists() and store.reset() == 0
+    path.write_text("{not json")
+    assert store.load().entries == {}
+    assert "calibrate --reset-learned" in store.error and str(path) in store.error
+
+
+def test_default_path_env_and_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV_LEARNED, str(tmp_path / "mine.json"))
+    assert default_path() == tmp_path / "mine.json"
+    assert LearnedStore().path == tmp_path / "mine.json"
+    monkeypatch.delenv(ENV_LEARNED)
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        assert default_path() == tmp_path / "cache" / "hybrid-vae" / "learned.json"
+
+
+def test_decide_applies_learned_seconds_never_memory():
+    job = DecodeJob("sdxl", 1024, 1024)
+    base = decide(job, real_gpu(), P)
+    x = Learned()
+    for i in range(3):
+        x = obs(x, 1.6, voxels=job_voxels(job), now=i)
+    d = decide(job, real_gpu(), P, learned=x)
+    assert d.chosen.path == "full"
+    assert d.chosen.estimate.seconds == pytest.approx(base.chosen.estimate.seconds * 1.6)
+    assert "x1.60 learned from 3 decodes" in d.chosen.estimate.seconds_source
+    assert [o.plan.estimate.peak_bytes for o in d.options] == [o.plan.estimate.peak_bytes for o in base.options]
+    cpu = next(o for o in d.options if o.plan.path == "cpu")
+    assert "learned" not in cpu.plan.estimate.seconds_source
+    assert decide(job, real_gpu(), P, learned=x).to_dict() == d.to_dict()  # still pure
+
+
+def test_learned_slowness_moves_the_choice_to_remote():
+    job = DecodeJob("sdxl", 1024, 1024)
+    net = NetworkStats(rtt_s=0.02, down_bytes_per_s=500e6 / 8, up_bytes_per_s=500e6 / 8, source="measured")
+    s = DecodeSettings(allow_remote=True)
+    d0 = decide(job, real_gpu(), P, s, net)
+    remote = next(o.plan for o in d0.options if o.plan.path == "remote")
+    assert d0.chosen.path == "full" and remote.estimate.seconds < 4 * d0.chosen.estimate.seconds
+    x = Learned()
+    for i in range(3):  # this card decodes 4x slower than its profile says
+        x = obs(x, 4.0, voxels=job_voxels(job), now=i)
+        x = obs(x, 4.0, voxels=job_voxels(job), path="tiled", now=i)
+    assert decide(job, real_gpu(), P, s, net, learned=x).chosen.path == "remote"
+
+
+def test_record_decision_divides_out_the_applied_factor(tmp_path):
+    """The orchestrator's loop: decide with the snapshot, decode, record. True time = 2x the raw
+    estimate; the factor must converge to 2 (not compound to 4)."""
+    store = LearnedStore(tmp_path / "l.json")
+    job = DecodeJob("sd15", 1024, 1024, dtype="float16")
+    raw = decide(job, real_gpu(), P).chosen.estimate.seconds
+    for _ in range(12):
+        snap = store.load()
+        d = decide(job, real_gpu(), P, learned=snap)
+        store.record_decision(d, d.chosen, 2.0 * raw, applied=snap)
+    d = decide(job, real_gpu(), P, learned=store.load())
+    assert d.chosen.estimate.seconds == pytest.approx(2.0 * raw, rel=1e-6)
+    assert "x2.00 learned from 12 decodes" in d.chosen.estimate.seconds_source
+
+
+def test_record_decision_skips_simulated_remote_and_cpu(tmp_path):
+    store = LearnedStore(tmp_path / "l.json")
+    job = DecodeJob("sd15", 1024, 1024, dtype="float16")
+    sim = GpuState(name=CARD, total_bytes=24 * GiB, free_bytes=20 * GiB, source="simulated", simulated=True)
+    d = decide(job, sim, P)
+    assert store.record_decision(d, d.chosen, 0.5, applied=None) is None
+    cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu")
+    d = decide(job, cpu, P)
+    assert store.record_decision(d, d.chosen, 5.0, applied=None) is None
+    assert not (tmp_path / "l.json").exists()
+
+
+def _explain(*args, env=None):
+    e = {k: v for k, v in os.environ.items() if k not in ("HYBRID_VAE_SIMULATE_GPU", "HYBRID_VAE_PROFILE", ENV_LEARNED)}
+    e.update(env or {})
+    return subprocess.run([EXE, "explain", "--family", "sdxl", "--width", "1024", "--height", "1024",
+                           "--gpu", CARD, "--free-gib", "20", "--no-remote", *args],
+                          capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_explain_shows_and_applies_learned(tmp_path):
+    path = tmp_path / "learned.json"
+    x = Learned()
+    for i in range(4):
+        x = obs(x, 1.25, voxels=1024 * 1024, now=i)
+    LearnedStore(path).save(x)
+    r = _explain("--learned", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["learned"]["path"] == str(path) and out["learned"]["error"] is None
+    assert {(e["family"], e["path"]) for e in out["learned"]["entries"]} == {("sdxl", "full"), (ANY, ANY)}
+    assert "x1.25 learned from 4 decodes" in out["decision"]["estimate"]["seconds_source"]
+    r = _explain("--learned", str(path))
+    assert r.returncode == 0 and "Learned" in r.stdout and "x1.25 from 4 decodes (applied)" in r.stdout
+    # without the flag nothing is read, even when the env names a file
+    r = _explain("--json", env={ENV_LEARNED: str(path)})
+    assert "learned" not in json.loads(r.stdout)
+    # the flag alone reads the env's file
+    r = _explain("--learned", "--json", env={ENV_LEARNED: str(path)})
+    assert json.loads(r.stdout)["learned"]["path"] == str(path)
+    path.write_text("garbage")
+    r = _explain("--learned", str(path))
+    assert r.returncode == 0 and "ignored" in r.stdout
