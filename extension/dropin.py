@@ -192,7 +192,7 @@ def infer_family(tensor: Any, *, vae: Any = None, pipeline: Any = None, endpoint
                      f"(one of {', '.join(sorted(profiles.families))})")
 
 
-def _check_args(tensor: Any, *, processor: Any, output_type: str, return_type: str, image_format: str,
+def _check_args(tensor: Any, *, endpoint: str | None, processor: Any, output_type: str, return_type: str, image_format: str,
                 partial_postprocess: bool, input_tensor_type: str, output_tensor_type: str, height: int | None,
                 width: int | None) -> None:
     import torch
@@ -205,6 +205,8 @@ def _check_args(tensor: Any, *, processor: Any, output_type: str, return_type: s
                                  ("output_tensor_type", output_tensor_type, ("binary", "base64"))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
+    if endpoint is not None and not (isinstance(endpoint, str) and endpoint.startswith(("http://", "https://"))):
+        raise ValueError(f"endpoint={endpoint!r}: give an http:// or https:// URL (or None for local decode only)")
     if tensor.dim() == 3 and (height is None or width is None):
         raise ValueError("`height` and `width` required for packed latents: pass the pixel size the latents were "
                          "generated at (e.g. height=1024, width=1024)")
@@ -259,7 +261,8 @@ def _settings_for(base: DecodeSettings, *, family: str, endpoint: str | None, re
 
 def _decoder_for(decoder: HybridDecoder | None, *, settings: DecodeSettings, store: ProfileStore,
                  profiles: Profiles | None, latent_dir: str | Path | None, token: str | None,
-                 endpoint: str | None) -> HybridDecoder:
+                 endpoint: str | None) -> tuple[HybridDecoder, Any]:
+    """The decoder for this call, and the remote client it made (to close after the call), if any."""
     from extension.remote import RemoteClient
 
     if decoder is not None:
@@ -269,12 +272,14 @@ def _decoder_for(decoder: HybridDecoder | None, *, settings: DecodeSettings, sto
         dec = HybridDecoder(settings=settings, profile_store=store, latent_dir=latent_dir or DEFAULT_LATENT_DIR)
     if latent_dir is not None:
         dec.latent_dir = Path(latent_dir)
+    owned = None
     if dec.remote is None and settings.allow_remote:
         trusted = [endpoint] if (token and endpoint) else list(settings.endpoints.values()) if token else []
-        dec.remote = RemoteClient(token=token, trusted_endpoints=trusted)
+        owned = RemoteClient(token=token, trusted_endpoints=trusted)
+        dec.remote = owned  # type: ignore[assignment]
     if profiles is not None:
         dec.store = _FixedStore(profiles)
-    return dec
+    return dec, owned
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -423,7 +428,7 @@ def hybrid_decode(*args: Any, tensor: torch.Tensor | None = None, endpoint: str 
         DecodeFailedError: every plan failed (endpoint down and no VAE, ...); ``latent_path`` is the saved file.
     """
     tensor, endpoint = _split_positional(args, tensor, endpoint)
-    _check_args(tensor, processor=processor, output_type=output_type, return_type=return_type,
+    _check_args(tensor, endpoint=endpoint, processor=processor, output_type=output_type, return_type=return_type,
                 image_format=image_format, partial_postprocess=partial_postprocess, input_tensor_type=input_tensor_type,
                 output_tensor_type=output_tensor_type, height=height, width=width)
     assert tensor is not None
@@ -440,12 +445,16 @@ def hybrid_decode(*args: Any, tensor: torch.Tensor | None = None, endpoint: str 
     fmt = _remote_format(output_type, image_format, processor)
     eff = _settings_for(base, family=family, endpoint=endpoint, remote_format=fmt, explicit=explicit,
                         has_vae=local_vae is not None)
-    dec = _decoder_for(decoder, settings=eff, store=store, profiles=custom, latent_dir=latent_dir, token=token,
-                       endpoint=endpoint)
+    dec, owned = _decoder_for(decoder, settings=eff, store=store, profiles=custom, latent_dir=latent_dir,
+                              token=token, endpoint=endpoint)
     video = tensor.dim() == 5
-    size = {"height": height, "width": width} if tensor.dim() == 3 else {}
-    result = dec.decode(tensor, local_vae if local_vae is not None else _NoLocalVAE(), family=family, output="pt",
-                        **size, **kw)
+    packed = tensor.dim() == 3  # remote_decode sends height/width always; only packed latents use them
+    try:
+        result = dec.decode(tensor, local_vae if local_vae is not None else _NoLocalVAE(), family=family,
+                            output="pt", height=height if packed else None, width=width if packed else None, **kw)
+    finally:
+        if owned is not None:
+            owned.close()  # a client made for this call only: release its connections
     info = result.report.infotext()
     if on_report is not None:
         on_report(result.report)

@@ -288,6 +288,7 @@ def test_positional_forms_and_diffusers_order(demo: str, local: dict[str, torch.
     ({"tensor": torch.zeros(1, 4, 8, 8), "output_type": "gif"}, "output_type='gif'"),
     ({"tensor": torch.zeros(1, 4, 8, 8), "output_type": "pt", "return_type": "pil"}, "`processor` is required"),
     ({"tensor": torch.zeros(1, 7, 8, 8)}, "cannot tell the VAE family"),
+    ({"tensor": torch.zeros(1, 4, 8, 8), "endpoint": "localhost:8188/sd15"}, "http:// or https:// URL"),
     ({"tensor": torch.zeros(1, 16, 8, 8), "family": "sd15"}, "16 channels; family sd15 expects 4"),
 ])
 def test_bad_arguments_fail_before_decoding(kwargs: dict, match: str) -> None:
