@@ -300,9 +300,11 @@ class DecodePaths:
         from modules import shared
 
         path = exc.latent_path
+        vae = job.vae_id if job.vae_id and (Path(job.vae_id).exists() or (not job.custom and "/" in job.vae_id)) \
+            else "<VAE folder, file or hub id>"
         if path is not None:
             msg = (f"Hybrid VAE: every decode plan failed; the latent is saved in {path} - decode it later with "
-                   f"`hybrid-vae decode {path} --vae <VAE>`")
+                   f"`hybrid-vae decode {path} --vae {vae}`")
         else:
             msg = f"Hybrid VAE: every decode plan failed and the latent could NOT be saved to {self.data_dir() / 'latents'}"
         log.error("%s (%s)", msg, exc)

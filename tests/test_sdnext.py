@@ -128,6 +128,11 @@ def test_hook_installed_once_across_reloads_and_removed_on_unload(sd, kl_vae):
     wrapper = sd.processing_vae.vae_decode
     assert wrapper is not original and wrapper._hybrid_vae_original is original
     assert [type(s).__name__ for s in classes.alwayson_scripts] == ["HybridVAEScript"]
+    import gradio  # the stand-in: the accordion's Radio, its choices and default
+    (radio,) = [c for c in gradio.created if isinstance(c, gradio.Radio)]
+    assert radio.label == "Hybrid VAE mode" and radio.value == "settings default"
+    assert radio.kwargs["choices"] == ["settings default", "auto", "full", "tiled", "remote"]
+    assert classes.script_args == ["settings default"]
     stubtools.load_extension()  # the script file executed again without an unload
     assert sd.processing_vae.vae_decode is wrapper and wrapper._hybrid_vae_original is original
     assert len(sd.script_callbacks.callback_map["callbacks_script_unloaded"]) == 1
@@ -240,6 +245,7 @@ def test_tiny_disabled_and_interrupted_are_sdnexts(sd, kl_vae, latent256):
     assert sd.processing_vae.vae_decode(latent256, pipe, output_type="np") == [] and decisions(sd) == []
 
 
+@pytest.mark.slow
 def test_profile_yaml_path_applies_to_the_next_generation(sd, kl_vae, latent512, tmp_path, monkeypatch, caplog):
     runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
     monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", LOW_VRAM)
