@@ -72,6 +72,9 @@ def main() -> int:
         import launch  # SD.Next's helpers (PYTHONPATH = SD.Next's root)
     except ImportError:
         launch = None
+    except Exception as exc:  # SD.Next present but its launcher failed to import: plain pip still works
+        print(f"hybrid-vae install: SD.Next's launch helpers unavailable ({exc}); using pip directly", file=sys.stderr)
+        launch = None
     failed = []
     for dist, module, minimum in REQUIREMENTS:
         if _present(dist, module, minimum, launch):
