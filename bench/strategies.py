@@ -100,7 +100,7 @@ def engine_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) ->
 
 
 def engine_reserve_64(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF: the engine with ``reserve_bytes`` = 64 MiB instead of the default 256 MiB."""
+    """WHAT-IF: the engine with ``reserve_bytes`` = 64 MiB instead of the default 128 MiB."""
     d = engine_decision(sc, profiles, reserve_mib=64, cache=kw.get("cache"))
     return _run_decision(world, sc, profiles, d, tight_first=False)
 
@@ -253,7 +253,7 @@ STRATEGIES: dict[str, tuple[str, Strategy]] = {
 #: The engine under other settings or rules (what-if rows; never mixed into the headline table).
 WHAT_IF: dict[str, tuple[str, Strategy]] = {
     "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
-    "engine_reserve64": ("engine, reserve 64 MiB instead of 256 MiB", engine_reserve_64),
+    "engine_reserve64": ("engine, reserve 64 MiB instead of 128 MiB", engine_reserve_64),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),
     "engine_tight_learned": ("engine + 'tight plan first' + learned timings", engine_tight_learned),
 }

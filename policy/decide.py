@@ -17,6 +17,7 @@ Rules (each is tested):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -140,7 +141,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
 
     def local(path: str, *, tile: int | None = None, chunk: int | None = None, slice_batch: bool = False) -> Plan:
         ov = overlap if tile is not None else 0
-        fov = fam.tiling.frame_chunk_overlap if chunk is not None else 0
+        fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
         secs = local_seconds(job, fam, speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
                              frame_overlap=fov, slice_batch=slice_batch)
         secs_src = speed.source
@@ -175,6 +176,24 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
             continue
         seen.add(tile)
         gpu_plans.append(local("tiled", tile=tile, chunk=chunk if use_chunks else None, slice_batch=True))
+    if use_chunks and chunk is not None:
+        # Shorter temporal chunks before giving up on the GPU (whole frames, then the smallest tile).
+        # Not measured: they are never estimated faster than the VAE's default chunk (more launches,
+        # smaller kernels), so they are only chosen when the default chunk does not fit.
+        by_tile = {p.tile_px: p for p in gpu_plans if p.frame_chunk == chunk}
+        smallest_tile = min((p.tile_px for p in gpu_plans if p.tile_px is not None), default=None)
+        short = chunk // 2
+        while short >= 1:
+            for t_px in (None, smallest_tile) if smallest_tile is not None else (None,):
+                p = local("tiled", tile=t_px, chunk=short, slice_batch=True)
+                ref = by_tile.get(t_px)
+                if ref is not None and p.estimate.seconds <= ref.estimate.seconds:
+                    est = dataclasses.replace(p.estimate, seconds=ref.estimate.seconds * 1.05,
+                                              seconds_source=p.estimate.seconds_source
+                                              + f"; shorter chunks: at least the {chunk}-frame chunks' time")
+                    p = dataclasses.replace(p, estimate=est)
+                gpu_plans.append(p)
+            short //= 2
 
     options: list[Option] = []
     feasible: list[Plan] = []

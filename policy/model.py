@@ -30,7 +30,7 @@ class DecodeSettings(BaseModel):
     endpoints: dict[str, str] = Field(default_factory=dict, description="Family -> endpoint URL; overrides the built-in endpoints.")
     use_builtin_endpoints: bool = Field(True, description="Use the families' built-in (Hugging Face) endpoints when no override is set.")
     allow_remote_custom_vae: bool = Field(False, description="Allow remote decode of a custom/fine-tuned VAE's latents on an endpoint that serves another VAE.")
-    reserve_bytes: int = Field(256 * MiB, ge=0, le=64 * GiB, description="Memory left untouched for fragmentation and other processes.")
+    reserve_bytes: int = Field(128 * MiB, ge=0, le=64 * GiB, description="Memory left untouched for other processes and estimate error (the estimates already sit 0-10% above measured peaks; docs/benchmarks.md weighs 64-256 MiB).")
     tile_overlap_px: int = Field(64, ge=0, le=512, description="Output pixels shared by neighbouring tiles (multiple of the family's compression). Tiled output differs from a full decode; more overlap hides seams, costs time.")
     min_tile_px: int | None = Field(None, ge=64, le=4096, description="Smallest tile tried; None: the family's.")
     remote_format: Literal["auto", "raw", "png", "jpg"] = Field("auto", description="Response format; auto picks by measured bandwidth and remote_quality.")

@@ -72,8 +72,11 @@ def test_video_temporal_chunks_before_spatial_tiles():
     d = decide(job, card("NVIDIA GeForce RTX 4090", 12), P, DecodeSettings())
     c = d.chosen
     assert c.path == "tiled" and c.frame_chunk == 4 and c.tile_px is None  # 8.9 GiB chunked fits, 31 GiB full does not
+    # less memory: shorter temporal chunks of whole frames first, then spatial tiles
     d = decide(job, card("NVIDIA GeForce RTX 4090", 5), P, DecodeSettings())
-    assert d.chosen.tile_px is not None and d.chosen.frame_chunk == 4
+    assert d.chosen.tile_px is None and d.chosen.frame_chunk < 4
+    d = decide(job, card("NVIDIA GeForce RTX 4090", 2.5), P, DecodeSettings())
+    assert d.chosen.tile_px is not None
 
 
 def test_forced_modes_keep_fallbacks_and_never_exceed():
