@@ -202,7 +202,7 @@ def test_png_lossless_and_jpg_within_jpeg_tolerance(demo: str, local: dict[str, 
     from extension.fixture import fixture_image
 
     vae = local["sd15"]
-    img = torch.from_numpy(np.asarray(fixture_image(size=128))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    img = torch.from_numpy(np.array(fixture_image(size=128))).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         z = vae.encode(img).latent_dist.mean * 0.18215  # a real picture's latent
     want = _u8(_local_float(vae, z, "sd15"))
