@@ -40,8 +40,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
     return (f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, {gpu}")
+            f"Python {platform.python_version()}, torch {torch.__version__}, {gpu}{load}")
 
 
 def _run(client: Any, url: str, fmt: str, latents: list[Any], *, produce_s: float, pipelined: bool) -> dict[str, Any]:
