@@ -169,6 +169,8 @@ def parse_request(items: Iterable[tuple[str, str]], *, family_name: str, family:
     if fmt not in ("jpg", "png"):
         raise BadRequest(f"image_format={fmt!r}: use jpg or png", field="image_format")
     fps = _int(params, "fps") or 16
+    if fps > 240:
+        raise BadRequest(f"fps={fps}: use 1 to 240", field="fps")
     height, width = _int(params, "height"), _int(params, "width")
     sc, c = family.spatial_compression, family.latent_channels
     packed, frames = False, None
