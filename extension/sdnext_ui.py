@@ -39,6 +39,10 @@ GEN_MODES = ("settings default", *MODES)
 SETTINGS_FILE = "SD.Next settings"
 #: Hosts that may receive the Hugging Face token (suffix match on the endpoint's host).
 HF_HOST_SUFFIXES = (".huggingface.cloud", ".hf.space", "huggingface.co")
+_ENGINE = DecodeSettings.model_fields  # the engine's defaults are the settings' defaults
+RESERVE_MIB = int(_ENGINE["reserve_bytes"].default) // MiB
+OVERLAP_PX = int(_ENGINE["tile_overlap_px"].default)
+DEADLINE_S = int(_ENGINE["remote_deadline_s"].default)
 VAE_ARCH = {"AutoencoderKL": "sd", "AutoencoderKLHunyuanVideo": "hunyuanvideo", "AutoencoderKLWan": "wan"}
 STOCK_VAE_SETTINGS = frozenset({"", "automatic", "none", "default"})
 
@@ -67,11 +71,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Use the built-in Hugging Face endpoints for families without an endpoint above", "Checkbox"),
     OptionSpec(PREFIX + "hf_token", "", "Hugging Face token for remote decode (kept in secrets.json, sent only to "
                "Hugging Face endpoints)", "Textbox", {"type": "password"}),
-    OptionSpec(PREFIX + "reserve_mib", 256, "VRAM reserve in MiB (left untouched by the decode)", "Slider",
+    OptionSpec(PREFIX + "reserve_mib", RESERVE_MIB, "VRAM reserve in MiB (left untouched by the decode)", "Slider",
                {"minimum": 0, "maximum": 8192, "step": 64}),
-    OptionSpec(PREFIX + "tile_overlap_px", 64, "Tile overlap in pixels (more hides seams, costs time)", "Slider",
+    OptionSpec(PREFIX + "tile_overlap_px", OVERLAP_PX, "Tile overlap in pixels (more hides seams, costs time)", "Slider",
                {"minimum": 0, "maximum": 256, "step": 8}),
-    OptionSpec(PREFIX + "remote_deadline_s", 60, "Remote decode deadline in seconds (then the next plan runs)", "Slider",
+    OptionSpec(PREFIX + "remote_deadline_s", DEADLINE_S, "Remote decode deadline in seconds (then the next plan runs)", "Slider",
                {"minimum": 5, "maximum": 600, "step": 5}),
     OptionSpec(PREFIX + "profile_path", "", "Profile YAML path (merged over the built-in profiles; see "
                "profiles/example-override.yaml)", "Textbox"),
@@ -122,9 +126,9 @@ class Config:
     endpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)
     builtin_endpoints: bool = True
     token: str | None = None
-    reserve_mib: int = 256
-    tile_overlap_px: int = 64
-    remote_deadline_s: float = 60.0
+    reserve_mib: int = RESERVE_MIB
+    tile_overlap_px: int = OVERLAP_PX
+    remote_deadline_s: float = float(DEADLINE_S)
     profile_path: str | None = None
     decision_log: bool = True
     problems: tuple[str, ...] = ()

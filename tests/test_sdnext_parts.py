@@ -28,6 +28,7 @@ from extension.sdnext_ui import (
     token_endpoints,
 )
 from policy import ProfileError, load_profiles
+from policy.model import DecodeSettings
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "hunyuanvideo", "wan")
 
@@ -82,7 +83,9 @@ def test_read_config_uses_defaults_for_bad_values_and_reads_secrets():
         secrets: ClassVar[dict] = {"hybrid_vae_hf_token": " hf_abc "}
 
     cfg = read_config(opts_getter(Opts()), families=FAMILIES)
-    assert (cfg.mode, cfg.reserve_mib, cfg.tile_overlap_px, cfg.endpoints, cfg.allow_remote) == ("auto", 256, 56, {}, False)
+    default_reserve = DecodeSettings().reserve_bytes // 2**20
+    assert (cfg.mode, cfg.reserve_mib, cfg.tile_overlap_px, cfg.endpoints, cfg.allow_remote) == \
+        ("auto", default_reserve, 56, {}, False)
     assert cfg.token == "hf_abc" and cfg.profile_path is None
     assert len(cfg.problems) == 5
     text = " | ".join(cfg.problems)
@@ -175,12 +178,21 @@ def test_video_low_vram_gets_chunks_and_infotext(sd, monkeypatch):
     sd.shared.sd_model = pipe
     stubtools.load_extension()
     runner = sd.scripts_manager.ScriptRunner(False)
-    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", "name=NVIDIA GeForce RTX 3070,free_gib=1.0")
+    # a card with 60% of what a full decode of 17 frames at 64 px needs (the engine's own estimate)
+    from policy.decide import decide
+    from policy.gpu import parse_simulation
+    from policy.model import DecodeJob
+
+    job = DecodeJob(family="hunyuanvideo", width=64, height=64, frames=17, dtype="float32")
+    big = decide(job, parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=8"), load_profiles(""), DecodeSettings())
+    need = next(o.plan.estimate.peak_bytes for o in big.options if o.plan.path == "full")
+    free = (0.6 * need + DecodeSettings().reserve_bytes) / 2**30
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", f"name=NVIDIA GeForce RTX 3070,free_gib={free:.3f}")
     p = sd.processing.StableDiffusionProcessing(latents=[], width=64, height=64, scripts=runner)
     sd.script_callbacks.before_process_callback(p)
-    frames = pipe.decode(video_latents(t=9), output_type="pil")
+    frames = pipe.decode(video_latents(t=5), output_type="pil")
     sd.script_callbacks.after_process_callback(p)
-    assert len(frames[0]) == 33
+    assert len(frames[0]) == 17
     line = p.extra_generation_params["Hybrid VAE"]
     assert line.startswith("tiled") and "frame chunks" in line, line
 
