@@ -42,6 +42,7 @@ import io
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -65,7 +66,8 @@ PIPELINE_FAMILIES: tuple[tuple[str, str | None], ...] = (
     ("LatentConsistencyModel", "sd15"),
 )
 #: diffusers VAE classes that name their family outright.
-VAE_CLASS_FAMILIES: dict[str, str] = {"AutoencoderKLHunyuanVideo": "hunyuanvideo", "AutoencoderKLWan": "wan"}
+VAE_CLASS_FAMILIES: Mapping[str, str] = MappingProxyType({"AutoencoderKLHunyuanVideo": "hunyuanvideo",
+                                                          "AutoencoderKLWan": "wan"})
 
 
 class _NoLocalVAE:
