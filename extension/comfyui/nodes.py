@@ -240,7 +240,7 @@ class _ComfyTileDecoder(torch.nn.Module):
             if model_management is not None and callable(estimate) and getattr(vae, "patcher", None) is not None:
                 model_management.load_models_gpu([vae.patcher], memory_required=int(estimate(z.shape, vae.vae_dtype)))
             self._loaded = True
-        out = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
+        out: torch.Tensor = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
         self.tiles += 1
         if self.tiles == 1:
             self._calls.append("first_stage_model.decode per tile (engine tiler)")
