@@ -293,7 +293,10 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     avail_txt = (f"{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} cache)"
                  f" - {_gib(settings.reserve_bytes)} reserve = {_gib(budget)}")
     c = chosen
-    if c.path == "full" and not c.slice_batch:
+    if c.path == "full" and squeezed:
+        reason = (f"squeezed into the reserve: {c.label} needs {_gib(c.estimate.peak_bytes)} > {_gib(budget)} budget, "
+                  f"<= {_gib(available)} available; nothing fits the budget")
+    elif c.path == "full" and not c.slice_batch:
         reason = f"full fits: needs {_gib(c.estimate.peak_bytes)} of {_gib(budget)}"
     elif c.path == "full":
         reason = (f"batch of {job.batch} needs {_gib(full.estimate.peak_bytes)} > {_gib(budget)}; "

@@ -237,3 +237,9 @@ def test_no_remote_is_never_remote(job, name, free, mode):
 def test_pure_same_inputs_same_decision(job, name, free):
     g = _state(name, free)
     assert decide(job, g, P).to_dict() == decide(job, g, P).to_dict()
+
+
+def test_squeezed_full_says_so():
+    job = DecodeJob("sd15", 256, 256, dtype="float16")  # 0.15 GiB, no tile smaller than the image
+    d = decide(job, card("NVIDIA GeForce RTX 3070", 0.17), P, DecodeSettings(reserve_bytes=64 * 2**20))
+    assert d.chosen.path == "full" and d.reason.startswith("squeezed into the reserve: full")
