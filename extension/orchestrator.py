@@ -100,6 +100,7 @@ class DecodeReport:
         device: the torch device the successful local plan ran on ("remote" for remote).
         remote: endpoint, bytes and seconds when a remote plan produced the image.
         profile_error: why the user's profile file was ignored (the built-ins were used), if it was.
+        groupnorm: ``local``/``exact`` GroupNorm statistics of a tiled image decode (else None).
     """
 
     chosen: Plan
@@ -113,6 +114,7 @@ class DecodeReport:
     device: str
     remote: RemoteInfo | None = None
     profile_error: str | None = None
+    groupnorm: str | None = None
 
     @property
     def fell_back(self) -> bool:
@@ -140,6 +142,8 @@ class DecodeReport:
         else:
             text = "cpu, no GPU" if not d.gpu.is_accelerator \
                 else f"cpu, no GPU plan fits {_gib(d.available_bytes)} available"
+        if self.groupnorm == "exact":
+            text += ", exact GroupNorm"
         text += f", {self.seconds:.2f} s"
         if self.simulated:
             text += f" [simulated {d.gpu.name}, ran on {self.device}]"
@@ -158,6 +162,7 @@ class DecodeReport:
             "device": self.device,
             "remote": dataclasses.asdict(self.remote) if self.remote else None,
             "profile_error": self.profile_error,
+            "groupnorm": self.groupnorm,
             "infotext": self.infotext(),
             "decision": self.decision.to_dict(),
         }
@@ -261,13 +266,20 @@ class HybridDecoder:
             tests and the demo; may raise like a decode would).
         on_decision (`Callable[[Decision], None] | None`): called once the decision is made, before
             any plan runs (a UI shows the plan, the CLI decides whether to draw a progress bar).
+        tile_groupnorm (`"local" | "exact"`, defaults to `"local"`): GroupNorm statistics of tiled
+            image decodes (see :func:`extension.executors.run_plan`): ``local`` is one pass per tile
+            (the time the engine estimates; colours drift from a full decode), ``exact`` matches the
+            full decode at several times the time.
     """
 
     def __init__(self, *, settings: DecodeSettings | None = None, profile_path: str | Path | None = None,
                  profile_store: ProfileStore | None = None, latent_dir: str | Path = DEFAULT_LATENT_DIR,
                  remote: RemoteDecoder | None = None, probe: Callable[[], GpuState] | None = None,
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
-                 on_decision: Callable[[Decision], None] | None = None) -> None:
+                 on_decision: Callable[[Decision], None] | None = None,
+                 tile_groupnorm: Literal["local", "exact"] = "local") -> None:
+        if tile_groupnorm not in ("local", "exact"):
+            raise ValueError(f"tile_groupnorm={tile_groupnorm!r}: use 'local' or 'exact'")
         self.settings = settings or DecodeSettings()
         self.profile_path = profile_path
         self.store = profile_store or ProfileStore()
@@ -277,6 +289,7 @@ class HybridDecoder:
         self.device = device
         self.before_plan = before_plan
         self.on_decision = on_decision
+        self.tile_groupnorm = tile_groupnorm
 
     def _gpu(self, total_for: Callable[[str], float | None]) -> GpuState:
         return self._probe() if self._probe is not None else probe_gpu(total_for=total_for)
@@ -392,7 +405,8 @@ class HybridDecoder:
                     remote_info = RemoteInfo(rr.endpoint, int(rr.bytes_up), int(rr.bytes_down),
                                              float(rr.seconds))
                 else:
-                    out = run_plan(plan, vae, z_vae, family=fam, device=run_dev, progress=progress)
+                    out = run_plan(plan, vae, z_vae, family=fam, device=run_dev, progress=progress,
+                                   groupnorm=self.tile_groupnorm)
                     if use_cuda:
                         torch.cuda.synchronize(run_dev)
                         peak = max(0, torch.cuda.max_memory_allocated(run_dev) - base)
@@ -417,7 +431,8 @@ class HybridDecoder:
                     seconds=time.perf_counter() - t_start, peak_bytes=peak, reason=decision.reason,
                     decision=decision, simulated=gpu.simulated,
                     device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else run_dev),
-                    remote=remote_info, profile_error=str(perr) if perr else None)
+                    remote=remote_info, profile_error=str(perr) if perr else None,
+                    groupnorm=self.tile_groupnorm if plan.path == "tiled" and not fam.video else None)
                 log.info("hybrid-vae: %s", report.infotext())
                 images = to_pil(out) if output == "pil" else None
                 return DecodeResult(tensor=out, report=report, images=images)

@@ -111,25 +111,79 @@ def test_tiled_runs_exactly_the_axis_tiles_grid(profiles):
     assert float(out.min()) >= -1 and float(out.max()) <= 1
 
 
+@pytest.fixture(scope="module")
+def full_decode(profiles, fixture_vae, astronaut_latent):
+    return run_plan(plan("full"), fixture_vae, astronaut_latent, family=profiles.family("sd15"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("tile_px", [256, 384])
-def test_tiled_matches_full_on_the_fixture_at_default_overlap(profiles, fixture_vae, astronaut_latent, tile_px):
-    fam = profiles.family("sd15")
-    full = run_plan(plan("full"), fixture_vae, astronaut_latent, family=fam)
+def test_exact_groupnorm_tiles_match_full_at_default_overlap(profiles, fixture_vae, astronaut_latent,
+                                                            full_decode, tile_px):
+    """The tiler with the whole image's GroupNorm statistics reproduces the full decode (>= 40 dB)."""
     calls = []
-    tiled = run_plan(plan("tiled", tile_px=tile_px, overlap_px=64), fixture_vae, astronaut_latent, family=fam,
-                     progress=lambda d, n: calls.append(n))
-    assert calls and calls[-1] > 1
-    quality = psnr(tiled, full)
-    assert quality >= 40.0, f"tile {tile_px}/64: {quality:.2f} dB"
+    tiled = run_plan(plan("tiled", tile_px=tile_px, overlap_px=64), fixture_vae, astronaut_latent,
+                     family=profiles.family("sd15"), groupnorm="exact", progress=lambda d, n: calls.append((d, n)))
+    quality = psnr(tiled, full_decode)
+    assert quality >= 40.0, f"tile {tile_px}/64, exact GroupNorm: {quality:.2f} dB"
+    n_norms = sum(isinstance(m, torch.nn.GroupNorm)
+                  for m in [*fixture_vae.decoder.up_blocks.modules(), fixture_vae.decoder.conv_norm_out])
+    n_tiles = len(axis_tiles(64, tile_px // 8, 8)) ** 2
+    assert calls[-1] == ((n_norms + 1) * n_tiles,) * 2  # one statistics pass per GroupNorm, then the output
+    assert not any("forward" in vars(m) for m in fixture_vae.modules())  # GroupNorm forwards restored
 
 
-def test_no_overlap_shows_seams(profiles, fixture_vae, astronaut_latent):
-    """The overlap matters: the same grid without overlap is clearly worse (the test can fail)."""
+@pytest.mark.parametrize("tile_px", [256, 384])
+def test_local_groupnorm_tiles_are_as_faithful_as_full(profiles, fixture_vae, astronaut_latent, full_decode,
+                                                       tile_px):
+    """Per-tile GroupNorm drifts from the full decode (measured: ~20 dB on the fixture, see
+    docs/tiling-quality.md) but stays as close to the picture as the full decode is."""
+    from PIL import Image
+
+    img = fixture_image("astronaut", 256).resize((512, 512), Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    tiled = run_plan(plan("tiled", tile_px=tile_px, overlap_px=64), fixture_vae, astronaut_latent,
+                     family=profiles.family("sd15"))
+    assert psnr(tiled, x) >= psnr(full_decode, x) - 1.5
+    assert 15.0 <= psnr(tiled, full_decode) < 40.0  # past 40 dB, local statistics would be enough
+
+
+@pytest.mark.slow
+def test_overlap_matters(profiles, fixture_vae, astronaut_latent, full_decode):
+    """Without overlap the tile borders show (the test can fail): exact statistics, 0 vs 64 px."""
     fam = profiles.family("sd15")
-    full = run_plan(plan("full"), fixture_vae, astronaut_latent, family=fam)
-    seam = psnr(run_plan(plan("tiled", tile_px=256, overlap_px=0), fixture_vae, astronaut_latent, family=fam), full)
-    good = psnr(run_plan(plan("tiled", tile_px=256, overlap_px=64), fixture_vae, astronaut_latent, family=fam), full)
-    assert good > seam + 3
+    seam = psnr(run_plan(plan("tiled", tile_px=384, overlap_px=0), fixture_vae, astronaut_latent, family=fam,
+                         groupnorm="exact"), full_decode)
+    good = psnr(run_plan(plan("tiled", tile_px=384, overlap_px=64), fixture_vae, astronaut_latent, family=fam,
+                         groupnorm="exact"), full_decode)
+    assert good > seam + 6
+
+
+def test_exact_groupnorm_restores_forwards_on_error(profiles):
+    vae = build_tiny_vae("sd15")
+    rec = Recorder(vae.decoder.up_blocks[1], raise_on=3, exc=RuntimeError("boom in up block"))
+    try:
+        with pytest.raises(RuntimeError, match="boom in up block"):
+            run_plan(plan("tiled", tile_px=64, overlap_px=16), vae, torch.randn(1, 4, 16, 16),
+                     family=profiles.family("sd15"), groupnorm="exact")
+    finally:
+        rec.remove()
+    assert not any("forward" in vars(m) for m in vae.modules())
+
+
+def test_exact_groupnorm_statistics_are_the_full_decodes(profiles):
+    """One tile covering the latent: the statistics passes, the hard-core sums and the replacement
+    GroupNorm must give exactly the full decode (every GroupNorm measured, then applied)."""
+    vae = build_tiny_vae("sd15")
+    z = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(7))
+    full = run_plan(plan("full"), vae, z, family=profiles.family("sd15"))
+    calls = []
+    one = run_plan(plan("tiled", tile_px=96, overlap_px=16), vae, z, family=profiles.family("sd15"),
+                   groupnorm="exact", progress=lambda d, n: calls.append(n))
+    n_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in [*vae.decoder.up_blocks.modules(),
+                                                               vae.decoder.conv_norm_out])
+    assert calls[-1] == 2 * (n_norms + 1)
+    torch.testing.assert_close(one, full, atol=1e-5, rtol=0)
 
 
 def test_full_item_by_item_equals_whole_batch(profiles):
