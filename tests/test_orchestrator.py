@@ -317,3 +317,13 @@ def test_no_remote_client_means_no_remote_plan(tiny, tmp_path):
                         settings=DecodeSettings(allow_remote=True, endpoints={"sd15": "http://127.0.0.1:9/"}))
     r = dec.decode(latent(1, 4, 8, 8), tiny, family="sd15").report
     assert all(p.path != "remote" for p in r.decision.plans)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_peak_is_measured_and_vae_goes_back(tmp_path):
+    vae = build_tiny_vae("sd15").half()
+    res = HybridDecoder(latent_dir=tmp_path).decode(latent(1, 4, 64, 64, dtype=torch.float16), vae, family="sd15")
+    r = res.report
+    assert r.device.startswith("cuda") and r.peak_bytes is not None and r.peak_bytes > 0
+    assert res.tensor.device.type == "cuda" and next(vae.parameters()).device.type == "cpu"
