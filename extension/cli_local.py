@@ -9,6 +9,7 @@ each result is to the full decode. torch and diffusers are imported inside the h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -248,7 +249,7 @@ def _demo_latent(size: int) -> tuple[Any, Any, Any]:
     from extension.fixture import fixture_image, load_fixture_vae
 
     torch.manual_seed(0)
-    vae = load_fixture_vae()
+    vae: Any = load_fixture_vae()
     img = fixture_image("astronaut", 256)
     if size != 256:
         img = img.resize((size, size), Image.Resampling.LANCZOS)
@@ -269,7 +270,8 @@ def _oom_at_decoder(vae: Any) -> Callable[[], None]:
             state["armed"] = False
             raise torch.OutOfMemoryError("CUDA out of memory (injected by `hybrid-vae demo`)")
 
-    return vae.decoder.register_forward_pre_hook(hook).remove
+    remove: Callable[[], None] = vae.decoder.register_forward_pre_hook(hook).remove
+    return remove
 
 
 def demo_remote_case(out: Path) -> dict[str, Any] | None:
@@ -320,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reference: torch.Tensor | None = None
     for name, free, oom, gn in cases:
         spec = f"name={card},total_gib={total},free_gib={free:.4f}"
-        decoder = HybridDecoder(settings=settings, probe=lambda s=spec: parse_simulation(s),
+        decoder = HybridDecoder(settings=settings, probe=functools.partial(parse_simulation, spec),
                                 latent_dir=out / "latents", tile_groupnorm=gn)  # type: ignore[arg-type]
         remove = _oom_at_decoder(vae) if oom else None
         t0 = time.perf_counter()
@@ -356,12 +358,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"hybrid-vae demo: fixture VAE, {args.size}x{args.size} astronaut, simulated {card} "
           f"(decodes run on this machine's CPU)\n")
     print(f"{'case':<16} {'free GiB':>8} {'decision':<46} {'seconds':>8} {'PSNR vs full':>12}  reason")
-    for r in rows:
-        dec = r["decision"] + (f" (after {r['chosen']}: {r['attempts'][0][1]})" if r["fell_back"] else "")
-        p = r["psnr_vs_full_db"]
+    for row in rows:
+        dec = row["decision"] + (f" (after {row['chosen']}: {row['attempts'][0][1]})" if row["fell_back"] else "")
+        p = row["psnr_vs_full_db"]
         ptxt = "identical" if p == math.inf else f"{p:.2f} dB"
-        print(f"{r['case']:<16} {r['simulated_free_gib']:>8.2f} {dec:<46} {r['seconds']:>8.2f} {ptxt:>12}  "
-              f"{r['reason']}")
+        print(f"{row['case']:<16} {row['simulated_free_gib']:>8.2f} {dec:<46} {row['seconds']:>8.2f} {ptxt:>12}  "
+              f"{row['reason']}")
     if remote is None:
         print(f"{'5-remote':<16} {'':>8} {'skipped: no remote case in this build':<46}")
     print(f"\nwrote {len(rows)} PNGs, 0-picture.png and demo.json to {out}/")

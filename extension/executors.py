@@ -27,6 +27,7 @@ or missing). torch is imported inside the functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -193,7 +194,7 @@ def _out_channels(vae: Any) -> int:
 
 
 def _decode_call(vae: Any, z: torch.Tensor) -> torch.Tensor:
-    out = vae.decode(z, return_dict=False)[0]
+    out: torch.Tensor = vae.decode(z, return_dict=False)[0]
     return out
 
 
@@ -301,10 +302,12 @@ class _GroupNormSync:
         return forward
 
 
-def _cached(cache: dict[int, list[torch.Tensor]], tiles: list[tuple[int, int]], scale: int) -> list[torch.Tensor]:
+def _pick(cache: dict[int, list[torch.Tensor]], tiles: list[tuple[int, int]], index: int,
+          scale: int) -> torch.Tensor:
+    """Tile ``index``'s hard-core weights at ``scale`` (computed once per scale)."""
     if scale not in cache:
         cache[scale] = core_weights(tiles, scale)
-    return cache[scale]
+    return cache[scale][index]
 
 
 def _exact_ok(vae: Any) -> bool:
@@ -363,8 +366,8 @@ def _tiled_kl(vae: Any, z: torch.Tensor, plan: Plan, fam: Family, progress: Prog
                         try:
                             if exact:
                                 sync.tile_w = xn
-                                sync.weight_y = lambda s, iy=iy: _cached(cy, ty, s)[iy]
-                                sync.weight_x = lambda s, ix=ix: _cached(cx, tx, s)[ix]
+                                sync.weight_y = functools.partial(_pick, cy, ty, iy)
+                                sync.weight_x = functools.partial(_pick, cx, tx, ix)
                                 t = feats[:, :, ys:ys + yn, xs:xs + xn]
                                 for block in dec.up_blocks:
                                     t = block(t)
