@@ -294,6 +294,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not getattr(args, "verbose", False):  # the table says it all; keep per-decode log lines out
         logging.getLogger("hybrid_vae").setLevel(logging.ERROR)
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # "accelerate not found" notices while loading the fixture
     if args.size < 64 or args.size % 64:
         return _fail(f"--size {args.size}: use a multiple of 64 px", 2)
     out = Path(args.out)
