@@ -43,6 +43,7 @@ from policy.errors import (
 )
 from policy.gpu import GiB, GpuState
 from policy.gpu import probe as probe_gpu
+from policy.learned import LearnedStore
 from policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
 from policy.profiles import Family, ProfileStore
 
@@ -266,6 +267,8 @@ class HybridDecoder:
             tests and the demo; may raise like a decode would).
         on_decision (`Callable[[Decision], None] | None`): called once the decision is made, before
             any plan runs (a UI shows the plan, the CLI decides whether to draw a progress bar).
+        learned (`LearnedStore | None`): learned timings: applied to the decision and updated after
+            each successful local GPU decode (default: none; pass ``LearnedStore()`` for the user's file).
         tile_groupnorm (`"local" | "exact"`, defaults to `"local"`): GroupNorm statistics of tiled
             image decodes (see :func:`extension.executors.run_plan`): ``local`` is one pass per tile
             (the time the engine estimates; colours drift from a full decode), ``exact`` matches the
@@ -277,7 +280,8 @@ class HybridDecoder:
                  remote: RemoteDecoder | None = None, probe: Callable[[], GpuState] | None = None,
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
                  on_decision: Callable[[Decision], None] | None = None,
-                 tile_groupnorm: Literal["local", "exact"] = "local") -> None:
+                 tile_groupnorm: Literal["local", "exact"] = "local",
+                 learned: LearnedStore | None = None) -> None:
         if tile_groupnorm not in ("local", "exact"):
             raise ValueError(f"tile_groupnorm={tile_groupnorm!r}: use 'local' or 'exact'")
         self.settings = settings or DecodeSettings()
@@ -290,6 +294,7 @@ class HybridDecoder:
         self.before_plan = before_plan
         self.on_decision = on_decision
         self.tile_groupnorm = tile_groupnorm
+        self.learned = learned
 
     def _gpu(self, total_for: Callable[[str], float | None]) -> GpuState:
         return self._probe() if self._probe is not None else probe_gpu(total_for=total_for)
@@ -368,7 +373,8 @@ class HybridDecoder:
         save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
                      "vae_id": vae_id, "custom_vae": custom_vae}
         try:
-            decision = decide(job, gpu, profiles, settings, network)
+            snapshot = self.learned.load() if self.learned is not None else None
+            decision = decide(job, gpu, profiles, settings, network, learned=snapshot)
         except ProfileError as exc:
             # nothing can decode this job (no plan at all): keep the latent
             path = self._save(latents, family, fam, {**save_meta, "reason": f"no plan: {exc}"})
@@ -426,6 +432,8 @@ class HybridDecoder:
             secs = time.perf_counter() - t0
             attempts.append((plan.label, error, secs))
             if error is None:
+                if self.learned is not None and self.tile_groupnorm == "local":
+                    self.learned.record_decision(decision, plan, secs, applied=snapshot)
                 report = DecodeReport(
                     chosen=decision.chosen, ran=plan, attempts=tuple(attempts),
                     seconds=time.perf_counter() - t_start, peak_bytes=peak, reason=decision.reason,

@@ -225,3 +225,26 @@ def test_explain_shows_and_applies_learned(tmp_path):
     path.write_text("garbage")
     r = _explain("--learned", str(path))
     assert r.returncode == 0 and "ignored" in r.stdout
+
+
+def test_orchestrator_records_and_applies_learned_timings(tmp_path):
+    """A real (not simulated) GPU state: the orchestrator records each local decode and the next decision
+    carries the learned factor. The GPU is described by the probe; the decode runs on the CPU."""
+    import torch
+
+    from extension.fixture import build_tiny_vae
+    from extension.orchestrator import HybridDecoder
+    from policy.gpu import GiB, GpuState
+    from policy.learned import LearnedStore
+
+    state = GpuState(name="NVIDIA GeForce RTX 4090", total_bytes=24 * GiB, free_bytes=20 * GiB, source="nvml",
+                     device="cuda:0")
+    store = LearnedStore(tmp_path / "learned.json")
+    dec = HybridDecoder(probe=lambda: state, device="cpu", latent_dir=tmp_path, learned=store)
+    vae = build_tiny_vae("sd15")
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    reports = [dec.decode(z, vae, family="sd15").report for _ in range(4)]
+    assert all(r.ran.path == "full" for r in reports)
+    snap = store.load()
+    assert snap.entries and sum(e.count for e in snap.entries.values()) >= 4
+    assert "learned from" in reports[-1].ran.estimate.seconds_source
