@@ -60,6 +60,12 @@ def test_demo_runs_offline_and_writes_the_pngs(tmp_path):
     assert cases["4-cpu"]["decision"] == "cpu" and cases["4-cpu"]["psnr_vs_full_db"] == float("inf")
     assert cases["1-full"]["psnr_vs_picture_db"] > 15  # the fixture reconstructs the picture (about 19 dB)
     assert "PSNR vs full" in r.stdout and "5-remote" in r.stdout
+    # remote: decoded by a loopback `hybrid-vae serve` app with the same fixture; down -> local fallback
+    remote, down = cases["5-remote"], cases["6-remote-down"]
+    assert remote["decision"].startswith("remote ") and not remote["fell_back"]
+    assert remote["psnr_vs_full_db"] >= 40 and remote["remote"]["endpoint"].startswith("http://127.0.0.1:")
+    assert down["fell_back"] and down["chosen"].startswith("remote ") and down["decision"] in ("cpu", "full")
+    assert "RemoteConnectError" in down["attempts"][0][1] and down["psnr_vs_full_db"] >= 40
     # deterministic: a second run decides the same and produces the same pixels
     r2 = run("demo", "--out", str(tmp_path / "again"), "--no-oom")
     assert r2.returncode == 0, r2.stderr
