@@ -193,6 +193,20 @@ def to_vae_space(latents: torch.Tensor, family: Family) -> torch.Tensor:
     return out
 
 
+def from_vae_space(z: torch.Tensor, family: Family) -> torch.Tensor:
+    """Inverse of :func:`to_vae_space`: what a pipeline hands to ``vae.decode`` -> the pipeline's latents."""
+    import torch
+
+    if family.latents_mean is not None and family.latents_std is not None:
+        view = [1, len(family.latents_mean)] + [1] * (z.dim() - 2)
+        mean = torch.tensor(family.latents_mean, dtype=z.dtype, device=z.device).view(view)
+        std = torch.tensor(family.latents_std, dtype=z.dtype, device=z.device).view(view)
+        return (z - mean) / std
+    out = z - family.shift_factor if family.shift_factor else z
+    assert family.scaling_factor is not None
+    return out * family.scaling_factor
+
+
 def _encode_meta(meta: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in meta.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from extension.latents import from_vae_space
 from policy.errors import ProfileError
 from policy.model import DecodeSettings, MiB
 from policy.profiles import Family, Profiles
@@ -344,20 +345,6 @@ def detect_custom(vae: Any, model: Any, fam: Family, *, sd_vae: Any = None,
             return False, hub_id(n), "stock VAE"
     first = names[0] if names else None
     return True, first, "not a known stock VAE checkpoint" if first else "VAE checkpoint unknown"
-
-
-def from_vae_space(z: Any, fam: Family) -> Any:
-    """Inverse of :func:`extension.latents.to_vae_space`: what a pipeline hands to ``vae.decode`` -> model latents."""
-    import torch
-
-    if fam.latents_mean is not None and fam.latents_std is not None:
-        view = [1, len(fam.latents_mean)] + [1] * (z.dim() - 2)
-        mean = torch.tensor(fam.latents_mean, dtype=z.dtype, device=z.device).view(view)
-        std = torch.tensor(fam.latents_std, dtype=z.dtype, device=z.device).view(view)
-        return (z - mean) / std
-    out = z - fam.shift_factor if fam.shift_factor else z
-    assert fam.scaling_factor is not None
-    return out * fam.scaling_factor
 
 
 @contextlib.contextmanager

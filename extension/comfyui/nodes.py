@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from extension.latents import from_vae_space
 from extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
 from policy.model import DecodeSettings
 from policy.profiles import Family, Profiles, ProfileStore
@@ -113,19 +114,6 @@ def comfy_family(vae: Any, z: Any, profiles: Profiles) -> tuple[str | None, str]
     if prof is None or prof.latent_channels != channels or (spatial is not None and spatial != prof.spatial_compression):
         return None, f"{cls}: {channels} latent channels, {spatial}x; no matching family"
     return key, f"ComfyUI VAE {cls}, {channels} channels"
-
-
-def from_vae_space(z: Any, fam: Family) -> Any:
-    """Inverse of :func:`extension.latents.to_vae_space`: VAE-space latents -> the pipeline's normalised latents."""
-    import torch
-
-    if fam.latents_mean is not None and fam.latents_std is not None:
-        view = [1, len(fam.latents_mean)] + [1] * (z.dim() - 2)
-        mean = torch.tensor(fam.latents_mean, dtype=z.dtype, device=z.device).view(view)
-        std = torch.tensor(fam.latents_std, dtype=z.dtype, device=z.device).view(view)
-        return (z - mean) / std
-    assert fam.scaling_factor is not None
-    return (z - (fam.shift_factor or 0.0)) * fam.scaling_factor
 
 
 class ComfyVAEAdapter(torch.nn.Module):
