@@ -173,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)
+    if Path(args.out).resolve() == DEFAULT_OUT:
+        from bench.report import write_section
+
+        summary = text[text.index("## Summary by overlap"):].replace("## Summary by overlap",
+                                                                     "## Tiled vs full decode quality (fixture VAE)", 1)
+        write_section("bench/tiling_quality.py", summary + "\nPer picture and tile: docs/tiling-quality.md. "
+                      "The engine's default is per-tile (\"local\") GroupNorm with 64 px overlap; exact "
+                      "statistics are opt-in (`HybridDecoder(tile_groupnorm=\"exact\")`, `hybrid-vae decode "
+                      "--groupnorm exact`).")
     return 0
 
 
