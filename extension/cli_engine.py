@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
 from policy import (
     DecodeJob,
     DecodeSettings,
@@ -84,6 +86,9 @@ def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None
     """The card given on the command line, or None to probe the real one."""
     if gpu is None and total_gib is None and free_gib is None:
         return None
+    for flag, v in (("--total-gib", total_gib), ("--free-gib", free_gib)):
+        if v is not None and v < 0:
+            raise LatentError(f"{flag} {v}: memory cannot be negative; give GiB >= 0")
     parts = [f"name={gpu or 'Simulated GPU'}"]
     if total_gib is None:
         prof = profiles.gpu(gpu) if gpu else None
@@ -113,6 +118,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.endpoint:
             kw["endpoints"] = {args.family: args.endpoint}
         if args.reserve_gib is not None:
+            if not 0 <= args.reserve_gib <= 64:
+                raise LatentError(f"--reserve-gib {args.reserve_gib}: give GiB between 0 and 64")
             kw["reserve_bytes"] = int(args.reserve_gib * GiB)
         settings = DecodeSettings(**kw)
         job = DecodeJob(family=args.family, width=args.width, height=args.height, batch=args.batch,
@@ -129,8 +136,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         decision = decide(job, state, profiles, settings, learned=learned)
     except (LatentError, ProfileError) as exc:
         return _fail(str(exc), 2)
-    except ValueError as exc:  # pydantic validation of settings
-        return _fail(str(exc), 2)
+    except ValidationError as exc:  # settings built from the flags
+        flags = {"reserve_bytes": "--reserve-gib", "endpoints": "--endpoint", "mode": "--mode"}
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "settings"
+        return _fail(f"{flags.get(field, field)}: {err['msg']} (value: {err.get('input')!r}); see --help", 2)
     except HybridVAEError as exc:
         return _fail(str(exc), 1)
     if args.json:

@@ -134,6 +134,22 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     fams = _parse_families(args.family)
     if not fams and not args.demo:
         raise ValueError("nothing to serve: give --family F=PATH_OR_HUB_ID (repeatable) or --demo")
+    limits = (("--port", args.port, 0, 65535), ("--workers", args.workers, 1, 256),
+              ("--max-body-mib", args.max_body_mib, 1e-3, 1e6), ("--max-output-pixels", args.max_output_pixels, 1, 2**40),
+              ("--batch-window-ms", args.batch_window_ms, 0, 10_000), ("--max-batch", args.max_batch, 1, 1024))
+    for flag, value, lo, hi in limits:
+        if not lo <= value <= hi:
+            raise ValueError(f"{flag} {value}: give a value between {lo:g} and {hi:g}")
+    from policy.errors import ProfileError
+    from policy.profiles import load_profiles
+
+    try:
+        known = load_profiles(args.profile).families
+    except ProfileError as exc:
+        raise ValueError(str(exc)) from None
+    for name in fams:
+        if name not in known:
+            raise ValueError(f"--family {name}=...: unknown family; known: {', '.join(sorted(known))}")
     return {"families": fams, "demo": bool(args.demo), "device": args.device, "dtype": args.dtype,
             "max_body_bytes": int(args.max_body_mib * 1024**2), "max_output_pixels": args.max_output_pixels,
             "batch_window_s": args.batch_window_ms / 1000.0, "max_batch": args.max_batch, "profile": args.profile,

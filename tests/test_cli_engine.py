@@ -95,3 +95,20 @@ def test_probe_runs_without_gpu():
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["source"] in ("cpu", "nvml", "torch", "mps") and "note" in s
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["explain", "--family", "sdxl", "--width", "1024", "--height", "1024", "--reserve-gib", "-1"], "--reserve-gib -1"),
+    (["explain", "--family", "sdxl", "--width", "1024", "--height", "1024", "--gpu", "X", "--total-gib", "8",
+      "--free-gib", "-2"], "--free-gib -2"),
+    (["explain", "--family", "sdxl", "--width", "1024", "--height", "1024", "--gpu", "NVIDIA GeForce RTX 3070",
+      "--endpoint", "ftp://x"], "--endpoint"),
+    (["serve", "--demo", "--port", "99999"], "--port 99999"),
+    (["serve", "--demo", "--workers", "0"], "--workers 0"),
+    (["serve", "--family", "nope=some/vae"], "--family nope"),
+    (["serve", "--family", "sd15"], "--family 'sd15'"),
+])
+def test_bad_values_name_the_flag_and_value(args, named):
+    r = run(*args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert named in r.stderr and "error" in r.stderr
