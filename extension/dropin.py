@@ -38,7 +38,6 @@ and into ``image.info["hybrid_vae"]`` of PIL results. Pass one ``decoder=`` (a `
 from __future__ import annotations
 
 import copy
-import io
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -46,6 +45,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from extension import remote_wire
 from extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
 from policy.errors import PlanError
 from policy.model import DecodeSettings
@@ -299,29 +299,16 @@ def _frames_hwc(x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_mp4(frames: Any, *, fps: int = 16, crf: int = 18) -> bytes:
-    """H.264 mp4 (yuv420p) of uint8 ``[N, H, W, 3]`` frames with PyAV (the same settings as ``hybrid-vae serve``).
+    """H.264 mp4 of uint8 ``[N, H, W, 3]`` frames, the same encoder as ``hybrid-vae serve``.
 
     Raises:
         ImportError: PyAV is missing (``pip install av``).
     """
     try:
-        import av
+        return remote_wire.encode_mp4(frames, fps=fps, crf=crf)
     except ImportError:
         raise ImportError("output_type='mp4' needs PyAV for a local decode: pip install av "
                           "(or use output_type='pil' for frames)") from None
-    arr = frames.numpy() if hasattr(frames, "numpy") else frames
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height = int(arr.shape[2]), int(arr.shape[1])
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for f in arr:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
 
 
 def _pil_list(u8: torch.Tensor, *, info: str, fmt: str | None = None) -> list[Any]:

@@ -41,7 +41,8 @@ from policy.errors import (
     RemoteStatusError,
     RemoteTimeoutError,
 )
-from policy.gpu import GiB, GpuState
+from policy.gpu import GpuState
+from policy.gpu import format_gib as _gib
 from policy.gpu import probe as probe_gpu
 from policy.learned import LearnedStore
 from policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
@@ -176,10 +177,6 @@ class DecodeResult:
     tensor: Any
     report: DecodeReport
     images: list[Any] | None = None
-
-
-def _gib(b: float) -> str:
-    return f"{b / GiB:.2f} GiB"
 
 
 def _host(url: str) -> str:

@@ -188,6 +188,31 @@ def has_av() -> bool:
     return True
 
 
+def encode_mp4(frames: Any, *, fps: int = 16, crf: int = 18) -> bytes:
+    """H.264 mp4 (yuv420p) of uint8 ``[N, H, W, 3]`` frames (array or tensor) with PyAV, no system ffmpeg.
+
+    Used by ``hybrid-vae serve`` and by the drop-in's local decodes, so both give the same mp4.
+
+    Raises:
+        ImportError: PyAV is missing (``pip install av``).
+    """
+    import av
+
+    arr = frames.numpy() if hasattr(frames, "numpy") else frames
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height = int(arr.shape[2]), int(arr.shape[1])
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for f in arr:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
 def read_mp4(body: bytes, endpoint: str, size: tuple[int, int] | None, frames: int | None, *,
               decode: bool) -> Any:
     """Check an mp4's declared frame size before decoding; with ``decode`` return uint8 ``[F, H, W, 3]``

@@ -199,13 +199,10 @@ class DecodePaths:
             return "LTX-style pipeline"
         if latents.shape[-1] <= 4:
             return "not a latent"
-        why = self._unsupported_backend()
-        if why:
-            return why
-        key, why = detect_family(vae, profiles)
-        if key is None:
-            return why
-        fam = profiles.family(key)
+        found = self._engine_family(vae, profiles)
+        if isinstance(found, str):
+            return found
+        key, fam = found
         z, h, w = latents, None, None
         if z.ndim == 3:
             if fam.packed and hasattr(m, "_unpack_latents") and width and height:
@@ -217,6 +214,16 @@ class DecodePaths:
         if z.ndim != (5 if fam.video else 3 if h else 4):
             return f"latent shape {tuple(latents.shape)} is not a {key} latent"
         return self._job(m, vae, z, key, fam, cfg, profiles, perr, vae_type, "vae_decode", h, w)
+
+    def _engine_family(self, vae: Any, profiles: Any) -> tuple[str, Any] | str:
+        """``(family key, Family)`` when the engine can decode with ``vae`` on this backend, else why not."""
+        why = self._unsupported_backend()
+        if why:
+            return why
+        key, why = detect_family(vae, profiles)
+        if key is None:
+            return why
+        return key, profiles.family(key)
 
     def _unsupported_backend(self) -> str | None:
         try:
@@ -383,13 +390,10 @@ class DecodePaths:
         model = getattr(shared, "sd_model", None)
         if getattr(model, "sdnext_vae_type", None) == "Tiny":
             return "SD.Next VAE type Tiny"
-        why = self._unsupported_backend()
-        if why:
-            return why
-        key, why = detect_family(vae, profiles)
-        if key is None:
-            return why
-        fam = profiles.family(key)
+        found = self._engine_family(vae, profiles)
+        if isinstance(found, str):
+            return found
+        key, fam = found
         if not fam.video:
             return f"{key} is not a video family"
         m = model if getattr(model, "vae", None) is vae else None

@@ -23,17 +23,18 @@ from collections.abc import Mapping
 
 from policy.errors import ProfileError
 from policy.estimate import (
+    SpeedModel,
     check_job,
     cpu_seconds,
     decode_dtype,
-    gpu_speed,
     latent_frames,
     local_seconds,
     peak_bytes,
     remote_estimate,
     spatial_tiles,
 )
-from policy.gpu import GiB, GpuState
+from policy.gpu import GpuState
+from policy.gpu import format_gib as _gib
 from policy.learned import Learned, job_voxels
 from policy.model import (
     Decision,
@@ -46,13 +47,9 @@ from policy.model import (
     Plan,
     ResponseFormat,
 )
-from policy.profiles import Family, Profiles
+from policy.profiles import Family, Profiles, dtype_bytes
 
 LOSSY = frozenset({"jpg", "mp4"})
-
-
-def _gib(b: float) -> str:
-    return f"{b / GiB:.2f} GiB"
 
 
 def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple[str | None, str]:
@@ -131,7 +128,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     check_job(job, fam)
     dtype = decode_dtype(job, fam)
     gp = profiles.gpu(gpu.name)
-    speed = gpu_speed(fam, gp, job, settings, gpu)
+    speed = SpeedModel(fam, gp, dtype_bytes(dtype), settings)
     on_gpu = gpu.is_accelerator
     available = gpu.available_bytes if on_gpu else 0
     budget = available - settings.reserve_bytes

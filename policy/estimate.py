@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 from policy.errors import LatentError
-from policy.gpu import GpuState
 from policy.model import DecodeJob, DecodeSettings, Estimate, NetworkStats, ResponseFormat
 from policy.profiles import Dtype, Family, GpuProfile, GpuRow, dtype_bytes
 from policy.tiles import axis_tiles, diffusers_axis, temporal_chunks
@@ -259,8 +258,3 @@ def remote_estimate(job: DecodeJob, fam: Family, net: NetworkStats, fmt: Respons
     src = f"network {net.source} (rtt {net.rtt_s * 1000:.0f} ms, {net.down_bytes_per_s * 8 / 1e6:.0f} Mbit/s down); {ssrc}"
     return Estimate(peak_bytes=0, seconds=secs, peak_source="remote: no local GPU memory", seconds_source=src,
                     bytes_up=int(lat_bytes), bytes_down=down)
-
-
-def gpu_speed(fam: Family, gp: GpuProfile | None, job: DecodeJob, settings: DecodeSettings, gpu: GpuState) -> SpeedModel:
-    del gpu
-    return SpeedModel(fam, gp, dtype_bytes(decode_dtype(job, fam)), settings)

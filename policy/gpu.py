@@ -25,6 +25,11 @@ GiB = 1024**3
 Source = Literal["nvml", "torch", "mps", "cpu", "simulated"]
 
 
+def format_gib(b: float) -> str:
+    """``1234567890`` -> ``"1.15 GiB"`` (how reasons and reports show memory)."""
+    return f"{b / GiB:.2f} GiB"
+
+
 @dataclasses.dataclass(frozen=True)
 class GpuState:
     """A snapshot of one device's memory.

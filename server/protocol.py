@@ -27,12 +27,14 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from extension import remote_wire
+from policy.profiles import DTYPE_BYTES
+
 if TYPE_CHECKING:
     import torch
 
     from policy.profiles import Family
 
-DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 OUTPUT_TYPES = ("pil", "pt", "mp4")
 MAX_DIM = 1 << 20
 
@@ -299,21 +301,9 @@ def encode_output(x: torch.Tensor, req: DecodeRequest, *, jpeg_quality: int = 95
 
 
 def encode_mp4(frames: Any, *, fps: int = 16, crf: int = 18) -> bytes:
-    """H.264 mp4 (yuv420p) of uint8 ``[N, H, W, 3]`` frames with PyAV (no system ffmpeg needed)."""
+    """H.264 mp4 (yuv420p) of uint8 ``[N, H, W, 3]`` frames (``extension.remote_wire.encode_mp4``); 501 without PyAV."""
     try:
-        import av
+        return remote_wire.encode_mp4(frames, fps=fps, crf=crf)
     except ImportError:
         raise BadRequest("output_type=mp4 needs PyAV on the server (pip install 'sdnext-hybrid-vae[server]'); "
                          "use output_type=pt", field="output_type", status=501) from None
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
