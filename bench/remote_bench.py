@@ -111,8 +111,15 @@ def run(*, size: int = 512, n: int = 10, produce_s: float = 0.3, formats: tuple[
         "tiny random-weight sd15 VAE (fixture not built)"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report(rows, size=size, n=n, produce_s=produce_s, vae=vae, health=health), encoding="utf-8")
+        text = report(rows, size=size, n=n, produce_s=produce_s, vae=vae, health=health)
+        out.write_text(text, encoding="utf-8")
         print(f"wrote {out}")
+        if out.resolve() == DEFAULT_OUT:  # the table also goes into docs/benchmarks.md
+            from bench.report import write_section
+
+            body = text.replace("# Remote decode benchmark (loopback)", "## Remote decode: formats, serial vs pipelined",
+                                1)
+            write_section("bench/remote_bench.py", body + "\nFull report: docs/remote-benchmarks.md.")
     return rows
 
 
