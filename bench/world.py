@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from policy.estimate import FORMAT_S_PER_MP, latent_frames, peak_bytes, region_peak
+from policy.estimate import FORMAT_S_PER_MP, exact_peak_bytes, exact_tiles, latent_frames, peak_bytes, region_peak
 from policy.gpu import GiB, GpuState
 from policy.model import DecodeJob, NetworkStats, Plan
 from policy.profiles import Family, Profiles, dtype_bytes
@@ -55,7 +55,7 @@ from policy.tiles import axis_tiles, diffusers_axis
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
 MiB = 1024**2
-Geometry = Literal["engine", "diffusers", "comfy", "tiledvae"]
+Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact"]
 
 #: Cards the engine has no profile for: (name as NVML reports it, total GiB, true speed vs an H200 at
 #: 2 bytes, at 4 bytes). ASSUMED: an RTX 3070 measured 4.8x (fp16) / 6.8x (fp32) an H200 in the seed's
@@ -175,6 +175,8 @@ class Exec:
         if plan.path == "full" or plan.tile_px is None:
             return cls("full", items=1 if plan.slice_batch else batch, frame_chunk=chunk,
                        frame_overlap=plan.frame_overlap if chunk else 0)
+        if plan.groupnorm == "exact" and not fam.video:
+            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact")
         geo: Geometry = "diffusers" if fam.video else "engine"
         return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), overlap_px=plan.overlap_px, geometry=geo,
                    frame_chunk=chunk, frame_overlap=plan.frame_overlap)
@@ -486,6 +488,11 @@ class World:
                 est = region_peak(fam, ds, sc.height * sc.width, fr, items)
             kind = "chunk" if (fam.video and ex.frame_chunk) else "batch" if items > 1 else "full"
             return est / self.mem_ratio(sc, f"{arch}:{kind}", sc.height * sc.width)
+        if ex.geometry == "exact":
+            # no GPU data yet: the analytic model (no margin) x 1.00-1.10, the spread measured on the
+            # CPU (profiler peak 1.01-1.07x the analytic figure, SD-width decoder; docs/estimator.md)
+            bare = fam.model_copy(update={"memory": fam.memory.model_copy(update={"exact_margin": 1.0})})
+            return exact_peak_bytes(job, bare, ex.tiles[0][0]) * _rng(self.seed, "exact", sc.local_key).uniform(1.0, 1.10)
         if ex.geometry in ("engine", "diffusers"):
             th, _tw = ex.tiles[0]
             est = peak_bytes(job, fam, tile_px=th, overlap_px=ex.overlap_px, frame_chunk=ex.frame_chunk,
@@ -548,6 +555,12 @@ class World:
             one = self._img_full(sc, px)
             per_call = one * k * (1.0 if k <= 2 else max(0.87, 1.0 - 0.065 * (k - 2)))
             return per_call * math.ceil(b / k), per_call
+        if ex.geometry == "exact":
+            # full decode x 1.08 (CPU at SD width: 1.04-1.13x) + 0.15 ms per tile of each pass (assumed)
+            ty, tx = exact_tiles(sc.job(), fam, ex.tiles[0][0])
+            one = self._img_full(sc, px) * 1.08 + fam.timing.exact_passes * len(ty) * len(tx) * 0.00015 * \
+                self.card_factor(sc.card, ds, px)
+            return one * b, one
         total, biggest = 0.0, 0.0
         sc_ = fam.spatial_compression
         for th, tw in ex.tiles:

@@ -49,9 +49,10 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--total-gib", type=float, default=None, help="simulated total memory")
     d.add_argument("--free-gib", type=float, default=None, help="simulated free memory")
     d.add_argument("--mode", choices=["auto", "full", "tiled"], default="auto")
-    d.add_argument("--groupnorm", choices=["local", "exact"], default="local",
-                   help="tiled decodes: per-tile GroupNorm (fast) or the whole image's (matches a full "
-                        "decode, several times slower)")
+    d.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
+                   help="tiled decodes: exact (whole-image GroupNorm, output equals a full decode, needs "
+                        "memory per image pixel), local (per-tile GroupNorm, least memory, colours drift) "
+                        "or auto (exact when it fits; default)")
     d.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
     d.add_argument("--latent-dir", default=None, help="where a latent is saved if this decode fails too")
     d.add_argument("--json", action="store_true", help="print the decode report as JSON")
@@ -142,8 +143,8 @@ def _decoder(args: argparse.Namespace, **kw: Any) -> HybridDecoder:
     from policy.profiles import load_profiles
 
     state = simulated_state(load_profiles(args.profile), args.gpu, args.total_gib, args.free_gib)
-    return HybridDecoder(settings=DecodeSettings(mode=args.mode), profile_path=args.profile,
-                         latent_dir=args.latent_dir or DEFAULT_LATENT_DIR, tile_groupnorm=args.groupnorm,
+    return HybridDecoder(settings=DecodeSettings(mode=args.mode, tile_groupnorm=args.groupnorm),
+                         profile_path=args.profile, latent_dir=args.latent_dir or DEFAULT_LATENT_DIR,
                          probe=(lambda: state) if state is not None else None, **kw)
 
 
@@ -260,7 +261,8 @@ def _demo_latent(size: int) -> tuple[Any, Any, Any]:
 
 
 def _oom_at_decoder(vae: Any) -> Callable[[], None]:
-    """Make the VAE decoder's next forward raise ``torch.OutOfMemoryError`` once; returns the remover."""
+    """Make the decoder's next mid-block forward (every local path runs it) raise ``torch.OutOfMemoryError``
+    once; returns the remover."""
     import torch
 
     state = {"armed": True}
@@ -270,7 +272,7 @@ def _oom_at_decoder(vae: Any) -> Callable[[], None]:
             state["armed"] = False
             raise torch.OutOfMemoryError("CUDA out of memory (injected by `hybrid-vae demo`)")
 
-    remove: Callable[[], None] = vae.decoder.register_forward_pre_hook(hook).remove
+    remove: Callable[[], None] = vae.decoder.mid_block.register_forward_pre_hook(hook).remove
     return remove
 
 
@@ -343,26 +345,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     card, total = "NVIDIA GeForce RTX 3070", 8.0
     settings = DecodeSettings()
-    # the budget for case 2: the largest tile below the image, plus 5%, on top of the reserve
+    # budgets: the largest exact tile (case 2), then the largest local tile below every exact plan
+    # (case 2b), each plus 5% on top of the reserve
     job = DecodeJob(family="sd15", width=args.size, height=args.size, dtype="float32")
     big = decide(job, parse_simulation(f"name={card},free_gib={total}"), load_profiles(), settings)
-    tiles = sorted((o.plan for o in big.options if o.plan.path == "tiled"), key=lambda p: -(p.tile_px or 0))
-    tile_free = (settings.reserve_bytes + tiles[0].estimate.peak_bytes * 1.05) / GiB if tiles else 1.0
-    # (name, simulated free GiB, inject an OOM into the first plan, GroupNorm of tiled decodes)
-    cases: list[tuple[str, float, bool, str]] = [
-        ("1-full", total, False, "local"),
-        ("2-tiled", tile_free, False, "local"),
-        ("2b-tiled-exact", tile_free, False, "exact"),
-    ]
+    tiled = [o.plan for o in big.options if o.plan.path == "tiled"]
+    exact = [p.estimate.peak_bytes for p in tiled if p.groupnorm == "exact"]
+    below = [p for p in tiled if p.groupnorm == "local" and p.estimate.peak_bytes < min(exact, default=0)]
+
+    def budget(peak: float) -> float:
+        return (settings.reserve_bytes + peak * 1.05) / GiB
+
+    # (name, simulated free GiB, inject an OOM into the first plan)
+    cases: list[tuple[str, float, bool]] = [("1-full", total, False)]
+    if exact:
+        cases.append(("2-tiled-exact", budget(max(exact)), False))
+    if below:
+        cases.append(("2b-tiled-local", budget(max(p.estimate.peak_bytes for p in below)), False))
     if args.inject_oom:
-        cases.append(("3-oom-fallback", total, True, "local"))
-    cases.append(("4-cpu", 0.0, False, "local"))
+        cases.append(("3-oom-fallback", total, True))
+    cases.append(("4-cpu", 0.0, False))
     rows: list[dict[str, Any]] = []
     reference: torch.Tensor | None = None
-    for name, free, oom, gn in cases:
+    for name, free, oom in cases:
         spec = f"name={card},total_gib={total},free_gib={free:.4f}"
         decoder = HybridDecoder(settings=settings, probe=functools.partial(parse_simulation, spec),
-                                latent_dir=out / "latents", tile_groupnorm=gn)  # type: ignore[arg-type]
+                                latent_dir=out / "latents")
         remove = _oom_at_decoder(vae) if oom else None
         t0 = time.perf_counter()
         try:
@@ -378,8 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         png = out / f"{name}.png"
         write_images(result, png)
         r = result.report
-        label = r.ran.label + (" exact GN" if r.groupnorm == "exact" else "")
-        rows.append({"case": name, "simulated_free_gib": round(free, 3), "decision": label,
+        rows.append({"case": name, "simulated_free_gib": round(free, 3), "decision": r.ran.label,
                      "chosen": r.chosen.label, "fell_back": r.fell_back, "reason": r.reason,
                      "infotext": r.infotext(), "seconds": round(secs, 3),
                      "psnr_vs_full_db": round(psnr(result.tensor, reference), 2),

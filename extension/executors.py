@@ -27,11 +27,11 @@ or missing). torch is imported inside the functions.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from extension.stream import stream_decode
 from policy.errors import PlanError
 from policy.tiles import axis_tiles, diffusers_axis
 
@@ -213,129 +213,15 @@ def _full(vae: Any, z: torch.Tensor, *, slice_batch: bool, progress: ProgressFn 
         return _items(vae, z, progress)
 
 
-def core_weights(tiles: list[tuple[int, int]], scale: int) -> list[torch.Tensor]:
-    """Hard ownership along one axis: every position belongs to exactly one tile (the one whose centre
-    is nearest). Used to sum each feature once when global GroupNorm statistics are gathered."""
-    import torch
-
-    length = max(s + n for s, n in tiles) * scale
-    centres = torch.tensor([(s + n / 2) * scale for s, n in tiles], dtype=torch.float64)
-    owner = ((torch.arange(length, dtype=torch.float64) + 0.5)[:, None] - centres[None, :]).abs().argmin(1)
-    return [(owner[s * scale:(s + n) * scale] == i).to(torch.float64) for i, (s, n) in enumerate(tiles)]
-
-
-class _Stop(Exception):
-    """Ends a statistics pass once the GroupNorm being measured has seen its tile."""
-
-
-class _GroupNormSync:
-    """Gives every ``GroupNorm`` of the decoder's up blocks the statistics of the WHOLE image.
-
-    Pass k runs each tile until the first GroupNorm that has no global statistics yet, adds the
-    tile's owned (hard-core) features to running sums, and stops; after the pass the sums become
-    that layer's mean/variance per group. Earlier layers already use global statistics, so the
-    features a tile owns equal the full decode's (up to the overlap's context), and the statistics
-    are those of a full decode. The pass with no unmeasured layer left produces the output.
-    """
-
-    def __init__(self, modules: list[Any]) -> None:
-        self.modules = modules
-        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.sums: list[Any] = [0.0, 0.0, 0.0]
-        self.target: int | None = None
-        self.weight_y: Callable[[int], torch.Tensor] = lambda _s: None  # type: ignore[assignment,return-value]
-        self.weight_x: Callable[[int], torch.Tensor] = lambda _s: None  # type: ignore[assignment,return-value]
-        self.tile_w = 1
-        self._saved: dict[Any, Any] = {}
-
-    def __enter__(self) -> _GroupNormSync:
-        for m in self.modules:
-            self._saved[m] = m.__dict__.get("forward", _MISSING)
-            m.forward = self._forward_for(m)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for m, f in self._saved.items():
-            if f is _MISSING:
-                del m.forward
-            else:
-                m.forward = f
-
-    def new_pass(self) -> None:
-        self.target, self.sums = None, [0.0, 0.0, 0.0]
-
-    def end_pass(self) -> bool:
-        """Store the measured layer's statistics; False when the pass measured nothing (it was the last)."""
-        if self.target is None:
-            return False
-        s1, s2, n = self.sums
-        mean = s1 / n
-        self.stats[self.target] = (mean, (s2 / n - mean * mean).clamp_min(0.0))
-        return True
-
-    def _forward_for(self, m: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        import torch
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            b, c, h, w = x.shape
-            g = m.num_groups
-            st = self.stats.get(id(m))
-            if st is None:
-                if self.target is None:
-                    self.target = id(m)
-                if self.target == id(m):
-                    scale = w // self.tile_w
-                    wt = self.weight_y(scale).to(x.device).view(-1, 1) * self.weight_x(scale).to(x.device).view(1, -1)
-                    v = x.to(torch.float64).reshape(b, g, c // g, h, w)
-                    self.sums[0] = self.sums[0] + (v * wt).sum((2, 3, 4))
-                    self.sums[1] = self.sums[1] + (v * v * wt).sum((2, 3, 4))
-                    self.sums[2] = self.sums[2] + wt.sum() * (c // g)
-                raise _Stop
-            mean, var = st
-            y = x.reshape(b, g, -1)
-            y = (y - mean[..., None].to(x.dtype)) * torch.rsqrt(var[..., None] + m.eps).to(x.dtype)
-            y = y.reshape(x.shape)
-            if m.weight is not None:
-                y = y * m.weight.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1)
-            return y
-
-        return forward
-
-
-def _pick(cache: dict[int, list[torch.Tensor]], tiles: list[tuple[int, int]], index: int,
-          scale: int) -> torch.Tensor:
-    """Tile ``index``'s hard-core weights at ``scale`` (computed once per scale)."""
-    if scale not in cache:
-        cache[scale] = core_weights(tiles, scale)
-    return cache[scale][index]
-
-
-def _exact_ok(vae: Any) -> bool:
-    dec = getattr(vae, "decoder", None)
-    return dec is not None and type(dec).__name__ == "Decoder" and all(
-        hasattr(dec, a) for a in ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out"))
-
-
-def _tiled_kl(vae: Any, z: torch.Tensor, plan: Plan, fam: Family, progress: ProgressFn | None,
-              groupnorm: str = "local") -> torch.Tensor:
-    """The engine's tiler: equal tiles from ``axis_tiles``, linear-ramp blending, in-place accumulation.
-
-    ``groupnorm="local"``: each tile is decoded on its own (one pass; GroupNorm sees only the tile, so
-    colours drift from the full decode). ``"exact"``: the decoder's ``conv_in`` + mid block (with
-    its attention) run once on the whole latent, and the up blocks run tile by tile with the whole
-    image's GroupNorm statistics (see `_GroupNormSync`): one pass per up-block GroupNorm plus one,
-    so several times slower, for an output that matches the full decode.
-    """
+def _tiled_kl(vae: Any, z: torch.Tensor, plan: Plan, fam: Family, progress: ProgressFn | None) -> torch.Tensor:
+    """The engine's local-GroupNorm tiler: equal tiles from ``axis_tiles``, each through the whole
+    decoder, linear-ramp blending, in-place accumulation. GroupNorm sees only the tile, so colours
+    drift from the full decode (exact plans run :func:`extension.stream.stream_decode` instead)."""
     import torch
 
     sc = fam.spatial_compression
     if plan.tile_px is None:
         raise PlanError(f"tiled plan {plan.label!r} has no tile size for an image VAE")
-    if groupnorm not in ("local", "exact"):
-        raise PlanError(f"groupnorm={groupnorm!r}: use 'local' or 'exact'")
-    exact = groupnorm == "exact" and _exact_ok(vae)
-    if groupnorm == "exact" and not exact:
-        log.warning("%s's decoder is not a diffusers Decoder; tiling with local GroupNorm", type(vae).__name__)
     b, _, h, w = z.shape
     ty = axis_tiles(h, plan.tile_px // sc, plan.overlap_px // sc)
     tx = axis_tiles(w, plan.tile_px // sc, plan.overlap_px // sc)
@@ -343,50 +229,20 @@ def _tiled_kl(vae: Any, z: torch.Tensor, plan: Plan, fam: Family, progress: Prog
     wx = blend_weights(tx, sc, device=z.device, dtype=z.dtype)
     out = torch.zeros((b, _out_channels(vae), h * sc, w * sc), dtype=z.dtype, device=z.device)
     pqc = getattr(vae, "post_quant_conv", None)
-    dec = vae.decoder
-    norms = [m for m in [*dec.up_blocks.modules(), dec.conv_norm_out] if isinstance(m, torch.nn.GroupNorm)] \
-        if exact else []
-    passes = len(norms) + 1
-    total, done = b * passes * len(ty) * len(tx), 0
-    cy: dict[int, list[torch.Tensor]] = {}
-    cx: dict[int, list[torch.Tensor]] = {}
-    with _GroupNormSync(norms) as sync:
-        for i in range(b):
-            zi = z[i:i + 1]
-            if pqc is not None:
-                zi = pqc(zi)
-            if exact:
-                feats = dec.mid_block(dec.conv_in(zi))
-                feats = feats.to(next(iter(dec.up_blocks.parameters())).dtype)
-                sync.stats.clear()
-            while True:
-                sync.new_pass()
-                for iy, ((ys, yn), wyt) in enumerate(zip(ty, wy, strict=True)):
-                    for ix, ((xs, xn), wxt) in enumerate(zip(tx, wx, strict=True)):
-                        try:
-                            if exact:
-                                sync.tile_w = xn
-                                sync.weight_y = functools.partial(_pick, cy, ty, iy)
-                                sync.weight_x = functools.partial(_pick, cx, tx, ix)
-                                t = feats[:, :, ys:ys + yn, xs:xs + xn]
-                                for block in dec.up_blocks:
-                                    t = block(t)
-                                t = dec.conv_out(dec.conv_act(dec.conv_norm_out(t)))
-                            else:
-                                t = dec(zi[:, :, ys:ys + yn, xs:xs + xn])
-                        except _Stop:
-                            t = None
-                        if t is not None:
-                            t.mul_(wyt.view(-1, 1)).mul_(wxt.view(1, -1))
-                            out[i:i + 1, :, ys * sc:(ys + yn) * sc, xs * sc:(xs + xn) * sc].add_(t)
-                            del t
-                        done += 1
-                        if progress:
-                            progress(min(done, total), total)
-                if not exact or not sync.end_pass():
-                    break
-    if progress and done < total:
-        progress(total, total)
+    total, done = b * len(ty) * len(tx), 0
+    for i in range(b):
+        zi = z[i:i + 1]
+        if pqc is not None:
+            zi = pqc(zi)
+        for (ys, yn), wyt in zip(ty, wy, strict=True):
+            for (xs, xn), wxt in zip(tx, wx, strict=True):
+                t = vae.decoder(zi[:, :, ys:ys + yn, xs:xs + xn])
+                t.mul_(wyt.view(-1, 1)).mul_(wxt.view(1, -1))
+                out[i:i + 1, :, ys * sc:(ys + yn) * sc, xs * sc:(xs + xn) * sc].add_(t)
+                del t
+                done += 1
+                if progress:
+                    progress(done, total)
     return out
 
 
@@ -486,12 +342,15 @@ def _tiled_video(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
 
 
 def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
-             device: str | torch.device | None = None, progress: ProgressFn | None = None,
-             groupnorm: Literal["local", "exact"] = "local") -> torch.Tensor:
+             device: str | torch.device | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
     """Decode ``latents`` (VAE space, unpacked) with ``vae`` as ``plan`` says.
 
     Args:
         plan (`Plan`): a ``full``, ``tiled`` or ``cpu`` plan (remote plans run in the remote client).
+            Tiled image plans run with ``plan.groupnorm``: ``exact`` through
+            :func:`extension.stream.stream_decode` (output equals the full decode), ``local`` through
+            the engine's overlap-and-blend tiler (GroupNorm per tile: colours drift, about 20 dB PSNR
+            on the fixture VAE; docs/tiling-quality.md).
         vae: a diffusers VAE (``AutoencoderKL``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``,
             or another class with ``decode``).
         latents (`torch.Tensor`): ``[B, C, h, w]`` or ``[B, C, T, h, w]``; moved to the run device/dtype.
@@ -500,17 +359,12 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
             The orchestrator passes the probed device, or the device that exists when the GPU is
             simulated. ``cpu`` plans always run on the CPU.
         progress (`ProgressFn | None`): ``progress(done, total)`` after each tile, chunk or item.
-        groupnorm (`"local" | "exact"`, defaults to `"local"`): GroupNorm statistics of tiled image
-            decodes. ``local``: per tile, one pass (fast; colours drift from the full decode, by
-            about 20 dB PSNR on the fixture VAE). ``exact``: the whole image's statistics, one pass
-            per up-block GroupNorm (several times slower; matches the full decode, about 50 dB).
-            See docs/tiling-quality.md.
-
     Returns:
         torch.Tensor: float in [-1, 1] on the run device, in the run dtype.
 
     Raises:
-        PlanError: a remote plan, an unknown path, or a tiled plan this VAE cannot run.
+        PlanError: a remote plan, an unknown path, or a tiled plan this VAE cannot run (an exact
+            plan on a decoder :func:`extension.stream.stream_support` rejects names the reason).
         torch.OutOfMemoryError and whatever the VAE raises: passed through (the VAE is restored).
     """
     import torch
@@ -527,8 +381,12 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
             out = _full(vae, z, slice_batch=plan.slice_batch, progress=progress)
         elif video:
             out = _tiled_video(vae, z, plan, family, progress)
+        elif plan.groupnorm == "exact":
+            if plan.tile_px is None:
+                raise PlanError(f"exact tiled plan {plan.label!r} has no tile size")
+            out = stream_decode(vae, z, tile_px=plan.tile_px, progress=progress)
         elif is_kl_like(vae):
-            out = _tiled_kl(vae, z, plan, family, progress, groupnorm)
+            out = _tiled_kl(vae, z, plan, family, progress)
         else:
             out = _tiled_fallback(vae, z, plan, family, progress)
         del z

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from extension.executors import ProgressFn, run_plan, vae_device_dtype
 from extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
+from extension.stream import stream_support
 from policy.decide import decide
 from policy.errors import (
     DecodeFailedError,
@@ -102,7 +103,7 @@ class DecodeReport:
         device: the torch device the successful local plan ran on ("remote" for remote).
         remote: endpoint, bytes and seconds when a remote plan produced the image.
         profile_error: why the user's profile file was ignored (the built-ins were used), if it was.
-        groupnorm: ``local``/``exact`` GroupNorm statistics of a tiled image decode (else None).
+        groupnorm: ``local``/``exact`` GroupNorm statistics of the tiled image decode that ran (else None).
     """
 
     chosen: Plan
@@ -144,8 +145,6 @@ class DecodeReport:
         else:
             text = "cpu, no GPU" if not d.gpu.is_accelerator \
                 else f"cpu, no GPU plan fits {_gib(d.available_bytes)} available"
-        if self.groupnorm == "exact":
-            text += ", exact GroupNorm"
         text += f", {self.seconds:.2f} s"
         if self.simulated:
             text += f" [simulated {d.gpu.name}, ran on {self.device}]"
@@ -266,10 +265,6 @@ class HybridDecoder:
             any plan runs (a UI shows the plan, the CLI decides whether to draw a progress bar).
         learned (`LearnedStore | None`): learned timings: applied to the decision and updated after
             each successful local GPU decode (default: none; pass ``LearnedStore()`` for the user's file).
-        tile_groupnorm (`"local" | "exact"`, defaults to `"local"`): GroupNorm statistics of tiled
-            image decodes (see :func:`extension.executors.run_plan`): ``local`` is one pass per tile
-            (the time the engine estimates; colours drift from a full decode), ``exact`` matches the
-            full decode at several times the time.
     """
 
     def __init__(self, *, settings: DecodeSettings | None = None, profile_path: str | Path | None = None,
@@ -277,10 +272,7 @@ class HybridDecoder:
                  remote: RemoteDecoder | None = None, probe: Callable[[], GpuState] | None = None,
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
                  on_decision: Callable[[Decision], None] | None = None,
-                 tile_groupnorm: Literal["local", "exact"] = "local",
                  learned: LearnedStore | None = None) -> None:
-        if tile_groupnorm not in ("local", "exact"):
-            raise ValueError(f"tile_groupnorm={tile_groupnorm!r}: use 'local' or 'exact'")
         self.settings = settings or DecodeSettings()
         self.profile_path = profile_path
         self.store = profile_store or ProfileStore()
@@ -290,7 +282,6 @@ class HybridDecoder:
         self.device = device
         self.before_plan = before_plan
         self.on_decision = on_decision
-        self.tile_groupnorm = tile_groupnorm
         self.learned = learned
 
     def _gpu(self, total_for: Callable[[str], float | None]) -> GpuState:
@@ -366,6 +357,9 @@ class HybridDecoder:
         settings = self.settings
         if self.remote is None and settings.allow_remote:
             settings = settings.model_copy(update={"allow_remote": False})
+        if settings.tile_groupnorm != "local" and not fam.video and (why := stream_support(vae)) is not None:
+            log.debug("hybrid-vae: no exact tiling for %s (%s); local tiles only", type(vae).__name__, why)
+            settings = settings.model_copy(update={"tile_groupnorm": "local"})
         network = self.remote.network_stats() if self.remote is not None else None
         save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
                      "vae_id": vae_id, "custom_vae": custom_vae}
@@ -408,8 +402,7 @@ class HybridDecoder:
                     remote_info = RemoteInfo(rr.endpoint, int(rr.bytes_up), int(rr.bytes_down),
                                              float(rr.seconds))
                 else:
-                    out = run_plan(plan, vae, z_vae, family=fam, device=run_dev, progress=progress,
-                                   groupnorm=self.tile_groupnorm)
+                    out = run_plan(plan, vae, z_vae, family=fam, device=run_dev, progress=progress)
                     if use_cuda:
                         torch.cuda.synchronize(run_dev)
                         peak = max(0, torch.cuda.max_memory_allocated(run_dev) - base)
@@ -429,7 +422,7 @@ class HybridDecoder:
             secs = time.perf_counter() - t0
             attempts.append((plan.label, error, secs))
             if error is None:
-                if self.learned is not None and self.tile_groupnorm == "local":
+                if self.learned is not None:
                     self.learned.record_decision(decision, plan, secs, applied=snapshot)
                 report = DecodeReport(
                     chosen=decision.chosen, ran=plan, attempts=tuple(attempts),
@@ -437,7 +430,7 @@ class HybridDecoder:
                     decision=decision, simulated=gpu.simulated,
                     device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else run_dev),
                     remote=remote_info, profile_error=str(perr) if perr else None,
-                    groupnorm=self.tile_groupnorm if plan.path == "tiled" and not fam.video else None)
+                    groupnorm=plan.groupnorm if plan.path == "tiled" and not fam.video else None)
                 log.info("hybrid-vae: %s", report.infotext())
                 images = to_pil(out) if output == "pil" else None
                 return DecodeResult(tensor=out, report=report, images=images)

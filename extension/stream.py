@@ -114,9 +114,11 @@ def stream_buffer_elements(block_out_channels: list[int] | tuple[int, ...], laye
     area = 1 / 4 ** (n - 1)  # of the output, at the current resolution
     for i, out_ch in enumerate(rev):
         for _ in range(layers_per_block + 1):
-            # seg1: x (storage ch) + h (out_ch); seg2 writes into x's storage
-            peak = max(peak, area * (ch + out_ch))
-            ch = max(ch, out_ch)
+            if out_ch <= ch:  # x (its storage) + h; the output goes into x's storage
+                peak = max(peak, area * (ch + out_ch))
+            else:  # a wider output needs its own buffer, which becomes x
+                peak = max(peak, area * (ch + 2 * out_ch))
+                ch = out_ch
         if i < n - 1:
             peak = max(peak, area * ch + 4 * area * out_ch)  # upsample: source + 2x buffer
             ch, area = out_ch, area * 4
@@ -165,16 +167,17 @@ class _Stats:
 
 
 def _norm_act(t: torch.Tensor, aff: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """GroupNorm with given statistics then SiLU; computed in float32 like PyTorch's kernel."""
+    """GroupNorm with given statistics, then SiLU: one new tensor in ``t``'s dtype.
+
+    ``x * scale + shift`` in one kernel (which computes half types in float32 internally); for half
+    types scale and shift are rounded to the dtype first, so the result can differ from PyTorch's
+    GroupNorm by about one unit in the last place -- the price of not holding a float32 copy of the tile.
+    """
     import torch
 
     scale, shift = aff
-    y = t.to(torch.float32, copy=True) if t.dtype != torch.float32 else t * scale
-    if t.dtype != torch.float32:
-        y.mul_(scale)
-    y.add_(shift)
-    torch.nn.functional.silu(y, inplace=True)
-    return y.to(t.dtype)
+    y = torch.addcmul(shift.to(t.dtype), t, scale.to(t.dtype))
+    return torch.nn.functional.silu(y, inplace=True)
 
 
 class _Grid:
@@ -270,7 +273,9 @@ def _resnet(run: _Run, r: Any, x: torch.Tensor, aff_in: tuple[torch.Tensor, torc
         res = x[:, :, y0:y1, x0:x1]
         if r.conv_shortcut is not None:
             res = r.conv_shortcut(res)
-        y = (res + y) / r.output_scale_factor
+        y.add_(res)  # in place on the conv output: (input + hidden) / scale, as diffusers, without copies
+        if r.output_scale_factor != 1:
+            y.div_(r.output_scale_factor)
         if st_out is not None:
             st_out.add(y)
         out[:, :, y0:y1, x0:x1] = y  # x is only read at this core here, so writing into it is safe

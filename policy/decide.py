@@ -2,11 +2,17 @@
 
 Rules (each is tested):
 - Candidates: full (whole batch), full item by item (batch > 1), temporal chunks (video), tiled at
-  every tile cap from the family's smallest up to the image size, remote (when allowed and an
-  endpoint serves this family's VAE), cpu.
+  every tile cap from the family's smallest up to the image size -- for image families with an
+  exact-tiling model both ``exact`` (whole-image GroupNorm statistics; output = a full decode) and
+  ``local`` (per-tile statistics; least memory) --, remote (when allowed and an endpoint serves this
+  family's VAE), cpu.
+- ``tile_groupnorm="auto"``: while a full or exact-tiled plan fits, a local-tiled plan is chosen
+  only when it is estimated ``exact_tolerance`` (1.5x) faster; ``exact``: no local-tiled plans;
+  ``local``: no exact-tiled plans.
 - A GPU plan is feasible when its estimated peak <= available - reserve
   (available = NVML free + torch's reusable cache).
-- ``auto`` chooses the feasible plan with the smallest estimated seconds (ties: the larger tile).
+- ``auto`` chooses the feasible plan with the smallest estimated seconds (ties: the larger tile);
+  see ``tile_groupnorm`` for exact vs local tiles.
   Forced modes put their path first when it is feasible and otherwise say why and fall back to auto.
 - Never a GPU plan first whose estimate exceeds what is available. When nothing fits the budget,
   the smallest tile is tried first only if it fits inside the reserve; else remote, else cpu.
@@ -27,6 +33,9 @@ from policy.estimate import (
     check_job,
     cpu_seconds,
     decode_dtype,
+    exact_peak_bytes,
+    exact_seconds,
+    exact_tiles,
     latent_frames,
     local_seconds,
     peak_bytes,
@@ -35,7 +44,7 @@ from policy.estimate import (
 )
 from policy.gpu import GpuState
 from policy.gpu import format_gib as _gib
-from policy.learned import Learned, job_voxels
+from policy.learned import Learned, job_voxels, learn_path
 from policy.model import (
     Decision,
     DecodeJob,
@@ -136,23 +145,37 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     overlap = (settings.tile_overlap_px // sc) * sc
     peak_src = f"{job.family} memory model: {fam.memory.source}"
 
+    def with_learned(plan: Plan) -> Plan:
+        if learned is None:
+            return plan
+        factor, entry = learned.factor(gpu.name, job.family, learn_path(plan), job_voxels(job))
+        if entry is None:
+            return plan
+        wide = " (card-wide)" if entry.family != job.family else ""
+        est = dataclasses.replace(plan.estimate, seconds=plan.estimate.seconds * factor,
+                                  seconds_source=plan.estimate.seconds_source
+                                  + f"; x{factor:.2f} learned from {entry.count} decodes{wide}")
+        return dataclasses.replace(plan, estimate=est)
+
     def local(path: str, *, tile: int | None = None, chunk: int | None = None, slice_batch: bool = False) -> Plan:
         ov = overlap if tile is not None else 0
         fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
         secs = local_seconds(job, fam, speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
                              frame_overlap=fov, slice_batch=slice_batch)
-        secs_src = speed.source
-        if learned is not None:
-            factor, entry = learned.factor(gpu.name, job.family, path, job_voxels(job))
-            if entry is not None:
-                secs *= factor
-                wide = " (card-wide)" if entry.family != job.family else ""
-                secs_src += f"; x{factor:.2f} learned from {entry.count} decodes{wide}"
         est = Estimate(
             peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch),
-            seconds=secs, peak_source=peak_src, seconds_source=secs_src)
-        return Plan(path=path, estimate=est, dtype=dtype, tile_px=tile, overlap_px=ov,  # type: ignore[arg-type]
-                    frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch)
+            seconds=secs, peak_source=peak_src, seconds_source=speed.source)
+        return with_learned(Plan(path=path, estimate=est, dtype=dtype, tile_px=tile, overlap_px=ov,  # type: ignore[arg-type]
+                                 frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch))
+
+    def exact(tile: int) -> Plan:
+        t = fam.timing
+        est = Estimate(
+            peak_bytes=exact_peak_bytes(job, fam, tile), seconds=exact_seconds(job, fam, speed, tile),
+            peak_source=f"{job.family} exact-tiling model: analytic buffers + tile, x{fam.memory.exact_margin:g} margin",
+            seconds_source=f"{speed.source}; exact tiling x{t.exact_time_factor:g} + {t.exact_passes} passes x tiles (assumed)")
+        return with_learned(Plan(path="tiled", estimate=est, dtype=dtype, tile_px=tile, slice_batch=True,
+                                 groupnorm="exact"))
 
     # ---- candidates -------------------------------------------------------------------------
     gpu_plans: list[Plan] = []
@@ -164,6 +187,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         gpu_plans.append(local("full", slice_batch=True))
     if use_chunks:
         gpu_plans.append(local("tiled", chunk=chunk, slice_batch=True))
+    can_exact = not fam.video and fam.memory.exact_buffer_elements is not None
     seen: set[int] = set()
     for cap in _tile_caps(job, fam, settings):
         if cap <= 2 * overlap:
@@ -172,7 +196,17 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         if tile in seen or tile >= max(job.width, job.height):
             continue
         seen.add(tile)
-        gpu_plans.append(local("tiled", tile=tile, chunk=chunk if use_chunks else None, slice_batch=True))
+        if settings.tile_groupnorm != "exact" or not can_exact:
+            gpu_plans.append(local("tiled", tile=tile, chunk=chunk if use_chunks else None, slice_batch=True))
+    if can_exact and settings.tile_groupnorm != "local":
+        seen_exact: set[int] = set()
+        for cap in _tile_caps(job, fam, settings):
+            ty, tx = exact_tiles(job, fam, cap)
+            tile = max(max(s for _, s in ty), max(s for _, s in tx))
+            if tile in seen_exact or tile >= max(job.width, job.height):
+                continue
+            seen_exact.add(tile)
+            gpu_plans.append(exact(tile))
     if use_chunks and chunk is not None:
         # Shorter temporal chunks before giving up on the GPU (whole frames, then the smallest tile).
         # Not measured: they are never estimated faster than the VAE's default chunk (more launches,
@@ -228,9 +262,15 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
                                      seconds_source="generic CPU model (assumed)"))
         options.append(Option(cpu, True, "last resort"))
 
+    has_exact = any(p.path == "full" or p.groupnorm == "exact" for p in feasible)
+    penalise_local = settings.tile_groupnorm == "auto" and has_exact and not fam.video
+
     def rank(p: Plan) -> tuple[float, float]:
-        # seconds first; on ties the larger tile (full counts as infinite)
-        return (p.estimate.seconds, -(p.tile_px or math.inf) if p.path != "remote" else 0.0)
+        # seconds first (local tiles x exact_tolerance while an exact plan fits); ties: the larger tile
+        secs = p.estimate.seconds
+        if penalise_local and p.path == "tiled" and p.groupnorm == "local":
+            secs *= settings.exact_tolerance
+        return (secs, -(p.tile_px or math.inf) if p.path != "remote" else 0.0)
 
     # ---- choose -----------------------------------------------------------------------------
     pool = feasible + ([remote] if remote is not None else [])
@@ -246,7 +286,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     elif settings.mode == "tiled":
         tiled = [p for p in feasible if p.path == "tiled"]
         if tiled:
-            chosen = min(tiled, key=lambda p: (-(p.tile_px or 0), p.estimate.seconds))
+            chosen = min(tiled, key=lambda p: (p.groupnorm != "exact", -(p.tile_px or 0), p.estimate.seconds))
         else:
             reason_prefix = "tiled requested but no tile fits; "
     elif settings.mode == "remote":
@@ -302,6 +342,13 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         what = "squeezed into the reserve: " if squeezed else ""
         reason = (f"{what}{c.label}: {_gib(c.estimate.peak_bytes)} fits {_gib(budget)}, "
                   f"full needs {_gib(full.estimate.peak_bytes)}")
+        exacts = [p for p in gpu_plans if p.groupnorm == "exact"]
+        if c.groupnorm == "exact":
+            reason += "; output equals a full decode"
+        elif exacts and not fam.video:
+            least = min(exacts, key=lambda p: p.estimate.peak_bytes)
+            reason += (f"; exact tiling needs {_gib(least.estimate.peak_bytes)}, so tile colours may differ "
+                       f"from a full decode")
     elif c.path == "remote":
         local_best = min(feasible, key=rank) if feasible else None
         vs = (f"faster than {local_best.label} ({local_best.estimate.seconds:.2f} s)" if local_best

@@ -138,6 +138,47 @@ def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: 
     return int(peak)
 
 
+def exact_tiles(job: DecodeJob, fam: Family, tile_px: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Output-pixel tiles (no overlap) of exact tiling at full resolution, as extension/stream.py cuts them."""
+    return axis_tiles(job.height, tile_px, 0), axis_tiles(job.width, tile_px, 0)
+
+
+def exact_peak_bytes(job: DecodeJob, fam: Family, tile_px: int) -> int:
+    """Peak bytes of exact tiling (extension/stream.py), one item at a time.
+
+    ``margin * (whole-image buffers + one tile's working set with its 1 px context + workspace)``,
+    plus the finished items of a batch and the weights when not resident. Analytic (from the
+    decoder's channels), so ``exact_margin`` > 1 until a GPU run measures it.
+
+    Raises:
+        ValueError: the family has no exact-tiling model (``memory.exact_buffer_elements`` unset).
+    """
+    m = fam.memory
+    if m.exact_buffer_elements is None:
+        raise ValueError(f"{job.family} has no exact-tiling memory model (memory.exact_buffer_elements)")
+    dsize = dtype_bytes(decode_dtype(job, fam))
+    px = job.height * job.width
+    ty, tx = exact_tiles(job, fam, tile_px)
+    tile = (max(s for _, s in ty) + 2) * (max(s for _, s in tx) + 2)
+    peak = dsize * m.exact_buffer_elements * px + tile * (m.exact_tile_elements * dsize + m.exact_tile_f32_elements * 4)
+    if tile >= m.tile_workspace_min_px:
+        peak += m.tile_workspace_bytes
+    peak = peak * m.exact_margin + dsize * 3 * px * (job.batch - 1)
+    if not job.vae_resident:
+        peak += fam.weights_bytes_fp16 * dsize / 2
+    return int(peak)
+
+
+def exact_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int) -> float:
+    """Seconds of exact tiling: a full decode's time x ``exact_time_factor`` plus a fixed cost per tile
+    of every pass (``exact_passes`` x tiles; lower-resolution passes have at most as many tiles)."""
+    t = fam.timing
+    ty, tx = exact_tiles(job, fam, tile_px)
+    steps = t.exact_passes * len(ty) * len(tx)
+    return job.batch * (speed.full(job.height * job.width) * t.exact_time_factor
+                        + steps * t.exact_step_h200_s * speed.card_factor)
+
+
 def _rows_for(gp: GpuProfile, dsize: int) -> list[GpuRow]:
     """Rows usable for the SD decoder at ``dsize`` bytes (seed: sd15 = fp16, sdxl = stock fp32)."""
     out = []

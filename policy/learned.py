@@ -7,7 +7,7 @@ log space, so x2 and x0.5 weigh the same) per key
 
     (card name, family, path, size bucket)
 
-where ``path`` is ``full`` or ``tiled`` and the size bucket is the output megapixels per item
+where ``path`` is ``full``, ``tiled`` or ``tiled-exact`` and the size bucket is the output megapixels per item
 (frames included) rounded to a power of two (``0.25MP``, ``1MP``, ``4MP``, ...). Every observation
 also updates a card-wide entry ``(card, *, *, *)``. ``decide(..., learned=...)`` multiplies a local
 plan's seconds by the exact key's factor once it has ``min_count`` observations, else by the
@@ -45,7 +45,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybrid_vae.learned")
 
 ENV_LEARNED = "HYBRID_VAE_LEARNED"
-LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled"})
+LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact"})
+
+
+def learn_path(plan: Plan) -> str:
+    """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact`` (or its path)."""
+    return "tiled-exact" if plan.path == "tiled" and plan.groupnorm == "exact" else plan.path
 MAX_ENTRIES = 512
 FORMAT_VERSION = 1
 #: One observation moves the factor at most this far (first decode of a process: cuDNN warm-up).
@@ -319,10 +324,10 @@ class LearnedStore:
         ``decide``. Never raises for an unwritable file: logs and returns None.
         """
         gpu = decision.gpu
-        if plan.path not in LEARN_PATHS or gpu.simulated or not gpu.is_accelerator:
+        if learn_path(plan) not in LEARN_PATHS or gpu.simulated or not gpu.is_accelerator:
             return None
         try:
-            return self.record_plan(card=gpu.name, family=decision.job.family, path=plan.path,
+            return self.record_plan(card=gpu.name, family=decision.job.family, path=learn_path(plan),
                                     voxels=job_voxels(decision.job), plan_seconds=plan.estimate.seconds,
                                     measured_s=measured_s, applied=applied)
         except OSError as exc:

@@ -31,7 +31,9 @@ class DecodeSettings(BaseModel):
     use_builtin_endpoints: bool = Field(True, description="Use the families' built-in (Hugging Face) endpoints when no override is set.")
     allow_remote_custom_vae: bool = Field(False, description="Allow remote decode of a custom/fine-tuned VAE's latents on an endpoint that serves another VAE.")
     reserve_bytes: int = Field(128 * MiB, ge=0, le=64 * GiB, description="Memory left untouched for other processes and estimate error (the estimates already sit 0-10% above measured peaks; docs/benchmarks.md weighs 64-256 MiB).")
-    tile_overlap_px: int = Field(64, ge=0, le=512, description="Output pixels shared by neighbouring tiles (multiple of the family's compression). Tiled output differs from a full decode; more overlap hides seams, costs time.")
+    tile_overlap_px: int = Field(64, ge=0, le=512, description="Output pixels shared by neighbouring tiles of local-GroupNorm tiling (multiple of the family's compression). That output differs from a full decode; more overlap hides seams, costs time. Exact tiling needs no overlap.")
+    tile_groupnorm: Literal["auto", "exact", "local"] = Field("auto", description="auto: exact tiling (whole-image GroupNorm statistics, output = full decode; needs memory per image pixel) whenever a full or exact plan fits, per-tile ('local') tiling only when none does; exact: never local tiles; local: never exact tiles (the least memory, colours drift).")
+    exact_tolerance: float = Field(1.5, ge=1.0, le=100, description="tile_groupnorm=auto: a local-tiled plan is chosen over a fitting exact one only when estimated this many times faster.")
     min_tile_px: int | None = Field(None, ge=64, le=4096, description="Smallest tile tried; None: the family's.")
     remote_format: Literal["auto", "raw", "png", "jpg"] = Field("auto", description="Response format; auto picks by measured bandwidth and remote_quality.")
     remote_quality: Literal["lossless", "high"] = Field("lossless", description="lossless: raw or png only; high: jpg allowed.")
@@ -124,6 +126,8 @@ class Plan:
         frame_chunk: latent frames per temporal chunk (video), None for all at once.
         frame_overlap: latent frames shared by consecutive chunks.
         slice_batch: decode the batch one item at a time.
+        groupnorm: tiled image plans: ``exact`` (layer by layer over the whole image, output equals a
+            full decode) or ``local`` (each tile through the whole decoder with its own statistics).
         dtype: the dtype the decode runs in.
         endpoint / response_format: for remote plans.
         estimate: the plan's estimated peak and seconds.
@@ -137,12 +141,15 @@ class Plan:
     frame_chunk: int | None = None
     frame_overlap: int = 0
     slice_batch: bool = False
+    groupnorm: Literal["local", "exact"] = "local"
     endpoint: str | None = None
     response_format: ResponseFormat | None = None
 
     @property
     def label(self) -> str:
-        """Short human text, e.g. ``tiled 384px/64``, ``full (item by item)``, ``remote png``."""
+        """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``full (item by item)``, ``remote png``."""
+        if self.path == "tiled" and self.groupnorm == "exact":
+            return f"tiled {self.tile_px}px exact"
         if self.path == "tiled":
             parts = []
             if self.tile_px is not None:

@@ -54,6 +54,10 @@ class MemoryModel(_Model):
     tile_constant_bytes: float = Field(0.0, ge=0, le=2**34, description="Tiled: constant bytes.")
     overlap_bytes_per_voxel: float = Field(0.0, ge=0, le=1e4, description="diffusers' tiling: bytes per voxel decoded beyond the output (overlaps) per dtype byte.")
     stitch_bytes_per_voxel: float = Field(0.0, ge=0, le=1e4, description="diffusers' tiling/chunking: bytes per output voxel per dtype byte held while stitching.")
+    exact_buffer_elements: float | None = Field(None, gt=0, le=1e5, description="Exact tiling (extension/stream.py): whole-image buffer elements per output voxel at the widest point, output included (stream_buffer_elements); None: the family cannot tile exactly.")
+    exact_tile_elements: float = Field(0.0, ge=0, le=1e5, description="Exact tiling: working-set elements per tile pixel in the decode dtype.")
+    exact_tile_f32_elements: float = Field(0.0, ge=0, le=1e5, description="Exact tiling: float32 working-set elements per tile pixel, on top of exact_tile_elements.")
+    exact_margin: float = Field(1.15, ge=1.0, le=4.0, description="Safety factor on the analytic exact-tiling peak (not yet measured on a GPU).")
     measured: bool = Field(description="True when fitted on measurements (see source).")
     source: str = Field(min_length=1, max_length=300, description="Where the coefficients come from.")
 
@@ -76,6 +80,9 @@ class TimingModel(_Model):
     fp32_factor: float = Field(1.3, ge=1.0, le=8.0, description="Slowdown of a 4-byte decode against a 2-byte one.")
     relative_cost: float = Field(1.0, gt=0, le=100, description="Cost against the SD decoder when GPU-profile rows are used.")
     per_tile_h200_s: float = Field(0.009, ge=0, le=10, description="Fixed cost of one tile or chunk on an H200 (launches, blending), scaled by the card's speed.")
+    exact_time_factor: float = Field(1.1, ge=1.0, le=10, description="Exact tiling: seconds against a full decode of the same image, before per-step costs (assumed; CPU measured 1.04-1.12x at SD widths).")
+    exact_passes: int = Field(28, ge=1, le=1000, description="Exact tiling: passes over the image (2 per resnet, 1 per upsampler, 1 final; 28 for the SD decoder).")
+    exact_step_h200_s: float = Field(0.0002, ge=0, le=10, description="Exact tiling: fixed cost of one tile of one pass on an H200 (launches), scaled by the card's speed (assumed).")
 
 
 class Endpoint(_Model):

@@ -116,21 +116,17 @@ def full_decode(profiles, fixture_vae, astronaut_latent):
     return run_plan(plan("full"), fixture_vae, astronaut_latent, family=profiles.family("sd15"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tile_px", [256, 384])
-def test_exact_groupnorm_tiles_match_full_at_default_overlap(profiles, fixture_vae, astronaut_latent,
-                                                            full_decode, tile_px):
-    """The tiler with the whole image's GroupNorm statistics reproduces the full decode (>= 40 dB)."""
+@pytest.mark.parametrize("tile_px", [128, 256, 384])
+def test_exact_tiles_equal_the_full_decode(profiles, fixture_vae, astronaut_latent, full_decode, tile_px):
+    """Exact tiling (the engine's tiled plan while it fits) reproduces the full decode on a real
+    picture: far above the 40 dB target (measured ~140 dB: float32 rounding), at every tile size."""
     calls = []
-    tiled = run_plan(plan("tiled", tile_px=tile_px, overlap_px=64), fixture_vae, astronaut_latent,
-                     family=profiles.family("sd15"), groupnorm="exact", progress=lambda d, n: calls.append((d, n)))
+    tiled = run_plan(plan("tiled", tile_px=tile_px, groupnorm="exact"), fixture_vae, astronaut_latent,
+                     family=profiles.family("sd15"), progress=lambda d, n: calls.append((d, n)))
     quality = psnr(tiled, full_decode)
-    assert quality >= 40.0, f"tile {tile_px}/64, exact GroupNorm: {quality:.2f} dB"
-    n_norms = sum(isinstance(m, torch.nn.GroupNorm)
-                  for m in [*fixture_vae.decoder.up_blocks.modules(), fixture_vae.decoder.conv_norm_out])
-    n_tiles = len(axis_tiles(64, tile_px // 8, 8)) ** 2
-    assert calls[-1] == ((n_norms + 1) * n_tiles,) * 2  # one statistics pass per GroupNorm, then the output
-    assert not any("forward" in vars(m) for m in fixture_vae.modules())  # GroupNorm forwards restored
+    assert quality >= 40.0, f"exact tile {tile_px}: {quality:.2f} dB"
+    assert float((tiled - full_decode).abs().max()) < 1e-4
+    assert calls and calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
 @pytest.mark.parametrize("tile_px", [256, 384])
@@ -149,41 +145,22 @@ def test_local_groupnorm_tiles_are_as_faithful_as_full(profiles, fixture_vae, as
 
 
 @pytest.mark.slow
-def test_overlap_matters(profiles, fixture_vae, astronaut_latent, full_decode):
-    """Without overlap the tile borders show (the test can fail): exact statistics, 0 vs 64 px."""
+def test_overlap_matters_for_local_tiles(profiles, fixture_vae, astronaut_latent, full_decode):
+    """Without overlap the tile borders of local tiles show (the test can fail): 0 vs 128 px."""
     fam = profiles.family("sd15")
-    seam = psnr(run_plan(plan("tiled", tile_px=384, overlap_px=0), fixture_vae, astronaut_latent, family=fam,
-                         groupnorm="exact"), full_decode)
-    good = psnr(run_plan(plan("tiled", tile_px=384, overlap_px=64), fixture_vae, astronaut_latent, family=fam,
-                         groupnorm="exact"), full_decode)
-    assert good > seam + 6
+    seam = psnr(run_plan(plan("tiled", tile_px=384, overlap_px=0), fixture_vae, astronaut_latent, family=fam),
+                full_decode)
+    good = psnr(run_plan(plan("tiled", tile_px=384, overlap_px=128), fixture_vae, astronaut_latent, family=fam),
+                full_decode)
+    assert good > seam + 2
 
 
-def test_exact_groupnorm_restores_forwards_on_error(profiles):
+def test_exact_plan_on_an_unsupported_decoder_names_the_reason(profiles):
     vae = build_tiny_vae("sd15")
-    rec = Recorder(vae.decoder.up_blocks[1], raise_on=3, exc=RuntimeError("boom in up block"))
-    try:
-        with pytest.raises(RuntimeError, match="boom in up block"):
-            run_plan(plan("tiled", tile_px=64, overlap_px=16), vae, torch.randn(1, 4, 16, 16),
-                     family=profiles.family("sd15"), groupnorm="exact")
-    finally:
-        rec.remove()
-    assert not any("forward" in vars(m) for m in vae.modules())
-
-
-def test_exact_groupnorm_statistics_are_the_full_decodes(profiles):
-    """One tile covering the latent: the statistics passes, the hard-core sums and the replacement
-    GroupNorm must give exactly the full decode (every GroupNorm measured, then applied)."""
-    vae = build_tiny_vae("sd15")
-    z = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(7))
-    full = run_plan(plan("full"), vae, z, family=profiles.family("sd15"))
-    calls = []
-    one = run_plan(plan("tiled", tile_px=96, overlap_px=16), vae, z, family=profiles.family("sd15"),
-                   groupnorm="exact", progress=lambda d, n: calls.append(n))
-    n_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in [*vae.decoder.up_blocks.modules(),
-                                                               vae.decoder.conv_norm_out])
-    assert calls[-1] == 2 * (n_norms + 1)
-    torch.testing.assert_close(one, full, atol=1e-5, rtol=0)
+    vae.decoder.up_blocks[0].resnets[0].conv1 = torch.nn.Conv2d(16, 16, 5, padding=2)
+    with pytest.raises(PlanError, match=r"up_blocks\[0\]\.resnets\[0\] convolutions are not 3x3"):
+        run_plan(plan("tiled", tile_px=32, groupnorm="exact"), vae, torch.randn(1, 4, 8, 8),
+                 family=profiles.family("sd15"))
 
 
 def test_full_item_by_item_equals_whole_batch(profiles):

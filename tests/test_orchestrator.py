@@ -44,12 +44,12 @@ def latent(*shape, seed=0, dtype=torch.float32):
 
 
 class DecoderCalls:
-    """Counts decoder forwards; raises ``exc`` on the calls listed in ``fail`` (1-based), or on all."""
+    """Counts decoder (mid block) forwards; raises ``exc`` on the calls listed in ``fail`` (1-based), or on all."""
 
     def __init__(self, vae, *, fail=(), exc_factory=None, always=False):
         self.n = 0
         self.fail, self.always, self.exc_factory = set(fail), always, exc_factory
-        self.handle = vae.decoder.register_forward_pre_hook(self.hook)
+        self.handle = vae.decoder.mid_block.register_forward_pre_hook(self.hook)  # every local path runs it
 
     def hook(self, _m, _i):
         self.n += 1
@@ -78,7 +78,7 @@ def test_simulated_gpu_runs_the_chosen_tiled_plan_on_cpu(monkeypatch, tmp_path):
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode() * 0.18215
-    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", "name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=0.9")
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", "name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=0.55")
     calls = []
     res = HybridDecoder(latent_dir=tmp_path).decode(z, vae, family="sd15", progress=lambda d, n: calls.append((d, n)))
     r = res.report
@@ -98,17 +98,31 @@ def test_simulated_gpu_runs_the_chosen_tiled_plan_on_cpu(monkeypatch, tmp_path):
     assert r.peak_bytes is None  # no CUDA: nothing measured, nothing invented
 
 
-def test_exact_groupnorm_option_reaches_the_tiler_and_the_report(tiny, tmp_path):
+def test_exact_tiles_reach_the_executor_and_the_report(tiny, tmp_path):
     z = latent(1, 4, 40, 40)
-    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, tile_groupnorm="exact",
-                        settings=DecodeSettings(mode="tiled"))
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, settings=DecodeSettings(mode="tiled"))
     res = dec.decode(z, tiny, family="sd15")
     r = res.report
-    assert r.ran.path == "tiled" and r.groupnorm == "exact" and "exact GroupNorm" in r.infotext()
-    again = run_plan(r.ran, tiny, z / 0.18215, family=load_profiles("").family("sd15"), groupnorm="exact")
+    assert r.ran.path == "tiled" and r.groupnorm == "exact" and r.ran.label.endswith(" exact")
+    assert r.infotext().startswith(r.ran.label)
+    again = run_plan(r.ran, tiny, z / 0.18215, family=load_profiles("").family("sd15"))
     torch.testing.assert_close(res.tensor, again)
-    with pytest.raises(ValueError, match="tile_groupnorm='best'"):
-        HybridDecoder(tile_groupnorm="best")
+    with torch.no_grad():
+        torch.testing.assert_close(res.tensor, tiny.decode(z / 0.18215).sample.clamp(-1, 1), atol=2e-5, rtol=0)
+    local = HybridDecoder(probe=sim(), latent_dir=tmp_path,
+                          settings=DecodeSettings(mode="tiled", tile_groupnorm="local")).decode(z, tiny, family="sd15")
+    assert local.report.groupnorm == "local" and local.report.ran.overlap_px == 64
+
+
+def test_a_decoder_the_exact_tiler_cannot_run_is_never_planned_exact(tmp_path):
+    """The engine asks the executor whether it can tile this VAE exactly before deciding: no wasted
+    attempt on a decoder it cannot run layer by layer (here its activation is not SiLU)."""
+    vae = build_tiny_vae("sd15")
+    vae.decoder.conv_act = torch.nn.GELU()
+    res = HybridDecoder(probe=sim(), latent_dir=tmp_path, settings=DecodeSettings(mode="tiled")).decode(
+        latent(1, 4, 40, 40), vae, family="sd15")
+    assert all(p.groupnorm == "local" for p in res.report.decision.plans)
+    assert len(res.report.attempts) == 1 and res.report.groupnorm == "local"
 
 
 def test_full_on_a_big_card_equals_direct_decode(tiny, tmp_path):
