@@ -2,9 +2,11 @@
 
 Run ``python -m bench.tiling_quality [--size 512] [--out docs/tiling-quality.md]``. CPU only, seeded,
 a few minutes on 2 cores. For each picture it encodes with the fixture VAE, decodes the latent in full
-and then tiled at every (tile, overlap) pair, with the engine's tiler (equal tiles from
-``policy.tiles.axis_tiles``, linear-ramp blending) and, for comparison, with diffusers' own
-``AutoencoderKL`` tiling at the same tile and overlap (``tile_overlap_factor = overlap / tile``).
+and then tiled: with the engine's exact tiling at each tile size (``extension/stream.py``: whole-image
+GroupNorm statistics, no overlap), and at every (tile, overlap) pair with the engine's local-GroupNorm
+tiler (equal tiles from ``policy.tiles.axis_tiles``, linear-ramp blending) and, for comparison, with
+diffusers' own ``AutoencoderKL`` tiling (``tile_overlap_factor = overlap / tile``). Overlaps are given
+as fractions of the tile (0.125 and 0.25 are the ones the issue asks for; 0.25 is diffusers' default).
 PSNR is over [-1, 1] (peak-to-peak 2); "max err" is the largest absolute pixel difference (in 8-bit
 levels) from the full decode.
 """
@@ -62,7 +64,7 @@ def _diffusers_tiled(vae: Any, z: Any, tile: int, overlap: int) -> Any:
         vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
 
 
-def run(size: int, tiles: list[int], overlaps: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run(size: int, tiles: list[int], overlaps: list[float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import torch
 
     from extension.executors import run_plan
@@ -82,10 +84,20 @@ def run(size: int, tiles: list[int], overlaps: list[int]) -> tuple[list[dict[str
         t0 = time.perf_counter()
         full = run_plan(Plan("full", est, "float32"), vae, z, family=fam)
         t_full = time.perf_counter() - t0
-        rows.append({"picture": name, "tile": None, "overlap": None, "tiles": 1, "psnr": math.inf,
-                     "max_err": 0.0, "seconds": t_full, "diffusers_psnr": None, "vs_picture": _psnr(full, x)})
+        rows.append({"picture": name, "kind": "full", "tile": None, "overlap": None, "tiles": 1, "psnr": math.inf,
+                     "max_err": 0.0, "seconds": t_full, "vs_picture": _psnr(full, x)})
         for tile in tiles:
-            for ov in overlaps:
+            p = Plan("tiled", est, "float32", tile_px=tile, groupnorm="exact")
+            t0 = time.perf_counter()
+            out = run_plan(p, vae, z, family=fam)
+            secs = time.perf_counter() - t0
+            n = len(axis_tiles(size, tile, 0)) ** 2
+            rows.append({"picture": name, "kind": "exact", "tile": tile, "overlap": 0.0, "tiles": n,
+                         "psnr": _psnr(out, full), "max_err": float((out - full).abs().max()) * 127.5,
+                         "seconds": secs, "vs_picture": _psnr(out, x)})
+            print(f"{name[:30]:<30} exact tile {tile:>4}: {rows[-1]['psnr']:6.2f} dB", file=sys.stderr)
+            for frac in overlaps:
+                ov = round(frac * tile / 8) * 8
                 if ov >= tile:
                     continue
                 n = len(axis_tiles(z.shape[-1], tile // 8, ov // 8)) * len(axis_tiles(z.shape[-2], tile // 8, ov // 8))
@@ -93,17 +105,12 @@ def run(size: int, tiles: list[int], overlaps: list[int]) -> tuple[list[dict[str
                 t0 = time.perf_counter()
                 out = run_plan(p, vae, z, family=fam)
                 secs = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                exact = run_plan(p, vae, z, family=fam, groupnorm="exact")
-                secs_exact = time.perf_counter() - t0
                 ref = _diffusers_tiled(vae, z, tile, ov)
-                rows.append({"picture": name, "tile": tile, "overlap": ov, "tiles": n, "psnr": _psnr(out, full),
-                             "max_err": float((out - full).abs().max()) * 127.5, "seconds": secs,
-                             "exact_psnr": _psnr(exact, full), "exact_max_err": float((exact - full).abs().max()) * 127.5,
-                             "exact_seconds": secs_exact, "diffusers_psnr": _psnr(ref, full), "vs_picture": _psnr(out, x)})
-                print(f"{name[:30]:<30} tile {tile:>4} overlap {ov:>4}: local {rows[-1]['psnr']:6.2f} dB, "
-                      f"exact {rows[-1]['exact_psnr']:6.2f} dB (diffusers {rows[-1]['diffusers_psnr']:6.2f} dB)",
-                      file=sys.stderr)
+                rows.append({"picture": name, "kind": "local", "tile": tile, "overlap": frac, "overlap_px": ov,
+                             "tiles": n, "psnr": _psnr(out, full), "max_err": float((out - full).abs().max()) * 127.5,
+                             "seconds": secs, "diffusers_psnr": _psnr(ref, full), "vs_picture": _psnr(out, x)})
+                print(f"{name[:30]:<30} local tile {tile:>4} overlap {ov:>4}: {rows[-1]['psnr']:6.2f} dB "
+                      f"(diffusers {rows[-1]['diffusers_psnr']:6.2f} dB)", file=sys.stderr)
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "threads": torch.get_num_threads(), "size": size}
     return rows, env
@@ -117,11 +124,14 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "(`extension/fixture`, SD1.5-style `AutoencoderKL`, 4 latent channels, 8x, with GroupNorm and",
         "mid-block attention like the real one) encodes each picture; the latent is decoded in full and",
         "tiled. PSNR is against the full decode, over [-1, 1]; max err in 8-bit levels; float32 on CPU.",
-        "\"local\" is the engine's tiler with per-tile GroupNorm (one pass, what the time estimate assumes);",
-        "\"exact\" is the same tiler with the whole image's GroupNorm statistics (`groupnorm=\"exact\"`: mid",
-        "block once on the whole latent, then one statistics pass per up-block GroupNorm); \"diffusers\" is",
-        "`AutoencoderKL`'s own tiling at the same tile and `tile_overlap_factor = overlap / tile`.",
-        "Seconds are CPU seconds here (relative cost only; GPU timings belong in docs/benchmarks.md).",
+        "\"exact\" is the engine's exact tiling (`extension/stream.py`: the decoder runs layer by layer over",
+        "the whole image, every GroupNorm with the whole image's statistics, 1 px of context per tile, no",
+        "overlap) -- the engine's tiled plan whenever it fits. \"local\" is the engine's one-pass tiler",
+        "(each tile through the whole decoder with its own GroupNorm statistics, linear-ramp blending over",
+        "the overlap) -- the plan when only the least memory fits. \"diffusers\" is `AutoencoderKL`'s own",
+        "tiling at the same tile and `tile_overlap_factor`. Overlap as a fraction of the tile.",
+        "Seconds are CPU seconds (relative cost only; the fixture's narrow channels make pointwise work",
+        "weigh more than in a real VAE -- docs/benchmarks.md has SD-width timings).",
         "",
         f"Environment: torch {env['torch']}, Python {env['python']}, {env['machine']}, "
         f"{env['threads']} threads, {env['size']}x{env['size']} px.",
@@ -132,32 +142,37 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         if r["picture"] != picture:
             picture = r["picture"]
             lines += ["", f"## {picture}", "",
-                      "| tile px | overlap px | tiles | local PSNR dB | local max err | exact PSNR dB | "
-                      "exact max err | diffusers PSNR dB | local s | exact s | local PSNR vs picture |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
-        if r["tile"] is None:
-            lines.append(f"| full | - | 1 | - | - | - | - | - | {r['seconds']:.2f} | - | {r['vs_picture']:.2f} |")
-            continue
-        lines.append(f"| {r['tile']} | {r['overlap']} | {r['tiles']} | {r['psnr']:.2f} | {r['max_err']:.1f} | "
-                     f"{r['exact_psnr']:.2f} | {r['exact_max_err']:.1f} | {r['diffusers_psnr']:.2f} | "
-                     f"{r['seconds']:.2f} | {r['exact_seconds']:.2f} | {r['vs_picture']:.2f} |")
-    lines += ["", "## Summary by overlap (all pictures and tiles)", "",
-              "| overlap px | min local PSNR dB | min exact PSNR dB | min diffusers PSNR dB | "
-              "local s / full s | exact s / full s |",
-              "|---|---|---|---|---|---|"]
-    full_s = {r["picture"]: r["seconds"] for r in rows if r["tile"] is None}
-    overlaps = sorted({r["overlap"] for r in rows if r["tile"] is not None})
-    ok = []
-    for ov in overlaps:
-        rs = [r for r in rows if r["overlap"] == ov]
-        lo, ex = min(r["psnr"] for r in rs), min(r["exact_psnr"] for r in rs)
-        if ex >= 40:
-            ok.append(ov)
-        lines.append(f"| {ov} | {lo:.2f} | {ex:.2f} | {min(r['diffusers_psnr'] for r in rs):.2f} | "
-                     f"{sum(r['seconds'] / full_s[r['picture']] for r in rs) / len(rs):.2f} | "
-                     f"{sum(r['exact_seconds'] / full_s[r['picture']] for r in rs) / len(rs):.2f} |")
-    lines += ["", "Smallest overlap whose exact-statistics tiles reach 40 dB on every picture and tile: "
-              + (f"**{ok[0]} px**." if ok else "none measured.")]
+                      "| tiling | tile px | overlap | tiles | PSNR vs full dB | max err | diffusers PSNR dB "
+                      "(same tile, overlap) | seconds | PSNR vs picture |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+        if r["kind"] == "full":
+            lines.append(f"| full | - | - | 1 | - | - | - | {r['seconds']:.2f} | {r['vs_picture']:.2f} |")
+        elif r["kind"] == "exact":
+            lines.append(f"| exact | {r['tile']} | none (1 px context) | {r['tiles']} | {r['psnr']:.2f} | "
+                         f"{r['max_err']:.4f} | - | {r['seconds']:.2f} | {r['vs_picture']:.2f} |")
+        else:
+            lines.append(f"| local | {r['tile']} | {r['overlap']:g} ({r['overlap_px']} px) | {r['tiles']} | "
+                         f"{r['psnr']:.2f} | {r['max_err']:.1f} | {r['diffusers_psnr']:.2f} | {r['seconds']:.2f} | "
+                         f"{r['vs_picture']:.2f} |")
+    lines += ["", "## Summary (all pictures and tiles)", "",
+              "| tiling | overlap | min PSNR vs full dB | min diffusers PSNR dB | seconds / full seconds (mean) |",
+              "|---|---|---|---|---|"]
+    full_s = {r["picture"]: r["seconds"] for r in rows if r["kind"] == "full"}
+    ex = [r for r in rows if r["kind"] == "exact"]
+    if ex:
+        lines.append(f"| exact | none | {min(r['psnr'] for r in ex):.2f} | - | "
+                     f"{sum(r['seconds'] / full_s[r['picture']] for r in ex) / len(ex):.2f} |")
+    for frac in sorted({r["overlap"] for r in rows if r["kind"] == "local"}):
+        rs = [r for r in rows if r["kind"] == "local" and r["overlap"] == frac]
+        lines.append(f"| local | {frac:g} | {min(r['psnr'] for r in rs):.2f} | "
+                     f"{min(r['diffusers_psnr'] for r in rs):.2f} | "
+                     f"{sum(r['seconds'] / full_s[r['picture']] for r in rs) / len(rs):.2f} |")
+    ok = bool(ex) and min(r["psnr"] for r in ex) >= 40
+    lines += ["", f"Exact tiling (the engine's tiled plan while it fits) reaches 40 dB on every picture and tile: "
+              f"**{'yes' if ok else 'no'}**. Local tiles stay far below 40 dB at any overlap on this VAE (its",
+              "top GroupNorms have one channel per group, so per-tile statistics move every colour); overlap only",
+              "hides the seams. The engine's local overlap stays 64 px (0.25 of a 256 px tile, 0.125 of 512):",
+              "more costs time without reaching 40 dB, less shows seams."]
     return "\n".join(lines) + "\n"
 
 
@@ -165,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="picture side in px (multiple of 64)")
     ap.add_argument("--tiles", default="256,384", help="tile sizes in px, comma-separated")
-    ap.add_argument("--overlaps", default="0,32,64,128", help="overlaps in px, comma-separated")
+    ap.add_argument("--overlaps", default="0,0.125,0.25,0.5", help="local overlaps as fractions of the tile")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file to write")
     args = ap.parse_args(argv)
-    rows, env = run(args.size, [int(t) for t in args.tiles.split(",")], [int(o) for o in args.overlaps.split(",")])
+    rows, env = run(args.size, [int(t) for t in args.tiles.split(",")], [float(o) for o in args.overlaps.split(",")])
     text = render(rows, env)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text, encoding="utf-8")
@@ -176,12 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.out).resolve() == DEFAULT_OUT:
         from bench.report import write_section
 
-        summary = text[text.index("## Summary by overlap"):].replace("## Summary by overlap",
-                                                                     "## Tiled vs full decode quality (fixture VAE)", 1)
-        write_section("bench/tiling_quality.py", summary + "\nPer picture and tile: docs/tiling-quality.md. "
-                      "The engine's default is per-tile (\"local\") GroupNorm with 64 px overlap; exact "
-                      "statistics are opt-in (`HybridDecoder(tile_groupnorm=\"exact\")`, `hybrid-vae decode "
-                      "--groupnorm exact`).")
+        summary = text[text.index("## Summary (all"):].replace("## Summary (all pictures and tiles)",
+                                                               "## Tiled vs full decode quality (fixture VAE)", 1)
+        write_section("bench/tiling_quality.py", summary + "\n\nPer picture and tile: docs/tiling-quality.md. "
+                      "`tile_groupnorm` (`DecodeSettings`, `hybrid-vae decode --groupnorm`) is `auto` by default: "
+                      "exact tiles whenever a full or exact plan fits, local tiles only when nothing exact fits "
+                      "(or when they are estimated 1.5x faster).")
     return 0
 
 

@@ -346,9 +346,15 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         if c.groupnorm == "exact":
             reason += "; output equals a full decode"
         elif exacts and not fam.video:
-            least = min(exacts, key=lambda p: p.estimate.peak_bytes)
-            reason += (f"; exact tiling needs {_gib(least.estimate.peak_bytes)}, so tile colours may differ "
-                       f"from a full decode")
+            fitting = [p for p in feasible if p.groupnorm == "exact"]
+            if fitting:
+                best = min(fitting, key=lambda p: p.estimate.seconds)
+                reason += (f"; {best.label} fits but is estimated {best.estimate.seconds:.2f} s, over "
+                           f"{settings.exact_tolerance:g}x this plan's, so tile colours may differ from a full decode")
+            else:
+                least = min(exacts, key=lambda p: p.estimate.peak_bytes)
+                reason += (f"; exact tiling needs {_gib(least.estimate.peak_bytes)}, so tile colours may differ "
+                           f"from a full decode")
     elif c.path == "remote":
         local_best = min(feasible, key=rank) if feasible else None
         vs = (f"faster than {local_best.label} ({local_best.estimate.seconds:.2f} s)" if local_best

@@ -275,3 +275,33 @@ def test_plots(tmp_path):
     made = [plots.estimate_vs_measured(out=tmp_path), plots.tiled_time(out=tmp_path), plots.remote_formats(out=tmp_path)[0]]
     assert all(p.is_file() and p.stat().st_size > 10_000 for p in made)
     assert "img/estimate-vs-measured.png" in plots.section(made) and "Modelled" in plots.section(made)
+
+
+def test_tiled_speed_benchmark_times_every_kind_at_one_budget():
+    """bench/tiled_speed.py on a small image: the engine's exact choice equals the full decode, the local
+    alternative and diffusers' tiling run under the same budget, and the table says what ran."""
+    from bench.tiled_speed import markdown
+    from bench.tiled_speed import run as run_speed
+
+    res = run_speed(size=256, dtype="float32", budget_gib=0.3, card="NVIDIA GeForce RTX 3070", device="cpu",
+                    repeat=1, min_tile_px=64)
+    whats = [r["what"] for r in res["rows"]]
+    assert whats[0].startswith("full") and any("exact" in w for w in whats) and any("/" in w for w in whats[1:3])
+    assert any(w.startswith("diffusers enable_tiling(") for w in whats)
+    exact = next(r for r in res["rows"] if "exact" in r["what"])
+    assert exact["psnr"] > 60 and all(r["seconds"] > 0 for r in res["rows"])
+    text = markdown(res)
+    assert "| decode | seconds | x full |" in text and "2048x2048 float16" in text
+
+
+def test_exact_tiling_peak_measured_on_the_cpu_stays_under_the_estimate():
+    """PyTorch's own allocation count during an exact-tiled decode (SD-width decoder, 128 px) lies under
+    the engine's estimate (analytic x exact_margin) and above the bare analytic figure's 90%."""
+    from bench.exact_memory import run as run_mem
+
+    rows = run_mem([128], [32, 64])
+    fam = P.family("sd15")
+    assert len(rows) == 2
+    for r in rows:
+        assert 0.9 * r["model"] <= r["measured"] <= r["model"] * fam.memory.exact_margin, r
+        assert r["measured"] < r["full"]

@@ -255,3 +255,25 @@ def test_squeezed_full_says_so():
     d = decide(job, card("NVIDIA GeForce RTX 3070", 0.17), P,
                DecodeSettings(reserve_bytes=64 * 2**20, tile_groupnorm="local"))
     assert d.chosen.path == "full" and d.reason.startswith("squeezed into the reserve: full")
+
+
+def test_local_tiles_over_a_fitting_exact_plan_only_when_much_faster_and_the_reason_says_so():
+    job = DecodeJob("sd15", 256, 256, dtype="float32")
+    g = card("NVIDIA GeForce RTX 3070", 0.25)
+    d = decide(job, g, P, DecodeSettings(min_tile_px=64))
+    exact = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "exact"]
+    assert d.chosen.groupnorm == "local" and exact
+    assert min(p.estimate.seconds for p in exact) > 1.5 * d.chosen.estimate.seconds
+    assert "fits but is estimated" in d.reason and "tile colours may differ" in d.reason
+    # a looser tolerance takes the exact plan; "exact" never takes local tiles
+    assert decide(job, g, P, DecodeSettings(min_tile_px=64, exact_tolerance=10)).chosen.groupnorm == "exact"
+    only = decide(job, g, P, DecodeSettings(min_tile_px=64, tile_groupnorm="exact"))
+    assert all(p.groupnorm == "exact" for p in only.plans if p.path == "tiled")
+    assert all(o.plan.groupnorm == "local" for o in decide(job, g, P, DecodeSettings(
+        min_tile_px=64, tile_groupnorm="local")).options if o.plan.path == "tiled")
+
+
+def test_video_families_have_no_exact_plans():
+    d = decide(DecodeJob("hunyuanvideo", 512, 320, frames=33), card("NVIDIA GeForce RTX 3070", 2.0), P,
+               DecodeSettings(tile_groupnorm="exact"))
+    assert all(o.plan.groupnorm == "local" for o in d.options)
