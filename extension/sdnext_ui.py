@@ -43,6 +43,7 @@ HF_HOST_SUFFIXES = (".huggingface.cloud", ".hf.space", "huggingface.co")
 _ENGINE = DecodeSettings.model_fields  # the engine's defaults are the settings' defaults
 RESERVE_MIB = int(_ENGINE["reserve_bytes"].default) // MiB
 OVERLAP_PX = int(_ENGINE["tile_overlap_px"].default)
+TILE_GROUPNORM = ("auto", "exact", "local")
 DEADLINE_S = int(_ENGINE["remote_deadline_s"].default)
 VAE_ARCH = {"AutoencoderKL": "sd", "AutoencoderKLHunyuanVideo": "hunyuanvideo", "AutoencoderKLWan": "wan"}
 STOCK_VAE_SETTINGS = frozenset({"", "automatic", "none", "default"})
@@ -74,8 +75,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Hugging Face endpoints)", "Textbox", {"type": "password"}),
     OptionSpec(PREFIX + "reserve_mib", RESERVE_MIB, "VRAM reserve in MiB (left untouched by the decode)", "Slider",
                {"minimum": 0, "maximum": 8192, "step": 64}),
-    OptionSpec(PREFIX + "tile_overlap_px", OVERLAP_PX, "Tile overlap in pixels (more hides seams, costs time)", "Slider",
-               {"minimum": 0, "maximum": 256, "step": 8}),
+    OptionSpec(PREFIX + "tile_groupnorm", "auto", "Tiling: exact (same image as a full decode, needs memory per pixel), "
+               "local (least memory, tile colours drift) or auto (exact whenever it fits)", "Radio",
+               {"choices": list(TILE_GROUPNORM)}),
+    OptionSpec(PREFIX + "tile_overlap_px", OVERLAP_PX, "Local tile overlap in pixels (more hides seams, costs time)",
+               "Slider", {"minimum": 0, "maximum": 256, "step": 8}),
     OptionSpec(PREFIX + "remote_deadline_s", DEADLINE_S, "Remote decode deadline in seconds (then the next plan runs)", "Slider",
                {"minimum": 5, "maximum": 600, "step": 5}),
     OptionSpec(PREFIX + "profile_path", "", "Profile YAML path (merged over the built-in profiles; see "
@@ -128,6 +132,7 @@ class Config:
     builtin_endpoints: bool = True
     token: str | None = None
     reserve_mib: int = RESERVE_MIB
+    tile_groupnorm: str = "auto"
     tile_overlap_px: int = OVERLAP_PX
     remote_deadline_s: float = float(DEADLINE_S)
     profile_path: str | None = None
@@ -207,6 +212,10 @@ def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> C
     if overlap % 8:
         problems.append(f"{PREFIX}tile_overlap_px={overlap} is not a multiple of 8; using {overlap - overlap % 8}")
         overlap -= overlap % 8
+    gn = str(get(PREFIX + "tile_groupnorm", "auto") or "auto").strip().lower()
+    if gn not in TILE_GROUPNORM:
+        problems.append(f"{PREFIX}tile_groupnorm={gn!r} is not one of {', '.join(TILE_GROUPNORM)}; using auto")
+        gn = "auto"
     token = str(get(PREFIX + "hf_token", "") or "").strip() or None
     path = str(get(PREFIX + "profile_path", "") or "").strip() or None
     return Config(
@@ -214,7 +223,8 @@ def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> C
         allow_remote=_bool(get, PREFIX + "allow_remote", problems),
         remote_custom_vae=_bool(get, PREFIX + "remote_custom_vae", problems),
         endpoints=endpoints, builtin_endpoints=_bool(get, PREFIX + "builtin_endpoints", problems), token=token,
-        reserve_mib=int(_number(get, PREFIX + "reserve_mib", problems, 0, 65536)), tile_overlap_px=overlap,
+        reserve_mib=int(_number(get, PREFIX + "reserve_mib", problems, 0, 65536)), tile_groupnorm=gn,
+        tile_overlap_px=overlap,
         remote_deadline_s=_number(get, PREFIX + "remote_deadline_s", problems, 1, 3600), profile_path=path,
         decision_log=_bool(get, PREFIX + "decision_log", problems), problems=tuple(problems))
 
@@ -242,6 +252,7 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
     return DecodeSettings(mode=mode, allow_remote=cfg.allow_remote, endpoints=dict(cfg.endpoints),
                           use_builtin_endpoints=cfg.builtin_endpoints, allow_remote_custom_vae=cfg.remote_custom_vae,
                           reserve_bytes=cfg.reserve_mib * MiB, tile_overlap_px=cfg.tile_overlap_px,
+                          tile_groupnorm=cfg.tile_groupnorm,  # type: ignore[arg-type]
                           remote_deadline_s=cfg.remote_deadline_s), notes
 
 

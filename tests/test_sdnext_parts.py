@@ -79,7 +79,7 @@ def test_read_config_uses_defaults_for_bad_values_and_reads_secrets():
         data: ClassVar[dict] = {
             "hybrid_vae_mode": "fastest", "hybrid_vae_reserve_mib": "lots", "hybrid_vae_tile_overlap_px": 60.0,
             "hybrid_vae_endpoints": "sdxl=nope", "hybrid_vae_allow_remote": "yes please",
-            "hybrid_vae_profile_path": "  ", "hybrid_vae_hf_token": "not-here"}
+            "hybrid_vae_profile_path": "  ", "hybrid_vae_hf_token": "not-here", "hybrid_vae_tile_groupnorm": "best"}
         secrets: ClassVar[dict] = {"hybrid_vae_hf_token": " hf_abc "}
 
     cfg = read_config(opts_getter(Opts()), families=FAMILIES)
@@ -87,9 +87,10 @@ def test_read_config_uses_defaults_for_bad_values_and_reads_secrets():
     assert (cfg.mode, cfg.reserve_mib, cfg.tile_overlap_px, cfg.endpoints, cfg.allow_remote) == \
         ("auto", default_reserve, 56, {}, False)
     assert cfg.token == "hf_abc" and cfg.profile_path is None
-    assert len(cfg.problems) == 5
+    assert len(cfg.problems) == 6 and cfg.tile_groupnorm == "auto"
     text = " | ".join(cfg.problems)
     for part in ("hybrid_vae_mode='fastest'", "hybrid_vae_reserve_mib='lots'", "not a multiple of 8",
+                 "hybrid_vae_tile_groupnorm='best' is not one of auto, exact, local",
                  "hybrid_vae_endpoints", "hybrid_vae_allow_remote='yes please'"):
         assert part in text
 
@@ -98,6 +99,7 @@ def test_resolve_settings_modes():
     s, notes = resolve_settings(Config(mode="full", reserve_mib=512, tile_overlap_px=32))
     assert (s.mode, s.reserve_bytes, s.tile_overlap_px, s.allow_remote, notes) == ("full", 512 * 2**20, 32, False, [])
     assert resolve_settings(Config(mode="full"), override="tiled")[0].mode == "tiled"
+    assert resolve_settings(Config(tile_groupnorm="local"))[0].tile_groupnorm == "local"
     assert resolve_settings(Config(mode="full"), override="settings default")[0].mode == "full"
     s, notes = resolve_settings(Config(), vae_type="Remote")
     assert s.mode == "auto" and "remote decode is off" in notes[0]
