@@ -28,7 +28,7 @@ from typing import Any
 from bench.strategies import ALL, STRATEGIES, WHAT_IF, best_seconds
 from bench.world import NETWORKS, Exec, Scenario, World
 from policy.decide import decide
-from policy.learned import Learned, job_voxels, observe
+from policy.learned import Learned, job_voxels, learn_path, observe
 from policy.model import DecodeSettings
 from policy.profiles import Profiles, load_profiles
 
@@ -120,9 +120,9 @@ def train_learned(profiles: Profiles, params: WorldParams, *, per_card: int = 60
                 a = world.attempt(sc, Exec.from_plan(p, fam, sc.batch))
                 if a.ok:
                     if p.path in ("full", "tiled"):
-                        f = learned.factor(sc.card.name, sc.family, p.path, job_voxels(sc.job()))[0]
+                        f = learned.factor(sc.card.name, sc.family, learn_path(p), job_voxels(sc.job()))[0]
                         now += 1
-                        learned = observe(learned, card=sc.card.name, family=sc.family, path=p.path,
+                        learned = observe(learned, card=sc.card.name, family=sc.family, path=learn_path(p),
                                           voxels=job_voxels(sc.job()), estimated_s=p.estimate.seconds / f,
                                           measured_s=a.seconds, now=now)
                     break
@@ -155,7 +155,8 @@ def _run_scenarios(chunk: list[Scenario]) -> list[dict[str, Any]]:
         res = {}
         for name in names:
             o = ALL[name][1](world, sc, profiles, trained=_STATE["trained"], cache=cache)
-            res[name] = (o.supported, o.delivered, o.seconds, o.ooms, o.wasted, o.note, " -> ".join(o.attempts))
+            res[name] = (o.supported, o.delivered, o.seconds, o.ooms, o.wasted, o.note, " -> ".join(o.attempts),
+                         o.drift)
         row = {"variant": sc.variant, "size": sc.size_label, "card": sc.card.name, "free": sc.free_frac,
                "network": sc.network.name if sc.network else "none", "best": best, "best_exec": best_key,
                "results": res}
@@ -242,6 +243,7 @@ def _metrics(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
         "ooms": sum(r["results"][name][3] for r in sup),
         "oom_scenarios": sum(1 for r in sup if r["results"][name][3]),
         "wasted_attempts": sum(r["results"][name][4] for r in sup),
+        "drift": sum(1 for r in delivered if len(r["results"][name]) > 7 and r["results"][name][7]),
         "median_regret": statistics.median(regrets) if regrets else math.nan,
         "p95_regret": _pct(regrets, 0.95), "max_regret": max(regrets) if regrets else math.nan,
         "mean_regret": statistics.fmean(regrets) if regrets else math.nan,
@@ -291,11 +293,13 @@ def _f(x: float) -> str:
 def markdown(res: dict[str, Any]) -> str:
     """The headline table, the per-family breakdown and the engine's worst cases."""
     s = {n: m for n, m in res["strategies"].items() if n in STRATEGIES}
-    lines = ["| strategy | scenarios | OOM errors | lost images | wasted attempts | regret median | regret p95 | not supported |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | scenarios | OOM errors | lost images | wasted attempts | regret median | regret p95 "
+             "| tile-drift images | not supported |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for _n, m in s.items():
         lines.append(f"| {m['label']} | {m['scenarios']} | {m['ooms']} | {m['lost']} ({m['lost'] / max(1, m['scenarios']):.1%}) "
-                     f"| {m['wasted_attempts']} | {_f(m['median_regret'])} | {_f(m['p95_regret'])} | {m['unsupported']} |")
+                     f"| {m['wasted_attempts']} | {_f(m['median_regret'])} | {_f(m['p95_regret'])} "
+                     f"| {m.get('drift', 0)} | {m['unsupported']} |")
     out = "\n".join(lines)
     fam = res["by_family"]
     names = list(s)
@@ -319,12 +323,13 @@ def what_if_markdown(res: dict[str, Any]) -> str:
     """The engine under other settings/rules, beside the engine as shipped."""
     s = res["strategies"]
     names = [n for n in ("engine", *WHAT_IF) if n in s]
-    lines = ["| variant | OOM errors | lost images | wasted attempts | regret median | regret p95 | regret max |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | OOM errors | lost images | wasted attempts | regret median | regret p95 | regret max "
+             "| tile-drift images |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in names:
         m = s[n]
         lines.append(f"| {m['label']} | {m['ooms']} | {m['lost']} | {m['wasted_attempts']} | {_f(m['median_regret'])} "
-                     f"| {_f(m['p95_regret'])} | {_f(m['max_regret'])} |")
+                     f"| {_f(m['p95_regret'])} | {_f(m['max_regret'])} | {m.get('drift', 0)} |")
     return "\n".join(lines)
 
 

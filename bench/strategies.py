@@ -30,6 +30,8 @@ class Outcome:
         attempts: labels of the executions tried, in order. ooms: attempts that ran out of memory.
         wasted: failed attempts (OOMs and failed remote requests).
         note: why an image was lost (``out of memory``, ``no endpoint``, ...).
+        drift: the image came from spatial tiles with per-tile GroupNorm statistics (an image VAE's
+            "local" tiles, any peer's tiling): its colours differ from a full decode.
     """
 
     supported: bool
@@ -39,6 +41,12 @@ class Outcome:
     ooms: int = 0
     wasted: int = 0
     note: str = ""
+    drift: bool = False
+
+
+def drifts(world: World, sc: Scenario, ex: Exec) -> bool:
+    """Whether ``ex`` gives an image VAE's output per-tile GroupNorm statistics (video: not counted)."""
+    return ex.path == "tiled" and ex.geometry != "exact" and not world.profiles.family(sc.family).video
 
 
 def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | list[tuple[str, Exec]]) -> Outcome:
@@ -49,7 +57,7 @@ def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | li
         t += a.seconds
         labels.append(label)
         if a.ok:
-            return Outcome(True, True, t, tuple(labels), ooms, wasted)
+            return Outcome(True, True, t, tuple(labels), ooms, wasted, drift=drifts(world, sc, ex))
         wasted += 1
         ooms += a.oom
         note = a.error or "failed"
@@ -60,12 +68,14 @@ def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | li
 
 
 def engine_decision(sc: Scenario, profiles: Profiles, *, reserve_mib: float | None = None,
-                    learned: Learned | None = None, cache: dict[tuple[object, ...], Decision] | None = None) -> Decision:
-    """``decide`` for a scenario (remote allowed when there is a network), memoised in ``cache``."""
-    key = (sc.key, reserve_mib, id(learned) if learned is not None else None)
+                    learned: Learned | None = None, cache: dict[tuple[object, ...], Decision] | None = None,
+                    **settings: object) -> Decision:
+    """``decide`` for a scenario (remote allowed when there is a network), memoised in ``cache``;
+    ``settings`` are further :class:`DecodeSettings` fields (what-if rows)."""
+    key = (sc.key, reserve_mib, id(learned) if learned is not None else None, tuple(sorted(settings.items())))
     if cache is not None and key in cache:
         return cache[key]
-    kw: dict[str, object] = {"allow_remote": sc.network is not None}
+    kw: dict[str, object] = {"allow_remote": sc.network is not None, **settings}
     if reserve_mib is not None:
         kw["reserve_bytes"] = int(reserve_mib * 2**20)
     d = decide(sc.job(), sc.gpu(), profiles, DecodeSettings(**kw),  # type: ignore[arg-type]
@@ -251,7 +261,28 @@ STRATEGIES: dict[str, tuple[str, Strategy]] = {
     "always_remote": ("always remote (no fallback)", always_remote),
 }
 #: The engine under other settings or rules (what-if rows; never mixed into the headline table).
+def engine_tolerance_15(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """WHAT-IF: exact tiles preferred up to 1.5x slower than local ones (default 1.2)."""
+    d = engine_decision(sc, profiles, cache=kw.get("cache"), exact_tolerance=1.5)
+    return _run_decision(world, sc, profiles, d, tight_first=False)
+
+
+def engine_speed_only(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """WHAT-IF: exact and local tiles ranked by estimated seconds only (exact_tolerance 1.0)."""
+    d = engine_decision(sc, profiles, cache=kw.get("cache"), exact_tolerance=1.0)
+    return _run_decision(world, sc, profiles, d, tight_first=False)
+
+
+def engine_local_only(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """WHAT-IF: no exact tiling (tile_groupnorm="local"), as the engine was before it."""
+    d = engine_decision(sc, profiles, cache=kw.get("cache"), tile_groupnorm="local")
+    return _run_decision(world, sc, profiles, d, tight_first=False)
+
+
 WHAT_IF: dict[str, tuple[str, Strategy]] = {
+    "engine_speed_only": ("engine, tiles ranked by speed only (exact_tolerance 1.0)", engine_speed_only),
+    "engine_tolerance15": ("engine, exact tiles up to 1.5x slower (exact_tolerance 1.5)", engine_tolerance_15),
+    "engine_local_only": ("engine without exact tiling (tile_groupnorm local)", engine_local_only),
     "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
     "engine_reserve64": ("engine, reserve 64 MiB instead of 128 MiB", engine_reserve_64),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),

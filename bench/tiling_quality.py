@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section("bench/tiling_quality.py", summary + "\n\nPer picture and tile: docs/tiling-quality.md. "
                       "`tile_groupnorm` (`DecodeSettings`, `hybrid-vae decode --groupnorm`) is `auto` by default: "
                       "exact tiles whenever a full or exact plan fits, local tiles only when nothing exact fits "
-                      "(or when they are estimated 1.5x faster).")
+                      "(or when they are estimated over 1.2x faster: `exact_tolerance`).")
     return 0
 
 

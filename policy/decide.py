@@ -7,7 +7,7 @@ Rules (each is tested):
   ``local`` (per-tile statistics; least memory) --, remote (when allowed and an endpoint serves this
   family's VAE), cpu.
 - ``tile_groupnorm="auto"``: while a full or exact-tiled plan fits, a local-tiled plan is chosen
-  only when it is estimated ``exact_tolerance`` (1.5x) faster; ``exact``: no local-tiled plans;
+  only when it is estimated ``exact_tolerance`` (1.2x) faster; ``exact``: no local-tiled plans;
   ``local``: no exact-tiled plans.
 - A GPU plan is feasible when its estimated peak <= available - reserve
   (available = NVML free + torch's reusable cache).

@@ -263,7 +263,7 @@ def test_local_tiles_over_a_fitting_exact_plan_only_when_much_faster_and_the_rea
     d = decide(job, g, P, DecodeSettings(min_tile_px=64))
     exact = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "exact"]
     assert d.chosen.groupnorm == "local" and exact
-    assert min(p.estimate.seconds for p in exact) > 1.5 * d.chosen.estimate.seconds
+    assert min(p.estimate.seconds for p in exact) > DecodeSettings().exact_tolerance * d.chosen.estimate.seconds
     assert "fits but is estimated" in d.reason and "tile colours may differ" in d.reason
     # a looser tolerance takes the exact plan; "exact" never takes local tiles
     assert decide(job, g, P, DecodeSettings(min_tile_px=64, exact_tolerance=10)).chosen.groupnorm == "exact"
