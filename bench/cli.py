@@ -338,7 +338,10 @@ def gpu_placeholder() -> str:
             "the results: `hybrid-vae bench --gpu` (or `python -m bench.cli gpu --out bench/results`). It emulates "
             "smaller cards with `torch.cuda.set_per_process_memory_fraction` (the VAE's weights + the scenario's "
             "free memory), runs every scenario through `HybridDecoder`, and records OOM errors, the measured peak "
-            "against the estimate, seconds, and diffusers' default decode under the same cap.\n\n" + CALIBRATE_NOTE)
+            "against the estimate, seconds, and diffusers' default decode under the same cap. "
+            "`bash bench/gpu_session.sh` runs it together with the tiled-vs-full timing at 2048x2048 float16 / "
+            "2.5 GiB (`bench/tiled_speed.py --device cuda`) and `hybrid-vae calibrate`, each under its own time "
+            "limit (about 8 minutes on an H100).\n\n" + CALIBRATE_NOTE)
 
 
 def gpu_markdown(res: dict[str, Any]) -> str:

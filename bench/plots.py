@@ -22,8 +22,8 @@ from typing import Any
 
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 GiB = 2**30
-COLORS = {"full": "#2e7d32", "full (item by item)": "#81c784", "tiled": "#1565c0", "tiled chunks": "#7e57c2",
-          "remote": "#ef6c00", "cpu": "#c62828"}
+COLORS = {"full": "#2e7d32", "full (item by item)": "#81c784", "tiled exact": "#26a69a", "tiled": "#1565c0",
+          "tiled chunks": "#7e57c2", "remote": "#ef6c00", "cpu": "#c62828"}
 
 
 def _plt() -> Any:
@@ -54,7 +54,7 @@ def decision_map(profile_path: str = "", *, family: str = "sdxl", out: Path = IM
     profiles = load_profiles(profile_path)
     cards = [(g.name, g.total_gib) for g in profiles.gpus] + [(n, t) for n, t, _, _ in EXTRA_CARDS]
     sides = list(range(512, 2049, 64))
-    cats = ["full", "full (item by item)", "tiled", "cpu"]
+    cats = ["full", "full (item by item)", "tiled exact", "tiled", "cpu"]
     cmap = ListedColormap([COLORS[c] for c in cats])
     ncol = 3
     nrow = math.ceil(len(cards) / ncol)
@@ -70,8 +70,8 @@ def decision_map(profile_path: str = "", *, family: str = "sdxl", out: Path = IM
                 gpu = GpuState(name=name, total_bytes=int(total * GiB), free_bytes=int(free * GiB), source="simulated",
                                simulated=True)
                 c = decide(DecodeJob(family, side, side), gpu, profiles, settings).chosen
-                label = c.label if c.path == "full" else c.path
-                row.append(cats.index(label) if label in cats else 2)
+                label = c.label if c.path == "full" else ("tiled exact" if c.groupnorm == "exact" else c.path)
+                row.append(cats.index(label) if label in cats else 3)
                 if c.path == "tiled" and c.tile_px:
                     tiles[(i, j)] = c.tile_px
             grid.append(row)
@@ -87,7 +87,8 @@ def decision_map(profile_path: str = "", *, family: str = "sdxl", out: Path = IM
     for ax in list(axes.flat)[len(cards):]:
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[c]) for c in cats]
-    fig.legend(handles, [*cats[:2], "tiled (numbers: tile px)", "cpu"], loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles, [*cats[:2], "tiled exact (same image as full)", "tiled, local GroupNorm (numbers: tile px)",
+                         "cpu"], loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(f"decide(): {family} (default dtype), batch 1, remote off — path by image size and free memory", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     return _save(fig, "decision-map.png", out)

@@ -305,3 +305,23 @@ def test_exact_tiling_peak_measured_on_the_cpu_stays_under_the_estimate():
     for r in rows:
         assert 0.9 * r["model"] <= r["measured"] <= r["model"] * fam.memory.exact_margin, r
         assert r["measured"] < r["full"]
+
+
+def test_gpu_session_script_commands_exist():
+    """bench/gpu_session.sh (the one script a lent GPU runs) only calls commands that parse: bash syntax,
+    and every `$PY -m module subcommand` answers --help."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    calls = re.findall(r"\$PY -m (\S+)(?: (\w+))?", script.read_text())
+    assert {m for m, _ in calls} >= {"bench.tiled_speed", "bench.cli", "extension.cli"}
+    for module, sub in calls:
+        if module == "pip":
+            continue
+        args = [sys.executable, "-m", module, *([sub] if sub and not sub.startswith("-") else []), "--help"]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (args, r.stderr[-500:])
