@@ -348,8 +348,8 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         elif exacts and not fam.video:
             fitting = [p for p in feasible if p.groupnorm == "exact"]
             if fitting:
-                best = min(fitting, key=lambda p: p.estimate.seconds)
-                reason += (f"; {best.label} fits but is estimated {best.estimate.seconds:.2f} s, over "
+                quickest = min(fitting, key=lambda p: p.estimate.seconds)
+                reason += (f"; {quickest.label} fits but is estimated {quickest.estimate.seconds:.2f} s, over "
                            f"{settings.exact_tolerance:g}x this plan's, so tile colours may differ from a full decode")
             else:
                 least = min(exacts, key=lambda p: p.estimate.peak_bytes)
