@@ -168,6 +168,27 @@ def test_out_of_memory_in_full_plan_falls_to_the_next_plan(tiny, tmp_path, make)
     assert not list(tmp_path.iterdir())  # nothing saved: the image was made
 
 
+def test_oom_at_the_decoders_forward_falls_to_exact_tiles_equal_to_the_full_decode(tiny, tmp_path):
+    """The issue's fault test, literally: torch.cuda.OutOfMemoryError raised at the decoder's forward
+    fails the full plan; the next plan (exact tiles, which never call the decoder's forward) gives the
+    same image a full decode would have."""
+    z = latent(1, 4, 40, 40)
+
+    def boom(_m, _i):
+        raise oom()
+
+    h = tiny.decoder.register_forward_pre_hook(boom)
+    try:
+        res = HybridDecoder(probe=sim(), latent_dir=tmp_path).decode(z, tiny, family="sd15")
+    finally:
+        h.remove()
+    r = res.report
+    assert r.attempts[0] == ("full", "out of memory", r.attempts[0][2]) and r.attempts[-1][1] is None
+    assert r.ran.path == "tiled" and r.ran.groupnorm == "exact"
+    with torch.no_grad():
+        torch.testing.assert_close(res.tensor, tiny.decode(z / 0.18215).sample.clamp(-1, 1), atol=2e-5, rtol=0)
+
+
 def test_any_local_error_moves_on_and_cpu_is_last(tiny, tmp_path):
     z = latent(1, 4, 40, 40)
     dec = HybridDecoder(probe=sim(), latent_dir=tmp_path)
