@@ -11,7 +11,7 @@ set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 MAIN_VENV=${MAIN_VENV:-/work/venv}
 COMPAT_VENV=${COMPAT_VENV:-/work/venv39}
-TESTS=(tests/test_sdnext.py tests/test_sdnext_parts.py tests/test_sdnext_load.py tests/test_executors.py
+TESTS=(tests/test_sdnext.py tests/test_sdnext_parts.py tests/test_sdnext_load.py tests/test_executors.py tests/test_stream.py
        tests/test_orchestrator.py)
 PINS=(torch==2.13.0 diffusers==0.39.0 "pydantic==2.13.*" "requests==2.34.*" "PyYAML>=6.0" "safetensors>=0.4"
       "numpy>=1.24" "Pillow>=9.5" "tqdm>=4.60" "nvidia-ml-py>=12.535")
