@@ -154,3 +154,28 @@ def test_on_cuda_equal_to_the_full_decode_and_under_its_peak(dtype):
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert float((out.float() - ref.float()).abs().max()) <= tol * 10 and float((out.float() - ref.float()).abs().mean()) <= tol
     assert peak < full_peak
+
+
+# ---- the engine's model of it (policy.estimate) ----------------------------------------------------
+def test_exact_estimate_matches_the_real_sd_decoder_and_behaves():
+    from extension.stream import stream_buffer_elements
+    from policy.estimate import exact_peak_bytes, exact_tiles, peak_bytes
+    from policy.model import DecodeJob
+    from policy.profiles import load_profiles
+
+    p = load_profiles("")
+    fam = p.family("sd15")
+    # the families' figure is the SD decoder's, computed from its channels
+    assert fam.memory.exact_buffer_elements == stream_buffer_elements([128, 256, 512, 512], 2)
+    job = DecodeJob("sd15", 2048, 2048, dtype="float16")
+    peaks = [exact_peak_bytes(job, fam, t) for t in (256, 512, 1024)]
+    assert peaks == sorted(peaks)  # bigger tiles need more
+    full = peak_bytes(job, fam, tile_px=None, overlap_px=0, frame_chunk=None, slice_batch=False)
+    assert peaks[1] < 0.5 * full and peaks[-1] < 0.6 * full  # 512 px exact tiles: under half a full decode
+    ty, tx = exact_tiles(job, fam, 700)
+    assert sum(s for _, s in ty) >= 2048 and max(s for _, s in ty) <= 700 and len(tx) == 3
+    # batches keep finished items; weights count when not resident
+    assert exact_peak_bytes(DecodeJob("sd15", 2048, 2048, batch=2, dtype="float16"), fam, 512) > peaks[1]
+    assert exact_peak_bytes(DecodeJob("sd15", 2048, 2048, dtype="float16", vae_resident=False), fam, 512) > peaks[1]
+    with pytest.raises(ValueError, match="hunyuanvideo has no exact-tiling memory model"):
+        exact_peak_bytes(DecodeJob("hunyuanvideo", 512, 320, frames=9), p.family("hunyuanvideo"), 256)
