@@ -141,13 +141,18 @@ class _Stats:
 
         b, c, h, w = t.shape
         v = t.view(b, self.groups, c // self.groups, h, w)  # a view even of a cropped tile: no copy
-        if v.device.type == "cpu" and v.dtype != torch.float32:
-            v = v.float()  # CUDA reductions accumulate half types in float32 themselves
-        var, mean = torch.var_mean(v, dim=(0, 2, 3, 4), correction=0)
+        if v.dtype == torch.float32:
+            var, mean = torch.var_mean(v, dim=(0, 2, 3, 4), correction=0)
+        else:  # half types: float32 statistics, a few groups at a time (the copy stays <= the tile's size)
+            step = max(1, self.groups * t.element_size() // 4)
+            parts = [torch.var_mean(v[:, g:g + step].float(), dim=(0, 2, 3, 4), correction=0)
+                     for g in range(0, self.groups, step)]
+            var, mean = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         self.parts.append((b * (c // self.groups) * h * w, mean, var))
 
-    def affine(self, norm: Any, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (scale, shift) so that ``x * scale + shift`` is ``norm`` with these statistics."""
+    def affine(self, norm: Any, channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (scale, shift) in ``dtype`` so that ``x * scale + shift`` is ``norm`` with these
+        statistics (computed in float64, rounded once)."""
         import torch
 
         k = torch.tensor([p[0] for p in self.parts], dtype=torch.float64, device=self.parts[0][1].device)
@@ -163,7 +168,7 @@ class _Stats:
         if norm.weight is not None:
             scale = scale * norm.weight.double()
             shift = shift * norm.weight.double() + norm.bias.double()
-        return scale.float().view(1, -1, 1, 1), shift.float().view(1, -1, 1, 1)
+        return scale.to(dtype).view(1, -1, 1, 1), shift.to(dtype).view(1, -1, 1, 1)
 
 
 def _norm_act(t: torch.Tensor, aff: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -176,7 +181,7 @@ def _norm_act(t: torch.Tensor, aff: tuple[torch.Tensor, torch.Tensor]) -> torch.
     import torch
 
     scale, shift = aff
-    y = torch.addcmul(shift.to(t.dtype), t, scale.to(t.dtype))
+    y = torch.addcmul(shift, t, scale)
     return torch.nn.functional.silu(y, inplace=True)
 
 
@@ -262,7 +267,7 @@ def _resnet(run: _Run, r: Any, x: torch.Tensor, aff_in: tuple[torch.Tensor, torc
         hbuf[:, :, core[0]:core[1], core[2]:core[3]] = y
         del y, t
         run.tick()
-    aff2 = st2.affine(r.norm2, cout)
+    aff2 = st2.affine(r.norm2, cout, x.dtype)
     out = x[:, :cout] if cout <= cin else torch.empty((1, cout, h, w), dtype=x.dtype, device=x.device)
     run.live(x, hbuf, out)
     st_out = _Stats(next_norm.num_groups) if next_norm is not None else None
@@ -359,11 +364,11 @@ def stream_decode(vae: Any, z: torch.Tensor, *, tile_px: int, progress: Progress
                 else:
                     nxt = None if block.upsamplers else after
                 assert st is not None
-                x, st = _resnet(run, r, x, st.affine(r.norm1, x.shape[1]), nxt)
+                x, st = _resnet(run, r, x, st.affine(r.norm1, x.shape[1], x.dtype), nxt)
             for u in block.upsamplers or []:
                 x, st = _upsample(run, u, x, after.num_groups)
         assert st is not None
-        aff = st.affine(dec.conv_norm_out, x.shape[1])
+        aff = st.affine(dec.conv_norm_out, x.shape[1], x.dtype)
         run.live(x, result)
         for core in run.grid(x.shape[-2], x.shape[-1]).cores():
             t, (a, bb, c, d) = _read(x, core, 1)
