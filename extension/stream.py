@@ -67,6 +67,8 @@ def stream_support(vae: Any) -> str | None:
     for a in ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out"):
         if getattr(dec, a, None) is None:
             return f"decoder has no {a}"
+    if any(p.device.type == "meta" for p in dec.parameters()):
+        return "decoder weights are offloaded (meta tensors, e.g. sequential CPU offload); exact tiling needs them resident"
     if not isinstance(dec.conv_norm_out, torch.nn.GroupNorm):
         return f"conv_norm_out is {type(dec.conv_norm_out).__name__}, not GroupNorm (spatial norm)"
     if not isinstance(dec.conv_act, torch.nn.SiLU) or not _conv3(dec.conv_out):
@@ -166,8 +168,10 @@ class _Stats:
         scale = rstd.repeat_interleave(per)
         shift = -mean.repeat_interleave(per) * scale
         if norm.weight is not None:
-            scale = scale * norm.weight.double()
-            shift = shift * norm.weight.double() + norm.bias.double()
+            weight = norm.weight.detach().to(device=mean.device, dtype=torch.float64)
+            bias = norm.bias.detach().to(device=mean.device, dtype=torch.float64)
+            scale = scale * weight
+            shift = shift * weight + bias
         return scale.to(dtype).view(1, -1, 1, 1), shift.to(dtype).view(1, -1, 1, 1)
 
 

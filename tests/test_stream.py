@@ -179,3 +179,11 @@ def test_exact_estimate_matches_the_real_sd_decoder_and_behaves():
     assert exact_peak_bytes(DecodeJob("sd15", 2048, 2048, dtype="float16", vae_resident=False), fam, 512) > peaks[1]
     with pytest.raises(ValueError, match="hunyuanvideo has no exact-tiling memory model"):
         exact_peak_bytes(DecodeJob("hunyuanvideo", 512, 320, frames=9), p.family("hunyuanvideo"), 256)
+
+
+def test_offloaded_weights_are_refused_up_front():
+    """Sequential CPU offload (accelerate) leaves meta tensors on the modules; exact tiling reads the
+    GroupNorm weights directly, so it says it cannot run instead of failing mid-decode."""
+    vae = build_tiny_vae("sd15")
+    vae.decoder.up_blocks[0].resnets[0].norm1.weight = torch.nn.Parameter(torch.empty(16, device="meta"))
+    assert "offloaded" in stream_support(vae)
