@@ -294,11 +294,15 @@ class DecodeService:
         """
         from extension.executors import run_plan
         from extension.orchestrator import is_oom
+        from extension.stream import stream_support
 
         vae = served.get()
         b = int(z.shape[0])
         gpu = self.gpu()
-        d = decide(self._job(served, b, req.frames, req.height, req.width), gpu, self.profiles, self.settings)
+        settings = self.settings
+        if settings.tile_groupnorm != "local" and not served.family.video and stream_support(vae) is not None:
+            settings = settings.model_copy(update={"tile_groupnorm": "local"})  # exact tiles cannot run this VAE
+        d = decide(self._job(served, b, req.frames, req.height, req.width), gpu, self.profiles, settings)
         if b > 1 and (d.chosen.path != "full" or d.chosen.slice_batch):
             # the batch does not fit at once: one by one (each with its own decision)
             parts = [self.decode_now(served, z[i:i + 1], req) for i in range(b)]

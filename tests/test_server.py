@@ -299,6 +299,22 @@ def test_server_tiles_when_its_device_is_short_of_memory() -> None:
         assert h["last_plan"] == r.headers["X-Decode-Plan"] and h["device"]["simulated"] is True
 
 
+def test_server_tiles_exactly_and_falls_back_to_local_tiles_for_other_decoders() -> None:
+    """The tiles are exact (the same image as a full decode) for a diffusers Decoder; a decoder the exact
+    tiler cannot run gets local tiles, planned as such (no failed attempt, no 500). 1.4 GiB free - the
+    server's 512 MiB reserve: a 512 px float32 full decode (1.22 GiB) does not fit, exact tiles (0.69) do."""
+    gpu = parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=1.4,total_gib=8")
+    odd = _vae("sd15")
+    odd.decoder.conv_act = torch.nn.GELU()  # not SiLU: outside what extension/stream.py runs
+    app = create_app(families={"sd15": _vae("sd15"), "sdxl": odd}, device="cpu", probe_fn=lambda: gpu)
+    with serve_in_thread(app) as base:
+        r = _post(base + "/sd15", torch.randn(1, 4, 64, 64), output_type="pt", partial_postprocess=True)
+        assert r.status_code == 200 and r.headers["X-Decode-Plan"].endswith(" exact")
+        r = _post(base + "/sdxl", torch.randn(1, 4, 64, 64), output_type="pt", partial_postprocess=True)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Decode-Plan"].startswith("tiled ") and not r.headers["X-Decode-Plan"].endswith("exact")
+
+
 # ---- batching ---------------------------------------------------------------------------------------
 def test_concurrent_requests_are_batched_and_equal_to_single_decodes(server: tuple[str, object]) -> None:
     base, app = server
