@@ -22,7 +22,7 @@ from policy import (
     parse_simulation,
     probe,
 )
-from policy.model import Decision
+from policy.model import Decision, Plan
 from policy.profiles import Profiles
 
 
@@ -48,7 +48,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--no-remote", dest="remote", action="store_false", help="never decode remotely")
     e.add_argument("--endpoint", default=None, help="remote endpoint URL for this family")
     e.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
-    e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.25)")
+    e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.125)")
+    e.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
+                   help="tiles: exact (same image as a full decode), local (least memory) or auto (default)")
     e.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
     e.add_argument("--custom-vae", action="store_true", help="the VAE is not the family's stock VAE")
     e.add_argument("--learned", nargs="?", const="", default=None, metavar="PATH",
@@ -103,6 +105,16 @@ def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None
     return parse_simulation(",".join(parts))
 
 
+def plan_output(p: Plan) -> str:
+    """What a plan's pixels are against a full local decode: ``= full``, ``tile drift`` (tiles with their
+    own GroupNorm statistics) or ``lossy`` (jpg/mp4 answers)."""
+    if p.path == "tiled" and p.groupnorm == "local":
+        return "tile drift"
+    if p.path == "remote" and p.response_format in ("jpg", "mp4"):
+        return "lossy"
+    return "= full"
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     try:
         profiles = load_profiles(args.profile)
@@ -112,7 +124,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib)
         if state is None:
             state = probe(total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
-        kw: dict[str, Any] = {"mode": args.mode}
+        kw: dict[str, Any] = {"mode": args.mode, "tile_groupnorm": args.groupnorm}
         if args.remote is not None:
             kw["allow_remote"] = args.remote
         if args.endpoint:
@@ -183,11 +195,11 @@ def render(d: Decision) -> str:
         f"Reason    {d.reason}",
         "Chain     " + " -> ".join(p.label for p in d.plans),
         "",
-        f"  {'option':<26} {'peak GiB':>9} {'seconds':>9}  fits  why",
+        f"  {'option':<26} {'peak GiB':>9} {'seconds':>9}  {'output':<10}  fits  why",
     ]
     for o in d.options:
         p = o.plan
         lines.append(f"  {p.label:<26} {p.estimate.peak_bytes / GiB:>9.2f} {p.estimate.seconds:>9.3f}  "
-                     f"{'yes' if o.feasible else 'no ':<4}  {o.why}")
+                     f"{plan_output(p):<10}  {'yes' if o.feasible else 'no ':<4}  {o.why}")
     lines += ["", f"Sources   peak: {c.estimate.peak_source}", f"          seconds: {c.estimate.seconds_source}"]
     return "\n".join(lines)

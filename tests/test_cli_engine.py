@@ -47,6 +47,20 @@ def test_3070_tiled_fits_and_is_largest():
     assert larger and not any(o["feasible"] for o in larger)
 
 
+def test_groupnorm_flag_and_output_column():
+    """exact tiles are chosen where they fit (and say their pixels equal a full decode); --groupnorm local
+    takes local tiles at the same budget; the text table has an output column."""
+    gpu = ("--gpu", "NVIDIA GeForce RTX 3070", "--free-gib", "2.6", "--no-remote")
+    auto = explain(*gpu)["decision"]
+    assert auto["groupnorm"] == "exact" and auto["label"].endswith(" exact") and auto["overlap_px"] == 0
+    local = explain(*gpu, "--groupnorm", "local")
+    assert local["decision"]["groupnorm"] == "local" and all(o["groupnorm"] == "local" for o in local["options"])
+    r = run("explain", "--family", "sdxl", "--width", "1024", "--height", "1024", *gpu)
+    assert r.returncode == 0 and " output " in r.stdout and "= full" in r.stdout and "tile drift" in r.stdout
+    assert run("explain", "--family", "sdxl", "--width", "1024", "--height", "1024", *gpu,
+               "--groupnorm", "best").returncode == 2
+
+
 def test_remote_and_no_remote():
     out = explain("--gpu", "NVIDIA GeForce RTX 3070", "--free-gib", "0.1", "--remote")
     assert out["decision"]["path"] == "remote"
