@@ -339,9 +339,11 @@ def gpu_placeholder() -> str:
             "smaller cards with `torch.cuda.set_per_process_memory_fraction` (the VAE's weights + the scenario's "
             "free memory), runs every scenario through `HybridDecoder`, and records OOM errors, the measured peak "
             "against the estimate, seconds, and diffusers' default decode under the same cap. "
-            "`bash bench/gpu_session.sh` runs it together with the tiled-vs-full timing at 2048x2048 float16 / "
-            "2.5 GiB (`bench/tiled_speed.py --device cuda`) and `hybrid-vae calibrate`, each under its own time "
-            "limit (about 8 minutes on an H100).\n\n" + CALIBRATE_NOTE)
+            "`bash bench/gpu_session.sh 1` (the CUDA tests, the tiled-vs-full timing at 2048x2048 float16 / "
+            "2.5 GiB with `bench/tiled_speed.py --device cuda`, `hybrid-vae calibrate` and `explain --profile`) "
+            "and `bash bench/gpu_session.sh 2` (this benchmark) run it all on a lent machine, each step under "
+            "its own time limit; that machine has no network, so `bash bench/gpu_wheels.sh` first downloads "
+            "the wheels its image lacks (diffusers, pydantic) into `.whl/` to carry.\n\n" + CALIBRATE_NOTE)
 
 
 def gpu_markdown(res: dict[str, Any]) -> str:

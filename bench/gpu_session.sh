@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything this project needs a GPU for, in one run (about 8 minutes on an H100; each step has its own
-# time limit so one slow step cannot eat the others). Run it from the repository root on the lent
-# machine, e.g. with the device tool:  bash bench/gpu_session.sh
+# time limit so one slow step cannot eat the others). The lent machine has no network: first run
+# `bash bench/gpu_wheels.sh` here (wheels into .whl/), then with the device tool:
+#   run  command="bash bench/gpu_session.sh 1"  carry=[".whl"]  timeout_s=400   (tests, #3 timing, calibrate)
+#   run  command="bash bench/gpu_session.sh 2"  carry=[".whl"]  timeout_s=420   (#6: bench --gpu, 31 decodes)
+# (no argument runs both parts, which may not fit one 600 s call.)
 # It writes under ${OUT:-bench/results/gpu}: the logs, the JSON of each step, docs/benchmarks.md sections
 # (copied back as benchmarks.md) and the calibrated profile (calibrated.yaml); copy them into the repo
 # afterwards (docs/benchmarks.md, bench/results/).
@@ -12,16 +15,31 @@
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-$PY -m pip install -q -e ".[server,test]" >"$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+if ls .whl/*.whl >/dev/null 2>&1; then  # offline: the carried wheels, into a private site dir
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/pip.log" 2>&1 || echo "wheel install failed (see pip.log)"
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  $PY -m pip install -q -e ".[test]" >"$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+fi
+$PY -c "import torch, diffusers, pydantic; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
 CARD=$($PY -c "import torch; print(torch.cuda.get_device_name(0))")
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" >"$OUT/$name.log" 2>&1;
          echo "   rc=$?"; tail -n 25 "$OUT/$name.log"; }
-step tiled_speed_2048 150 $PY -m bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 5
-step tiled_speed_1024 90 $PY -m bench.tiled_speed --device cuda --size 1024 --dtype float16 --budget-gib 1.5 --card "$CARD" --repeat 5
-step bench_gpu 330 $PY -m bench.cli gpu --out "$OUT"
-step calibrate 150 $PY -m extension.cli calibrate --out "$OUT/calibrated.yaml" --sizes 512,1024,2048 --dtypes float16,float32 --repeats 2
-step explain_profile 30 $PY -m extension.cli explain --family sdxl --width 1024 --height 1024 --profile "$OUT/calibrated.yaml" --free-gib 4
+PART=${1:-all}
+if [ "$PART" = 1 ] || [ "$PART" = all ]; then
+  step cuda_tests 45 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_stream.py tests/test_executors.py tests/test_orchestrator.py
+  step tiled_speed_2048 90 $PY -m bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3
+  step tiled_speed_1024 60 $PY -m bench.tiled_speed --device cuda --size 1024 --dtype float16 --budget-gib 1.5 --card "$CARD" --repeat 3
+  step calibrate 120 $PY -m extension.cli calibrate --out "$OUT/calibrated.yaml" --sizes 512,1024,2048 --dtypes float16,float32 --repeats 2
+  step explain_profile 20 $PY -m extension.cli explain --family sdxl --width 1024 --height 1024 --profile "$OUT/calibrated.yaml" --free-gib 4
+fi
+if [ "$PART" = 2 ] || [ "$PART" = all ]; then
+  step bench_gpu 400 $PY -m bench.cli gpu --out "$OUT" --budget-s 330
+fi
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 echo "done: $OUT"
