@@ -316,7 +316,8 @@ def test_gpu_session_script_commands_exist():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    for sh in (script, script.with_name("gpu_wheels.sh")):
+        assert subprocess.run(["bash", "-n", str(sh)], capture_output=True).returncode == 0, sh
     calls = re.findall(r"\$PY -m (\S+)(?: (\w+))?", script.read_text())
     assert {m for m, _ in calls} >= {"bench.tiled_speed", "bench.cli", "extension.cli"}
     for module, sub in calls:
