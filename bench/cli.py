@@ -29,6 +29,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,10 @@ def _default_full(vae: Any, z: Any, device: str) -> dict[str, Any]:
 
 
 def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300.0,
-            latent_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``cases`` for real; returns the card, one record per case and a summary (JSON-ready)."""
+            latent_dir: Path | None = None, on_record: Callable[[dict[str, Any]], None] | None = None
+            ) -> dict[str, Any]:
+    """Run ``cases`` for real; returns the card, one record per case and a summary (JSON-ready).
+    ``on_record`` gets each record as soon as its scenario is done (the CLI appends it to a file)."""
     import tempfile
 
     import torch
@@ -293,6 +296,8 @@ def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300
             torch.cuda.set_per_process_memory_fraction(1.0, device)
             torch.cuda.empty_cache()
         records.append(rec)
+        if on_record is not None:
+            on_record(rec)
         mp, ep = rec.get("measured_peak"), rec.get("estimated_peak")
         peak = "" if mp is None or not ep else f"peak {mp / GiB:.2f} of est {ep / GiB:.2f} GiB "
         dd = "ok" if rec["diffusers_default"]["ok"] else "OOM"
@@ -395,8 +400,16 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     cases = tiny_cases() if args.tiny else gpu_cases()
     print(f"bench --gpu: {len(cases)} scenarios on {device}", file=sys.stderr)
     out = Path(args.out) if args.out else DEFAULT_RESULTS
-    res = run_gpu(cases, device=device, budget_s=args.budget_s, latent_dir=out / "latents")
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / "gpu-partial.jsonl"  # one line per finished scenario, in case the run is cut off
+    partial.unlink(missing_ok=True)
+
+    def keep(rec: dict[str, Any]) -> None:
+        with partial.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+
+    res = run_gpu(cases, device=device, budget_s=args.budget_s, latent_dir=out / "latents", on_record=keep)
+    partial.unlink(missing_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     slug = "".join(ch if ch.isalnum() else "-" for ch in res["card"]).strip("-").lower()
     path = out / f"gpu-{'tiny-' if args.tiny else ''}{slug}-{stamp}.jsonl"

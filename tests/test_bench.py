@@ -246,9 +246,10 @@ def test_gpu_runner_plumbing_on_cpu(tmp_path):
     HybridDecoder, diffusers' default decode runs beside it, records and summary are complete."""
     from bench.cli import gpu_markdown, run_gpu, summarise_gpu, tiny_cases
 
-    res = run_gpu(tiny_cases(), device="cpu", latent_dir=tmp_path)
+    seen = []
+    res = run_gpu(tiny_cases(), device="cpu", latent_dir=tmp_path, on_record=seen.append)
     recs = res["records"]
-    assert len(recs) == 3 and all(r["delivered"] for r in recs)
+    assert len(recs) == 3 and all(r["delivered"] for r in recs) and seen == recs  # each as soon as it is done
     assert all(r["diffusers_default"]["ok"] for r in recs)
     assert recs[1]["ran"].startswith("tiled")  # full needs 0.56 GiB > 0.6 - 0.25
     s = summarise_gpu(recs)
