@@ -362,6 +362,8 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         reason = f"remote {c.response_format} est. {c.estimate.seconds:.2f} s, {vs}"
     else:
         why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
+        if on_gpu and settings.tile_groupnorm == "exact" and can_exact:
+            why += " (local tiles are off: tile_groupnorm=exact)"
         reason = f"cpu: {why}; remote: {remote_why if remote is None else 'failed before'}"
     reason = reason_prefix + reason + f" [{avail_txt}]"
 
