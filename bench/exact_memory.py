@@ -50,7 +50,6 @@ def run(sizes: list[int], tiles: list[int], config: dict[str, Any] | None = None
     torch.manual_seed(0)
     vae = AutoencoderKL(**(config or SD_CONFIG)).eval()
     fam = load_profiles("").family("sd15")
-    bare = fam.model_copy(update={"memory": fam.memory.model_copy(update={"exact_margin": 1.0})})
     rows = []
     for size in sizes:
         z = torch.randn(1, vae.config.latent_channels, size // 8, size // 8)
@@ -60,7 +59,7 @@ def run(sizes: list[int], tiles: list[int], config: dict[str, Any] | None = None
                 if tile >= size:
                     continue
                 got = cpu_peak_bytes(lambda z=z, tile=tile: stream_decode(vae, z, tile_px=tile))
-                model = exact_peak_bytes(DecodeJob("sd15", size, size, dtype="float32"), bare, tile)
+                model = exact_peak_bytes(DecodeJob("sd15", size, size, dtype="float32"), fam, tile, margin=1.0)
                 gpu_full = peak_bytes(DecodeJob("sd15", size, size, dtype="float32"), fam, tile_px=None,
                                       overlap_px=0, frame_chunk=None, slice_batch=False)
                 rows.append({"size": size, "tile": tile, "measured": got, "model": model, "full": full,
@@ -91,13 +90,25 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _sides(ap: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    try:
+        sides = [int(v) for v in text.split(",")]
+    except ValueError:
+        ap.error(f"{flag} {text!r}: give comma-separated pixel sides, e.g. 256,512")
+    bad = [v for v in sides if v < 8 or v % 8]
+    if bad:
+        ap.error(f"{flag} {text!r}: {bad[0]} is not a positive multiple of 8")
+    return sides
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,512", help="output sides in px, comma-separated")
     ap.add_argument("--tiles", default="64,128,256", help="exact tile sides in px, comma-separated")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    rows = run([int(s) for s in args.sizes.split(",")], [int(t) for t in args.tiles.split(",")])
+    sizes, tiles = _sides(ap, "--sizes", args.sizes), _sides(ap, "--tiles", args.tiles)
+    rows = run(sizes, tiles)
     text = markdown(rows)
     print(text)
     if not args.no_write:

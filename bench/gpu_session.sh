@@ -13,6 +13,8 @@
 #   2. issue #6: `hybrid-vae bench --gpu` (31 real decodes under emulated smaller cards: OOMs, peaks vs
 #      estimates) and `hybrid-vae calibrate` + `explain --profile` naming it
 set -u
+PART=${1:-all}
+case "$PART" in 1|2|all) ;; *) echo "gpu_session.sh: part '$PART': use 1, 2 or nothing (both)" >&2; exit 2;; esac
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -30,7 +32,6 @@ $PY -c "import torch, diffusers, pydantic; print('torch', torch.__version__, 'di
 CARD=$($PY -c "import torch; print(torch.cuda.get_device_name(0))")
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" >"$OUT/$name.log" 2>&1;
          echo "   rc=$?"; tail -n 25 "$OUT/$name.log"; }
-PART=${1:-all}
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   step cuda_tests 45 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_stream.py tests/test_executors.py tests/test_orchestrator.py
   step tiled_speed_2048 90 $PY -m bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3

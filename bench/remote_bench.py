@@ -88,15 +88,11 @@ def run(*, size: int = 512, n: int = 10, produce_s: float = 0.3, formats: tuple[
 
     from extension.fixture import FIXTURE_DIR
     from extension.remote import RemoteClient
-    from server.cli import build_app
-    from server.testing import serve_in_thread
-
-    config = {"families": {}, "demo": True, "device": "cpu", "max_body_bytes": 256 * 1024**2,
-              "max_output_pixels": 2**27, "batch_window_s": 0.004, "max_batch": 8, "preload": True}
+    from server.testing import serve_demo
     gen = torch.Generator().manual_seed(0)
     latents = [torch.randn(1, 4, size // 8, size // 8, generator=gen) for _ in range(n)]
     rows: list[dict[str, Any]] = []
-    with serve_in_thread(build_app(config, None)) as base:
+    with serve_demo() as base:
         url = f"{base}/sd15"
         client = RemoteClient(read_timeout_s=300)
         _run(client, url, "raw", latents[:1], produce_s=0.0, pipelined=False)

@@ -261,28 +261,21 @@ STRATEGIES: dict[str, tuple[str, Strategy]] = {
     "always_remote": ("always remote (no fallback)", always_remote),
 }
 #: The engine under other settings or rules (what-if rows; never mixed into the headline table).
-def engine_tolerance_15(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF: exact tiles preferred up to 1.5x slower than local ones (default 1.2)."""
-    d = engine_decision(sc, profiles, cache=kw.get("cache"), exact_tolerance=1.5)
-    return _run_decision(world, sc, profiles, d, tight_first=False)
+def engine_with(**settings: object) -> Strategy:
+    """WHAT-IF: the engine with other :class:`DecodeSettings` values (its rules unchanged)."""
 
+    def run(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+        d = engine_decision(sc, profiles, cache=kw.get("cache"), **settings)
+        return _run_decision(world, sc, profiles, d, tight_first=False)
 
-def engine_speed_only(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF: exact and local tiles ranked by estimated seconds only (exact_tolerance 1.0)."""
-    d = engine_decision(sc, profiles, cache=kw.get("cache"), exact_tolerance=1.0)
-    return _run_decision(world, sc, profiles, d, tight_first=False)
-
-
-def engine_local_only(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF: no exact tiling (tile_groupnorm="local"), as the engine was before it."""
-    d = engine_decision(sc, profiles, cache=kw.get("cache"), tile_groupnorm="local")
-    return _run_decision(world, sc, profiles, d, tight_first=False)
+    return run
 
 
 WHAT_IF: dict[str, tuple[str, Strategy]] = {
-    "engine_speed_only": ("engine, tiles ranked by speed only (exact_tolerance 1.0)", engine_speed_only),
-    "engine_tolerance15": ("engine, exact tiles up to 1.5x slower (exact_tolerance 1.5)", engine_tolerance_15),
-    "engine_local_only": ("engine without exact tiling (tile_groupnorm local)", engine_local_only),
+    "engine_speed_only": ("engine, tiles ranked by speed only (exact_tolerance 1.0)", engine_with(exact_tolerance=1.0)),
+    "engine_tolerance15": ("engine, exact tiles up to 1.5x slower (exact_tolerance 1.5)",
+                           engine_with(exact_tolerance=1.5)),
+    "engine_local_only": ("engine without exact tiling (tile_groupnorm local)", engine_with(tile_groupnorm="local")),
     "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
     "engine_reserve64": ("engine, reserve 64 MiB instead of 128 MiB", engine_reserve_64),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),

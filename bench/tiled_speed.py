@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--size {args.size}: use a positive multiple of 8")
     if args.budget_gib <= 0:
         ap.error(f"--budget-gib {args.budget_gib}: must be > 0")
+    if not 1 <= args.repeat <= 100:
+        ap.error(f"--repeat {args.repeat}: give 1 to 100 timed runs")
     res = run(size=args.size, dtype=args.dtype, budget_gib=args.budget_gib, card=args.card, device=args.device,
-              repeat=max(1, args.repeat))
+              repeat=args.repeat)
     text = markdown(res)
     print(text)
     if not args.no_write:

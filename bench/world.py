@@ -491,8 +491,8 @@ class World:
         if ex.geometry == "exact":
             # no GPU data yet: the analytic model (no margin) x 1.00-1.10, the spread measured on the
             # CPU (profiler peak 1.01-1.07x the analytic figure, SD-width decoder; docs/estimator.md)
-            bare = fam.model_copy(update={"memory": fam.memory.model_copy(update={"exact_margin": 1.0})})
-            return exact_peak_bytes(job, bare, ex.tiles[0][0]) * _rng(self.seed, "exact", sc.local_key).uniform(1.0, 1.10)
+            return exact_peak_bytes(job, fam, ex.tiles[0][0], margin=1.0) * \
+                _rng(self.seed, "exact", sc.local_key).uniform(1.0, 1.10)
         if ex.geometry in ("engine", "diffusers"):
             th, _tw = ex.tiles[0]
             est = peak_bytes(job, fam, tile_px=th, overlap_px=ex.overlap_px, frame_chunk=ex.frame_chunk,

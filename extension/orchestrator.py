@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from extension.executors import ProgressFn, run_plan, vae_device_dtype
 from extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
-from extension.stream import stream_support
+from extension.stream import settings_for_vae
 from policy.decide import decide
 from policy.errors import (
     DecodeFailedError,
@@ -357,9 +357,7 @@ class HybridDecoder:
         settings = self.settings
         if self.remote is None and settings.allow_remote:
             settings = settings.model_copy(update={"allow_remote": False})
-        if settings.tile_groupnorm != "local" and not fam.video and (why := stream_support(vae)) is not None:
-            log.debug("hybrid-vae: no exact tiling for %s (%s); local tiles only", type(vae).__name__, why)
-            settings = settings.model_copy(update={"tile_groupnorm": "local"})
+        settings = settings_for_vae(settings, vae, fam)
         network = self.remote.network_stats() if self.remote is not None else None
         save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
                      "vae_id": vae_id, "custom_vae": custom_vae}

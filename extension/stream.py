@@ -27,6 +27,7 @@ Supports diffusers' ``Decoder`` made of ``UpDecoderBlock2D`` / ``ResnetBlock2D``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,12 @@ from policy.tiles import axis_tiles
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["stream_buffer_elements", "stream_decode", "stream_support"]
+    from policy.model import DecodeSettings
+    from policy.profiles import Family
+
+log = logging.getLogger("hybrid_vae.stream")
+
+__all__ = ["settings_for_vae", "stream_buffer_elements", "stream_decode", "stream_support"]
 
 ProgressFn = Callable[[int, int], None]
 Region = tuple[int, int, int, int]  # y0, y1, x0, x1
@@ -98,6 +104,18 @@ def stream_support(vae: Any) -> str | None:
             if not _conv3(conv):
                 return f"{where} convolution is not 3x3"
     return None
+
+
+def settings_for_vae(settings: DecodeSettings, vae: Any, family: Family) -> DecodeSettings:
+    """``settings`` for decoding with ``vae``: local tiles only when exact tiling cannot run it (so the
+    engine never plans an exact attempt that would fail). Callers: the orchestrator, ``hybrid-vae serve``."""
+    if settings.tile_groupnorm == "local" or family.video:
+        return settings
+    why = stream_support(vae)
+    if why is None:
+        return settings
+    log.debug("hybrid-vae: no exact tiling for %s (%s); local tiles only", type(vae).__name__, why)
+    return settings.model_copy(update={"tile_groupnorm": "local"})
 
 
 def stream_buffer_elements(block_out_channels: list[int] | tuple[int, ...], layers_per_block: int,
@@ -193,12 +211,9 @@ class _Grid:
     """Tiles of one resolution: a partition of the image into cores, plus 1-pixel context reads."""
 
     def __init__(self, h: int, w: int, tile: int) -> None:
-        self.h, self.w = h, w
-        self.ty = axis_tiles(h, tile, 0) if h > tile else [(0, h)]
-        self.tx = axis_tiles(w, tile, 0) if w > tile else [(0, w)]
         # axis_tiles with overlap 0 gives equal tiles whose starts are rounded: make them a partition
-        self.ty = _partition(self.ty, h)
-        self.tx = _partition(self.tx, w)
+        self.ty = _partition(axis_tiles(h, tile, 0), h)
+        self.tx = _partition(axis_tiles(w, tile, 0), w)
 
     def __len__(self) -> int:
         return len(self.ty) * len(self.tx)
@@ -222,11 +237,11 @@ def _read(buf: torch.Tensor, core: Region, halo: int) -> tuple[torch.Tensor, Reg
 
 class _Run:
     def __init__(self, tile_px: int, out_h: int, progress: ProgressFn | None,
-                 on_buffers: Callable[[int], None] | None) -> None:
+                 on_buffers: Callable[[int], None] | None, keep: tuple[torch.Tensor, ...] = ()) -> None:
         self.tile_px, self.out_h = tile_px, out_h
         self.progress, self.total, self.done = progress, 0, 0
         self.on_buffers = on_buffers
-        self.keep: tuple[torch.Tensor, ...] = ()  # buffers alive throughout (the output)
+        self.keep = keep  # buffers alive throughout (the output)
 
     def live(self, *bufs: torch.Tensor) -> None:
         """Report the bytes of the whole-image buffers alive together (distinct storages)."""
@@ -347,8 +362,7 @@ def stream_decode(vae: Any, z: torch.Tensor, *, tile_px: int, progress: Progress
     scale = 2 ** (len(dec.up_blocks) - 1)
     up_dtype = next(iter(dec.up_blocks.parameters())).dtype
     result = torch.empty((b, dec.conv_out.out_channels, lh * scale, lw * scale), dtype=up_dtype, device=z.device)
-    run = _Run(tile_px, lh * scale, progress, on_buffers)
-    run.keep = (result,)
+    run = _Run(tile_px, lh * scale, progress, on_buffers, keep=(result,))
     run.total = b * _total_steps(run, dec, lh, lw)
     firsts = [blk.resnets[0].norm1 if len(blk.resnets) else None for blk in dec.up_blocks]
     for i in range(b):

@@ -143,12 +143,13 @@ def exact_tiles(job: DecodeJob, fam: Family, tile_px: int) -> tuple[list[tuple[i
     return axis_tiles(job.height, tile_px, 0), axis_tiles(job.width, tile_px, 0)
 
 
-def exact_peak_bytes(job: DecodeJob, fam: Family, tile_px: int) -> int:
+def exact_peak_bytes(job: DecodeJob, fam: Family, tile_px: int, *, margin: float | None = None) -> int:
     """Peak bytes of exact tiling (extension/stream.py), one item at a time.
 
     ``margin * (whole-image buffers + one tile's working set with its 1 px context + workspace)``,
     plus the finished items of a batch and the weights when not resident. Analytic (from the
-    decoder's channels), so ``exact_margin`` > 1 until a GPU run measures it.
+    decoder's channels), so ``margin`` (default: the family's ``exact_margin``) > 1 until a GPU run
+    measures it; benchmarks pass ``margin=1.0`` for the bare figure.
 
     Raises:
         ValueError: the family has no exact-tiling model (``memory.exact_buffer_elements`` unset).
@@ -163,7 +164,7 @@ def exact_peak_bytes(job: DecodeJob, fam: Family, tile_px: int) -> int:
     peak = dsize * m.exact_buffer_elements * px + tile * (m.exact_tile_elements * dsize + m.exact_tile_f32_elements * 4)
     if tile >= m.tile_workspace_min_px:
         peak += m.tile_workspace_bytes
-    peak = peak * m.exact_margin + dsize * 3 * px * (job.batch - 1)
+    peak = peak * (m.exact_margin if margin is None else margin) + dsize * 3 * px * (job.batch - 1)
     if not job.vae_resident:
         peak += fam.weights_bytes_fp16 * dsize / 2
     return int(peak)

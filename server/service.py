@@ -294,14 +294,12 @@ class DecodeService:
         """
         from extension.executors import run_plan
         from extension.orchestrator import is_oom
-        from extension.stream import stream_support
+        from extension.stream import settings_for_vae
 
         vae = served.get()
         b = int(z.shape[0])
         gpu = self.gpu()
-        settings = self.settings
-        if settings.tile_groupnorm != "local" and not served.family.video and stream_support(vae) is not None:
-            settings = settings.model_copy(update={"tile_groupnorm": "local"})  # exact tiles cannot run this VAE
+        settings = settings_for_vae(self.settings, vae, served.family)
         d = decide(self._job(served, b, req.frames, req.height, req.width), gpu, self.profiles, settings)
         if b > 1 and (d.chosen.path != "full" or d.chosen.slice_batch):
             # the batch does not fit at once: one by one (each with its own decision)

@@ -4,6 +4,8 @@
 
     with serve_in_thread(create_app(families={"sd15": vae}, device="cpu")) as base:
         requests.post(f"{base}/sd15", ...)
+
+or ``with serve_demo() as base:`` for ``hybrid-vae serve --demo``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,20 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+#: ``hybrid-vae serve --demo`` as tests and benchmarks run it: CPU, the fixture VAEs preloaded, a short
+#: batching window.
+DEMO_CONFIG: dict[str, Any] = {"families": {}, "demo": True, "device": "cpu", "max_body_bytes": 256 * 1024**2,
+                               "max_output_pixels": 2**27, "batch_window_s": 0.004, "max_batch": 8, "preload": True}
+
+
+@contextlib.contextmanager
+def serve_demo() -> Iterator[str]:
+    """The demo server (:data:`DEMO_CONFIG`) on loopback; yields its base URL."""
+    from server.cli import build_app
+
+    with serve_in_thread(build_app(dict(DEMO_CONFIG), None)) as base:
+        yield base
 
 
 def free_port(host: str = "127.0.0.1") -> int:

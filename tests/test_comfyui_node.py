@@ -18,13 +18,10 @@ import torch
 
 from extension.fixture import build_tiny_vae, load_fixture_vae
 from policy import DecodeJob, DecodeSettings, decide, load_profiles, parse_simulation
-from server.cli import build_app
-from server.testing import free_port, serve_in_thread
+from server.testing import free_port, serve_demo
 
 REPO = Path(__file__).resolve().parents[1]
 STUB = REPO / "tests" / "comfy_stub"
-DEMO_CONFIG = {"families": {}, "demo": True, "device": "cpu", "max_body_bytes": 256 * 1024**2,
-               "max_output_pixels": 2**27, "batch_window_s": 0.004, "max_batch": 8, "preload": True}
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +238,7 @@ def test_remote_endpoint_up_decodes_remotely(comfy: dict, sd15_weights: torch.nn
     vae = _comfy_vae(comfy, sd15_weights)
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 8, 8, seed=3)
-    with serve_in_thread(build_app(DEMO_CONFIG, None)) as base:
+    with serve_demo() as base:
         image, text = node.decode(lat, vae, endpoint=f"{base}/sd15", mode="remote")
     assert "remote" in text and "fell back" not in text and "via 127.0.0.1" in text
     # the demo serves the same sd15 weights: the remote image matches ComfyUI's decode up to 8-bit rounding

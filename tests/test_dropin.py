@@ -27,17 +27,8 @@ from extension.latents import load_latent
 from extension.orchestrator import DecodeReport, HybridDecoder
 from extension.remote import RemoteClient
 from policy import DecodeFailedError, DecodeSettings, load_profiles
-from server.cli import build_app, demo_families
-from server.testing import free_port, serve_in_thread
-
-DEMO_CONFIG = {"families": {}, "demo": True, "device": "cpu", "max_body_bytes": 256 * 1024**2,
-               "max_output_pixels": 2**27, "batch_window_s": 0.004, "max_batch": 8, "preload": True}
-
-
-@pytest.fixture(scope="module")
-def demo() -> str:
-    with serve_in_thread(build_app(DEMO_CONFIG, None)) as base:
-        yield base
+from server.cli import demo_families
+from server.testing import free_port
 
 
 @pytest.fixture(scope="module")

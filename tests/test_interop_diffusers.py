@@ -21,18 +21,11 @@ from diffusers.utils.remote_utils import remote_decode
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
-from server.cli import build_app, demo_families
-from server.testing import free_port, serve_in_thread
+from server.cli import demo_families
+from server.testing import free_port
 
 SD15 = 0.18215
-DEMO_CONFIG = {"families": {}, "demo": True, "device": "cpu", "max_body_bytes": 256 * 1024**2,
-               "max_output_pixels": 2**27, "batch_window_s": 0.004, "max_batch": 8, "preload": True}
 
-
-@pytest.fixture(scope="module")
-def demo() -> str:
-    with serve_in_thread(build_app(DEMO_CONFIG, None)) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")

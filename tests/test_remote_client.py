@@ -35,18 +35,11 @@ from policy import (
     load_profiles,
     parse_simulation,
 )
-from server.cli import build_app, demo_families
+from server.cli import demo_families
 from server.testing import free_port, serve_in_thread
 
 PROFILES = load_profiles()
-DEMO_CONFIG = {"families": {}, "demo": True, "device": "cpu", "max_body_bytes": 256 * 1024**2,
-               "max_output_pixels": 2**27, "batch_window_s": 0.004, "max_batch": 8, "preload": True}
 
-
-@pytest.fixture(scope="module")
-def demo() -> Iterator[str]:
-    with serve_in_thread(build_app(DEMO_CONFIG, None)) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")
