@@ -70,8 +70,7 @@ def write_profile(path: str | Path, card: str, total_gib: float, measurements: S
         ProfileError: the merged file would not load (the file is left as it was).
     """
     import yaml
-
-    from policy.profiles import load_profiles
+    from hybrid_vae.policy.profiles import load_profiles
 
     path = Path(path).expanduser()
     date = date or _dt.date.today().isoformat()
@@ -211,7 +210,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.reset_learned:
-        from policy.learned import LearnedStore
+        from hybrid_vae.policy.learned import LearnedStore
 
         store = LearnedStore(args.learned)
         n = store.reset()

@@ -5,7 +5,7 @@
     hybrid-vae bench --simulate [--json] [--reduced]   # every strategy x scenario, CPU only, < 1 min
     hybrid-vae bench --gpu [--out bench/results]       # >= 30 real decodes on emulated smaller cards
     hybrid-vae bench --plots                            # PNGs under docs/img/ (needs matplotlib)
-    python -m bench.cli gpu --out bench/results         # the same as --gpu
+    python -m hybrid_vae.bench.cli gpu --out bench/results         # the same as --gpu
 
 Each writes its own section of docs/benchmarks.md (``--no-write`` to skip). Heavy imports (torch,
 diffusers, matplotlib) happen inside the handlers, so ``hybrid-vae --help`` stays fast.
@@ -67,8 +67,8 @@ def add_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``python -m bench.cli {simulate,gpu,plots} ...``."""
-    ap = argparse.ArgumentParser(prog="python -m bench.cli", description=(__doc__ or "").split("\n\n")[0])
+    """``python -m hybrid_vae.bench.cli {simulate,gpu,plots} ...``."""
+    ap = argparse.ArgumentParser(prog="python -m hybrid_vae.bench.cli", description=(__doc__ or "").split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     for name in ("simulate", "gpu", "plots"):
         _common(sub.add_parser(name))
@@ -83,8 +83,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from bench import matrix
-    from bench.strategies import STRATEGIES
+    from hybrid_vae.bench import matrix
+    from hybrid_vae.bench.strategies import STRATEGIES
 
     names = list(STRATEGIES) if args.no_what_if else None
     res = matrix.run(args.profile, reduced=args.reduced, params=matrix.WorldParams(seed=args.seed),
@@ -104,12 +104,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print("\n" + matrix.what_if_markdown(res))
         print("\ntargets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in res.get("targets", {}).items()))
     if not (args.no_write or args.reduced or args.profile or args.seed):
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
 
         sens = matrix.sensitivity(jobs=args.jobs) if not args.no_what_if else None
         cdf = None
         try:
-            from bench import plots
+            from hybrid_vae.bench import plots
 
             cdf = plots.regret_cdf(res)
         except ImportError:
@@ -213,11 +213,10 @@ def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300
     import tempfile
 
     import torch
-
-    from bench.calibrate import build_vae
-    from extension.orchestrator import HybridDecoder
-    from policy import DecodeSettings, GpuState, load_profiles
-    from policy.errors import DecodeFailedError
+    from hybrid_vae.bench.calibrate import build_vae
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.policy import DecodeSettings, GpuState, load_profiles
+    from hybrid_vae.policy.errors import DecodeFailedError
 
     profiles = load_profiles("")
     cuda = device.startswith("cuda")
@@ -240,7 +239,7 @@ def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
                 torch.cuda.empty_cache()
             if case.kind.startswith("tiny:"):
-                from extension.fixture import build_tiny_vae
+                from hybrid_vae.extension.fixture import build_tiny_vae
 
                 vaes[key] = build_tiny_vae(case.kind.split(":", 1)[1]).to(device=device, dtype=dt)
             else:
@@ -287,7 +286,7 @@ def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
-        from extension.latents import to_vae_space
+        from hybrid_vae.extension.latents import to_vae_space
 
         zv = to_vae_space(z.float(), fam).to(dtype=dt)
         rec["diffusers_default"] = _default_full(vae, zv, device)
@@ -340,7 +339,7 @@ def gpu_placeholder() -> str:
     """The section text until a GPU run replaces it."""
     return ("## Real decodes on a GPU\n\nNot run yet: the session that wrote this had no GPU. One command runs all "
             "of it (31 scenarios, about 5 minutes on an H100) and replaces this section with the card's name and "
-            "the results: `hybrid-vae bench --gpu` (or `python -m bench.cli gpu --out bench/results`). It emulates "
+            "the results: `hybrid-vae bench --gpu` (or `python -m hybrid_vae.bench.cli gpu --out bench/results`). It emulates "
             "smaller cards with `torch.cuda.set_per_process_memory_fraction` (the VAE's weights + the scenario's "
             "free memory), runs every scenario through `HybridDecoder`, and records OOM errors, the measured peak "
             "against the estimate, seconds, and diffusers' default decode under the same cap. "
@@ -424,7 +423,7 @@ def cmd_gpu(args: argparse.Namespace) -> int:
         print(text)
     print(f"results: {path}", file=sys.stderr)
     if not (args.no_write or args.tiny):
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
 
         write_section("bench/cli.py --gpu", text + f"\n\nRaw results: `{path.as_posix()}`.")
     s = res["summary"]
@@ -435,7 +434,7 @@ def cmd_gpu(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from bench import plots
+    from hybrid_vae.bench import plots
 
     try:
         import matplotlib  # noqa: F401
@@ -446,7 +445,7 @@ def cmd_plots(args: argparse.Namespace) -> int:
     for p in made:
         print(f"wrote {p}")
     if not args.no_write:
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
 
         write_section("bench/plots.py", plots.section(made))
     return 0

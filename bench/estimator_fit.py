@@ -1,6 +1,6 @@
 """Estimate vs measured peak memory for every row of tests/data (the H200 measurements).
 
-Run: ``python -m bench.estimator_fit``; writes its section of docs/benchmarks.md. The test
+Run: ``python -m hybrid_vae.bench.estimator_fit``; writes its section of docs/benchmarks.md. The test
 ``tests/test_estimator_data.py`` asserts the same +0..+10% band row by row.
 """
 
@@ -10,8 +10,8 @@ import collections
 import sys
 from pathlib import Path
 
-from policy import load_profiles
-from policy.estimate import peak_bytes
+from hybrid_vae.policy import load_profiles
+from hybrid_vae.policy.estimate import peak_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -31,7 +31,7 @@ def main() -> None:
         fam = "SD decoder" if job.family != "hunyuanvideo" else "HunyuanVideo"
         groups[f"{fam}, {kind}, {job.dtype}"].append(est / measured - 1)
     lines = ["## Memory estimate vs measured (H200 data)", "",
-             "`python -m bench.estimator_fit`: every row of `tests/data/*.jsonl` (copied from the H200 "
+             "`python -m hybrid_vae.bench.estimator_fit`: every row of `tests/data/*.jsonl` (copied from the H200 "
              "measurements), estimate = `policy.estimate.peak_bytes` with the geometry the row used.", "",
              "| rows | count | min over | median over | max over |", "|---|---|---|---|---|"]
     allr: list[float] = []
@@ -43,7 +43,7 @@ def main() -> None:
     lines += ["", f"All {len(allr)} rows: {allr[0]:+.2%} .. {allr[-1]:+.2%} (target +0% .. +10%)."]
     text = "\n".join(lines)
     print(text)
-    from bench.report import write_section
+    from hybrid_vae.bench.report import write_section
 
     write_section("bench/estimator_fit.py", text)
 

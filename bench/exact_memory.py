@@ -1,6 +1,6 @@
 """Exact tiling's peak memory against its analytic model, measured on the CPU; writes docs/benchmarks.md.
 
-Run ``python -m bench.exact_memory [--sizes 256,512] [--tiles 64,128,256]``. The peak is PyTorch's own
+Run ``python -m hybrid_vae.bench.exact_memory [--sizes 256,512] [--tiles 64,128,256]``. The peak is PyTorch's own
 count of allocated bytes ("Total Allocated" of the profiler's memory events, the CPU counterpart of
 ``torch.cuda.max_memory_allocated``) during one decode by an SD-architecture decoder (random weights,
 float32). The model is ``policy.estimate.exact_peak_bytes`` without its safety margin; a full decode is
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.tiled_speed import SD_CONFIG
+from hybrid_vae.bench.tiled_speed import SD_CONFIG
 
 
 def cpu_peak_bytes(fn: Any) -> int:
@@ -41,11 +41,10 @@ def cpu_peak_bytes(fn: Any) -> int:
 def run(sizes: list[int], tiles: list[int], config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     import torch
     from diffusers import AutoencoderKL
-
-    from extension.stream import stream_decode
-    from policy.estimate import exact_peak_bytes, peak_bytes
-    from policy.model import DecodeJob
-    from policy.profiles import load_profiles
+    from hybrid_vae.extension.stream import stream_decode
+    from hybrid_vae.policy.estimate import exact_peak_bytes, peak_bytes
+    from hybrid_vae.policy.model import DecodeJob
+    from hybrid_vae.policy.profiles import load_profiles
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**(config or SD_CONFIG)).eval()
@@ -74,7 +73,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["## Exact tiling: peak memory, measured (CPU) vs model", "",
              "SD-architecture decoder (random weights), float32, one image; peak allocated bytes from PyTorch's "
              "profiler on the CPU. \"model\" is `exact_peak_bytes` without its 1.15 margin. Written by "
-             "`python -m bench.exact_memory`.", "",
+             "`python -m hybrid_vae.bench.exact_memory`.", "",
              "| size px | tile px | measured MiB | model MiB | measured / model | measured / full decode (CPU) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows)
     print(text)
     if not args.no_write:
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
 
         write_section("bench/exact_memory.py", text)
     return 0

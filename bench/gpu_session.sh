@@ -34,13 +34,13 @@ step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; tim
          echo "   rc=$?"; tail -n 25 "$OUT/$name.log"; }
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   step cuda_tests 45 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_stream.py tests/test_executors.py tests/test_orchestrator.py
-  step tiled_speed_2048 90 $PY -m bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3
-  step tiled_speed_1024 60 $PY -m bench.tiled_speed --device cuda --size 1024 --dtype float16 --budget-gib 1.5 --card "$CARD" --repeat 3
-  step calibrate 120 $PY -m extension.cli calibrate --out "$OUT/calibrated.yaml" --sizes 512,1024,2048 --dtypes float16,float32 --repeats 2
-  step explain_profile 20 $PY -m extension.cli explain --family sdxl --width 1024 --height 1024 --profile "$OUT/calibrated.yaml" --free-gib 4
+  step tiled_speed_2048 90 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3
+  step tiled_speed_1024 60 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 1024 --dtype float16 --budget-gib 1.5 --card "$CARD" --repeat 3
+  step calibrate 120 $PY -m hybrid_vae.extension.cli calibrate --out "$OUT/calibrated.yaml" --sizes 512,1024,2048 --dtypes float16,float32 --repeats 2
+  step explain_profile 20 $PY -m hybrid_vae.extension.cli explain --family sdxl --width 1024 --height 1024 --profile "$OUT/calibrated.yaml" --free-gib 4
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
-  step bench_gpu 400 $PY -m bench.cli gpu --out "$OUT" --budget-s 330
+  step bench_gpu 400 $PY -m hybrid_vae.bench.cli gpu --out "$OUT" --budget-s 330
 fi
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 echo "done: $OUT"

@@ -25,12 +25,12 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from bench.strategies import ALL, STRATEGIES, WHAT_IF, best_seconds
-from bench.world import NETWORKS, Exec, Scenario, World
-from policy.decide import decide
-from policy.learned import Learned, job_voxels, learn_path, observe
-from policy.model import DecodeSettings
-from policy.profiles import Profiles, load_profiles
+from hybrid_vae.bench.strategies import ALL, STRATEGIES, WHAT_IF, best_seconds
+from hybrid_vae.bench.world import NETWORKS, Exec, Scenario, World
+from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.learned import Learned, job_voxels, learn_path, observe
+from hybrid_vae.policy.model import DecodeSettings
+from hybrid_vae.policy.profiles import Profiles, load_profiles
 
 VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("sd15", "sd15", "float16"), ("sdxl", "sdxl", "float32"), ("sdxl-fp16fix", "sdxl", "float16"),
@@ -168,7 +168,7 @@ def _run_scenarios(chunk: list[Scenario]) -> list[dict[str, Any]]:
 
 def regret_cause(sc: Scenario, profiles: Profiles, best_key: str, cache: dict[tuple[object, ...], Any]) -> str:
     """Why the engine missed the best execution by more than 20% (one of a few fixed causes)."""
-    from bench.strategies import engine_decision
+    from hybrid_vae.bench.strategies import engine_decision
 
     d = engine_decision(sc, profiles, cache=cache)
     fam = profiles.family(sc.family)

@@ -1,6 +1,6 @@
 """Probe + decide overhead per decode (issue: median under 1 ms on a CPU).
 
-Run: ``python -m bench.overhead [--n 2000]``; writes its section of docs/benchmarks.md.
+Run: ``python -m hybrid_vae.bench.overhead [--n 2000]``; writes its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import argparse
 import statistics
 import time
 
-from policy import DecodeJob, DecodeSettings, decide, load_profiles, probe
-from policy.gpu import parse_simulation
+from hybrid_vae.policy import DecodeJob, DecodeSettings, decide, load_profiles, probe
+from hybrid_vae.policy.gpu import parse_simulation
 
 
 def measure(n: int) -> dict[str, dict[str, float]]:
@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     res = measure(args.n)
     lines = ["## Probe + decide overhead", "",
-             f"`python -m bench.overhead --n {args.n}`: simulated card state (the parse of "
+             f"`python -m hybrid_vae.bench.overhead --n {args.n}`: simulated card state (the parse of "
              "`HYBRID_VAE_SIMULATE_GPU`) + `decide()` per decode, and the real `probe()` of this machine.", "",
              "| case | median ms | p95 ms | decide() median ms |", "|---|---|---|---|"]
     for label, r in res.items():
@@ -69,7 +69,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
         write_section("bench/overhead.py", text)
 
 

@@ -45,10 +45,9 @@ def _save(fig: Any, name: str, out: Path) -> Path:
 
 def decision_map(profile_path: str = "", *, family: str = "sdxl", out: Path = IMG) -> Path:
     """One panel per card: image side (square, px) x free memory (GiB) -> the chosen path, remote off."""
+    from hybrid_vae.bench.world import EXTRA_CARDS
+    from hybrid_vae.policy import DecodeJob, DecodeSettings, GpuState, decide, load_profiles
     from matplotlib.colors import ListedColormap
-
-    from bench.world import EXTRA_CARDS
-    from policy import DecodeJob, DecodeSettings, GpuState, decide, load_profiles
 
     plt = _plt()
     profiles = load_profiles(profile_path)
@@ -96,8 +95,8 @@ def decision_map(profile_path: str = "", *, family: str = "sdxl", out: Path = IM
 
 def estimate_vs_measured(profile_path: str = "", *, out: Path = IMG) -> Path:
     """Every measured peak of tests/data against the engine's estimate for that decode."""
-    from bench.world import _data_rows, _mem_ratios
-    from policy import load_profiles
+    from hybrid_vae.bench.world import _data_rows, _mem_ratios
+    from hybrid_vae.policy import load_profiles
 
     plt = _plt()
     profiles = load_profiles(profile_path)
@@ -124,8 +123,8 @@ def estimate_vs_measured(profile_path: str = "", *, out: Path = IMG) -> Path:
 
 def tiled_time(profile_path: str = "", *, out: Path = IMG) -> Path:
     """The H200 tile sweep (seconds by tile size, overlap 0.25 and 0.125) with the world's fitted model."""
-    from bench.world import Card, Exec, Scenario, World, _data_rows
-    from policy import load_profiles
+    from hybrid_vae.bench.world import Card, Exec, Scenario, World, _data_rows
+    from hybrid_vae.policy import load_profiles
 
     plt = _plt()
     profiles = load_profiles(profile_path)
@@ -156,8 +155,8 @@ def tiled_time(profile_path: str = "", *, out: Path = IMG) -> Path:
 
 def remote_formats(*, out: Path = IMG) -> tuple[Path, bool]:
     """Remote decode seconds by format and bandwidth (SDXL 1024x1024, rtt 20 ms). Returns (path, measured?)."""
-    from policy import DecodeJob, NetworkStats, load_profiles
-    from policy.estimate import remote_estimate
+    from hybrid_vae.policy import DecodeJob, NetworkStats, load_profiles
+    from hybrid_vae.policy.estimate import remote_estimate
 
     plt = _plt()
     profiles = load_profiles("")
@@ -185,7 +184,7 @@ def regret_cdf(res: dict[str, Any], *, out: Path = IMG) -> Path:
     """Cumulative distribution of latency regret per strategy; lost images plotted at the right edge."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    from bench.strategies import STRATEGIES
+    from hybrid_vae.bench.strategies import STRATEGIES
 
     edge = 100.0
     for name, (label, _) in STRATEGIES.items():

@@ -1,6 +1,6 @@
 """DecodeQueue: N latents produced and decoded, serial (decode after each generation) vs pipelined.
 
-Run: ``python -m bench.queue_bench [--n 16] [--rounds 3] [--size 512] [--remote-size 512] [--no-remote]``;
+Run: ``python -m hybrid_vae.bench.queue_bench [--n 16] [--rounds 3] [--size 512] [--remote-size 512] [--no-remote]``;
 writes its section of docs/benchmarks.md (``--no-write`` to only print).
 
 Claim checked: with production and decode of similar cost, N latents finish at least 1.8x faster through
@@ -70,7 +70,7 @@ def one_round(decode: Callable[[int], Any], produce: Callable[[float], None], n:
 
     The decode times inside each run are recorded too: when other processes load the CPU they drift from the
     measured cost, and the table shows it."""
-    from extension.queue import DecodeQueue
+    from hybrid_vae.extension.queue import DecodeQueue
 
     box: list[float] = []
     probe = threading.Thread(target=lambda: box.append(_median_cost(decode)))  # on a thread, as the runs decode
@@ -112,9 +112,8 @@ def one_round(decode: Callable[[int], Any], produce: Callable[[float], None], n:
 
 def local_setup(size: int) -> tuple[Callable[[int], Any], str]:
     import torch
-
-    from extension.fixture import build_tiny_vae, load_fixture_vae
-    from extension.orchestrator import HybridDecoder
+    from hybrid_vae.extension.fixture import build_tiny_vae, load_fixture_vae
+    from hybrid_vae.extension.orchestrator import HybridDecoder
 
     vae: Any
     try:
@@ -147,7 +146,7 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("HYBRID_VAE_SIMULATE_GPU", None)
-    proc = subprocess.Popen([sys.executable, "-m", "extension.cli", "serve", "--demo", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid_vae.extension.cli", "serve", "--demo", "--host", "127.0.0.1",
                              "--port", str(port), "--device", "cpu"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.monotonic() + 180
@@ -166,10 +165,9 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
 
 def remote_setup(size: int, base: str) -> tuple[Callable[[int], Any], str]:
     import torch
-
-    from extension.dropin import hybrid_decode
-    from extension.orchestrator import HybridDecoder
-    from extension.remote import RemoteClient
+    from hybrid_vae.extension.dropin import hybrid_decode
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.extension.remote import RemoteClient
 
     lat = size // 8
     latents = [torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(i)) for i in range(8)]
@@ -246,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(md)
     print(text)
     if not args.no_write:
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
 
         print("wrote", write_section(NAME, text))
     return 0

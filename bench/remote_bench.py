@@ -3,8 +3,8 @@
 Runs ``hybrid-vae serve --demo`` (the same app, under uvicorn on 127.0.0.1) in this process and
 decodes with :class:`extension.remote.RemoteClient`, then writes ``docs/remote-benchmarks.md``::
 
-    python -m bench.remote_bench                 # 512 px, 10 decodes per row
-    python -m bench.remote_bench --size 512 --n 16 --produce-s 0.5
+    python -m hybrid_vae.bench.remote_bench                 # 512 px, 10 decodes per row
+    python -m hybrid_vae.bench.remote_bench --size 512 --n 16 --produce-s 0.5
 
 *Serial* is what SD.Next does today: produce a latent, decode it, produce the next. *Pipelined* is
 the seed's queue pattern: the decode of latent i runs (on the server) while the caller produces
@@ -46,8 +46,8 @@ def machine() -> str:
 
 
 def _run(client: Any, url: str, fmt: str, latents: list[Any], *, produce_s: float, pipelined: bool) -> dict[str, Any]:
-    from extension.remote import RemoteResult
-    from policy import DecodeJob, Estimate, Plan, load_profiles
+    from hybrid_vae.extension.remote import RemoteResult
+    from hybrid_vae.policy import DecodeJob, Estimate, Plan, load_profiles
 
     fam = load_profiles().family("sd15")
     h, w = latents[0].shape[2] * 8, latents[0].shape[3] * 8
@@ -85,10 +85,9 @@ def run(*, size: int = 512, n: int = 10, produce_s: float = 0.3, formats: tuple[
         out: Path | None = DEFAULT_OUT) -> list[dict[str, Any]]:
     """Benchmark every format serial and pipelined; write the Markdown report to ``out`` (None: don't)."""
     import torch
-
-    from extension.fixture import FIXTURE_DIR
-    from extension.remote import RemoteClient
-    from server.testing import serve_demo
+    from hybrid_vae.extension.fixture import FIXTURE_DIR
+    from hybrid_vae.extension.remote import RemoteClient
+    from hybrid_vae.server.testing import serve_demo
     gen = torch.Generator().manual_seed(0)
     latents = [torch.randn(1, 4, size // 8, size // 8, generator=gen) for _ in range(n)]
     rows: list[dict[str, Any]] = []
@@ -111,7 +110,7 @@ def run(*, size: int = 512, n: int = 10, produce_s: float = 0.3, formats: tuple[
         out.write_text(text, encoding="utf-8")
         print(f"wrote {out}")
         if out.resolve() == DEFAULT_OUT:  # the table also goes into docs/benchmarks.md
-            from bench.report import write_section
+            from hybrid_vae.bench.report import write_section
 
             body = text.replace("# Remote decode benchmark (loopback)", "## Remote decode: formats, serial vs pipelined",
                                 1)
@@ -123,7 +122,7 @@ def report(rows: list[dict[str, Any]], *, size: int, n: int, produce_s: float, v
     lines = [
         "# Remote decode benchmark (loopback)",
         "",
-        f"Written by `python -m bench.remote_bench --size {size} --n {n} --produce-s {produce_s}` on "
+        f"Written by `python -m hybrid_vae.bench.remote_bench --size {size} --n {n} --produce-s {produce_s}` on "
         f"{datetime.date.today().isoformat()}.",
         "",
         f"- Machine: {machine()}.",

@@ -13,11 +13,11 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench.world import Exec, Scenario, World
-from policy.decide import decide
-from policy.learned import Learned
-from policy.model import Decision, DecodeSettings
-from policy.profiles import Family, Profiles, dtype_bytes
+from hybrid_vae.bench.world import Exec, Scenario, World
+from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.learned import Learned
+from hybrid_vae.policy.model import Decision, DecodeSettings
+from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Tiled vs full decode time (and peak memory on CUDA) at one memory budget; writes docs/benchmarks.md.
 
-Run ``python -m bench.tiled_speed`` (CPU: SD-architecture decoder with random weights -- time does not
+Run ``python -m hybrid_vae.bench.tiled_speed`` (CPU: SD-architecture decoder with random weights -- time does not
 depend on the weights -- 512 px float32, a few minutes on 2 cores) or, on a GPU, the issue's case:
-``python -m bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "NVIDIA H100 80GB HBM3"``.
+``python -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5
+--card "NVIDIA H100 80GB HBM3"``.
 
 For the budget, the engine decides as it would on ``--card`` with that much memory free (its
 estimates, ``policy.decide``), and the benchmark times, each ``--repeat`` times (median):
@@ -65,13 +66,12 @@ def run(*, size: int, dtype: str, budget_gib: float, card: str, device: str, rep
         min_tile_px: int | None = None) -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL
-
-    from extension.executors import run_plan
-    from policy.decide import decide
-    from policy.estimate import peak_bytes
-    from policy.gpu import GiB, GpuState
-    from policy.model import DecodeJob, DecodeSettings
-    from policy.profiles import load_profiles
+    from hybrid_vae.extension.executors import run_plan
+    from hybrid_vae.policy.decide import decide
+    from hybrid_vae.policy.estimate import peak_bytes
+    from hybrid_vae.policy.gpu import GiB, GpuState
+    from hybrid_vae.policy.model import DecodeJob, DecodeSettings
+    from hybrid_vae.policy.profiles import load_profiles
 
     torch.manual_seed(0)
     tdtype = getattr(torch, dtype)
@@ -106,7 +106,7 @@ def run(*, size: int, dtype: str, budget_gib: float, card: str, device: str, rep
         rows.append({"what": f"{label}: {plan.label}", "seconds": s, "peak": pk, "est": plan.estimate.peak_bytes,
                      "psnr": _psnr(out, ref.clamp(-1, 1))})
     if diff_tile is not None:
-        from bench.tiling_quality import _diffusers_tiled
+        from hybrid_vae.bench.tiling_quality import _diffusers_tiled
 
         def diffusers_tiled() -> Any:
             return _diffusers_tiled(vae, z, diff_tile, diff_tile // 4)
@@ -128,7 +128,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['device_name']})", "",
              f"SD-architecture decoder (random weights), {res['budget_gib']:g} GiB free on a simulated "
              f"{res['card']} for the engine's decision (\"{res['reason']}\"); median of {res['repeat']} runs "
-             f"on {res['device_name']} ({res['threads']} threads). Written by `python -m bench.tiled_speed`.", "",
+             f"on {res['device_name']} ({res['threads']} threads). Written by `python -m hybrid_vae.bench.tiled_speed`.", "",
              "| decode | seconds | x full | PSNR vs full dB | peak GiB measured | peak GiB estimated |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(res)
     print(text)
     if not args.no_write:
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
 
         write_section(f"bench/tiled_speed.py {res['device_name']}", text)
     return 0

@@ -1,6 +1,6 @@
 """Tiled vs full decode quality of the engine's tiler on the trained fixture VAE; writes docs/tiling-quality.md.
 
-Run ``python -m bench.tiling_quality [--size 512] [--out docs/tiling-quality.md]``. CPU only, seeded,
+Run ``python -m hybrid_vae.bench.tiling_quality [--size 512] [--out docs/tiling-quality.md]``. CPU only, seeded,
 a few minutes on 2 cores. For each picture it encodes with the fixture VAE, decodes the latent in full
 and then tiled: with the engine's exact tiling at each tile size (``extension/stream.py``: whole-image
 GroupNorm statistics, no overlap), and at every (tile, overlap) pair with the engine's local-GroupNorm
@@ -32,9 +32,8 @@ def _psnr(a: Any, b: Any) -> float:
 def _pictures(size: int) -> list[tuple[str, Any]]:
     import numpy as np
     import torch
+    from hybrid_vae.extension.fixture import fixture_image
     from PIL import Image
-
-    from extension.fixture import fixture_image
 
     out = []
     up = fixture_image("astronaut", 256).resize((size, size), Image.Resampling.LANCZOS)
@@ -66,12 +65,11 @@ def _diffusers_tiled(vae: Any, z: Any, tile: int, overlap: int) -> Any:
 
 def run(size: int, tiles: list[int], overlaps: list[float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import torch
-
-    from extension.executors import run_plan
-    from extension.fixture import load_fixture_vae
-    from policy.model import Estimate, Plan
-    from policy.profiles import load_profiles
-    from policy.tiles import axis_tiles
+    from hybrid_vae.extension.executors import run_plan
+    from hybrid_vae.extension.fixture import load_fixture_vae
+    from hybrid_vae.policy.model import Estimate, Plan
+    from hybrid_vae.policy.profiles import load_profiles
+    from hybrid_vae.policy.tiles import axis_tiles
 
     torch.manual_seed(0)
     vae = load_fixture_vae()
@@ -120,7 +118,7 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [
         "# Tiled vs full decode quality (fixture VAE)",
         "",
-        "Written by `python -m bench.tiling_quality` (do not edit by hand). The trained fixture VAE",
+        "Written by `python -m hybrid_vae.bench.tiling_quality` (do not edit by hand). The trained fixture VAE",
         "(`extension/fixture`, SD1.5-style `AutoencoderKL`, 4 latent channels, 8x, with GroupNorm and",
         "mid-block attention like the real one) encodes each picture; the latent is decoded in full and",
         "tiled. PSNR is against the full decode, over [-1, 1]; max err in 8-bit levels; float32 on CPU.",
@@ -189,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)
     if Path(args.out).resolve() == DEFAULT_OUT:
-        from bench.report import write_section
+        from hybrid_vae.bench.report import write_section
 
         summary = text[text.index("## Summary (all"):].replace("## Summary (all pictures and tiles)",
                                                                "## Tiled vs full decode quality (fixture VAE)", 1)

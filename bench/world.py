@@ -47,11 +47,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from policy.estimate import FORMAT_S_PER_MP, exact_peak_bytes, exact_tiles, latent_frames, peak_bytes, region_peak
-from policy.gpu import GiB, GpuState
-from policy.model import DecodeJob, NetworkStats, Plan
-from policy.profiles import Family, Profiles, dtype_bytes
-from policy.tiles import axis_tiles, diffusers_axis
+from hybrid_vae.policy.estimate import FORMAT_S_PER_MP, exact_peak_bytes, exact_tiles, latent_frames, peak_bytes, region_peak
+from hybrid_vae.policy.gpu import GiB, GpuState
+from hybrid_vae.policy.model import DecodeJob, NetworkStats, Plan
+from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
+from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
 MiB = 1024**2

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 
 # (command, module providing add_parser): a module that is not installed/importable is left out
 COMMANDS: tuple[tuple[str, str], ...] = (
-    ("probe", "extension.cli_engine"),
-    ("explain", "extension.cli_engine"),
-    ("decode", "extension.cli_local"),
-    ("demo", "extension.cli_local"),
-    ("serve", "server.cli"),
-    ("calibrate", "bench.calibrate"),
-    ("bench", "bench.cli"),
+    ("probe", "hybrid_vae.extension.cli_engine"),
+    ("explain", "hybrid_vae.extension.cli_engine"),
+    ("decode", "hybrid_vae.extension.cli_local"),
+    ("demo", "hybrid_vae.extension.cli_local"),
+    ("serve", "hybrid_vae.server.cli"),
+    ("calibrate", "hybrid_vae.bench.calibrate"),
+    ("bench", "hybrid_vae.bench.cli"),
 )
 
 

@@ -7,9 +7,7 @@ import json
 import sys
 from typing import Any
 
-from pydantic import ValidationError
-
-from policy import (
+from hybrid_vae.policy import (
     DecodeJob,
     DecodeSettings,
     GiB,
@@ -22,8 +20,9 @@ from policy import (
     parse_simulation,
     probe,
 )
-from policy.model import Decision, Plan
-from policy.profiles import Profiles
+from hybrid_vae.policy.model import Decision, Plan
+from hybrid_vae.policy.profiles import Profiles
+from pydantic import ValidationError
 
 
 def add_parser(sub: Any) -> None:
@@ -139,7 +138,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         learned_info: dict[str, Any] | None = None
         learned = None
         if getattr(args, "learned", None) is not None:
-            from policy.learned import LearnedStore
+            from hybrid_vae.policy.learned import LearnedStore
 
             store = LearnedStore(args.learned or None)
             learned = store.load()

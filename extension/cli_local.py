@@ -19,14 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from policy.errors import DecodeFailedError, HybridVAEError, LatentError, ProfileError
+from hybrid_vae.policy.errors import DecodeFailedError, HybridVAEError, LatentError, ProfileError
 
 if TYPE_CHECKING:
     import torch
-
-    from extension.orchestrator import DecodeResult, HybridDecoder
-    from policy.model import Decision
-    from policy.profiles import Family
+    from hybrid_vae.extension.orchestrator import DecodeResult, HybridDecoder
+    from hybrid_vae.policy.model import Decision
+    from hybrid_vae.policy.profiles import Family
 
 #: VAE class per family architecture (``Family.architecture``).
 VAE_CLASSES = {"sd": "AutoencoderKL", "hunyuanvideo": "AutoencoderKLHunyuanVideo", "wan": "AutoencoderKLWan"}
@@ -137,10 +136,10 @@ class _Progress:
 
 
 def _decoder(args: argparse.Namespace, **kw: Any) -> HybridDecoder:
-    from extension.cli_engine import simulated_state
-    from extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
-    from policy.model import DecodeSettings
-    from policy.profiles import load_profiles
+    from hybrid_vae.extension.cli_engine import simulated_state
+    from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
+    from hybrid_vae.policy.model import DecodeSettings
+    from hybrid_vae.policy.profiles import load_profiles
 
     state = simulated_state(load_profiles(args.profile), args.gpu, args.total_gib, args.free_gib)
     return HybridDecoder(settings=DecodeSettings(mode=args.mode, tile_groupnorm=args.groupnorm),
@@ -151,7 +150,7 @@ def _decoder(args: argparse.Namespace, **kw: Any) -> HybridDecoder:
 def write_images(result: DecodeResult, out: Path) -> list[Path]:
     """Write the decoded tensor: one PNG per image (``out``, or ``out-<i>.png`` for a batch); a video as
     an animated GIF (``out`` ending in .gif) or PNG frames in the folder ``out``."""
-    from extension.orchestrator import to_pil
+    from hybrid_vae.extension.orchestrator import to_pil
 
     t = result.tensor
     written: list[Path] = []
@@ -181,9 +180,8 @@ def write_images(result: DecodeResult, out: Path) -> list[Path]:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
-
-    from extension.latents import load_latent, validate_latents
-    from policy.profiles import load_profiles
+    from hybrid_vae.extension.latents import load_latent, validate_latents
+    from hybrid_vae.policy.profiles import load_profiles
 
     try:
         latents, meta = load_latent(args.latent)
@@ -199,7 +197,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         validate_latents(latents, fam, family_name=family, height=height, width=width,
                          families=profiles.families)
         if args.fixture:
-            from extension.fixture import load_fixture_vae
+            from hybrid_vae.extension.fixture import load_fixture_vae
 
             vae = load_fixture_vae()
         elif args.vae:
@@ -245,9 +243,8 @@ def _demo_latent(size: int) -> tuple[Any, Any, Any]:
     """(fixture VAE, picture tensor in [-1, 1], normalised latent) for a ``size`` px square picture."""
     import numpy as np
     import torch
+    from hybrid_vae.extension.fixture import fixture_image, load_fixture_vae
     from PIL import Image
-
-    from extension.fixture import fixture_image, load_fixture_vae
 
     torch.manual_seed(0)
     vae: Any = load_fixture_vae()
@@ -287,13 +284,13 @@ def demo_remote_cases(out: Path, vae: Any, z: Any, x: Any, reference: Any, card:
     import functools
 
     try:
-        from server.app import create_app
-        from server.testing import free_port, serve_in_thread
+        from hybrid_vae.server.app import create_app
+        from hybrid_vae.server.testing import free_port, serve_in_thread
     except ImportError as exc:
         return [], f"skipped: {exc.name or exc} missing; pip install -e '.[server]'"
-    from extension.orchestrator import HybridDecoder
-    from extension.remote import RemoteClient
-    from policy.gpu import parse_simulation
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.extension.remote import RemoteClient
+    from hybrid_vae.policy.gpu import parse_simulation
 
     rows: list[dict[str, Any]] = []
     with serve_in_thread(create_app(families={"sd15": vae}, device="cpu")) as base:
@@ -324,11 +321,11 @@ def demo_remote_cases(out: Path, vae: Any, z: Any, x: Any, reference: Any, card:
 
 def cmd_demo(args: argparse.Namespace) -> int:
 
-    from extension.orchestrator import HybridDecoder
-    from policy.decide import decide
-    from policy.gpu import GiB, parse_simulation
-    from policy.model import DecodeJob, DecodeSettings
-    from policy.profiles import load_profiles
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.policy.decide import decide
+    from hybrid_vae.policy.gpu import GiB, parse_simulation
+    from hybrid_vae.policy.model import DecodeJob, DecodeSettings
+    from hybrid_vae.policy.profiles import load_profiles
 
     if not getattr(args, "verbose", False):  # the table says it all; keep per-decode log lines out
         logging.getLogger("hybrid_vae").setLevel(logging.ERROR)

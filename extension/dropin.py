@@ -3,7 +3,7 @@
 Swap the import and keep the call; add the local VAE (or the pipeline) so there is a fallback::
 
     # from diffusers.utils.remote_utils import remote_decode
-    from extension.dropin import hybrid_decode as remote_decode
+    from hybrid_vae.extension.dropin import hybrid_decode as remote_decode
 
     image = remote_decode(endpoint=URL, tensor=latent, scaling_factor=0.18215, vae=pipe.vae)
 
@@ -45,11 +45,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from extension import remote_wire
-from extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
-from policy.errors import PlanError
-from policy.model import DecodeSettings
-from policy.profiles import Profiles, ProfileStore
+from hybrid_vae.extension import remote_wire
+from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
+from hybrid_vae.policy.errors import PlanError
+from hybrid_vae.policy.model import DecodeSettings
+from hybrid_vae.policy.profiles import Profiles, ProfileStore
 
 if TYPE_CHECKING:
     import torch
@@ -265,7 +265,7 @@ def _decoder_for(decoder: HybridDecoder | None, *, settings: DecodeSettings, sto
                  profiles: Profiles | None, latent_dir: str | Path | None, token: str | None,
                  endpoint: str | None) -> tuple[HybridDecoder, Any]:
     """The decoder for this call, and the remote client it made (to close after the call), if any."""
-    from extension.remote import RemoteClient
+    from hybrid_vae.extension.remote import RemoteClient
 
     if decoder is not None:
         dec = copy.copy(decoder)  # never mutate the caller's decoder (it may serve other threads)

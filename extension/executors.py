@@ -31,15 +31,14 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from extension.stream import stream_decode
-from policy.errors import PlanError
-from policy.tiles import axis_tiles, diffusers_axis
+from hybrid_vae.extension.stream import stream_decode
+from hybrid_vae.policy.errors import PlanError
+from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis
 
 if TYPE_CHECKING:
     import torch
-
-    from policy.model import Plan
-    from policy.profiles import Family
+    from hybrid_vae.policy.model import Plan
+    from hybrid_vae.policy.profiles import Family
 
 log = logging.getLogger("hybrid_vae.executors")
 

@@ -22,12 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from policy.errors import LatentError
+from hybrid_vae.policy.errors import LatentError
 
 if TYPE_CHECKING:
     import torch
-
-    from policy.profiles import Family
+    from hybrid_vae.policy.profiles import Family
 
 __all__ = [
     "FORMAT",

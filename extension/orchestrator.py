@@ -2,7 +2,7 @@
 
 ::
 
-    from extension.orchestrator import HybridDecoder
+    from hybrid_vae.extension.orchestrator import HybridDecoder
     dec = HybridDecoder(settings=DecodeSettings(), latent_dir="./hybrid-vae-latents")
     result = dec.decode(latents, vae, family="sdxl")
     result.tensor              # float in [-1, 1], [B, 3, H, W] (video: [B, 3, F, H, W])
@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from extension.executors import ProgressFn, run_plan, vae_device_dtype
-from extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
-from extension.stream import settings_for_vae
-from policy.decide import decide
-from policy.errors import (
+from hybrid_vae.extension.executors import ProgressFn, run_plan, vae_device_dtype
+from hybrid_vae.extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
+from hybrid_vae.extension.stream import settings_for_vae
+from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.errors import (
     DecodeFailedError,
     HybridVAEError,
     LatentError,
@@ -42,12 +42,12 @@ from policy.errors import (
     RemoteStatusError,
     RemoteTimeoutError,
 )
-from policy.gpu import GpuState
-from policy.gpu import format_gib as _gib
-from policy.gpu import probe as probe_gpu
-from policy.learned import LearnedStore
-from policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
-from policy.profiles import Family, ProfileStore
+from hybrid_vae.policy.gpu import GpuState
+from hybrid_vae.policy.gpu import format_gib as _gib
+from hybrid_vae.policy.gpu import probe as probe_gpu
+from hybrid_vae.policy.learned import LearnedStore
+from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
+from hybrid_vae.policy.profiles import Family, ProfileStore
 
 if TYPE_CHECKING:
     import torch

@@ -3,8 +3,8 @@
 The seed's queueing pattern (a worker thread that takes latents from a ``queue.Queue`` and decodes
 them while the main thread keeps generating), made safe::
 
-    from extension.dropin import hybrid_decode
-    from extension.queue import DecodeQueue
+    from hybrid_vae.extension.dropin import hybrid_decode
+    from hybrid_vae.extension.queue import DecodeQueue
 
     with DecodeQueue(functools.partial(hybrid_decode, vae=vae), workers=1, maxsize=4) as q:
         for prompt in prompts:

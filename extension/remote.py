@@ -34,8 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import requests
-
-from extension.remote_wire import (
+from hybrid_vae.extension.remote_wire import (
     Reply,
     error_text,
     has_av,
@@ -50,7 +49,7 @@ from extension.remote_wire import (
     tensor_bytes,
     uint8_to_tensor,
 )
-from policy.errors import (
+from hybrid_vae.policy.errors import (
     CircuitOpenError,
     LatentError,
     RemoteConnectError,
@@ -60,13 +59,12 @@ from policy.errors import (
     RemoteStatusError,
     RemoteTimeoutError,
 )
-from policy.model import NetworkStats
+from hybrid_vae.policy.model import NetworkStats
 
 if TYPE_CHECKING:
     import torch
-
-    from policy.model import DecodeJob, DecodeSettings, Plan
-    from policy.profiles import Family, Profiles
+    from hybrid_vae.policy.model import DecodeJob, DecodeSettings, Plan
+    from hybrid_vae.policy.profiles import Family, Profiles
 
 log = logging.getLogger("hybrid_vae.remote")
 

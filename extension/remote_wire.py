@@ -19,7 +19,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from policy.errors import LatentError, RemoteProtocolError
+from hybrid_vae.policy.errors import LatentError, RemoteProtocolError
 
 if TYPE_CHECKING:
     import torch

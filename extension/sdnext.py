@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from extension.sdnext_decode import INFOTEXT_KEY, DecodePaths
-from extension.sdnext_ui import accordion_ui, detect_custom, detect_family, from_vae_space, register_settings
-from policy.model import Plan
-from policy.profiles import ProfileStore
+from hybrid_vae.extension.sdnext_decode import INFOTEXT_KEY, DecodePaths
+from hybrid_vae.extension.sdnext_ui import accordion_ui, detect_custom, detect_family, from_vae_space, register_settings
+from hybrid_vae.policy.model import Plan
+from hybrid_vae.policy.profiles import ProfileStore
 
 log = logging.getLogger("hybrid_vae.sdnext")
 
@@ -73,14 +72,7 @@ class Runtime(DecodePaths):
         self._wrapped: list[tuple[weakref.ref[Any], Callable[..., Any]]] = []
         self._remote: Any = None
         self._remote_key: tuple[Any, ...] | None = None
-        self.ext_dir: str | None = None
         self._warned: set[str] = set()
-
-    def ensure_path(self, *_: Any) -> None:
-        """Put the extension folder on ``sys.path`` for good. SD.Next gives each script a new ``sys.path`` list
-        while it loads and restores the old list afterwards, so this is done again from later callbacks."""
-        if self.ext_dir and self.ext_dir not in sys.path:
-            sys.path.append(self.ext_dir)
 
     # ---- hooks -----------------------------------------------------------------------------------
     def install(self) -> bool:
@@ -178,7 +170,6 @@ class Runtime(DecodePaths):
                 self._gen = None
 
     def before_process(self, p: Any) -> None:
-        self.ensure_path()
         self.begin_generation(p)
         from modules import shared
 
@@ -188,7 +179,6 @@ class Runtime(DecodePaths):
         self.end_generation(p)
 
     def model_loaded(self, sd_model: Any) -> None:
-        self.ensure_path()
         self.wrap_pipeline_vae(sd_model)
 
 
@@ -208,12 +198,11 @@ def current_runtime() -> Runtime | None:
     return rt if isinstance(rt, Runtime) and rt.active else None
 
 
-def setup(*, ext_dir: str | None = None, before_plan: Callable[[Plan], None] | None = None) -> Runtime | None:
+def setup(*, before_plan: Callable[[Plan], None] | None = None) -> Runtime | None:
     """Install the hooks (once) and register settings and callbacks; None (SD.Next untouched) when a
     required package is missing.
 
     Args:
-        ext_dir (`str | None`): the extension folder, kept on ``sys.path`` (see :meth:`Runtime.ensure_path`).
         before_plan: fault injection for tests (see :class:`Runtime`).
     """
     from modules import processing_vae, script_callbacks
@@ -233,9 +222,7 @@ def setup(*, ext_dir: str | None = None, before_plan: Callable[[Plan], None] | N
         rt.install()
     elif before_plan is not None:
         rt.before_plan = before_plan
-    rt.ext_dir = ext_dir or rt.ext_dir
     script_callbacks.on_ui_settings(register_settings)
-    script_callbacks.on_ui_settings(rt.ensure_path)
     script_callbacks.on_script_unloaded(rt.uninstall)
     script_callbacks.on_before_process(rt.before_process)
     script_callbacks.on_after_process(rt.after_process)

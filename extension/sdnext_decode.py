@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from extension.orchestrator import DecodeReport, DecodeResult, HybridDecoder
-from extension.sdnext_ui import (
+from hybrid_vae.extension.orchestrator import DecodeReport, DecodeResult, HybridDecoder
+from hybrid_vae.extension.sdnext_ui import (
     Config,
     detect_custom,
     detect_family,
@@ -31,9 +31,9 @@ from extension.sdnext_ui import (
     resolve_settings,
     token_endpoints,
 )
-from policy.errors import DecodeFailedError, LatentError
-from policy.model import Decision, DecodeSettings, Plan
-from policy.profiles import Family, Profiles, ProfileStore
+from hybrid_vae.policy.errors import DecodeFailedError, LatentError
+from hybrid_vae.policy.model import Decision, DecodeSettings, Plan
+from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.sdnext")
 
@@ -121,7 +121,7 @@ class DecodePaths:
 
     def _remote_client(self, cfg: Config, profiles: Profiles) -> tuple[Any, str | None]:
         try:
-            from extension.remote import RemoteClient
+            from hybrid_vae.extension.remote import RemoteClient
         except ImportError as exc:
             return None, f"remote decode needs {exc.name} (pip install {exc.name})"
         urls = list(cfg.endpoints.values()) + [e.url for f in profiles.families.values() for e in f.endpoints]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from extension.latents import from_vae_space
-from policy.errors import ProfileError
-from policy.model import DecodeSettings, MiB
-from policy.profiles import Family, Profiles
+from hybrid_vae.extension.latents import from_vae_space
+from hybrid_vae.policy.errors import ProfileError
+from hybrid_vae.policy.model import DecodeSettings, MiB
+from hybrid_vae.policy.profiles import Family, Profiles
 
 log = logging.getLogger("hybrid_vae.sdnext")
 

@@ -31,14 +31,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from policy.errors import PlanError
-from policy.tiles import axis_tiles
+from hybrid_vae.policy.errors import PlanError
+from hybrid_vae.policy.tiles import axis_tiles
 
 if TYPE_CHECKING:
     import torch
-
-    from policy.model import DecodeSettings
-    from policy.profiles import Family
+    from hybrid_vae.policy.model import DecodeSettings
+    from hybrid_vae.policy.profiles import Family
 
 log = logging.getLogger("hybrid_vae.stream")
 

@@ -2,13 +2,13 @@
 
 Inputs in, frozen decision out::
 
-    from policy import DecodeJob, DecodeSettings, decide, load_profiles, probe
+    from hybrid_vae.policy import DecodeJob, DecodeSettings, decide, load_profiles, probe
     decision = decide(DecodeJob("sdxl", 1024, 1024), probe(), load_profiles(), DecodeSettings())
     decision.chosen.path      # "full" | "tiled" | "remote" | "cpu"
 """
 
-from policy.decide import decide, endpoint_for
-from policy.errors import (
+from hybrid_vae.policy.decide import decide, endpoint_for
+from hybrid_vae.policy.errors import (
     CircuitOpenError,
     DecodeFailedError,
     HybridVAEError,
@@ -22,9 +22,9 @@ from policy.errors import (
     RemoteStatusError,
     RemoteTimeoutError,
 )
-from policy.gpu import ENV_SIMULATE, GiB, GpuState, parse_simulation, probe
-from policy.model import Decision, DecodeJob, DecodeSettings, Estimate, NetworkStats, Option, Plan
-from policy.profiles import ENV_PROFILE, Family, Profiles, ProfileStore, load_profiles
+from hybrid_vae.policy.gpu import ENV_SIMULATE, GiB, GpuState, parse_simulation, probe
+from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, Estimate, NetworkStats, Option, Plan
+from hybrid_vae.policy.profiles import ENV_PROFILE, Family, Profiles, ProfileStore, load_profiles
 
 __all__ = [
     "ENV_PROFILE",

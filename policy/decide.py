@@ -27,8 +27,8 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from policy.errors import ProfileError
-from policy.estimate import (
+from hybrid_vae.policy.errors import ProfileError
+from hybrid_vae.policy.estimate import (
     SpeedModel,
     check_job,
     cpu_seconds,
@@ -42,10 +42,10 @@ from policy.estimate import (
     remote_estimate,
     spatial_tiles,
 )
-from policy.gpu import GpuState
-from policy.gpu import format_gib as _gib
-from policy.learned import Learned, job_voxels, learn_path
-from policy.model import (
+from hybrid_vae.policy.gpu import GpuState
+from hybrid_vae.policy.gpu import format_gib as _gib
+from hybrid_vae.policy.learned import Learned, job_voxels, learn_path
+from hybrid_vae.policy.model import (
     Decision,
     DecodeJob,
     DecodeSettings,
@@ -56,7 +56,7 @@ from policy.model import (
     Plan,
     ResponseFormat,
 )
-from policy.profiles import Family, Profiles, dtype_bytes
+from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
 
 LOSSY = frozenset({"jpg", "mp4"})
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from policy.errors import LatentError
-from policy.model import DecodeJob, DecodeSettings, Estimate, NetworkStats, ResponseFormat
-from policy.profiles import Dtype, Family, GpuProfile, GpuRow, dtype_bytes
-from policy.tiles import axis_tiles, diffusers_axis, temporal_chunks
+from hybrid_vae.policy.errors import LatentError
+from hybrid_vae.policy.model import DecodeJob, DecodeSettings, Estimate, NetworkStats, ResponseFormat
+from hybrid_vae.policy.profiles import Dtype, Family, GpuProfile, GpuRow, dtype_bytes
+from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis, temporal_chunks
 
 H200_SD15_1MP_S = 0.0885  # full decode, 1024x1024 fp16, H200 (shared/data)
 CPU_SECONDS_PER_VOXEL = 4e-5  # float32 SD decoder on a few CPU cores (assumed; calibrate to refine)

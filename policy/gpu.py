@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Literal
 
-from policy.errors import ProfileError
+from hybrid_vae.policy.errors import ProfileError
 
 log = logging.getLogger("hybrid_vae")
 

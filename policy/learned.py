@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from policy.model import Decision, DecodeJob, Plan
+    from hybrid_vae.policy.model import Decision, DecodeJob, Plan
 
 log = logging.getLogger("hybrid_vae.learned")
 

@@ -6,10 +6,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from hybrid_vae.policy.gpu import GiB, GpuState
+from hybrid_vae.policy.profiles import Dtype
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from policy.gpu import GiB, GpuState
-from policy.profiles import Dtype
 
 Path_ = Literal["full", "tiled", "remote", "cpu"]
 Mode = Literal["auto", "full", "tiled", "remote"]

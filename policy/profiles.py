@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from hybrid_vae.policy.errors import ProfileError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from policy.errors import ProfileError
 
 ENV_PROFILE = "HYBRID_VAE_PROFILE"
 DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}

@@ -1,12 +1,15 @@
 """SD.Next entry point of hybrid-vae (thin: the work is in ``extension/sdnext.py``).
 
 SD.Next executes this file with the extension folder on ``sys.path`` only while it runs (a new list,
-swapped back afterwards) and does not keep it in ``sys.modules``: the engine's packages are imported
-here, and ``setup`` puts the folder back on ``sys.path`` from SD.Next's later callbacks.
+swapped back afterwards) and does not keep it in ``sys.modules``. The extension folder is registered as the
+package ``hybrid_vae`` (its root ``__init__.py``) in ``sys.modules``, so every later import of
+``hybrid_vae.*`` resolves here, and nothing of ours (``server``, ``policy``, ...) is put on ``sys.path``
+where it could shadow another extension's modules or be shadowed by them.
 A missing dependency (install.py is skipped by quick launches) logs one error naming the package and
 leaves SD.Next's decode untouched.
 """
 
+import importlib.util
 import logging
 import os
 import sys
@@ -14,12 +17,24 @@ import sys
 import modules.scripts as scripts
 
 _EXT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _EXT_DIR not in sys.path:
-    sys.path.append(_EXT_DIR)
+
+
+def _register_package(root: str) -> None:
+    """Make ``import hybrid_vae`` mean this extension folder (unless a ``hybrid_vae`` is imported already)."""
+    if "hybrid_vae" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("hybrid_vae", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hybrid_vae"] = module
+    spec.loader.exec_module(module)
+
+
+_register_package(_EXT_DIR)
 _PIP_NAMES = {"yaml": "PyYAML", "pynvml": "nvidia-ml-py"}
 
 try:
-    from extension import sdnext
+    from hybrid_vae.extension import sdnext
 except ImportError as _exc:  # a dependency of the engine is missing
     sdnext = None
     _name = (getattr(_exc, "name", None) or str(_exc)).split(".")[0]
@@ -30,7 +45,7 @@ except ImportError as _exc:  # a dependency of the engine is missing
         "SD.Next decodes as before.", _pip, _exc, _pip)
 else:
     try:
-        sdnext.setup(ext_dir=_EXT_DIR)
+        sdnext.setup()
     except Exception:  # SD.Next must keep working whatever happens here
         logging.getLogger("hybrid_vae").exception("hybrid-vae: setup failed; SD.Next decodes as before")
 

@@ -20,17 +20,16 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from hybrid_vae.policy.errors import LatentError
+from hybrid_vae.policy.gpu import GpuState
+from hybrid_vae.policy.profiles import Profiles, load_profiles
+from hybrid_vae.server.protocol import BadRequest, DecodeRequest, encode_output, latent_from_body, normalise, parse_request
+from hybrid_vae.server.service import DecodeService, ServedVAE, VaeOrLoader
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-from policy.errors import LatentError
-from policy.gpu import GpuState
-from policy.profiles import Profiles, load_profiles
-from server.protocol import BadRequest, DecodeRequest, encode_output, latent_from_body, normalise, parse_request
-from server.service import DecodeService, ServedVAE, VaeOrLoader
 
 log = logging.getLogger("hybrid_vae.server")
 
@@ -98,7 +97,7 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), secret)
 
     def prepare(body: bytes, req: DecodeRequest, s: ServedVAE) -> Any:
-        from extension.latents import validate_latents
+        from hybrid_vae.extension.latents import validate_latents
 
         z = latent_from_body(body, req)
         validate_latents(z, s.family, family_name=s.name, height=req.height if req.packed else None,

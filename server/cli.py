@@ -86,8 +86,7 @@ def load_vae(family_name: str, source: str, *, device: str, dtype: str = "auto",
     VAE's config forces an upcast, else the family's default dtype).
     """
     import torch
-
-    from policy.profiles import load_profiles
+    from hybrid_vae.policy.profiles import load_profiles
 
     fam = load_profiles(profile).family(family_name)
     cls = vae_class(fam.architecture)
@@ -115,7 +114,7 @@ def load_vae(family_name: str, source: str, *, device: str, dtype: str = "auto",
 
 def demo_families() -> dict[str, Any]:
     """Loaders for ``--demo``: the trained fixture as sd15, tiny random-weight VAEs for the others."""
-    from extension.fixture import build_tiny_vae, load_fixture_vae
+    from hybrid_vae.extension.fixture import build_tiny_vae, load_fixture_vae
 
     def sd15() -> Any:
         try:
@@ -140,8 +139,8 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for flag, value, lo, hi in limits:
         if not lo <= value <= hi:
             raise ValueError(f"{flag} {value}: give a value between {lo:g} and {hi:g}")
-    from policy.errors import ProfileError
-    from policy.profiles import load_profiles
+    from hybrid_vae.policy.errors import ProfileError
+    from hybrid_vae.policy.profiles import load_profiles
 
     try:
         known = load_profiles(args.profile).families
@@ -158,8 +157,8 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_app(config: dict[str, Any], token: str | None) -> Any:
     """The Starlette app for a serve configuration (also used by each uvicorn worker)."""
-    from policy.profiles import load_profiles
-    from server.app import create_app, default_device
+    from hybrid_vae.policy.profiles import load_profiles
+    from hybrid_vae.server.app import create_app, default_device
 
     device = config.get("device") or default_device()
     families: dict[str, Any] = demo_families() if config.get("demo") else {}
@@ -205,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[ENV_CONFIG] = json.dumps(config)
         if token:
             os.environ[ENV_TOKEN] = token
-        uvicorn.run("server.cli:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+        uvicorn.run("hybrid_vae.server.cli:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
                     log_level="info")
         return 0
     try:

@@ -24,9 +24,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from policy.profiles import load_profiles
-from server.protocol import BadRequest, encode_output, latent_from_body, normalise, parse_request, to_uint8
-from server.service import DecodeService, ServedVAE
+from hybrid_vae.policy.profiles import load_profiles
+from hybrid_vae.server.protocol import BadRequest, encode_output, latent_from_body, normalise, parse_request, to_uint8
+from hybrid_vae.server.service import DecodeService, ServedVAE
 
 ENV_FAMILY = "HYBRID_VAE_FAMILY"
 
@@ -77,8 +77,8 @@ class EndpointHandler:
 
     def __init__(self, path: str = "", *, family: str | None = None, device: str | None = None,
                  max_output_pixels: int = 2**27) -> None:
-        from server.app import default_device
-        from server.cli import load_vae
+        from hybrid_vae.server.app import default_device
+        from hybrid_vae.server.cli import load_vae
 
         self.family = family or os.environ.get(ENV_FAMILY) or detect_family(path or ".")
         self.device = device or default_device()

@@ -27,13 +27,12 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from extension import remote_wire
-from policy.profiles import DTYPE_BYTES
+from hybrid_vae.extension import remote_wire
+from hybrid_vae.policy.profiles import DTYPE_BYTES
 
 if TYPE_CHECKING:
     import torch
-
-    from policy.profiles import Family
+    from hybrid_vae.policy.profiles import Family
 
 OUTPUT_TYPES = ("pil", "pt", "mp4")
 MAX_DIM = 1 << 20
@@ -227,8 +226,7 @@ def normalise(z: torch.Tensor, req: DecodeRequest, *, family: Family, vae_config
     """Latents -> VAE space, float32. ``scaling_factor``/``shift_factor`` from the request win;
     ``do_scaling`` (legacy) applies the model's own normalisation; neither: already scaled."""
     import torch
-
-    from extension.latents import to_vae_space, unpack_flux
+    from hybrid_vae.extension.latents import to_vae_space, unpack_flux
 
     z = z.float()
     if req.packed:

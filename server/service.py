@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from policy.decide import decide
-from policy.gpu import GiB, GpuState, probe
-from policy.model import DecodeJob, DecodeSettings, Plan
-from policy.profiles import Family, Profiles
-from server.protocol import BadRequest, DecodeRequest
+from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.gpu import GiB, GpuState, probe
+from hybrid_vae.policy.model import DecodeJob, DecodeSettings, Plan
+from hybrid_vae.policy.profiles import Family, Profiles
+from hybrid_vae.server.protocol import BadRequest, DecodeRequest
 
 if TYPE_CHECKING:
     import torch
@@ -169,7 +169,7 @@ class DecodeService:
         gpu = self.gpu()
         if not gpu.is_accelerator:
             return
-        from policy.errors import HybridVAEError
+        from hybrid_vae.policy.errors import HybridVAEError
 
         try:
             d = decide(self._job(served, req.batch, req.frames, req.height, req.width), gpu, self.profiles,
@@ -292,9 +292,9 @@ class DecodeService:
         Raises:
             BadRequest: 503 (with Retry-After) when no plan fits the device now; 422 when it never can.
         """
-        from extension.executors import run_plan
-        from extension.orchestrator import is_oom
-        from extension.stream import settings_for_vae
+        from hybrid_vae.extension.executors import run_plan
+        from hybrid_vae.extension.orchestrator import is_oom
+        from hybrid_vae.extension.stream import settings_for_vae
 
         vae = served.get()
         b = int(z.shape[0])

@@ -26,7 +26,7 @@ DEMO_CONFIG: dict[str, Any] = {"families": {}, "demo": True, "device": "cpu", "m
 @contextlib.contextmanager
 def serve_demo() -> Iterator[str]:
     """The demo server (:data:`DEMO_CONFIG`) on loopback; yields its base URL."""
-    from server.cli import build_app
+    from hybrid_vae.server.cli import build_app
 
     with serve_in_thread(build_app(dict(DEMO_CONFIG), None)) as base:
         yield base

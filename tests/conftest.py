@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
-from server.testing import serve_demo
+from hybrid_vae.server.testing import serve_demo
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
-from bench import matrix
-from bench.strategies import (
+from hybrid_vae.bench import matrix
+from hybrid_vae.bench.strategies import (
     ALL,
     STRATEGIES,
     always_full,
@@ -24,8 +23,8 @@ from bench.strategies import (
     tiled_vae,
     tiledvae_tile,
 )
-from bench.world import NETWORKS, Card, Exec, Scenario, World, _data_rows, comfy_axis, tiledvae_axis
-from policy import DecodeSettings, decide, load_profiles
+from hybrid_vae.bench.world import NETWORKS, Card, Exec, Scenario, World, _data_rows, comfy_axis, tiledvae_axis
+from hybrid_vae.policy import DecodeSettings, decide, load_profiles
 
 P = load_profiles("")
 EXE = shutil.which("hybrid-vae") or os.path.join(os.path.dirname(sys.executable), "hybrid-vae")
@@ -244,7 +243,7 @@ def test_cli_gpu_skips_without_cuda():
 def test_gpu_runner_plumbing_on_cpu(tmp_path):
     """The --gpu runner end to end with tiny VAEs on the CPU (no memory cap, no peaks): plans run through
     HybridDecoder, diffusers' default decode runs beside it, records and summary are complete."""
-    from bench.cli import gpu_markdown, run_gpu, summarise_gpu, tiny_cases
+    from hybrid_vae.bench.cli import gpu_markdown, run_gpu, summarise_gpu, tiny_cases
 
     seen = []
     res = run_gpu(tiny_cases(), device="cpu", latent_dir=tmp_path, on_record=seen.append)
@@ -261,7 +260,7 @@ def test_gpu_runner_plumbing_on_cpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 def test_gpu_bench_real(tmp_path):
-    from bench.cli import gpu_cases, run_gpu
+    from hybrid_vae.bench.cli import gpu_cases, run_gpu
 
     res = run_gpu(gpu_cases()[:6], device="cuda", latent_dir=tmp_path)
     s = res["summary"]
@@ -271,7 +270,7 @@ def test_gpu_bench_real(tmp_path):
 
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from bench import plots
+    from hybrid_vae.bench import plots
 
     made = [plots.estimate_vs_measured(out=tmp_path), plots.tiled_time(out=tmp_path), plots.remote_formats(out=tmp_path)[0]]
     assert all(p.is_file() and p.stat().st_size > 10_000 for p in made)
@@ -281,8 +280,8 @@ def test_plots(tmp_path):
 def test_tiled_speed_benchmark_times_every_kind_at_one_budget():
     """bench/tiled_speed.py on a small image: the engine's exact choice equals the full decode, the local
     alternative and diffusers' tiling run under the same budget, and the table says what ran."""
-    from bench.tiled_speed import markdown
-    from bench.tiled_speed import run as run_speed
+    from hybrid_vae.bench.tiled_speed import markdown
+    from hybrid_vae.bench.tiled_speed import run as run_speed
 
     res = run_speed(size=256, dtype="float32", budget_gib=0.3, card="NVIDIA GeForce RTX 3070", device="cpu",
                     repeat=1, min_tile_px=64)
@@ -298,7 +297,7 @@ def test_tiled_speed_benchmark_times_every_kind_at_one_budget():
 def test_exact_tiling_peak_measured_on_the_cpu_stays_under_the_estimate():
     """PyTorch's own allocation count during an exact-tiled decode (SD-width decoder, 128 px) lies under
     the engine's estimate (analytic x exact_margin) and above the bare analytic figure's 90%."""
-    from bench.exact_memory import run as run_mem
+    from hybrid_vae.bench.exact_memory import run as run_mem
 
     rows = run_mem([128], [32, 64])
     fam = P.family("sd15")
@@ -320,7 +319,7 @@ def test_gpu_session_script_commands_exist():
     for sh in (script, script.with_name("gpu_wheels.sh")):
         assert subprocess.run(["bash", "-n", str(sh)], capture_output=True).returncode == 0, sh
     calls = re.findall(r"\$PY -m (\S+)(?: (\w+))?", script.read_text())
-    assert {m for m, _ in calls} >= {"bench.tiled_speed", "bench.cli", "extension.cli"}
+    assert {m for m, _ in calls} >= {"hybrid_vae.bench.tiled_speed", "hybrid_vae.bench.cli", "hybrid_vae.extension.cli"}
     for module, sub in calls:
         if module == "pip":
             continue

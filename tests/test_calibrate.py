@@ -10,10 +10,9 @@ import sys
 
 import pytest
 import yaml
-
-from bench.calibrate import Measurement, profile_dict, write_profile
-from policy import ProfileError, load_profiles
-from policy.learned import Learned, LearnedStore, observe
+from hybrid_vae.bench.calibrate import Measurement, profile_dict, write_profile
+from hybrid_vae.policy import ProfileError, load_profiles
+from hybrid_vae.policy.learned import Learned, LearnedStore, observe
 
 EXE = shutil.which("hybrid-vae") or os.path.join(os.path.dirname(sys.executable), "hybrid-vae")
 CARD = "NVIDIA H100 80GB HBM3"  # not a built-in profile

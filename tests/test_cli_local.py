@@ -11,12 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hybrid_vae.extension.fixture import build_tiny_vae, load_fixture_vae
+from hybrid_vae.extension.latents import save_latent
+from hybrid_vae.extension.orchestrator import HybridDecoder
+from hybrid_vae.policy import DecodeFailedError, load_profiles, parse_simulation
 from PIL import Image
-
-from extension.fixture import build_tiny_vae, load_fixture_vae
-from extension.latents import save_latent
-from extension.orchestrator import HybridDecoder
-from policy import DecodeFailedError, load_profiles, parse_simulation
 
 EXE = shutil.which("hybrid-vae") or os.path.join(os.path.dirname(sys.executable), "hybrid-vae")
 
@@ -127,9 +126,8 @@ def test_decode_video_with_a_vae_folder_writes_a_gif(tmp_path):
 
 
 def test_decode_errors_are_clear(tmp_path, capsys, monkeypatch):
+    from hybrid_vae.extension.cli import main
     from safetensors.torch import save_file
-
-    from extension.cli import main
 
     monkeypatch.delenv("HYBRID_VAE_SIMULATE_GPU", raising=False)
     bare = tmp_path / "bare.safetensors"

@@ -15,10 +15,9 @@ from types import ModuleType
 
 import pytest
 import torch
-
-from extension.fixture import build_tiny_vae, load_fixture_vae
-from policy import DecodeJob, DecodeSettings, decide, load_profiles, parse_simulation
-from server.testing import free_port, serve_demo
+from hybrid_vae.extension.fixture import build_tiny_vae, load_fixture_vae
+from hybrid_vae.policy import DecodeJob, DecodeSettings, decide, load_profiles, parse_simulation
+from hybrid_vae.server.testing import free_port, serve_demo
 
 REPO = Path(__file__).resolve().parents[1]
 STUB = REPO / "tests" / "comfy_stub"
@@ -32,7 +31,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Module
     os.environ["COMFY_STUB_OUTPUT"] = str(out)
     sys.path.insert(0, str(STUB))
     custom_nodes = tmp_path_factory.mktemp("custom_nodes")
-    link = custom_nodes / "hybrid_vae"
+    link = custom_nodes / "hybrid_vae_node"
     link.symlink_to(REPO / "extension" / "comfyui", target_is_directory=True)
     try:
         import comfy.model_management
@@ -90,25 +89,28 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__
                     and "editable" not in getattr(type(f), "__module__", "")]
 sys.path[:] = [p for p in sys.path if p not in ("", {repo!r})]
 try:
-    import policy
+    from hybrid_vae import policy
     raise SystemExit("the engine is importable before the node package runs: the test proves nothing")
 except ImportError:
     pass
 sys.path.insert(0, {stub!r})
 import loader
 pack = loader.load_custom_node({link!r})
-assert {repo!r} in sys.path and sys.path[-1] == {repo!r}, sys.path[-3:]
+assert {repo!r} not in sys.path, sys.path[-3:]
+assert sys.modules["hybrid_vae"].__path__ == [{repo!r}], sys.modules["hybrid_vae"].__path__
+assert not {{"server", "policy", "extension", "bench", "profiles"}} & set(sys.modules), "a generic top-level module was imported"
 assert "server" not in sys.modules, "the node imported a top-level 'server' (ComfyUI has its own)"
 print("OK", sorted(pack.NODE_CLASS_MAPPINGS))
 """
 
 
 def test_loads_in_a_fresh_comfyui_like_interpreter_without_the_repo_on_sys_path(tmp_path: Path) -> None:
-    """Only the symlink leads to the engine: the package appends the repository root to sys.path itself,
-    and never imports a top-level ``server`` module (ComfyUI's own ``server`` must not be shadowed)."""
+    """Only the symlink leads to the engine: the package registers the repository root as ``hybrid_vae``
+    itself, puts nothing on sys.path, and imports no generic top-level module (ComfyUI's own ``server``
+    must not be shadowed)."""
     import subprocess
 
-    link = tmp_path / "custom_nodes" / "hybrid_vae"
+    link = tmp_path / "custom_nodes" / "hybrid_vae_node"
     link.parent.mkdir()
     link.symlink_to(REPO / "extension" / "comfyui", target_is_directory=True)
     code = _FRESH_LOAD.format(repo=str(REPO), stub=str(STUB), link=str(link))
@@ -205,9 +207,8 @@ def test_low_vram_simulated_runs_comfyuis_decode_tiled_for_other_vaes(
 def test_video_tiles_and_frame_chunks_reach_comfyuis_decode_tiled(comfy: dict) -> None:
     """The executors' video tiling attributes become decode_tiled's tile_x/tile_y/overlap/tile_t/overlap_t."""
     from comfy.ldm.hunyuan_video.vae import VideoVAE
-
-    from extension.executors import run_plan
-    from policy import Estimate, Plan
+    from hybrid_vae.extension.executors import run_plan
+    from hybrid_vae.policy import Estimate, Plan
 
     pack_nodes = sys.modules[comfy["pack"].__name__ + ".nodes"]
     vae = comfy["sd"].VAE(VideoVAE(build_tiny_vae("hunyuanvideo")), latent_channels=16, video=True)
@@ -282,7 +283,7 @@ def test_flux_and_a_vae_without_a_family(comfy: dict) -> None:
 
 
 def test_every_plan_failing_saves_the_latent_in_comfyuis_output(comfy: dict, sd15_weights: torch.nn.Module) -> None:
-    from policy import DecodeFailedError
+    from hybrid_vae.policy import DecodeFailedError
 
     vae = _comfy_vae(comfy, sd15_weights)
 

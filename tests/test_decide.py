@@ -5,12 +5,21 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hybrid_vae.policy import (
+    DecodeJob,
+    DecodeSettings,
+    GiB,
+    GpuState,
+    LatentError,
+    NetworkStats,
+    ProfileError,
+    decide,
+    load_profiles,
+)
+from hybrid_vae.policy.decide import _actual_tile
+from hybrid_vae.policy.estimate import peak_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from policy import DecodeJob, DecodeSettings, GiB, GpuState, LatentError, NetworkStats, ProfileError, decide, load_profiles
-from policy.decide import _actual_tile
-from policy.estimate import peak_bytes
 
 P = load_profiles("")
 CARDS = [g.name for g in P.gpus] + ["Some Unprofiled GPU"]

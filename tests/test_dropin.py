@@ -19,16 +19,15 @@ from diffusers import DDIMScheduler, DiTPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.remote_utils import remote_decode
 from diffusers.video_processor import VideoProcessor
+from hybrid_vae.extension.dropin import hybrid_decode, infer_family
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.extension.latents import load_latent
+from hybrid_vae.extension.orchestrator import DecodeReport, HybridDecoder
+from hybrid_vae.extension.remote import RemoteClient
+from hybrid_vae.policy import DecodeFailedError, DecodeSettings, load_profiles
+from hybrid_vae.server.cli import demo_families
+from hybrid_vae.server.testing import free_port
 from PIL import Image
-
-from extension.dropin import hybrid_decode, infer_family
-from extension.fixture import build_tiny_vae
-from extension.latents import load_latent
-from extension.orchestrator import DecodeReport, HybridDecoder
-from extension.remote import RemoteClient
-from policy import DecodeFailedError, DecodeSettings, load_profiles
-from server.cli import demo_families
-from server.testing import free_port
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +144,7 @@ def test_queueing_with_decode_queue_and_local_fallback(local: dict[str, torch.nn
     """The same pattern on DecodeQueue: the endpoint is down, every image still comes back, in order."""
     import functools
 
-    from extension.queue import DecodeQueue
+    from hybrid_vae.extension.queue import DecodeQueue
 
     client = HybridDecoder(remote=RemoteClient(max_retries=0, failure_threshold=2))
     decode = functools.partial(hybrid_decode, endpoint=down_url, scaling_factor=0.18215, vae=local["sd15"],

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from policy import DecodeJob, load_profiles
-from policy.estimate import peak_bytes
+from hybrid_vae.policy import DecodeJob, load_profiles
+from hybrid_vae.policy.estimate import peak_bytes
 
 DATA = Path(__file__).parent / "data"
 PROFILES = load_profiles("")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hybrid_vae.extension.executors import blend_weights, is_kl_like, run_plan, run_settings
+from hybrid_vae.extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
+from hybrid_vae.policy import PlanError, load_profiles
+from hybrid_vae.policy.model import Estimate, Plan
+from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from extension.executors import blend_weights, is_kl_like, run_plan, run_settings
-from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
-from policy import PlanError, load_profiles
-from policy.model import Estimate, Plan
-from policy.tiles import axis_tiles, diffusers_axis
 
 EST = Estimate(peak_bytes=0, seconds=0.0, peak_source="test", seconds_source="test")
 

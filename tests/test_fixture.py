@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from extension import fixture  # noqa: E402
-from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae  # noqa: E402
+from hybrid_vae.extension import fixture  # noqa: E402
+from hybrid_vae.extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae  # noqa: E402
 
 #: Achieved PSNR on the held-out 256 px astronaut (see extension/fixture/weights/training_log.txt)
 #: minus 2 dB, rounded down.

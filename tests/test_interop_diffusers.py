@@ -19,10 +19,9 @@ import requests
 import torch
 from diffusers.utils.remote_utils import remote_decode
 from diffusers.video_processor import VideoProcessor
+from hybrid_vae.server.cli import demo_families
+from hybrid_vae.server.testing import free_port
 from PIL import Image
-
-from server.cli import demo_families
-from server.testing import free_port
 
 SD15 = 0.18215
 
@@ -119,7 +118,7 @@ def test_real_serve_command(tmp_path: Path) -> None:
     port = free_port()
     exe = Path(sys.executable).with_name("hybrid-vae")
     cmd = [str(exe), "serve", "--demo", "--device", "cpu", "--port", str(port)] if exe.exists() else \
-        [sys.executable, "-m", "extension.cli", "serve", "--demo", "--device", "cpu", "--port", str(port)]
+        [sys.executable, "-m", "hybrid_vae.extension.cli", "serve", "--demo", "--device", "cpu", "--port", str(port)]
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

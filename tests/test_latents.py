@@ -6,9 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-
-from extension.latents import (
+from hybrid_vae.extension.latents import (
     FORMAT,
     load_latent,
     pack_flux,
@@ -17,7 +15,8 @@ from extension.latents import (
     unpack_flux,
     validate_latents,
 )
-from policy import LatentError, load_profiles
+from hybrid_vae.policy import LatentError, load_profiles
+from safetensors import safe_open
 
 
 @pytest.fixture(scope="module")

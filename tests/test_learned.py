@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
-from policy import DecodeJob, DecodeSettings, GiB, GpuState, NetworkStats, decide, load_profiles
-from policy.learned import (
+from hybrid_vae.policy import DecodeJob, DecodeSettings, GiB, GpuState, NetworkStats, decide, load_profiles
+from hybrid_vae.policy.learned import (
     ANY,
     ENV_LEARNED,
     Learned,
@@ -231,11 +230,10 @@ def test_orchestrator_records_and_applies_learned_timings(tmp_path):
     """A real (not simulated) GPU state: the orchestrator records each local decode and the next decision
     carries the learned factor. The GPU is described by the probe; the decode runs on the CPU."""
     import torch
-
-    from extension.fixture import build_tiny_vae
-    from extension.orchestrator import HybridDecoder
-    from policy.gpu import GiB, GpuState
-    from policy.learned import LearnedStore
+    from hybrid_vae.extension.fixture import build_tiny_vae
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.policy.gpu import GiB, GpuState
+    from hybrid_vae.policy.learned import LearnedStore
 
     state = GpuState(name="NVIDIA GeForce RTX 4090", total_bytes=24 * GiB, free_bytes=20 * GiB, source="nvml",
                      device="cuda:0")

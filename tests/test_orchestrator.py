@@ -8,12 +8,11 @@ import weakref
 import numpy as np
 import pytest
 import torch
-
-from extension.executors import run_plan
-from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
-from extension.latents import load_latent, pack_flux, to_vae_space, unpack_flux
-from extension.orchestrator import HybridDecoder, is_oom
-from policy import (
+from hybrid_vae.extension.executors import run_plan
+from hybrid_vae.extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
+from hybrid_vae.extension.latents import load_latent, pack_flux, to_vae_space, unpack_flux
+from hybrid_vae.extension.orchestrator import HybridDecoder, is_oom
+from hybrid_vae.policy import (
     DecodeFailedError,
     DecodeSettings,
     LatentError,
@@ -83,7 +82,7 @@ def test_simulated_gpu_runs_the_chosen_tiled_plan_on_cpu(monkeypatch, tmp_path):
     res = HybridDecoder(latent_dir=tmp_path).decode(z, vae, family="sd15", progress=lambda d, n: calls.append((d, n)))
     r = res.report
     assert r.simulated and r.device == "cpu" and r.ran is r.chosen and r.ran.path == "tiled"
-    from policy.tiles import axis_tiles
+    from hybrid_vae.policy.tiles import axis_tiles
 
     n = len(axis_tiles(64, r.ran.tile_px // 8, r.ran.overlap_px // 8)) ** 2
     assert calls == [(i + 1, n) for i in range(n)] and n > 1
@@ -298,11 +297,10 @@ def test_video_frames_argument_is_checked(tmp_path):
 
 @pytest.fixture(scope="module")
 def failing_server():
+    from hybrid_vae.server.testing import serve_in_thread
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route
-
-    from server.testing import serve_in_thread
 
     async def down(request):
         return JSONResponse({"error": "Service Unavailable"}, status_code=503)
@@ -312,7 +310,7 @@ def failing_server():
 
 
 def test_remote_503_falls_back_to_local_and_says_so(tiny, tmp_path, failing_server):
-    from extension.remote import RemoteClient
+    from hybrid_vae.extension.remote import RemoteClient
 
     url = f"{failing_server}/sd15"
     client = RemoteClient(max_retries=0)
@@ -327,9 +325,9 @@ def test_remote_503_falls_back_to_local_and_says_so(tiny, tmp_path, failing_serv
 
 
 def test_remote_success_gets_the_original_latents(tiny, tmp_path):
-    from extension.remote import RemoteClient
-    from server.app import create_app
-    from server.testing import serve_in_thread
+    from hybrid_vae.extension.remote import RemoteClient
+    from hybrid_vae.server.app import create_app
+    from hybrid_vae.server.testing import serve_in_thread
 
     z = latent(1, 4, 16, 16, seed=9)
     with serve_in_thread(create_app(families={"sd15": tiny}, device="cpu")) as base:

@@ -9,9 +9,8 @@ import uuid as uuidlib
 
 import pytest
 import torch
-
-from policy import gpu as gpumod
-from policy.gpu import GiB, parse_simulation, probe
+from hybrid_vae.policy import gpu as gpumod
+from hybrid_vae.policy.gpu import GiB, parse_simulation, probe
 
 U0 = uuidlib.UUID("11111111-2222-3333-4444-555555555555")
 U1 = uuidlib.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
@@ -130,7 +129,7 @@ def test_simulation_env(monkeypatch):
 @pytest.mark.parametrize("spec", ["free_gib=abc", "name=x,free_gib=-1", "name=x,bogus=1", "free_gib",
                                   "name=x,free_gib=9,total_gib=8"])
 def test_bad_simulation_spec_names_the_key(spec):
-    from policy import ProfileError
+    from hybrid_vae.policy import ProfileError
     with pytest.raises(ProfileError) as ei:
         parse_simulation(spec)
     assert gpumod.ENV_SIMULATE in str(ei.value)

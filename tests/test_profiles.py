@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from policy import ProfileError, ProfileStore, load_profiles
-from policy.profiles import builtin_dir
+from hybrid_vae.policy import ProfileError, ProfileStore, load_profiles
+from hybrid_vae.policy.profiles import builtin_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

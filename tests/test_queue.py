@@ -13,11 +13,10 @@ import time
 
 import pytest
 import torch
-
-from extension.fixture import build_tiny_vae, load_fixture_vae
-from extension.orchestrator import DecodeResult, HybridDecoder
-from extension.queue import DecodeQueue
-from policy.errors import LatentError
+from hybrid_vae.extension.fixture import build_tiny_vae, load_fixture_vae
+from hybrid_vae.extension.orchestrator import DecodeResult, HybridDecoder
+from hybrid_vae.extension.queue import DecodeQueue
+from hybrid_vae.policy.errors import LatentError
 
 
 @pytest.fixture(scope="module")

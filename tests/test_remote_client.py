@@ -20,10 +20,8 @@ import pytest
 import requests
 import torch
 from diffusers.utils.remote_utils import remote_decode
-from PIL import Image
-
-from extension.remote import RemoteClient, is_loopback, origin, tensor_bytes
-from policy import (
+from hybrid_vae.extension.remote import RemoteClient, is_loopback, origin, tensor_bytes
+from hybrid_vae.policy import (
     DecodeJob,
     DecodeSettings,
     Estimate,
@@ -35,8 +33,9 @@ from policy import (
     load_profiles,
     parse_simulation,
 )
-from server.cli import demo_families
-from server.testing import free_port, serve_in_thread
+from hybrid_vae.server.cli import demo_families
+from hybrid_vae.server.testing import free_port, serve_in_thread
+from PIL import Image
 
 PROFILES = load_profiles()
 
@@ -65,7 +64,7 @@ def _decode(client: RemoteClient, url: str, z: torch.Tensor, family: str, fmt: s
 
 
 def _local_float(vae: torch.nn.Module, z: torch.Tensor, family: str) -> torch.Tensor:
-    from extension.latents import to_vae_space
+    from hybrid_vae.extension.latents import to_vae_space
 
     with torch.no_grad():
         return vae.decode(to_vae_space(z.float(), PROFILES.family(family))).sample.clamp(-1, 1)
@@ -81,7 +80,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _fixture_available() -> bool:
-    from extension.fixture import FIXTURE_DIR
+    from hybrid_vae.extension.fixture import FIXTURE_DIR
 
     return (FIXTURE_DIR / "diffusion_pytorch_model.safetensors").is_file()
 
@@ -191,8 +190,8 @@ def test_raw_equals_local_decode(demo: str, local: dict[str, torch.nn.Module]) -
 
 def test_png_lossless_and_jpg_within_jpeg_tolerance(demo: str, local: dict[str, torch.nn.Module]) -> None:
     if not _fixture_available():
-        pytest.skip("trained fixture VAE not built yet (python -m extension.fixture.train)")
-    from extension.fixture import fixture_image
+        pytest.skip("trained fixture VAE not built yet (python -m hybrid_vae.extension.fixture.train)")
+    from hybrid_vae.extension.fixture import fixture_image
 
     vae = local["sd15"]
     img = torch.from_numpy(np.array(fixture_image(size=128))).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -208,7 +207,7 @@ def test_png_lossless_and_jpg_within_jpeg_tolerance(demo: str, local: dict[str, 
 
 
 def test_flux_packed_and_batch_png(demo: str, local: dict[str, torch.nn.Module]) -> None:
-    from extension.latents import pack_flux
+    from hybrid_vae.extension.latents import pack_flux
 
     z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     r = _decode(RemoteClient(), f"{demo}/flux", pack_flux(z), "flux", "raw", height=128, width=128)
@@ -339,7 +338,7 @@ def test_for_settings_trusts_configured_and_builtin_endpoints() -> None:
 
 
 def test_server_token_with_client_token(demo: str) -> None:
-    from server.app import create_app
+    from hybrid_vae.server.app import create_app
 
     app = create_app(families={"sd15": demo_families()["sd15"]}, device="cpu", token="t0k")
     with serve_in_thread(app) as base:

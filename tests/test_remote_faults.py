@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-
-from extension.fixture import build_tiny_vae
-from extension.orchestrator import HybridDecoder
-from extension.remote import CircuitBreaker, RemoteClient
-from policy import (
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.extension.orchestrator import HybridDecoder
+from hybrid_vae.extension.remote import CircuitBreaker, RemoteClient
+from hybrid_vae.policy import (
     CircuitOpenError,
     DecodeJob,
     DecodeSettings,
@@ -36,7 +35,7 @@ from policy import (
     RemoteTimeoutError,
     load_profiles,
 )
-from server.testing import free_port
+from hybrid_vae.server.testing import free_port
 
 PROFILES = load_profiles()
 SD15 = PROFILES.family("sd15")

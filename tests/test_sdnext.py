@@ -18,9 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "sdnext_stub"))
 import stubtools
-
-from extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
-from extension.sdnext_ui import OPTIONS, SECTION
+from hybrid_vae.extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
+from hybrid_vae.extension.sdnext_ui import OPTIONS, SECTION
 
 LOW_VRAM = "name=NVIDIA GeForce RTX 3070,free_gib=1.0"
 BIG_VRAM = "name=NVIDIA GeForce RTX 4090,free_gib=20.0"
@@ -177,7 +176,7 @@ def test_low_vram_card_gets_tiled_and_infotext_says_so(sd, kl_vae, latent512, mo
     assert f'Hybrid VAE: "{line}"' in processed.infotexts[0]  # quoted as SD.Next quotes values with commas
     tiled = np.asarray(processed.images[0], dtype=np.float32) / 255
     # the hook delivers exactly the engine's tiled decode of the same latent (same plan, same tiles)
-    from extension.orchestrator import HybridDecoder
+    from hybrid_vae.extension.orchestrator import HybridDecoder
 
     direct = HybridDecoder(latent_dir=tmp_path / "direct").decode(latent512, kl_vae, family="sd15").tensor
     direct_np = ((direct[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
@@ -228,7 +227,7 @@ def test_everything_failing_saves_the_latent_and_the_cli_decodes_it(sd, kl_vae, 
         kl_vae.save_pretrained(tmp_path / "vae")
         source = ["--vae", str(tmp_path / "vae")]
     png = tmp_path / "recovered.png"
-    run = subprocess.run([sys.executable, "-m", "extension.cli", "decode", latent_file, *source, "-o", str(png)],
+    run = subprocess.run([sys.executable, "-m", "hybrid_vae.extension.cli", "decode", latent_file, *source, "-o", str(png)],
                          capture_output=True, text=True, timeout=300, cwd=stubtools.REPO_DIR)
     assert run.returncode == 0, run.stderr
     from PIL import Image

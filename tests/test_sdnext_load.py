@@ -89,9 +89,10 @@ LOADER = textwrap.dedent("""
            "scripts": [c.__name__ for c, *_ in data], "alwayson": len(runner.alwayson_scripts),
            "on_path_after_load": on_path_after_load, "on_path_after_ui": EXT in sys.path, "records": records}
     if out["wrapped"]:
-        import extension.remote  # a later, lazy import resolves from the extension folder
-        out["sdnext_file"] = sys.modules["extension.sdnext"].__file__
-        out["remote_file"] = extension.remote.__file__
+        import hybrid_vae.extension.remote  # a later, lazy import resolves from the extension folder
+        out["sdnext_file"] = sys.modules["hybrid_vae.extension.sdnext"].__file__
+        out["remote_file"] = hybrid_vae.extension.remote.__file__
+        out["generic"] = sorted({"server", "policy", "extension", "bench", "profiles"} & set(sys.modules))
     print("RESULT " + json.dumps(out))
 """)
 
@@ -108,7 +109,7 @@ def load_in_subprocess(ext_dir: Path, block: str = "") -> dict:
 def extension_copy(tmp_path_factory) -> Path:
     """The extension as SD.Next sees it: a folder under extensions/, not importable until the script adds it."""
     dst = tmp_path_factory.mktemp("sdnext") / "extensions" / "sdnext-hybrid-vae"
-    for part in ("scripts", "extension", "policy", "profiles", "install.py"):
+    for part in ("scripts", "extension", "policy", "profiles", "install.py", "__init__.py"):
         src = REPO / part
         if src.is_dir():
             shutil.copytree(src, dst / part, ignore=shutil.ignore_patterns("__pycache__", "weights", "*.png"))
@@ -118,11 +119,12 @@ def extension_copy(tmp_path_factory) -> Path:
     return dst
 
 
-def test_scripts_file_adds_its_folder_and_installs_the_hook(extension_copy):
+def test_scripts_file_registers_its_folder_as_hybrid_vae_and_installs_the_hook(extension_copy):
     out = load_in_subprocess(extension_copy)
     assert out["wrapped"] and out["scripts"] == ["HybridVAEScript"] and out["alwayson"] == 1
     assert not out["on_path_after_load"]  # SD.Next swapped its sys.path list back after the load ...
-    assert out["on_path_after_ui"]  # ... and the extension put its folder back from the next callback
+    assert not out["on_path_after_ui"]  # ... and the extension needs no sys.path entry: hybrid_vae is in sys.modules
+    assert out["generic"] == []  # no top-level server/policy/... module that could shadow another extension's
     assert out["sdnext_file"].startswith(str(extension_copy)) and out["remote_file"].startswith(str(extension_copy))
 
 

@@ -13,10 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "sdnext_stub"))
 import stubtools
-
-from extension.fixture import build_tiny_vae
-from extension.latents import to_vae_space
-from extension.sdnext_ui import (
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.extension.latents import to_vae_space
+from hybrid_vae.extension.sdnext_ui import (
     Config,
     detect_custom,
     detect_family,
@@ -27,8 +26,8 @@ from extension.sdnext_ui import (
     resolve_settings,
     token_endpoints,
 )
-from policy import ProfileError, load_profiles
-from policy.model import DecodeSettings
+from hybrid_vae.policy import ProfileError, load_profiles
+from hybrid_vae.policy.model import DecodeSettings
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "hunyuanvideo", "wan")
 
@@ -181,9 +180,9 @@ def test_video_low_vram_gets_chunks_and_infotext(sd, monkeypatch):
     stubtools.load_extension()
     runner = sd.scripts_manager.ScriptRunner(False)
     # a card with 60% of what a full decode of 17 frames at 64 px needs (the engine's own estimate)
-    from policy.decide import decide
-    from policy.gpu import parse_simulation
-    from policy.model import DecodeJob
+    from hybrid_vae.policy.decide import decide
+    from hybrid_vae.policy.gpu import parse_simulation
+    from hybrid_vae.policy.model import DecodeJob
 
     job = DecodeJob(family="hunyuanvideo", width=64, height=64, frames=17, dtype="float32")
     big = decide(job, parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=8"), load_profiles(""), DecodeSettings())
@@ -229,7 +228,7 @@ def test_pipeline_decode_failure_saves_latent(sd):
 
     handle = pipe.vae.decoder.register_forward_pre_hook(oom)
     try:
-        from policy.errors import DecodeFailedError
+        from hybrid_vae.policy.errors import DecodeFailedError
 
         with pytest.raises(DecodeFailedError):  # plain diffusers: a failed decode raises, as without us
             pipe.decode(video_latents(t=2))
@@ -261,8 +260,8 @@ def test_wan_through_vae_decode_and_tiny_video_type(sd):
 
 # ---- remote decode from SD.Next (real loopback server) ---------------------------------------------------------
 def test_remote_decode_from_sdnext(sd, monkeypatch):
-    from server.app import create_app
-    from server.testing import serve_in_thread
+    from hybrid_vae.server.app import create_app
+    from hybrid_vae.server.testing import serve_in_thread
 
     vae = build_tiny_vae("sd15")
     pipe = stubtools.ImagePipeline(vae, name="stable-diffusion-v1-5/stable-diffusion-v1-5")

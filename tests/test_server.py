@@ -17,12 +17,11 @@ import time
 import pytest
 import requests
 import torch
-
-from extension.fixture import build_tiny_vae
-from policy import load_profiles, parse_simulation
-from server.app import create_app
-from server.protocol import BadRequest, parse_request, toolkit_value
-from server.testing import serve_in_thread
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.policy import load_profiles, parse_simulation
+from hybrid_vae.server.app import create_app
+from hybrid_vae.server.protocol import BadRequest, parse_request, toolkit_value
+from hybrid_vae.server.testing import serve_in_thread
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -343,9 +342,8 @@ def test_endpoint_handler_loads_a_saved_vae_and_decodes(tmp_path: object) -> Non
     import base64
     from pathlib import Path
 
+    from hybrid_vae.server.handler import EndpointHandler, detect_family
     from PIL import Image
-
-    from server.handler import EndpointHandler, detect_family
 
     repo = Path(str(tmp_path))
     vae = _vae("sdxl")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL
-
-from extension.fixture import build_tiny_vae
-from extension.stream import stream_buffer_elements, stream_decode, stream_support
-from policy import PlanError
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.extension.stream import stream_buffer_elements, stream_decode, stream_support
+from hybrid_vae.policy import PlanError
 
 
 def kl(block_out_channels, layers_per_block=1, groups=4, latent_channels=4, **kw):
@@ -158,10 +157,10 @@ def test_on_cuda_equal_to_the_full_decode_and_under_its_peak(dtype):
 
 # ---- the engine's model of it (policy.estimate) ----------------------------------------------------
 def test_exact_estimate_matches_the_real_sd_decoder_and_behaves():
-    from extension.stream import stream_buffer_elements
-    from policy.estimate import exact_peak_bytes, exact_tiles, peak_bytes
-    from policy.model import DecodeJob
-    from policy.profiles import load_profiles
+    from hybrid_vae.extension.stream import stream_buffer_elements
+    from hybrid_vae.policy.estimate import exact_peak_bytes, exact_tiles, peak_bytes
+    from hybrid_vae.policy.model import DecodeJob
+    from hybrid_vae.policy.profiles import load_profiles
 
     p = load_profiles("")
     fam = p.family("sd15")

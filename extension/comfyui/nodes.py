@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from extension.latents import from_vae_space
-from extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
-from policy.model import DecodeSettings
-from policy.profiles import Family, Profiles, ProfileStore
+from hybrid_vae.extension.latents import from_vae_space
+from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
+from hybrid_vae.policy.model import DecodeSettings
+from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.comfyui")
 
@@ -88,7 +87,7 @@ def comfy_family(vae: Any, z: Any, profiles: Profiles) -> tuple[str | None, str]
     """
     fsm = getattr(vae, "first_stage_model", None)
     if fsm is not None and _is_diffusers_vae(fsm):
-        from extension.dropin import infer_family
+        from hybrid_vae.extension.dropin import infer_family
 
         try:
             fam, how = infer_family(z, vae=fsm, profiles=profiles)
@@ -317,7 +316,7 @@ class HybridVAEDecode:
         self._store = ProfileStore()
 
     def _remote_client(self, endpoint: str) -> Any:
-        from extension.remote import RemoteClient
+        from hybrid_vae.extension.remote import RemoteClient
 
         if endpoint not in self._remote:
             token = os.environ.get(ENV_TOKEN) or None
