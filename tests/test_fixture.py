@@ -77,7 +77,7 @@ def test_fixture_reconstructs_astronaut(vae):
 
 def test_missing_weights_message(tmp_path, monkeypatch):
     monkeypatch.setattr(fixture, "FIXTURE_DIR", tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*python -m extension\.fixture\.train"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*python -m hybrid_vae\.extension\.fixture\.train"):
         fixture.load_fixture_vae()
 
 
