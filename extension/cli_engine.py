@@ -45,7 +45,8 @@ def add_parser(sub: Any) -> None:
     g = e.add_mutually_exclusive_group()
     g.add_argument("--remote", dest="remote", action="store_true", default=None, help="allow remote decode")
     g.add_argument("--no-remote", dest="remote", action="store_false", help="never decode remotely")
-    e.add_argument("--endpoint", default=None, help="remote endpoint URL for this family")
+    e.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                   help="remote endpoint URL for this family; repeat for a pool (tried best first, failing over)")
     e.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
     e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.125)")
     e.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
@@ -127,7 +128,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.remote is not None:
             kw["allow_remote"] = args.remote
         if args.endpoint:
-            kw["endpoints"] = {args.family: args.endpoint}
+            kw["endpoints"] = {args.family: "|".join(args.endpoint)}
         if args.reserve_gib is not None:
             if not 0 <= args.reserve_gib <= 64:
                 raise LatentError(f"--reserve-gib {args.reserve_gib}: give GiB between 0 and 64")

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 VAE_CLASSES = {"sd": "AutoencoderKL", "hunyuanvideo": "AutoencoderKLHunyuanVideo", "wan": "AutoencoderKLWan"}
 #: Show a progress bar when the chosen plan is estimated to take longer than this (seconds).
 PROGRESS_MIN_S = 1.0
+#: Bearer token for ``decode --endpoint`` when ``--token`` is not given.
+ENV_TOKEN = "HYBRID_VAE_TOKEN"
 
 
 def add_parser(sub: Any) -> None:
@@ -47,7 +50,12 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--gpu", default=None, help="simulate this card (see `hybrid-vae explain`)")
     d.add_argument("--total-gib", type=float, default=None, help="simulated total memory")
     d.add_argument("--free-gib", type=float, default=None, help="simulated free memory")
-    d.add_argument("--mode", choices=["auto", "full", "tiled"], default="auto")
+    d.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
+    d.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                   help="remote endpoint for this family (opts in to remote decode: the endpoint sees the image); "
+                        "repeat for several: health-checked, tried best first, failing over within the deadline")
+    d.add_argument("--token", default=None,
+                   help=f"bearer token for the endpoints (default: env {ENV_TOKEN}; HTTPS unless loopback)")
     d.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
                    help="tiled decodes: exact (whole-image GroupNorm, output equals a full decode, needs "
                         "memory per image pixel), local (per-tile GroupNorm, least memory, colours drift) "
@@ -135,15 +143,27 @@ class _Progress:
             self.bar = None
 
 
-def _decoder(args: argparse.Namespace, **kw: Any) -> HybridDecoder:
+def _decoder(args: argparse.Namespace, family: str, **kw: Any) -> HybridDecoder:
     from hybrid_vae.extension.cli_engine import simulated_state
     from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
     from hybrid_vae.policy.model import DecodeSettings
     from hybrid_vae.policy.profiles import load_profiles
 
     state = simulated_state(load_profiles(args.profile), args.gpu, args.total_gib, args.free_gib)
-    return HybridDecoder(settings=DecodeSettings(mode=args.mode, tile_groupnorm=args.groupnorm),
-                         profile_path=args.profile, latent_dir=args.latent_dir or DEFAULT_LATENT_DIR,
+    settings = DecodeSettings(mode=args.mode, tile_groupnorm=args.groupnorm)
+    if getattr(args, "endpoint", None):
+        from hybrid_vae.extension.endpoints import EndpointPool, join_endpoints
+        from hybrid_vae.extension.remote import RemoteClient
+
+        try:
+            spec = join_endpoints(args.endpoint)
+        except ValueError as exc:
+            raise LatentError(f"--endpoint: {exc}") from None
+        token = args.token or os.environ.get(ENV_TOKEN) or None
+        settings = settings.model_copy(update={"allow_remote": True, "endpoints": {family: spec}})
+        kw["remote"] = EndpointPool(RemoteClient(token=token, trusted_endpoints=[spec] if token else []), pools=[spec])
+    return HybridDecoder(settings=settings, profile_path=args.profile,
+                         latent_dir=args.latent_dir or DEFAULT_LATENT_DIR,
                          probe=(lambda: state) if state is not None else None, **kw)
 
 
@@ -208,7 +228,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         else:
             return _fail("no VAE: pass --vae PATH_OR_HUB_ID (or --fixture for the bundled fixture VAE)", 2)
         bar = _Progress()
-        decoder = _decoder(args, on_decision=bar.on_decision)
+        decoder = _decoder(args, family, on_decision=bar.on_decision)
         try:
             result = decoder.decode(latents, vae, family=family, height=height, width=width,
                                     vae_id=args.vae or meta.get("vae_id"),

@@ -39,16 +39,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from hybrid_vae.extension import remote_wire
+from hybrid_vae.extension.endpoints import join_endpoints, pool_for
 from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
 from hybrid_vae.policy.errors import PlanError
-from hybrid_vae.policy.model import DecodeSettings
+from hybrid_vae.policy.model import DecodeSettings, split_endpoints
 from hybrid_vae.policy.profiles import Profiles, ProfileStore
 
 if TYPE_CHECKING:
@@ -130,14 +131,15 @@ def _family_from_vae(vae: Any, profiles: Profiles) -> str | None:
     return next(iter(cands), None)
 
 
-def _family_from_endpoint(url: str, profiles: Profiles) -> str | None:
-    norm = url.rstrip("/")
-    for key, fam in profiles.families.items():
-        if any(ep.url.rstrip("/") == norm for ep in fam.endpoints):
-            return key
-    parts = [p for p in urlsplit(url).path.split("/") if p and p != "predict"]
-    if parts and parts[-1] in profiles.families:  # `hybrid-vae serve`: http://host:port/<family>
-        return parts[-1]
+def _family_from_endpoint(spec: str, profiles: Profiles) -> str | None:
+    for url in split_endpoints(spec):  # a pool "a|b": the first member that tells
+        norm = url.rstrip("/")
+        for key, fam in profiles.families.items():
+            if any(ep.url.rstrip("/") == norm for ep in fam.endpoints):
+                return key
+        parts = [p for p in urlsplit(url).path.split("/") if p and p != "predict"]
+        if parts and parts[-1] in profiles.families:  # `hybrid-vae serve`: http://host:port/<family>
+            return parts[-1]
     return None
 
 
@@ -208,7 +210,8 @@ def _check_args(tensor: Any, *, endpoint: str | None, processor: Any, output_typ
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
     if endpoint is not None and not (isinstance(endpoint, str) and endpoint.startswith(("http://", "https://"))):
-        raise ValueError(f"endpoint={endpoint!r}: give an http:// or https:// URL (or None for local decode only)")
+        raise ValueError(f"endpoint={endpoint!r}: give an http:// or https:// URL, a list of them (tried best first, "
+                         "failing over), or None for local decode only")
     if tensor.dim() == 3 and (height is None or width is None):
         raise ValueError("`height` and `width` required for packed latents: pass the pixel size the latents were "
                          "generated at (e.g. height=1024, width=1024)")
@@ -279,6 +282,8 @@ def _decoder_for(decoder: HybridDecoder | None, *, settings: DecodeSettings, sto
         trusted = [endpoint] if (token and endpoint) else list(settings.endpoints.values()) if token else []
         owned = RemoteClient(token=token, trusted_endpoints=trusted)
         dec.remote = owned  # type: ignore[assignment]
+    if dec.remote is not None:  # several endpoints per family ("a|b"): a pool over the same client
+        dec.remote = pool_for(dec.remote, settings.endpoints)
     if profiles is not None:
         dec.store = _FixedStore(profiles)
     return dec, owned
@@ -358,19 +363,20 @@ def _shape_output(x: torch.Tensor, *, video: bool, output_type: str, return_type
     return imgs[0] if batch == 1 else imgs
 
 
-def _split_positional(args: tuple[Any, ...], tensor: Any, endpoint: str | None) -> tuple[Any, str | None]:
+def _split_positional(args: tuple[Any, ...], tensor: Any, endpoint: Any) -> tuple[Any, Any]:
     """Accept ``hybrid_decode(tensor)`` and diffusers' positional ``remote_decode(endpoint, tensor)``."""
     if not args:
         return tensor, endpoint
     if len(args) == 1 and not isinstance(args[0], str) and tensor is None:
         return args[0], endpoint
-    if len(args) == 2 and isinstance(args[0], str) and tensor is None and endpoint is None:
+    if len(args) == 2 and isinstance(args[0], (str, list, tuple)) and tensor is None and endpoint is None:
         return args[1], args[0]
     raise TypeError("hybrid_decode takes the tensor positionally (hybrid_decode(tensor, ...)) or diffusers' "
                     "order (hybrid_decode(endpoint, tensor, ...)); pass every other argument by keyword")
 
 
-def hybrid_decode(*args: Any, tensor: torch.Tensor | None = None, endpoint: str | None = None, vae: Any = None,
+def hybrid_decode(*args: Any, tensor: torch.Tensor | None = None, endpoint: str | Sequence[str] | None = None,
+                  vae: Any = None,
                   pipeline: Any = None, family: str | None = None, processor: Any = None, do_scaling: bool = True,
                   scaling_factor: float | None = None, shift_factor: float | None = None, output_type: str = "pil",
                   return_type: str = "pil", image_format: str = "jpg", partial_postprocess: bool = False,
@@ -385,9 +391,11 @@ def hybrid_decode(*args: Any, tensor: torch.Tensor | None = None, endpoint: str 
         tensor (`torch.Tensor`): the latents as the pipeline returned them (``output_type="latent"``):
             ``[B, C, h, w]``, Flux packed ``[B, (H/16)*(W/16), 64]`` (give ``height``/``width``), or video
             ``[B, C, T, h, w]``. Also accepted positionally, alone or in diffusers' order after the endpoint.
-        endpoint (`str | None`, defaults to `None`): a hybrid-inference endpoint. Giving one opts this call in
-            to remote decode (the endpoint's operator sees the image); the engine still decodes locally when
-            that is faster or the endpoint fails. None: local only, unless ``settings`` enable remote.
+        endpoint (`str | Sequence[str] | None`, defaults to `None`): a hybrid-inference endpoint, or several
+            (a list, or URLs joined by ``|``: a pool, health-checked, tried best first by measured latency and
+            recent errors, failing over within the deadline; ``extension/endpoints.py``). Giving one opts this
+            call in to remote decode (the endpoint's operator sees the image); the engine still decodes locally
+            when that is faster or every endpoint fails. None: local only, unless ``settings`` enable remote.
         vae: the local diffusers VAE (``AutoencoderKL``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``).
         pipeline: a diffusers pipeline; its ``.vae`` is used when ``vae`` is None, its class names the family.
         family (`str | None`): ``sd15``, ``sdxl``, ``sd3``, ``flux``, ``hunyuanvideo``, ``wan``; default:
@@ -417,6 +425,11 @@ def hybrid_decode(*args: Any, tensor: torch.Tensor | None = None, endpoint: str 
         DecodeFailedError: every plan failed (endpoint down and no VAE, ...); ``latent_path`` is the saved file.
     """
     tensor, endpoint = _split_positional(args, tensor, endpoint)
+    if endpoint is not None and not isinstance(endpoint, str):
+        try:
+            endpoint = join_endpoints(endpoint)
+        except ValueError as exc:
+            raise ValueError(f"endpoint={endpoint!r}: {exc}") from None
     _check_args(tensor, endpoint=endpoint, processor=processor, output_type=output_type, return_type=return_type,
                 image_format=image_format, partial_postprocess=partial_postprocess, input_tensor_type=input_tensor_type,
                 output_tensor_type=output_tensor_type, height=height, width=width)

@@ -79,12 +79,14 @@ class RemoteDecoder(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class RemoteInfo:
-    """What a remote decode cost."""
+    """What a remote decode cost. ``endpoint`` is the URL that answered; ``skipped``: ``"host (why)"`` of each
+    member of an endpoint pool that failed before it (``extension.endpoints``)."""
 
     endpoint: str
     bytes_up: int
     bytes_down: int
     seconds: float
+    skipped: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,8 @@ class DecodeReport:
         elif ran.path == "remote":
             host = _host(self.remote.endpoint if self.remote else ran.endpoint or "")
             text = f"remote {ran.response_format} via {host}"
+            if self.remote is not None and self.remote.skipped:
+                text += f" (after {', '.join(self.remote.skipped)})"
         else:
             text = "cpu, no GPU" if not d.gpu.is_accelerator \
                 else f"cpu, no GPU plan fits {_gib(d.available_bytes)} available"
@@ -398,7 +402,7 @@ class HybridDecoder:
                                             deadline_s=settings.remote_deadline_s, height=out_h, width=out_w)
                     out = rr.tensor
                     remote_info = RemoteInfo(rr.endpoint, int(rr.bytes_up), int(rr.bytes_down),
-                                             float(rr.seconds))
+                                             float(rr.seconds), tuple(getattr(rr, "skipped", ())))
                 else:
                     out = run_plan(plan, vae, z_vae, family=fam, device=run_dev, progress=progress)
                     if use_cuda:

@@ -52,6 +52,7 @@ from hybrid_vae.extension.remote_wire import (
 from hybrid_vae.policy.errors import (
     CircuitOpenError,
     LatentError,
+    PlanError,
     RemoteConnectError,
     RemoteError,
     RemoteProtocolError,
@@ -59,7 +60,7 @@ from hybrid_vae.policy.errors import (
     RemoteStatusError,
     RemoteTimeoutError,
 )
-from hybrid_vae.policy.model import NetworkStats
+from hybrid_vae.policy.model import NetworkStats, split_endpoints
 
 if TYPE_CHECKING:
     import torch
@@ -236,7 +237,7 @@ class RemoteClient:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.token = token or None
-        self.trusted = {origin(u) for u in trusted_endpoints}
+        self.trusted = {origin(u) for spec in trusted_endpoints for u in split_endpoints(spec)}  # pools: 'a|b'
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
         self.max_retries, self.backoff_base_s, self.backoff_max_s = max_retries, backoff_base_s, backoff_max_s
         self.retry_after_cap_s = retry_after_cap_s
@@ -424,7 +425,7 @@ class RemoteClient:
 
     # ---- a call: breaker, retries, deadline ------------------------------------------------------
     def _call(self, endpoint: str, *, params: Any, data: bytes, headers: Mapping[str, str], deadline: float,
-              limit: int, parse: Callable[[Reply], Any]) -> tuple[Reply, Any, int]:
+              limit: int, parse: Callable[[Reply], Any], max_retries: int | None = None) -> tuple[Reply, Any, int]:
         base = self._headers(endpoint)  # may raise RemoteSecurityError: nothing sent, breaker untouched
         breaker = self.breaker(endpoint)
         retry_at = breaker.acquire()
@@ -463,7 +464,7 @@ class RemoteClient:
                 except RemoteConnectError as exc:
                     last = exc
                 assert last is not None
-                if attempt > self.max_retries:
+                if attempt > (self.max_retries if max_retries is None else max_retries):
                     raise last
                 if wait is None:
                     wait = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)) * (0.5 + self._rng.random() / 2)
@@ -535,7 +536,7 @@ class RemoteClient:
                 width: int | None = None, deadline_s: float = 60.0, expect_shape: Sequence[Sequence[int]] | None = None,
                 expect_size: tuple[int, int] | None = None, expect_frames: int | None = None,
                 max_response_bytes: int | None = None, voxels: int | None = None,
-                decode_video: bool = False) -> RemoteResponse:
+                decode_video: bool = False, max_retries: int | None = None) -> RemoteResponse:
         """One protocol request, with query parameters exactly as diffusers' ``remote_decode`` sends them
         (same defaults: ``output_type="pil"``, ``image_format="jpg"``, ``partial_postprocess=False``).
 
@@ -552,6 +553,8 @@ class RemoteClient:
             max_response_bytes: body cap (default: the client's).
             voxels: output voxels (to learn the server's speed).
             decode_video: with ``mp4``, return the frames as a uint8 ``[F, H, W, 3]`` tensor (needs PyAV).
+            max_retries: this call's retries (default: the client's); an endpoint pool passes 0 while other
+                endpoints remain, so it fails over instead of backing off.
 
         Raises:
             RemoteError subclasses; :class:`policy.errors.LatentError` for a dtype the protocol cannot carry.
@@ -589,14 +592,14 @@ class RemoteClient:
             return reply.body
 
         reply, out, attempts = self._call(endpoint, params=params, data=data, headers=headers, deadline=deadline,
-                                          limit=limit, parse=parse)
+                                          limit=limit, parse=parse, max_retries=max_retries)
         server = self._measure(endpoint, reply, len(data), voxels)
         return RemoteResponse(endpoint=endpoint, status=reply.status, headers=reply.headers, output=out,
                               output_type=output_type, bytes_up=len(data) * attempts, bytes_down=len(reply.body),
                               seconds=time.monotonic() - t_start, attempts=attempts, server_seconds=server)
 
     def decode(self, latents: torch.Tensor, *, plan: Plan, job: DecodeJob, family: Family, deadline_s: float,
-               height: int, width: int) -> RemoteResult:
+               height: int, width: int, max_retries: int | None = None) -> RemoteResult:
         """Run a remote plan: send the ORIGINAL latents with the family's factors, return a local-like tensor.
 
         Args:
@@ -606,12 +609,15 @@ class RemoteClient:
             job / family: what is decoded (batch, frames, compression, normalisation).
             deadline_s: the whole decode, every request of it.
             height / width: output pixels (used for packed latents; checked for the others).
+            max_retries: this call's retries (default: the client's).
 
         Returns:
             RemoteResult: float32 CPU tensor in [-1, 1] (quantised to 8 bits by every format).
         """
         if plan.endpoint is None:
             raise ValueError("plan.endpoint is None: decode() needs a remote plan with an endpoint")
+        if len(split_endpoints(plan.endpoint)) > 1:
+            raise PlanError(f"{plan.endpoint}: several endpoints; decode through extension.endpoints.EndpointPool")
         endpoint, fmt = plan.endpoint, plan.response_format or "raw"
         lat = latents
         sc = family.spatial_compression
@@ -653,7 +659,7 @@ class RemoteClient:
             for i in range(b):
                 r = self.request(endpoint, lat[i:i + 1], output_type="pil", image_format=fmt, partial_postprocess=False,
                                  height=height, width=width, deadline_s=max(1e-3, deadline - time.monotonic()),
-                                 expect_size=(w, h), max_response_bytes=limit, voxels=h * w, **scaling)
+                                 expect_size=(w, h), max_response_bytes=limit, voxels=h * w, max_retries=max_retries, **scaling)
                 parts.append(image_to_tensor(r.output))
                 up, down, attempts = up + r.bytes_up, down + r.bytes_down, attempts + r.attempts
                 server += r.server_seconds or 0.0
@@ -664,13 +670,13 @@ class RemoteClient:
         if fmt == "mp4":
             r = self.request(endpoint, lat, output_type="mp4", height=height, width=width, deadline_s=deadline_s,
                              expect_size=(w, h), expect_frames=b * nf, max_response_bytes=limit, voxels=b * nf * h * w,
-                             decode_video=True, **scaling)
+                             decode_video=True, max_retries=max_retries, **scaling)
             tensor = uint8_to_tensor(r.output, b, frames)
         else:
             shapes = [[b * nf, h, w, 3]] + ([[b, nf, h, w, 3]] if family.video else [])
             r = self.request(endpoint, lat, output_type="pt", partial_postprocess=True, height=height, width=width,
                              deadline_s=deadline_s, expect_shape=shapes, max_response_bytes=limit,
-                             voxels=b * nf * h * w, **scaling)
+                             voxels=b * nf * h * w, max_retries=max_retries, **scaling)
             tensor = uint8_to_tensor(r.output, b, frames)
         return RemoteResult(tensor, endpoint, r.bytes_up, r.bytes_down, time.monotonic() - t0, r.status, fmt,
                             r.attempts, r.server_seconds)

@@ -32,7 +32,7 @@ from hybrid_vae.extension.sdnext_ui import (
     token_endpoints,
 )
 from hybrid_vae.policy.errors import DecodeFailedError, LatentError
-from hybrid_vae.policy.model import Decision, DecodeSettings, Plan
+from hybrid_vae.policy.model import Decision, DecodeSettings, Plan, split_endpoints
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.sdnext")
@@ -121,17 +121,21 @@ class DecodePaths:
 
     def _remote_client(self, cfg: Config, profiles: Profiles) -> tuple[Any, str | None]:
         try:
+            from hybrid_vae.extension.endpoints import pool_for
             from hybrid_vae.extension.remote import RemoteClient
         except ImportError as exc:
             return None, f"remote decode needs {exc.name} (pip install {exc.name})"
-        urls = list(cfg.endpoints.values()) + [e.url for f in profiles.families.values() for e in f.endpoints]
+        urls = [u for spec in cfg.endpoints.values() for u in split_endpoints(spec)]  # a pool: "a|b"
+        urls += [e.url for f in profiles.families.values() for e in f.endpoints]
         trusted = tuple(sorted(set(token_endpoints(urls)))) if cfg.token else ()
         key = (cfg.token, trusted)
         with self._lock:
             if self._remote is None or self._remote_key != key:
                 if self._remote is not None:
                     self._remote.close()
-                self._remote, self._remote_key = RemoteClient(token=cfg.token, trusted_endpoints=trusted), key
+                client = RemoteClient(token=cfg.token, trusted_endpoints=trusted)
+                self._remote, self._remote_key = pool_for(client), key
+            pool_for(self._remote, cfg.endpoints)  # learn this configuration's pools (health-checked)
             return self._remote, None
 
     # ---- the processing_vae.vae_decode hook ------------------------------------------------------

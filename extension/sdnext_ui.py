@@ -67,8 +67,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(PREFIX + "allow_remote", False, "Allow remote decode (privacy: the endpoint sees your images)", "Checkbox"),
     OptionSpec(PREFIX + "remote_custom_vae", False,
                "Allow remote decode for custom or fine-tuned VAEs (the endpoint decodes with its own VAE)", "Checkbox"),
-    OptionSpec(PREFIX + "endpoints", "", "Remote endpoints per family: family=url, ... (e.g. sdxl=https://host/decode)",
-               "Textbox"),
+    OptionSpec(PREFIX + "endpoints", "", "Remote endpoints per family: family=url, ... (e.g. sdxl=https://host/decode; "
+               "several with failover: sdxl=https://a/sdxl|https://b/sdxl)", "Textbox"),
     OptionSpec(PREFIX + "builtin_endpoints", True,
                "Use the built-in Hugging Face endpoints for families without an endpoint above", "Checkbox"),
     OptionSpec(PREFIX + "hf_token", "", "Hugging Face token for remote decode (kept in secrets.json, sent only to "
@@ -143,7 +143,9 @@ class Config:
 def parse_endpoints(text: str, families: Iterable[str]) -> dict[str, str]:
     """Parse ``"sdxl=https://a/decode, flux=http://127.0.0.1:8000/decode"`` strictly.
 
-    Entries are separated by commas or new lines; empty entries are ignored.
+    Entries are separated by commas or new lines; empty entries are ignored. Several endpoints for one
+    family are joined by ``|`` (``sd15=https://a/sd15|https://b/sd15``): a pool, tried best first with
+    failover (``extension/endpoints.py``); the value keeps them joined.
 
     Raises:
         ProfileError: naming the setting, the entry and the fix (unknown family, missing ``=``,
@@ -163,14 +165,19 @@ def parse_endpoints(text: str, families: Iterable[str]) -> dict[str, str]:
         if fam not in known:
             raise ProfileError(f"unknown family {fam!r}; known families: {', '.join(known)}", file=SETTINGS_FILE,
                                key_path=key, value=entry)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
-            raise ProfileError("the URL must be http(s)://host[:port]/path without spaces", file=SETTINGS_FILE,
+        urls = [u.strip() for u in url.split("|")]
+        for u in urls:
+            parts = urlsplit(u)
+            if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in u):
+                raise ProfileError("the URL must be http(s)://host[:port]/path without spaces (several: join them "
+                                   "with |)", file=SETTINGS_FILE, key_path=key, value=entry)
+        if len(set(urls)) != len(urls):
+            raise ProfileError("a URL is listed twice for this family; give each once", file=SETTINGS_FILE,
                                key_path=key, value=entry)
         if fam in out:
             raise ProfileError(f"family {fam!r} is given twice; keep one endpoint per family", file=SETTINGS_FILE,
                                key_path=key, value=entry)
-        out[fam] = url
+        out[fam] = "|".join(urls)
     return out
 
 

@@ -55,6 +55,7 @@ from hybrid_vae.policy.model import (
     Option,
     Plan,
     ResponseFormat,
+    split_endpoints,
 )
 from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
 
@@ -69,7 +70,8 @@ def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple
         return None, f"custom VAE {job.vae_id or ''} differs from the endpoint's; remote not allowed for it".replace("  ", " ")
     url = settings.endpoints.get(job.family)
     if url:
-        return url, "configured endpoint"
+        n = len(split_endpoints(url))
+        return url, "configured endpoint" if n == 1 else f"configured pool of {n} endpoints (best first, failover)"
     if settings.use_builtin_endpoints and fam.endpoints:
         ep = fam.endpoints[0]
         return ep.url, f"built-in {ep.provider} endpoint serving {ep.vae}"

@@ -14,6 +14,14 @@ Path_ = Literal["full", "tiled", "remote", "cpu"]
 Mode = Literal["auto", "full", "tiled", "remote"]
 ResponseFormat = Literal["raw", "png", "jpg", "mp4"]
 MiB = 1024**2
+#: Separates the URLs of a family's endpoint pool in :attr:`DecodeSettings.endpoints` (``"https://a/x|https://b/x"``);
+#: ``|`` cannot appear unescaped in a URL (RFC 3986), so the split is unambiguous.
+ENDPOINT_SEP = "|"
+
+
+def split_endpoints(spec: str) -> tuple[str, ...]:
+    """The URLs of an endpoint setting: ``"https://a/x|https://b/x"`` -> ``("https://a/x", "https://b/x")``."""
+    return tuple(u.strip() for u in spec.split(ENDPOINT_SEP) if u.strip())
 
 
 class DecodeSettings(BaseModel):
@@ -26,7 +34,7 @@ class DecodeSettings(BaseModel):
 
     mode: Mode = Field("auto", description="auto: fastest plan that fits; full/tiled/remote: tried first when possible (fallbacks stay).")
     allow_remote: bool = Field(False, description="Send latents to a remote endpoint. The endpoint's operator sees the images.")
-    endpoints: dict[str, str] = Field(default_factory=dict, description="Family -> endpoint URL; overrides the built-in endpoints.")
+    endpoints: dict[str, str] = Field(default_factory=dict, description="Family -> endpoint URL, or several separated by '|' (a pool: tried in order of measured latency and recent errors, failing over within the deadline; extension/endpoints.py); overrides the built-in endpoints.")
     use_builtin_endpoints: bool = Field(True, description="Use the families' built-in (Hugging Face) endpoints when no override is set.")
     allow_remote_custom_vae: bool = Field(False, description="Allow remote decode of a custom/fine-tuned VAE's latents on an endpoint that serves another VAE.")
     reserve_bytes: int = Field(128 * MiB, ge=0, le=64 * GiB, description="Memory left untouched for other processes and estimate error (the estimates already sit 0-10% above measured peaks; docs/benchmarks.md weighs 64-256 MiB).")
@@ -43,9 +51,15 @@ class DecodeSettings(BaseModel):
     @field_validator("endpoints")
     @classmethod
     def _urls(cls, v: dict[str, str]) -> dict[str, str]:
-        for fam, url in v.items():
-            if not (url.startswith("http://") or url.startswith("https://")):
-                raise ValueError(f"endpoint for {fam!r} must start with http:// or https://, got {url!r}")
+        for fam, spec in v.items():
+            urls = split_endpoints(spec)
+            if not urls:
+                raise ValueError(f"endpoint for {fam!r} is empty; give http(s)://host/path (several: join them with '|')")
+            for url in urls:
+                if not (url.startswith("http://") or url.startswith("https://")):
+                    raise ValueError(f"endpoint for {fam!r} must start with http:// or https://, got {url!r}")
+            if len(set(urls)) != len(urls):
+                raise ValueError(f"endpoint for {fam!r} lists a URL twice ({spec!r}); give each once")
         return v
 
 

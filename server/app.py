@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from hybrid_vae.policy.errors import LatentError
@@ -35,6 +35,12 @@ log = logging.getLogger("hybrid_vae.server")
 
 MiB = 1024**2
 CONTENT_TYPES = ("tensor/binary", "application/octet-stream")
+
+#: ``decode(served, request, z)`` -> ``(float [-1, 1] CPU tensor, meta)``: runs a checked, normalised latent.
+#: The default queues it in the app's :class:`DecodeService` (its own batching thread); the Ray Serve
+#: deployment (``server/ray_app.py``) passes its ``@serve.batch`` method instead. ``meta`` has ``plan``,
+#: ``seconds``, ``batch`` and optionally ``replica`` (sent as ``X-Decode-Replica``).
+DecodeFn = Callable[[ServedVAE, DecodeRequest, Any], Awaitable[tuple[Any, dict[str, Any]]]]
 
 
 def default_device() -> str:
@@ -56,7 +62,7 @@ def _error(exc: BadRequest) -> JSONResponse:
 def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None, max_body_bytes: int = 256 * MiB,
                max_output_pixels: int = 2**27, device: str | None = None, profiles: Profiles | None = None,
                batch_window_s: float = 0.004, max_batch: int = 8, preload: bool = False, jpeg_quality: int = 95,
-               probe_fn: Callable[[], GpuState] | None = None) -> Starlette:
+               probe_fn: Callable[[], GpuState] | None = None, decode: DecodeFn | None = None) -> Starlette:
     """Build the decode app.
 
     Args:
@@ -76,6 +82,8 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         preload (`bool`, defaults to `False`): load every VAE at startup instead of on first use.
         jpeg_quality (`int`, defaults to `95`): quality of ``image_format=jpg`` answers.
         probe_fn: reads the device memory (default :func:`policy.gpu.probe` for ``device``).
+        decode (`DecodeFn | None`): runs each accepted latent (default: the service's batching queue). Everything
+            before it (auth, limits, parsing, validation, normalisation) and after it (encoding) is the same.
 
     Raises:
         ProfileError: a family key the profiles do not know (the message lists the known ones).
@@ -116,7 +124,7 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
             raise BadRequest(f"body has {len(buf)} bytes; shape x dtype needs {expected}", field="shape")
         return bytes(buf)
 
-    async def decode(request: Request) -> Response:
+    async def handle(request: Request) -> Response:
         if not authorised(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -155,8 +163,8 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
                 body = await read_body(request, req.body_bytes)
                 z = await run_in_threadpool(prepare, body, req, s)
                 del body
-                fut = service.submit(s, req, z)
-            x, meta = await asyncio.wrap_future(fut)
+                fut = service.submit(s, req, z) if decode is None else None
+            x, meta = await (asyncio.wrap_future(fut) if fut is not None else decode(s, req, z))
             out, headers = await run_in_threadpool(encode_output, x, req, jpeg_quality=jpeg_quality)
         except BadRequest as exc:
             return _error(exc)
@@ -170,6 +178,8 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
             return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"[:500]}, status_code=500)
         headers.update({"X-Decode-Seconds": f"{meta['seconds']:.6f}", "X-Decode-Plan": str(meta["plan"]),
                         "X-Decode-Batch": str(meta["batch"])})
+        if meta.get("replica"):
+            headers["X-Decode-Replica"] = str(meta["replica"])
         media = headers.pop("content-type")
         return Response(out, media_type=media, headers=headers)
 
@@ -189,9 +199,9 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
             service.stop()
 
     routes = [Route("/health", health, methods=["GET"]), Route("/", health, methods=["GET"]),
-              Route("/", decode, methods=["POST"]), Route("/predict", decode, methods=["POST"]),
-              Route("/{family}", decode, methods=["POST"]), Route("/{family}/", decode, methods=["POST"]),
-              Route("/{family}/predict", decode, methods=["POST"])]
+              Route("/", handle, methods=["POST"]), Route("/predict", handle, methods=["POST"]),
+              Route("/{family}", handle, methods=["POST"]), Route("/{family}/", handle, methods=["POST"]),
+              Route("/{family}/predict", handle, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.service = service
     app.state.served = served

@@ -31,6 +31,32 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run a decode endpoint that speaks the hybrid-inference protocol",
                        description="Serve VAEs over HTTP at http://HOST:PORT/<family>; diffusers' remote_decode "
                                    "and hybrid-vae's remote client both work against it.")
+    add_arguments(p)
+    ray = p.add_argument_group("Ray Serve (with --ray; pip install 'sdnext-hybrid-vae[ray]'; server/ray_app.py)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve on Ray Serve (replicas, dynamic batching, autoscaling) instead of one uvicorn process")
+    ray.add_argument("--ray-address", default="local",
+                     help="'local' (default): start a Ray instance on this machine, stopped on exit; 'auto' or "
+                          "ray://HOST:10001: deploy to a running cluster (the application is deleted on exit)")
+    ray.add_argument("--replicas", default=None, metavar="N|MIN:MAX",
+                     help="replicas: a number, or MIN:MAX to autoscale on ongoing requests (default: one per "
+                          "visible GPU, 1 without a GPU)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None,
+                     help="GPUs each replica reserves (default 1 when this machine has CUDA, else 0)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
+    ray.add_argument("--max-ongoing-requests", type=int, default=None,
+                     help="requests a replica holds at once, decoding or waiting to batch (default 2 x --max-batch); "
+                          "more wait in Ray's queue")
+    p.set_defaults(func=cmd_serve)
+
+
+#: Flags of the Ray group (refused without --ray) and their defaults.
+RAY_FLAGS = {"ray_address": "local", "replicas": None, "gpus_per_replica": None, "cpus_per_replica": 1.0,
+             "max_ongoing_requests": None}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The serve flags shared by ``hybrid-vae serve`` and the Ray Serve config's ``args`` (``server/ray_app.py``)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, set --token)")
     p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
@@ -55,7 +81,6 @@ def add_parser(sub: Any) -> None:
                    help="uvicorn worker processes (each loads every VAE; see server/README.md)")
     p.add_argument("--profile", default=None, help="profile YAML merged over the built-ins (extra families)")
     p.add_argument("--lazy", action="store_true", help="load each VAE on its first request, not at startup")
-    p.set_defaults(func=cmd_serve)
 
 
 def _parse_families(specs: list[str]) -> dict[str, str]:
@@ -129,7 +154,8 @@ def demo_families() -> dict[str, Any]:
     return out
 
 
-def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The serve configuration (a JSON-able dict) from parsed flags; ``ValueError`` names a bad flag."""
     fams = _parse_families(args.family)
     if not fams and not args.demo:
         raise ValueError("nothing to serve: give --family F=PATH_OR_HUB_ID (repeatable) or --demo")
@@ -155,8 +181,9 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "preload": not args.lazy}
 
 
-def build_app(config: dict[str, Any], token: str | None) -> Any:
-    """The Starlette app for a serve configuration (also used by each uvicorn worker)."""
+def build_app(config: dict[str, Any], token: str | None, decode: Any = None) -> Any:
+    """The Starlette app for a serve configuration (also used by each uvicorn worker and each Ray Serve
+    replica, which passes its batched ``decode``; see :func:`server.app.create_app`)."""
     from hybrid_vae.policy.profiles import load_profiles
     from hybrid_vae.server.app import create_app, default_device
 
@@ -168,7 +195,7 @@ def build_app(config: dict[str, Any], token: str | None) -> Any:
     return create_app(families=families, token=token, max_body_bytes=config["max_body_bytes"],
                       max_output_pixels=config["max_output_pixels"], device=device,
                       profiles=load_profiles(config.get("profile")), batch_window_s=config["batch_window_s"],
-                      max_batch=config["max_batch"], preload=config.get("preload", True))
+                      max_batch=config["max_batch"], preload=config.get("preload", True), decode=decode)
 
 
 def app_from_env() -> Any:
@@ -188,7 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 3
     try:
-        config = _config_from_args(args)
+        config = config_from_args(args)
+        _check_ray_flags(args)
     except ValueError as exc:
         print(f"hybrid-vae: error: {exc}", file=sys.stderr)
         return 2
@@ -196,6 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("hybrid-vae serve: listening on %s without a token: anyone who reaches it can decode "
                     "(and sees the images); set --token or %s", args.host, ENV_TOKEN)
+    if getattr(args, "ray", False):
+        return _serve_ray(args, config, token)
     names = sorted(set(config["families"]) | (set(DEMO_FAMILIES) if config["demo"] else set()))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"hybrid-vae serve: http://{shown}:{args.port}/<family> for {', '.join(names)}"
@@ -214,3 +244,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
+    if not getattr(args, "ray", False):
+        for dest, default in RAY_FLAGS.items():
+            if getattr(args, dest, default) != default:
+                raise ValueError(f"--{dest.replace('_', '-')} is a Ray Serve option; add --ray (or drop it)")
+        return
+    if args.workers != 1:
+        raise ValueError("--workers is for plain serve; with --ray give --replicas N (or MIN:MAX to autoscale)")
+    if args.port == 0:
+        raise ValueError("--port 0: Ray Serve needs a fixed port; give one (default 8188)")
+    for flag, value, lo, hi in (("--gpus-per-replica", args.gpus_per_replica, 0, 64),
+                                ("--cpus-per-replica", args.cpus_per_replica, 0, 1024),
+                                ("--max-ongoing-requests", args.max_ongoing_requests, 1, 1_000_000)):
+        if value is not None and not lo <= value <= hi:
+            raise ValueError(f"{flag} {value}: give a value between {lo:g} and {hi:g}")
+
+
+def _serve_ray(args: argparse.Namespace, config: dict[str, Any], token: str | None) -> int:
+    """``serve --ray``: the same app on Ray Serve (``server/ray_app.py``; Ray is imported here only)."""
+    if args.ray_address == "local":
+        # a single-machine Ray keeps its own ports on loopback (Ray's switch for one-machine instances; read when
+        # ray is imported, so before that); Serve's HTTP proxy binds --host
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        from hybrid_vae.server import ray_app
+    except ImportError as exc:
+        print(f"hybrid-vae: error: {exc}", file=sys.stderr)
+        return 3
+    try:
+        return ray_app.run(config, token, host=args.host, port=args.port, address=args.ray_address,
+                           replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                           cpus_per_replica=args.cpus_per_replica, max_ongoing_requests=args.max_ongoing_requests)
+    except ValueError as exc:  # --replicas
+        print(f"hybrid-vae: error: {exc}", file=sys.stderr)
+        return 2

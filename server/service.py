@@ -22,7 +22,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hybrid_vae.policy.decide import decide
@@ -236,6 +236,37 @@ class DecodeService:
                     self._cv.wait(remaining)
             self._busy = len(batch)
             return batch
+
+    def decode_batch(self, entries: Sequence[tuple[ServedVAE, DecodeRequest, Any]]
+                     ) -> list[concurrent.futures.Future[tuple[Any, dict[str, Any]]]]:
+        """Decode ``(served, request, normalised latent)`` entries on this thread, for a batcher outside this
+        service (Ray Serve's ``@serve.batch``): compatible entries (same family and latent shape, images
+        only, together within ``max_batch`` and ``max_output_pixels``) run as one decode when the engine
+        says the whole batch fits, else one by one, as in the service's own queue.
+
+        Returns:
+            one finished future per entry, in order: ``(float [-1, 1] CPU tensor, meta)`` or the exception.
+        """
+        items = [_Item(s, r, z, concurrent.futures.Future()) for s, r, z in entries]
+        with self._cv:
+            self.counters["requests"] += len(items)
+        pending = list(items)
+        while pending:
+            first = pending.pop(0)
+            group, voxels = [first], first.req.voxels
+            for item in list(pending):
+                if len(group) < self.max_batch and self._compatible(first, item, voxels):
+                    pending.remove(item)
+                    group.append(item)
+                    voxels += item.req.voxels
+            with self._cv:
+                self._busy = len(group)
+            try:
+                self._execute(group)
+            finally:
+                with self._cv:
+                    self._busy = 0
+        return [i.future for i in items]
 
     def _loop(self) -> None:
         while True:

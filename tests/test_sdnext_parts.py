@@ -60,12 +60,17 @@ def test_parse_endpoints_strictly():
     got = parse_endpoints(" sdxl=https://a.example/decode,\nflux = http://127.0.0.1:8000/flux ,", FAMILIES)
     assert got == {"sdxl": "https://a.example/decode", "flux": "http://127.0.0.1:8000/flux"}
     assert parse_endpoints("", FAMILIES) == {}
+    pool = parse_endpoints("sd15=https://a.example/sd15 | http://127.0.0.1:8000/sd15, sdxl=https://c.example/x", FAMILIES)
+    assert pool == {"sd15": "https://a.example/sd15|http://127.0.0.1:8000/sd15", "sdxl": "https://c.example/x"}
     bad = {
         "sdxl:https://a.example": "expected family=url",
         "sdx=https://a.example": "unknown family 'sdx'; known families: flux, hunyuanvideo, sd15",
         "sdxl=ftp://a.example": "http(s)://host",
         "sdxl=https://": "http(s)://host",
         "sdxl=https://a.example, sdxl=https://b.example": "given twice",
+        "sdxl=https://a.example|ftp://b.example": "join them with |",
+        "sdxl=https://a.example|": "http(s)://host",
+        "sdxl=https://a.example/x|https://a.example/x": "listed twice",
     }
     for text, msg in bad.items():
         with pytest.raises(ProfileError, match="hybrid_vae_endpoints") as info:
