@@ -12,11 +12,12 @@ Per decode, the members are ordered by, in this order of precedence:
 
 1. circuit breaker open (the client's breaker, per URL) -> last;
 2. health check says down (``GET /health`` refused, timed out or 5xx) -> after the healthy ones;
-3. the engine's own remote estimate for this job (:func:`policy.estimate.remote_estimate` from the client's
-   measured round trip, bandwidth and server speed of that URL), times ``(1 + requests in flight from this
-   pool)`` (several concurrent decodes spread over equal members) times ``(1 + recent errors)``, where each
-   failure counts 1 and decays with a half-life of ``error_half_life_s``;
-4. the configured order (ties, e.g. nothing measured yet).
+3. recent errors, fewest first: each failure counts 1 and halves every ``error_half_life_s`` (60 s), rounded,
+   so a member that failed in the last minute goes after those that did not, and is forgiven after ~2 minutes;
+4. the engine's own remote estimate for this job (:func:`policy.estimate.remote_estimate` from the client's
+   measured round trip, bandwidth and server speed of that URL) times ``(1 + requests in flight from this
+   pool)``, so concurrent decodes spread over members of similar speed;
+5. the configured order (ties, e.g. nothing measured yet).
 
 Then it tries them in that order until one answers or the deadline runs out. Every member but the last is
 tried without the client's own retries (failing over is the retry: a refused connection moves on at once
@@ -142,7 +143,7 @@ class EndpointPool:
         pools (`Iterable[str]`, defaults to `()`): endpoint settings to know from the start (``"a|b"``);
             others are learnt from the plans they appear in.
         health_interval_s (`float`, defaults to `30.0`): a pool's members are re-checked in the background
-            when their last check is older than this.
+            when their last check is older than this (``math.inf``: only by :meth:`refresh`).
         health_timeout_s (`float`, defaults to `2.0`): one health check's deadline.
         error_half_life_s (`float`, defaults to `60.0`): how fast a member's recent failures are forgiven.
         min_attempt_s (`float`, defaults to `0.05`): a member is not tried with less of the deadline left.
@@ -154,7 +155,7 @@ class EndpointPool:
                  clock: Callable[[], float] = time.monotonic) -> None:
         for name, v in (("health_interval_s", health_interval_s), ("health_timeout_s", health_timeout_s),
                         ("error_half_life_s", error_half_life_s)):
-            if not (v > 0 and math.isfinite(v)):
+            if not v > 0 or (math.isinf(v) and name != "health_interval_s"):
                 raise ValueError(f"{name}={v!r}: give a positive number of seconds")
         self.client = client
         self.health_interval_s, self.health_timeout_s = health_interval_s, health_timeout_s
@@ -202,17 +203,18 @@ class EndpointPool:
         now = self._clock()
         with self._lock:
             members = [self._members[u] for u in urls]
-            penalty = {m.url: (1 + m.inflight) * (1 + self._recent_errors(m, now)) for m in members}
+            errors = {m.url: math.floor(self._recent_errors(m, now) + 0.5) for m in members}
+            load = {m.url: 1 + m.inflight for m in members}
             down = {m.url: m.health == "down" for m in members}
 
-        def key(item: tuple[int, str]) -> tuple[bool, bool, float, int]:
+        def key(item: tuple[int, str]) -> tuple[bool, bool, int, float, int]:
             i, url = item
             net = stats.get(url) or NetworkStats()
             if job is not None and family is not None:
                 est = remote_estimate(job, family, net, fmt).seconds  # type: ignore[arg-type]
             else:
                 est = net.rtt_s
-            return (not net.available, down[url], est * penalty[url], i)
+            return (not net.available, down[url], errors[url], est * load[url], i)
 
         return [u for _, u in sorted(enumerate(urls), key=key)]
 

@@ -201,10 +201,11 @@ def autoscaling(lo: int, hi: int, max_batch: int) -> dict[str, Any]:
             "target_ongoing_requests": max(1, max_batch), "upscale_delay_s": 10.0, "downscale_delay_s": 300.0}
 
 
-def application(config: dict[str, Any], *, replicas: int | tuple[int, int] = 1, gpus_per_replica: float = 0.0,
-                cpus_per_replica: float = 1.0, max_ongoing_requests: int | None = None,
-                token: str | None = None) -> Any:
-    """The Ray Serve application for a serve configuration, with the CLI's deployment options."""
+def deployment_options(config: dict[str, Any], *, replicas: int | tuple[int, int] = 1, gpus_per_replica: float = 0.0,
+                       cpus_per_replica: float = 1.0, max_ongoing_requests: int | None = None,
+                       token: str | None = None) -> dict[str, Any]:
+    """``VaeDecoder.options(...)`` for the CLI's flags: replicas (a number, or ``(min, max)`` to autoscale),
+    resources, ``max_ongoing_requests`` (default 2 x ``max_batch``) and the token (into the replicas' env)."""
     actor: dict[str, Any] = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     if token:  # to the replicas' environment, where build_app reads it (never into the config)
         actor["runtime_env"] = {"env_vars": {ENV_TOKEN: token}}
@@ -214,7 +215,12 @@ def application(config: dict[str, Any], *, replicas: int | tuple[int, int] = 1, 
         opts["autoscaling_config"] = autoscaling(*replicas, int(config["max_batch"]))
     else:
         opts["num_replicas"] = replicas
-    return VaeDecoder.options(**opts).bind(config)
+    return opts
+
+
+def application(config: dict[str, Any], **options: Any) -> Any:
+    """The Ray Serve application for a serve configuration; ``options`` as :func:`deployment_options`."""
+    return VaeDecoder.options(**deployment_options(config, **options)).bind(config)
 
 
 def run(config: dict[str, Any], token: str | None, *, host: str, port: int, address: str = "local",

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,34 @@ def test_ray_flags_need_ray() -> None:
 
     assert main(["serve", "--demo", "--replicas", "2"]) == 2  # a Ray option without --ray: refused, named
     assert main(["serve", "--demo", "--ray", "--workers", "2"]) == 2
+
+
+@needs_ray
+def test_the_config_file_is_valid_for_serve_run_and_deploy() -> None:
+    """server/ray-serve.yaml passes Ray's own schema; its args go through the CLI's flags and checks."""
+    import yaml
+    from hybrid_vae.server import ray_app
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "server" / "ray-serve.yaml").read_text(encoding="utf-8"))
+    ServeDeploySchema.model_validate(cfg)
+    app = cfg["applications"][0]
+    assert app["import_path"] == "hybrid_vae.server.ray_app:build" and app["deployments"][0]["name"] == ray_app.DEPLOYMENT
+    config = ray_app.config_from_mapping(app["args"])
+    assert config["families"] == {"sdxl": "madebyollin/sdxl-vae-fp16-fix", "flux": "black-forest-labs/FLUX.1-schnell"}
+    assert (config["max_batch"], config["batch_window_s"], config["max_body_bytes"]) == (8, 0.004, 256 * 1024**2)
+    assert type(ray_app.build(app["args"])).__name__ == "Application"
+    for bad, msg in (({"token": "x"}, "HYBRID_VAE_SERVER_TOKEN"), ({"colour": "red"}, "unrecognized arguments"),
+                     ({"demo": True, "max_batch": 0}, "--max-batch 0"), ({"family": {"sdx": "a/b"}}, "unknown family")):
+        with pytest.raises(ValueError, match=msg):
+            ray_app.config_from_mapping(bad)
+    opts = ray_app.deployment_options(config, replicas=(1, 3), gpus_per_replica=1, token="t")
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1,
+                                         "runtime_env": {"env_vars": {"HYBRID_VAE_SERVER_TOKEN": "t"}}}
+    assert opts["autoscaling_config"]["max_replicas"] == 3 and opts["max_ongoing_requests"] == 16
+    assert ray_app.parse_replicas("1:3", 1) == (1, 3) and ray_app.parse_replicas(None, 2) == 2
+    with pytest.raises(ValueError, match="--replicas"):
+        ray_app.parse_replicas("3:1", 1)
 
 
 # ---- on a real Ray instance ---------------------------------------------------------------------------
