@@ -291,3 +291,27 @@ def test_remote_decode_from_sdnext(sd, monkeypatch):
         line = p.extra_generation_params["Hybrid VAE"]
         assert not line.startswith("remote") and "custom VAE my-finetune.safetensors differs" in line, line
     assert decisions(sd)[-1]["custom_vae"] is True
+
+
+def test_remote_decode_from_sdnext_over_an_endpoint_pool(sd):
+    """``sd15=<dead>|<live>``: the image comes from the live endpoint; infotext and decision log name it."""
+    from hybrid_vae.server.app import create_app
+    from hybrid_vae.server.testing import free_port, serve_in_thread
+
+    vae = build_tiny_vae("sd15")
+    pipe = stubtools.ImagePipeline(vae, name="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    sd.shared.sd_model = pipe
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    stubtools.load_extension()
+    dead = f"http://127.0.0.1:{free_port()}/sd15"
+    with serve_in_thread(create_app(families={"sd15": vae}, device="cpu")) as base:
+        sd.shared.opts.data.update({"hybrid_vae_allow_remote": True, "hybrid_vae_mode": "remote",
+                                    "hybrid_vae_endpoints": f"sd15={dead}|{base}/sd15"})
+        runner = sd.scripts_manager.ScriptRunner(False)
+        p = sd.processing.StableDiffusionProcessing(latents=z, width=128, height=128, scripts=runner)
+        processed = sd.processing.process_images(p)
+    line = p.extra_generation_params["Hybrid VAE"]
+    assert len(processed.images) == 1 and line.startswith("remote ") and f"via {base.split('//')[1]}" in line, line
+    entry = decisions(sd)[-1]
+    assert entry["report"]["remote"]["endpoint"] == f"{base}/sd15"
+    assert entry["report"]["chosen"]["endpoint"] == f"{dead}|{base}/sd15"  # the pool the engine chose
