@@ -121,10 +121,11 @@ class RayServeProcess:
 
     Args:
         args (`list[str]`): flags after ``serve --ray`` (``--port`` is added).
+        env (`dict[str, str] | None`): extra environment for the command (its local Ray's processes inherit it).
         start_timeout_s (`float`, defaults to `300`): until the ready line and ``GET /health`` answers.
     """
 
-    def __init__(self, args: list[str], *, start_timeout_s: float = 300.0) -> None:
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, start_timeout_s: float = 300.0) -> None:
         import subprocess
         import sys
         import tempfile
@@ -135,8 +136,9 @@ class RayServeProcess:
         self.log_path = os.path.join(self.tmp, "serve.log")
         self._log = open(self.log_path, "w+", encoding="utf-8")  # closed in stop()
         cmd = [sys.executable, "-m", "hybrid_vae.extension.cli", "serve", "--ray", "--port", str(self.port), *args]
-        env = {**os.environ, "RAY_TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        full_env = {**os.environ, **(env or {}), "RAY_TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True)
         self.seen: set[int] = set()
         self.gcs_address: str | None = None
         self.final_log: str | None = None
