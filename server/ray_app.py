@@ -203,12 +203,14 @@ def autoscaling(lo: int, hi: int, max_batch: int) -> dict[str, Any]:
 
 def deployment_options(config: dict[str, Any], *, replicas: int | tuple[int, int] = 1, gpus_per_replica: float = 0.0,
                        cpus_per_replica: float = 1.0, max_ongoing_requests: int | None = None,
-                       token: str | None = None) -> dict[str, Any]:
+                       token: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``VaeDecoder.options(...)`` for the CLI's flags: replicas (a number, or ``(min, max)`` to autoscale),
-    resources, ``max_ongoing_requests`` (default 2 x ``max_batch``) and the token (into the replicas' env)."""
+    resources, ``max_ongoing_requests`` (default 2 x ``max_batch``), the token and other ``env`` (into the
+    replicas' environment, e.g. ``HF_HOME``)."""
     actor: dict[str, Any] = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
-    if token:  # to the replicas' environment, where build_app reads it (never into the config)
-        actor["runtime_env"] = {"env_vars": {ENV_TOKEN: token}}
+    env_vars = {**(env or {}), **({ENV_TOKEN: token} if token else {})}
+    if env_vars:  # the token goes to the replicas' environment, where build_app reads it (never into the config)
+        actor["runtime_env"] = {"env_vars": env_vars}
     opts: dict[str, Any] = {"ray_actor_options": actor,
                             "max_ongoing_requests": max_ongoing_requests or 2 * int(config["max_batch"])}
     if isinstance(replicas, tuple):
