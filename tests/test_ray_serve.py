@@ -75,7 +75,8 @@ def test_the_config_file_is_valid_for_serve_run_and_deploy() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     cfg = yaml.safe_load((Path(__file__).parents[1] / "server" / "ray-serve.yaml").read_text(encoding="utf-8"))
-    ServeDeploySchema.model_validate(cfg)
+    validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj  # older Ray: v1 API
+    validate(cfg)
     app = cfg["applications"][0]
     assert app["import_path"] == "hybrid_vae.server.ray_app:build" and app["deployments"][0]["name"] == ray_app.DEPLOYMENT
     config = ray_app.config_from_mapping(app["args"])
