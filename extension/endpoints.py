@@ -225,7 +225,11 @@ class EndpointPool:
         Returns:
             ``{url: "ok" | "down" | "unknown"}`` as known when it returns (after the checks with ``wait``).
         """
-        urls = self.add(spec) if spec is not None else tuple(self._members)
+        if spec is not None:
+            urls = self.add(spec)
+        else:
+            with self._lock:
+                urls = tuple(self._members)
         threads = []
         with self._lock:
             todo = [u for u in urls if not self._members[u].checking]
