@@ -1,81 +1,53 @@
-"""The estimator against every measured row of the H200 data (tests/data, copied from shared/data).
+"""The estimator against every measured row (profiles/measured, the H200 measurements), and the constants it ships.
 
-Each memory estimate must lie within +0% .. +10% of the measured peak allocated bytes.
+Each memory estimate must lie within +0% .. +10% of the measured peak allocated bytes, and the constants in
+profiles/families.yaml must be bench/estimator_fit.py's fit on all rows (whose held-out errors are in
+docs/estimator.md).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from hybrid_vae.policy import DecodeJob, load_profiles
-from hybrid_vae.policy.estimate import peak_bytes
+from hybrid_vae.bench.estimator_fit import estimate_for, fit, split_alternate, split_sizes
+from hybrid_vae.policy import load_profiles
+from hybrid_vae.profiles.measurements import measured_rows
 
-DATA = Path(__file__).parent / "data"
 PROFILES = load_profiles("")
-FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "sdxl_fp16": "sdxl", "flux": "flux", "hunyuan": "hunyuanvideo",
-          "tilesweep": "sd15", "baseline": "sd15", "cudnn_bench": "sd15"}
-# rows that do not describe a decode the engine runs: channels_last (a memory format the engine does
-# not use; 26% less memory, 45-55% slower), oom_retry (no peak), info/end (metadata)
-SKIP = {"channels_last", "oom_retry", "info", "end"}
-
-
-def _rows() -> list[tuple[str, dict]]:
-    out = []
-    for f in sorted(DATA.glob("*.jsonl")):
-        for i, line in enumerate(f.read_text().splitlines()):
-            r = json.loads(line)
-            if r.get("tag") in SKIP:
-                continue
-            out.append((f"{f.stem}:{i + 1}", r))
-    return out
-
-
-ROWS = _rows()
-
-
-def _case(r: dict) -> tuple[DecodeJob, dict, int]:
-    """(job, plan kwargs, measured bytes) for one data row."""
-    tag = r.get("tag")
-    dtype = str(r.get("dtype", "torch.float16")).replace("torch.", "")
-    if tag is None:  # memory-cap runs (file 3): full decodes, absolute peak minus the weights before
-        job = DecodeJob("sd15", r["res"], r["res"], dtype=dtype)
-        return job, {"tile_px": None}, r["peak_alloc"] - r["base"]
-    fam = FAMILY[tag]
-    measured = r["peak_alloc_delta"]
-    if fam == "hunyuanvideo":
-        res = r["res"]
-        frames, h, w = (int(x) for x in res.split("x"))
-        job = DecodeJob(fam, w, h, frames=frames, dtype="float16")
-        mode = r["mode"]
-        if mode == "full":
-            return job, {"tile_px": None, "frame_chunk": None}, measured
-        if mode == "framewise":
-            return job, {"tile_px": None, "frame_chunk": 4}, measured
-        return job, {"tile_px": 256, "overlap_px": 64, "frame_chunk": 4}, measured
-    res = r["res"]
-    job = DecodeJob(fam, res, res, batch=r.get("batch", 1), dtype=dtype)
-    if tag == "tilesweep":
-        tile = r["tile"]
-        return job, {"tile_px": tile, "overlap_px": int(tile * r["overlap"]), "geometry": "diffusers"}, measured
-    if r.get("mode") == "tiled":
-        tile = r["tile"]
-        return job, {"tile_px": tile, "overlap_px": tile // 4, "geometry": "diffusers"}, measured
-    return job, {"tile_px": None}, measured
+ROWS = measured_rows()
 
 
 def test_data_is_all_there():
-    assert len(ROWS) >= 150  # 78 + 29 + 64 lines, less the skipped ones
+    assert len(ROWS) == 165  # 78 + 29 + 64 lines, less channels_last, oom_retry, info and end
+    assert {r.family for r in ROWS} == {"sd15", "sdxl", "flux", "hunyuanvideo"}
+    assert sum(r.family == "hunyuanvideo" for r in ROWS) == 9
+    assert all(r.peak_bytes and r.peak_bytes > 0 for r in ROWS)
 
 
-@pytest.mark.parametrize(("where", "row"), ROWS, ids=[w for w, _ in ROWS])
-def test_estimate_within_0_to_10_percent(where, row):
-    job, kw, measured = _case(row)
-    fam = PROFILES.family(job.family)
-    kw.setdefault("overlap_px", 0)
-    kw.setdefault("frame_chunk", None)
-    est = peak_bytes(job, fam, slice_batch=False, **kw)
-    ratio = est / measured
+@pytest.mark.parametrize("row", ROWS, ids=[r.where for r in ROWS])
+def test_estimate_within_0_to_10_percent(row):
+    est = estimate_for(row, PROFILES)
+    ratio = est / row.peak_bytes
     assert 1.0 <= ratio <= 1.10, (
-        f"{where}: estimate {est / 2**30:.3f} GiB vs measured {measured / 2**30:.3f} GiB ({ratio - 1:+.1%})")
+        f"{row.where}: estimate {est / 2**30:.3f} GiB vs measured {row.peak_bytes / 2**30:.3f} GiB ({ratio - 1:+.1%})")
+
+
+def test_shipped_constants_are_the_fit_on_all_rows():
+    """families.yaml holds what `python -m hybrid_vae.bench.estimator_fit` fits on every row (rounded up)."""
+    consts = fit(ROWS)
+    for model, fam_key in (("sd", "sd15"), ("sd", "sdxl"), ("sd", "flux"), ("sd", "sd3"),
+                           ("hunyuanvideo", "hunyuanvideo")):
+        mem = PROFILES.family(fam_key).memory
+        for k, v in consts[model].items():
+            assert getattr(mem, k) == pytest.approx(v, rel=1e-9, abs=1e-9), (fam_key, k)
+
+
+def test_held_out_splits_leave_rows_out():
+    """Both splits train on a part of the rows and hold out the rest; the `sizes` split holds out every 2048 px
+    image and the larger videos."""
+    for is_train in (split_sizes, split_alternate(ROWS)):
+        train = [r for r in ROWS if is_train(r)]
+        assert 0 < len(train) < len(ROWS)
+        assert {r.family for r in train} == {r.family for r in ROWS}
+    held = [r for r in ROWS if not split_sizes(r)]
+    assert {max(r.width, r.height) for r in held if r.family != "hunyuanvideo"} == {2048}
+    assert {(r.width, r.height) for r in held if r.family == "hunyuanvideo"} == {(960, 544), (1280, 720)}
