@@ -2,7 +2,7 @@
 
 ::
 
-    hybrid-vae bench --simulate [--json] [--reduced]   # every strategy x scenario, CPU only, < 1 min
+    hybrid-vae bench --simulate [--json] [--set scoring|tuning|reduced]   # every strategy x scenario, CPU only
     hybrid-vae bench --gpu [--out bench/results]       # >= 30 real decodes on emulated smaller cards
     hybrid-vae bench --plots                            # PNGs under docs/img/ (needs matplotlib)
     python -m hybrid_vae.bench.cli gpu --out bench/results         # the same as --gpu
@@ -44,9 +44,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print per-strategy metrics (simulate) or results (gpu) as JSON")
     p.add_argument("--no-write", action="store_true", help="do not write the section of docs/benchmarks.md")
     p.add_argument("--out", default=None, help="results folder (gpu: JSONL per run; simulate: full JSON with every row)")
-    p.add_argument("--reduced", action="store_true", help="simulate: the reduced matrix the tests run")
+    p.add_argument("--set", dest="sset", choices=("scoring", "tuning", "reduced"), default="scoring",
+                   help="simulate: scenario set (scoring: the headline; tuning: where defaults are chosen; reduced: tests)")
+    p.add_argument("--reduced", action="store_true", help="simulate: the reduced set (= --set reduced)")
     p.add_argument("--jobs", type=int, default=None, help="simulate: worker processes (default: CPU count, max 8)")
-    p.add_argument("--seed", type=int, default=0, help="simulate: world seed")
+    p.add_argument("--seed", type=int, default=None, help="simulate: one world seed instead of the set's seeds")
     p.add_argument("--no-what-if", action="store_true", help="simulate: skip the engine what-if variants (faster)")
     p.add_argument("--profile", default="", help="profile YAML merged over the built-ins")
     p.add_argument("--budget-s", type=float, default=300.0, help="gpu: stop starting new scenarios after this long")
@@ -86,27 +88,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from hybrid_vae.bench import matrix
     from hybrid_vae.bench.strategies import STRATEGIES
 
+    if args.jobs is not None and args.jobs < 1:
+        print(f"hybrid-vae bench: --jobs {args.jobs}: must be >= 1", file=sys.stderr)
+        return 2
+    sset = matrix.SETS["reduced" if args.reduced else args.sset]
+    if args.seed is not None:
+        sset = dataclasses.replace(sset, seeds=(args.seed,))
     names = list(STRATEGIES) if args.no_what_if else None
-    res = matrix.run(args.profile, reduced=args.reduced, params=matrix.WorldParams(seed=args.seed),
-                     strategies=names, jobs=args.jobs)
+    res = matrix.run(args.profile, sset=sset, strategies=names, jobs=args.jobs)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"simulate-{'reduced' if args.reduced else 'full'}-seed{args.seed}.json").write_text(json.dumps(res))
+        (out / f"simulate-{sset.name}-seeds{'-'.join(map(str, sset.seeds))}.json").write_text(json.dumps(res))
     slim = {k: v for k, v in res.items() if k != "rows"}
     if args.json:
         print(json.dumps(slim, indent=2, default=str))
     else:
-        print(f"{res['scenarios']} scenarios in {res['elapsed_s']:.1f} s on {res['jobs']} processes "
+        print(f"{sset.name} set: {res['scenarios']} scenarios in {res['elapsed_s']:.1f} s on {res['jobs']} processes "
               f"({res['cpu_s']:.1f} CPU-seconds)\n")
         print(matrix.markdown(res))
         if not args.no_what_if:
             print("\n" + matrix.what_if_markdown(res))
         print("\ntargets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in res.get("targets", {}).items()))
-    if not (args.no_write or args.reduced or args.profile or args.seed):
+    if not (args.no_write or sset.name != "scoring" or args.profile or args.seed is not None):
         from hybrid_vae.bench.report import write_section
 
-        sens = matrix.sensitivity(jobs=args.jobs) if not args.no_what_if else None
+        full = not args.no_what_if
+        tuning_res = matrix.run(args.profile, sset="tuning", strategies=list(STRATEGIES), jobs=args.jobs)
+        tuning = matrix.tune(jobs=args.jobs) if full else None
+        sens = matrix.sensitivity(jobs=args.jobs) if full else None
         cdf = None
         try:
             from hybrid_vae.bench import plots
@@ -114,7 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cdf = plots.regret_cdf(res)
         except ImportError:
             print("regret plot skipped: matplotlib is not installed (the `plots` extra)", file=sys.stderr)
-        write_section("bench/matrix.py", matrix.section(res, sens, cdf=cdf))
+        write_section("bench/matrix.py", matrix.section(res, sens, cdf=cdf, tuning=tuning, tuning_res=tuning_res))
     return 0
 
 

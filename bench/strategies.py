@@ -71,10 +71,14 @@ def engine_decision(sc: Scenario, profiles: Profiles, *, reserve_mib: float | No
                     learned: Learned | None = None, cache: dict[tuple[object, ...], Decision] | None = None,
                     **settings: object) -> Decision:
     """``decide`` for a scenario (remote allowed when there is a network), memoised in ``cache``;
-    ``settings`` are further :class:`DecodeSettings` fields (what-if rows)."""
+    ``settings`` are further :class:`DecodeSettings` fields (what-if rows), plus ``exact_margin`` (the
+    families' exact-tiling margin, a profile value)."""
     key = (sc.key, reserve_mib, id(learned) if learned is not None else None, tuple(sorted(settings.items())))
     if cache is not None and key in cache:
         return cache[key]
+    margin = settings.pop("exact_margin", None)
+    if margin is not None:
+        profiles = with_exact_margin(profiles, float(margin))  # type: ignore[arg-type]
     kw: dict[str, object] = {"allow_remote": sc.network is not None, **settings}
     if reserve_mib is not None:
         kw["reserve_bytes"] = int(reserve_mib * 2**20)
@@ -85,9 +89,24 @@ def engine_decision(sc: Scenario, profiles: Profiles, *, reserve_mib: float | No
     return d
 
 
-def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *, tight_first: bool) -> Outcome:
+_MARGINS: dict[tuple[int, float], Profiles] = {}
+
+
+def with_exact_margin(profiles: Profiles, margin: float) -> Profiles:
+    """``profiles`` with every family's ``memory.exact_margin`` set to ``margin`` (cached per profiles object)."""
+    key = (id(profiles), margin)
+    got = _MARGINS.get(key)
+    if got is None:
+        fams = {k: f.model_copy(update={"memory": f.memory.model_copy(update={"exact_margin": margin})})
+                for k, f in profiles.families.items()}
+        got = _MARGINS[key] = profiles.model_copy(update={"families": fams})
+    return got
+
+
+def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *, tight_first: bool,
+                  chain: bool = True) -> Outcome:
     fam = profiles.family(sc.family)
-    plans = list(d.plans)
+    plans = list(d.plans) if chain else [d.chosen]
     if tight_first:
         tight = [o.plan for o in d.options if o.plan.path in ("full", "tiled") and not o.feasible
                  and o.plan.estimate.peak_bytes <= d.available_bytes]
@@ -106,12 +125,6 @@ def engine(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome
 def engine_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """The engine with the learned timings of a warm-up run (see :func:`bench.matrix.train_learned`)."""
     d = engine_decision(sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
-    return _run_decision(world, sc, profiles, d, tight_first=False)
-
-
-def engine_reserve_64(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF: the engine with ``reserve_bytes`` = 64 MiB instead of the default 128 MiB."""
-    d = engine_decision(sc, profiles, reserve_mib=64, cache=kw.get("cache"))
     return _run_decision(world, sc, profiles, d, tight_first=False)
 
 
@@ -196,8 +209,9 @@ def comfyui(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outc
     fam = profiles.family(sc.family)
     per = comfy_formula(fam, sc)
     k = max(1, min(sc.batch, int(sc.gpu().available_bytes / per)))
-    # ComfyUI's own video VAEs decode every frame at once (Wan: causally, frame by frame)
-    first = Exec("full", items=k)
+    # ComfyUI's own video VAEs decode every frame at once (Wan: causally, frame by frame); finished items go to
+    # its output device (the host)
+    first = Exec("full", items=k, geometry="comfy")
 
     def chain() -> Iterator[tuple[str, Exec]]:
         yield f"full x{k}", first
@@ -216,7 +230,7 @@ def comfy_gated(world: World, sc: Scenario, profiles: Profiles, **_: object) -> 
 
     def chain() -> Iterator[tuple[str, Exec]]:
         if k >= 1:
-            yield f"full x{k}", Exec("full", items=k)
+            yield f"full x{k}", Exec("full", items=k, geometry="comfy")
         yield from _comfy_retries(fam)
 
     return run_chain(world, sc, chain())
@@ -261,12 +275,13 @@ STRATEGIES: dict[str, tuple[str, Strategy]] = {
     "always_remote": ("always remote (no fallback)", always_remote),
 }
 #: The engine under other settings or rules (what-if rows; never mixed into the headline table).
-def engine_with(**settings: object) -> Strategy:
-    """WHAT-IF: the engine with other :class:`DecodeSettings` values (its rules unchanged)."""
+def engine_with(*, chain: bool = True, **settings: object) -> Strategy:
+    """WHAT-IF: the engine with other :class:`DecodeSettings` values or ``exact_margin`` (its rules unchanged);
+    ``chain=False``: only the decision's first plan runs (an OOM loses the image)."""
 
     def run(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
         d = engine_decision(sc, profiles, cache=kw.get("cache"), **settings)
-        return _run_decision(world, sc, profiles, d, tight_first=False)
+        return _run_decision(world, sc, profiles, d, tight_first=False, chain=chain)
 
     return run
 
@@ -277,7 +292,10 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
                            engine_with(exact_tolerance=1.5)),
     "engine_local_only": ("engine without exact tiling (tile_groupnorm local)", engine_with(tile_groupnorm="local")),
     "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
-    "engine_reserve64": ("engine, reserve 64 MiB instead of 128 MiB", engine_reserve_64),
+    "engine_reserve64": ("engine, reserve 64 MiB", engine_with(reserve_bytes=64 * 2**20)),
+    "engine_margins0": ("engine, margins 0 (reserve 0, exact_margin 1.0)",
+                        engine_with(reserve_bytes=0, exact_margin=1.0)),
+    "engine_no_chain": ("engine without its fallback chain (first plan only)", engine_with(chain=False)),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),
     "engine_tight_learned": ("engine + 'tight plan first' + learned timings", engine_tight_learned),
 }

@@ -1,73 +1,116 @@
-"""The simulated world of ``hybrid-vae bench --simulate``: what a decode *really* costs, from the data.
+"""The simulated world of ``hybrid-vae bench --simulate``: what a decode *really* needs and costs.
 
-The engine's own estimates are not the ground truth here. The world is built from the H200
-measurements (``tests/data/*.jsonl``, copied from ``shared/data``) and the seed's per-GPU tables:
+Nothing here comes from the engine's estimator (:mod:`policy.estimate`, the memory constants of
+``families.yaml``); ``tests/test_bench.py`` checks that the world runs with the estimator switched off. The
+world is three layers, each in its own module:
 
-* **Memory.** The engine's memory model is fitted to land +0..+10% above every measured peak. The
-  world's true peak of any decode is that model's value divided by the estimate/measurement ratio
-  of the *nearest measured row* of the same kind (architecture, full/tiled/chunked/batched; nearest
-  in log pixels), jittered by U(0.98, 1.02) and kept in [1.00, 1.10]. Families without measurements
-  (Wan) draw the ratio from U(1.00, 1.10). An attempt runs out of memory when its true peak exceeds
-  the memory free at decode time (the probed free memory, less an optional random drift).
-* **Seconds.** Image decoders: the measured H200 full-decode curve (median of sd15/sdxl-fp16/flux
-  rows for 2-byte dtypes, sdxl rows for float32), piecewise linear in pixels; a tiled decode costs
-  the full-decode time of each tile plus a per-tile overhead ``c0 + c1 * tile_MP`` fitted by least
-  squares on the 64 measured tiled rows (diffusers tiling and the tile sweep); a batch decoded at once
-  costs ``items * t * b(items)`` with the measured b(2)=1.00, b(4)=0.87. Video (HunyuanVideo):
-  ``a * decoded voxels + c * decoder calls`` fitted on the 8 measured video rows, with decoded voxels
-  counted as diffusers' framewise/tiled decoding really decodes them (overlaps included). Wan is not
-  measured: the world uses the engine's assumption, so Wan scenarios carry no speed signal.
-* **Cards.** A profiled card's time = the H200 time x the card/H200 ratio of the seed's rows at the
-  same dtype (interpolated in log pixels between 512 and 1024 px, constant outside). The 4 GB and
-  6 GB cards are not profiled; their true speed is an assumption stated in :data:`EXTRA_CARDS`.
-* **Noise.** Lognormal factors on the times: per card (sigma 0.15: this user's card against the
-  profile's card of the same name, clocks, drivers; the same for every decode on that card), per
-  scenario (sigma 0.05, shared by its local decodes), per decode (sigma 0.03; the measured run-to-run
-  spread is 1-2%), and per scenario on the network (sigma 0.15 on round trip and bandwidth). Draws
-  are seeded by card, scenario and plan, so every strategy meets the same world (common random
-  numbers).
-* **Failures.** A failed attempt (OOM) costs U(0.70, 1.00) of the time of the largest single region
-  it tried to decode (measured: a failed full fp32 2048 decode took 0.45-0.65 s of 0.64 s on an H200).
-  A remote request fails (HTTP 503) with probability ``remote_failure`` (default 2%), after the round
-  trip and the upload.
+* :mod:`bench.interp`: the measured curves (H200 peak bytes and seconds, CPU host bytes and seconds),
+  interpolated from ``profiles/measured/*.jsonl``.
+* :mod:`bench.truth`: the truth of each *plan kind* (full, local tiles, exact tiles, cpu; a registry a new
+  kind is added to): measured where a measurement exists, an explicit assumption with its own spread where
+  none does (the engine's own tiler, exact tiles, Wan, the CPU path's video decodes).
+* this module: scenarios, cards, the effects a real machine adds to a decode and the estimator does not
+  model, and running an attempt.
+
+Effects (drawn per *installation* = world seed x card, or per scenario; every range is an assumption, sized
+from what users of SD.Next/ComfyUI/PyTorch report, sources in ``docs/benchmarks.md``):
+
+* **cuDNN workspace** (per installation): the H200 rows contain that run's workspace (``cudnn.benchmark`` on
+  and off gave the same peaks); another card/driver/cuDNN adds ``U(-32, +96)`` MiB to every GPU decode.
+* **Allocator block rounding** (per scenario): ``U(0, 48)`` MiB on top of the allocated peak (a warm UI
+  process; under a memory cap a cold process needed 1.00x its allocated peak on the H200).
+* **Fragmentation** (per installation): a fraction ``U(0, 0.3)`` of the torch cache the engine counts as
+  available cannot hold the decode's large blocks. Each scenario says how much of its free memory is torch
+  cache (the engine sees that split, as NVML free + ``reserved - active``).
+* **Free memory moving between the probe and the decode** (per scenario): 60% nothing; 25% it shrinks by
+  ``U(0, 64)`` MiB; 10% by ``U(64, 400)`` MiB; 3% by ``U(0.4, 2)`` GiB; 2% it grows by ``U(0, 512)`` MiB.
+* **Host memory** (per scenario): the RAM free for a CPU decode is 4, 8, 16 or 32 GiB (15/35/35/15%); a
+  ``cpu`` plan whose host peak exceeds it fails (``MemoryError``), so the CPU path can lose an image too.
+* **Seconds**: lognormal noise per card (sigma 0.15), per scenario (0.05), per decode (0.03), per network
+  (0.15), and a user CPU 0.15-0.6x as slow as the measuring machine's two shared cores.
+
+Draws are seeded by (world seed, card, scenario, plan), so every strategy meets the same world (common random
+numbers) and a different seed is a different world.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
-import json
 import math
 import random
-import statistics
 import zlib
-from collections import Counter
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from hybrid_vae.policy.estimate import FORMAT_S_PER_MP, exact_peak_bytes, exact_tiles, latent_frames, peak_bytes, region_peak
+from hybrid_vae.bench import truth
+from hybrid_vae.bench.geometry import comfy_axis, tiledvae_axis
+from hybrid_vae.bench.interp import MemoryCurves, TimeFits, curves
 from hybrid_vae.policy.gpu import GiB, GpuState
 from hybrid_vae.policy.model import DecodeJob, NetworkStats, Plan
 from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
-from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+__all__ = ["NETWORKS", "Attempt", "Card", "Exec", "NetworkCase", "Scenario", "World", "WorldParams", "comfy_axis",
+           "tiledvae_axis"]
 MiB = 1024**2
 Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact"]
-
-#: Cards the engine has no profile for: (name as NVML reports it, total GiB, true speed vs an H200 at
-#: 2 bytes, at 4 bytes). ASSUMED: an RTX 3070 measured 4.8x (fp16) / 6.8x (fp32) an H200 in the seed's
-#: table; a 3060 Laptop is taken as 0.75x and a 3050 Laptop as 0.45x a 3070. The engine assumes 5x.
+#: Cards whose speed the world takes from the seed document's measured tables (profiles/gpus.yaml).
+SEED_CARDS = ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4080", "NVIDIA GeForce RTX 4070 Ti",
+              "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3080", "NVIDIA GeForce RTX 3070", "NVIDIA H200")
+#: Cards with no measured table: (name, total GiB, seconds vs an H200 at 2 bytes, at 4 bytes). ASSUMED from an
+#: RTX 3070's measured 4.8x (fp16) / 6.8x (fp32): a 3050 Laptop 0.45x a 3070, a 3060 Laptop 0.75x, an RTX 2060
+#: 0.65x, an RTX 4060 0.9x.
 EXTRA_CARDS: tuple[tuple[str, float, float, float], ...] = (
     ("NVIDIA GeForce RTX 3050 Laptop GPU", 4.0, 10.6, 15.1),
     ("NVIDIA GeForce RTX 3060 Laptop GPU", 6.0, 6.3, 9.0),
+    ("NVIDIA GeForce RTX 2060", 6.0, 7.4, 10.5),
+    ("NVIDIA GeForce RTX 4060", 8.0, 5.3, 7.5),
 )
-SERVER_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed, as the engine does)
-CPU_S_PER_VOXEL = 4e-5  # assumed, as the engine does
+SERVER_FACTOR = (1.5, 3.0)  # a hosted endpoint's GPU against an H200, per world (assumed)
 PNG_BYTES_PER_PX = (1.0, 2.0)  # a photo's PNG: 1-2 MiB per megapixel
 FORMAT_BYTES = {"raw": 3.0, "jpg": 0.35, "mp4": 0.08}
+FORMAT_S_PER_MP = {"raw": 0.0, "png": 0.15, "jpg": 0.04, "mp4": 0.06}  # encode + decode (assumed)
+#: (probability, low MiB, high MiB) of free memory shrinking (negative: growing) between probe and decode
+REPORTED_DRIFT: tuple[tuple[float, float, float], ...] = (
+    (0.60, 0.0, 0.0), (0.25, 0.0, 64.0), (0.10, 64.0, 400.0), (0.03, 400.0, 2048.0), (0.02, -512.0, 0.0))
+HOST_FREE_GIB: tuple[tuple[float, float], ...] = ((0.15, 4.0), (0.35, 8.0), (0.35, 16.0), (0.15, 32.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldParams:
+    """Knobs of the world. The defaults are the headline world.
+
+    Args:
+        seed (`int`): every random draw. card_seed (`int | None`): the per-card speed draws (None: ``seed``).
+        sigma_card / sigma_local / sigma_plan / sigma_net (`float`): lognormal noise on seconds.
+        remote_failure (`float`, 0.02): chance a remote request fails (HTTP 503).
+        drift (`tuple`): the mixture of free-memory changes between probe and decode (:data:`REPORTED_DRIFT`).
+        drift_mib (`float | None`): instead of the mixture, every decode loses exactly this much (tests).
+        effects (`bool`, True): cuDNN workspace, block rounding, fragmentation, host memory; False with
+            ``spread=False`` and no drift gives the bare measured truth (tests).
+        spread (`bool`, True): assumed factors drawn from their ranges; False: each at its midpoint.
+        conv3d_regression (`float`, 0): share of installations whose video decoder takes the PyTorch 2.9
+            conv3d path (2-3x the memory; a sensitivity world, not the headline).
+    """
+
+    seed: int = 0
+    card_seed: int | None = None
+    sigma_card: float = 0.15
+    sigma_local: float = 0.05
+    sigma_plan: float = 0.03
+    sigma_net: float = 0.15
+    remote_failure: float = 0.02
+    drift: tuple[tuple[float, float, float], ...] = REPORTED_DRIFT
+    drift_mib: float | None = None
+    effects: bool = True
+    spread: bool = True
+    conv3d_regression: float = 0.0
+
+    @classmethod
+    def quiet(cls, **kw: object) -> WorldParams:
+        """The bare measured truth: no noise, no drift, no effects, assumptions at their midpoints."""
+        base: dict[str, object] = dict(sigma_card=0.0, sigma_local=0.0, sigma_plan=0.0, sigma_net=0.0,
+                                       remote_failure=0.0, drift=((1.0, 0.0, 0.0),), effects=False, spread=False)
+        return cls(**{**base, **kw})  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +136,26 @@ class Card:
     name: str
     total_gib: float
     profiled: bool
-    assumed_speed: tuple[float, float] | None = None  # (2-byte, 4-byte) x H200, unprofiled cards
+    assumed_speed: tuple[float, float] | None = None  # (2-byte, 4-byte) x H200 for cards without a measured table
+
+
+def world_cards() -> list[Card]:
+    """Every card the world knows: the seed's measured cards and the assumed ones (:data:`EXTRA_CARDS`)."""
+    from hybrid_vae.policy import load_profiles
+
+    profiles = load_profiles("")
+    out = [Card(g.name, g.total_gib, True) for g in profiles.gpus if g.name in SEED_CARDS]
+    out += [Card(n, t, profiles.gpu(n) is not None, (s16, s32)) for n, t, s16, s32 in EXTRA_CARDS]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
-    """One decode in one situation."""
+    """One decode in one situation, as the engine can see it.
+
+    ``cache_frac``: the share of the free memory that is this process's torch cache (``reserved - active``),
+    the rest NVML free.
+    """
 
     variant: str  # label: sd15, sdxl, sdxl-fp16fix, flux, sd3, hunyuanvideo, wan
     family: str
@@ -110,11 +167,12 @@ class Scenario:
     card: Card
     free_frac: float
     network: NetworkCase | None
+    cache_frac: float = 0.0
 
     @functools.cached_property
     def local_key(self) -> str:
         return (f"{self.variant}|{self.dtype}|{self.width}x{self.height}x{self.batch}x{self.frames}|"
-                f"{self.card.name}|{self.free_frac:g}")
+                f"{self.card.name}|{self.free_frac:g}|{self.cache_frac:.3f}")
 
     @functools.cached_property
     def key(self) -> str:
@@ -129,11 +187,14 @@ class Scenario:
 
     def job(self) -> DecodeJob:
         return DecodeJob(self.family, self.width, self.height, batch=self.batch, frames=self.frames,
-                         dtype=self.dtype)
+                         dtype=self.dtype)  # type: ignore[arg-type]
 
     def gpu(self) -> GpuState:
+        """What the probe reports: NVML free + the torch cache, together ``free_frac`` of the card."""
         total = int(self.card.total_gib * GiB)
-        return GpuState(name=self.card.name, total_bytes=total, free_bytes=int(total * self.free_frac),
+        avail = int(total * self.free_frac)
+        cache = int(avail * self.cache_frac)
+        return GpuState(name=self.card.name, total_bytes=total, free_bytes=avail - cache, torch_reusable_bytes=cache,
                         source="simulated", device="simulated", simulated=True)
 
 
@@ -141,9 +202,11 @@ class Scenario:
 class Exec:
     """A concrete decode as the world runs it.
 
-    ``path`` full: ``items`` batch items per decoder call (0: the whole batch). tiled: one pass per
-    ``tiles`` entry (tile height, tile width in output px; ComfyUI runs three and averages them),
-    cut by ``geometry``; ``frame_chunk``: latent frames per temporal chunk (video; None: all).
+    ``kind`` selects its truth in :data:`bench.truth.KINDS` (default: from ``path`` and ``geometry``).
+    ``path`` full: ``items`` batch items per decoder call (0: the whole batch). tiled: one pass per ``tiles``
+    entry (tile height, tile width in output px; ComfyUI runs three and averages them), cut by ``geometry``;
+    ``frame_chunk``: latent frames per temporal chunk (video; None: all). ``geometry="comfy"`` on a full decode:
+    finished items go to the host (ComfyUI's output device).
     """
 
     path: Literal["full", "tiled", "cpu", "remote"]
@@ -154,19 +217,24 @@ class Exec:
     frame_chunk: int | None = None
     frame_overlap: int = 0
     fmt: str | None = None
+    kind: str = ""
 
     def __post_init__(self) -> None:  # one key per execution: no overlap without chunks
         if self.frame_chunk is None and self.frame_overlap:
             object.__setattr__(self, "frame_overlap", 0)
+        if not self.kind:
+            k = {"full": "full", "cpu": "cpu", "remote": "remote"}.get(self.path) or \
+                ("tiled-exact" if self.geometry == "exact" else "tiled-local")
+            object.__setattr__(self, "kind", k)
 
     @functools.cached_property
     def key(self) -> str:
         return (f"{self.path}|{self.items}|{self.tiles}|{self.overlap_px}|{self.geometry}|{self.frame_chunk}|"
-                f"{self.fmt}")
+                f"{self.fmt}|{self.kind}")
 
     @classmethod
     def from_plan(cls, plan: Plan, fam: Family, batch: int) -> Exec:
-        """The execution of one of the engine's plans."""
+        """The execution of one of the engine's plans (a new plan kind maps here to its registered truth)."""
         if plan.path == "remote":
             return cls("remote", fmt=plan.response_format)
         if plan.path == "cpu":
@@ -190,423 +258,158 @@ class Attempt:
     error: str | None = None
 
 
-# ---- measured data ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Install:
+    """One card's software stack in one world (per world seed x card); see the module docs."""
 
-
-def _data_rows() -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for f in sorted(DATA_DIR.glob("*.jsonl")):
-        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return rows
-
-
-def _piecewise(points: dict[int, float], px: float) -> float:
-    xs = sorted(points)
-    ys = [points[x] for x in xs]
-    if px <= xs[0]:
-        return ys[0] * px / xs[0]
-    i = min(max(1, bisect.bisect_left(xs, px)), len(xs) - 1)
-    return ys[i - 1] + (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1]) * (px - xs[i - 1])
-
-
-def comfy_axis(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """ComfyUI's ``tiled_scale`` positions: stride ``tile - overlap`` up to ``length - overlap``, clipped."""
-    if length <= tile:
-        return [(0, length)]
-    out = []
-    for s in range(0, length - overlap, tile - overlap):
-        s = max(0, min(length - overlap, s))
-        out.append((s, min(tile, length - s)))
-    return out
-
-
-def tiledvae_axis(length: int, tile: int, pad: int) -> list[tuple[int, int]]:
-    """Tiled VAE (A1111): ``ceil(length / tile)`` equal cores, each padded by ``pad`` on both sides (clipped)."""
-    n = max(1, math.ceil(length / tile))
-    core = math.ceil(length / n)
-    out = []
-    for i in range(n):
-        a, b = max(0, i * core - pad), min(length, (i + 1) * core + pad)
-        out.append((a, b - a))
-    return out
+    workspace: float  # bytes added to every GPU decode (cuDNN workspace against the H200 run's)
+    frag: float  # share of the torch cache that cannot hold the decode's blocks
+    tiler: float  # the engine's local tiler's peak / diffusers' at the same tile (assumed)
+    exact_buf: float  # exact tiling: whole-image buffers / a full decode's measured peak (assumed)
+    exact_tile: float  # exact tiling: one tile's working set / a full decode of the tile (assumed)
+    out_copies: float  # 3-channel output copies held while stitching items/chunks/tiles (assumed)
+    wan_ratio: float  # ComfyUI's Wan formula / Wan's true peak (assumed; 1.79 on the SD decoder)
+    cpu_speed: float  # a user's CPU decode seconds / the measuring machine's
+    conv3d: float  # video decoder peak factor (1: no PyTorch 2.9 conv3d regression)
+    server: float  # the remote endpoint's seconds / an H200's
 
 
 @dataclasses.dataclass(frozen=True)
-class Fits:
-    """Constants fitted on the data (see module docs)."""
+class Conditions:
+    """What happens to one scenario between the probe and the decode, hidden from the engine."""
 
-    full16: dict[int, float]
-    full32: dict[int, float]
-    tile_c0: float
-    tile_c1: float
-    video_a: float
-    video_c: float
-    mem_ratios: tuple[tuple[str, int, float, float], ...]  # (kind, dsize, px, estimate/measured)
-    tiled_rows: int
-    video_rows: int
-
-
-def _video_geometry(frames_lat: int, h: int, w: int, *, chunk: int | None, overlap: int, tile: int | None,
-                    tile_overlap: int, tc: int, causal_frames: bool = False) -> tuple[float, int, float]:
-    """(decoded output frames x latent area, decoder calls, largest call's frames x latent area) of a video decode.
-
-    diffusers' HunyuanVideo: temporal chunks of ``chunk + 1`` latent frames every ``chunk - overlap``
-    (each decodes ``1 + tc * (k - 1)`` frames), and in each chunk spatial tiles on diffusers' stride.
-    ``causal_frames`` (Wan): one latent frame per call with a cache, no frame decoded twice.
-    """
-    if tile is not None and (h > tile or w > tile):
-        ty, tx = diffusers_axis(h, tile, tile_overlap), diffusers_axis(w, tile, tile_overlap)
-    else:
-        ty, tx = [(0, h)], [(0, w)]
-    area = sum(s for _, s in ty) * sum(s for _, s in tx)
-    big_area = max(s for _, s in ty) * max(s for _, s in tx)
-    n_tiles = len(ty) * len(tx)
-    if causal_frames:
-        frames = 1 + tc * (frames_lat - 1)
-        return float(frames * area), frames_lat * n_tiles, float(tc * big_area)
-    if chunk is not None and frames_lat > chunk:
-        chunks = [min(chunk + 1, frames_lat - i) for i in range(0, frames_lat, max(1, chunk - overlap))]
-    else:
-        chunks = [frames_lat]
-    frames = sum(1 + tc * (k - 1) for k in chunks)
-    return float(frames * area), len(chunks) * n_tiles, float((1 + tc * (max(chunks) - 1)) * big_area)
-
-
-def fit(profiles: Profiles) -> Fits:
-    """Fit the world's constants on ``tests/data`` (memory ratios use ``profiles``' memory model)."""
-    rows = _data_rows()
-    full: dict[int, dict[int, list[float]]] = {2: {}, 4: {}}
-    for r in rows:
-        if r.get("tag") in ("sd15", "sdxl", "sdxl_fp16", "flux") and r.get("mode") == "full" and r.get("batch", 1) == 1:
-            ds = 4 if "float32" in str(r["dtype"]) else 2
-            full[ds].setdefault(int(r["res"]) ** 2, []).append(float(r["median_s"]))
-    f16 = {k: statistics.median(v) for k, v in full[2].items()}
-    f32 = {k: statistics.median(v) for k, v in full[4].items()}
-    # per-tile overhead: residual of tiled rows over the sum of their tiles' full-decode times
-    xs, ys = [], []
-    for r in rows:
-        tag = r.get("tag")
-        if tag in ("sd15", "sdxl", "sdxl_fp16", "flux") and r.get("mode") == "tiled":
-            res, tile = int(r["res"]), int(r["tile"])
-            ov, ds = tile // 4, 4 if "float32" in str(r["dtype"]) else 2
-        elif tag == "tilesweep":
-            res, tile = int(r["res"]), int(r["tile"])
-            ov, ds = int(tile * float(r["overlap"])), 2
-        else:
-            continue
-        ax = diffusers_axis(res // 8, tile // 8, ov // 8)
-        pts = f32 if ds == 4 else f16
-        base = sum(_piecewise(pts, a * b * 64) for _, a in ax for _, b in ax)
-        n = len(ax) ** 2
-        mp = sum(a * b * 64 for _, a in ax for _, b in ax) / n / 2**20
-        xs.append((n, n * mp))
-        ys.append(float(r["median_s"]) - base)
-    c0, c1 = _lsq2(xs, ys)
-    # video: a * decoded voxels + c * calls (HunyuanVideo rows)
-    vx, vy = [], []
-    for r in rows:
-        if r.get("tag") != "hunyuan":
-            continue
-        fr, h, w = (int(v) for v in str(r["res"]).split("x"))
-        lat = (fr - 1) // 4 + 1
-        mode = str(r["mode"])
-        tile = 32 if mode.startswith("tiled") else None
-        chunk = 4 if mode != "full" else None
-        vox, calls, _ = _video_geometry(lat, h // 8, w // 8, chunk=chunk, overlap=1, tile=tile, tile_overlap=8, tc=4)
-        vx.append((vox * 64, calls))
-        vy.append(float(r["median_s"]))
-    va, vc = _lsq2(vx, vy)
-    ratios = tuple(_mem_ratios(rows, profiles))
-    return Fits(f16, f32, c0, c1, va, vc, ratios, len(ys), len(vy))
-
-
-def _lsq2(xs: Sequence[tuple[float, float]], ys: Sequence[float]) -> tuple[float, float]:
-    """Least squares of y = a*x0 + b*x1, both coefficients kept >= 0."""
-    s00 = sum(x[0] * x[0] for x in xs)
-    s01 = sum(x[0] * x[1] for x in xs)
-    s11 = sum(x[1] * x[1] for x in xs)
-    t0 = sum(x[0] * y for x, y in zip(xs, ys, strict=True))
-    t1 = sum(x[1] * y for x, y in zip(xs, ys, strict=True))
-    det = s00 * s11 - s01 * s01
-    a, b = (t0 * s11 - t1 * s01) / det, (s00 * t1 - s01 * t0) / det
-    if a < 0:
-        return 0.0, max(0.0, t1 / s11)
-    if b < 0:
-        return max(0.0, t0 / s00), 0.0
-    return a, b
-
-
-def _mem_ratios(rows: list[dict[str, Any]], profiles: Profiles, *, with_bytes: bool = False) -> list[tuple[Any, ...]]:
-    """(kind, dsize, px per frame, estimate / measured[, estimate, measured]) for every measured decode row."""
-    fam_of = {"sd15": "sd15", "sdxl": "sdxl", "sdxl_fp16": "sdxl", "flux": "flux", "tilesweep": "sd15",
-              "baseline": "sd15", "cudnn_bench": "sd15", "hunyuan": "hunyuanvideo"}
-    out = []
-    for r in rows:
-        tag = r.get("tag")
-        if tag is None and "peak_alloc" in r:  # memory-cap runs: full decodes
-            ds = 4 if "float32" in str(r["dtype"]) else 2
-            res = int(r["res"])
-            job = DecodeJob("sd15", res, res, dtype="float32" if ds == 4 else "float16")
-            est = peak_bytes(job, profiles.family("sd15"), tile_px=None, overlap_px=0, frame_chunk=None, slice_batch=False)
-            measured = float(int(r["peak_alloc"]) - int(r["base"]))
-            out.append(("sd:full", ds, float(res * res), est / measured, est, measured))
-            continue
-        if tag not in fam_of or "peak_alloc_delta" not in r:
-            continue
-        fam_key = fam_of[str(tag)]
-        fam = profiles.family(fam_key)
-        dtype = str(r.get("dtype", "torch.float16")).replace("torch.", "")
-        measured = float(r["peak_alloc_delta"])
-        if fam.video:
-            fr, h, w = (int(v) for v in str(r["res"]).split("x"))
-            job = DecodeJob(fam_key, w, h, frames=fr, dtype="float16")
-            mode = str(r["mode"])
-            kw = {"full": (None, None), "framewise": (None, 4)}.get(mode, (256, 4))
-            est = peak_bytes(job, fam, tile_px=kw[0], overlap_px=64 if kw[0] else 0, frame_chunk=kw[1], slice_batch=False)
-            kind = "video:" + ("full" if mode == "full" else "chunk" if mode == "framewise" else "tiled")
-            out.append((kind, 2, float(h * w), est / measured, est, measured))
-            continue
-        res = int(r["res"])
-        batch = int(r.get("batch", 1))
-        job = DecodeJob(fam_key, res, res, batch=batch, dtype=dtype)
-        if tag == "tilesweep" or r.get("mode") == "tiled":
-            tile = int(r["tile"])
-            ov = int(tile * float(r["overlap"])) if tag == "tilesweep" else tile // 4
-            est = peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=None, slice_batch=False,
-                             geometry="diffusers")
-            out.append(("sd:tiled", dtype_bytes(dtype), float(tile * tile), est / measured, est, measured))
-        else:
-            est = peak_bytes(job, fam, tile_px=None, overlap_px=0, frame_chunk=None, slice_batch=False)
-            out.append(("sd:batch" if batch > 1 else "sd:full", dtype_bytes(dtype), float(res * res), est / measured, est,
-                        measured))
-    return out if with_bytes else [r[:4] for r in out]
-
-
-# ---- the world ----------------------------------------------------------------------------------
+    drift: float  # bytes free memory shrinks by (negative: grows)
+    overhead: float  # allocator block rounding, bytes
+    host_free: float  # host RAM free for a CPU decode, bytes
 
 
 def _rng(*parts: object) -> random.Random:
     return random.Random(zlib.crc32("|".join(str(p) for p in parts).encode()))
 
 
+def _u(rng: random.Random, lo: float, hi: float, spread: bool) -> float:
+    return rng.uniform(lo, hi) if spread else (lo + hi) / 2
+
+
+def _mixture(rng: random.Random, mix: tuple[tuple[float, float, float], ...]) -> float:
+    x, acc = rng.random(), 0.0
+    for p, lo, hi in mix:
+        acc += p
+        if x < acc:
+            return rng.uniform(lo, hi)
+    return rng.uniform(mix[-1][1], mix[-1][2])
+
+
 class World:
-    """Ground truth for scenarios. Deterministic for a given ``seed``.
+    """Ground truth for scenarios. Deterministic for given ``params``.
 
     Args:
-        profiles: the engine's profiles (families' memory models, seed GPU rows).
-        seed (`int`, defaults to 0): changes every random draw.
-        sigma_card / sigma_local / sigma_plan / sigma_net (`float`): lognormal noise (see module docs).
-        remote_failure (`float`, defaults to 0.02): chance that a remote request fails (HTTP 503).
-        drift_mib (`float`, defaults to 0): free memory may shrink by up to this much between the probe
-            and the decode (other processes); 0 in the headline table, varied in the sensitivity runs.
-        card_seed (`int | None`, defaults to ``seed``): seeds the per-card factors (a warm-up world for
-            learned timings shares the cards with the scored world but not the other draws).
+        profiles (`Profiles`): family layouts (compression, video, endpoints) and the seed's GPU tables
+            (card speeds); never the families' memory or time constants.
+        params (`WorldParams`, defaults to the headline world), or its fields as keywords.
     """
 
-    def __init__(self, profiles: Profiles, *, seed: int = 0, sigma_card: float = 0.15, sigma_local: float = 0.05,
-                 sigma_plan: float = 0.03, sigma_net: float = 0.15, remote_failure: float = 0.02,
-                 drift_mib: float = 0.0, card_seed: int | None = None) -> None:
-        self.profiles, self.seed = profiles, seed
-        self.card_seed = seed if card_seed is None else card_seed
-        self.sigma_card, self.sigma_local, self.sigma_plan, self.sigma_net = sigma_card, sigma_local, sigma_plan, sigma_net
-        self.remote_failure, self.drift = remote_failure, drift_mib * MiB
-        self.fits = fit(profiles)
+    def __init__(self, profiles: Profiles, params: WorldParams | None = None, **kw: object) -> None:
+        self.profiles = profiles
+        self.params = p = dataclasses.replace(params or WorldParams(), **kw)  # type: ignore[arg-type]
+        self.seed = p.seed
+        self.card_seed = p.seed if p.card_seed is None else p.card_seed
+        self.mem, self.time = curves()
         self._card_cache: dict[tuple[str, int], tuple[float, float]] = {}
-        self._cf_cache: dict[tuple[str, int, float], float] = {}
-        self._near_cache: dict[tuple[str, int, float], float] = {}
         self._cache: dict[tuple[str, str], Attempt] = {}
+        self._truth: dict[tuple[str, str], truth.Truth] = {}
+
+    @property
+    def curves(self) -> tuple[MemoryCurves, TimeFits]:
+        return self.mem, self.time
 
     # -- cards --
-    def cards(self) -> list[Card]:
-        """Every profiled GPU and the unprofiled 4 GB and 6 GB cards."""
-        out = [Card(g.name, g.total_gib, True) for g in self.profiles.gpus]
-        out += [Card(n, t, False, (s16, s32)) for n, t, s16, s32 in EXTRA_CARDS]
-        return out
-
     def card_factor(self, card: Card, dsize: int, px: float) -> float:
-        """True time of ``card`` against the H200 for a region of ``px`` pixels."""
-        ck = (card.name, dsize, px)
-        got = self._cf_cache.get(ck)
-        if got is None:
-            got = self._cf_cache[ck] = self._card_factor(card, dsize, px)
-        return got
-
-    def _card_factor(self, card: Card, dsize: int, px: float) -> float:
+        """True time of ``card`` against the H200 for a region of ``px`` pixels (seed tables, or assumed)."""
         if card.assumed_speed is not None:
             return card.assumed_speed[0 if dsize == 2 else 1]
         ends = self._card_cache.get((card.name, dsize))
         if ends is None:
             prof = self.profiles.gpu(card.name)
             if prof is None or prof.name == "NVIDIA H200":
-                self._card_cache[(card.name, dsize)] = (1.0, 1.0)
-                return 1.0
-            ref = self.fits.full32 if dsize == 4 else self.fits.full16
-            pts: dict[int, float] = {}
-            for r in prof.rows:
-                rb = dtype_bytes(r.dtype) if r.dtype else (4 if r.model == "sdxl" else 2)
-                if rb == dsize and r.size in (512, 1024):
-                    pts[r.size] = r.time_s / ref[r.size * r.size]
-            lo, hi = pts.get(512, pts.get(1024, 5.0)), pts.get(1024, pts.get(512, 5.0))
-            ends = (lo, hi)
+                ends = (1.0, 1.0)
+            else:
+                pts: dict[int, float] = {}
+                for r in prof.rows:
+                    rb = dtype_bytes(r.dtype) if r.dtype else (4 if r.model == "sdxl" else 2)
+                    if rb == dsize and r.size in (512, 1024) and r.source == "seed":
+                        pts[r.size] = r.time_s / self.time.full(dsize, r.size * r.size)
+                ends = (pts.get(512, pts.get(1024, 5.0)), pts.get(1024, pts.get(512, 5.0)))
             self._card_cache[(card.name, dsize)] = ends
         lo, hi = ends
         x = min(1.0, max(0.0, math.log2(max(px, 1.0) / 512**2) / 2))
         return lo + (hi - lo) * x
 
-    # -- memory --
-    def mem_ratio(self, sc: Scenario, kind: str, px: float) -> float:
-        fam = self.profiles.family(sc.family)
-        rng = _rng(self.seed, "mem", sc.local_key, kind)
-        if not fam.memory.measured:
-            return rng.uniform(1.0, 1.10)
-        dsize = dtype_bytes(sc.dtype)
-        ck = (kind, dsize, px)
-        near = self._near_cache.get(ck)
-        if near is None:
-            cands = [r for r in self.fits.mem_ratios if r[0] == kind] or \
-                [r for r in self.fits.mem_ratios if r[0].split(":")[0] == kind.split(":")[0]]
-            same = [r for r in cands if r[1] == dsize] or cands
-            best = min(abs(math.log(r[2] / px)) for r in same)
-            near = self._near_cache[ck] = statistics.fmean(
-                [r[3] for r in same if abs(math.log(r[2] / px)) <= best + 1e-9])
-        return min(1.10, max(1.0, near * rng.uniform(0.98, 1.02)))
+    def card_noise(self, card: Card) -> float:
+        """This card's systematic speed factor against its table (the same for every decode on it)."""
+        return _rng(self.card_seed, "card", card.name).lognormvariate(0.0, self.params.sigma_card)
+
+    # -- hidden draws --
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (one world per run; bounded)
+    def install(self, card: Card) -> Install:
+        """This card's installation in this world."""
+        p = self.params
+        rng = _rng(self.seed, "install", card.name)
+        s = p.spread
+        ws = _u(rng, -32.0, 96.0, s) * MiB if p.effects else 0.0
+        frag = _u(rng, 0.0, 0.3, s) if p.effects else 0.0
+        regress = rng.random() < p.conv3d_regression
+        conv3d = _u(rng, 2.0, 3.0, s) if regress else 1.0
+        return Install(workspace=ws, frag=frag, tiler=_u(rng, 0.88, 1.12, s), exact_buf=_u(rng, 0.26, 0.42, s),
+                       exact_tile=_u(rng, 0.45, 0.85, s), out_copies=_u(rng, 1.0, 2.0, s),
+                       wan_ratio=_u(rng, 1.3, 2.6, s), cpu_speed=_u(rng, 0.15, 0.6, s), conv3d=conv3d,
+                       server=_u(_rng(self.seed, "server"), *SERVER_FACTOR, s))
+
+    def conditions(self, sc: Scenario) -> Conditions:
+        p = self.params
+        rng = _rng(self.seed, "cond", sc.local_key)
+        drift = p.drift_mib * MiB if p.drift_mib is not None else _mixture(rng, p.drift) * MiB
+        overhead = rng.uniform(0.0, 48.0) * MiB if p.effects else 0.0
+        x, acc, host = rng.random(), 0.0, HOST_FREE_GIB[-1][1]
+        for prob, gib in HOST_FREE_GIB:
+            acc += prob
+            if x < acc:
+                host = gib
+                break
+        return Conditions(drift=drift, overhead=overhead, host_free=host * GiB if p.effects else math.inf)
+
+    def available(self, sc: Scenario) -> float:
+        """Memory the decode can really use: NVML free less the drift, plus the unfragmented torch cache."""
+        g = sc.gpu()
+        return g.free_bytes - self.conditions(sc).drift + g.torch_reusable_bytes * (1 - self.install(sc.card).frag)
+
+    # -- truth --
+    def truth(self, sc: Scenario, ex: Exec) -> truth.Truth:
+        """The bare truth of ``ex`` in ``sc`` (:mod:`bench.truth`), before this scenario's effects."""
+        ck = (sc.local_key, ex.key)
+        got = self._truth.get(ck)
+        if got is None:
+            got = self._truth[ck] = truth.of(self, sc, ex)
+        return got
 
     def true_peak(self, sc: Scenario, ex: Exec) -> float:
-        """True peak allocated bytes of a local execution."""
-        fam = self.profiles.family(sc.family)
-        job = sc.job()
-        ds = dtype_bytes(sc.dtype)
-        arch = "video" if fam.video else "sd"
-        frames_out = sc.frames or 1
-        if ex.path == "full":
-            items = sc.batch if ex.items in (0, sc.batch) else ex.items
-            if items in (1, sc.batch):
-                est = peak_bytes(job, fam, tile_px=None, overlap_px=0, frame_chunk=ex.frame_chunk,
-                                 slice_batch=items == 1 and sc.batch > 1)
-            else:  # ComfyUI's batch split: the output lives on the CPU
-                fr = frames_out if ex.frame_chunk is None else min(frames_out, ex.frame_chunk * fam.temporal_compression + 1)
-                est = region_peak(fam, ds, sc.height * sc.width, fr, items)
-            kind = "chunk" if (fam.video and ex.frame_chunk) else "batch" if items > 1 else "full"
-            return est / self.mem_ratio(sc, f"{arch}:{kind}", sc.height * sc.width)
-        if ex.geometry == "exact":
-            # no GPU data yet: the analytic model (no margin) x 1.00-1.10, the spread measured on the
-            # CPU (profiler peak 1.01-1.07x the analytic figure, SD-width decoder; docs/estimator.md)
-            return exact_peak_bytes(job, fam, ex.tiles[0][0], margin=1.0) * \
-                _rng(self.seed, "exact", sc.local_key).uniform(1.0, 1.10)
-        if ex.geometry in ("engine", "diffusers"):
-            th, _tw = ex.tiles[0]
-            est = peak_bytes(job, fam, tile_px=th, overlap_px=ex.overlap_px, frame_chunk=ex.frame_chunk,
-                             slice_batch=True, geometry=ex.geometry)
-            area = float(min(th, sc.height) * min(th, sc.width))
-        else:
-            m = fam.memory
-            sc_ = fam.spatial_compression
-            fr = frames_out if (not fam.video or ex.frame_chunk is None) else \
-                min(frames_out, ex.frame_chunk * fam.temporal_compression + 1)
-            if fam.tiling.always_chunked:
-                fr = min(frames_out, fam.temporal_compression)
-            est = 0.0
-            area = 0.0
-            for th, tw in ex.tiles:
-                ty, tx = self._grid(sc, ex, th, tw)
-                tile = max(s for _, s in ty) * max(s for _, s in tx) * sc_ * sc_
-                bpv = m.tile_bytes_per_voxel or m.bytes_per_voxel
-                items = sc.batch if ex.geometry == "tiledvae" else 1  # Tiled VAE decodes the batch per tile
-                per = bpv * fr + m.extra_frame_voxels + (items - 1) * (m.batch_bytes_per_voxel * fr + m.extra_frame_voxels)
-                p = ds * tile * per + m.tile_constant_bytes
-                if tile >= m.tile_workspace_min_px:
-                    p += m.tile_workspace_bytes
-                if ex.geometry == "tiledvae":
-                    p += ds * 3 * sc.batch * frames_out * sc.height * sc.width
-                est, area = max(est, p), max(area, float(tile))
-        return est / self.mem_ratio(sc, f"{arch}:tiled", area)
-
-    def _grid(self, sc: Scenario, ex: Exec, th: int, tw: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        fam = self.profiles.family(sc.family)
-        s = fam.spatial_compression
-        h, w, o = sc.height // s, sc.width // s, ex.overlap_px // s
-        if ex.geometry == "engine":
-            return axis_tiles(h, th // s, o), axis_tiles(w, tw // s, o)
-        if ex.geometry == "diffusers":
-            return diffusers_axis(h, th // s, o), diffusers_axis(w, tw // s, o)
-        if ex.geometry == "comfy":
-            return comfy_axis(h, th // s, o), comfy_axis(w, tw // s, o)
-        return tiledvae_axis(h, th // s, o), tiledvae_axis(w, tw // s, o)
-
-    # -- seconds --
-    def _img_full(self, sc: Scenario, px: float) -> float:
-        ds = dtype_bytes(sc.dtype)
-        pts = self.fits.full32 if ds == 4 else self.fits.full16
-        return _piecewise(pts, px) * self.card_factor(sc.card, ds, px)
+        """Peak bytes the GPU must hold for ``ex``: the plan kind's truth plus workspace and block rounding."""
+        t = self.truth(sc, ex)
+        if t.gpu_bytes <= 0:
+            return 0.0
+        ws = max(self.install(sc.card).workspace, -0.1 * t.gpu_bytes)
+        return t.gpu_bytes + ws + self.conditions(sc).overhead
 
     def base_seconds(self, sc: Scenario, ex: Exec) -> tuple[float, float]:
         """(noise-free seconds of the whole execution, seconds of its largest single region)."""
-        fam = self.profiles.family(sc.family)
-        ds = dtype_bytes(sc.dtype)
-        px = float(sc.height * sc.width)
-        b = sc.batch
-        if ex.path == "cpu":
-            t = b * (sc.frames or 1) * px * CPU_S_PER_VOXEL * fam.timing.relative_cost
-            return t, t / b
-        if fam.video:
-            return self._video_seconds(sc, ex, fam)
-        if ex.path == "full":
-            k = b if ex.items in (0, b) else ex.items
-            one = self._img_full(sc, px)
-            per_call = one * k * (1.0 if k <= 2 else max(0.87, 1.0 - 0.065 * (k - 2)))
-            return per_call * math.ceil(b / k), per_call
-        if ex.geometry == "exact":
-            # full decode x 1.08 (CPU at SD width: 1.04-1.13x) + 0.15 ms per tile of each pass (assumed)
-            ty, tx = exact_tiles(sc.job(), fam, ex.tiles[0][0])
-            one = self._img_full(sc, px) * 1.08 + fam.timing.exact_passes * len(ty) * len(tx) * 0.00015 * \
-                self.card_factor(sc.card, ds, px)
-            return one * b, one
-        total, biggest = 0.0, 0.0
-        sc_ = fam.spatial_compression
-        for th, tw in ex.tiles:
-            ty, tx = self._grid(sc, ex, th, tw)
-            cy, cx = Counter(s for _, s in ty), Counter(s for _, s in tx)
-            for a, na in cy.items():
-                for c, nc in cx.items():
-                    tp = a * c * sc_ * sc_
-                    t = self._img_full(sc, tp) + (self.fits.tile_c0 + self.fits.tile_c1 * tp / 2**20) * \
-                        self.card_factor(sc.card, ds, tp)
-                    total += t * na * nc
-                    biggest = max(biggest, t)
-        if ex.geometry == "tiledvae":  # fast mode's GroupNorm estimate: a decode of the 1/8-scale latent
-            total += self._img_full(sc, px / 64)
-        return total * b, biggest
-
-    def _video_seconds(self, sc: Scenario, ex: Exec, fam: Family) -> tuple[float, float]:
-        s, tc = fam.spatial_compression, fam.temporal_compression
-        lat = latent_frames(sc.job(), fam)
-        tile = ex.tiles[0][0] // s if ex.path == "tiled" and ex.tiles else None
-        vox, calls, big = _video_geometry(lat, sc.height // s, sc.width // s, chunk=ex.frame_chunk,
-                                          overlap=ex.frame_overlap, tile=tile, tile_overlap=ex.overlap_px // s, tc=tc,
-                                          causal_frames=fam.tiling.always_chunked)
-        if fam.memory.measured:
-            a, c = self.fits.video_a, self.fits.video_c
-        else:  # Wan: not measured; the engine's own assumption
-            a, c = fam.timing.h200_seconds_per_voxel_fp16, fam.timing.per_tile_h200_s
-        k = self.card_factor(sc.card, 2, 1024 * 1024)
-        if dtype_bytes(sc.dtype) == 4:
-            k *= fam.timing.fp32_factor
-        t = (a * vox * s * s + c * calls) * k
-        return t * sc.batch, (a * big * s * s + c) * k
+        t = self.truth(sc, ex)
+        return t.seconds, t.biggest_s
 
     # -- attempts --
-    def available(self, sc: Scenario) -> float:
-        """Memory free at decode time: the probed free, less the drift."""
-        drift = _rng(self.seed, "drift", sc.local_key).uniform(0, self.drift) if self.drift else 0.0
-        return sc.gpu().available_bytes - drift
-
-    def card_noise(self, card: Card) -> float:
-        """This card's systematic speed factor against its profile (the same for every decode on it)."""
-        return _rng(self.card_seed, "card", card.name).lognormvariate(0.0, self.sigma_card)
-
     def local_factor(self, sc: Scenario, ex: Exec) -> float:
-        shared = _rng(self.seed, "local", sc.local_key).lognormvariate(0.0, self.sigma_local)
-        own = _rng(self.seed, "plan", sc.local_key, ex.key).lognormvariate(0.0, self.sigma_plan)
+        p = self.params
+        shared = _rng(self.seed, "local", sc.local_key).lognormvariate(0.0, p.sigma_local)
+        own = _rng(self.seed, "plan", sc.local_key, ex.key).lognormvariate(0.0, p.sigma_plan)
         return self.card_noise(sc.card) * shared * own
 
     def attempt(self, sc: Scenario, ex: Exec) -> Attempt:
@@ -619,38 +422,36 @@ class World:
         return got
 
     def _local(self, sc: Scenario, ex: Exec) -> Attempt:
-        secs, biggest = self.base_seconds(sc, ex)
+        t = self.truth(sc, ex)
         f = self.local_factor(sc, ex)
-        if ex.path == "cpu":
-            return Attempt(True, secs * f)
-        if self.true_peak(sc, ex) > self.available(sc):
-            lost = biggest * f * _rng(self.seed, "oom", sc.local_key, ex.key).uniform(0.70, 1.00)
-            return Attempt(False, lost, oom=True, error="out of memory")
-        return Attempt(True, secs * f)
+        fail = _rng(self.seed, "oom", sc.local_key, ex.key).uniform(0.70, 1.00)
+        if t.host_bytes > self.conditions(sc).host_free:
+            return Attempt(False, t.biggest_s * f * fail * 0.1, error="host out of memory")
+        if t.gpu_bytes > 0 and self.true_peak(sc, ex) > self.available(sc):
+            return Attempt(False, t.biggest_s * f * fail, oom=True, error="out of memory")
+        return Attempt(True, t.seconds * f)
 
     def _remote(self, sc: Scenario, ex: Exec) -> Attempt:
         fam = self.profiles.family(sc.family)
         net = sc.network
         if net is None or not fam.endpoints:
             return Attempt(False, 0.0, error="no endpoint" if net is not None else "no network")
+        p = self.params
         rng = _rng(self.seed, "net", sc.key)
-        rtt = net.rtt_s * rng.lognormvariate(0.0, self.sigma_net)
-        bps = net.mbit * 1e6 / 8 / rng.lognormvariate(0.0, self.sigma_net)
+        rtt = net.rtt_s * rng.lognormvariate(0.0, p.sigma_net)
+        bps = net.mbit * 1e6 / 8 / rng.lognormvariate(0.0, p.sigma_net)
         png = rng.uniform(*PNG_BYTES_PER_PX)
-        failed = rng.random() < self.remote_failure
-        job = sc.job()
-        lat = job.batch * fam.latent_channels * latent_frames(job, fam) * (sc.height // fam.spatial_compression) \
-            * (sc.width // fam.spatial_compression) * dtype_bytes(sc.dtype)
+        failed = rng.random() < p.remote_failure
+        sc_ = fam.spatial_compression
+        lat_frames = ((sc.frames or 1) - 1) // fam.temporal_compression + 1 if fam.video else 1
+        lat = sc.batch * fam.latent_channels * lat_frames * (sc.height // sc_) * (sc.width // sc_) * dtype_bytes(sc.dtype)
         up = rtt + lat / bps
         if failed:
             return Attempt(False, up, error="HTTP 503")
         vox = sc.batch * (sc.frames or 1) * sc.height * sc.width
         fmt = ex.fmt or "raw"
         per_px = png if fmt == "png" else FORMAT_BYTES[fmt]
-        if fam.video:
-            server = self.fits.video_a * vox * SERVER_FACTOR
-        else:
-            server = _piecewise(self.fits.full16, sc.height * sc.width) * sc.batch * SERVER_FACTOR
-        own = _rng(self.seed, "fmt", sc.key, fmt).lognormvariate(0.0, self.sigma_plan)
+        server = truth.server_seconds(self, sc) * self.install(sc.card).server
+        own = _rng(self.seed, "fmt", sc.key, fmt).lognormvariate(0.0, p.sigma_plan)
         secs = (up + server + vox * per_px / bps + vox / 1e6 * FORMAT_S_PER_MP[fmt]) * own
         return Attempt(True, secs)

@@ -1,0 +1,275 @@
+"""The truth of each plan kind: what one execution really needs (GPU and host bytes) and costs (seconds).
+
+One function per kind, registered in :data:`KINDS` under :attr:`bench.world.Exec.kind`. A kind returns the
+bare :class:`Truth` of an execution; the world then adds what a real machine adds (cuDNN workspace, block
+rounding, fragmentation, free memory moving, noise) and decides whether the attempt fits.
+
+Adding a plan kind (for instance an offloaded exact-tile plan):
+
+1. write ``def my_kind(world, sc, ex) -> Truth`` from what is *measured* about that kind (the curves of
+   :mod:`bench.interp`, or new rows in ``profiles/measured/``), or, where nothing is, an explicit assumption
+   with its own spread drawn per installation (add a field to :class:`bench.world.Install`) so the truth can
+   fall on either side of the engine's estimate; never call :mod:`policy.estimate`;
+2. ``register("my-kind", my_kind)``;
+3. map the engine's plan to ``Exec(..., kind="my-kind")`` in :meth:`bench.world.Exec.from_plan`;
+4. say in docs/benchmarks.md (the world's truth table) whether its memory and seconds are measured,
+   interpolated or assumed.
+
+Sources of each kind's numbers (m = measured rows interpolated, a = assumed):
+
+======================  =========================================================  ==========================
+kind                    GPU / host bytes                                           seconds
+======================  =========================================================  ==========================
+full (SD decoder)       m: H200 full and batch rows                                m: H200 full-decode curve
+full (HunyuanVideo)     m: H200 video rows less one output copy, + a: copies       m: fitted on video rows
+full/tiled (Wan)        a: ComfyUI's Wan formula / U(1.3, 2.6)                     a: 1.5x HunyuanVideo's
+tiled-local diffusers   m: H200 tiled rows (tile x image size)                     m: tiles + fitted per-tile
+tiled-local engine      m: diffusers' rows x a: U(0.88, 1.12) (its own tiler)      as diffusers'
+tiled-exact             a: U(0.26, 0.42) x full peak + U(0.45, 0.85) x a full      a: full x 1.08 + 0.15 ms
+                        decode of one tile (CPU measured 0.95-1.03 of the          per tile and pass
+                        analytic figure, no GPU row)
+cpu                     m: CPU rows (host bytes); video a: x2 (float32) x          m: CPU rows x a: user CPU
+                        CPU/GPU ratio of the SD decoder                            0.15-0.6x
+======================  =========================================================  ==========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from hybrid_vae.bench.geometry import axis_tiles, grid, video_geometry
+from hybrid_vae.bench.interp import loglog
+from hybrid_vae.policy.profiles import Family, dtype_bytes
+from hybrid_vae.profiles.measurements import measured_rows
+
+if TYPE_CHECKING:
+    from hybrid_vae.bench.world import Exec, Scenario, World
+
+EXACT_PASSES = 28  # passes of exact tiling over the SD decoder (2 per resnet, 1 per upsampler, 1 final: its layout)
+EXACT_STEP_S = 0.00015  # H200 seconds per tile and pass (assumed: kernel launches)
+EXACT_TIME = 1.08  # exact tiling / full decode seconds (assumed; the CPU measured 0.96-1.13x)
+WAN_TIME = 1.5  # Wan's seconds per voxel / HunyuanVideo's (assumed)
+VIDEO_FP32 = 1.32  # 4-byte / 2-byte seconds: the measured SD decoder ratio at 1 MP (H200: 0.117 s / 0.089 s)
+COMFY_WAN_BYTES = 7000.0  # ComfyUI's Wan decode formula: bytes per output pixel per dtype byte (comfy/sd.py)
+CPU_VIDEO = 2.0  # a video decoder's CPU seconds per voxel / the SD decoder's (assumed: 3-D convolutions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Truth:
+    """The bare truth of one execution.
+
+    Attributes:
+        gpu_bytes: peak allocated bytes on the GPU (0: none). host_bytes: peak host bytes (CPU decodes).
+        seconds: noise-free seconds of the whole execution on this card.
+        biggest_s: seconds of its largest single region (what a failing attempt burns).
+        source: ``measured`` (interpolated rows), ``assumed`` or a mix, for the report.
+    """
+
+    gpu_bytes: float
+    host_bytes: float
+    seconds: float
+    biggest_s: float
+    source: str
+
+
+TruthFn = Callable[["World", "Scenario", "Exec"], Truth]
+KINDS: dict[str, TruthFn] = {}
+
+
+def register(kind: str, fn: TruthFn) -> TruthFn:
+    """Register the truth of a plan kind (see the module docs)."""
+    KINDS[kind] = fn
+    return fn
+
+
+def of(world: World, sc: Scenario, ex: Exec) -> Truth:
+    """The truth of ``ex``: its kind's function."""
+    try:
+        fn = KINDS[ex.kind]
+    except KeyError:
+        raise ValueError(f"no truth registered for plan kind {ex.kind!r}; known: {', '.join(sorted(KINDS))}") from None
+    return fn(world, sc, ex)
+
+
+# ---- shared pieces -----------------------------------------------------------------------------------------
+
+
+def _fam(world: World, sc: Scenario) -> Family:
+    return world.profiles.family(sc.family)
+
+
+def _img_seconds(world: World, sc: Scenario, px: float) -> float:
+    ds = dtype_bytes(sc.dtype)
+    return world.time.full(ds, px) * world.card_factor(sc.card, ds, px)
+
+
+def _out_bytes(world: World, sc: Scenario, voxels: float, copies: float | None = None) -> float:
+    """3-channel output voxels held on the GPU in the decode dtype: ``copies`` of them (None: the installation's
+    assumed count, for stitching inside diffusers; the engine's executors preallocate one output buffer)."""
+    return 3.0 * dtype_bytes(sc.dtype) * voxels * (world.install(sc.card).out_copies if copies is None else copies)
+
+
+def _lat_frames(sc: Scenario, fam: Family) -> int:
+    return ((sc.frames or 1) - 1) // fam.temporal_compression + 1 if fam.video else 1
+
+
+def _frames_at_once(sc: Scenario, fam: Family, chunk: int | None) -> int:
+    frames = sc.frames or 1
+    if fam.tiling.always_chunked:
+        return min(frames, fam.temporal_compression)
+    return frames if chunk is None else min(frames, chunk * fam.temporal_compression + 1)
+
+
+def _video_gpu(world: World, sc: Scenario, fam: Family, region_px: float, frames_at_once: int) -> tuple[float, str]:
+    """A video decoder's own peak for ``region_px`` pixels x ``frames_at_once`` frames, and its source."""
+    inst = world.install(sc.card)
+    ds = dtype_bytes(sc.dtype)
+    if fam.architecture == "wan":
+        return COMFY_WAN_BYTES * region_px * ds / inst.wan_ratio * inst.conv3d, "assumed"
+    return world.mem.video_peak(frames_at_once, region_px) * ds / 2 * inst.conv3d, "measured"
+
+
+def _video_seconds(world: World, sc: Scenario, ex: Exec, fam: Family) -> tuple[float, float]:
+    s, tc = fam.spatial_compression, fam.temporal_compression
+    tile = ex.tiles[0][0] // s if ex.path == "tiled" and ex.tiles else None
+    vox, calls, big, _ = video_geometry(_lat_frames(sc, fam), sc.height // s, sc.width // s, chunk=ex.frame_chunk,
+                                        overlap=ex.frame_overlap, tile=tile, tile_overlap=ex.overlap_px // s, tc=tc,
+                                        causal_frames=fam.tiling.always_chunked)
+    a, c = world.time.video_a, world.time.video_c
+    if fam.architecture == "wan":
+        a *= WAN_TIME
+    k = world.card_factor(sc.card, 2, 1024 * 1024) * (VIDEO_FP32 if dtype_bytes(sc.dtype) == 4 else 1.0)
+    t = (a * vox * s * s + c * calls) * k
+    return t * sc.batch, (a * big * s * s + c) * k
+
+
+# ---- kinds -------------------------------------------------------------------------------------------------
+
+
+def full(world: World, sc: Scenario, ex: Exec) -> Truth:
+    """A whole-region decode of ``ex.items`` items at once (video: ``ex.frame_chunk`` latent frames per chunk)."""
+    fam = _fam(world, sc)
+    ds = dtype_bytes(sc.dtype)
+    px = float(sc.height * sc.width)
+    k = sc.batch if ex.items in (0, sc.batch) else ex.items
+    if fam.video:
+        fr = _frames_at_once(sc, fam, ex.frame_chunk)
+        one, src = _video_gpu(world, sc, fam, px, fr)
+        gpu = one * world.mem.batch_ratio(k) + _out_bytes(world, sc, sc.batch * (sc.frames or 1) * px)
+        secs, big = _video_seconds(world, sc, ex, fam)
+        return Truth(gpu, 0.0, secs, big, src)
+    gpu = world.mem.full_peak(ds, px) * world.mem.batch_ratio(k)
+    if k < sc.batch and ex.geometry != "comfy":  # the engine's output buffer for every item (ComfyUI: on the host)
+        gpu += _out_bytes(world, sc, sc.batch * px, 1.0)
+    one = _img_seconds(world, sc, px)
+    per_call = one * k * (1.0 if k <= 2 else max(0.87, 1.0 - 0.065 * (k - 2)))  # measured: b(2)=1.00, b(4)=0.87
+    return Truth(gpu, 0.0, per_call * math.ceil(sc.batch / k), per_call, "measured")
+
+
+def tiled_local(world: World, sc: Scenario, ex: Exec) -> Truth:
+    """Tiles through the whole decoder (per-tile GroupNorm), cut by ``ex.geometry``, one pass per ``ex.tiles``."""
+    fam = _fam(world, sc)
+    ds = dtype_bytes(sc.dtype)
+    s = fam.spatial_compression
+    px = float(sc.height * sc.width)
+    inst = world.install(sc.card)
+    if fam.video:
+        th = ex.tiles[0][0]
+        ty, tx = grid("diffusers", sc.height // s, sc.width // s, th // s, th // s, ex.overlap_px // s)
+        region = float(max(v for _, v in ty) * max(v for _, v in tx) * s * s)
+        one, src = _video_gpu(world, sc, fam, region, _frames_at_once(sc, fam, ex.frame_chunk))
+        gpu = one + _out_bytes(world, sc, sc.batch * (sc.frames or 1) * px)
+        secs, big = _video_seconds(world, sc, ex, fam)
+        return Truth(gpu, 0.0, secs, big, src)
+    gpu, total, biggest = 0.0, 0.0, 0.0
+    for th, tw in ex.tiles:
+        ty, tx = grid(ex.geometry, sc.height // s, sc.width // s, th // s, tw // s, ex.overlap_px // s)
+        tile = float(max(v for _, v in ty) * max(v for _, v in tx) * s * s)
+        peak = world.mem.tiled_peak(ds, tile, px)
+        if ex.geometry == "engine":  # the engine's own tiler: not measured; diffusers' rows x an assumed factor
+            peak = peak * inst.tiler + _out_bytes(world, sc, (sc.batch - 1) * px, 1.0)
+        elif ex.geometry == "tiledvae":  # the batch per tile and the output on the GPU
+            peak = peak * world.mem.batch_ratio(sc.batch) + _out_bytes(world, sc, sc.batch * px, 1.0)
+        gpu = max(gpu, peak)
+        cy, cx = Counter(v for _, v in ty), Counter(v for _, v in tx)
+        for a, na in cy.items():
+            for c, nc in cx.items():
+                tp = a * c * s * s
+                t = _img_seconds(world, sc, tp) + (world.time.tile_c0 + world.time.tile_c1 * tp / 2**20) * \
+                    world.card_factor(sc.card, ds, tp)
+                total += t * na * nc
+                biggest = max(biggest, t)
+    if ex.geometry == "tiledvae":  # fast mode's GroupNorm estimate: a decode of the 1/8-scale latent
+        total += _img_seconds(world, sc, px / 64)
+    src = "measured x assumed tiler factor" if ex.geometry == "engine" else "measured"
+    return Truth(gpu, 0.0, total * sc.batch, biggest, src)
+
+
+def tiled_exact(world: World, sc: Scenario, ex: Exec) -> Truth:
+    """Exact tiling (``extension/stream.py``): whole-image buffers plus one tile's working set, one item at a
+    time. No GPU has measured it: both parts are assumed fractions of measured full decodes (module docs)."""
+    ds = dtype_bytes(sc.dtype)
+    px = float(sc.height * sc.width)
+    inst = world.install(sc.card)
+    tile = ex.tiles[0][0]
+    ty, tx = axis_tiles(sc.height, tile, 0), axis_tiles(sc.width, tile, 0)
+    tile_px = float((max(v for _, v in ty) + 2) * (max(v for _, v in tx) + 2))
+    gpu = inst.exact_buf * world.mem.full_peak(ds, px) + inst.exact_tile * world.mem.full_peak(ds, tile_px) \
+        + _out_bytes(world, sc, (sc.batch - 1) * px, 1.0)
+    one = _img_seconds(world, sc, px) * EXACT_TIME + EXACT_PASSES * len(ty) * len(tx) * EXACT_STEP_S * \
+        world.card_factor(sc.card, ds, px)
+    return Truth(gpu, 0.0, one * sc.batch, one, "assumed fractions of measured full decodes")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_points() -> tuple[list[tuple[float, float]], list[tuple[float, float]], float]:
+    """(host peak points, seconds points) of one float32 CPU decode by pixels, and the batch-2 peak ratio."""
+    rows = measured_rows(device="cpu")
+    one = [r for r in rows if r.batch == 1]
+    if not one:
+        raise FileNotFoundError("no CPU rows in profiles/measured (cpu-sd-decode-*.jsonl); run bench/cpu_memory.py")
+    peaks = [(float(r.px), float(r.peak_bytes or 0)) for r in one]
+    secs = [(float(r.px), float(r.seconds or 0)) for r in one]
+    pairs = [(r, next((o for o in one if o.px == r.px), None)) for r in rows if r.batch == 2]
+    ratio = [(r.peak_bytes or 0) / (o.peak_bytes or 1) for r, o in pairs if o is not None]
+    return peaks, secs, (sum(ratio) / len(ratio) if ratio else 2.0)
+
+
+def cpu(world: World, sc: Scenario, ex: Exec) -> Truth:
+    """The engine's ``cpu`` plan: the whole batch at once, float32, on the host."""
+    fam = _fam(world, sc)
+    peaks, secs, b2 = _cpu_points()
+    px = float(sc.height * sc.width)
+    inst = world.install(sc.card)
+    batch = 1.0 + (b2 - 1.0) * (sc.batch - 1)  # measured at 2 items, linear beyond (assumed)
+    if fam.video:
+        # assumed: the decoder's GPU peak at float32 (x2) scaled by the SD decoder's CPU/GPU peak ratio
+        gpu_ref = world.mem.full_peak(4, 512 * 512)
+        ratio = loglog(peaks, 512 * 512) / gpu_ref
+        one, _ = _video_gpu(world, sc, fam, px, _frames_at_once(sc, fam, None))
+        host = one * 2 * ratio * batch + 4 * 3 * sc.batch * (sc.frames or 1) * px
+        t = loglog(secs, px) * (sc.frames or 1) * CPU_VIDEO * sc.batch * inst.cpu_speed
+        return Truth(0.0, host, t, t / sc.batch, "assumed from measured CPU and GPU rows")
+    host = loglog(peaks, px) * batch
+    t = loglog(secs, px) * sc.batch * inst.cpu_speed
+    return Truth(0.0, host, t, t / sc.batch, "measured (CPU rows) x assumed user CPU speed")
+
+
+def server_seconds(world: World, sc: Scenario) -> float:
+    """An H200's seconds for the whole job (the remote endpoint's speed factor is applied by the world)."""
+    fam = _fam(world, sc)
+    vox = sc.batch * (sc.frames or 1) * sc.height * sc.width
+    if fam.video:
+        return world.time.video_a * vox * (WAN_TIME if fam.architecture == "wan" else 1.0)
+    return world.time.full(2, sc.height * sc.width) * sc.batch
+
+
+register("full", full)
+register("tiled-local", tiled_local)
+register("tiled-exact", tiled_exact)
+register("cpu", cpu)
