@@ -28,8 +28,8 @@ tiled-local engine      m: diffusers' rows x a: U(0.88, 1.12) (its own tiler)   
 tiled-exact             a: U(0.26, 0.42) x full peak + U(0.45, 0.85) x a full      a: full x 1.08 + 0.15 ms
                         decode of one tile (CPU measured 0.95-1.03 of the          per tile and pass
                         analytic figure, no GPU row)
-cpu                     m: CPU rows (host bytes); video a: x2 (float32) x          m: CPU rows x a: user CPU
-                        CPU/GPU ratio of the SD decoder                            0.15-0.6x
+cpu                     m: CPU rows (host bytes); tiles, video a: the GPU truth    m: CPU rows x a: user CPU
+                        at float32 x the SD decoder's CPU/GPU ratio at 512 px      0.15-0.6x
 ======================  =========================================================  ==========================
 """
 
@@ -237,27 +237,39 @@ def _cpu_points() -> tuple[list[tuple[float, float]], list[tuple[float, float]],
     secs = [(float(r.px), float(r.seconds or 0)) for r in one]
     pairs = [(r, next((o for o in one if o.px == r.px), None)) for r in rows if r.batch == 2]
     ratio = [(r.peak_bytes or 0) / (o.peak_bytes or 1) for r, o in pairs if o is not None]
-    return peaks, secs, (sum(ratio) / len(ratio) if ratio else 2.0)
+    return peaks, secs, (max(ratio) if ratio else 2.0)
 
 
 def cpu(world: World, sc: Scenario, ex: Exec) -> Truth:
-    """The engine's ``cpu`` plan: the whole batch at once, float32, on the host."""
+    """The engine's ``cpu`` plans, float32 on the host: the batch at once or item by item (``ex.items`` 1), whole
+    frames or in tiles (``ex.tiles``), video in the plan's temporal chunks.
+
+    Images, whole: the measured CPU rows. Everything else (tiles, video) is the GPU truth of the same decode at
+    float32 scaled by the measured CPU/GPU peak ratio of the SD decoder at 512 px (assumed to carry over)."""
     fam = _fam(world, sc)
     peaks, secs, b2 = _cpu_points()
     px = float(sc.height * sc.width)
     inst = world.install(sc.card)
-    batch = 1.0 + (b2 - 1.0) * (sc.batch - 1)  # measured at 2 items, linear beyond (assumed)
-    if fam.video:
-        # assumed: the decoder's GPU peak at float32 (x2) scaled by the SD decoder's CPU/GPU peak ratio
-        gpu_ref = world.mem.full_peak(4, 512 * 512)
-        ratio = loglog(peaks, 512 * 512) / gpu_ref
-        one, _ = _video_gpu(world, sc, fam, px, _frames_at_once(sc, fam, None))
-        host = one * 2 * ratio * batch + 4 * 3 * sc.batch * (sc.frames or 1) * px
-        t = loglog(secs, px) * (sc.frames or 1) * CPU_VIDEO * sc.batch * inst.cpu_speed
-        return Truth(0.0, host, t, t / sc.batch, "assumed from measured CPU and GPU rows")
-    host = loglog(peaks, px) * batch
-    t = loglog(secs, px) * sc.batch * inst.cpu_speed
-    return Truth(0.0, host, t, t / sc.batch, "measured (CPU rows) x assumed user CPU speed")
+    ratio = loglog(peaks, 512 * 512) / world.mem.full_peak(4, 512 * 512)
+    k = sc.batch if ex.items in (0, sc.batch) else ex.items
+    out = 4.0 * 3 * sc.batch * (sc.frames or 1) * px  # the float32 output of every item
+    as_gpu = dataclasses.replace(sc, dtype="float32")
+    if ex.tiles:
+        gpu_ex = dataclasses.replace(ex, path="tiled", kind="tiled-local")
+        host = tiled_local(world, as_gpu, gpu_ex).gpu_bytes * ratio
+        grid_ = grid(ex.geometry, sc.height // fam.spatial_compression, sc.width // fam.spatial_compression,
+                     ex.tiles[0][0] // fam.spatial_compression, ex.tiles[0][1] // fam.spatial_compression,
+                     ex.overlap_px // fam.spatial_compression)
+        grow = sum(v for _, v in grid_[0]) * sum(v for _, v in grid_[1]) * fam.spatial_compression**2 / px
+    elif fam.video:
+        host = full(world, as_gpu, dataclasses.replace(ex, path="full", kind="full")).gpu_bytes * ratio
+        grow = 1.0
+    else:
+        host = loglog(peaks, px) * (1.0 + (b2 - 1.0) * (k - 1)) + (out if k < sc.batch else 0.0)
+        grow = 1.0
+    t = loglog(secs, px) * grow * (sc.frames or 1) * (CPU_VIDEO if fam.video else 1.0) * sc.batch * inst.cpu_speed
+    src = "measured (CPU rows)" if not (ex.tiles or fam.video) else "assumed from measured CPU and GPU rows"
+    return Truth(0.0, host, t, t / sc.batch, src)
 
 
 def server_seconds(world: World, sc: Scenario) -> float:

@@ -238,7 +238,10 @@ class Exec:
         if plan.path == "remote":
             return cls("remote", fmt=plan.response_format)
         if plan.path == "cpu":
-            return cls("cpu")
+            tiles = ((plan.tile_px, plan.tile_px),) if plan.tile_px is not None else ()
+            return cls("cpu", items=1 if plan.slice_batch else 0, tiles=tiles, overlap_px=plan.overlap_px,
+                       geometry="diffusers" if fam.video else "engine",
+                       frame_chunk=plan.frame_chunk if fam.video else None, frame_overlap=plan.frame_overlap)
         chunk = plan.frame_chunk if fam.video else None
         if plan.path == "full" or plan.tile_px is None:
             return cls("full", items=1 if plan.slice_batch else batch, frame_chunk=chunk,

@@ -16,7 +16,8 @@ normalised: see :mod:`extension.latents`) and returns a float tensor in [-1, 1],
 * ``tiled``, video VAEs (``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``): diffusers'
   ``tiled_decode`` with the plan's spatial tile, stride ``tile - overlap``, and (HunyuanVideo)
   the plan's temporal chunk through ``tile_sample_min_num_frames`` / ``..._stride_num_frames``.
-* ``cpu``: the VAE in float32 on the CPU.
+* ``cpu``: the VAE in float32 on the CPU, the whole item (video: in the plan's temporal chunks), or, when the
+  plan has a tile, the tiled path above on the CPU (host memory bounded by the tile).
 
 Every attribute, the device and the dtype of the VAE are restored afterwards, also when the decode
 raises. The run dtype only ever widens the VAE's (float16/bfloat16 -> float32), so restoring is
@@ -356,7 +357,7 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
         family (`Family`): the family profile (compression factors, architecture).
         device (`str | torch.device | None`, defaults to the VAE's device): where GPU plans run.
             The orchestrator passes the probed device, or the device that exists when the GPU is
-            simulated. ``cpu`` plans always run on the CPU.
+            simulated. ``cpu`` plans always run on the CPU (with a tile or, for video, chunks: tiled there).
         progress (`ProgressFn | None`): ``progress(done, total)`` after each tile, chunk or item.
     Returns:
         torch.Tensor: float in [-1, 1] on the run device, in the run dtype.
@@ -376,7 +377,8 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
         raise PlanError(f"latents are {latents.dim()}-D but family is {'video' if family.video else 'image'}")
     with torch.no_grad(), _placed(vae, dev, dtype):
         z = latents.to(device=dev, dtype=dtype)
-        if plan.path in ("full", "cpu"):
+        whole = plan.tile_px is None and (plan.frame_chunk is None or not video)
+        if plan.path == "full" or (plan.path == "cpu" and whole):
             out = _full(vae, z, slice_batch=plan.slice_batch, progress=progress)
         elif video:
             out = _tiled_video(vae, z, plan, family, progress)

@@ -17,7 +17,8 @@ Rules (each is tested):
 - Never a GPU plan first whose estimate exceeds what is available. When nothing fits the budget,
   the smallest tile is tried first only if it fits inside the reserve; else remote, else cpu.
 - Fallbacks: after a GPU plan, plans that need at least a quarter less memory (so an OOM retry can
-  succeed), remote by speed, and cpu last.
+  succeed), remote by speed, and cpu last: one item at a time (video: in the VAE's temporal chunks), then,
+  when the frame is larger than the smallest tile, cpu in local tiles (host memory bounded by the tile).
 - Learned timings (``learned=``, see :mod:`policy.learned`) scale local plans' seconds, never memory.
 """
 
@@ -114,6 +115,32 @@ def _actual_tile(job: DecodeJob, fam: Family, cap: int, overlap: int) -> int:
         return cap
     ty, tx = spatial_tiles(job, fam, cap, overlap)
     return max(max(s for _, s in ty), max(s for _, s in tx)) * fam.spatial_compression
+
+
+def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: int) -> list[Plan]:
+    """The CPU plans, last in every chain. The first decodes one item at a time (video: in the VAE's temporal
+    chunks); the second, for a frame larger than the smallest tile, in local tiles, so its host memory is
+    bounded by the tile: a float32 CPU decode needs about 3.8 KB of host memory per output pixel (962 MiB at
+    512 px measured by bench/cpu_memory.py, so ~15 GiB at 2048 px), more than many hosts have free."""
+    secs = cpu_seconds(job, fam)
+    chunk = fam.tiling.frame_chunk
+    chunk = chunk if fam.video and chunk is not None and latent_frames(job, fam) > chunk else None
+    fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
+    est = Estimate(peak_bytes=0, seconds=secs, peak_source="cpu: host memory (not estimated)",
+                   seconds_source="generic CPU model (assumed)")
+    plans = [Plan(path="cpu", dtype="float32", estimate=est, slice_batch=job.batch > 1, frame_chunk=chunk,
+                  frame_overlap=fov)]
+    caps = [c for c in _tile_caps(job, fam, settings) if c > 2 * overlap]
+    tile = _actual_tile(job, fam, caps[0], overlap) if caps else None
+    if tile is not None and tile < max(job.width, job.height):
+        sc = fam.spatial_compression
+        ty, tx = spatial_tiles(job, fam, tile, overlap)
+        grow = sum(s for _, s in ty) * sum(s for _, s in tx) * sc * sc / (job.width * job.height)
+        est_t = dataclasses.replace(est, seconds=secs * grow,
+                                    seconds_source=f"{est.seconds_source}; x{grow:.2f} for the tiles' overlaps")
+        plans.append(Plan(path="cpu", dtype="float32", estimate=est_t, tile_px=tile, overlap_px=overlap,
+                          slice_batch=True, frame_chunk=chunk, frame_overlap=fov))
+    return plans
 
 
 def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings | None = None,
@@ -257,12 +284,10 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
             assert best is not None
             remote = best[1]
             options.append(Option(remote, True, f"{remote_why}; {remote.response_format} est. {remote.estimate.seconds:.2f} s"))
-    cpu: Plan | None = None
-    if settings.allow_cpu:
-        cpu = Plan(path="cpu", dtype="float32",
-                   estimate=Estimate(peak_bytes=0, seconds=cpu_seconds(job, fam), peak_source="cpu: host memory",
-                                     seconds_source="generic CPU model (assumed)"))
-        options.append(Option(cpu, True, "last resort"))
+    cpu_plans = _cpu_plans(job, fam, settings, overlap) if settings.allow_cpu else []
+    cpu: Plan | None = cpu_plans[0] if cpu_plans else None
+    options += [Option(p, True, "last resort" if p is cpu else "last resort, host memory bounded by the tile")
+                for p in cpu_plans]
 
     has_exact = any(p.path == "full" or p.groupnorm == "exact" for p in feasible)
     penalise_local = settings.tile_groupnorm == "auto" and has_exact and not fam.video
@@ -325,8 +350,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         # remote goes before the first local fallback slower than it
         pos = next((i for i, p in enumerate(chain) if i > 0 and p.estimate.seconds > remote.estimate.seconds), len(chain))
         chain.insert(pos, remote)
-    if cpu is not None and cpu not in chain:
-        chain.append(cpu)
+    chain += [p for p in cpu_plans if p not in chain]
 
     # ---- reason -----------------------------------------------------------------------------
     avail_txt = (f"{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} cache)"

@@ -160,7 +160,8 @@ class Plan:
 
     @property
     def label(self) -> str:
-        """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``full (item by item)``, ``remote png``."""
+        """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``full (item by item)``, ``remote png``,
+        ``cpu``, ``cpu 256px/64``."""
         if self.path == "tiled" and self.groupnorm == "exact":
             return f"tiled {self.tile_px}px exact"
         if self.path == "tiled":
@@ -174,6 +175,10 @@ class Plan:
             return f"remote {self.response_format}"
         if self.path == "full" and self.slice_batch:
             return "full (item by item)"
+        if self.path == "cpu":
+            parts = [f"{self.tile_px}px/{self.overlap_px}"] if self.tile_px is not None else []
+            parts += [f"{self.frame_chunk}-frame chunks"] if self.frame_chunk is not None else []
+            return "cpu " + ", ".join(parts) if parts else "cpu"
         return self.path
 
     def to_dict(self) -> dict[str, Any]:

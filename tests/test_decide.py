@@ -138,7 +138,22 @@ def test_reusable_cache_counts():
 def test_no_gpu_is_cpu():
     cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="no CUDA")
     d = decide(SDXL, cpu, P)
-    assert [p.path for p in d.plans] == ["cpu"]
+    assert [p.label for p in d.plans] == ["cpu", "cpu 256px/64"]
+
+
+def test_cpu_plans_bound_host_memory():
+    """The CPU plans: one item at a time (video: the VAE's temporal chunks), then local tiles, so a host without
+    ~15 GiB free for a 2048 px float32 decode still gets the image (docs/benchmarks.md: lost on host memory)."""
+    cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="no CUDA")
+    d = decide(DecodeJob("sdxl", 2048, 2048, batch=2), cpu, P)
+    first, tiled = d.plans
+    assert first.slice_batch and first.tile_px is None and first.dtype == "float32"
+    assert tiled.path == "cpu" and tiled.tile_px == 248 and tiled.slice_batch  # equalised tiles under a 256 cap
+    assert tiled.estimate.seconds > first.estimate.seconds  # the overlaps are decoded twice
+    v = decide(DecodeJob("hunyuanvideo", 960, 544, frames=61), cpu, P)
+    assert [p.label for p in v.plans] == ["cpu 4-frame chunks", "cpu 256px/64, 4-frame chunks"]
+    small = decide(DecodeJob("sd15", 256, 256), cpu, P)
+    assert [p.label for p in small.plans] == ["cpu"]  # nothing to tile
 
 
 @pytest.mark.parametrize(("job", "match"), [

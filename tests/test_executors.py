@@ -210,6 +210,20 @@ def test_vae_restored_after_success_and_cpu_runs_float32(profiles):
     assert all(q.dtype == torch.bfloat16 for q in vae.parameters())
 
 
+def test_a_tiled_cpu_plan_runs_tiles_on_the_cpu_in_float32(profiles):
+    vae = build_tiny_vae("sd15").to(torch.bfloat16)
+    z = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    rec = Recorder(vae.decoder)
+    try:
+        out = run_plan(plan("cpu", tile_px=64, overlap_px=16, slice_batch=True), vae, z, family=profiles.family("sd15"))
+    finally:
+        rec.remove()
+    ty = axis_tiles(16, 8, 2)
+    assert len(rec.shapes) == 2 * len(ty) ** 2 and all(s[2] <= 8 and s[3] <= 8 for s in rec.shapes)
+    assert out.shape == (2, 3, 128, 128) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert all(q.dtype == torch.bfloat16 for q in vae.parameters())
+
+
 def test_run_settings_never_narrows_the_weights():
     vae = build_tiny_vae("sd15").to(torch.bfloat16)
     assert run_settings(plan("full", "float32"), vae, "cuda") == (torch.device("cuda"), torch.float32)
