@@ -6,7 +6,7 @@ count of allocated bytes ("Total Allocated" of the profiler's memory events, the
 float32). The model is ``policy.estimate.exact_peak_bytes`` without its safety margin; a full decode is
 measured the same way for scale (its GPU peak, fitted on H200 data, is larger: cuDNN workspaces and
 memory-efficient attention differ from the CPU's kernels). Until a GPU run measures exact tiling, this
-ratio is what ``exact_margin`` (1.15) has to cover.
+ratio is what ``exact_margin`` (families.yaml) has to cover.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def run(sizes: list[int], tiles: list[int], config: dict[str, Any] | None = None
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["## Exact tiling: peak memory, measured (CPU) vs model", "",
              "SD-architecture decoder (random weights), float32, one image; peak allocated bytes from PyTorch's "
-             "profiler on the CPU. \"model\" is `exact_peak_bytes` without its 1.15 margin. Written by "
+             "profiler on the CPU. \"model\" is `exact_peak_bytes` without its `exact_margin`. Written by "
              "`python -m hybrid_vae.bench.exact_memory`.", "",
              "| size px | tile px | measured MiB | model MiB | measured / model | measured / full decode (CPU) |",
              "|---|---|---|---|---|---|"]
@@ -81,7 +81,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{r['ratio']:.3f} | {r['vs_full']:.2f} |")
     if rows:
         worst = max(r["ratio"] for r in rows)
-        lines += ["", f"Worst measured / model: **{worst:.3f}** (the engine adds x1.15). Exact tiling needs "
+        lines += ["", f"Worst measured / model: **{worst:.3f}** (the engine adds its exact_margin). Exact tiling needs "
                   f"{min(r['vs_full'] for r in rows):.2f}-{max(r['vs_full'] for r in rows):.2f} of a full decode's "
                   f"CPU peak here; on the GPU a full decode needs {min(r['gpu_full_model'] / r['full'] for r in rows):.2f}-"
                   f"{max(r['gpu_full_model'] / r['full'] for r in rows):.2f}x its CPU peak (the H200 fit), so the saving "

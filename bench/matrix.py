@@ -34,6 +34,7 @@ from typing import Any
 
 from hybrid_vae.bench.strategies import ALL, STRATEGIES, WHAT_IF, Strategy, best_seconds, engine_with
 from hybrid_vae.bench.world import EXTRA_CARDS, NETWORKS, Card, Exec, NetworkCase, Scenario, World, WorldParams, world_cards
+from hybrid_vae.bench.world_doc import WORLD_MD
 from hybrid_vae.policy.decide import decide
 from hybrid_vae.policy.learned import Learned, job_voxels, learn_path, observe
 from hybrid_vae.policy.model import DecodeSettings
@@ -406,7 +407,7 @@ def lost_markdown(res: dict[str, Any], n: int = 8) -> str:
     return "\n".join(lines)
 
 
-SENSITIVITY_STRATEGIES = ("engine", "engine_reserve64", "engine_margins0", "engine_no_chain")
+SENSITIVITY_STRATEGIES = ("engine", "engine_reserve256", "engine_margins0", "engine_no_chain")
 SENSITIVITY: tuple[tuple[str, WorldParams], ...] = (
     ("none of the real-card effects (the measured truth, noise only)",
      WorldParams(effects=False, drift=((1.0, 0.0, 0.0),))),
@@ -433,7 +434,7 @@ def sensitivity(jobs: int | None = None, sset: str = "reduced") -> list[dict[str
 
 # ---- tuning ---------------------------------------------------------------------------------------
 
-#: what the sweep varies, and the shipped defaults it starts from
+#: what the sweep varies, and the defaults shipped before it (it chose reserve 64 MiB, exact_margin 1.3, exact_tolerance 1.0)
 DEFAULTS = {"reserve_mib": 128, "exact_margin": 1.15, "exact_tolerance": 1.2}
 RESERVES_MIB = (64, 128, 256, 384, 512)
 MARGINS = (1.0, 1.15, 1.3)
@@ -514,10 +515,10 @@ def section(res: dict[str, Any], sens: list[dict[str, Any]] | None = None, *, cd
     the tuning set and its sweep, what-ifs, sensitivity, the engine's losses and worst cases."""
     lines = [
         "## Simulated scenario matrix: this engine against every peer strategy", "",
-        "`hybrid-vae bench --simulate`. Where each truth comes from (`bench/world.py`, `bench/truth.py`, "
-        "`bench/interp.py`; none of it calls `policy/estimate.py` or reads a memory or time constant of "
-        "`families.yaml`, a test checks both): see *The simulated world* below. Regret = seconds / fastest "
-        "execution that succeeds in that scenario - 1, over delivered images; failed attempts count in the seconds.",
+        "`hybrid-vae bench --simulate` (`bench/matrix.py`, `bench/strategies.py`; the world: `bench/world.py`, "
+        "`bench/truth.py`, `bench/interp.py`, `bench/geometry.py`). Regret = seconds / fastest execution that "
+        "succeeds in that scenario - 1, over delivered images; failed attempts count in the seconds. Where each "
+        "truth comes from: *The simulated world* below.",
         "", "### Scoring set (the targets are judged here)", "",
         *_headline(res, "Scoring set"), "",
         *([f"![regret distribution](img/{cdf.name})", ""] if cdf is not None else []),
@@ -539,6 +540,6 @@ def section(res: dict[str, Any], sens: list[dict[str, Any]] | None = None, *, cd
             for _n, m in w["strategies"].items():
                 lines.append(f"| {w['world']} | {m['label']} | {m['ooms']} | {m['lost']} | {m['wasted_attempts']} | "
                              f"{_f(m['median_regret'])} | {_f(m['p95_regret'])} |")
-    lines += ["", "### The engine's worst cases (scoring set)", "", worst_markdown(res), "",
+    lines += ["", "### The engine's worst cases (scoring set)", "", worst_markdown(res), "", WORLD_MD, "",
               f"World knobs: `{json.dumps(res['world'])}`."]
     return "\n".join(lines)

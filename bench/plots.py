@@ -223,7 +223,7 @@ def section(made: Sequence[Path]) -> str:
     """The docs/benchmarks.md section listing the plots."""
     captions = {
         "decision-map.png": "What `decide` chooses for stock SDXL (float32) by image side and free memory, per card "
-                            "(remote off). Full where it fits the free memory less the 128 MiB reserve, else the "
+                            "(remote off). Full where it fits the free memory less the reserve (`reserve_bytes`), else the "
                             "largest tile that fits (numbers), else the CPU.",
         "estimate-vs-measured.png": "The engine's memory estimate against every measured peak in `profiles/measured` "
                                     "(H200): all within +0..+10%, never below. These are the rows its constants were "

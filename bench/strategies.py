@@ -274,7 +274,6 @@ STRATEGIES: dict[str, tuple[str, Strategy]] = {
     "tiled_vae": ("Tiled VAE (tile from total VRAM)", tiled_vae),
     "always_remote": ("always remote (no fallback)", always_remote),
 }
-#: The engine under other settings or rules (what-if rows; never mixed into the headline table).
 def engine_with(*, chain: bool = True, **settings: object) -> Strategy:
     """WHAT-IF: the engine with other :class:`DecodeSettings` values or ``exact_margin`` (its rules unchanged);
     ``chain=False``: only the decision's first plan runs (an OOM loses the image)."""
@@ -286,13 +285,16 @@ def engine_with(*, chain: bool = True, **settings: object) -> Strategy:
     return run
 
 
+#: The engine under other settings or rules (what-if rows; never mixed into the headline table).
 WHAT_IF: dict[str, tuple[str, Strategy]] = {
-    "engine_speed_only": ("engine, tiles ranked by speed only (exact_tolerance 1.0)", engine_with(exact_tolerance=1.0)),
+    "engine_tolerance12": ("engine, exact tiles up to 1.2x slower (exact_tolerance 1.2, the default before tuning)",
+                           engine_with(exact_tolerance=1.2)),
     "engine_tolerance15": ("engine, exact tiles up to 1.5x slower (exact_tolerance 1.5)",
                            engine_with(exact_tolerance=1.5)),
     "engine_local_only": ("engine without exact tiling (tile_groupnorm local)", engine_with(tile_groupnorm="local")),
     "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
-    "engine_reserve64": ("engine, reserve 64 MiB", engine_with(reserve_bytes=64 * 2**20)),
+    "engine_reserve128": ("engine, reserve 128 MiB (the default before tuning)", engine_with(reserve_bytes=128 * 2**20)),
+    "engine_reserve256": ("engine, reserve 256 MiB", engine_with(reserve_bytes=256 * 2**20)),
     "engine_margins0": ("engine, margins 0 (reserve 0, exact_margin 1.0)",
                         engine_with(reserve_bytes=0, exact_margin=1.0)),
     "engine_no_chain": ("engine without its fallback chain (first plan only)", engine_with(chain=False)),

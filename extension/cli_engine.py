@@ -48,7 +48,7 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="remote endpoint URL for this family; repeat for a pool (tried best first, failing over)")
     e.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
-    e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.125)")
+    e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.0625, the settings' reserve)")
     e.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
                    help="tiles: exact (same image as a full decode), local (least memory) or auto (default)")
     e.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")

@@ -1,0 +1,39 @@
+"""The simulated world described for docs/benchmarks.md (a Markdown block; long table rows stay on one line)."""
+
+WORLD_MD = """### The simulated world: where each truth comes from
+
+Nothing in the world calls `policy/estimate.py` or reads a memory or time constant of `families.yaml`
+(`tests/test_bench.py` checks both: the world's modules are parsed for such reads, and every kind of execution
+gets its truth with the estimator's functions replaced by ones that raise). *Measured* = rows of
+`profiles/measured/` (one NVIDIA H200, and this repository's CPU runs); *interpolated* = those rows joined by
+piecewise-linear lines in log(bytes) over log(pixels) (beyond the last row: the last segment's slope; where rows
+repeat a point: the largest); *assumed* = a range the world draws from, per installation (world seed x card)
+unless said otherwise, so the truth can fall on either side of the engine's estimate.
+
+| what | GPU memory (peak bytes) | seconds |
+|---|---|---|
+| full decode, SD decoder (sd15, sdxl, flux, sd3) | interpolated: H200 full rows by pixels, per dtype size; batches: the measured 2- and 4-item ratios at 1024 px | interpolated: H200 full-decode curve, x the seed's RTX tables for profiled cards (assumed speeds for the others) |
+| diffusers' tiles (peers' tiling) | interpolated: H200 tiled rows by tile pixels, then image pixels | measured tiles' full-decode time + a per-tile cost fitted on the 64 tiled rows |
+| the engine's local tiles | not measured: diffusers' rows at the same tile x **assumed** U(0.88, 1.12), + its output buffer (one copy, from the executor's code) | as diffusers' tiles |
+| exact tiles | not measured on a GPU: **assumed** U(0.26, 0.42) x the full decode's measured peak (whole-image buffers) + U(0.45, 0.85) x a measured full decode of one tile (its working set); the CPU measured 0.95-1.03x the analytic figure | **assumed**: full x 1.08 + 0.15 ms per tile and pass |
+| HunyuanVideo | interpolated: the 9 H200 rows less one output copy, by frames decoded at once and region pixels; + **assumed** U(1, 2) output copies | fitted on the 9 rows: a x decoded voxels + c x decoder calls |
+| Wan | **assumed**: ComfyUI's formula (7000 B per pixel per dtype byte) / U(1.3, 2.6) (the engine assumes 1.79, ComfyUI's over-estimate on the SD decoder) | **assumed**: 1.5x HunyuanVideo's |
+| CPU (`cpu` plans) | host bytes, measured: `profiles/measured/cpu-sd-decode-*.jsonl` (SD decoder, float32, 256-768 px; `bench/cpu_memory.py`); tiles and video: **assumed** GPU truth at float32 x the measured CPU/GPU ratio at 512 px | measured CPU rows x **assumed** user CPU 0.15-0.6x this machine |
+| remote | - | round trip, upload, server (H200 curve x **assumed** U(1.5, 3)), download, encode: **assumed** |
+
+What a real card adds and the estimator does not model (ranges **assumed**, sized from reports):
+
+| effect | in the world | evidence |
+|---|---|---|
+| cuDNN workspace | U(-32, +96) MiB on every GPU decode, per installation (the H200 rows include that run's workspace; `cudnn.benchmark` on/off changed nothing there) | a cuDNN default algorithm taking 2x the memory on V100 (pytorch/pytorch#13412); `cudnn.benchmark` raising VRAM use (huggingface/diffusers#2793) |
+| allocator block rounding | U(0, 48) MiB per decode (a warm UI process; a cold one needed 1.00x its allocated peak under a cap on the H200) | `memory-and-speed.md` note 2 |
+| fragmentation | U(0, 30)% of the torch cache the probe counts as available cannot hold the decode's blocks, per installation; half the scenarios have a cache of U(0, 60)% of their free memory | 5.53 GiB "reserved but unallocated" at an OOM on a 16 GB card (pytorch/pytorch#177406), 9.27 GiB on ROCm (ROCm/TheRock#2844); SD.Next keeping 7.4 GB reserved with nothing active after a decode (vladmandic/sdnext#3416) |
+| free memory moving after the probe | 60% nothing, 25% U(0, 64) MiB less, 10% U(64, 400) MiB less, 3% U(0.4, 2) GiB less, 2% U(0, 512) MiB more | a browser's video tab re-allocating ~80 MB per restart, ~300 MB per tab (elFarto/nvidia-vaapi-driver#146); editors holding 2-4 GB (techtactician.com); later decodes using up to 6 GB more than the first (Panchovix/stable-diffusion-webui-reForge#114); ComfyUI keeps 400 MB (Linux) / 600-700 MB (Windows) for other applications (`comfy/model_management.py`) |
+| host memory for a CPU decode | 4, 8, 16 or 32 GiB free (15/35/35/15%) per scenario; a `cpu` plan above it fails (an allocator error, the chain goes on; the world does not model Linux's OOM killer ending the process) | users' logs: "total RAM 32694 MB" (Comfy-Org/ComfyUI#5828) |
+| (sensitivity only) PyTorch 2.9's conv3d path | video decoders 2-3x the memory on 30% of installations | "another path that takes 3x the memory" (Comfy-Org/ComfyUI#10398, #10373); 6.3 -> 12.7 GB (pytorch/pytorch#177406) |
+
+A failed GPU attempt costs U(0.7, 1.0) of its largest region's time (measured: a failed full fp32 2048 decode
+took 0.45-0.65 s of 0.64 s on the H200); a failed host allocation a tenth of that; a remote request fails (HTTP
+503) with probability 2%. Seconds carry lognormal noise per card (sigma 0.15), scenario (0.05), decode (0.03) and
+link (0.15). Every strategy meets the same draws (common random numbers); a different seed is a different world.
+A new plan kind gets its truth by registering a function in `bench/truth.py` (see its docstring)."""
