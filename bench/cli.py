@@ -110,7 +110,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not args.no_what_if:
             print("\n" + matrix.what_if_markdown(res))
         print("\ntargets:", ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in res.get("targets", {}).items()))
-    if not (args.no_write or sset.name != "scoring" or args.profile or args.seed is not None):
+    from hybrid_vae.bench.report import DOC
+
+    if not (args.no_write or sset.name != "scoring" or args.profile or args.seed is not None) and not DOC.is_file():
+        print(f"docs not written: {DOC} does not exist (an installed package, not a source checkout)", file=sys.stderr)
+    elif not (args.no_write or sset.name != "scoring" or args.profile or args.seed is not None):
         from hybrid_vae.bench.report import write_section
 
         full = not args.no_what_if

@@ -124,9 +124,11 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "tiled. PSNR is against the full decode, over [-1, 1]; max err in 8-bit levels; float32 on CPU.",
         "\"exact\" is the engine's exact tiling (`extension/stream.py`: the decoder runs layer by layer over",
         "the whole image, every GroupNorm with the whole image's statistics, 1 px of context per tile, no",
-        "overlap) -- the engine's tiled plan whenever it fits. \"local\" is the engine's one-pass tiler",
+        "overlap) -- the engine's tiled plan when it fits and is estimated no slower. \"local\" is the engine's "
+        "one-pass tiler",
         "(each tile through the whole decoder with its own GroupNorm statistics, linear-ramp blending over",
-        "the overlap) -- the plan when only the least memory fits. \"diffusers\" is `AutoencoderKL`'s own",
+        "the overlap) -- the plan when only the least memory fits or it is estimated faster. \"diffusers\" is "
+        "`AutoencoderKL`'s own",
         "tiling at the same tile and `tile_overlap_factor`. Overlap as a fraction of the tile.",
         "Seconds are CPU seconds (relative cost only; the fixture's narrow channels make pointwise work",
         "weigh more than in a real VAE -- docs/benchmarks.md has SD-width timings).",
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                "## Tiled vs full decode quality (fixture VAE)", 1)
         write_section("bench/tiling_quality.py", summary + "\n\nPer picture and tile: docs/tiling-quality.md. "
                       "`tile_groupnorm` (`DecodeSettings`, `hybrid-vae decode --groupnorm`) is `auto` by default: "
-                      "exact tiles whenever a full or exact plan fits, local tiles only when nothing exact fits "
-                      "(or when they are estimated over 1.2x faster: `exact_tolerance`).")
+                      "local tiles only when nothing exact fits or they are estimated faster than exact ones "
+                      "(`exact_tolerance`, default 1.0).")
     return 0
 
 
