@@ -13,9 +13,9 @@ against the engine.
   the cap runs; the SD 1.5, SDXL and Flux decoders are one architecture), over output pixels.
 * ``batch``: peak of B items at once / peak of one, measured at 1024 px (B = 2, 4; fp16 and bf16), linear in B
   between the measured B and beyond the last.
-* ``tiled`` (diffusers' tiling, overlap factor 0.25): per dtype size, over tile pixels for each measured image
-  size, then across image sizes (:func:`grid2`); a tile measured at one image size only is taken as
-  independent of the image size there (slope 0).
+* ``tiled`` (diffusers' tiling, overlap factor 0.25; the 0.125 rows, up to 10% lower, are left out): per dtype
+  size, over tile pixels at each measured image size (an image size with one tiled row: proportional to the
+  tile's pixels), then across image sizes.
 * ``video`` (HunyuanVideo; full, frame-wise and tiled rows): the rows less one 3-channel output copy
   (``3 * dtype * output voxels``, added back by the world with its own spread) give the decoder's own peak
   over (output frames decoded at once, pixels of the region decoded at once): over region pixels for each

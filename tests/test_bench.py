@@ -262,7 +262,7 @@ def test_unsupported_and_unreachable():
 
 
 def test_engine_follows_its_chain_after_a_remote_failure():
-    world = World(P, remote_failure=1.0)
+    world = World(P, WorldParams.quiet(remote_failure=1.0))  # no memory effects: only the remote fails
     s = sc(free=0.05, net=NETWORKS[2])  # 0.4 GiB free: remote first
     d = decide(s.job(), s.gpu(), P, DecodeSettings(allow_remote=True), NETWORKS[2].stats())
     assert d.chosen.path == "remote"
