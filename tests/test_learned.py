@@ -250,26 +250,28 @@ def test_orchestrator_records_and_applies_learned_timings(tmp_path):
 
 def test_exact_tiles_learn_under_their_own_key(tmp_path):
     """Exact tiles are learned as ``tiled-exact``, apart from local tiles (different code): once this
-    card has shown exact tiles 3x slower and local tiles as estimated, local tiles win."""
+    card has shown exact tiles 3x slower and local tiles as estimated, local tiles win. (exact_tolerance 1.2, so
+    exact tiles start as the choice.)"""
+    s = DecodeSettings(exact_tolerance=1.2)
     store = LearnedStore(tmp_path / "l.json")
     job = DecodeJob("sd15", 2048, 2048, dtype="float16")
     gpu = real_gpu(free_gib=4.5)
-    d0 = decide(job, gpu, P)
+    d0 = decide(job, gpu, P, s)
     assert d0.chosen.groupnorm == "exact"
     local0 = next(o.plan for o in d0.options if o.feasible and o.plan.groupnorm == "local"
                   and o.plan.path == "tiled")
     for _ in range(4):
         snap = store.load()
-        d = decide(job, gpu, P, learned=snap)
+        d = decide(job, gpu, P, s, learned=snap)
         by_label = {o.plan.label: o.plan for o in d.options}
         store.record_decision(d, by_label[d0.chosen.label], 3.0 * d0.chosen.estimate.seconds, applied=snap)
         snap = store.load()
-        d = decide(job, gpu, P, learned=snap)
+        d = decide(job, gpu, P, s, learned=snap)
         by_label = {o.plan.label: o.plan for o in d.options}
         store.record_decision(d, by_label[local0.label], local0.estimate.seconds, applied=snap)
     keys = set(store.load().entries)
     assert any("|tiled-exact|" in k for k in keys) and any("|tiled|" in k for k in keys)
-    d1 = decide(job, gpu, P, learned=store.load())
+    d1 = decide(job, gpu, P, s, learned=store.load())
     assert d1.chosen.groupnorm == "local" and "learned from" in d1.chosen.estimate.seconds_source
     exact1 = next(o.plan for o in d1.options if o.plan.label == d0.chosen.label)
     assert exact1.estimate.seconds == pytest.approx(3.0 * d0.chosen.estimate.seconds, rel=0.05)
