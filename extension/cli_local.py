@@ -84,8 +84,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def load_vae(spec: str, family: Family, *, dtype: torch.dtype | None = None) -> Any:
-    """Load the diffusers VAE class of ``family`` from a folder, a single file or a hub id.
+def load_vae(spec: str, family: Family | None, *, dtype: torch.dtype | None = None, vae_class: str | None = None) -> Any:
+    """Load the diffusers VAE class of ``family`` (or ``vae_class``) from a folder, a single file or a hub id.
 
     A folder or repo holding a whole pipeline is read from its ``vae`` subfolder. Hub ids need the
     weights in the local Hugging Face cache or network access.
@@ -96,7 +96,11 @@ def load_vae(spec: str, family: Family, *, dtype: torch.dtype | None = None) -> 
     import diffusers
     import torch
 
-    cls = getattr(diffusers, VAE_CLASSES[family.architecture])
+    name = vae_class or (VAE_CLASSES[family.architecture] if family is not None else "AutoencoderKL")
+    cls = getattr(diffusers, name, None)
+    if cls is None or name not in VAE_CLASSES.values():
+        raise ProfileError(f"{name} is not a VAE class hybrid-vae decodes ({', '.join(VAE_CLASSES.values())})",
+                           key_path="vae_class", value=name)
     dtype = dtype or torch.float32
     path = Path(spec).expanduser()
     tried: list[str] = []
@@ -200,6 +204,7 @@ def write_images(result: DecodeResult, out: Path) -> list[Path]:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
+    from hybrid_vae.extension.geometry import UNMATCHED, resolve_family
     from hybrid_vae.extension.latents import load_latent, validate_latents
     from hybrid_vae.policy.profiles import load_profiles
 
@@ -210,23 +215,25 @@ def cmd_decode(args: argparse.Namespace) -> int:
         if not family:
             return _fail(f"{args.latent} has no family in its metadata; pass --family "
                          f"({', '.join(sorted(profiles.families))})", 2)
-        fam = profiles.family(family)
         height = args.height or meta.get("height")
         width = args.width or meta.get("width")
-        # check the latent before loading a VAE (loading real weights takes a while)
-        validate_latents(latents, fam, family_name=family, height=height, width=width,
-                         families=profiles.families)
+        fam = None
+        if family != UNMATCHED:  # a VAE that matched no family: its own config decides (after loading it)
+            fam = profiles.family(family)
+            # check the latent before loading a VAE (loading real weights takes a while)
+            validate_latents(latents, fam, family_name=family, height=height, width=width,
+                             families=profiles.families)
         if args.fixture:
             from hybrid_vae.extension.fixture import load_fixture_vae
 
             vae = load_fixture_vae()
-        elif args.vae:
-            dtype = getattr(torch, fam.default_dtype) if torch.cuda.is_available() else torch.float32
-            vae = load_vae(args.vae, fam, dtype=dtype)
-        elif meta.get("vae_id"):
-            vae = load_vae(str(meta["vae_id"]), fam)
+        elif args.vae or meta.get("vae_id"):
+            dtype = getattr(torch, fam.default_dtype) if torch.cuda.is_available() and fam else torch.float32
+            vae = load_vae(str(args.vae or meta["vae_id"]), fam, dtype=dtype, vae_class=meta.get("vae_class"))
         else:
             return _fail("no VAE: pass --vae PATH_OR_HUB_ID (or --fixture for the bundled fixture VAE)", 2)
+        family, profiles, _ = resolve_family(vae, profiles, None if family == UNMATCHED else family)
+        fam = profiles.family(family)
         bar = _Progress()
         decoder = _decoder(args, family, on_decision=bar.on_decision)
         try:

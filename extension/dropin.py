@@ -39,16 +39,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from hybrid_vae.extension import remote_wire
 from hybrid_vae.extension.endpoints import join_endpoints, pool_for
+from hybrid_vae.extension.geometry import UNMATCHED, resolve_family, vae_geometry
 from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
 from hybrid_vae.policy.errors import PlanError
+from hybrid_vae.policy.geometry import match_family
 from hybrid_vae.policy.model import DecodeSettings, split_endpoints
 from hybrid_vae.policy.profiles import Profiles, ProfileStore
 
@@ -66,9 +67,6 @@ PIPELINE_FAMILIES: tuple[tuple[str, str | None], ...] = (
     ("HunyuanVideo", "hunyuanvideo"), ("Wan", "wan"), ("StableDiffusion", "sd15"),
     ("LatentConsistencyModel", "sd15"),
 )
-#: diffusers VAE classes that name their family outright.
-VAE_CLASS_FAMILIES: Mapping[str, str] = MappingProxyType({"AutoencoderKLHunyuanVideo": "hunyuanvideo",
-                                                          "AutoencoderKLWan": "wan"})
 
 
 class _NoLocalVAE:
@@ -97,15 +95,6 @@ class _FixedStore(ProfileStore):
         return self._fixed, None
 
 
-def _cfg(vae: Any, key: str) -> Any:
-    cfg = getattr(vae, "config", None)
-    if cfg is None:
-        return None
-    if isinstance(cfg, Mapping):
-        return cfg.get(key)
-    return getattr(cfg, key, None)
-
-
 def _close(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return (a or 0.0) == (b or 0.0)
@@ -113,22 +102,13 @@ def _close(a: float | None, b: float | None) -> bool:
 
 
 def _family_from_vae(vae: Any, profiles: Profiles) -> str | None:
-    name = type(vae).__name__
-    if name in VAE_CLASS_FAMILIES and VAE_CLASS_FAMILIES[name] in profiles.families:
-        return VAE_CLASS_FAMILIES[name]
-    channels = _cfg(vae, "latent_channels")
-    if channels is None:
+    """The family whose whole geometry matches ``vae``'s, ``unmatched`` when none does; None when the VAE has no
+    readable geometry or is of a class the engine does not decode (:mod:`policy.geometry`)."""
+    geom = vae_geometry(vae)
+    if geom is None or geom.architecture is None:
         return None
-    cands = {k: f for k, f in profiles.families.items() if f.latent_channels == channels and not f.video}
-    source = str(_cfg(vae, "_name_or_path") or "")
-    for key, fam in cands.items():
-        if source and any(vid in source for vid in fam.vae_ids):
-            return key
-    sf, sh = _cfg(vae, "scaling_factor"), _cfg(vae, "shift_factor")
-    for key, fam in cands.items():
-        if sf is not None and _close(sf, fam.scaling_factor) and _close(sh, fam.shift_factor):
-            return key
-    return next(iter(cands), None)
+    key, _ = match_family(geom, profiles)
+    return key or UNMATCHED
 
 
 def _family_from_endpoint(spec: str, profiles: Profiles) -> str | None:
@@ -164,8 +144,9 @@ def infer_family(tensor: Any, *, vae: Any = None, pipeline: Any = None, endpoint
                  profiles: Profiles | None = None) -> tuple[str, str]:
     """Guess the VAE family of a decode; return ``(family, how it was found)``.
 
-    Order: the pipeline's class name, the VAE (its class; for ``AutoencoderKL`` its checkpoint name, then
-    its scaling/shift factors, then its channel count), the endpoint (a built-in endpoint URL, or
+    Order: the VAE's whole geometry (class, channels, compression, scaling/shift or mean/std;
+    ``unmatched`` -- local only -- when it matches no family), the pipeline's class name, the endpoint
+    (a built-in endpoint URL, or
     ``.../<family>`` of ``hybrid-vae serve``), and last the latent's layout with the given factors
     (3-D packed -> flux; 5-D -> the first video family with that many channels; 4-D -> the family whose
     factors match, else the first with that many channels: sd15 for 4, flux for 16).
@@ -174,6 +155,10 @@ def infer_family(tensor: Any, *, vae: Any = None, pipeline: Any = None, endpoint
         ValueError: nothing matched; pass ``family=``.
     """
     profiles = profiles or ProfileStore().get()[0]
+    if vae is not None:
+        fam = _family_from_vae(vae, profiles)
+        if fam is not None:
+            return fam, f"VAE {type(vae).__name__} geometry"
     if pipeline is not None:
         pname = type(pipeline).__name__
         for prefix, fam in PIPELINE_FAMILIES:
@@ -181,10 +166,6 @@ def infer_family(tensor: Any, *, vae: Any = None, pipeline: Any = None, endpoint
                 if fam is not None and fam in profiles.families:
                     return fam, f"pipeline {pname}"
                 break
-    if vae is not None:
-        fam = _family_from_vae(vae, profiles)
-        if fam is not None:
-            return fam, f"VAE {type(vae).__name__}"
     if endpoint:
         fam = _family_from_endpoint(endpoint, profiles)
         if fam is not None:
@@ -441,7 +422,11 @@ def hybrid_decode(*args: Any, tensor: torch.Tensor | None = None, endpoint: str 
         family, how = infer_family(tensor, vae=local_vae, pipeline=pipeline, endpoint=endpoint,
                                    scaling_factor=scaling_factor, shift_factor=shift_factor, profiles=profiles)
         log.debug("hybrid-vae: family %s (from the %s)", family, how)
+    if local_vae is not None:  # the VAE's geometry wins over a contradicting family; adds ``unmatched`` when used
+        family, profiles, _ = resolve_family(local_vae, profiles, family)
     custom = _profiles_for(profiles, family, do_scaling=do_scaling, scaling=scaling_factor, shift=shift_factor)
+    if custom is None and family == UNMATCHED:
+        custom = profiles
     base = settings or (decoder.settings if decoder is not None else DecodeSettings())
     explicit = settings is not None and settings.remote_format != "auto"
     fmt = _remote_format(output_type, image_format, processor)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from hybrid_vae.extension.executors import ProgressFn, run_plan, vae_device_dtype
+from hybrid_vae.extension.geometry import resolve_family
 from hybrid_vae.extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
 from hybrid_vae.extension.stream import settings_for_vae
 from hybrid_vae.policy.decide import decide
@@ -43,7 +44,6 @@ from hybrid_vae.policy.errors import (
     RemoteTimeoutError,
 )
 from hybrid_vae.policy.gpu import GpuState
-from hybrid_vae.policy.gpu import format_gib as _gib
 from hybrid_vae.policy.gpu import probe as probe_gpu
 from hybrid_vae.policy.learned import LearnedStore
 from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
@@ -128,27 +128,21 @@ class DecodeReport:
     def infotext(self) -> str:
         """One truthful line for the image's metadata.
 
-        E.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full, 0.41 s`` or
+        E.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full, 0.41 s``, ``cpu full decode, no GPU, 9.1 s`` or
         ``full, fell back from remote raw (HTTP 503), 0.30 s``.
         """
         d, ran = self.decision, self.ran
         if self.fell_back:
             first_err = next((e for _, e, _ in self.attempts if e), "failed")
-            text = f"{ran.label}, fell back from {self.chosen.label} ({first_err})"
-        elif ran.path == "tiled":
-            full = _full_need(d)
-            text = f"{ran.label}, {_gib(d.budget_bytes)} budget < {_gib(full)} full" if full is not None \
-                else f"{ran.label}, {_gib(d.budget_bytes)} budget"
-        elif ran.path == "full":
-            text = f"{ran.label}, {_gib(ran.estimate.peak_bytes)} of {_gib(d.budget_bytes)} budget"
+            label = "cpu full decode" if ran.path == "cpu" else ran.label
+            text = f"{label}, fell back from {self.chosen.label} ({first_err})"
         elif ran.path == "remote":
             host = _host(self.remote.endpoint if self.remote else ran.endpoint or "")
             text = f"remote {ran.response_format} via {host}"
             if self.remote is not None and self.remote.skipped:
                 text += f" (after {', '.join(self.remote.skipped)})"
         else:
-            text = "cpu, no GPU" if not d.gpu.is_accelerator \
-                else f"cpu, no GPU plan fits {_gib(d.available_bytes)} available"
+            text = d.summary  # rendered by policy.decide from the same numbers as the reason
         text += f", {self.seconds:.2f} s"
         if self.simulated:
             text += f" [simulated {d.gpu.name}, ran on {self.device}]"
@@ -186,13 +180,6 @@ def _host(url: str) -> str:
     from urllib.parse import urlsplit
 
     return urlsplit(url).netloc or url
-
-
-def _full_need(d: Decision) -> int | None:
-    for o in d.options:
-        if o.plan.path == "full" and not o.plan.slice_batch:
-            return o.plan.estimate.peak_bytes
-    return None
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -269,6 +256,8 @@ class HybridDecoder:
             any plan runs (a UI shows the plan, the CLI decides whether to draw a progress bar).
         learned (`LearnedStore | None`): learned timings: applied to the decision and updated after
             each successful local GPU decode (default: none; pass ``LearnedStore()`` for the user's file).
+        report_log_level (`int`, defaults to `logging.INFO`): level of the one line logged per decode
+            (family, size and the infotext); SD.Next passes DEBUG when its decision log is off.
     """
 
     def __init__(self, *, settings: DecodeSettings | None = None, profile_path: str | Path | None = None,
@@ -276,7 +265,7 @@ class HybridDecoder:
                  remote: RemoteDecoder | None = None, probe: Callable[[], GpuState] | None = None,
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
                  on_decision: Callable[[Decision], None] | None = None,
-                 learned: LearnedStore | None = None) -> None:
+                 learned: LearnedStore | None = None, report_log_level: int = logging.INFO) -> None:
         self.settings = settings or DecodeSettings()
         self.profile_path = profile_path
         self.store = profile_store or ProfileStore()
@@ -287,6 +276,7 @@ class HybridDecoder:
         self.before_plan = before_plan
         self.on_decision = on_decision
         self.learned = learned
+        self.report_log_level = report_log_level
 
     def _gpu(self, total_for: Callable[[str], float | None]) -> GpuState:
         return self._probe() if self._probe is not None else probe_gpu(total_for=total_for)
@@ -304,7 +294,7 @@ class HybridDecoder:
             return gpu.device
         return str(vae_device_dtype(vae)[0])
 
-    def decode(self, latents: torch.Tensor, vae: Any, *, family: str, height: int | None = None,
+    def decode(self, latents: torch.Tensor, vae: Any, *, family: str | None = None, height: int | None = None,
                width: int | None = None, frames: int | None = None, vae_id: str | None = None,
                custom_vae: bool = False, output: Literal["pt", "pil"] = "pt", dtype: str | None = None,
                progress: ProgressFn | None = None) -> DecodeResult:
@@ -314,7 +304,10 @@ class HybridDecoder:
             latents (`torch.Tensor`): ``[B, C, h, w]``, packed ``[B, N, C*4]`` (Flux; give height/width),
                 or video ``[B, C, T, h, w]``.
             vae: the diffusers VAE to decode with (any device; restored afterwards).
-            family (`str`): the family key (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``hunyuanvideo``, ``wan``).
+            family (`str | None`): the family key (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``hunyuanvideo``, ``wan``);
+                None: from the VAE's geometry (:func:`extension.geometry.resolve_family`). A VAE whose
+                structure contradicts the given family, or whose geometry matches none, is decoded as the
+                local-only ``unmatched`` family (memory model scaled from its config, never remote).
             height, width (`int | None`): output pixels; required for packed latents.
             frames (`int | None`): output frames of a video (default: from the latent, ``1 + 4 (T - 1)``).
             vae_id (`str | None`), custom_vae (`bool`): which VAE; a custom VAE is never sent to an
@@ -336,7 +329,9 @@ class HybridDecoder:
         profiles, perr = self.store.get(self.profile_path)
         if perr is not None:
             log.warning("hybrid-vae: profile ignored, built-ins used: %s", perr)
+        family, profiles, how = resolve_family(vae, profiles, family)
         fam = profiles.family(family)
+        log.debug("hybrid-vae: family %s (%s)", family, how)
         validate_latents(latents, fam, family_name=family, height=height, width=width,
                          families=profiles.families)
         z = unpack_flux(latents, height or 0, width or 0, spatial_compression=fam.spatial_compression) \
@@ -364,7 +359,7 @@ class HybridDecoder:
         settings = settings_for_vae(settings, vae, fam)
         network = self.remote.network_stats() if self.remote is not None else None
         save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
-                     "vae_id": vae_id, "custom_vae": custom_vae}
+                     "vae_id": vae_id, "custom_vae": custom_vae, "vae_class": type(vae).__name__}
         try:
             snapshot = self.learned.load() if self.learned is not None else None
             decision = decide(job, gpu, profiles, settings, network, learned=snapshot)
@@ -433,7 +428,8 @@ class HybridDecoder:
                     device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else run_dev),
                     remote=remote_info, profile_error=str(perr) if perr else None,
                     groupnorm=plan.groupnorm if plan.path == "tiled" and not fam.video else None)
-                log.info("hybrid-vae: %s", report.infotext())
+                log.log(self.report_log_level, "hybrid-vae: %s %dx%d%s: %s", family, out_w, out_h,
+                        f" x{job.batch}" if job.batch > 1 else "", report.infotext())
                 images = to_pil(out) if output == "pil" else None
                 return DecodeResult(tensor=out, report=report, images=images)
             out = None

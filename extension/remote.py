@@ -8,9 +8,9 @@ What it adds to diffusers' ``remote_decode`` (see ``shared/notes/remote-protocol
   honoured up to a cap) and 5xx; redirects are never followed;
 * a circuit breaker per endpoint: after ``failure_threshold`` failed calls the endpoint is skipped
   (no connection at all) for ``cooldown_s``, then one half-open probe decides;
-* a bearer token that goes only to the endpoints it was configured for (exact origin match), and
-  only over HTTPS unless the host is loopback: anything else raises :class:`RemoteSecurityError`
-  before a socket is opened;
+* a bearer token that goes only where its :class:`~policy.trust.TokenPolicy` allows (by default the
+  exact origins it was configured for), and only over HTTPS unless the host is loopback: a configured
+  plain-HTTP remote origin raises :class:`RemoteSecurityError` before a socket is opened;
 * bounded responses (``Content-Length`` checked before reading, the stream aborted past the limit),
   image decoding guarded against decompression bombs (declared size checked before ``load()``),
   ``shape``/``dtype`` headers checked against what was asked, truncated bodies and non-JSON error
@@ -39,7 +39,6 @@ from hybrid_vae.extension.remote_wire import (
     error_text,
     has_av,
     image_to_tensor,
-    is_loopback,
     origin,
     parse_image,
     parse_tensor,
@@ -61,6 +60,7 @@ from hybrid_vae.policy.errors import (
     RemoteTimeoutError,
 )
 from hybrid_vae.policy.model import NetworkStats, split_endpoints
+from hybrid_vae.policy.trust import TokenPolicy
 
 if TYPE_CHECKING:
     import torch
@@ -203,8 +203,11 @@ class RemoteClient:
     Args:
         token (`str | None`, defaults to `None`): bearer token (e.g. your Hugging Face token).
         trusted_endpoints (`Iterable[str]`, defaults to `()`): URLs the token may go to; matched by exact
-            origin (scheme, host, port). Other endpoints are called without it. A trusted endpoint on plain
-            HTTP that is not loopback raises :class:`RemoteSecurityError` before anything is sent.
+            origin (scheme, host, port) with :meth:`policy.trust.TokenPolicy.exact`. Other endpoints are
+            called without it. A trusted endpoint on plain HTTP that is not loopback raises
+            :class:`RemoteSecurityError` before anything is sent.
+        token_policy (`TokenPolicy | None`): the policy itself, instead of ``trusted_endpoints`` (the
+            token goes where ``token_policy.allows(url)``); one policy for every entry point.
         connect_timeout_s (`float`, defaults to `5.0`) / read_timeout_s (`float`, defaults to `60.0`):
             per connect and per socket read; the call's ``deadline_s`` caps both.
         max_retries (`int`, defaults to `2`): extra attempts after a connection error, 429 or 5xx.
@@ -226,7 +229,8 @@ class RemoteClient:
     """
 
     def __init__(self, *, token: str | None = None, trusted_endpoints: Iterable[str] = (),
-                 connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0, max_retries: int = 2,
+                 token_policy: TokenPolicy | None = None, connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0,
+                 max_retries: int = 2,
                  backoff_base_s: float = 0.25, backoff_max_s: float = 4.0, retry_after_cap_s: float = 10.0,
                  failure_threshold: int = 3, cooldown_s: float = 30.0, max_cooldown_s: float = 300.0,
                  max_response_bytes: int = 1024 * MiB, max_image_pixels: int = 2**28, ewma_alpha: float = 0.3,
@@ -237,7 +241,10 @@ class RemoteClient:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.token = token or None
-        self.trusted = {origin(u) for spec in trusted_endpoints for u in split_endpoints(spec)}  # pools: 'a|b'
+        trusted = [u for spec in trusted_endpoints for u in split_endpoints(spec)]  # pools: 'a|b'
+        if token_policy is not None and trusted:
+            raise ValueError("give trusted_endpoints or token_policy, not both")
+        self.token_policy = token_policy or TokenPolicy.exact(trusted)
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
         self.max_retries, self.backoff_base_s, self.backoff_max_s = max_retries, backoff_base_s, backoff_max_s
         self.retry_after_cap_s = retry_after_cap_s
@@ -303,13 +310,13 @@ class RemoteClient:
         h = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         if self.token is None:
             return h
-        o = origin(endpoint)
-        if o not in self.trusted:
-            log.debug("token not sent to %s: not a configured endpoint", endpoint)
-            return h
-        if o[0] != "https" and not is_loopback(o[1]):
+        if self.token_policy.insecure(endpoint):
             raise RemoteSecurityError("refusing to send the bearer token over plain HTTP to a non-loopback host; "
                                       "use https:// or remove the token", endpoint=endpoint)
+        why = self.token_policy.check(endpoint)
+        if why is not None:
+            log.debug("token not sent to %s: %s", endpoint, why)
+            return h
         h["Authorization"] = f"Bearer {self.token}"
         return h
 

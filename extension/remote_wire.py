@@ -1,5 +1,6 @@
 """Wire format of the hybrid-inference VAE protocol, client side: request bytes, response parsing with
-bounds (shape/dtype checks, decompression-bomb guard, mp4 frame checks), error bodies, URL origins.
+bounds (shape/dtype checks, decompression-bomb guard, mp4 frame checks), error bodies. ``origin`` and
+``is_loopback`` come from :mod:`policy.trust` (the token policy) and are re-exported here.
 
 No HTTP here (see :mod:`extension.remote`); torch, PIL and PyAV are imported inside the functions.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import ipaddress
 import json
 import math
 import re
@@ -17,9 +17,9 @@ import time
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from hybrid_vae.policy.errors import LatentError, RemoteProtocolError
+from hybrid_vae.policy.trust import is_loopback, origin  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
@@ -38,29 +38,6 @@ class Reply:
     t_start: float
     t_headers: float
     t_end: float
-
-
-def origin(url: str) -> tuple[str, str, int]:
-    """``(scheme, host, port)`` of ``url``, lower-cased, default ports filled in."""
-    p = urlsplit(url)
-    scheme = (p.scheme or "").lower()
-    host = (p.hostname or "").lower().rstrip(".")
-    try:
-        port = p.port
-    except ValueError:
-        port = None
-    return scheme, host, port or (443 if scheme == "https" else 80)
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ::1 (no DNS lookup)."""
-    h = host.strip("[]").lower()
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 def error_text(reply: Reply) -> str:

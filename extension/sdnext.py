@@ -8,7 +8,8 @@ What :func:`setup` (called by ``scripts/hybrid_vae.py``) does:
 * wraps ``pipe.vae.decode`` of HunyuanVideo and Wan pipelines (the pipeline decodes inside itself,
   e.g. on the Video tab; SD.Next's ``sd_hijack_vae`` may wrap the same method before or after us);
 * registers the settings section and the ``before_process``/``after_process``/``model_loaded``
-  callbacks.
+  callbacks. It never reads ``shared.sd_model`` (a property that loads a model in SD.Next): video
+  pipelines are wrapped from ``model_loaded`` and ``before_process``.
 
 How the hook gets ``p`` (the wrapped function does not receive it): ``on_before_process(p)`` (every
 generation, also tabs that drop extension scripts) and the accordion's ``process(p, mode)`` record the
@@ -227,9 +228,8 @@ def setup(*, before_plan: Callable[[Plan], None] | None = None) -> Runtime | Non
     script_callbacks.on_before_process(rt.before_process)
     script_callbacks.on_after_process(rt.after_process)
     script_callbacks.on_model_loaded(rt.model_loaded)
-    from modules import shared
-
-    rt.wrap_pipeline_vae(getattr(shared, "sd_model", None))
+    # ``shared.sd_model`` is not read here: in SD.Next it is a property that loads the model when none is loaded
+    # (and logs "Model requested"); the pipeline VAE is wrapped on model_loaded and before every generation
     return rt
 
 

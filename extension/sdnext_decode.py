@@ -13,12 +13,15 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hybrid_vae.extension.geometry import UNMATCHED, resolve_family, vae_geometry
 from hybrid_vae.extension.orchestrator import DecodeReport, DecodeResult, HybridDecoder
 from hybrid_vae.extension.sdnext_ui import (
     Config,
@@ -31,13 +34,13 @@ from hybrid_vae.extension.sdnext_ui import (
     resolve_settings,
     token_endpoints,
 )
-from hybrid_vae.policy.errors import DecodeFailedError, LatentError
+from hybrid_vae.policy.errors import DecodeFailedError, LatentError, ProfileError
 from hybrid_vae.policy.model import Decision, DecodeSettings, Plan, split_endpoints
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.sdnext")
 
-__all__ = ["INFOTEXT_KEY", "DecodePaths"]
+__all__ = ["INFOTEXT_KEY", "DecodePaths", "decode_command"]
 
 INFOTEXT_KEY = "Hybrid VAE"
 LOG_MAX_BYTES = 20 * 1024**2
@@ -60,6 +63,16 @@ class _Job:
     custom_why: str
     source: str
     vae_type: str
+
+
+def decode_command(latent: Path | str, vae: str) -> str:
+    """A command that decodes a saved latent from SD.Next's own environment, with no install step.
+
+    ``python <extension folder> decode ...`` runs the folder's ``__main__.py`` (the ``hybrid-vae`` CLI) with the
+    interpreter SD.Next runs on, so it works whether or not the console script was installed.
+    """
+    root = Path(__file__).resolve().parent.parent
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(root))} decode {shlex.quote(str(latent))} --vae {shlex.quote(vae)}"
 
 
 def _state_call(state: Any, name: str, *args: Any) -> Any:
@@ -220,13 +233,23 @@ class DecodePaths:
         return self._job(m, vae, z, key, fam, cfg, profiles, perr, vae_type, "vae_decode", h, w)
 
     def _engine_family(self, vae: Any, profiles: Any) -> tuple[str, Any] | str:
-        """``(family key, Family)`` when the engine can decode with ``vae`` on this backend, else why not."""
+        """``(family key, Family)`` when the engine can decode with ``vae`` on this backend, else why not.
+
+        The family comes from the VAE's whole geometry; a VAE of a class the engine decodes whose geometry
+        matches no family gets the local-only ``unmatched`` family (memory model scaled from its config).
+        """
         why = self._unsupported_backend()
         if why:
             return why
-        key, why = detect_family(vae, profiles)
-        if key is None:
-            return why
+        geom = vae_geometry(vae)
+        if geom is None or geom.architecture is None:
+            return detect_family(vae, profiles)[1]
+        try:
+            key, profiles, how = resolve_family(vae, profiles)
+        except ProfileError as exc:
+            return str(exc)
+        if key == UNMATCHED:
+            log.debug("hybrid-vae: %s", how)
         return key, profiles.family(key)
 
     def _unsupported_backend(self) -> str | None:
@@ -278,7 +301,8 @@ class DecodePaths:
                 job.notes.append(why)
         decoder = HybridDecoder(settings=job.settings, profile_path=job.cfg.profile_path, profile_store=self.store,
                                 latent_dir=self.data_dir() / "latents", remote=remote, before_plan=self.before_plan,
-                                on_decision=self._on_decision)
+                                on_decision=self._on_decision,
+                                report_log_level=logging.INFO if job.cfg.decision_log else logging.DEBUG)
         self._tls.busy = True
         try:
             with raw_decode(job.vae):
@@ -315,7 +339,7 @@ class DecodePaths:
             else "<VAE folder, file or hub id>"
         if path is not None:
             msg = (f"Hybrid VAE: every decode plan failed; the latent is saved in {path} - decode it later with "
-                   f"`hybrid-vae decode {path} --vae {vae}`")
+                   f"`{decode_command(path, vae)}`")
         else:
             msg = f"Hybrid VAE: every decode plan failed and the latent could NOT be saved to {self.data_dir() / 'latents'}"
         log.error("%s (%s)", msg, exc)

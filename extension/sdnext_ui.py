@@ -3,9 +3,11 @@
 One settings section ``("hybrid_vae", "Hybrid VAE")``; every key starts with ``hybrid_vae_``. Values
 are read at decode time with :func:`read_config` (``shared.opts.secrets`` first, then
 ``shared.opts.data``, then the default), so a change applies to the next generation without a
-restart. A value that cannot be used (a malformed endpoint list, a mode that does not exist) is
-reported in the log and the image's infotext, and its default is used instead; it never stops a
-generation.
+restart. A value that cannot be used (a mode that does not exist, a number out of range) is reported
+in the log and the image's infotext, and its default is used instead; it never stops a generation. An
+endpoint list that cannot be parsed narrows where images go: remote decode is off for every family until
+it is fixed (never the built-in endpoints instead). Every label names the extension, so SD.Next's
+settings search (it matches the text shown for each setting) finds every option with "hybrid".
 
 ``modules.*`` and ``gradio`` are imported inside the functions that need them: importing this module
 outside SD.Next is cheap and safe.
@@ -21,31 +23,33 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hybrid_vae.extension.geometry import vae_geometry
 from hybrid_vae.extension.latents import from_vae_space
 from hybrid_vae.policy.errors import ProfileError
+from hybrid_vae.policy.geometry import match_family
 from hybrid_vae.policy.model import DecodeSettings, MiB
 from hybrid_vae.policy.profiles import Family, Profiles
+from hybrid_vae.policy.trust import HF_TOKEN_POLICY
 
 log = logging.getLogger("hybrid_vae.sdnext")
 
 __all__ = ["GEN_MODES", "MODES", "OPTIONS", "PREFIX", "SECTION", "Config", "OptionSpec", "accordion_ui",
            "detect_custom", "detect_family", "from_vae_space", "hub_id", "opts_getter", "parse_endpoints",
-           "raw_decode", "read_config", "register_settings", "resolve_settings", "token_endpoints"]
+           "raw_decode", "read_config", "register_settings", "remote_off_reason", "resolve_settings", "token_endpoints"]
 
 SECTION = ("hybrid_vae", "Hybrid VAE")
 PREFIX = "hybrid_vae_"
 MODES = ("auto", "full", "tiled", "remote")
 #: Choices of the per-generation override; the first one means "use the settings".
-GEN_MODES = ("settings default", *MODES)
+GEN_MODES = ("as in settings", *MODES)
+#: Earlier name of ``GEN_MODES[0]`` (saved generation parameters, API calls): still means "use the settings".
+GEN_MODE_LEGACY = "settings default"
 SETTINGS_FILE = "SD.Next settings"
-#: Hosts that may receive the Hugging Face token (suffix match on the endpoint's host).
-HF_HOST_SUFFIXES = (".huggingface.cloud", ".hf.space", "huggingface.co")
 _ENGINE = DecodeSettings.model_fields  # the engine's defaults are the settings' defaults
 RESERVE_MIB = int(_ENGINE["reserve_bytes"].default) // MiB
 OVERLAP_PX = int(_ENGINE["tile_overlap_px"].default)
 TILE_GROUPNORM = ("auto", "exact", "local")
 DEADLINE_S = int(_ENGINE["remote_deadline_s"].default)
-VAE_ARCH = {"AutoencoderKL": "sd", "AutoencoderKLHunyuanVideo": "hunyuanvideo", "AutoencoderKLWan": "wan"}
 STOCK_VAE_SETTINGS = frozenset({"", "automatic", "none", "default"})
 
 
@@ -58,33 +62,37 @@ class OptionSpec:
     label: str
     component: str  # Checkbox | Radio | Textbox | Slider
     args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    secret: bool = False  # masked in SD.Next's UI and ``is_secret`` in /sdapi/v1/options-info
 
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(PREFIX + "enabled", True, "Hybrid VAE: choose full, tiled or remote decode for every image", "Checkbox"),
-    OptionSpec(PREFIX + "mode", "auto", "Decode mode (auto: the fastest plan that fits the VRAM free now)", "Radio",
-               {"choices": list(MODES)}),
-    OptionSpec(PREFIX + "allow_remote", False, "Allow remote decode (privacy: the endpoint sees your images)", "Checkbox"),
-    OptionSpec(PREFIX + "remote_custom_vae", False,
-               "Allow remote decode for custom or fine-tuned VAEs (the endpoint decodes with its own VAE)", "Checkbox"),
-    OptionSpec(PREFIX + "endpoints", "", "Remote endpoints per family: family=url, ... (e.g. sdxl=https://host/decode; "
-               "several with failover: sdxl=https://a/sdxl|https://b/sdxl)", "Textbox"),
-    OptionSpec(PREFIX + "builtin_endpoints", True,
-               "Use the built-in Hugging Face endpoints for families without an endpoint above", "Checkbox"),
-    OptionSpec(PREFIX + "hf_token", "", "Hugging Face token for remote decode (kept in secrets.json, sent only to "
-               "Hugging Face endpoints)", "Textbox", {"type": "password"}),
-    OptionSpec(PREFIX + "reserve_mib", RESERVE_MIB, "VRAM reserve in MiB (left untouched by the decode)", "Slider",
-               {"minimum": 0, "maximum": 8192, "step": 64}),
-    OptionSpec(PREFIX + "tile_groupnorm", "auto", "Tiling: exact (same image as a full decode, needs memory per pixel), "
-               "local (least memory, tile colours drift) or auto (exact whenever it fits)", "Radio",
+    OptionSpec(PREFIX + "mode", "auto", "Hybrid VAE decode mode (auto: the fastest plan that fits the VRAM free now)",
+               "Radio", {"choices": list(MODES)}),
+    OptionSpec(PREFIX + "allow_remote", False, "Hybrid VAE: allow remote decode (privacy: the endpoint sees your images)",
+               "Checkbox"),
+    OptionSpec(PREFIX + "remote_custom_vae", False, "Hybrid VAE: allow remote decode for custom or fine-tuned VAEs "
+               "(the endpoint decodes with its own VAE)", "Checkbox"),
+    OptionSpec(PREFIX + "endpoints", "", "Hybrid VAE remote endpoints per family: family=url, ... "
+               "(e.g. sdxl=https://host/decode; several with failover: sdxl=https://a/sdxl|https://b/sdxl; an invalid entry "
+               "turns remote decode off until fixed)", "Textbox"),
+    OptionSpec(PREFIX + "builtin_endpoints", False, "Hybrid VAE: use the built-in Hugging Face endpoints for families "
+               "without an endpoint above", "Checkbox"),
+    OptionSpec(PREFIX + "hf_token", "", "Hybrid VAE Hugging Face token for remote decode (kept in secrets.json, sent "
+               "only to Hugging Face hosts over HTTPS)", "Textbox", {"type": "password"}, secret=True),
+    OptionSpec(PREFIX + "reserve_mib", RESERVE_MIB, "Hybrid VAE VRAM reserve in MiB (left untouched by the decode)",
+               "Slider", {"minimum": 0, "maximum": 8192, "step": 64}),
+    OptionSpec(PREFIX + "tile_groupnorm", "auto", "Hybrid VAE tiling: exact (same image as a full decode, needs memory "
+               "per pixel), local (least memory, tile colours drift) or auto (exact whenever it fits)", "Radio",
                {"choices": list(TILE_GROUPNORM)}),
-    OptionSpec(PREFIX + "tile_overlap_px", OVERLAP_PX, "Local tile overlap in pixels (more hides seams, costs time)",
-               "Slider", {"minimum": 0, "maximum": 256, "step": 8}),
-    OptionSpec(PREFIX + "remote_deadline_s", DEADLINE_S, "Remote decode deadline in seconds (then the next plan runs)", "Slider",
-               {"minimum": 5, "maximum": 600, "step": 5}),
-    OptionSpec(PREFIX + "profile_path", "", "Profile YAML path (merged over the built-in profiles; see "
+    OptionSpec(PREFIX + "tile_overlap_px", OVERLAP_PX, "Hybrid VAE local tile overlap in pixels (more hides seams, "
+               "costs time)", "Slider", {"minimum": 0, "maximum": 256, "step": 8}),
+    OptionSpec(PREFIX + "remote_deadline_s", DEADLINE_S, "Hybrid VAE remote decode deadline in seconds (then the next "
+               "plan runs)", "Slider", {"minimum": 5, "maximum": 600, "step": 5}),
+    OptionSpec(PREFIX + "profile_path", "", "Hybrid VAE profile YAML path (merged over the built-in profiles; see "
                "profiles/example-override.yaml)", "Textbox"),
-    OptionSpec(PREFIX + "decision_log", True, "Decision log (JSON lines in <data>/hybrid-vae/decisions.jsonl)", "Checkbox"),
+    OptionSpec(PREFIX + "decision_log", True, "Hybrid VAE decision log: one INFO line per decode in SD.Next's log, "
+               "and JSON lines in <data>/hybrid-vae/decisions.jsonl", "Checkbox"),
 )
 _DEFAULTS = {o.key: o.default for o in OPTIONS}
 
@@ -99,7 +107,12 @@ def register_settings() -> None:
         gr = None
     for spec in OPTIONS:
         comp = getattr(gr, spec.component, None) if gr is not None else None
-        info = shared.OptionInfo(spec.default, spec.label, comp, dict(spec.args) or None, section=SECTION)
+        extra = {"secret": True} if spec.secret else {}
+        info = shared.OptionInfo(spec.default, spec.label, comp, dict(spec.args) or None, section=SECTION, **extra)
+        if spec.secret:
+            # SD.Next (058a7f0) accepts OptionInfo(secret=True) but does not keep it, while its options-info API
+            # reports ``getattr(info, "secret", False)``: set it on the instance so the token reads as secret
+            info.secret = True
         shared.opts.add_option(spec.key, info)
 
 
@@ -122,6 +135,8 @@ class Config:
 
     Attributes:
         problems: one line per value that could not be used (its default was used instead).
+        endpoint_error: why the endpoint list could not be parsed; while set, remote decode is off for
+            every family (a typo narrows where images go, never widens it).
     """
 
     enabled: bool = True
@@ -129,7 +144,7 @@ class Config:
     allow_remote: bool = False
     remote_custom_vae: bool = False
     endpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    builtin_endpoints: bool = True
+    builtin_endpoints: bool = False
     token: str | None = None
     reserve_mib: int = RESERVE_MIB
     tile_groupnorm: str = "auto"
@@ -138,6 +153,7 @@ class Config:
     profile_path: str | None = None
     decision_log: bool = True
     problems: tuple[str, ...] = ()
+    endpoint_error: str | None = None
 
 
 def parse_endpoints(text: str, families: Iterable[str]) -> dict[str, str]:
@@ -210,10 +226,12 @@ def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> C
     if mode not in MODES:
         problems.append(f"{PREFIX}mode={mode!r} is not one of {', '.join(MODES)}; using auto")
         mode = "auto"
+    endpoint_error = None
     try:
         endpoints = parse_endpoints(str(get(PREFIX + "endpoints", "") or ""), families)
     except ProfileError as exc:
-        problems.append(f"{exc}; no endpoint overrides used")
+        endpoint_error = str(exc)
+        problems.append(f"{exc}; remote decode is off for every family until this setting is fixed")
         endpoints = {}
     overlap = int(_number(get, PREFIX + "tile_overlap_px", problems, 0, 512))
     if overlap % 8:
@@ -233,7 +251,8 @@ def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> C
         reserve_mib=int(_number(get, PREFIX + "reserve_mib", problems, 0, 65536)), tile_groupnorm=gn,
         tile_overlap_px=overlap,
         remote_deadline_s=_number(get, PREFIX + "remote_deadline_s", problems, 1, 3600), profile_path=path,
-        decision_log=_bool(get, PREFIX + "decision_log", problems), problems=tuple(problems))
+        decision_log=_bool(get, PREFIX + "decision_log", problems), problems=tuple(problems),
+        endpoint_error=endpoint_error)
 
 
 def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str = "Full") -> tuple[DecodeSettings, list[str]]:
@@ -241,91 +260,93 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
 
     Args:
         cfg: the settings read by :func:`read_config`.
-        override: the accordion's choice for this generation (``"settings default"`` or ``None``: none).
+        override: the accordion's choice for this generation (``GEN_MODES[0]``, its legacy name or ``None``: none).
         vae_type: SD.Next's ``vae_type``; ``"Remote"`` means "remote preferred" (when remote is allowed).
+
+    Remote decode is allowed only when the user allowed it and the endpoint list parsed (``endpoint_error``
+    unset); the built-in endpoints only when their own setting is on.
     """
     notes: list[str] = []
     mode = cfg.mode
-    if override and override != GEN_MODES[0]:
+    allow_remote = cfg.allow_remote and cfg.endpoint_error is None
+    if override and override not in (GEN_MODES[0], GEN_MODE_LEGACY):
         if override in MODES:
             mode = override
         else:
             notes.append(f"unknown per-generation mode {override!r} ignored")
     if vae_type == "Remote":
-        if cfg.allow_remote:
+        if allow_remote:
             mode = "remote"
         else:
-            notes.append("SD.Next VAE type Remote ignored: remote decode is off in Hybrid VAE settings")
-    return DecodeSettings(mode=mode, allow_remote=cfg.allow_remote, endpoints=dict(cfg.endpoints),
+            notes.append("SD.Next VAE type Remote ignored: " + remote_off_reason(cfg))
+    return DecodeSettings(mode=mode, allow_remote=allow_remote, endpoints=dict(cfg.endpoints),
                           use_builtin_endpoints=cfg.builtin_endpoints, allow_remote_custom_vae=cfg.remote_custom_vae,
                           reserve_bytes=cfg.reserve_mib * MiB, tile_overlap_px=cfg.tile_overlap_px,
                           tile_groupnorm=cfg.tile_groupnorm,  # type: ignore[arg-type]
                           remote_deadline_s=cfg.remote_deadline_s), notes
 
 
+def remote_off_reason(cfg: Config) -> str:
+    """Why remote decode cannot happen with these settings ("" when it can)."""
+    if cfg.endpoint_error is not None:
+        return f"remote decode is off until the endpoint setting is fixed ({cfg.endpoint_error})"
+    if not cfg.allow_remote:
+        return "remote decode is off in Hybrid VAE settings"
+    if not cfg.endpoints and not cfg.builtin_endpoints:
+        return "no remote endpoint is set in Hybrid VAE settings (and the built-in endpoints are off)"
+    return ""
+
+
 def token_endpoints(urls: Iterable[str]) -> list[str]:
-    """The endpoints among ``urls`` that may receive the Hugging Face token (HTTPS Hugging Face hosts)."""
-    out = []
-    for u in urls:
-        p = urlsplit(u)
-        host = (p.hostname or "").lower()
-        if p.scheme == "https" and (host.endswith(HF_HOST_SUFFIXES) or host == "huggingface.co"):
-            out.append(u)
-    return out
+    """The endpoints among ``urls`` that may receive the Hugging Face token (:data:`policy.trust.HF_TOKEN_POLICY`)."""
+    return [u for u in urls if HF_TOKEN_POLICY.allows(u)]
+
+
+def accordion_hint(mode: str | None = None) -> str:
+    """The accordion's line under the mode choice: what "remote" would do with the settings as they are now."""
+    from hybrid_vae.extension.sdnext import current_runtime
+
+    try:
+        rt = current_runtime()
+        if rt is None:
+            return ""
+        cfg = rt.config()[0]
+    except Exception:  # settings unreadable: a hint is not worth an error (the decode reports it)
+        log.debug("hybrid-vae: accordion hint unavailable", exc_info=True)
+        return ""
+    off = remote_off_reason(cfg)
+    if not off:
+        return "Remote decode is allowed: a remote plan is used when it is estimated faster or nothing local fits."
+    text = f"Remote would not happen: {off} (Settings > Hybrid VAE)."
+    return f"**{text}** This generation decodes locally." if mode == "remote" else text
 
 
 def accordion_ui(is_img2img: bool) -> list[Any]:
-    """The AlwaysVisible accordion: one Radio overriding the decode mode for one generation."""
+    """The AlwaysVisible accordion: the decode mode for one generation, and a line saying when remote cannot happen
+    (refreshed when the choice changes, so it reflects the settings of that moment)."""
     import gradio as gr
 
     tab = "img2img" if is_img2img else "txt2img"
     with gr.Accordion("Hybrid VAE", open=False, elem_id=f"hybrid_vae_{tab}"):
-        mode = gr.Radio(label="Hybrid VAE mode", choices=list(GEN_MODES), value=GEN_MODES[0],
+        mode = gr.Radio(label="Hybrid VAE decode mode for this generation", choices=list(GEN_MODES), value=GEN_MODES[0],
                         elem_id=f"hybrid_vae_{tab}_mode")
+        hint = gr.Markdown(accordion_hint(), elem_id=f"hybrid_vae_{tab}_hint")
+        mode.change(fn=accordion_hint, inputs=[mode], outputs=[hint])
     return [mode]
 
 
 # ---- reading SD.Next's model -----------------------------------------------------------------------
 def detect_family(vae: Any, profiles: Profiles) -> tuple[str | None, str]:
-    """The family key of ``vae`` from its class and config (channels, scaling/shift or mean/std), or None and why.
+    """The family key whose whole geometry (class, latent channels, spatial/temporal compression, scaling/shift
+    or mean/std) matches ``vae``'s, or None and why (:func:`policy.geometry.match_family`).
 
-    ``AutoencoderKL`` with 4 channels and scaling 0.18215 -> sd15, 0.13025 -> sdxl; 16 channels with shift
-    0.0609 -> sd3, 0.1159 -> flux; ``AutoencoderKLHunyuanVideo`` / ``AutoencoderKLWan`` with the family's
-    factors. Families added in a profile YAML are matched the same way.
+    A VAE of a class the engine decodes that matches no family is still decoded by the engine, locally only
+    (:func:`extension.geometry.resolve_family`); other classes stay SD.Next's.
     """
-    cls = type(vae).__name__
-    arch = VAE_ARCH.get(cls)
-    if arch is None:
-        return None, f"{cls} is not a VAE class hybrid-vae decodes"
-    cfg = getattr(vae, "config", None)
-
-    def get(key: str) -> Any:
-        return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
-
-    channels = get("latent_channels") or get("z_dim")
-
-    def close(a: Any, b: float | None) -> bool:
-        if a is None or b is None:
-            return a is None and b is None
-        try:
-            return abs(float(a) - float(b)) <= 1e-3 * max(1.0, abs(float(b)))
-        except (TypeError, ValueError):
-            return False
-
-    for key, fam in profiles.families.items():
-        if fam.architecture != arch or fam.latent_channels != channels:
-            continue
-        if fam.latents_mean is not None and fam.latents_std is not None:
-            mean, std = get("latents_mean"), get("latents_std")
-            if mean is None or std is None or len(mean) != len(fam.latents_mean) or len(std) != len(fam.latents_std):
-                continue
-            if all(close(a, b) for a, b in zip(mean, fam.latents_mean, strict=True)) and \
-                    all(close(a, b) for a, b in zip(std, fam.latents_std, strict=True)):
-                return key, ""
-        elif close(get("scaling_factor"), fam.scaling_factor) and close(get("shift_factor") or 0.0, fam.shift_factor or 0.0):
-            return key, ""
-    return None, (f"{cls} with {channels} channels, scaling {get('scaling_factor')}, shift {get('shift_factor')} "
-                  "matches no family (add one in your profile YAML)")
+    geom = vae_geometry(vae)
+    if geom is None:
+        return None, f"{type(vae).__name__} has no VAE config hybrid-vae can read"
+    return match_family(geom, profiles)
 
 
 def hub_id(name: str) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from hybrid_vae.policy.errors import ProfileError
 from hybrid_vae.policy.estimate import (
@@ -67,6 +67,8 @@ def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple
     """The endpoint URL for this job, or None and the reason remote is not possible."""
     if not settings.allow_remote:
         return None, "remote decode is off (opt-in: the endpoint sees the images)"
+    if fam.inferred:
+        return None, f"never remote for a VAE whose geometry matches no family ({fam.inferred.split(':')[0]})"
     if job.custom_vae and not settings.allow_remote_custom_vae:
         return None, f"custom VAE {job.vae_id or ''} differs from the endpoint's; remote not allowed for it".replace("  ", " ")
     url = settings.endpoints.get(job.family)
@@ -353,46 +355,80 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     chain += [p for p in cpu_plans if p not in chain]
 
     # ---- reason -----------------------------------------------------------------------------
-    avail_txt = (f"{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} cache)"
-                 f" - {_gib(settings.reserve_bytes)} reserve = {_gib(budget)}")
-    c = chosen
-    if c.path == "full" and squeezed:
-        reason = (f"squeezed into the reserve: {c.label} needs {_gib(c.estimate.peak_bytes)} > {_gib(budget)} budget, "
-                  f"<= {_gib(available)} available; nothing fits the budget")
-    elif c.path == "full" and not c.slice_batch:
-        reason = f"full fits: needs {_gib(c.estimate.peak_bytes)} of {_gib(budget)}"
-    elif c.path == "full":
-        reason = (f"batch of {job.batch} needs {_gib(full.estimate.peak_bytes)} > {_gib(budget)}; "
-                  f"one at a time needs {_gib(c.estimate.peak_bytes)}")
-    elif c.path == "tiled":
-        what = "squeezed into the reserve: " if squeezed else ""
-        reason = (f"{what}{c.label}: {_gib(c.estimate.peak_bytes)} fits {_gib(budget)}, "
-                  f"full needs {_gib(full.estimate.peak_bytes)}")
-        exacts = [p for p in gpu_plans if p.groupnorm == "exact"]
-        if c.groupnorm == "exact":
-            reason += "; output equals a full decode"
-        elif exacts and not fam.video:
-            fitting = [p for p in feasible if p.groupnorm == "exact"]
-            if fitting:
-                quickest = min(fitting, key=lambda p: p.estimate.seconds)
-                reason += (f"; {quickest.label} fits but is estimated {quickest.estimate.seconds:.2f} s, over "
-                           f"{settings.exact_tolerance:g}x this plan's, so tile colours may differ from a full decode")
-            else:
-                least = min(exacts, key=lambda p: p.estimate.peak_bytes)
-                reason += (f"; exact tiling needs {_gib(least.estimate.peak_bytes)}, so tile colours may differ "
-                           f"from a full decode")
-    elif c.path == "remote":
-        local_best = min(feasible, key=rank) if feasible else None
-        vs = (f"faster than {local_best.label} ({local_best.estimate.seconds:.2f} s)" if local_best
-              else f"nothing local fits {_gib(budget)}")
-        reason = f"remote {c.response_format} est. {c.estimate.seconds:.2f} s, {vs}"
-    else:
-        why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
-        if on_gpu and settings.tile_groupnorm == "exact" and can_exact:
-            why += " (local tiles are off: tile_groupnorm=exact)"
-        reason = f"cpu: {why}; remote: {remote_why if remote is None else 'failed before'}"
-    reason = reason_prefix + reason + f" [{avail_txt}]"
+    reason = reason_prefix + _reason(chosen, squeezed=squeezed, full=full, budget=budget, available=available,
+                                     feasible=feasible, gpu_plans=gpu_plans, rank=rank, remote_why=remote_why,
+                                     remote=remote, on_gpu=on_gpu, fam=fam, job=job, settings=settings,
+                                     can_exact=can_exact)
+    if fam.inferred:
+        reason += f"; {fam.inferred}"
+    reason += (f" [{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} cache)"
+               f" - {_gib(settings.reserve_bytes)} reserve = {_gib(budget)}]")
+    summary = _summary(chosen, squeezed=squeezed, full=full, budget=budget, available=available, on_gpu=on_gpu,
+                       requested=settings.mode == chosen.path)
+    if fam.inferred:
+        summary += ", VAE matches no family: local only"
 
     return Decision(plans=tuple(chain), reason=reason, options=tuple(options), gpu=gpu, job=job,
                     available_bytes=available, budget_bytes=budget, gpu_profile=gp.name if gp else None,
-                    sources=profiles.sources)
+                    sources=profiles.sources, summary=summary)
+
+
+def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int, feasible: list[Plan],
+            gpu_plans: list[Plan], rank: Callable[[Plan], tuple[float, float]], remote_why: str,
+            remote: Plan | None, on_gpu: bool, fam: Family, job: DecodeJob, settings: DecodeSettings,
+            can_exact: bool) -> str:
+    """Why ``c`` was chosen, with the memory arithmetic; every comparison it states holds."""
+    need, full_need = c.estimate.peak_bytes, full.estimate.peak_bytes
+    if squeezed:
+        return (f"squeezed into the reserve: {c.label} needs {_gib(need)} > {_gib(budget)} budget, "
+                f"<= {_gib(available)} available; nothing fits the budget")
+    if c.path == "full" and not c.slice_batch:
+        return f"full fits: needs {_gib(need)} of {_gib(budget)}"
+    if c.path == "full":
+        return (f"batch of {job.batch} needs {_gib(full_need)} > {_gib(budget)}; "
+                f"one at a time needs {_gib(need)}")
+    if c.path == "tiled":
+        if full_need <= budget:
+            why = "requested" if settings.mode == "tiled" else "estimated faster than full"
+            reason = f"{c.label} {why}: needs {_gib(need)} of {_gib(budget)}; full would fit too ({_gib(full_need)})"
+        else:
+            reason = f"{c.label}: needs {_gib(need)} of {_gib(budget)}; full needs {_gib(full_need)} > {_gib(budget)}"
+        exacts = [p for p in gpu_plans if p.groupnorm == "exact"]
+        if c.groupnorm == "exact":
+            return reason + "; output equals a full decode"
+        if exacts and not fam.video:
+            fitting = [p for p in feasible if p.groupnorm == "exact"]
+            if fitting:
+                quickest = min(fitting, key=lambda p: p.estimate.seconds)
+                return reason + (f"; {quickest.label} fits but is estimated {quickest.estimate.seconds:.2f} s, over "
+                                 f"{settings.exact_tolerance:g}x this plan's, so tile colours may differ from a full decode")
+            least = min(exacts, key=lambda p: p.estimate.peak_bytes)
+            return reason + (f"; exact tiling needs {_gib(least.estimate.peak_bytes)}, so tile colours may differ "
+                             f"from a full decode")
+        return reason
+    if c.path == "remote":
+        local_best = min(feasible, key=rank) if feasible else None
+        vs = (f"faster than {local_best.label} ({local_best.estimate.seconds:.2f} s)" if local_best
+              else f"nothing local fits {_gib(budget)}")
+        return f"remote {c.response_format} est. {c.estimate.seconds:.2f} s, {vs}"
+    why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
+    if on_gpu and settings.tile_groupnorm == "exact" and can_exact:
+        why += " (local tiles are off: tile_groupnorm=exact)"
+    return f"cpu full decode: {why}; remote: {remote_why if remote is None else 'failed before'}"
+
+
+def _summary(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int, on_gpu: bool,
+             requested: bool) -> str:
+    """The infotext clause for ``c`` when it runs: short, and every comparison it states holds."""
+    need, full_need = c.estimate.peak_bytes, full.estimate.peak_bytes
+    if squeezed:
+        return f"{c.label}, squeezed into the reserve: {_gib(need)} > {_gib(budget)} budget"
+    if c.path == "full":
+        return f"{c.label}, {_gib(need)} of {_gib(budget)} budget"
+    if c.path == "tiled":
+        if full_need > budget:
+            return f"{c.label}, {_gib(budget)} budget < {_gib(full_need)} full"
+        return f"{c.label}, {'as requested' if requested else 'faster than full'}, {_gib(need)} of {_gib(budget)} budget"
+    if c.path == "remote":
+        return f"remote {c.response_format}"
+    return "cpu full decode, no GPU" if not on_gpu else f"cpu full decode, no GPU plan fits {_gib(available)} available"

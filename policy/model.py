@@ -201,7 +201,11 @@ class Option:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """The ordered plan chain (first = chosen, the rest = fallbacks) and why."""
+    """The ordered plan chain (first = chosen, the rest = fallbacks) and why.
+
+    ``reason`` is the full explanation (with the memory arithmetic); ``summary`` the short clause an image's
+    infotext carries when the chosen plan ran, e.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full``.
+    """
 
     plans: tuple[Plan, ...]
     reason: str
@@ -212,6 +216,7 @@ class Decision:
     budget_bytes: int
     gpu_profile: str | None
     sources: tuple[str, ...] = ()
+    summary: str = ""
 
     @property
     def chosen(self) -> Plan:
@@ -224,7 +229,7 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         c = self.chosen
         return {
-            "decision": {**c.to_dict(), "reason": self.reason},
+            "decision": {**c.to_dict(), "reason": self.reason, "summary": self.summary},
             "fallbacks": [p.to_dict() for p in self.fallbacks],
             "options": [o.to_dict() for o in self.options],
             "gpu": self.gpu.to_dict(),

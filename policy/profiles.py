@@ -110,6 +110,8 @@ class Family(_Model):
     force_upcast: bool = Field(False, description="The VAE decodes in float32 whatever the latent dtype (SDXL's original VAE).")
     weights_bytes_fp16: int = Field(ge=0, le=2**36, description="Decoder weights at 2 bytes per parameter, added when the VAE is not resident.")
     vae_ids: tuple[str, ...] = Field((), description="Checkpoints that count as this family's stock VAE.")
+    decoder_widths: tuple[int, ...] | None = Field(None, min_length=1, max_length=8, description="Channel widths of the stock decoder the memory model was fitted on (diffusers' block_out_channels; Wan: base_dim x dim_mult); scales the model for a VAE whose geometry matches no family (policy/geometry.py).")
+    inferred: str | None = Field(None, max_length=300, description="Set only on a family the engine made up for a VAE whose geometry matches no family (why); such a family is never decoded remotely.")
     memory: MemoryModel
     tiling: TilingModel = TilingModel()
     timing: TimingModel

@@ -5,8 +5,9 @@ swapped back afterwards) and does not keep it in ``sys.modules``. The extension 
 package ``hybrid_vae`` (its root ``__init__.py``) in ``sys.modules``, so every later import of
 ``hybrid_vae.*`` resolves here, and nothing of ours (``server``, ``policy``, ...) is put on ``sys.path``
 where it could shadow another extension's modules or be shadowed by them.
-A missing dependency (install.py is skipped by quick launches) logs one error naming the package and
-leaves SD.Next's decode untouched.
+The ``hybrid_vae`` logger is forwarded to SD.Next's own logger before anything is logged
+(:mod:`extension.sdnext_log`: SD.Next sends the root logger to a NullHandler at ERROR). A missing dependency
+(install.py is skipped by quick launches) logs one error naming the package and leaves SD.Next's decode untouched.
 """
 
 import importlib.util
@@ -31,6 +32,9 @@ def _register_package(root: str) -> None:
 
 
 _register_package(_EXT_DIR)
+from hybrid_vae.extension import sdnext_log  # noqa: E402 (standard library only; needs the package registered)
+
+sdnext_log.attach()
 _PIP_NAMES = {"yaml": "PyYAML", "pynvml": "nvidia-ml-py"}
 
 try:

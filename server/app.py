@@ -3,7 +3,7 @@
 diffusers' own ``remote_decode`` works against it unchanged::
 
     from diffusers.utils.remote_utils import remote_decode
-    image = remote_decode("http://127.0.0.1:8188/sd15", latent, scaling_factor=0.18215)
+    image = remote_decode("http://127.0.0.1:8300/sd15", latent, scaling_factor=0.18215)
 
 Routes: ``POST /<family>`` (also ``/<family>/`` and ``/<family>/predict``), ``POST /`` and ``/predict``
 when exactly one family is served, ``GET /health`` (also ``GET /``). Errors are JSON

@@ -4,7 +4,7 @@
 
     hybrid-vae serve --demo                                   # fixture + tiny VAEs, offline
     hybrid-vae serve --family sdxl=madebyollin/sdxl-vae-fp16-fix --family flux=/models/flux-vae
-    hybrid-vae serve --host 0.0.0.0 --port 8188 --token "$TOKEN" --workers 2 --family sd15=...
+    hybrid-vae serve --host 0.0.0.0 --port 8300 --token "$TOKEN" --workers 2 --family sd15=...
 
 Each family is served at ``http://HOST:PORT/<family>``. torch, diffusers, starlette and uvicorn are
 imported only when the command runs (``hybrid-vae --help`` stays fast).
@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: Default port: not ComfyUI's 8188 nor SD.Next's 7860, so a serve on the same machine as either starts.
+DEFAULT_PORT = 8300
 log = logging.getLogger("hybrid_vae.server")
 
 ENV_TOKEN = "HYBRID_VAE_SERVER_TOKEN"
@@ -59,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The serve flags shared by ``hybrid-vae serve`` and the Ray Serve config's ``args`` (``server/ray_app.py``)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, set --token)")
-    p.add_argument("--port", type=int, default=8188, help="port (default 8188; 0 picks a free one)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--family", action="append", default=[], metavar="F=PATH_OR_HUB_ID",
                    help="serve family F (sd15, sdxl, sd3, flux, hunyuanvideo, wan) from a diffusers folder, a "
                         "pipeline folder with vae/, a .safetensors file, or a hub id; repeat for more")

@@ -1,5 +1,6 @@
 """Helpers for tests that run hybrid-vae inside the SD.Next stand-in (``tests/sdnext_stub``)."""
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,16 +13,38 @@ REPO_DIR = STUB_DIR.parent.parent
 STUB_NAMES = ("modules", "gradio", "launch")
 
 
+_ROOT_STATE = []  # the root logger's (level, handlers) before the first stand-in changed them
+
+
 def purge():
-    """Forget every stub module (the next import gives a fresh SD.Next)."""
+    """Forget every stub module (the next import gives a fresh SD.Next) and undo what it did to logging:
+    the root logger's level and handlers, SD.Next's handlers, and the forwarding of the ``hybrid_vae`` logger."""
     for name in list(sys.modules):
         if name.split(".")[0] in STUB_NAMES:
             del sys.modules[name]
+    sd = logging.getLogger("sd")
+    for h in list(sd.handlers):
+        sd.removeHandler(h)
+        h.close()
+    ours = logging.getLogger("hybrid_vae")
+    for h in list(ours.handlers):
+        if type(h).__name__ == "ForwardToSDNext":
+            ours.removeHandler(h)
+    ours.propagate = True
+    ours.setLevel(logging.NOTSET)
+    if _ROOT_STATE:
+        level, handlers = _ROOT_STATE[0]
+        root = logging.getLogger()
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def fresh_sdnext(data_dir):
     """A fresh SD.Next stand-in whose data folder is ``data_dir`` (sets env SD_STUB_DATA_DIR)."""
     purge()
+    if not _ROOT_STATE:
+        root = logging.getLogger()
+        _ROOT_STATE.append((root.level, list(root.handlers)))
     os.environ["SD_STUB_DATA_DIR"] = str(data_dir)
     if str(STUB_DIR) not in sys.path:
         sys.path.insert(0, str(STUB_DIR))

@@ -1,4 +1,8 @@
-"""SD.Next's ``modules.shared``: ``opts`` (Options), ``OptionInfo``, ``state``, ``cmd_opts``, ``data_path``, ``sd_model``.
+"""SD.Next's ``modules.shared``: ``opts`` (Options), ``OptionInfo``, ``state``, ``cmd_opts``, ``data_path``, ``sd_model``, ``log``.
+
+``log`` is SD.Next's logger (:mod:`modules.logger`). ``sd_model`` is a property of the module, as in SD.Next
+(``modules/modeldata.py``'s ``Shared``): reading it while no model is loaded logs "Model requested" and would
+load the default model; the stand-in records each such read in ``model_requests`` instead of loading.
 
 Options behave like SD.Next's ``modules/options_handler.py``: ``add_option`` only registers the label
 (values stay in ``data``, defaults come from the label), attribute reads look in ``secrets``, then
@@ -8,12 +12,12 @@ Options behave like SD.Next's ``modules/options_handler.py``: ``add_option`` onl
 
 import argparse
 import json
-import logging
 import os
+import sys
+from types import ModuleType
 
 from modules import paths
-
-log = logging.getLogger("sd")
+from modules.logger import log
 SECRETS_PATTERN = ("_version", "_token", "_key", "_secret", "_password")
 
 
@@ -128,5 +132,27 @@ opts = Options({
     "no_half_vae": OptionInfo(False, "Full precision (--no-half-vae)"),
 })
 state = State()
-sd_model = None
 sd_refiner = None
+model_requests = []  # one entry per read of shared.sd_model while no model was loaded
+_model = [None]
+
+
+class Shared(ModuleType):
+    @property
+    def sd_loaded(self):
+        return _model[0] is not None
+
+    @property
+    def sd_model(self):
+        if _model[0] is None:
+            caller = sys._getframe(1).f_code
+            model_requests.append(f"{os.path.basename(caller.co_filename)}:{caller.co_name}")
+            log.debug("Model requested: fn=%s", model_requests[-1])
+        return _model[0]
+
+    @sd_model.setter
+    def sd_model(self, value):
+        _model[0] = value
+
+
+sys.modules[__name__].__class__ = Shared
