@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ def loaded(sd, model):
     return sd.scripts_manager.ScriptRunner(False)
 
 
+def sdnext_log_file(sd) -> list[str]:
+    """Lines of SD.Next's log file (the stand-in's: <data>/sdnext.log, at DEBUG like SD.Next's)."""
+    for h in sd.shared.log.handlers:
+        h.flush()
+    path = sd.data / "sdnext.log"
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+
+
 def decisions(sd) -> list[dict]:
     path = sd.data / "hybrid-vae" / "decisions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -121,6 +130,86 @@ def test_settings_section_registered_with_prefixed_keys(sd, kl_vae):
     assert json.loads((sd.data / "config.json").read_text()) == {"hybrid_vae_reserve_mib": 512}
 
 
+def test_script_import_reads_no_model(sd):
+    """SD.Next's ``shared.sd_model`` loads the default model when none is loaded ("Model requested"): loading the
+    extension and building its settings must not touch it (the stand-in records every such read)."""
+    assert sd.shared.sd_loaded is False
+    stubtools.load_extension()
+    sd.script_callbacks.ui_settings_callback()
+    sd.scripts_manager.ScriptRunner(False)
+    assert sd.shared.model_requests == []
+
+
+def test_token_option_is_secret_and_every_label_names_the_extension(sd, kl_vae):
+    loaded(sd, stubtools.ImagePipeline(kl_vae))
+    labels = sd.shared.opts.data_labels
+    token = labels["hybrid_vae_hf_token"]
+    # SD.Next's /sdapi/v1/options-info reports is_secret as getattr(info, "secret", False) (modules/api/options.py)
+    assert getattr(token, "secret", False) is True and token.component_args == {"type": "password"}
+    assert [k for k, v in labels.items() if getattr(v, "secret", False)] == ["hybrid_vae_hf_token"]
+    # SD.Next's settings search shows a setting when its text contains the query (ui/settings.ts): every label
+    # names the extension, so "hybrid" finds all of them (checked in a real browser by bench/hosts/sdnext/browser.py)
+    ours = [v for v in labels.values() if v.section == SECTION]
+    assert len(ours) == len(OPTIONS) == 13 and all("hybrid" in v.label.lower() for v in ours)
+
+
+def test_accordion_says_when_remote_would_not_happen(sd, kl_vae):
+    import gradio
+
+    runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    assert runner.script_args == ["as in settings"]
+    radio = next(c for c in gradio.created if getattr(c, "kwargs", {}).get("elem_id") == "hybrid_vae_txt2img_mode")
+    hint = next(c for c in gradio.created if getattr(c, "kwargs", {}).get("elem_id") == "hybrid_vae_txt2img_hint")
+    assert radio.kwargs["choices"][0] == "as in settings" and "settings default" not in radio.kwargs["choices"]
+    assert hint.value.startswith("Remote would not happen: remote decode is off in Hybrid VAE settings")
+    radio.fire_change("remote")  # the choice is made: the line is recomputed from the settings of that moment
+    assert hint.value.startswith("**Remote would not happen") and "This generation decodes locally." in hint.value
+    sd.shared.opts.data.update({"hybrid_vae_allow_remote": True, "hybrid_vae_endpoints": "sd15=ftp://typo"})
+    radio.fire_change("remote")
+    assert "until the endpoint setting is fixed" in hint.value and "ftp://typo" in hint.value
+    sd.shared.opts.data["hybrid_vae_endpoints"] = "sd15=https://gpu.example/sd15"
+    radio.fire_change("remote")
+    assert hint.value.startswith("Remote decode is allowed")
+
+
+def test_log_lines_reach_sdnexts_logger_at_their_levels(sd, kl_vae, latent256, monkeypatch):
+    """SD.Next sends the root logger to a NullHandler at ERROR (the stand-in too): hybrid-vae's records reach SD.Next's
+    own logger instead, whose console/UI buffer is at INFO and whose file is at DEBUG."""
+    root = logging.getLogger()
+    assert root.level == logging.ERROR and any(isinstance(h, logging.NullHandler) for h in root.handlers)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # an optional dependency missing (import fails)
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
+    pipe = stubtools.ImagePipeline(kl_vae)
+    runner = loaded(sd, pipe)
+    buffer = sd.shared.log.buffer  # SD.Next's console level (INFO)
+
+    def seen(level, text):
+        return any(f"| {level} |" in line and text in line for line in buffer)
+
+    assert seen("INFO", "hybrid-vae: decode hook installed")
+    assert seen("WARNING", "pynvml is not installed: free VRAM is read from torch instead of NVML")
+    sd.shared.opts.data["hybrid_vae_mode"] = "fastest"  # a bad setting: one warning
+    generate(sd, runner, latent256, size=256)
+    assert seen("WARNING", "setting ignored: hybrid_vae_mode='fastest'")
+    assert seen("WARNING", "GPU SIMULATED (HYBRID_VAE_SIMULATE_GPU): NVIDIA GeForce RTX 4090")
+    decode_lines = [ln for ln in buffer if "| INFO |" in ln and "hybrid-vae: sd15 256x256: full," in ln]
+    assert len(decode_lines) == 1  # one line per decode with the decision log on
+    sd.shared.opts.data["hybrid_vae_decision_log"] = False
+    generate(sd, runner, latent256, size=256)
+    assert len([ln for ln in buffer if "hybrid-vae: sd15 256x256: full," in ln]) == 1  # DEBUG: not on the console
+    in_file = [ln for ln in sdnext_log_file(sd) if "hybrid-vae: sd15 256x256: full," in ln]
+    assert [ln.split(" | ")[3] for ln in in_file] == ["INFO", "DEBUG"]  # the file has both, at their levels
+    assert all(" | hybrid_vae.orchestrator | " in ln for ln in in_file)
+
+
+def test_cpu_decode_infotext_says_full(sd, kl_vae, latent256, monkeypatch):
+    runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", "name=NVIDIA GeForce RTX 3070,free_gib=0.01")
+    p, processed = generate(sd, runner, latent256, size=256)
+    line = p.extra_generation_params["Hybrid VAE"]
+    assert len(processed.images) == 1 and line.startswith("cpu full decode, no GPU plan fits 0.01 GiB available"), line
+
+
 def test_hook_installed_once_across_reloads_and_removed_on_unload(sd, kl_vae):
     original = sd.processing_vae.vae_decode
     classes = loaded(sd, stubtools.ImagePipeline(kl_vae))
@@ -129,9 +218,9 @@ def test_hook_installed_once_across_reloads_and_removed_on_unload(sd, kl_vae):
     assert [type(s).__name__ for s in classes.alwayson_scripts] == ["HybridVAEScript"]
     import gradio  # the stand-in: the accordion's Radio, its choices and default
     (radio,) = [c for c in gradio.created if isinstance(c, gradio.Radio)]
-    assert radio.label == "Hybrid VAE mode" and radio.value == "settings default"
-    assert radio.kwargs["choices"] == ["settings default", "auto", "full", "tiled", "remote"]
-    assert classes.script_args == ["settings default"]
+    assert radio.label == "Hybrid VAE decode mode for this generation" and radio.value == "as in settings"
+    assert radio.kwargs["choices"] == ["as in settings", "auto", "full", "tiled", "remote"]
+    assert classes.script_args == ["as in settings"]
     stubtools.load_extension()  # the script file executed again without an unload
     assert sd.processing_vae.vae_decode is wrapper and wrapper._hybrid_vae_original is original
     assert len(sd.script_callbacks.callback_map["callbacks_script_unloaded"]) == 1
@@ -202,33 +291,38 @@ def test_injected_oom_falls_back_and_keeps_the_image(sd, kl_vae, latent256, monk
     assert entry["report"]["attempts"][0]["error"] == "out of memory" and entry["report"]["attempts"][-1]["error"] is None
 
 
-def test_everything_failing_saves_the_latent_and_the_cli_decodes_it(sd, kl_vae, latent256, tmp_path, caplog):
+def test_everything_failing_saves_the_latent_and_the_cli_decodes_it(sd, kl_vae, latent256, tmp_path):
+    """Every plan fails: the latent is saved, SD.Next's log (console, file, UI buffer) has the ERROR line, and the
+    command the message gives decodes it from SD.Next's Python with no install step (another working folder)."""
     pipe = stubtools.ImagePipeline(kl_vae)
     sd.shared.sd_model = pipe
     ref = sd.processing_vae.vae_decode(latent256, pipe, output_type="np")
     loaded(sd, pipe)
     oom = OomOnForward(kl_vae.decoder.mid_block, times=None)
     try:
-        with caplog.at_level(logging.ERROR):
-            out = sd.processing_vae.vae_decode(latent256, pipe, output_type="pil")
+        out = sd.processing_vae.vae_decode(latent256, pipe, output_type="pil")
     finally:
         oom.remove()
     assert out == []
     files = list((sd.data / "hybrid-vae" / "latents").glob("*.safetensors"))
     assert len(files) == 1
     latent_file = str(files[0])
-    assert latent_file in sd.shared.state.textinfo and "hybrid-vae decode" in sd.shared.state.textinfo
-    assert any(latent_file in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    msg = sd.shared.state.textinfo
+    assert latent_file in msg and " decode " in msg
+    assert any("ERROR" in line and latent_file in line for line in sd.shared.log.buffer)
+    assert any("| hybrid_vae.sdnext | ERROR |" in line and latent_file in line for line in sdnext_log_file(sd))
     (entry,) = decisions(sd)
     assert entry["failed"] is True and entry["latent_path"] == latent_file
+    command = shlex.split(msg.split("`")[1])
+    assert command[0] == sys.executable and Path(command[1]) == stubtools.REPO_DIR and command[2:4] == ["decode", latent_file]
     if kl_vae.trained:
         source = ["--fixture"]
     else:  # the same VAE, saved as a diffusers folder
         kl_vae.save_pretrained(tmp_path / "vae")
         source = ["--vae", str(tmp_path / "vae")]
     png = tmp_path / "recovered.png"
-    run = subprocess.run([sys.executable, "-m", "hybrid_vae.extension.cli", "decode", latent_file, *source, "-o", str(png)],
-                         capture_output=True, text=True, timeout=300, cwd=stubtools.REPO_DIR)
+    run = subprocess.run([*command[:4], *source, "-o", str(png)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     from PIL import Image
 
@@ -253,7 +347,7 @@ def test_tiny_disabled_and_interrupted_are_sdnexts(sd, kl_vae, latent256):
 
 
 @pytest.mark.slow
-def test_profile_yaml_path_applies_to_the_next_generation(sd, kl_vae, latent512, tmp_path, monkeypatch, caplog):
+def test_profile_yaml_path_applies_to_the_next_generation(sd, kl_vae, latent512, tmp_path, monkeypatch):
     runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
     monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", LOW_VRAM)
     p1, _ = generate(sd, runner, latent512)
@@ -267,13 +361,12 @@ def test_profile_yaml_path_applies_to_the_next_generation(sd, kl_vae, latent512,
     broken = tmp_path / "broken.yaml"
     broken.write_text("families:\n  sd15:\n    memory:\n      bytes_per_voxle: 120\n")
     sd.shared.opts.data["hybrid_vae_profile_path"] = str(broken)
-    with caplog.at_level(logging.WARNING):
-        p3, processed = generate(sd, runner, latent512)
+    p3, processed = generate(sd, runner, latent512)
     assert len(processed.images) == 1  # the generation carries on with the built-ins
     line = p3.extra_generation_params["Hybrid VAE"]
     assert line.startswith("tiled") and "profile ignored, built-ins used" in line and str(broken) in line
     assert "bytes_per_voxle" in line and "unknown key" in line
-    assert any(str(broken) in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert any("WARNING" in line and str(broken) in line for line in sd.shared.log.buffer)  # SD.Next's log
 
 
 def test_per_generation_mode_and_sdnext_remote_choice(sd, kl_vae, latent256, latent512, monkeypatch):
@@ -281,7 +374,7 @@ def test_per_generation_mode_and_sdnext_remote_choice(sd, kl_vae, latent256, lat
     monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
     p, _ = generate(sd, runner, latent512, mode="tiled")
     assert p.extra_generation_params["Hybrid VAE"].startswith("tiled")
-    p, _ = generate(sd, runner, latent256, mode="settings default", size=256)
+    p, _ = generate(sd, runner, latent256, mode="as in settings", size=256)
     assert p.extra_generation_params["Hybrid VAE"].startswith("full,")
     # SD.Next's own "Remote" VAE type: remote preferred, but remote decode is off in our settings
     p, processed = generate(sd, runner, latent256, vae_type="Remote", size=256)
@@ -315,12 +408,43 @@ def test_flux_packed_latents(sd):
     assert decisions(sd)[-1]["family"] == "flux"
 
 
-def test_unsupported_vae_goes_to_sdnext(sd):
+def test_vae_matching_no_family_is_decoded_locally_never_remote(sd, monkeypatch):
+    """A 2x-compression AutoencoderKL with SD1.5's scaling factor is not SD1.5: decoded by the engine on this machine
+    with a memory model scaled from its config, never sent to the sd15 endpoint, and the infotext says so."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    odd = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, latent_channels=4, scaling_factor=0.5)
-    pipe = stubtools.ImagePipeline(odd)
+    two_x = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4,
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    assert two_x.config.scaling_factor == 0.18215
+    pipe = stubtools.ImagePipeline(two_x, name="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2)) * 0.18215
+    ref = sd.processing_vae.vae_decode(z, pipe, output_type="np")
+    runner = loaded(sd, pipe)
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
+    sd.shared.opts.data.update({"hybrid_vae_allow_remote": True, "hybrid_vae_mode": "remote",
+                                "hybrid_vae_endpoints": "sd15=http://127.0.0.1:9/sd15"})  # nothing may go there
+    p, processed = generate(sd, runner, z, size=128)
+    line = p.extra_generation_params["Hybrid VAE"]
+    assert line.startswith("full, ") and "VAE matches no family: local only" in line, line
+    got = np.asarray(processed.images[0], dtype=np.float32) / 255
+    assert got.shape == ref[0].shape == (128, 128, 3) and float(np.abs(got - ref[0]).max()) <= 1.5 / 255
+    (entry,) = decisions(sd)
+    reason = entry["report"]["reason"]
+    assert entry["family"] == "unmatched" and entry["report"]["remote"] is None
+    assert all(f["path"] != "remote" for f in entry["report"]["decision"]["fallbacks"])
+    assert "remote requested but never remote for a VAE whose geometry matches no family" in reason
+    assert "2x spatial" in reason and "nearest sd15 has 8x spatial" in reason
+    assert "memory model scaled from its config" in reason
+    src = entry["report"]["decision"]["options"][0]["estimate"]["peak_source"]
+    assert "x0.312" in src and "decoder widths 32/64" in src  # (32 + 64) / (128 + 256) x 1.25 margin
+
+
+def test_vae_classes_the_engine_does_not_decode_stay_sdnexts(sd):
+    from diffusers import AutoencoderTiny
+
+    tiny = AutoencoderTiny()
+    pipe = stubtools.ImagePipeline(tiny)
     loaded(sd, pipe)
     out = sd.processing_vae.vae_decode(torch.randn(1, 4, 8, 8), pipe, output_type="np")
-    assert out.shape == (1, 8, 8, 3) and decisions(sd) == []
+    assert out.shape == (1, 64, 64, 3) and decisions(sd) == []

@@ -91,7 +91,7 @@ def test_read_config_uses_defaults_for_bad_values_and_reads_secrets():
     assert (cfg.mode, cfg.reserve_mib, cfg.tile_overlap_px, cfg.endpoints, cfg.allow_remote) == \
         ("auto", default_reserve, 56, {}, False)
     assert cfg.token == "hf_abc" and cfg.profile_path is None
-    assert len(cfg.problems) == 6 and cfg.tile_groupnorm == "auto"
+    assert len(cfg.problems) == 6 and cfg.tile_groupnorm == "auto" and "sdxl=nope" in cfg.endpoint_error
     text = " | ".join(cfg.problems)
     for part in ("hybrid_vae_mode='fastest'", "hybrid_vae_reserve_mib='lots'", "not a multiple of 8",
                  "hybrid_vae_tile_groupnorm='best' is not one of auto, exact, local",
@@ -104,7 +104,8 @@ def test_resolve_settings_modes():
     assert (s.mode, s.reserve_bytes, s.tile_overlap_px, s.allow_remote, notes) == ("full", 512 * 2**20, 32, False, [])
     assert resolve_settings(Config(mode="full"), override="tiled")[0].mode == "tiled"
     assert resolve_settings(Config(tile_groupnorm="local"))[0].tile_groupnorm == "local"
-    assert resolve_settings(Config(mode="full"), override="settings default")[0].mode == "full"
+    assert resolve_settings(Config(mode="full"), override="as in settings")[0].mode == "full"
+    assert resolve_settings(Config(mode="full"), override="settings default")[0].mode == "full"  # the old name
     s, notes = resolve_settings(Config(), vae_type="Remote")
     assert s.mode == "auto" and "remote decode is off" in notes[0]
     s, notes = resolve_settings(Config(allow_remote=True, remote_custom_vae=True), vae_type="Remote")
@@ -112,9 +113,52 @@ def test_resolve_settings_modes():
 
 
 def test_token_goes_only_to_https_hugging_face_hosts():
+    # the whole policy, with look-alikes, is tested in tests/test_trust.py
     urls = ["https://x2dmsqunjd6k9prw.us-east-1.aws.endpoints.huggingface.cloud/", "http://a.huggingface.cloud/",
-            "https://my-server.example/decode", "https://evilhuggingface.cloud.example/", "https://me-vae.hf.space/"]
-    assert token_endpoints(urls) == [urls[0], urls[4]]
+            "https://my-server.example/decode", "https://evilhuggingface.cloud.example/", "https://me-vae.hf.space/",
+            "https://evilhuggingface.co/"]
+    assert token_endpoints(urls) == [urls[0]]
+
+
+def test_a_typo_in_the_endpoints_turns_remote_off_for_every_family():
+    """``sd15=ftp://bad, foo=http://x`` with remote allowed and the built-in endpoints on: no family goes remote,
+    not to the built-in endpoints either, and the notes say why (the infotext carries them)."""
+    opts = {"hybrid_vae_allow_remote": True, "hybrid_vae_builtin_endpoints": True,
+            "hybrid_vae_endpoints": "sd15=ftp://bad, foo=http://x", "hybrid_vae_mode": "remote"}
+    cfg = read_config(lambda k, d: opts.get(k, d), families=FAMILIES)
+    assert cfg.endpoint_error is not None and "ftp://bad" in cfg.endpoint_error
+    assert any("remote decode is off for every family until this setting is fixed" in p for p in cfg.problems)
+    profiles = load_profiles("")
+    from hybrid_vae.policy.decide import decide
+    from hybrid_vae.policy.gpu import parse_simulation
+    from hybrid_vae.policy.model import DecodeJob
+
+    for vae_type in ("Full", "Remote"):
+        settings, notes = resolve_settings(cfg, vae_type=vae_type)
+        assert settings.allow_remote is False
+        for fam in ("sd15", "sdxl", "flux", "hunyuanvideo"):
+            d = decide(DecodeJob(fam, 512, 512, frames=5 if fam == "hunyuanvideo" else None),
+                       parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=0.2"), profiles, settings)
+            assert all(p.path != "remote" for p in d.plans), fam
+            assert "remote requested but remote decode is off" in d.reason
+    assert "until the endpoint setting is fixed" in notes[0]  # SD.Next's own "Remote" VAE type, refused
+    fixed = read_config(lambda k, d: {**opts, "hybrid_vae_endpoints": "sd15=https://gpu.example/sd15"}.get(k, d),
+                        families=FAMILIES)
+    assert fixed.endpoint_error is None and resolve_settings(fixed)[0].allow_remote is True
+
+
+def test_builtin_endpoints_only_by_explicit_choice():
+    from hybrid_vae.extension.sdnext_ui import OPTIONS
+
+    default = {o.key: o.default for o in OPTIONS}["hybrid_vae_builtin_endpoints"]
+    cfg = read_config(lambda k, d: {"hybrid_vae_allow_remote": True}.get(k, d), families=FAMILIES)
+    s, _ = resolve_settings(cfg)
+    assert default is False and s.allow_remote and s.use_builtin_endpoints is False and s.endpoints == {}
+    from hybrid_vae.policy.decide import endpoint_for
+    from hybrid_vae.policy.model import DecodeJob
+
+    url, why = endpoint_for(DecodeJob("sd15", 512, 512), load_profiles("").family("sd15"), s)
+    assert url is None and "no endpoint serves sd15" in why
 
 
 # ---- model inspection ----------------------------------------------------------------------------------
@@ -128,7 +172,8 @@ def test_detect_family_rejects_unknown(profiles):
 
     odd = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, latent_channels=4, scaling_factor=0.5)
     key, why = detect_family(odd, profiles)
-    assert key is None and "4 channels, scaling 0.5" in why and "profile YAML" in why
+    assert key is None and "4 channels, 1x spatial, scaling 0.5 matches no family" in why
+    assert "nearest sd15 has 8x spatial, scaling 0.18215" in why
     key, why = detect_family(AutoencoderTiny(), profiles)
     assert key is None and "AutoencoderTiny is not a VAE class" in why
 

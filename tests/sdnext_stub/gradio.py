@@ -1,6 +1,7 @@
 """A tiny stand-in of gradio 3.43's component classes (SD.Next's UI toolkit) for the tests.
 
-Components record their keyword arguments and expose ``value``; ``Accordion`` is a context manager.
+Components record their keyword arguments and expose ``value``; ``change(fn, inputs, outputs)`` records the
+event (``fire_change(value)`` runs it as gradio would and updates the outputs); ``Accordion`` is a context manager.
 Only used when the real gradio is not importable ahead of it (the stub folder goes first on sys.path).
 """
 
@@ -13,7 +14,19 @@ class Component:
         self.value = value
         self.label = label
         self.kwargs = kwargs
+        self.events = []
         created.append(self)
+
+    def change(self, fn=None, inputs=None, outputs=None, **kwargs):
+        self.events.append((fn, list(inputs or []), list(outputs or [])))
+
+    def fire_change(self, value):
+        self.value = value
+        for fn, inputs, outputs in self.events:
+            result = fn(*(c.value for c in inputs))
+            results = result if isinstance(result, tuple) else (result,)
+            for comp, v in zip(outputs, results):
+                comp.value = v
 
 
 class Checkbox(Component):
@@ -37,6 +50,10 @@ class Slider(Component):
 
 
 class Number(Component):
+    pass
+
+
+class Markdown(Component):
     pass
 
 

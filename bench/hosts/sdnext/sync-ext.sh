@@ -2,6 +2,7 @@
 # Copy the project's working tree (tracked and untracked-but-not-ignored files) into
 # ROOT/D/extensions/sdnext-hybrid-vae and commit it there, as a user's `git clone`/`git pull` would leave it.
 # A new commit changes SD.Next's installer state, so the next start is a full launch and runs install.py.
+# Also installs the test-only fault extension (fault-ext/) as <data>/extensions/hv-fault-injector.
 # usage: sync-ext.sh ROOT [PROJECT_DIR]
 set -euo pipefail
 ROOT=${1:?usage: sync-ext.sh ROOT [PROJECT_DIR]}
@@ -16,3 +17,5 @@ cd "$EXT"
 git add -A >/dev/null
 git -c user.email=host@local -c user.name=host commit -q -m "hybrid-vae $(git -C "$PROJECT" rev-parse --short HEAD) + working tree" || true
 echo "extension at $EXT: $(git rev-parse --short HEAD)"
+# the test-only fault extension (check.py: every decode runs out of memory while <data>/hv-fault-oom exists)
+rm -rf "$ROOT/D/extensions/hv-fault-injector"; cp -a "$HERE/fault-ext" "$ROOT/D/extensions/hv-fault-injector"
