@@ -31,6 +31,7 @@ from hybrid_vae.extension.sdnext_ui import (
     opts_getter,
     raw_decode,
     read_config,
+    remote_off_reason,
     resolve_settings,
     token_endpoints,
 )
@@ -311,7 +312,9 @@ class DecodePaths:
         finally:
             self._tls.busy = False
         if job.settings.mode != "auto" and res.report.chosen.path != job.settings.mode:
-            job.notes.insert(0, res.report.reason.split("; ")[0])  # "tiled requested but no tile fits"
+            off = remote_off_reason(job.cfg) if job.settings.mode == "remote" else ""
+            # "tiled requested but no tile fits"; for remote, the setting that stopped it
+            job.notes.insert(0, f"remote requested but {off}" if off else res.report.reason.split("; ")[0])
         text = self._line(res.report, job.notes)
         self._set_infotext(text)
         self._log(job, {"infotext": text, "report": res.report.to_dict()})
@@ -342,7 +345,7 @@ class DecodePaths:
                    f"`{decode_command(path, vae)}`")
         else:
             msg = f"Hybrid VAE: every decode plan failed and the latent could NOT be saved to {self.data_dir() / 'latents'}"
-        log.error("%s (%s)", msg, exc)
+        log.error("%s (attempts: %s)", msg, "; ".join(f"{lab}: {err}" for lab, err in exc.attempts) or exc)
         state = getattr(shared, "state", None)
         if state is not None:
             with contextlib.suppress(AttributeError):

@@ -291,9 +291,9 @@ def remote_off_reason(cfg: Config) -> str:
     if cfg.endpoint_error is not None:
         return f"remote decode is off until the endpoint setting is fixed ({cfg.endpoint_error})"
     if not cfg.allow_remote:
-        return "remote decode is off in Hybrid VAE settings"
+        return "remote decode is off (Settings > Hybrid VAE: allow remote decode)"
     if not cfg.endpoints and not cfg.builtin_endpoints:
-        return "no remote endpoint is set in Hybrid VAE settings (and the built-in endpoints are off)"
+        return "no remote endpoint is set (Settings > Hybrid VAE: endpoints, or the built-in endpoints)"
     return ""
 
 
@@ -317,7 +317,7 @@ def accordion_hint(mode: str | None = None) -> str:
     off = remote_off_reason(cfg)
     if not off:
         return "Remote decode is allowed: a remote plan is used when it is estimated faster or nothing local fits."
-    text = f"Remote would not happen: {off} (Settings > Hybrid VAE)."
+    text = f"Remote would not happen: {off}."
     return f"**{text}** This generation decodes locally." if mode == "remote" else text
 
 

@@ -68,7 +68,7 @@ def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple
     if not settings.allow_remote:
         return None, "remote decode is off (opt-in: the endpoint sees the images)"
     if fam.inferred:
-        return None, f"never remote for a VAE whose geometry matches no family ({fam.inferred.split(':')[0]})"
+        return None, "never remote for a VAE whose geometry matches no family"
     if job.custom_vae and not settings.allow_remote_custom_vae:
         return None, f"custom VAE {job.vae_id or ''} differs from the endpoint's; remote not allowed for it".replace("  ", " ")
     url = settings.endpoints.get(job.family)

@@ -161,7 +161,7 @@ def test_accordion_says_when_remote_would_not_happen(sd, kl_vae):
     radio = next(c for c in gradio.created if getattr(c, "kwargs", {}).get("elem_id") == "hybrid_vae_txt2img_mode")
     hint = next(c for c in gradio.created if getattr(c, "kwargs", {}).get("elem_id") == "hybrid_vae_txt2img_hint")
     assert radio.kwargs["choices"][0] == "as in settings" and "settings default" not in radio.kwargs["choices"]
-    assert hint.value.startswith("Remote would not happen: remote decode is off in Hybrid VAE settings")
+    assert hint.value.startswith("Remote would not happen: remote decode is off (Settings > Hybrid VAE: allow remote")
     radio.fire_change("remote")  # the choice is made: the line is recomputed from the settings of that moment
     assert hint.value.startswith("**Remote would not happen") and "This generation decodes locally." in hint.value
     sd.shared.opts.data.update({"hybrid_vae_allow_remote": True, "hybrid_vae_endpoints": "sd15=ftp://typo"})

@@ -25,7 +25,7 @@ class Component:
         for fn, inputs, outputs in self.events:
             result = fn(*(c.value for c in inputs))
             results = result if isinstance(result, tuple) else (result,)
-            for comp, v in zip(outputs, results):
+            for comp, v in zip(outputs, results, strict=True):
                 comp.value = v
 
 

@@ -135,10 +135,14 @@ def phase_plain(h: Host) -> None:
     requested = grep(boot_log, "Model requested")
     h.check("no model requested by hybrid-vae while SD.Next loads its scripts",
             not any("hybrid" in ln or "sdnext.py" in ln for ln in requested), model_requested_lines=requested[-5:])
-    h.check("install.py ran on the full launch (installed nvidia-ml-py with SD.Next's pip helper)",
-            bool(grep(boot_log, "Extension installed packages: sdnext-hybrid-vae", "nvidia-ml-py"))
-            and bool(grep(boot_log, "Startup: launch=full")),
-            lines=grep(boot_log, "sdnext-hybrid-vae", "nvidia-ml-py")[-1:] + grep(boot_log, "launch=full")[-1:])
+    nvml = subprocess.run([str(h.root / "venv" / "bin" / "python"), "-c", "import pynvml, importlib.metadata as m; "
+                           "print(m.version('nvidia-ml-py'))"], capture_output=True, text=True, timeout=120)
+    h.check("this start was a full launch and ran the extension's install.py; nvidia-ml-py is in SD.Next's venv",
+            bool(grep(boot_con, "Startup: launch=full")) and bool(grep(boot_con, "Extension installer", "sdnext-hybrid-vae"))
+            and nvml.returncode == 0,
+            console=grep(boot_con, "Startup: launch=")[-1:] + grep(boot_con, "Extension installer", "sdnext-hybrid-vae")[-1:],
+            nvidia_ml_py=nvml.stdout.strip() or nvml.stderr.strip()[-200:],
+            installed_by_install_py_on_the_first_start=grep(boot_log, "Extension installed packages: sdnext-hybrid-vae"))
 
     h.model(TINY)
     h.set(hybrid_vae_decision_log=True, hybrid_vae_allow_remote=False, hybrid_vae_endpoints="",

@@ -1,4 +1,4 @@
-"""SD.Next's ``modules.shared``: ``opts`` (Options), ``OptionInfo``, ``state``, ``cmd_opts``, ``data_path``, ``sd_model``, ``log``.
+"""SD.Next's ``modules.shared``: ``opts``, ``OptionInfo``, ``state``, ``cmd_opts``, ``data_path``, ``sd_model``, ``log``.
 
 ``log`` is SD.Next's logger (:mod:`modules.logger`). ``sd_model`` is a property of the module, as in SD.Next
 (``modules/modeldata.py``'s ``Shared``): reading it while no model is loaded logs "Model requested" and would
@@ -18,6 +18,7 @@ from types import ModuleType
 
 from modules import paths
 from modules.logger import log
+
 SECRETS_PATTERN = ("_version", "_token", "_key", "_secret", "_password")
 
 
