@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from hybrid_vae.policy.errors import ProfileError
+from hybrid_vae.policy.errors import LatentError, ProfileError
 from hybrid_vae.policy.geometry import (
     UNMATCHED,
     VaeGeometry,
@@ -50,14 +50,15 @@ def resolve_family(vae: Any, profiles: Profiles, family: str | None = None) -> t
     """``(family key, profiles, how)`` for decoding with ``vae``.
 
     - ``family=None``: the family whose whole geometry matches the VAE's (:func:`policy.geometry.match_family`);
-    - a known ``family``: kept, unless the VAE is of a class the engine decodes and its structure (class,
-      channels, spatial/temporal compression) contradicts the family: then the VAE's geometry wins;
+    - a known ``family``: kept; a VAE of a class the engine decodes whose structure (class, channels,
+      spatial/temporal compression) contradicts it is an error (the latents cannot be that family's);
     - no match: :data:`UNMATCHED`, a local-only family scaled from the VAE's config, added to the returned
       profiles (``how`` says why).
 
     Raises:
         ProfileError: no family given and the VAE has no readable geometry, or its class is one the engine
             does not decode; an unknown ``family`` (other than ``unmatched``).
+        LatentError: ``family`` contradicts the VAE's structure.
     """
     if family == UNMATCHED and UNMATCHED in profiles.families:
         return family, profiles, "given"  # resolved before (the drop-in adjusts its normalisation)
@@ -67,17 +68,16 @@ def resolve_family(vae: Any, profiles: Profiles, family: str | None = None) -> t
         if geom is None or geom.architecture is None:
             return family, profiles, "given"
         diffs = structure_differences(geom, fam)
-        if not diffs:
-            return family, profiles, "given"
-        why = f"{geom.describe()} is not a {family} VAE ({family} has {', '.join(diffs)})"
-        log.warning("hybrid-vae: %s; decoding it locally as a VAE of its own geometry", why)
-    elif geom is None:
+        if diffs:
+            raise LatentError(f"family={family!r}, but the VAE is {geom.describe()} ({family} has {', '.join(diffs)}); "
+                              "leave the family unset so the VAE's own geometry decides, or pass the matching VAE")
+        return family, profiles, "given"
+    if geom is None:
         raise ProfileError("cannot tell the family: the VAE has no config with latent_channels; pass the family",
                            key_path="family", value=family)
-    else:
-        key, why = match_family(geom, profiles)
-        if key is not None:
-            return key, profiles, f"VAE geometry ({geom.describe()})"
+    key, why = match_family(geom, profiles)
+    if key is not None:
+        return key, profiles, f"VAE geometry ({geom.describe()})"
     fam_u = unmatched_family(geom, profiles, why)
     if fam_u is None:
         raise ProfileError(f"{why}; hybrid-vae cannot decode it", key_path="family", value=family)

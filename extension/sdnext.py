@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from hybrid_vae.extension import sdnext_log
 from hybrid_vae.extension.sdnext_decode import INFOTEXT_KEY, DecodePaths
 from hybrid_vae.extension.sdnext_ui import accordion_ui, detect_custom, detect_family, from_vae_space, register_settings
 from hybrid_vae.policy.model import Plan
@@ -174,6 +175,7 @@ class Runtime(DecodePaths):
         self.begin_generation(p)
         from modules import shared
 
+        sdnext_log.attach(shared)  # undo SD.Next's post-startup handler override (see extension/sdnext_log.py)
         self.wrap_pipeline_vae(getattr(shared, "sd_model", None))
 
     def after_process(self, p: Any) -> None:

@@ -312,7 +312,7 @@ class DecodePaths:
         finally:
             self._tls.busy = False
         if job.settings.mode != "auto" and res.report.chosen.path != job.settings.mode:
-            off = remote_off_reason(job.cfg) if job.settings.mode == "remote" else ""
+            off = remote_off_reason(job.cfg, detail=False) if job.settings.mode == "remote" else ""
             # "tiled requested but no tile fits"; for remote, the setting that stopped it
             job.notes.insert(0, f"remote requested but {off}" if off else res.report.reason.split("; ")[0])
         text = self._line(res.report, job.notes)

@@ -9,6 +9,12 @@ logger (``modules.shared.log``: ``logging.getLogger("sd")`` with a console handl
 the ``hybrid_vae`` logger, which hands every record to SD.Next's logger: SD.Next's handlers then apply their own
 levels and formats, and the record keeps its name (``hybrid_vae.sdnext``), so the log file says where it came from.
 
+After its startup SD.Next replaces the handlers of every logger whose name does not start with ``sd`` or
+``uvicorn`` with its own logger's handler list (``webui.py``, 058a7f0): ``hybrid_vae`` and its children then all
+carry SD.Next's handlers, so a record would be written once per logger on its way up. :func:`attach` undoes that
+(``hybrid_vae`` gets the forwarder back, its children no handlers of their own); the SD.Next runtime calls it
+before each generation, so at most the lines between SD.Next's startup and the first generation can be doubled.
+
 Standard library only: it must work when the engine's dependencies are missing (that error is logged too).
 """
 
@@ -59,11 +65,17 @@ def attach(shared: Any = None) -> bool:
     if not isinstance(target, logging.Logger):
         return False
     ours = logging.getLogger(LOGGER)
-    for h in ours.handlers:
-        if isinstance(h, ForwardToSDNext):
-            h.target = target
-            return True
-    ours.addHandler(ForwardToSDNext(target))
+    mine = [h for h in ours.handlers if isinstance(h, ForwardToSDNext)]
+    if mine and len(mine) == len(ours.handlers):
+        mine[0].target = target
+        return True
+    # first call, or SD.Next replaced our handlers by its own list: a new list (never mutate SD.Next's), and no
+    # handlers on the children (they reach SD.Next through the forwarder, once)
+    ours.handlers = mine[:1] or [ForwardToSDNext(target)]
+    ours.handlers[0].target = target
+    for name, obj in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith(LOGGER + ".") and isinstance(obj, logging.Logger) and obj.handlers:
+            obj.handlers = [h for h in obj.handlers if h not in target.handlers]
     # SD.Next's handlers filter by level (as for its own records: its logger is at DEBUG so the file gets
     # everything); without this the root's ERROR level would drop INFO and WARNING before they reach them
     ours.setLevel(logging.DEBUG)

@@ -286,10 +286,11 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
                           remote_deadline_s=cfg.remote_deadline_s), notes
 
 
-def remote_off_reason(cfg: Config) -> str:
-    """Why remote decode cannot happen with these settings ("" when it can)."""
+def remote_off_reason(cfg: Config, *, detail: bool = True) -> str:
+    """Why remote decode cannot happen with these settings ("" when it can); ``detail=False`` leaves out the
+    endpoint setting's error text (the infotext lists it once as an ignored setting)."""
     if cfg.endpoint_error is not None:
-        return f"remote decode is off until the endpoint setting is fixed ({cfg.endpoint_error})"
+        return "remote decode is off until the endpoint setting is fixed" + (f" ({cfg.endpoint_error})" if detail else "")
     if not cfg.allow_remote:
         return "remote decode is off (Settings > Hybrid VAE: allow remote decode)"
     if not cfg.endpoints and not cfg.builtin_endpoints:

@@ -11,7 +11,7 @@ import torch
 from hybrid_vae.extension.fixture import build_tiny_vae, load_fixture_vae
 from hybrid_vae.extension.geometry import UNMATCHED, resolve_family, vae_geometry
 from hybrid_vae.policy.decide import decide
-from hybrid_vae.policy.errors import DecodeFailedError, ProfileError
+from hybrid_vae.policy.errors import DecodeFailedError, LatentError, ProfileError
 from hybrid_vae.policy.geometry import (
     UNMATCHED_MARGIN,
     geometry_from_config,
@@ -95,7 +95,9 @@ def test_resolve_family():
     vae = two_x_vae()
     key, profiles, how = resolve_family(vae, PROFILES)
     assert key == UNMATCHED and UNMATCHED in profiles.families and "nearest sd15" in how
-    assert resolve_family(vae, PROFILES, "sd15")[0] == UNMATCHED  # the structure contradicts the given family
+    with pytest.raises(LatentError, match=r"family='sd15', but the VAE is AutoencoderKL: 4 channels, 2x spatial.*"
+                                          r"\(sd15 has 8x spatial\); leave the family unset"):
+        resolve_family(vae, PROFILES, "sd15")  # the structure contradicts the given family
     assert resolve_family(build_tiny_vae("sdxl"), PROFILES, "sd15")[0] == "sd15"  # same structure: the caller's word
     from diffusers import AutoencoderTiny
 

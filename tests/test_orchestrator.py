@@ -233,10 +233,12 @@ def test_no_plan_at_all_still_saves_the_latent(tiny, tmp_path):
     (latent(4, 8, 8), "sd15", {}, LatentError, "3-D"),
     (latent(1, 4, 2, 8, 8), "sd15", {}, LatentError, "5-D"),
     (latent(1, 4, 8, 8), "sd15", {"dtype": "float64"}, LatentError, "dtype='float64'"),
-], ids=["channels", "nan", "inf", "packed-no-size", "unknown-family", "rank3", "rank5", "dtype"])
+    (latent(1, 4, 8, 8), "sd3", {}, LatentError, r"family='sd3', but the VAE is AutoencoderKL: 4 channels"),
+], ids=["channels", "nan", "inf", "packed-no-size", "unknown-family", "rank3", "rank5", "dtype", "family-vs-vae"])
 def test_bad_input_fails_before_the_decoder(tiny, tmp_path, z, family, kw, err, text):
-    with DecoderCalls(tiny) as calls, pytest.raises(err, match=text):
-        HybridDecoder(probe=sim(), latent_dir=tmp_path).decode(z, tiny, family=family, **kw)
+    vae = build_tiny_vae("flux") if family == "flux" else tiny  # a flux latent comes with a flux VAE
+    with DecoderCalls(vae) as calls, pytest.raises(err, match=text):
+        HybridDecoder(probe=sim(), latent_dir=tmp_path).decode(z, vae, family=family, **kw)
     assert calls.n == 0 and not list(tmp_path.iterdir())
 
 

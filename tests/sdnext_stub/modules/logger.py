@@ -53,3 +53,12 @@ def setup_logging(debug=False):
 
 
 setup_logging()
+
+
+def override_all_loggers():
+    """What SD.Next's ``webui.py`` does once its startup is done: every logger whose name does not start with
+    ``uvicorn`` or ``sd`` gets SD.Next's handler list (the same list object)."""
+    for item in [logging.getLogger(name) for name in logging.root.manager.loggerDict]:
+        if item.name.startswith("uvicorn") or item.name.startswith("sd"):
+            continue
+        item.handlers = log.handlers
