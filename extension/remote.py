@@ -60,7 +60,7 @@ from hybrid_vae.policy.errors import (
     RemoteTimeoutError,
 )
 from hybrid_vae.policy.model import NetworkStats, split_endpoints
-from hybrid_vae.policy.trust import TokenPolicy
+from hybrid_vae.policy.trust import TokenPolicy, is_loopback  # noqa: F401 (is_loopback re-exported)
 
 if TYPE_CHECKING:
     import torch

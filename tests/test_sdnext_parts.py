@@ -214,6 +214,7 @@ def test_pipeline_decode_goes_through_the_engine(sd, kind):
     ref = pipe.decode(z).clamp(-1, 1)  # the engine clamps; the video processor would too
     sd.shared.sd_model = pipe
     stubtools.load_extension()
+    sd.script_callbacks.model_loaded_callback(pipe)  # SD.Next: the model (re)load after the scripts
     assert "decode" in pipe.vae.__dict__ and pipe.vae.decode._hybrid_vae_runtime is not None
     out = pipe.decode(z)
     assert out.shape == ref.shape == (1, 3, 5, 64, 64) and float((out - ref).abs().max()) < 1e-4
@@ -256,11 +257,13 @@ def test_sdnext_hijack_before_or_after_ours(sd):
     sd.sd_hijack_vae.init_hijack(pipe)  # SD.Next wrapped first ...
     hijack = vae.decode
     stubtools.load_extension()  # ... then we wrap SD.Next's wrapper
+    sd.script_callbacks.model_loaded_callback(pipe)  # SD.Next: the model (re)load after the scripts
     assert float((pipe.decode(z) - ref).abs().max()) < 1e-4 and len(decisions(sd)) == 1
     sd.script_callbacks.script_unloaded_callback()
     assert vae.decode is hijack
     del vae.orig_decode, vae.decode
     stubtools.load_extension()  # we wrap first ...
+    sd.script_callbacks.model_loaded_callback(pipe)  # SD.Next: the model (re)load after the scripts
     sd.sd_hijack_vae.init_hijack(pipe)  # ... then SD.Next wraps ours
     assert vae.orig_decode._hybrid_vae_runtime is not None
     assert float((pipe.decode(z) - ref).abs().max()) < 1e-4 and len(decisions(sd)) == 2
@@ -272,6 +275,7 @@ def test_pipeline_decode_failure_saves_latent(sd):
     pipe = stubtools.VideoPipeline(build_tiny_vae("wan"))
     sd.shared.sd_model = pipe
     stubtools.load_extension()
+    sd.script_callbacks.model_loaded_callback(pipe)  # SD.Next: the model (re)load after the scripts
 
     def oom(*_):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
