@@ -153,13 +153,20 @@ def phase_plain(h: Host) -> None:
             installed_by_install_py_on_the_first_start=grep(boot_log, "Extension installed packages: sdnext-hybrid-vae"))
 
     h.model(TINY)
-    h.set(hybrid_vae_decision_log=True, hybrid_vae_allow_remote=False, hybrid_vae_endpoints="",
-          hybrid_vae_builtin_endpoints=False, hybrid_vae_mode="auto")
+    h.set(samples_format="png",  # SD.Next's API answers in this format (default jpg: lossy, pixels not comparable)
+          hybrid_vae_decision_log=True, hybrid_vae_allow_remote=False, hybrid_vae_endpoints="",
+          hybrid_vae_builtin_endpoints=False, hybrid_vae_mode="auto", hybrid_vae_enabled=True)
     m = h.mark()
     line, _ = h.txt2img(64, tag="cpu")
     con, log = h.since(m)
     h.check("a cpu decode's infotext says it was a full decode", line.startswith("cpu full decode, no GPU"),
             infotext=line)
+    h.set(hybrid_vae_enabled=False)
+    own, _ = h.txt2img(64, tag="sdnext-own")
+    h.set(hybrid_vae_enabled=True)
+    diff = max_abs_diff(h.out / "images" / "cpu-0.png", h.out / "images" / "sdnext-own-0.png")
+    h.check("hybrid-vae's full decode gives SD.Next's own pixels (extension off: same generation, max diff 0)",
+            diff == 0 and own == "", max_abs_diff=diff)
     h.check("one INFO line per decode with the decision log on (console and log file)",
             len(grep(log, "| hybrid_vae.orchestrator | INFO |", "hybrid-vae: sd15 64x64: cpu full decode")) == 1
             and len(grep(con, "INFO", "hybrid-vae: sd15 64x64: cpu full decode")) == 1,
@@ -246,7 +253,7 @@ def phase_simulated(h: Host) -> None:
             log_file=grep(boot_log, "pynvml is not installed")[-1:], console=grep(boot_con, "pynvml")[-1:],
             launch=grep(boot_con, "Startup: launch=")[-1:])
     h.model(TINY)
-    h.set(hybrid_vae_decision_log=True, hybrid_vae_mode="auto", hybrid_vae_reserve_mib=128)
+    h.set(samples_format="png", hybrid_vae_decision_log=True, hybrid_vae_mode="auto", hybrid_vae_reserve_mib=128)
     m = h.mark()
     line, _ = h.txt2img(256, mode="tiled", tag="forced-tiled")
     con, log = h.since(m)
