@@ -21,12 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hybrid_vae.extension.geometry import UNMATCHED, resolve_family, vae_geometry
+from hybrid_vae.extension.geometry import UNMATCHED, resolve_family
 from hybrid_vae.extension.orchestrator import DecodeReport, DecodeResult, HybridDecoder
 from hybrid_vae.extension.sdnext_ui import (
     Config,
     detect_custom,
-    detect_family,
     from_vae_space,
     opts_getter,
     raw_decode,
@@ -242,10 +241,7 @@ class DecodePaths:
         why = self._unsupported_backend()
         if why:
             return why
-        geom = vae_geometry(vae)
-        if geom is None or geom.architecture is None:
-            return detect_family(vae, profiles)[1]
-        try:
+        try:  # a class the engine does not decode, or no readable config: SD.Next decodes (the reason is logged)
             key, profiles, how = resolve_family(vae, profiles)
         except ProfileError as exc:
             return str(exc)

@@ -139,7 +139,8 @@ def phase_plain(h: Host) -> None:
     h.check("decode hook installed: INFO in SD.Next's log file and console",
             bool(grep(boot_log, "| hybrid_vae.sdnext | INFO |", "decode hook installed"))
             and bool(grep(boot_con, "hybrid-vae: decode hook installed")),
-            log_file=grep(boot_log, "decode hook installed")[-1:], console=grep(boot_con, "decode hook installed")[-1:])
+            log_file=grep(boot_log, "| hybrid_vae.sdnext | INFO |", "decode hook installed")[-1:],
+            console=grep(boot_con, "decode hook installed")[-1:])
     requested = grep(boot_log, "Model requested")
     h.check("no model requested by hybrid-vae while SD.Next loads its scripts",
             not any("hybrid" in ln or "sdnext.py" in ln for ln in requested), model_requested_lines=requested[-5:])
@@ -250,7 +251,8 @@ def phase_simulated(h: Host) -> None:
     h.check("missing optional dependency (nvidia-ml-py uninstalled, quick launch): WARNING in console and log file",
             bool(grep(boot_log, "| hybrid_vae.sdnext | WARNING |", "pynvml is not installed"))
             and bool(grep(boot_con, "pynvml is not installed")) and bool(grep(boot_con, "Startup: launch=quick")),
-            log_file=grep(boot_log, "pynvml is not installed")[-1:], console=grep(boot_con, "pynvml")[-1:],
+            log_file=grep(boot_log, "| hybrid_vae.sdnext | WARNING |", "pynvml is not installed")[-1:],
+            console=grep(boot_con, "pynvml")[-1:],
             launch=grep(boot_con, "Startup: launch=")[-1:])
     h.model(TINY)
     h.set(samples_format="png", hybrid_vae_decision_log=True, hybrid_vae_mode="auto", hybrid_vae_reserve_mib=128)
