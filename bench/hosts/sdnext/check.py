@@ -162,6 +162,12 @@ def phase_plain(h: Host) -> None:
     con, log = h.since(m)
     h.check("a cpu decode's infotext says it was a full decode", line.startswith("cpu full decode, no GPU"),
             infotext=line)
+    info_file = h.root / "D" / "hv-host-info.json"
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.exists() else {}
+    ext = str(h.root / "D" / "extensions" / "sdnext-hybrid-vae")
+    h.check("one import name: hybrid_vae is the extension folder, nothing of it on sys.path or as a top-level module",
+            str(info.get("hybrid_vae_file", "")) == ext + "/__init__.py" and info.get("extension_on_sys_path") is False
+            and info.get("top_level_modules_from_the_extension") == [], **info)
     h.set(hybrid_vae_enabled=False)
     own, _ = h.txt2img(64, tag="sdnext-own")
     h.set(hybrid_vae_enabled=True)
