@@ -32,7 +32,7 @@ from hybrid_vae.extension.executors import ProgressFn, run_plan, vae_device_dtyp
 from hybrid_vae.extension.geometry import resolve_family
 from hybrid_vae.extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
 from hybrid_vae.extension.stream import settings_for_vae
-from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.decide import decide, describe_plan
 from hybrid_vae.policy.errors import (
     DecodeFailedError,
     HybridVAEError,
@@ -134,8 +134,7 @@ class DecodeReport:
         d, ran = self.decision, self.ran
         if self.fell_back:
             first_err = next((e for _, e, _ in self.attempts if e), "failed")
-            label = "cpu full decode" if ran.path == "cpu" else ran.label
-            text = f"{label}, fell back from {self.chosen.label} ({first_err})"
+            text = f"{describe_plan(ran)}, fell back from {self.chosen.label} ({first_err})"
         elif ran.path == "remote":
             host = _host(self.remote.endpoint if self.remote else ran.endpoint or "")
             text = f"remote {ran.response_format} via {host}"

@@ -119,6 +119,20 @@ def _actual_tile(job: DecodeJob, fam: Family, cap: int, overlap: int) -> int:
     return max(max(s for _, s in ty), max(s for _, s in tx)) * fam.spatial_compression
 
 
+def describe_plan(plan: Plan) -> str:
+    """``plan.label`` for the infotext, where a CPU plan also says whether it decodes the whole frame or tiles:
+    ``cpu full decode``, ``cpu full decode (item by item)``, ``cpu full frames, 4-frame chunks``,
+    ``cpu tiled 256px/64``."""
+    if plan.path != "cpu":
+        return plan.label
+    chunks = f", {plan.frame_chunk}-frame chunks" if plan.frame_chunk is not None else ""
+    if plan.tile_px is not None:
+        return f"cpu tiled {plan.tile_px}px/{plan.overlap_px}{chunks}"
+    if chunks:
+        return f"cpu full frames{chunks}"
+    return "cpu full decode" + (" (item by item)" if plan.slice_batch else "")
+
+
 def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: int) -> list[Plan]:
     """The CPU plans, last in every chain. The first decodes one item at a time (video: in the VAE's temporal
     chunks); the second, for a frame larger than the smallest tile, in local tiles, so its host memory is
@@ -414,7 +428,7 @@ def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int,
     why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
     if on_gpu and settings.tile_groupnorm == "exact" and can_exact:
         why += " (local tiles are off: tile_groupnorm=exact)"
-    return f"cpu full decode: {why}; remote: {remote_why if remote is None else 'failed before'}"
+    return f"{describe_plan(c)}: {why}; remote: {remote_why if remote is None else 'failed before'}"
 
 
 def _summary(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int, on_gpu: bool,
@@ -431,4 +445,4 @@ def _summary(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int
         return f"{c.label}, {'as requested' if requested else 'faster than full'}, {_gib(need)} of {_gib(budget)} budget"
     if c.path == "remote":
         return f"remote {c.response_format}"
-    return "cpu full decode, no GPU" if not on_gpu else f"cpu full decode, no GPU plan fits {_gib(available)} available"
+    return f"{describe_plan(c)}, " + ("no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)} available")

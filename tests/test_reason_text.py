@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.decide import decide, describe_plan
 from hybrid_vae.policy.gpu import GpuState, parse_simulation
 from hybrid_vae.policy.model import DecodeJob, DecodeSettings
 from hybrid_vae.policy.profiles import load_profiles
@@ -83,3 +83,31 @@ def test_cpu_summary_says_full(free, want):
         GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu")
     d = decide(DecodeJob("sd15", 512, 512), gpu, PROFILES, DecodeSettings())
     assert d.chosen.path == "cpu" and d.summary == want and d.reason.startswith("cpu full decode:"), (d.summary, d.reason)
+
+
+def test_cpu_plans_say_full_or_tiled():
+    """Item 9: a cpu decode's infotext says whether it decoded the whole frame or tiles (describe_plan is what the
+    summary, the reason and the orchestrator's fallback text use)."""
+    gpu = parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=0.01")
+    d = decide(DecodeJob("sd15", 1024, 1024, batch=2), gpu, PROFILES, DecodeSettings())
+    cpu = [p for p in d.plans if p.path == "cpu"]
+    assert [describe_plan(p) for p in cpu] == ["cpu full decode (item by item)", "cpu tiled 256px/64"], cpu
+    assert d.summary.startswith("cpu full decode (item by item), no GPU plan fits")
+    v = decide(DecodeJob("hunyuanvideo", 512, 512, frames=33), gpu, PROFILES, DecodeSettings())
+    assert describe_plan(v.chosen).startswith("cpu full frames, ") and "-frame chunks" in describe_plan(v.chosen)
+    assert describe_plan(d.options[0].plan) == d.options[0].plan.label  # other plans: their label
+
+
+def test_a_cpu_fallback_to_tiles_says_tiled():
+    import torch
+    from hybrid_vae.extension.fixture import build_tiny_vae
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+
+    def full_cpu_fails(plan):
+        if plan.path == "cpu" and plan.tile_px is None:
+            raise torch.OutOfMemoryError("host out of memory (injected)")
+
+    dec = HybridDecoder(probe=lambda: GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu"),
+                        before_plan=full_cpu_fails)
+    r = dec.decode(torch.randn(1, 4, 64, 64) * 0.18215, build_tiny_vae("sd15"), family="sd15")
+    assert re.match(r"cpu tiled \d+px/64, fell back from cpu \(out of memory\)", r.report.infotext()), r.report.infotext()
