@@ -63,7 +63,7 @@ def _timed(fn: Any, device: str, repeat: int) -> tuple[float, int | None, Any]:
 
 
 def run(*, size: int, dtype: str, budget_gib: float, card: str, device: str, repeat: int,
-        min_tile_px: int | None = None) -> dict[str, Any]:
+        min_tile_px: int | None = None, overlap_px: int = 64) -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL
     from hybrid_vae.extension.executors import run_plan
@@ -80,7 +80,7 @@ def run(*, size: int, dtype: str, budget_gib: float, card: str, device: str, rep
     profiles = load_profiles("")
     fam = profiles.family("sd15")
     job = DecodeJob("sd15", size, size, dtype=dtype)  # type: ignore[arg-type]
-    settings = DecodeSettings(min_tile_px=min_tile_px)
+    settings = DecodeSettings(min_tile_px=min_tile_px, tile_overlap_px=overlap_px)  # small sizes (tests): less overlap
     gpu = GpuState(name=card, total_bytes=int(80 * GiB), free_bytes=int(budget_gib * GiB),
                    source="simulated", simulated=True)
     d = decide(job, gpu, profiles, settings)

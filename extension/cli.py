@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party(verbose: bool) -> None:
+    """Keep other libraries' notices out of our commands' output unless ``--verbose``: diffusers' 5-line
+    "accelerate was not found" warning on every VAE load (accelerate only speeds up loading large
+    models), and the hub's download chatter. Errors still show. Nothing is imported here (importing
+    diffusers costs seconds): the libraries read these variables when they first configure their loggers,
+    and a value the user set wins."""
+    if verbose:
+        return
+    for env in ("DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(env, "error")
+    for name in ("diffusers", "huggingface_hub", "transformers"):
+        if name in sys.modules:  # already configured (a caller imported it): set the level directly
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,7 +65,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    if args.command in ("decode", "demo", "serve", "calibrate", "bench"):  # the commands that load a VAE
+        quiet_third_party(args.verbose)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `hybrid-vae explain ... | head`: the reader left; stop quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
+    except KeyboardInterrupt:
+        print("hybrid-vae: interrupted", file=sys.stderr)
+        return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ from hybrid_vae.policy import (
     ProfileError,
     decide,
     load_profiles,
-    parse_simulation,
     probe,
 )
+from hybrid_vae.policy.errors import short_repr
+from hybrid_vae.policy.estimate import decoded_work, upcast_dtype
+from hybrid_vae.policy.gpu import simulated_gpu, vendor_note
 from hybrid_vae.policy.model import Decision, Plan
-from hybrid_vae.policy.profiles import Profiles
+from hybrid_vae.policy.profiles import Family, Profiles
 from pydantic import ValidationError
 
 
@@ -81,35 +83,56 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(f"uuid       {state.uuid}")
     if state.note:
         print(f"note       {state.note}")
+    if (vendor := vendor_note(state.name)) is not None:
+        print(f"vendor     {vendor}")
     return 0
 
 
+#: How the command line spells the simulation's fields (errors name the flag, not the env var).
+SIM_FLAGS = {"free_gib": "--free-gib", "total_gib": "--total-gib", "name": "--gpu"}
+
+
+def _flag_error(flag: str, value: object, msg: str) -> ProfileError:
+    """``--gpu 'X': not a profiled card; ...``: the flag, the value and the fix on one line."""
+    shown = "" if value is None else f" {value:g}" if isinstance(value, float) else f" {short_repr(value)}"
+    exc = ProfileError(f"{flag}{shown}: {msg}")
+    exc.key_path = flag
+    return exc
+
+
 def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None, free_gib: float | None) -> GpuState | None:
-    """The card given on the command line, or None to probe the real one."""
+    """The card given on the command line (``--gpu``/``--total-gib``/``--free-gib``), or None to probe
+    the real one. A profiled ``--gpu`` fills in the total; otherwise the total is ``--total-gib``, or
+    taken equal to ``--free-gib`` (said in the state's note, which ``explain`` prints).
+
+    Raises:
+        ProfileError: naming the flag, the value and the fix.
+    """
     if gpu is None and total_gib is None and free_gib is None:
         return None
-    for flag, v in (("--total-gib", total_gib), ("--free-gib", free_gib)):
-        if v is not None and v < 0:
-            raise LatentError(f"{flag} {v}: memory cannot be negative; give GiB >= 0")
-    parts = [f"name={gpu or 'Simulated GPU'}"]
-    if total_gib is None:
-        prof = profiles.gpu(gpu) if gpu else None
-        if prof is None:
-            if free_gib is None:
-                raise LatentError(f"--gpu {gpu!r} is not a profiled card; give --total-gib and --free-gib")
-            total_gib = free_gib
-        else:
-            total_gib = prof.total_gib
-    parts.append(f"total_gib={total_gib}")
-    parts.append(f"free_gib={free_gib if free_gib is not None else total_gib}")
-    return parse_simulation(",".join(parts))
+    if gpu is not None and (not gpu.strip() or len(gpu) > 200):
+        raise _flag_error("--gpu", gpu, "give a card name, e.g. 'NVIDIA GeForce RTX 3070'")
+    prof = profiles.gpu(gpu) if gpu else None
+    if total_gib is None and prof is None and free_gib is None:
+        raise _flag_error("--gpu", gpu, "not a profiled card; give --free-gib (and --total-gib)") if gpu \
+            else _flag_error("--total-gib", total_gib, "give --free-gib too")
+    if total_gib is not None:
+        note = "simulated by --gpu/--total-gib/--free-gib"
+    elif prof is not None:
+        note = f"simulated; total from the {prof.name} profile"
+    else:
+        note = "simulated; total not given, taken equal to free (--total-gib sets it)"
+    return simulated_gpu(gpu, free_gib=free_gib, total_gib=total_gib,
+                         total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None),
+                         origin="command line", fields=SIM_FLAGS, note=note)
 
 
 def plan_output(p: Plan) -> str:
     """What a plan's pixels are against a full local decode: ``= full``, ``tile drift`` (tiles with their
-    own GroupNorm statistics) or ``lossy`` (jpg/mp4 answers)."""
+    own GroupNorm statistics), ``chunk blend`` (temporal chunks only: overlapping frames blended) or
+    ``lossy`` (jpg/mp4 answers)."""
     if p.path == "tiled" and p.groupnorm == "local":
-        return "tile drift"
+        return "tile drift" if p.tile_px is not None else "chunk blend"
     if p.path == "remote" and p.response_format in ("jpg", "mp4"):
         return "lossy"
     return "= full"
@@ -119,7 +142,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         profiles = load_profiles(args.profile)
     except ProfileError as exc:
-        return _fail(f"{exc}\n(the built-in profiles are unchanged; fix the file or drop --profile)", 1)
+        return _fail(f"{exc}; the built-in profiles are unchanged (fix the file or drop --profile)", 1)
     try:
         state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib)
         if state is None:
@@ -134,8 +157,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 raise LatentError(f"--reserve-gib {args.reserve_gib}: give GiB between 0 and 64")
             kw["reserve_bytes"] = int(args.reserve_gib * GiB)
         settings = DecodeSettings(**kw)
+        fam = profiles.family(args.family)
+        dtype, upcast = upcast_dtype(args.dtype, fam.force_upcast)
         job = DecodeJob(family=args.family, width=args.width, height=args.height, batch=args.batch,
-                        frames=args.frames, dtype=args.dtype, custom_vae=args.custom_vae)
+                        frames=args.frames, dtype=dtype, custom_vae=args.custom_vae)
         learned_info: dict[str, Any] | None = None
         learned = None
         if getattr(args, "learned", None) is not None:
@@ -155,13 +180,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return _fail(f"{flags.get(field, field)}: {err['msg']} (value: {err.get('input')!r}); see --help", 2)
     except HybridVAEError as exc:
         return _fail(str(exc), 1)
+    notes = (upcast,) if upcast else ()
     if args.json:
         out = decision.to_dict()
+        out["notes"] = [*notes, *([v] if (v := vendor_note(decision.gpu.name)) else [])]
         if learned_info is not None:
             out["learned"] = learned_info
         print(json.dumps(out, indent=2, default=str))
     else:
-        print(render(decision))
+        print(render(decision, profiles=profiles, notes=notes))
         if learned_info is not None:
             print(render_learned(learned_info))
     return 0
@@ -182,24 +209,74 @@ def render_learned(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(d: Decision) -> str:
-    """A short readable table of a decision."""
-    g, j, c = d.gpu, d.job, d.chosen
-    sim = " SIMULATED" if g.simulated else ""
+LEGEND = (
+    "Legend    * the chosen plan; Chain: it, then the fallbacks tried in order if it fails",
+    "          full: the whole image at once; tiled 384px/64: local tiles of 384 px overlapping by 64 px, each "
+    "through the whole decoder",
+    "          (its own GroupNorm statistics, so colours can drift: \"tile drift\"); tiled 512px exact: tiles "
+    "computed layer by layer with the",
+    "          whole image's statistics (same pixels as full, more memory); N-latent-frame chunks: a video decoded "
+    "N latent frames at a time",
+    "          (each latent frame is several output frames; overlaps blended: \"chunk blend\"); cpu: float32 on "
+    "the CPU, always fits, slow",
+    "          peak: estimated peak allocated memory; budget: free + torch's cache (memory torch holds unused) - "
+    "reserve (left for others)",
+    "          decoded: pixels x frames decoded per output one (overlaps are decoded twice, so smaller tiles and "
+    "shorter chunks are slower);",
+    "          output: = full (same pixels as a full decode), tile drift, chunk blend, lossy (jpg/mp4 answers); "
+    "voxel: one pixel of one frame",
+)
+
+
+def plan_work(d: Decision, p: Plan, fam: Family | None) -> float:
+    """Voxels a plan decodes per output voxel (1.0: each once; overlaps make it larger)."""
+    if fam is None or p.path not in ("full", "tiled") or p.groupnorm == "exact":
+        return 1.0
+    j = d.job
+    voxels, _, _ = decoded_work(j, fam, tile_px=p.tile_px, overlap_px=p.overlap_px, frame_chunk=p.frame_chunk,
+                                frame_overlap=p.frame_overlap)
+    return voxels / (j.height * j.width * (j.frames or 1))
+
+
+def gpu_line(d: Decision, profiles: Profiles | None) -> list[str]:
+    """The GPU header: the card, what was simulated, the profile and its kind, and vendor notes."""
+    g = d.gpu
+    name = "a card" if g.simulated and g.name == "Simulated GPU" else g.name
+    what = " (SIMULATED; no --gpu name)" if name == "a card" else " (SIMULATED)" if g.simulated else ""
+    gp = profiles.gpu(d.gpu_profile) if profiles is not None and d.gpu_profile else None
+    prof = "none (generic speed)" if d.gpu_profile is None else f"{d.gpu_profile} ({gp.source if gp else 'measured'})"
+    lines = [f"GPU       {name}{what}: {g.total_bytes / GiB:.2f} GiB total, {g.free_bytes / GiB:.2f} GiB free "
+             f"(+{g.torch_reusable_bytes / GiB:.2f} GiB torch cache), read from {g.source}; profile: {prof}"]
+    notes = [g.note] if g.simulated and g.note else []
+    if gp is not None and gp.note:
+        notes.append(gp.note)
+    if (v := vendor_note(g.name)) is not None:
+        notes.append(v)
+    return lines + [f"          {n}" for n in notes]
+
+
+def render(d: Decision, *, profiles: Profiles | None = None, notes: tuple[str, ...] = ()) -> str:
+    """A readable table of a decision: header, the options (chosen one marked), a legend, the sources."""
+    j, c = d.job, d.chosen
+    fam = profiles.families.get(j.family) if profiles is not None else None
+    dtype = j.dtype or (fam.default_dtype if fam is not None else c.dtype)
     frames = f" x {j.frames} frames" if j.frames else ""
+    cpu_note = "; the cpu plan runs float32" if dtype != "float32" else ""
     lines = [
-        f"GPU       {g.name}{sim}: {g.total_bytes / GiB:.2f} GiB total, {g.free_bytes / GiB:.2f} GiB free "
-        f"(+{g.torch_reusable_bytes / GiB:.2f} cache), source {g.source}; profile: {d.gpu_profile or 'none'}",
-        f"Job       {j.family} {j.width}x{j.height}{frames}, batch {j.batch}, {c.dtype}",
+        *gpu_line(d, profiles),
+        f"Job       {j.family} {j.width}x{j.height}{frames}, batch {j.batch}, decoded in {dtype}{cpu_note}",
+        *(f"Note      {n}" for n in notes),
         f"Decision  {c.label}: peak {c.estimate.peak_bytes / GiB:.2f} GiB, {c.estimate.seconds:.3f} s",
         f"Reason    {d.reason}",
         "Chain     " + " -> ".join(p.label for p in d.plans),
         "",
-        f"  {'option':<26} {'peak GiB':>9} {'seconds':>9}  {'output':<10}  fits  why",
     ]
+    width = max(26, *(len(o.plan.label) for o in d.options))
+    lines.append(f"  {'option':<{width}} {'peak GiB':>9} {'seconds':>9} {'decoded':>8}  {'output':<11}  fits  why")
     for o in d.options:
         p = o.plan
-        lines.append(f"  {p.label:<26} {p.estimate.peak_bytes / GiB:>9.2f} {p.estimate.seconds:>9.3f}  "
-                     f"{plan_output(p):<10}  {'yes' if o.feasible else 'no ':<4}  {o.why}")
-    lines += ["", f"Sources   peak: {c.estimate.peak_source}", f"          seconds: {c.estimate.seconds_source}"]
+        mark = "*" if p is c or p == c else " "
+        lines.append(f"{mark} {p.label:<{width}} {p.estimate.peak_bytes / GiB:>9.2f} {p.estimate.seconds:>9.3f} "
+                     f"{plan_work(d, p, fam):>7.2f}x  {plan_output(p):<11}  {'yes' if o.feasible else 'no ':<4}  {o.why}")
+    lines += ["", *LEGEND, "", f"Sources   peak: {c.estimate.peak_source}", f"          seconds: {c.estimate.seconds_source}"]
     return "\n".join(lines)

@@ -39,6 +39,9 @@ __all__ = [
     "validate_latents",
 ]
 
+#: Largest magnitude a (normalised) latent may have: a diffusion pipeline's latents stay within about
+#: +-50; values beyond this decode to a black or white image (or overflow), so they are refused.
+LATENT_ABS_MAX = 1e4
 #: Written into every saved latent's metadata (``format`` key).
 FORMAT = "hybrid-vae-latent/1"
 #: Metadata keys whose values are JSON (numbers, lists); every other value stays a string.
@@ -86,7 +89,8 @@ def validate_latents(latents: Any, family: Family, *, family_name: str, height: 
 
     Raises:
         LatentError: not a tensor, empty, non-float dtype, wrong rank, wrong channel count, packed
-            latents without (or with mismatching) height/width, NaN or inf values.
+            latents without (or with mismatching) height/width, NaN or inf values, values beyond
+            :data:`LATENT_ABS_MAX`.
     """
     import torch
 
@@ -143,6 +147,11 @@ def validate_latents(latents: Any, family: Family, *, family_name: str, height: 
         raise LatentError(f"latents contain {nan} NaN and {bad - nan} inf values out of {latents.numel()}; "
                           "the sampler diverged (try another dtype, e.g. an fp16-fix VAE or bfloat16, "
                           "or fewer steps)")
+    peak = float(latents.detach().abs().max())
+    if peak > LATENT_ABS_MAX:
+        raise LatentError(f"latents reach {peak:.3g}; a pipeline's latents stay within about +-50, so these would "
+                          f"decode to a flat black/white image — check the tensor (scaled twice? another file?); "
+                          f"values up to {LATENT_ABS_MAX:g} are accepted")
 
 
 def unpack_flux(latents: torch.Tensor, height: int, width: int, *,

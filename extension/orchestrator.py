@@ -8,12 +8,17 @@
     result.tensor              # float in [-1, 1], [B, 3, H, W] (video: [B, 3, F, H, W])
     result.report.infotext()   # "tiled 384px/64, 0.75 GiB budget < 4.79 GiB full"
 
-Failure handling, plan by plan: an out-of-memory error (``torch.OutOfMemoryError``, its CUDA alias,
-or a ``RuntimeError`` saying "out of memory") is recorded, the ``except`` block is left so the
-traceback's frames (and the tensors they hold) are freed, ``gc.collect()`` and
-``torch.cuda.empty_cache()`` run, and the next plan starts. A :class:`~policy.errors.RemoteError`,
-a :class:`~policy.errors.PlanError` or any other error of a local plan also moves on (logged with
-its traceback). A :class:`~policy.errors.LatentError` stops at once: bad input is not retried.
+Failure handling, plan by plan (:func:`error_kind` sorts every exception in one place): an
+out-of-memory error (``torch.OutOfMemoryError``, its CUDA alias, or a ``RuntimeError`` saying "out of
+memory") is recorded, the ``except`` block is left so the traceback's frames (and the tensors they
+hold) are freed, ``gc.collect()`` and ``torch.cuda.empty_cache()`` run, and the next plan starts. A
+:class:`~policy.errors.RemoteError`, a :class:`~policy.errors.PlanError`, a backend error (CUDA, cuDNN,
+a missing kernel, a decode whose output is NaN/inf) also moves on. A programming error (``TypeError``,
+``AttributeError``, ...) is a bug, not a shortage: it is logged at ERROR with its traceback and reported
+as ``internal error: TypeError: ...`` in the infotext and report; the next plan still delivers the
+image, except in strict mode (``HybridDecoder(strict=True)`` or env ``HYBRID_VAE_STRICT=1``, which the
+test suite sets), where it is raised. A :class:`~policy.errors.LatentError` stops at once: bad input is
+not retried.
 When every plan failed, the latent is saved with :func:`extension.latents.save_latent` and
 :class:`~policy.errors.DecodeFailedError` names the file and the command that decodes it later.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +49,7 @@ from hybrid_vae.policy.errors import (
     RemoteStatusError,
     RemoteTimeoutError,
 )
+from hybrid_vae.policy.estimate import upcast_dtype
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
 from hybrid_vae.policy.learned import LearnedStore
@@ -54,10 +61,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hybrid_vae.orchestrator")
 
-__all__ = ["DEFAULT_LATENT_DIR", "DecodeReport", "DecodeResult", "HybridDecoder", "RemoteDecoder",
-           "RemoteInfo", "is_oom"]
+__all__ = ["DEFAULT_LATENT_DIR", "ENV_STRICT", "DecodeReport", "DecodeResult", "HybridDecoder", "RemoteDecoder",
+           "RemoteInfo", "error_kind", "is_oom"]
 
 DEFAULT_LATENT_DIR = "./hybrid-vae-latents"
+#: Env var: ``1`` raises programming errors met inside a plan instead of falling back (tests set it).
+ENV_STRICT = "HYBRID_VAE_STRICT"
+#: Exceptions that mean a bug in hybrid-vae (or a VAE class it does not understand), not a shortage of
+#: memory or a failing backend. ``NotImplementedError`` is not here: torch raises it for a kernel a backend
+#: lacks (MPS), which another plan (cpu) can run.
+INTERNAL_ERRORS: tuple[type[BaseException], ...] = (TypeError, AttributeError, NameError, AssertionError, KeyError,
+                                                    IndexError, ZeroDivisionError, ImportError)
+ErrorKind = Literal["oom", "remote", "plan", "internal", "backend"]
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A plan finished but its pixels hold NaN/inf (float16 overflow, a broken kernel): a backend failure."""
 
 
 class RemoteResultLike(Protocol):
@@ -106,6 +125,7 @@ class DecodeReport:
         remote: endpoint, bytes and seconds when a remote plan produced the image.
         profile_error: why the user's profile file was ignored (the built-ins were used), if it was.
         groupnorm: ``local``/``exact`` GroupNorm statistics of the tiled image decode that ran (else None).
+        notes: what the engine changed from what was asked (a float16 decode upcast to float32).
     """
 
     chosen: Plan
@@ -120,6 +140,7 @@ class DecodeReport:
     remote: RemoteInfo | None = None
     profile_error: str | None = None
     groupnorm: str | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def fell_back(self) -> bool:
@@ -143,6 +164,8 @@ class DecodeReport:
         else:
             text = d.summary  # rendered by policy.decide from the same numbers as the reason
         text += f", {self.seconds:.2f} s"
+        if any(n.startswith("float16 asked for, decoded in float32") for n in self.notes):
+            text += ", float16 upcast to float32 (force_upcast)"
         if self.simulated:
             text += f" [simulated {d.gpu.name}, ran on {self.device}]"
         return text
@@ -161,6 +184,7 @@ class DecodeReport:
             "remote": dataclasses.asdict(self.remote) if self.remote else None,
             "profile_error": self.profile_error,
             "groupnorm": self.groupnorm,
+            "notes": list(self.notes),
             "infotext": self.infotext(),
             "decision": self.decision.to_dict(),
         }
@@ -192,9 +216,31 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def error_kind(exc: BaseException) -> ErrorKind:
+    """What a plan's exception means for the decode loop: ``oom`` and ``backend`` (CUDA/cuDNN/driver, NaN
+    output, anything else a runtime raises) and ``remote``/``plan`` fall back quietly; ``internal`` (a
+    programming error, :data:`INTERNAL_ERRORS`) is a bug: reported as one, raised in strict mode."""
+    if is_oom(exc):
+        return "oom"
+    if isinstance(exc, RemoteError):
+        return "remote"
+    if isinstance(exc, PlanError):
+        return "plan"
+    if isinstance(exc, INTERNAL_ERRORS):
+        return "internal"
+    return "backend"
+
+
+def _strict_from_env() -> bool:
+    return os.environ.get(ENV_STRICT, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _short_error(exc: BaseException) -> str:
     if is_oom(exc):
         return "out of memory"
+    if error_kind(exc) == "internal":
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return f"internal error: {type(exc).__name__}: {text}"[:200]
     if isinstance(exc, RemoteStatusError):
         return f"HTTP {exc.status}"
     if isinstance(exc, RemoteTimeoutError):
@@ -211,15 +257,29 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _vae_dtype_for(vae: Any, fam: Family) -> str | None:
-    """The dtype the VAE decodes in: float32 when it forces an upcast, else its weights' dtype."""
+def _forces_upcast(vae: Any, fam: Family) -> bool:
+    """The VAE's config ``force_upcast`` when it has one, else the family's."""
     cfg = getattr(vae, "config", None)
     force = getattr(cfg, "force_upcast", None) if cfg is not None else None
-    if force if force is not None else fam.force_upcast:
+    return bool(force) if force is not None else fam.force_upcast
+
+
+def _vae_dtype_for(vae: Any, fam: Family) -> str | None:
+    """The dtype the VAE decodes in: float32 when it forces an upcast, else its weights' dtype."""
+    if _forces_upcast(vae, fam):
         return "float32"
     _, dtype = vae_device_dtype(vae)
     name = str(dtype).replace("torch.", "")
     return name if name in ("float16", "bfloat16", "float32") else None
+
+
+def _check_finite(out: Any) -> None:
+    """Raise :class:`NonFiniteOutputError` when a decoded tensor holds NaN/inf (it would save as a black image)."""
+    import torch
+
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise NonFiniteOutputError(f"decoded pixels hold {bad} NaN/inf values of {out.numel()} (float16 overflow?)")
 
 
 def to_pil(tensor: torch.Tensor) -> list[Any]:
@@ -257,6 +317,9 @@ class HybridDecoder:
             each successful local GPU decode (default: none; pass ``LearnedStore()`` for the user's file).
         report_log_level (`int`, defaults to `logging.INFO`): level of the one line logged per decode
             (family, size and the infotext); SD.Next passes DEBUG when its decision log is off.
+        strict (`bool | None`, defaults to `None`): raise a programming error met inside a plan instead of
+            reporting it and falling back; None reads env ``HYBRID_VAE_STRICT`` at each decode (the tests set
+            it; a user's decode never should, so an image is never lost to a bug in one plan).
     """
 
     def __init__(self, *, settings: DecodeSettings | None = None, profile_path: str | Path | None = None,
@@ -264,8 +327,10 @@ class HybridDecoder:
                  remote: RemoteDecoder | None = None, probe: Callable[[], GpuState] | None = None,
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
                  on_decision: Callable[[Decision], None] | None = None,
-                 learned: LearnedStore | None = None, report_log_level: int = logging.INFO) -> None:
+                 learned: LearnedStore | None = None, report_log_level: int = logging.INFO,
+                 strict: bool | None = None) -> None:
         self.settings = settings or DecodeSettings()
+        self.strict = strict
         self.profile_path = profile_path
         self.store = profile_store or ProfileStore()
         self.latent_dir = Path(latent_dir)
@@ -345,7 +410,11 @@ class HybridDecoder:
                                   f"{n_frames}; leave frames unset or pass the matching latent")
         if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
             raise LatentError(f"dtype={dtype!r}: use float16, bfloat16 or float32")
-        job_dtype = dtype or _vae_dtype_for(vae, fam)
+        job_dtype, upcast = upcast_dtype(dtype, _forces_upcast(vae, fam))  # type: ignore[arg-type]
+        if upcast is not None:
+            log.warning("hybrid-vae: %s", upcast)
+        job_dtype = job_dtype or _vae_dtype_for(vae, fam)
+        strict = _strict_from_env() if self.strict is None else self.strict
 
         gpu = self._gpu(lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
         vdev, _ = vae_device_dtype(vae)
@@ -402,16 +471,21 @@ class HybridDecoder:
                     if use_cuda:
                         torch.cuda.synchronize(run_dev)
                         peak = max(0, torch.cuda.max_memory_allocated(run_dev) - base)
+                _check_finite(out)
             except LatentError:
                 raise
-            except (RemoteError, PlanError) as exc:
-                error = _short_error(exc)
-                log.warning("hybrid-vae: %s failed: %s", plan.label, exc)
             except Exception as exc:
-                error = _short_error(exc)
-                oom = is_oom(exc)
-                if oom:
+                kind = error_kind(exc)
+                error, oom = _short_error(exc), kind == "oom"
+                if kind == "internal":
+                    log.error("hybrid-vae: internal error in %s (a bug, please report it); %s", plan.label,
+                              "strict mode: raising" if strict else "trying the next plan", exc_info=True)
+                    if strict:
+                        raise
+                elif oom:
                     log.warning("hybrid-vae: %s ran out of memory; trying the next plan", plan.label)
+                elif kind in ("remote", "plan"):
+                    log.warning("hybrid-vae: %s failed: %s", plan.label, exc)
                 else:
                     log.warning("hybrid-vae: %s failed; trying the next plan", plan.label, exc_info=True)
             # outside the except block: the traceback and the frames it pinned are gone
@@ -426,7 +500,8 @@ class HybridDecoder:
                     decision=decision, simulated=gpu.simulated,
                     device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else run_dev),
                     remote=remote_info, profile_error=str(perr) if perr else None,
-                    groupnorm=plan.groupnorm if plan.path == "tiled" and not fam.video else None)
+                    groupnorm=plan.groupnorm if plan.path == "tiled" and not fam.video else None,
+                    notes=(upcast,) if upcast else ())
                 log.log(self.report_log_level, "hybrid-vae: %s %dx%d%s: %s", family, out_w, out_h,
                         f" x{job.batch}" if job.batch > 1 else "", report.infotext())
                 images = to_pil(out) if output == "pil" else None

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 
 from hybrid_vae.policy.errors import ProfileError
 from hybrid_vae.policy.estimate import (
+    CPU_SECONDS_PER_VOXEL,
     SpeedModel,
     check_job,
     cpu_seconds,
@@ -143,7 +144,9 @@ def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: i
     chunk = chunk if fam.video and chunk is not None and latent_frames(job, fam) > chunk else None
     fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
     est = Estimate(peak_bytes=0, seconds=secs, peak_source="cpu: host memory (not estimated)",
-                   seconds_source="generic CPU model (assumed)")
+                   seconds_source=f"generic CPU model (assumed): {CPU_SECONDS_PER_VOXEL:g} s per output voxel x "
+                                  f"{fam.timing.relative_cost:g}, float32; the same for every family on the SD "
+                                  "decoder (sd15, sdxl, sd3, flux)")
     plans = [Plan(path="cpu", dtype="float32", estimate=est, slice_batch=job.batch > 1, frame_chunk=chunk,
                   frame_overlap=fov)]
     caps = [c for c in _tile_caps(job, fam, settings) if c > 2 * overlap]
@@ -189,6 +192,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     sc = fam.spatial_compression
     overlap = (settings.tile_overlap_px // sc) * sc
     peak_src = f"{job.family} memory model: {fam.memory.source}"
+    shown_budget = max(0, budget)  # memory under the reserve is "no budget", never a negative number
 
     def with_learned(plan: Plan) -> Plan:
         if learned is None:
@@ -266,7 +270,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
                 if ref is not None and p.estimate.seconds <= ref.estimate.seconds:
                     est = dataclasses.replace(p.estimate, seconds=ref.estimate.seconds * 1.05,
                                               seconds_source=p.estimate.seconds_source
-                                              + f"; shorter chunks: at least the {chunk}-frame chunks' time")
+                                              + f"; shorter chunks: at least the {chunk}-latent-frame chunks' time")
                     p = dataclasses.replace(p, estimate=est)
                 gpu_plans.append(p)
             short //= 2
@@ -278,9 +282,9 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
             options.append(Option(p, False, f"no GPU ({gpu.note or gpu.source})"))
         elif p.estimate.peak_bytes <= budget:
             feasible.append(p)
-            options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {_gib(budget)} budget"))
+            options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {_gib(shown_budget)} budget"))
         else:
-            options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {_gib(budget)} budget"))
+            options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {_gib(shown_budget)} budget"))
 
     remote: Plan | None = None
     url, remote_why = endpoint_for(job, fam, settings)
@@ -325,7 +329,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         if fulls:
             chosen = min(fulls, key=rank)
         else:
-            reason_prefix = f"full requested but needs {_gib(full.estimate.peak_bytes)} > {_gib(budget)}; "
+            reason_prefix = f"full requested but needs {_gib(full.estimate.peak_bytes)} > {_gib(shown_budget)}; "
     elif settings.mode == "tiled":
         tiled = [p for p in feasible if p.path == "tiled"]
         if tiled:
@@ -375,8 +379,14 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
                                      can_exact=can_exact)
     if fam.inferred:
         reason += f"; {fam.inferred}"
-    reason += (f" [{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} cache)"
-               f" - {_gib(settings.reserve_bytes)} reserve = {_gib(budget)}]")
+    if not on_gpu:
+        reason += f" [no GPU: {gpu.note or gpu.source}]"
+    elif budget < 0:  # said as what it is, never as a negative budget
+        reason += (f" [{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} "
+                   f"cache) is under the {_gib(settings.reserve_bytes)} reserve: no budget]")
+    else:
+        reason += (f" [{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} "
+                   f"cache) - {_gib(settings.reserve_bytes)} reserve = {_gib(budget)} budget]")
     summary = _summary(chosen, squeezed=squeezed, full=full, budget=budget, available=available, on_gpu=on_gpu,
                        requested=settings.mode == chosen.path)
     if fam.inferred:
@@ -393,6 +403,7 @@ def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int,
             can_exact: bool) -> str:
     """Why ``c`` was chosen, with the memory arithmetic; every comparison it states holds."""
     need, full_need = c.estimate.peak_bytes, full.estimate.peak_bytes
+    budget = max(0, budget)  # memory under the reserve is "no budget", never a negative number
     if squeezed:
         return (f"squeezed into the reserve: {c.label} needs {_gib(need)} > {_gib(budget)} budget, "
                 f"<= {_gib(available)} available; nothing fits the budget")
@@ -423,11 +434,13 @@ def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int,
     if c.path == "remote":
         local_best = min(feasible, key=rank) if feasible else None
         vs = (f"faster than {local_best.label} ({local_best.estimate.seconds:.2f} s)" if local_best
-              else f"nothing local fits {_gib(budget)}")
+              else "no GPU" if not on_gpu else "nothing local fits" + (f" {_gib(budget)}" if budget > 0 else ""))
         return f"remote {c.response_format} est. {c.estimate.seconds:.2f} s, {vs}"
     why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
     if on_gpu and settings.tile_groupnorm == "exact" and can_exact:
         why += " (local tiles are off: tile_groupnorm=exact)"
+    if settings.mode == "remote" and remote is None:  # the "remote requested but ..." prefix said why already
+        return f"{describe_plan(c)}: {why}"
     return f"{describe_plan(c)}: {why}; remote: {remote_why if remote is None else 'failed before'}"
 
 
@@ -435,6 +448,7 @@ def _summary(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int
              requested: bool) -> str:
     """The infotext clause for ``c`` when it runs: short, and every comparison it states holds."""
     need, full_need = c.estimate.peak_bytes, full.estimate.peak_bytes
+    budget = max(0, budget)
     if squeezed:
         return f"{c.label}, squeezed into the reserve: {_gib(need)} > {_gib(budget)} budget"
     if c.path == "full":

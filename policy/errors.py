@@ -41,11 +41,22 @@ class ProfileError(HybridVAEError):
         self.key_path = key_path
         self.value = value
         self.detail = message
-        where = self.file or "<profile data>"
-        if key_path:
-            where += f": {key_path}"
-        shown = "" if value is None else f" (value: {value!r})"
-        super().__init__(f"{where}: {message}{shown}")
+        key = key_path if key_path.isprintable() else repr(key_path)  # a NEL or newline would split the line
+        parts = [p for p in (self.file, key if len(key) <= MAX_SHOWN else key[:MAX_SHOWN] + "...") if p]
+        shown = "" if value is None else f" (value: {short_repr(value)})"
+        super().__init__(": ".join([*parts, f"{message}{shown}"]))
+
+
+#: Longest value an error message quotes (a 10 MB YAML value must not become a 10 MB line).
+MAX_SHOWN = 120
+
+
+def short_repr(value: object, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length said: ``'aaaa...' (10000002 characters)``."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class LatentError(HybridVAEError, ValueError):

@@ -20,6 +20,7 @@ from hybrid_vae.policy.profiles import Dtype, Family, GpuProfile, GpuRow, dtype_
 from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis, temporal_chunks
 
 H200_SD15_1MP_S = 0.0885  # full decode, 1024x1024 fp16, H200 (shared/data)
+MAX_FRAMES = 100_000  # output frames of one video decode (~1 hour at 24 fps); beyond it, plans are not built
 CPU_SECONDS_PER_VOXEL = 4e-5  # float32 SD decoder on a few CPU cores (assumed; calibrate to refine)
 REMOTE_SPEED_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed)
 # Response bytes per output pixel and extra seconds per megapixel (encode + decode) per format.
@@ -31,6 +32,24 @@ Geometry = Literal["engine", "diffusers"]
 def decode_dtype(job: DecodeJob, fam: Family) -> Dtype:
     """The dtype the VAE runs in: the job's, else the family's default."""
     return job.dtype or fam.default_dtype
+
+
+def upcast_dtype(requested: Dtype | None, force_upcast: bool) -> tuple[Dtype | None, str | None]:
+    """The dtype a decode really runs in, and why it differs from ``requested``.
+
+    A VAE whose config sets ``force_upcast`` (the stock SDXL VAE) overflows to NaN (a black image) in
+    float16, so float16 is raised to float32, as diffusers' pipelines and SD.Next's upcast setting do;
+    bfloat16 has float32's range and is kept. ``force_upcast`` is the VAE config's flag when the VAE is
+    at hand, else the family's (an fp16-fix VAE's config says false).
+
+    Returns:
+        ``(dtype, note)``: ``note`` is None when nothing changed.
+    """
+    if requested == "float16" and force_upcast:
+        return "float32", ("float16 asked for, decoded in float32: this VAE sets force_upcast (it overflows to "
+                           "NaN, a black image, in float16; an fp16-fix VAE such as madebyollin/sdxl-vae-fp16-fix "
+                           "decodes in float16)")
+    return requested, None
 
 
 def latent_frames(job: DecodeJob, fam: Family) -> int:
@@ -50,6 +69,8 @@ def check_job(job: DecodeJob, fam: Family) -> None:
             raise LatentError(f"{name}={v}: larger than 65536 px")
     if job.batch < 1 or job.batch > 1024:
         raise LatentError(f"batch={job.batch}: must be between 1 and 1024")
+    if job.frames is not None and job.frames > MAX_FRAMES:
+        raise LatentError(f"frames={job.frames}: more than {MAX_FRAMES} frames; decode the video in parts")
     if fam.video:
         if job.frames is None or job.frames < 1:
             raise LatentError(f"frames={job.frames}: {job.family} is a video family; give the output frame count")
@@ -252,9 +273,10 @@ class SpeedModel:
         return self.fam.timing.per_tile_h200_s * self.card_factor
 
 
-def local_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, *, tile_px: int | None, overlap_px: int,
-                  frame_chunk: int | None, frame_overlap: int, slice_batch: bool) -> float:
-    """Seconds of a local GPU decode: decoded voxels (overlaps counted) plus a fixed cost per tile/chunk."""
+def decoded_work(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: int, frame_chunk: int | None,
+                 frame_overlap: int) -> tuple[int, int, int]:
+    """``(voxels decoded per item, tiles, chunks)`` of a local plan: overlapping tiles and chunks decode
+    some pixels and frames more than once, which is why smaller tiles and shorter chunks are slower."""
     sc = fam.spatial_compression
     tiles = 1
     if tile_px is None:
@@ -271,7 +293,15 @@ def local_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, *, tile_px: in
         ch = temporal_chunks(lat, frame_chunk + 1, frame_overlap + 1)
         chunks = len(ch)
         decoded_frames = sum((s - 1) * fam.temporal_compression + 1 for _, s in ch) if chunks > 1 else frames_out
-    one = speed.full(area * decoded_frames)
+    return area * decoded_frames, tiles, chunks
+
+
+def local_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, *, tile_px: int | None, overlap_px: int,
+                  frame_chunk: int | None, frame_overlap: int, slice_batch: bool) -> float:
+    """Seconds of a local GPU decode: decoded voxels (overlaps counted) plus a fixed cost per tile/chunk."""
+    voxels, tiles, chunks = decoded_work(job, fam, tile_px=tile_px, overlap_px=overlap_px, frame_chunk=frame_chunk,
+                                         frame_overlap=frame_overlap)
+    one = speed.full(voxels)
     per_item = one + (tiles * chunks - (1 if tiles * chunks == 1 else 0)) * speed.per_tile()
     if slice_batch or tile_px is not None:
         return per_item * job.batch

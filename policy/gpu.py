@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -22,7 +24,8 @@ log = logging.getLogger("hybrid_vae")
 
 ENV_SIMULATE = "HYBRID_VAE_SIMULATE_GPU"
 GiB = 1024**3
-Source = Literal["nvml", "torch", "mps", "cpu", "simulated"]
+#: ``host``: a CPU decode planned like a device decode, against a memory budget (``hybrid-vae serve`` on a CPU).
+Source = Literal["nvml", "torch", "mps", "cpu", "simulated", "host"]
 
 
 def format_gib(b: float) -> str:
@@ -72,47 +75,163 @@ class GpuState:
         return d
 
 
+#: Largest memory a simulated card may have (GiB); the profiles' ``total_gib`` has the same bound.
+MAX_SIM_GIB = 4096.0
+_SIM_EXAMPLE = "e.g. 'name=NVIDIA GeForce RTX 3070,free_gib=1.0' (total_gib: from the card's profile)"
+
+
+def vendor_note(name: str) -> str | None:
+    """What the engine can and cannot read on a non-NVIDIA card, from its name (None for NVIDIA/unknown).
+
+    AMD (ROCm builds of torch): ``torch.cuda.mem_get_info`` gives free/total (NVML does not apply) and
+    torch's cache is read as on NVIDIA. Apple silicon (MPS): memory is *unified*, shared with the CPU and
+    every app, not VRAM; torch gives ``recommended_max_memory`` (the total the engine uses) and what its own
+    MPS allocator holds, never what other apps use.
+    """
+    n = name.lower()
+    if "apple" in n or n == "mps" or re.search(r"\bm[1-9]( (pro|max|ultra))?\b", n):
+        return ("Apple silicon (MPS): unified memory shared with the CPU and every app, not VRAM; the engine reads "
+                "torch.mps.recommended_max_memory() as the total and subtracts only what torch's MPS allocator holds "
+                "(other apps' use is invisible: raise the reserve); no NVML, no measured profile (generic speed; "
+                "`hybrid-vae calibrate` measures it)")
+    if any(k in n for k in ("amd", "radeon", "instinct")):
+        return ("AMD (ROCm): free and total memory come from torch.cuda.mem_get_info (HIP; NVML does not apply), "
+                "torch's cache is read as on NVIDIA; no measured profile (generic speed; `hybrid-vae calibrate` "
+                "measures it)")
+    if "intel" in n or re.search(r"\barc\b", n):
+        return "Intel GPU (XPU): not probed by hybrid-vae (it sees a CPU); decodes run where the VAE is"
+    return None
+
+
+def _builtin_total(name: str) -> float | None:
+    """Total GiB of a card in the built-in profiles (simulations that name a card but give no total)."""
+    from hybrid_vae.policy.profiles import load_profiles
+
+    try:
+        prof = load_profiles("").gpu(name)
+    except ProfileError:
+        return None
+    return prof.total_gib if prof is not None else None
+
+
+def simulated_gpu(name: str | None, *, free_gib: float | None, total_gib: float | None = None,
+                  reusable_gib: float = 0.0, total_for: Callable[[str], float | None] | None = None,
+                  origin: str = ENV_SIMULATE, fields: dict[str, str] | None = None,
+                  note: str = "") -> GpuState:
+    """A simulated card, every number checked; errors name ``origin`` and the field.
+
+    Args:
+        name (`str | None`): the card's name (None: ``"Simulated GPU"``).
+        free_gib (`float | None`): free memory; None: the total.
+        total_gib (`float | None`): total memory; None: ``total_for(name)`` (default: the built-in
+            profiles), else an error (a simulation never guesses a card's size).
+        reusable_gib (`float`, defaults to 0): torch's reusable cache on top of ``free_gib``.
+        origin (`str`): what the numbers came from, for messages (the env var, or CLI flags).
+        fields (`dict[str, str] | None`): command-line flags for the fields (``{"free_gib": "--free-gib"}``);
+            errors then read ``--free-gib -2: give ...``.
+
+    Raises:
+        ProfileError: a number that is not finite, negative or above 4096 GiB, free above total, or
+            no total for an unprofiled name.
+    """
+    spell = fields or {}
+
+    def bad(key: str, value: object, msg: str) -> ProfileError:
+        if key in spell:  # a command-line flag: "--free-gib -2: give ..."
+            shown = "" if value is None else f" {value:g}" if isinstance(value, float) else f" {value}"
+            exc = ProfileError(f"{spell[key]}{shown}: {msg}")
+            exc.key_path = spell[key]
+            return exc
+        return ProfileError(msg, file=origin, key_path=key, value=value)
+
+    for key, v in (("free_gib", free_gib), ("total_gib", total_gib), ("reusable_gib", reusable_gib)):
+        if v is None:
+            continue
+        if not math.isfinite(v) or not 0 <= v <= MAX_SIM_GIB:
+            raise bad(key, v, f"give a number of GiB between 0 and {MAX_SIM_GIB:g}")
+    label = name or "Simulated GPU"
+    total = total_gib
+    if total is None and name:
+        total = (total_for or _builtin_total)(name)
+    if total is None:
+        total = free_gib
+    if total is None:
+        raise bad("free_gib", None, f"missing: give free_gib (and total_gib for a card without a profile); {_SIM_EXAMPLE}")
+    free = total if free_gib is None else free_gib
+    if free > total:
+        hint = "the card's profile" if total_gib is None else spell.get("total_gib", "total_gib")
+        raise bad("free_gib", free, f"more than the card's {total:g} GiB total (from {hint}); "
+                                    f"give free <= total, or a larger {spell.get('total_gib', 'total_gib')}")
+    return GpuState(name=label, total_bytes=int(total * GiB), free_bytes=int(free * GiB),
+                    torch_reusable_bytes=int(reusable_gib * GiB), source="simulated", device="simulated",
+                    simulated=True, note=note or f"simulated by {origin}")
+
+
 def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | None = None) -> GpuState:
     """Parse ``name=...,free_gib=...[,total_gib=...][,reusable_gib=...]`` into a simulated state.
 
-    ``total_for(name)`` supplies the total of a profiled card when ``total_gib`` is absent.
+    Fields are comma-separated ``key=value`` pairs; ``free_gib`` is required. ``total_gib`` defaults
+    to ``total_for(name)`` (default: the card's built-in profile), else to ``free_gib``.
+
+    Raises:
+        ProfileError: naming ``HYBRID_VAE_SIMULATE_GPU``, the field and the value, with the fix.
     """
     fields: dict[str, str] = {}
     for part in spec.split(","):
         if not part.strip():
             continue
         if "=" not in part:
-            raise ProfileError("expected key=value pairs, e.g. 'name=NVIDIA GeForce RTX 3070,free_gib=1.0'",
+            raise ProfileError(f"expected key=value pairs separated by commas, {_SIM_EXAMPLE}",
                                file=ENV_SIMULATE, key_path=part.strip(), value=spec)
         k, v = part.split("=", 1)
-        fields[k.strip()] = v.strip()
+        k = k.strip()
+        if k in fields:
+            raise ProfileError("given twice", file=ENV_SIMULATE, key_path=k, value=spec)
+        fields[k] = v.strip()
     allowed = {"name", "free_gib", "total_gib", "reusable_gib"}
     for k in fields:
         if k not in allowed:
             raise ProfileError(f"unknown key; allowed: {', '.join(sorted(allowed))}", file=ENV_SIMULATE,
                                key_path=k, value=fields[k])
-    name = fields.get("name", "Simulated GPU")
+    name = fields.get("name")
+    if name is not None and (not name or any(c in name for c in "=;")):
+        raise ProfileError("a card name is not empty and has no '=' or ';'; separate fields with commas, "
+                           + _SIM_EXAMPLE, file=ENV_SIMULATE, key_path="name", value=name)
+    if "free_gib" not in fields:
+        raise ProfileError(f"free_gib is missing; {_SIM_EXAMPLE}", file=ENV_SIMULATE, key_path="free_gib",
+                           value=spec)
     nums: dict[str, float] = {}
     for k in ("free_gib", "total_gib", "reusable_gib"):
         if k in fields:
             try:
                 nums[k] = float(fields[k])
             except ValueError:
-                raise ProfileError("must be a number of GiB", file=ENV_SIMULATE, key_path=k, value=fields[k]) from None
-            if nums[k] < 0:
-                raise ProfileError("must be >= 0", file=ENV_SIMULATE, key_path=k, value=fields[k])
-    total = nums.get("total_gib")
-    if total is None and total_for is not None:
-        total = total_for(name)
-    if total is None:
-        total = nums.get("free_gib", 8.0)
-    free = nums.get("free_gib", total)
-    if free > total:
-        raise ProfileError(f"free_gib exceeds total_gib ({total})", file=ENV_SIMULATE, key_path="free_gib", value=free)
-    return GpuState(name=name, total_bytes=int(total * GiB), free_bytes=int(free * GiB),
-                    torch_reusable_bytes=int(nums.get("reusable_gib", 0.0) * GiB),
-                    source="simulated", device="simulated", simulated=True,
-                    note=f"simulated by {ENV_SIMULATE}={spec!r}")
+                nums[k] = math.nan
+            if not math.isfinite(nums[k]) or not 0 <= nums[k] <= MAX_SIM_GIB:
+                raise ProfileError(f"give a number of GiB between 0 and {MAX_SIM_GIB:g}", file=ENV_SIMULATE,
+                                   key_path=k, value=fields[k])
+    return simulated_gpu(name, free_gib=nums["free_gib"], total_gib=nums.get("total_gib"),
+                         reusable_gib=nums.get("reusable_gib", 0.0), total_for=total_for,
+                         note=f"simulated by {ENV_SIMULATE}={spec!r}")
+
+
+def host_memory() -> tuple[int, int] | None:
+    """``(total, available)`` bytes of this machine's RAM now, or None when it cannot be read.
+
+    Linux: ``MemTotal``/``MemAvailable`` of ``/proc/meminfo`` (available = what can be allocated without
+    swapping, page cache included); elsewhere ``os.sysconf`` total and free pages.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        return info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0))
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _torch() -> Any:

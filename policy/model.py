@@ -160,8 +160,8 @@ class Plan:
 
     @property
     def label(self) -> str:
-        """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``full (item by item)``, ``remote png``,
-        ``cpu``, ``cpu 256px/64``."""
+        """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``tiled 4-latent-frame chunks``,
+        ``full (item by item)``, ``remote png``, ``cpu``, ``cpu 256px/64``."""
         if self.path == "tiled" and self.groupnorm == "exact":
             return f"tiled {self.tile_px}px exact"
         if self.path == "tiled":
@@ -169,7 +169,7 @@ class Plan:
             if self.tile_px is not None:
                 parts.append(f"{self.tile_px}px/{self.overlap_px}")
             if self.frame_chunk is not None:
-                parts.append(f"{self.frame_chunk}-frame chunks")
+                parts.append(f"{self.frame_chunk}-latent-frame chunks")
             return "tiled " + ", ".join(parts)
         if self.path == "remote":
             return f"remote {self.response_format}"

@@ -150,6 +150,8 @@ class GpuProfile(_Model):
     name: str = Field(min_length=1, max_length=100, description="As NVML/torch report it, e.g. 'NVIDIA GeForce RTX 3070'.")
     aliases: tuple[str, ...] = ()
     total_gib: float = Field(gt=0, le=4096, description="Total VRAM in GiB.")
+    source: Literal["measured", "spec-derived"] = Field("measured", description="measured: rows timed on the card (seed tables, H200, calibrate); spec-derived: times scaled from measured cards by published FP16 throughput and memory bandwidth (bench/spec_profiles.py, docs/spec-profiles.md).")
+    note: str = Field("", max_length=300, description="What to know about this card (variants sold under the same name, ...).")
     rows: tuple[GpuRow, ...] = ()
 
 
@@ -192,6 +194,8 @@ def builtin_dir() -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ProfileError("is a folder, not a YAML file; give the path of the .yaml file itself", file=path)
     if not path.is_file():
         raise ProfileError("file not found; check the profile path setting or HYBRID_VAE_PROFILE", file=path)
     try:

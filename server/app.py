@@ -16,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from hybrid_vae.policy.errors import LatentError
-from hybrid_vae.policy.gpu import GpuState
+from hybrid_vae.policy.gpu import GpuState, format_gib
 from hybrid_vae.policy.profiles import Profiles, load_profiles
 from hybrid_vae.server.protocol import BadRequest, DecodeRequest, encode_output, latent_from_body, normalise, parse_request
 from hybrid_vae.server.service import DecodeService, ServedVAE, VaeOrLoader
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -62,7 +65,8 @@ def _error(exc: BadRequest) -> JSONResponse:
 def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None, max_body_bytes: int = 256 * MiB,
                max_output_pixels: int = 2**27, device: str | None = None, profiles: Profiles | None = None,
                batch_window_s: float = 0.004, max_batch: int = 8, preload: bool = False, jpeg_quality: int = 95,
-               probe_fn: Callable[[], GpuState] | None = None, decode: DecodeFn | None = None) -> Starlette:
+               probe_fn: Callable[[], GpuState] | None = None, decode: DecodeFn | None = None,
+               memory_budget_bytes: int | None = None, queue_timeout_s: float = 60.0, workers: int = 1) -> Starlette:
     """Build the decode app.
 
     Args:
@@ -84,6 +88,11 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         probe_fn: reads the device memory (default :func:`policy.gpu.probe` for ``device``).
         decode (`DecodeFn | None`): runs each accepted latent (default: the service's batching queue). Everything
             before it (auth, limits, parsing, validation, normalisation) and after it (encoding) is the same.
+        memory_budget_bytes (`int | None`, defaults to `None`): the most memory decodes and the requests
+            held may use (a CPU server: host RAM); None: the memory free at the first request less a 512 MiB
+            reserve. A request that can never fit gets 413 before its body is read; one that does not fit
+            now waits (up to ``queue_timeout_s``, defaults to `60`, then 503 + Retry-After).
+        workers (`int`, defaults to `1`): server processes sharing the machine; the default budget is divided by it.
 
     Raises:
         ProfileError: a family key the profiles do not know (the message lists the known ones).
@@ -94,7 +103,9 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
     if not served:
         raise ValueError("families is empty: serve at least one, e.g. families={'sd15': vae}")
     service = DecodeService(served, profiles=profiles, device=device, max_output_pixels=max_output_pixels,
-                            batch_window_s=batch_window_s, max_batch=max_batch, probe_fn=probe_fn)
+                            batch_window_s=batch_window_s, max_batch=max_batch, probe_fn=probe_fn,
+                            memory_budget_bytes=memory_budget_bytes, queue_timeout_s=queue_timeout_s,
+                            workers=workers)
     secret = token.encode() if token else None
 
     def authorised(request: Request) -> bool:
@@ -123,6 +134,19 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         if len(buf) != expected:
             raise BadRequest(f"body has {len(buf)} bytes; shape x dtype needs {expected}", field="shape")
         return bytes(buf)
+
+    keys = itertools.count()
+
+    async def wait_for_memory(key: int, hold: int, smallest: int) -> None:
+        """Wait (before reading the body) until the budget has room for this request; 503 after
+        ``queue_timeout_s``. Requests are admitted in arrival order."""
+        end = time.monotonic() + queue_timeout_s
+        while not service.ledger.try_reserve(key, hold, smallest):
+            if time.monotonic() >= end:
+                raise BadRequest(f"waited {queue_timeout_s:g} s for memory: the server's "
+                                 f"{format_gib(service.ledger.budget)} budget is taken by other requests; retry later",
+                                 field="memory", status=503, headers={"Retry-After": "5"})
+            await asyncio.sleep(0.02)
 
     async def handle(request: Request) -> Response:
         if not authorised(request):
@@ -158,14 +182,20 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
                 if int(declared) != req.body_bytes:
                     raise BadRequest(f"Content-Length {declared} does not match shape {list(req.shape)} {req.dtype} "
                                      f"({req.body_bytes} bytes)", field="shape")
-            await run_in_threadpool(service.admit, s, req)
-            with service.uploading():
-                body = await read_body(request, req.body_bytes)
-                z = await run_in_threadpool(prepare, body, req, s)
-                del body
-                fut = service.submit(s, req, z) if decode is None else None
-            x, meta = await (asyncio.wrap_future(fut) if fut is not None else decode(s, req, z))
-            out, headers = await run_in_threadpool(encode_output, x, req, jpeg_quality=jpeg_quality)
+            hold, smallest = await run_in_threadpool(service.admit, s, req)
+            key = next(keys)
+            try:
+                await wait_for_memory(key, hold, smallest)
+                with service.uploading():
+                    body = await read_body(request, req.body_bytes)
+                    z = await run_in_threadpool(prepare, body, req, s)
+                    del body
+                    fut = service.submit(s, req, z) if decode is None else None
+                x, meta = await (asyncio.wrap_future(fut) if fut is not None else decode(s, req, z))
+                out, headers = await run_in_threadpool(encode_output, x, req, jpeg_quality=jpeg_quality)
+                del x
+            finally:
+                service.ledger.release(key)
         except BadRequest as exc:
             return _error(exc)
         except LatentError as exc:
@@ -192,7 +222,9 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         if preload:
             for s in served.values():
                 await run_in_threadpool(s.get)
-        log.info("hybrid-vae serve: %s on %s", ", ".join(sorted(served)), device)
+        ledger = await run_in_threadpool(lambda: service.ledger)  # the default budget: free memory after loading
+        log.info("hybrid-vae serve: %s on %s, memory budget %s", ", ".join(sorted(served)), device,
+                 format_gib(ledger.budget))
         try:
             yield
         finally:
@@ -202,7 +234,21 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
               Route("/", handle, methods=["POST"]), Route("/predict", handle, methods=["POST"]),
               Route("/{family}", handle, methods=["POST"]), Route("/{family}/", handle, methods=["POST"]),
               Route("/{family}/predict", handle, methods=["POST"])]
-    app = Starlette(routes=routes, lifespan=lifespan)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404/405 (unknown path, GET on a decode path) as the documented JSON error."""
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            allowed = exc.headers.get("Allow", "") if exc.headers else ""
+            msg = f"{request.method} is not allowed on {request.url.path}; decode with POST (allowed: {allowed})"
+        elif exc.status_code == 404:
+            msg = (f"no route {request.url.path}; POST to /<family> ({', '.join(sorted(served))}), "
+                   "or GET /health")
+        else:
+            msg = str(exc.detail)
+        return JSONResponse({"error": msg, "field": "path"}, status_code=exc.status_code, headers=exc.headers)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.service = service
     app.state.served = served
     return app

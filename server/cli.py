@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 #: Default port: not ComfyUI's 8188 nor SD.Next's 7860, so a serve on the same machine as either starts.
@@ -83,6 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="uvicorn worker processes (each loads every VAE; see server/README.md)")
     p.add_argument("--profile", default=None, help="profile YAML merged over the built-ins (extra families)")
     p.add_argument("--lazy", action="store_true", help="load each VAE on its first request, not at startup")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="memory (GiB) this server's decodes and the requests it holds may use: each request is "
+                        "decoded with the plan that fits (full, items one by one, tiles), requests that do not fit "
+                        "now wait, one that can never fit gets 413 (default: the memory free at startup less 0.5 GiB; "
+                        "GPU: its free VRAM, CPU: the machine's available RAM; divided by --workers)")
+    p.add_argument("--queue-timeout-s", type=float, default=60.0,
+                   help="how long a request waits for memory before 503 + Retry-After (default 60)")
 
 
 def _parse_families(specs: list[str]) -> dict[str, str]:
@@ -97,39 +103,23 @@ def _parse_families(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def vae_class(architecture: str) -> Any:
-    """The diffusers class for a family architecture (``sd``, ``hunyuanvideo``, ``wan``)."""
-    import diffusers
-
-    return {"sd": diffusers.AutoencoderKL, "hunyuanvideo": diffusers.AutoencoderKLHunyuanVideo,
-            "wan": diffusers.AutoencoderKLWan}[architecture]
-
-
 def load_vae(family_name: str, source: str, *, device: str, dtype: str = "auto", profile: str | None = None) -> Any:
-    """Load the VAE of ``family_name`` from a folder, a pipeline folder (``vae/``), a single file or a hub id.
+    """Load the VAE of ``family_name`` from a folder, a pipeline folder (``vae/``), a single file or a hub id
+    (:func:`extension.cli_local.load_vae`, checked before anything loads).
 
     The class comes from the family's architecture (AutoencoderKL / AutoencoderKLHunyuanVideo /
     AutoencoderKLWan). On a CPU the weights are float32; on a GPU the ``dtype`` (auto: float32 when the
     VAE's config forces an upcast, else the family's default dtype).
+
+    Raises:
+        ProfileError: one line naming ``--family F=...``, the source and the fix.
     """
     import torch
+    from hybrid_vae.extension.cli_local import load_vae as load_local
     from hybrid_vae.policy.profiles import load_profiles
 
     fam = load_profiles(profile).family(family_name)
-    cls = vae_class(fam.architecture)
-    path = Path(source).expanduser()
-    if path.is_file():
-        if not hasattr(cls, "from_single_file"):
-            raise ValueError(f"{cls.__name__} cannot load a single file ({path}); give a diffusers folder")
-        vae = cls.from_single_file(str(path), torch_dtype=torch.float32)
-    elif path.is_dir():
-        sub = "vae" if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file() else None
-        vae = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=torch.float32)
-    else:
-        try:
-            vae = cls.from_pretrained(source, torch_dtype=torch.float32)
-        except (OSError, ValueError):
-            vae = cls.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
+    vae = load_local(source, fam, dtype=torch.float32, flag=f"--family {family_name}")
     if device != "cpu":
         name = dtype
         if name == "auto":
@@ -163,7 +153,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("nothing to serve: give --family F=PATH_OR_HUB_ID (repeatable) or --demo")
     limits = (("--port", args.port, 0, 65535), ("--workers", args.workers, 1, 256),
               ("--max-body-mib", args.max_body_mib, 1e-3, 1e6), ("--max-output-pixels", args.max_output_pixels, 1, 2**40),
-              ("--batch-window-ms", args.batch_window_ms, 0, 10_000), ("--max-batch", args.max_batch, 1, 1024))
+              ("--batch-window-ms", args.batch_window_ms, 0, 10_000), ("--max-batch", args.max_batch, 1, 1024),
+              ("--queue-timeout-s", args.queue_timeout_s, 0, 86_400))
+    if args.memory_budget is not None:
+        limits += (("--memory-budget", args.memory_budget, 1 / 1024, 1e6),)
     for flag, value, lo, hi in limits:
         if not lo <= value <= hi:
             raise ValueError(f"{flag} {value}: give a value between {lo:g} and {hi:g}")
@@ -174,13 +167,21 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         known = load_profiles(args.profile).families
     except ProfileError as exc:
         raise ValueError(str(exc)) from None
-    for name in fams:
+    from hybrid_vae.extension.cli_local import vae_source
+
+    for name, src in fams.items():
         if name not in known:
             raise ValueError(f"--family {name}=...: unknown family; known: {', '.join(sorted(known))}")
+        try:
+            vae_source(src, flag=f"--family {name}")  # a missing path fails here, before anything loads
+        except ProfileError as exc:
+            raise ValueError(str(exc)) from None
     return {"families": fams, "demo": bool(args.demo), "device": args.device, "dtype": args.dtype,
             "max_body_bytes": int(args.max_body_mib * 1024**2), "max_output_pixels": args.max_output_pixels,
             "batch_window_s": args.batch_window_ms / 1000.0, "max_batch": args.max_batch, "profile": args.profile,
-            "preload": not args.lazy}
+            "preload": not args.lazy, "queue_timeout_s": args.queue_timeout_s,
+            "memory_budget_bytes": None if args.memory_budget is None else int(args.memory_budget * 1024**3),
+            "workers": args.workers}
 
 
 def build_app(config: dict[str, Any], token: str | None, decode: Any = None) -> Any:
@@ -197,7 +198,9 @@ def build_app(config: dict[str, Any], token: str | None, decode: Any = None) -> 
     return create_app(families=families, token=token, max_body_bytes=config["max_body_bytes"],
                       max_output_pixels=config["max_output_pixels"], device=device,
                       profiles=load_profiles(config.get("profile")), batch_window_s=config["batch_window_s"],
-                      max_batch=config["max_batch"], preload=config.get("preload", True), decode=decode)
+                      max_batch=config["max_batch"], preload=config.get("preload", True), decode=decode,
+                      memory_budget_bytes=config.get("memory_budget_bytes"),
+                      queue_timeout_s=config.get("queue_timeout_s", 60.0), workers=config.get("workers", 1))
 
 
 def app_from_env() -> Any:
@@ -209,16 +212,89 @@ def app_from_env() -> Any:
     return build_app(json.loads(raw), os.environ.get(ENV_TOKEN) or None)
 
 
+def check_device(device: str | None) -> str:
+    """The device to serve on: ``device`` when this torch can use it, else a one-line error naming the fix.
+
+    Raises:
+        ValueError: an unknown device, CUDA on a torch without CUDA, an index past the device count, MPS
+            unavailable.
+    """
+    import torch
+    from hybrid_vae.server.app import default_device
+
+    if device is None:
+        return default_device()
+    d = device.strip().lower()
+    if d == "cpu":
+        return "cpu"
+    if d == "cuda" or d.startswith("cuda:"):
+        index = d.partition(":")[2]
+        if index and not index.isdigit():
+            raise ValueError(f"--device {device!r}: give cuda, cuda:N (N a number), mps or cpu")
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None and getattr(torch.version, "hip", None) is None \
+                else "built with CUDA, but no device is visible (driver? CUDA_VISIBLE_DEVICES?)"
+            raise ValueError(f"--device {device!r}: this torch {torch.__version__} is {build}; use --device cpu, or "
+                             "install a CUDA build of torch")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return d
+    if d == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {device!r}: MPS is not available here (Apple silicon with a macOS torch "
+                             "only); use --device cpu")
+        return d
+    raise ValueError(f"--device {device!r}: give cuda, cuda:N, mps or cpu")
+
+
+def bind_socket(host: str, port: int) -> Any:
+    """Bind the listening socket before anything loads, so a port in use is one line, not a traceback
+    after every VAE has loaded; ``port`` 0 gets a free port (read it from ``getsockname()``).
+
+    Raises:
+        ValueError: the port is taken, the host is not an address of this machine, or binding is not allowed.
+    """
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host!r}: cannot resolve ({exc.strerror}); give an address such as 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port}: already in use on {host} (another server?); stop it, or pick another "
+                             "port (--port 0 picks a free one)") from None
+        if exc.errno == errno.EACCES:
+            raise ValueError(f"--port {port}: not allowed for this user (ports below 1024 need privileges); "
+                             "use a port from 1024 up") from None
+        raise ValueError(f"--host {host!r} --port {port}: cannot listen ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
-        print("hybrid-vae: error: serve needs the server extra: pip install 'sdnext-hybrid-vae[server]'",
-              file=sys.stderr)
+        print("hybrid-vae: error: serve needs the server extra: pip install -e '.[server]' in the hybrid-vae "
+              "checkout (starlette, uvicorn, av)", file=sys.stderr)
         return 3
     try:
         config = config_from_args(args)
         _check_ray_flags(args)
+        if config["device"] is not None:  # None: the best available where it runs (each Ray replica's own)
+            config["device"] = check_device(config["device"])
+        # Ray Serve's proxy binds --host/--port itself; plain serve binds before anything loads
+        sock = None if getattr(args, "ray", False) else bind_socket(args.host, args.port)
     except ValueError as exc:
         print(f"hybrid-vae: error: {exc}", file=sys.stderr)
         return 2
@@ -228,23 +304,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "(and sees the images); set --token or %s", args.host, ENV_TOKEN)
     if getattr(args, "ray", False):
         return _serve_ray(args, config, token)
+    assert sock is not None
     names = sorted(set(config["families"]) | (set(DEMO_FAMILIES) if config["demo"] else set()))
+    port = int(sock.getsockname()[1])
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"hybrid-vae serve: http://{shown}:{args.port}/<family> for {', '.join(names)}"
-          f"{' (token required)' if token else ''}", flush=True)
+    url_line = (f"hybrid-vae serve: http://{shown}:{port}/<family> for {', '.join(names)}"
+                f"{' (token required)' if token else ''}")
     if args.workers > 1:
         os.environ[ENV_CONFIG] = json.dumps(config)
         if token:
             os.environ[ENV_TOKEN] = token
-        uvicorn.run("hybrid_vae.server.cli:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+        print(url_line, flush=True)
+        uvicorn.run("hybrid_vae.server.cli:app_from_env", factory=True, fd=sock.fileno(), workers=args.workers,
                     log_level="info")
         return 0
     try:
         app = build_app(config, token)
-    except Exception as exc:  # a bad family key or profile: one clear line
-        print(f"hybrid-vae: error: {exc}", file=sys.stderr)
+        for served in app.state.served.values():  # load now: a broken VAE is one line before the URL
+            served.get()
+    except Exception as exc:  # any load failure ends the command with one line
+        sock.close()
+        from hybrid_vae.policy.errors import HybridVAEError
+
+        log.debug("hybrid-vae serve: startup failed", exc_info=True)
+        text = str(exc) if isinstance(exc, (HybridVAEError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        print(f"hybrid-vae: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    print(url_line, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on"))
+    server.run(sockets=[sock])
     return 0
 
 
@@ -257,7 +345,7 @@ def _check_ray_flags(args: argparse.Namespace) -> None:
     if args.workers != 1:
         raise ValueError("--workers is for plain serve; with --ray give --replicas N (or MIN:MAX to autoscale)")
     if args.port == 0:
-        raise ValueError("--port 0: Ray Serve needs a fixed port; give one (default 8188)")
+        raise ValueError(f"--port 0: Ray Serve needs a fixed port; give one (default {DEFAULT_PORT})")
     for flag, value, lo, hi in (("--gpus-per-replica", args.gpus_per_replica, 0, 64),
                                 ("--cpus-per-replica", args.cpus_per_replica, 0, 1024),
                                 ("--max-ongoing-requests", args.max_ongoing_requests, 1, 1_000_000)):

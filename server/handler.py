@@ -103,16 +103,17 @@ class EndpointHandler:
         try:
             req = parse_request(_items(params), family_name=self.family, family=self.served.family,
                                 accept=str(params.get("accept", "")) or None)
-            self.service.admit(self.served, req)
-            z = latent_from_body(bytes(inputs), req)
-            vae = self.served.get()
-            z = normalise(z, req, family=self.served.family, vae_config=getattr(vae, "config", None))
-            x, _meta = self.service.decode_now(self.served, z, req)
-            if req.output_type == "pil" and req.frames is None:
-                from PIL import Image
+            hold, smallest = self.service.admit(self.served, req)
+            with self.service.reserved(hold, smallest):
+                z = latent_from_body(bytes(inputs), req)
+                vae = self.served.get()
+                z = normalise(z, req, family=self.served.family, vae_config=getattr(vae, "config", None))
+                x, _meta = self.service.decode_now(self.served, z, req)
+                if req.output_type == "pil" and req.frames is None:
+                    from PIL import Image
 
-                return Image.fromarray(to_uint8(x)[0].permute(1, 2, 0).numpy(), "RGB")
-            body, headers = encode_output(x, req)
+                    return Image.fromarray(to_uint8(x)[0].permute(1, 2, 0).numpy(), "RGB")
+                body, headers = encode_output(x, req)
         except BadRequest as exc:
             raise ValueError(f"{exc.field or 'request'}: {exc}") from None
         if headers.get("content-type") == "video/mp4":

@@ -6,10 +6,16 @@ the queue together are concatenated into one batch when the engine says the whol
 decode; otherwise they run one by one. The worker waits for companions only while other requests are
 still uploading (at most ``batch_window_s``), so a lone request never pays the window.
 
-Plans come from :func:`policy.decide` on the server's own device (``full`` or ``tiled`` on a GPU,
-``cpu`` on a CPU-only server) and run with :func:`extension.executors.run_plan`; an out-of-memory
-error moves on to the next plan of the chain. A GPU server never falls back to its CPU: it answers
-503 with ``Retry-After`` instead, so the client decodes elsewhere.
+The server applies the engine to itself, bounded by its own memory budget (``memory_budget_bytes``,
+``hybrid-vae serve --memory-budget``; default: the memory free when it starts, less the reserve; on a
+CPU server, the machine's available RAM). Each decode is planned by :func:`policy.decide` against the
+budget less what the admitted requests hold (their latents and outputs on a CPU server) and against the
+memory free at that moment: ``full`` when it fits, else items one by one, exact or local tiles, the
+same plans on a CPU server as on a GPU. Run with :func:`extension.executors.run_plan`; an
+out-of-memory error moves on to the next plan of the chain. A request whose smallest plan can never
+fit the budget is refused (413) before its body is read; one that does not fit *now* waits for memory
+(a :class:`MemoryLedger` admits requests in arrival order) and gets 503 + ``Retry-After`` only after
+``queue_timeout_s``. A GPU server never falls back to its CPU.
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hybrid_vae.policy.decide import decide
-from hybrid_vae.policy.gpu import GiB, GpuState, probe
-from hybrid_vae.policy.model import DecodeJob, DecodeSettings, Plan
+from hybrid_vae.policy.errors import HybridVAEError
+from hybrid_vae.policy.gpu import GiB, GpuState, format_gib, host_memory, probe
+from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings
 from hybrid_vae.policy.profiles import Family, Profiles
 from hybrid_vae.server.protocol import BadRequest, DecodeRequest
 
@@ -92,6 +101,68 @@ class ServedVAE:
                 "latent_channels": self.family.latent_channels, "packed": self.family.packed, "error": self.error}
 
 
+class MemoryLedger:
+    """What admitted requests hold against the server's memory budget, admitted in arrival order.
+
+    Each request reserves ``hold`` (bytes it keeps for its whole life: on a CPU server its latent and
+    output) and declares ``smallest`` (its smallest plan's working memory). One decode runs at a time,
+    so a request gets in when ``sum(holds) + max(smallest) <= budget`` over every admitted request and
+    itself: whichever request the worker picks, its smallest plan fits what the others leave. A request
+    that does not fit waits; those behind it wait too (no starvation of large requests).
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = int(budget_bytes)
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[int, int]] = {}
+        self._line: collections.deque[int] = collections.deque()
+
+    def fits_ever(self, hold: int, smallest: int) -> bool:
+        return hold + smallest <= self.budget
+
+    def try_reserve(self, key: int, hold: int, smallest: int) -> bool:
+        """Reserve for ``key`` if it is first in line and fits now; else join the line (False)."""
+        with self._lock:
+            if key in self._held:
+                return True
+            if key not in self._line:
+                self._line.append(key)
+            if self._line[0] != key:
+                return False
+            need = sum(h for h, _ in self._held.values()) + hold + max([smallest, *(m for _, m in self._held.values())])
+            if need > self.budget:
+                return False
+            self._line.popleft()
+            self._held[key] = (hold, smallest)
+            return True
+
+    def release(self, key: int) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+            with contextlib.suppress(ValueError):
+                self._line.remove(key)
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(h for h, _ in self._held.values())
+
+    def info(self) -> dict[str, int]:
+        with self._lock:
+            return {"budget_bytes": self.budget, "held_bytes": sum(h for h, _ in self._held.values()),
+                    "admitted": len(self._held), "waiting_for_memory": len(self._line)}
+
+
+def default_budget(gpu: GpuState, reserve_bytes: int, workers: int = 1) -> int:
+    """The budget when none is given: the memory free now (a GPU: NVML free + torch's cache; a CPU: the
+    machine's available RAM) less ``reserve_bytes``, shared by ``workers`` processes."""
+    if gpu.is_accelerator:
+        free = gpu.available_bytes
+    else:
+        mem = host_memory()
+        free = mem[1] if mem is not None else 4 * GiB
+    return max(0, (free - reserve_bytes) // max(1, workers))
+
+
 @dataclasses.dataclass
 class _Item:
     served: ServedVAE
@@ -111,17 +182,30 @@ class DecodeService:
         batch_window_s (`float`, defaults to `0.004`): how long the worker waits for companions to a request
             while other uploads are in progress.
         max_batch (`int`, defaults to `8`): images decoded together at most.
-        reserve_bytes (`int`, defaults to 512 MiB): device memory the engine leaves free.
+        reserve_bytes (`int`, defaults to 512 MiB): memory left free for the runtime and other processes
+            (also under the budget's default; a CPU's first decode alone allocates 100-200 MB of runtime state).
         probe_fn (`Callable[[], GpuState] | None`): reads the device (default :func:`policy.gpu.probe`).
+        memory_budget_bytes (`int | None`, defaults to `None`): the most memory this server's decodes and
+            the requests it holds may use (see :class:`MemoryLedger`); None: :func:`default_budget` at start.
+        queue_timeout_s (`float`, defaults to `60`): how long a request waits for memory before 503.
+        workers (`int`, defaults to `1`): server processes on this machine; the default budget is shared.
     """
 
     def __init__(self, served: Mapping[str, ServedVAE], *, profiles: Profiles, device: str,
                  max_output_pixels: int = 2**27, batch_window_s: float = 0.004, max_batch: int = 8,
-                 reserve_bytes: int = 512 * 1024**2, probe_fn: Callable[[], GpuState] | None = None) -> None:
+                 reserve_bytes: int = 512 * 1024**2, probe_fn: Callable[[], GpuState] | None = None,
+                 memory_budget_bytes: int | None = None, queue_timeout_s: float = 60.0, workers: int = 1) -> None:
         self.served, self.profiles, self.device = dict(served), profiles, device
         self.max_output_pixels, self.batch_window_s, self.max_batch = max_output_pixels, batch_window_s, max_batch
-        self.settings = DecodeSettings(allow_remote=False, allow_cpu=True, reserve_bytes=reserve_bytes)
-        self._probe = probe_fn or (lambda: probe(device))
+        self.reserve_bytes = reserve_bytes
+        # the reserve is taken off the free memory below; the budget itself is all the decode may use
+        self.settings = DecodeSettings(allow_remote=False, allow_cpu=False, reserve_bytes=0)
+        self._probe = probe_fn or (lambda: probe(device, total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None)))
+        self._budget_arg = memory_budget_bytes
+        self.workers = workers
+        self._ledger: MemoryLedger | None = None
+        self.queue_timeout_s = queue_timeout_s
+        self._keys = itertools.count(1)
         self._cv = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._uploading = 0
@@ -155,31 +239,91 @@ class DecodeService:
         return DecodeJob(family=served.name, width=w, height=h, batch=batch, frames=frames,
                          dtype=served.dtype_name, vae_resident=True)  # type: ignore[arg-type]
 
-    def admit(self, served: ServedVAE, req: DecodeRequest) -> None:
-        """Refuse, with nothing allocated, a request this server can never decode.
+    @property
+    def ledger(self) -> MemoryLedger:
+        """The budget's ledger (the default budget is read on first use, after the VAEs are loaded)."""
+        if self._ledger is None:
+            budget = self._budget_arg
+            if budget is None:
+                budget = default_budget(self.gpu(), self.reserve_bytes, self.workers)
+                log.info("hybrid-vae serve: memory budget %s (free now less the %s reserve)", format_gib(budget),
+                         format_gib(self.reserve_bytes))
+            self._ledger = MemoryLedger(budget)
+        return self._ledger
+
+    def on_host(self) -> bool:
+        """Decodes and held requests live in host RAM (a CPU server) rather than device memory."""
+        return not self.gpu().is_accelerator or self.device == "cpu"
+
+    def hold_bytes(self, req: DecodeRequest) -> int:
+        """Host bytes a request keeps while admitted on a CPU server: its body, the float32 latent, the
+        float32 output and its uint8 copy and encoding (0 on a GPU server: the budget is device memory)."""
+        if not self.on_host():
+            return 0
+        latent = math.prod(req.shape) * 4
+        return req.body_bytes + latent + 3 * req.voxels * (4 + 1 + 1)
+
+    def plan_state(self, held: int) -> GpuState:
+        """The device as the engine should see it for one decode now: the budget less ``held``, and never
+        more than is free (less the reserve); a CPU is planned like a device (source ``host``)."""
+        real = self.gpu()
+        if real.is_accelerator:
+            now = real.available_bytes - self.reserve_bytes
+        else:
+            mem = host_memory()
+            now = (mem[1] if mem is not None else self.ledger.budget) - self.reserve_bytes
+        free = max(0, min(self.ledger.budget - held, now))
+        src = real.source if real.is_accelerator else "host"
+        return dataclasses.replace(real, free_bytes=free, torch_reusable_bytes=0, source=src,  # type: ignore[arg-type]
+                                   total_bytes=max(real.total_bytes, self.ledger.budget),
+                                   note=f"server budget {format_gib(self.ledger.budget)} less {format_gib(held)} held"
+                                        + (f"; {real.note}" if real.note else ""))
+
+    def smallest_need(self, served: ServedVAE, req: DecodeRequest) -> int:
+        """The least working memory any local plan needs for ``req`` (one item at a time, smallest tile)."""
+        state = dataclasses.replace(self.plan_state(0), free_bytes=self.ledger.budget)
+        try:
+            d = decide(self._job(served, req.batch, req.frames, req.height, req.width), state, self.profiles,
+                       self.settings.model_copy(update={"allow_cpu": True}))
+        except HybridVAEError as exc:
+            raise BadRequest(f"cannot plan this decode: {exc}", field="shape", status=422) from None
+        return min(o.plan.estimate.peak_bytes for o in d.options if o.plan.path in ("full", "tiled"))
+
+    def admit(self, served: ServedVAE, req: DecodeRequest) -> tuple[int, int]:
+        """Refuse, with nothing allocated, a request this server can never decode; else return its
+        ``(hold, smallest)`` bytes for :meth:`MemoryLedger.try_reserve`.
 
         Raises:
-            BadRequest: 422 when the output exceeds ``max_output_pixels`` or the smallest plan needs more
-                memory than the device has in total.
+            BadRequest: 422 when the output exceeds ``max_output_pixels``; 413 when even the smallest plan
+                (one item at a time, the smallest tile) plus what the request holds exceeds the budget.
         """
         if req.voxels > self.max_output_pixels:
             raise BadRequest(f"output of {req.voxels:,} pixels (batch x frames x {req.height}x{req.width}) exceeds "
                              f"this server's limit of {self.max_output_pixels:,}; send smaller batches or "
                              "raise --max-output-pixels", field="shape", status=422)
-        gpu = self.gpu()
-        if not gpu.is_accelerator:
-            return
-        from hybrid_vae.policy.errors import HybridVAEError
+        hold, smallest = self.hold_bytes(req), self.smallest_need(served, req)
+        if not self.ledger.fits_ever(hold, smallest):
+            raise BadRequest(f"decode needs at least {format_gib(smallest + hold)} even in the smallest tile, item by "
+                             f"item ({format_gib(smallest)} decode + {format_gib(hold)} for the request itself); this "
+                             f"server's memory budget is {format_gib(self.ledger.budget)} (--memory-budget); send "
+                             "a smaller size or batch", field="shape", status=413)
+        return hold, smallest
 
+    @contextlib.contextmanager
+    def reserved(self, hold: int, smallest: int) -> Iterator[None]:
+        """Hold a place in the budget for the block (blocking callers such as the Inference Endpoints
+        handler; the HTTP app waits without a thread). 503 after ``queue_timeout_s``."""
+        key = -next(self._keys)  # negative: never one of the app's keys
+        end = time.monotonic() + self.queue_timeout_s
         try:
-            d = decide(self._job(served, req.batch, req.frames, req.height, req.width), gpu, self.profiles,
-                       self.settings)
-        except HybridVAEError as exc:
-            raise BadRequest(f"cannot plan this decode: {exc}", field="shape", status=422) from None
-        local = [o.plan.estimate.peak_bytes for o in d.options if o.plan.path in ("full", "tiled")]
-        if local and min(local) > gpu.total_bytes - self.settings.reserve_bytes:
-            raise BadRequest(f"decode needs at least {min(local) / GiB:.2f} GiB even in the smallest tile; "
-                             f"{gpu.name} has {gpu.total_bytes / GiB:.2f} GiB", field="shape", status=422)
+            while not self.ledger.try_reserve(key, hold, smallest):
+                if time.monotonic() >= end:
+                    raise BadRequest(f"waited {self.queue_timeout_s:g} s for memory; retry later", field="memory",
+                                     status=503, headers={"Retry-After": "5"})
+                time.sleep(0.02)
+            yield
+        finally:
+            self.ledger.release(key)
 
     @contextlib.contextmanager
     def uploading(self) -> Iterator[None]:
@@ -329,22 +473,18 @@ class DecodeService:
 
         vae = served.get()
         b = int(z.shape[0])
-        gpu = self.gpu()
         settings = settings_for_vae(self.settings, vae, served.family)
-        d = decide(self._job(served, b, req.frames, req.height, req.width), gpu, self.profiles, settings)
+        job = self._job(served, b, req.frames, req.height, req.width)
+        d = self._decide_when_it_fits(job, settings)
         if b > 1 and (d.chosen.path != "full" or d.chosen.slice_batch):
             # the batch does not fit at once: one by one (each with its own decision)
             parts = [self.decode_now(served, z[i:i + 1], req) for i in range(b)]
             import torch
 
             return torch.cat([p[0] for p in parts]), {**parts[0][1], "batch": b, "plan": f"{parts[0][1]['plan']} x{b}"}
-        plans: list[Plan] = [p for p in d.plans if p.path != "cpu" or not gpu.is_accelerator]
-        if not plans:
-            raise BadRequest(f"no plan fits {gpu.available_bytes / GiB:.2f} GiB free on {gpu.name} now; retry later",
-                             status=503, headers={"Retry-After": "2"})
         t0 = time.perf_counter()
         errors = []
-        for plan in plans:
+        for plan in d.plans:
             try:
                 out = run_plan(plan, vae, z, family=served.family)
                 x = out.float().cpu()
@@ -359,12 +499,26 @@ class DecodeService:
                 self.last_plan = plan.label
                 return x, {"plan": plan.label, "seconds": secs, "batch": batch or b, "reason": d.reason}
             gc.collect()
-            if gpu.device.startswith("cuda"):
+            if self.device.startswith("cuda"):
                 import torch
 
                 torch.cuda.empty_cache()
         raise BadRequest(f"every plan ran out of memory ({'; '.join(errors)}); retry later", status=503,
                          headers={"Retry-After": "2"})
+
+    def _decide_when_it_fits(self, job: DecodeJob, settings: DecodeSettings) -> Decision:
+        """The engine's decision against the budget less what is held; when nothing fits the memory free
+        right now (another process holds it), wait up to ``queue_timeout_s``, then 503."""
+        end = time.monotonic() + self.queue_timeout_s
+        while True:
+            state = self.plan_state(self.ledger.held_bytes())
+            try:
+                return decide(job, state, self.profiles, settings)
+            except HybridVAEError as exc:
+                if time.monotonic() >= end:
+                    raise BadRequest(f"no plan fits the {format_gib(state.free_bytes)} free on {state.name} now "
+                                     f"({exc}); retry later", status=503, headers={"Retry-After": "5"}) from None
+            time.sleep(0.25)
 
     # ---- health ----------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -376,4 +530,5 @@ class DecodeService:
                 "device": {"device": self.device, "name": gpu.name, "source": gpu.source,
                            "total_bytes": gpu.total_bytes, "available_bytes": gpu.available_bytes,
                            "simulated": gpu.simulated},
-                "queue": queue, "busy": bool(queue["decoding"] or queue["waiting"]), "last_plan": self.last_plan}
+                "queue": queue, "memory": self.ledger.info(),
+                "busy": bool(queue["decoding"] or queue["waiting"]), "last_plan": self.last_plan}

@@ -1,11 +1,20 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the strict mode every test runs in."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hybrid_vae.extension.orchestrator import ENV_STRICT
 from hybrid_vae.server.testing import serve_demo
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Strict mode (``HYBRID_VAE_STRICT=1``, inherited by the CLI subprocesses): a programming error inside a
+    plan (TypeError, AttributeError, ...) is raised instead of being reported and decoded by the next plan,
+    so a bug can never pass a test as a quiet fallback. A test of the fallback itself passes ``strict=False``."""
+    os.environ.setdefault(ENV_STRICT, "1")
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,12 @@ def test_demo_runs_offline_and_writes_the_pngs(tmp_path):
     assert oom["decision"].startswith("tiled ") and oom["psnr_vs_full_db"] >= 40
     assert cases["4-cpu"]["decision"] == "cpu" and cases["4-cpu"]["psnr_vs_full_db"] == float("inf")
     assert cases["1-full"]["psnr_vs_picture_db"] > 15  # the fixture reconstructs the picture (about 19 dB)
-    assert "PSNR vs full" in r.stdout and "5-remote" in r.stdout
+    assert "vs full" in r.stdout and "vs picture" in r.stdout and "5-remote" in r.stdout
+    # the newcomer is told the fixture is blurry (about 19 dB against the picture) and shown the original beside it
+    assert f"{full_vs_picture:.1f} dB PSNR against the original picture" in r.stdout and "0-picture-vs-full.png" in names
+    assert Image.open(out / "0-picture-vs-full.png").size == (512 * 2 + 8, 512)
+    # fits a terminal, even the remote-down error (the last line names the output folder, which can be long)
+    assert max(len(line) for line in r.stdout.splitlines() if str(out) not in line) <= 100
     # remote: decoded by a loopback `hybrid-vae serve` app with the same fixture; down -> local fallback
     remote, down = cases["5-remote"], cases["6-remote-down"]
     assert remote["decision"].startswith("remote ") and not remote["fell_back"]
@@ -93,6 +98,7 @@ def test_failed_decode_then_cli_decode_reproduces_the_image(tmp_path):
     png = tmp_path / "again.png"
     r = run("decode", str(path), "--fixture", "-o", str(png), "--json")
     assert r.returncode == 0, r.stderr
+    assert "accelerate" not in r.stderr  # diffusers' 5-line notice is kept out of our commands (issue 12)
     report = json.loads(r.stdout)
     assert report["ran"]["path"] == "cpu" and report["written"] == [str(png)]
     with torch.no_grad():
@@ -143,4 +149,5 @@ def test_decode_errors_are_clear(tmp_path, capsys, monkeypatch):
     assert "not found" in capsys.readouterr().err
     # a hub id that is not cached, offline (the environment must be set before huggingface_hub loads)
     r = run("decode", str(bare), "--family", "sd15", "--vae", "nobody/no-such-vae", env={"HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2 and "cannot load a AutoencoderKL" in r.stderr
+    assert r.returncode == 2 and "cannot load it as AutoencoderKL" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Warning" not in r.stderr  # one line, no hub warnings

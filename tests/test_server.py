@@ -271,7 +271,8 @@ def test_over_limit_shape_refused_without_allocating(server: tuple[str, object])
 
 
 def test_gpu_memory_admission_uses_the_engine() -> None:
-    """On a (simulated) 8 GiB card a 32k x 32k decode cannot fit even tiled: 422 before reading."""
+    """On a (simulated) 8 GiB card with 6 GiB free (budget: 6 GiB less the 0.5 GiB reserve) a 32k x 32k decode
+    cannot fit even tiled: 413 before reading, naming the budget."""
     gpu = parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=6.0,total_gib=8")
     app = create_app(families={"sd15": _vae("sd15")}, device="cpu", max_output_pixels=2**32,
                      probe_fn=lambda: gpu)
@@ -279,7 +280,7 @@ def test_gpu_memory_admission_uses_the_engine() -> None:
         status, body = _raw_http(base, "/sd15?shape=1&shape=4&shape=4096&shape=4096&dtype=float16",
                                  {"Content-Type": "tensor/binary", "Content-Length": str(4 * 4096 * 4096 * 2)})
         err = json.loads(body)
-        assert status == 422 and "smallest tile" in err["error"] and "8.00 GiB" in err["error"]
+        assert status == 413 and "smallest tile" in err["error"] and "budget is 5.50 GiB" in err["error"]
         # a decode that fits is planned by the engine (tiled on this card is not needed at 64 px: full)
         r = _post(base + "/sd15", torch.randn(1, 4, 8, 8), output_type="pt", partial_postprocess=True)
         assert r.status_code == 200 and r.headers["X-Decode-Plan"] == "full"
