@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
                        description="Serve VAEs over HTTP at http://HOST:PORT/<family>; diffusers' remote_decode "
                                    "and hybrid-vae's remote client both work against it.")
     add_arguments(p)
-    ray = p.add_argument_group("Ray Serve (with --ray; pip install 'sdnext-hybrid-vae[ray]'; server/ray_app.py)")
+    ray = p.add_argument_group("Ray Serve (with --ray; pip install -e '.[ray]'; server/ray_app.py)")
     ray.add_argument("--ray", action="store_true",
                      help="serve on Ray Serve (replicas, dynamic batching, autoscaling) instead of one uvicorn process")
     ray.add_argument("--ray-address", default="local",

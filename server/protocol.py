@@ -303,5 +303,5 @@ def encode_mp4(frames: Any, *, fps: int = 16, crf: int = 18) -> bytes:
     try:
         return remote_wire.encode_mp4(frames, fps=fps, crf=crf)
     except ImportError:
-        raise BadRequest("output_type=mp4 needs PyAV on the server (pip install 'sdnext-hybrid-vae[server]'); "
+        raise BadRequest("output_type=mp4 needs PyAV on the server (pip install -e '.[server]' in the hybrid-vae checkout); "
                          "use output_type=pt", field="output_type", status=501) from None

@@ -47,7 +47,7 @@ try:
     import ray
     from ray import serve
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("hybrid-vae on Ray Serve needs Ray: pip install 'sdnext-hybrid-vae[ray]' "
+    raise ImportError("hybrid-vae on Ray Serve needs Ray: pip install -e '.[ray]' in the hybrid-vae checkout "
                       f"(missing: {exc.name})") from exc
 
 from hybrid_vae.server.cli import ENV_TOKEN, add_arguments, build_app, config_from_args
