@@ -131,7 +131,7 @@ def plan_output(p: Plan) -> str:
     """What a plan's pixels are against a full local decode: ``= full``, ``tile drift`` (tiles with their
     own GroupNorm statistics), ``chunk blend`` (temporal chunks only: overlapping frames blended) or
     ``lossy`` (jpg/mp4 answers)."""
-    if p.path == "tiled" and p.groupnorm == "local":
+    if (p.path == "tiled" and p.groupnorm == "local") or (p.path == "cpu" and (p.tile_px or p.frame_chunk)):
         return "tile drift" if p.tile_px is not None else "chunk blend"
     if p.path == "remote" and p.response_format in ("jpg", "mp4"):
         return "lossy"
@@ -230,7 +230,7 @@ LEGEND = (
 
 def plan_work(d: Decision, p: Plan, fam: Family | None) -> float:
     """Voxels a plan decodes per output voxel (1.0: each once; overlaps make it larger)."""
-    if fam is None or p.path not in ("full", "tiled") or p.groupnorm == "exact":
+    if fam is None or p.path not in ("full", "tiled", "cpu") or p.groupnorm == "exact":
         return 1.0
     j = d.job
     voxels, _, _ = decoded_work(j, fam, tile_px=p.tile_px, overlap_px=p.overlap_px, frame_chunk=p.frame_chunk,

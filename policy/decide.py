@@ -122,11 +122,11 @@ def _actual_tile(job: DecodeJob, fam: Family, cap: int, overlap: int) -> int:
 
 def describe_plan(plan: Plan) -> str:
     """``plan.label`` for the infotext, where a CPU plan also says whether it decodes the whole frame or tiles:
-    ``cpu full decode``, ``cpu full decode (item by item)``, ``cpu full frames, 4-frame chunks``,
+    ``cpu full decode``, ``cpu full decode (item by item)``, ``cpu full frames, 4-latent-frame chunks``,
     ``cpu tiled 256px/64``."""
     if plan.path != "cpu":
         return plan.label
-    chunks = f", {plan.frame_chunk}-frame chunks" if plan.frame_chunk is not None else ""
+    chunks = f", {plan.frame_chunk}-latent-frame chunks" if plan.frame_chunk is not None else ""
     if plan.tile_px is not None:
         return f"cpu tiled {plan.tile_px}px/{plan.overlap_px}{chunks}"
     if chunks:

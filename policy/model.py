@@ -177,7 +177,7 @@ class Plan:
             return "full (item by item)"
         if self.path == "cpu":
             parts = [f"{self.tile_px}px/{self.overlap_px}"] if self.tile_px is not None else []
-            parts += [f"{self.frame_chunk}-frame chunks"] if self.frame_chunk is not None else []
+            parts += [f"{self.frame_chunk}-latent-frame chunks"] if self.frame_chunk is not None else []
             return "cpu " + ", ".join(parts) if parts else "cpu"
         return self.path
 

@@ -151,7 +151,7 @@ def test_cpu_plans_bound_host_memory():
     assert tiled.path == "cpu" and tiled.tile_px == 248 and tiled.slice_batch  # equalised tiles under a 256 cap
     assert tiled.estimate.seconds > first.estimate.seconds  # the overlaps are decoded twice
     v = decide(DecodeJob("hunyuanvideo", 960, 544, frames=61), cpu, P)
-    assert [p.label for p in v.plans] == ["cpu 4-frame chunks", "cpu 256px/64, 4-frame chunks"]
+    assert [p.label for p in v.plans] == ["cpu 4-latent-frame chunks", "cpu 256px/64, 4-latent-frame chunks"]
     small = decide(DecodeJob("sd15", 256, 256), cpu, P)
     assert [p.label for p in small.plans] == ["cpu"]  # nothing to tile
 
