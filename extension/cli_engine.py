@@ -20,6 +20,7 @@ from hybrid_vae.policy import (
     parse_simulation,
     probe,
 )
+from hybrid_vae.policy.gpu import with_host
 from hybrid_vae.policy.model import Decision, Plan
 from hybrid_vae.policy.profiles import Profiles
 from pydantic import ValidationError
@@ -49,8 +50,12 @@ def add_parser(sub: Any) -> None:
                    help="remote endpoint URL for this family; repeat for a pool (tried best first, failing over)")
     e.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
     e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.0625, the settings' reserve)")
-    e.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
-                   help="tiles: exact (same image as a full decode), local (least memory) or auto (default)")
+    e.add_argument("--groupnorm", choices=["auto", "exact", "offload", "local"], default="auto",
+                   help="tiles: exact (same image as a full decode; whole-image buffers in host memory when "
+                        "needed), offload (exact, buffers in host memory as far as needed), local (least memory, "
+                        "colours may drift) or auto (lossless first; default)")
+    e.add_argument("--host-gib", type=float, default=None,
+                   help="simulated host memory available (default: this machine's)")
     e.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
     e.add_argument("--custom-vae", action="store_true", help="the VAE is not the family's stock VAE")
     e.add_argument("--learned", nargs="?", const="", default=None, metavar="PATH",
@@ -84,11 +89,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None, free_gib: float | None) -> GpuState | None:
-    """The card given on the command line, or None to probe the real one."""
+def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None, free_gib: float | None,
+                    host_gib: float | None = None) -> GpuState | None:
+    """The card given on the command line, or None to probe the real one (host memory: ``host_gib``, else
+    this machine's)."""
     if gpu is None and total_gib is None and free_gib is None:
         return None
-    for flag, v in (("--total-gib", total_gib), ("--free-gib", free_gib)):
+    for flag, v in (("--total-gib", total_gib), ("--free-gib", free_gib), ("--host-gib", host_gib)):
         if v is not None and v < 0:
             raise LatentError(f"{flag} {v}: memory cannot be negative; give GiB >= 0")
     parts = [f"name={gpu or 'Simulated GPU'}"]
@@ -102,7 +109,9 @@ def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None
             total_gib = prof.total_gib
     parts.append(f"total_gib={total_gib}")
     parts.append(f"free_gib={free_gib if free_gib is not None else total_gib}")
-    return parse_simulation(",".join(parts))
+    if host_gib is not None:
+        parts.append(f"host_gib={host_gib}")
+    return with_host(parse_simulation(",".join(parts)))
 
 
 def plan_output(p: Plan) -> str:
@@ -121,7 +130,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         return _fail(f"{exc}\n(the built-in profiles are unchanged; fix the file or drop --profile)", 1)
     try:
-        state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib)
+        state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib, getattr(args, "host_gib", None))
         if state is None:
             state = probe(total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
         kw: dict[str, Any] = {"mode": args.mode, "tile_groupnorm": args.groupnorm}
@@ -187,19 +196,25 @@ def render(d: Decision) -> str:
     g, j, c = d.gpu, d.job, d.chosen
     sim = " SIMULATED" if g.simulated else ""
     frames = f" x {j.frames} frames" if j.frames else ""
+    host = "unknown" if g.host_available_bytes is None else f"{g.host_available_bytes / GiB:.2f} GiB available"
     lines = [
         f"GPU       {g.name}{sim}: {g.total_bytes / GiB:.2f} GiB total, {g.free_bytes / GiB:.2f} GiB free "
         f"(+{g.torch_reusable_bytes / GiB:.2f} cache), source {g.source}; profile: {d.gpu_profile or 'none'}",
+        f"Host      {host}",
         f"Job       {j.family} {j.width}x{j.height}{frames}, batch {j.batch}, {c.dtype}",
-        f"Decision  {c.label}: peak {c.estimate.peak_bytes / GiB:.2f} GiB, {c.estimate.seconds:.3f} s",
+        f"Decision  {c.label}: peak {c.estimate.peak_bytes / GiB:.2f} GiB, {c.estimate.seconds:.3f} s" + (
+            f"; host {c.estimate.host_bytes / GiB:.2f} GiB, {c.estimate.transfer_bytes / 1e9:.1f} GB copied in "
+            f"{c.estimate.transfer_seconds:.3f} s" if c.estimate.host_bytes else ""),
         f"Reason    {d.reason}",
         "Chain     " + " -> ".join(p.label for p in d.plans),
         "",
-        f"  {'option':<26} {'peak GiB':>9} {'seconds':>9}  {'output':<10}  fits  why",
+        f"  {'option':<26} {'peak GiB':>9} {'seconds':>9} {'host GiB':>9} {'copy s':>7}  {'output':<10}  fits  why",
     ]
     for o in d.options:
         p = o.plan
-        lines.append(f"  {p.label:<26} {p.estimate.peak_bytes / GiB:>9.2f} {p.estimate.seconds:>9.3f}  "
+        e = p.estimate
+        host = f"{e.host_bytes / GiB:>9.2f} {e.transfer_seconds:>7.3f}" if e.host_bytes else f"{'-':>9} {'-':>7}"
+        lines.append(f"  {p.label:<26} {e.peak_bytes / GiB:>9.2f} {e.seconds:>9.3f} {host}  "
                      f"{plan_output(p):<10}  {'yes' if o.feasible else 'no ':<4}  {o.why}")
     lines += ["", f"Sources   peak: {c.estimate.peak_source}", f"          seconds: {c.estimate.seconds_source}"]
     return "\n".join(lines)

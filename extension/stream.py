@@ -405,14 +405,18 @@ class Ledger:
         self._objects: dict[int, int] = {}  # id(tensor) -> data_ptr
         self._host: set[int] = set()
         self._mode: Any = None
+        self._quiet = False
 
     def __enter__(self) -> Ledger:
+        from torch.utils._pytree import tree_leaves
+
         ledger = self
 
         class _Mode(_dispatch_mode()):  # type: ignore[misc]
             def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
                 out = func(*args, **(kwargs or {}))
-                ledger._see(out)
+                if not ledger._quiet:
+                    ledger._see(out, tree_leaves((args, kwargs or {})))
                 return out
 
         self._mode = _Mode()
@@ -423,16 +427,20 @@ class Ledger:
         self._mode.__exit__(*exc)
         self._mode = None
 
-    def _see(self, out: Any) -> None:
+    def _see(self, out: Any, inputs: list[Any]) -> None:
         import torch
 
-        if isinstance(out, torch.Tensor):
-            self._track(out)
-        elif isinstance(out, (tuple, list)):
-            for o in out:
-                self._see(o)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        if not outs:
+            return
+        given = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.device == self.device}
+        for t in outs:
+            self._track(t, given)
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor, given: set[int]) -> None:
+        """Count ``t`` if it is on the device: a new storage (not one of the operation's inputs') adds its
+        bytes; a view or in-place result of a counted storage keeps it alive; one of anything else (weights,
+        the latent, host buffers) is not the decode's."""
         if t.device != self.device or id(t) in self._objects:
             return
         st = t.untyped_storage()
@@ -441,6 +449,8 @@ class Ledger:
             return
         rec = self._storages.get(ptr)
         if rec is None:
+            if ptr in given:
+                return
             rec = self._storages[ptr] = [st.nbytes(), 0]
             self.now += rec[0]
             self.peak = max(self.peak, self.now)
@@ -458,13 +468,17 @@ class Ledger:
             del self._storages[ptr]
             self.now -= rec[0]
 
-    def host(self, t: torch.Tensor) -> None:
-        """``t``'s storage is a whole-image buffer in host memory: not device memory."""
-        ptr = t.untyped_storage().data_ptr()
-        self._host.add(ptr)
-        rec = self._storages.pop(ptr, None)
-        if rec is not None:
-            self.now -= rec[0]
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A whole-image buffer in host memory: allocated unseen, its storage never counted as device memory."""
+        import torch
+
+        self._quiet = True
+        try:
+            t = torch.empty(shape, dtype=dtype, device="cpu")
+        finally:
+            self._quiet = False
+        self._host.add(t.untyped_storage().data_ptr())
+        return t
 
     def unhost(self, t: torch.Tensor) -> None:
         self._host.discard(t.untyped_storage().data_ptr())
@@ -605,10 +619,12 @@ class _Store:
     def alloc(self, bid: int) -> None:
         import torch
 
-        on_host = bid in self.host
-        t = torch.empty(self.shape(bid), dtype=self.dtype, device="cpu" if on_host else self.device)
-        if on_host and self.ledger is not None:
-            self.ledger.host(t)
+        if bid not in self.host:
+            t = torch.empty(self.shape(bid), dtype=self.dtype, device=self.device)
+        elif self.ledger is not None:
+            t = self.ledger.host_empty(self.shape(bid), self.dtype)
+        else:
+            t = torch.empty(self.shape(bid), dtype=self.dtype, device="cpu")
         self.bufs[bid] = t
         if self.on_buffers is not None:
             self.on_buffers(sum(b.untyped_storage().nbytes() for b in self.bufs.values()))
@@ -804,7 +820,7 @@ def _attn_out(run: _Run, p: P.Pass, s: Attention) -> None:
     aff = run.x_stats.affine(s.norm, p.reads[0].channels, store.dtype)
     kb, vb = p.reads[1].buffer, p.reads[2].buffer
     n_tokens = store.bufs[kb].shape[0]
-    chunk = max(64, P.tile_side(run.sched, run.tile_px, dataclasses.replace(p, part="resnet1")) ** 2)
+    chunk = P.KV_CHUNK
     groups = run.next_groups(p.layer)
     st = _Stats(groups) if groups is not None else None
     out = p.writes[0].buffer

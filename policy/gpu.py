@@ -4,8 +4,12 @@
 NVML (matched to the torch device by UUID) -> ``torch.cuda.mem_get_info`` (ROCm) -> MPS -> CPU,
 and says in ``note`` which source failed and why. Nothing is probed at import time.
 
-Env ``HYBRID_VAE_SIMULATE_GPU`` (``name=NVIDIA GeForce RTX 3070,free_gib=1.0[,total_gib=8]``)
+Env ``HYBRID_VAE_SIMULATE_GPU`` (``name=NVIDIA GeForce RTX 3070,free_gib=1.0[,total_gib=8][,host_gib=12]``)
 replaces the probe with a simulated card for tests and what-if runs; every report shows it.
+
+Host memory (what offloaded exact tiling may use without making the machine swap) is probed beside the
+card: ``psutil.virtual_memory().available``, else ``MemAvailable`` of ``/proc/meminfo``; ``None`` when
+neither is there (the engine then plans nothing that needs host memory).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from hybrid_vae.policy.errors import ProfileError
@@ -45,6 +50,8 @@ class GpuState:
         note: why a better source was not used ("" when none failed).
         device: the torch device string the numbers belong to (``cuda:0``, ``mps``, ``cpu``).
         simulated: True when the numbers come from ``HYBRID_VAE_SIMULATE_GPU`` or CLI flags.
+        host_available_bytes: host memory available without swapping (None: unknown).
+        host_total_bytes: host memory in all (None: unknown).
     """
 
     name: str
@@ -56,6 +63,8 @@ class GpuState:
     note: str = ""
     device: str = "cpu"
     simulated: bool = False
+    host_available_bytes: int | None = None
+    host_total_bytes: int | None = None
 
     @property
     def available_bytes(self) -> int:
@@ -86,14 +95,14 @@ def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | No
                                file=ENV_SIMULATE, key_path=part.strip(), value=spec)
         k, v = part.split("=", 1)
         fields[k.strip()] = v.strip()
-    allowed = {"name", "free_gib", "total_gib", "reusable_gib"}
+    allowed = {"name", "free_gib", "total_gib", "reusable_gib", "host_gib"}
     for k in fields:
         if k not in allowed:
             raise ProfileError(f"unknown key; allowed: {', '.join(sorted(allowed))}", file=ENV_SIMULATE,
                                key_path=k, value=fields[k])
     name = fields.get("name", "Simulated GPU")
     nums: dict[str, float] = {}
-    for k in ("free_gib", "total_gib", "reusable_gib"):
+    for k in ("free_gib", "total_gib", "reusable_gib", "host_gib"):
         if k in fields:
             try:
                 nums[k] = float(fields[k])
@@ -109,10 +118,39 @@ def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | No
     free = nums.get("free_gib", total)
     if free > total:
         raise ProfileError(f"free_gib exceeds total_gib ({total})", file=ENV_SIMULATE, key_path="free_gib", value=free)
+    host = int(nums["host_gib"] * GiB) if "host_gib" in nums else None
     return GpuState(name=name, total_bytes=int(total * GiB), free_bytes=int(free * GiB),
                     torch_reusable_bytes=int(nums.get("reusable_gib", 0.0) * GiB),
                     source="simulated", device="simulated", simulated=True,
-                    note=f"simulated by {ENV_SIMULATE}={spec!r}")
+                    note=f"simulated by {ENV_SIMULATE}={spec!r}", host_available_bytes=host, host_total_bytes=host)
+
+
+def host_memory() -> tuple[int | None, int | None]:
+    """(available, total) bytes of host memory now: psutil, else ``/proc/meminfo``; (None, None) when
+    neither can tell (never raises)."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+    except (ImportError, OSError, RuntimeError, AttributeError):  # no psutil: the kernel's own figure
+        log.debug("psutil unavailable for host memory", exc_info=True)
+    try:
+        fields = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+        return fields["MemAvailable"], fields["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None, None
+
+
+def with_host(state: GpuState) -> GpuState:
+    """``state`` with this machine's host memory filled in (unless it already has a figure)."""
+    if state.host_available_bytes is not None:
+        return state
+    avail, total = host_memory()
+    return dataclasses.replace(state, host_available_bytes=avail, host_total_bytes=total)
 
 
 def _torch() -> Any:
@@ -191,6 +229,11 @@ def probe(device: str | int | None = None, *, simulate: str | None = None,
         simulate: a simulation spec; ``None`` reads env ``HYBRID_VAE_SIMULATE_GPU``.
         total_for: looks up a profiled card's total for simulations that give only a name.
     """
+    return with_host(_probe_device(device, simulate=simulate, total_for=total_for))
+
+
+def _probe_device(device: str | int | None, *, simulate: str | None,
+                  total_for: Callable[[str], float | None] | None) -> GpuState:
     spec = simulate if simulate is not None else os.environ.get(ENV_SIMULATE, "")
     if spec.strip():
         state = parse_simulation(spec, total_for=total_for)

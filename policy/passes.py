@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -32,9 +33,12 @@ Kind = Literal["conv_in", "resnet", "attention", "upsample", "out"]
 Part = Literal["conv_in", "resnet1", "resnet2", "attn_kv", "attn_out", "upsample", "out"]
 Role = Literal["activation", "hidden", "tokens", "output"]
 
-#: Attention passes tile their queries with blocks this many convolution tiles wide (per side): every
-#: query block reads all keys and values, so larger blocks re-read them fewer times.
+#: Attention passes tile their queries with blocks this many times ``tile_px`` scaled to their resolution
+#: (per side): every query block reads all keys and values, so larger blocks re-read them fewer times.
 ATTENTION_TILE = 2
+#: Keys and values stream through attention this many positions at a time (the float32 logits of a query
+#: block then take ``ATTENTION_TILE^2 * KV_CHUNK / 16`` elements per pixel of ``tile_px``^2: 32 per pixel).
+KV_CHUNK = 256
 #: Smallest tile side (pixels at the pass's resolution) of any pass.
 MIN_TILE = 8
 
@@ -104,6 +108,7 @@ class Schedule:
     passes: tuple[Pass, ...]
     levels: int
     output: int
+    level_channels: tuple[int, ...] = ()  # the widest activation at each resolution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,14 +228,39 @@ def schedule(layers: Sequence[Layer], *, narrow_in_place: bool = True) -> Schedu
             x = o
         else:  # out
             passes.append(Pass(i, "out", lv, (Access(x, ly.cin, 1),), (Access(out, ly.cout),), free=(x,)))
-    return Schedule(tuple(layers), tuple(buffers), tuple(passes), levels, out)
+    widest = [0] * levels
+    for ly in layers:
+        widest[ly.level] = max(widest[ly.level], ly.cin if ly.kind != "conv_in" else ly.cout,
+                               ly.cout if ly.kind != "upsample" else 0)
+        if ly.kind == "upsample":
+            widest[ly.level + 1] = max(widest[ly.level + 1], ly.cout)
+    return Schedule(tuple(layers), tuple(buffers), tuple(passes), levels, out, tuple(widest))
+
+
+def _side(sched: Schedule, tile_px: int, level: int) -> int:
+    ch = sched.level_channels
+    halvings = math.ceil(math.log2(ch[level] / ch[-1]) / 2) if ch and ch[level] > ch[-1] else 0
+    return max(MIN_TILE, tile_px >> halvings)
 
 
 def tile_side(sched: Schedule, tile_px: int, p: Pass) -> int:
-    """Tile side of pass ``p`` in pixels of its own resolution: ``tile_px`` (output pixels) scaled down,
-    at least :data:`MIN_TILE`; attention passes use :data:`ATTENTION_TILE` times that."""
-    side = max(MIN_TILE, round(tile_px / 2 ** (sched.levels - 1 - p.level)))
-    return side * ATTENTION_TILE if p.part in ("attn_kv", "attn_out") else side
+    """Tile side of pass ``p`` in pixels of its own resolution (at least :data:`MIN_TILE`).
+
+    ``tile_px`` at the output's resolution; at a lower one, ``tile_px`` halved as often as needed for the
+    tile to hold no more elements than the output's (``C_level / C_out`` more channels: ``ceil(log2(ratio)
+    / 2)`` halvings, C the widest activation at that resolution). The tile's working set stays bounded by
+    ``tile_px`` while the low-resolution passes take far fewer steps than with ``tile_px`` scaled by the
+    resolution (SD decoder: ``tile_px / 2`` at 1/2, 1/4 and 1/8 resolution instead of 1/2, 1/4, 1/8 of
+    it), and every side is ``tile_px`` times a power of two, so an image that is a multiple of ``tile_px``
+    splits into equal tiles at every resolution. An upsampler's tiles are half its output resolution's
+    side (its output tile is that resolution's tile). Attention passes tile their queries by
+    :data:`ATTENTION_TILE` x ``tile_px`` scaled to their resolution (keys and values are streamed).
+    """
+    if p.part in ("attn_kv", "attn_out"):
+        return ATTENTION_TILE * max(MIN_TILE, round(tile_px / 2 ** (sched.levels - 1 - p.level)))
+    if p.part == "upsample":
+        return max(MIN_TILE // 2, round(_side(sched, tile_px, p.level + 1) / 2))
+    return _side(sched, tile_px, p.level)
 
 
 def grid(sched: Schedule, lh: int, lw: int, tile_px: int, p: Pass) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
