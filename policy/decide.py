@@ -39,6 +39,7 @@ from hybrid_vae.policy.estimate import (
     cpu_seconds,
     decode_dtype,
     exact_peak_bytes,
+    exact_schedule,
     exact_seconds,
     exact_tiles,
     latent_frames,
@@ -168,12 +169,28 @@ def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: i
 
 def _offload_sizes(sizes: list[int]) -> list[int]:
     """A few of the exact tile sizes (ascending) for offloaded plans: the smallest, the largest up to 1024 px
-    and about three between (each offloaded candidate costs a pass schedule; more sizes change little)."""
+    and two between (each candidate costs a pass schedule, and decide() stays under a millisecond; larger
+    tiles leave less room for buffers on the GPU, smaller ones take more steps, so the optimum is broad)."""
     small = [t for t in sizes if t <= 1024] or sizes[:1]
-    if len(small) <= 5:
+    if len(small) <= 4:
         return small
-    step = (len(small) - 1) / 4
-    return sorted({small[round(i * step)] for i in range(5)})
+    step = (len(small) - 1) / 3
+    return sorted({small[round(i * step)] for i in range(4)})
+
+
+def _offload_sizes_to_cost(plans: list[Plan], sizes: list[int], budget: int, settings: DecodeSettings) -> list[int]:
+    """The tile sizes worth an offloaded candidate: with the same tile an offloaded plan is never faster than
+    the in-memory one (same compute plus copies) and never than a full decode, so only sizes larger than
+    the largest in-memory exact tile that fits, and none when a full decode fits (``tile_groupnorm="offload"``:
+    all). Keeps ``decide()`` cheap where nothing needs host memory."""
+    offload_sizes = _offload_sizes(sizes)
+    if settings.tile_groupnorm == "offload":
+        return offload_sizes
+    fits = [p for p in plans if p.estimate.peak_bytes <= budget]
+    if any(p.path == "full" for p in fits):
+        return []
+    inmem = max((p.tile_px or 0 for p in fits if p.groupnorm == "exact"), default=0)
+    return [t for t in offload_sizes if t > inmem]
 
 
 def _tiled_reason(c: Plan, gpu_plans: list[Plan], feasible: list[Plan], settings: DecodeSettings) -> str:
@@ -256,10 +273,13 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         return with_learned(Plan(path=path, estimate=est, dtype=dtype, tile_px=tile, overlap_px=ov,  # type: ignore[arg-type]
                                  frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch))
 
+    sched_mem = exact_schedule(fam, offload=False) if not fam.video else None
+    sched_off = exact_schedule(fam, offload=True) if not fam.video else None
+
     def exact(tile: int) -> Plan:
         t = fam.timing
         est = Estimate(
-            peak_bytes=exact_peak_bytes(job, fam, tile), seconds=exact_seconds(job, fam, speed, tile),
+            peak_bytes=exact_peak_bytes(job, fam, tile), seconds=exact_seconds(job, fam, speed, tile, sched=sched_mem),
             peak_source=f"{job.family} exact-tiling model: analytic buffers + tile, x{fam.memory.exact_margin:g} margin",
             seconds_source=f"{speed.source}; exact tiling x{t.exact_time_factor:g} + {t.exact_passes} passes x tiles (assumed)")
         return with_learned(Plan(path="tiled", estimate=est, dtype=dtype, tile_px=tile, slice_batch=True,
@@ -268,10 +288,10 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     def offloaded(tile: int, room: float) -> Plan | None:
         """Exact tiles whose whole-image buffers get what ``room`` bytes of device memory leave after the
         tile; None when that is all of them (the in-memory exact plan covers it)."""
-        device_budget, c = offload_costs(job, fam, tile, room)
+        device_budget, c = offload_costs(job, fam, tile, room, sched=sched_off)
         if c.host_bytes == 0:
             return None
-        secs, copy_s, copy_src = offload_seconds(job, fam, speed, tile, c, gp)
+        secs, copy_s, copy_src = offload_seconds(job, fam, speed, tile, c, gp, sched=sched_mem)
         est = Estimate(
             peak_bytes=offload_peak_bytes(job, fam, tile, c), seconds=secs,
             peak_source=(f"{job.family} exact-tiling schedule: {_gib(c.device_bytes)} of whole-image buffers on the "
@@ -312,12 +332,13 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
                 exact_sizes.append(tile)
         if gn != "offload":
             gpu_plans += [exact(tile) for tile in exact_sizes]
-    can_offload = (can_exact and gn != "local" and fam.decoder is not None
+    can_offload = (can_exact and gn != "local" and fam.decoder is not None and on_gpu
                    and fam.memory.exact_offload_tile_elements is not None and bool(exact_sizes))
-    if can_offload:
+    sizes = _offload_sizes_to_cost(gpu_plans, exact_sizes, budget, settings) if can_offload else []
+    if sizes:
         # the budget's worth of buffers on the GPU at a few tile sizes, and everything in host memory at the
         # smallest (device memory bounded by the tile: the lossless plan of last resort)
-        for tile in _offload_sizes(exact_sizes):
+        for tile in sizes:
             p = offloaded(tile, budget)
             if p is not None:
                 gpu_plans.append(p)

@@ -11,6 +11,7 @@ count), else the family's H200 figure scaled by the card's speed (from its profi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -183,12 +184,13 @@ def exact_peak_bytes(job: DecodeJob, fam: Family, tile_px: int, *, margin: float
     return int(peak)
 
 
-def exact_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int) -> float:
+def exact_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int, *,
+                  sched: passes.Schedule | None = None) -> float:
     """Seconds of exact tiling: a full decode's time x ``exact_time_factor`` plus a fixed cost per tile step
-    (launches): the steps of the family's pass schedule (:func:`policy.passes.steps`; lower resolutions take
-    larger tiles), else ``exact_passes`` x the output's tiles."""
+    (launches): the steps of the family's pass schedule (:func:`policy.passes.steps`, ``sched`` when the
+    caller has it), else ``exact_passes`` x the output's tiles."""
     t = fam.timing
-    sched = exact_schedule(fam, offload=False)
+    sched = sched or exact_schedule(fam, offload=False)
     if sched is not None:
         sc = fam.spatial_compression
         steps = passes.steps(sched, job.height // sc, job.width // sc, tile_px)
@@ -206,8 +208,16 @@ def exact_schedule(fam: Family, *, offload: bool) -> passes.Schedule | None:
     d = fam.decoder
     if d is None:
         return None
-    layers = passes.decoder_layers(d.block_out_channels, d.layers_per_block, latent_channels=fam.latent_channels,
-                                   out_channels=d.out_channels, mid_attention=d.mid_attention)
+    return _schedule(d.block_out_channels, d.layers_per_block, fam.latent_channels, d.out_channels, d.mid_attention,
+                     offload)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(block_out_channels: tuple[int, ...], layers_per_block: int, latent_channels: int, out_channels: int,
+              mid_attention: bool, offload: bool) -> passes.Schedule:
+    """A pure function of the decoder config, memoised (decide() needs it for every plan it costs)."""
+    layers = passes.decoder_layers(block_out_channels, layers_per_block, latent_channels=latent_channels,
+                                   out_channels=out_channels, mid_attention=mid_attention)
     return passes.schedule(layers, narrow_in_place=not offload)
 
 
@@ -240,7 +250,8 @@ def offload_tile_bytes(job: DecodeJob, fam: Family, tile_px: int) -> int:
     return int(out)
 
 
-def offload_costs(job: DecodeJob, fam: Family, tile_px: int, budget_bytes: float) -> tuple[int, passes.Costs]:
+def offload_costs(job: DecodeJob, fam: Family, tile_px: int, budget_bytes: float, *,
+                  sched: passes.Schedule | None = None) -> tuple[int, passes.Costs]:
     """(device budget of the whole-image buffers, bytes held and moved) of offloaded exact tiling that must
     fit ``budget_bytes`` of device memory: the buffers get what the tile's working set, the margin and (when
     not resident) the weights leave; :func:`policy.passes.placement` puts the rest in host memory.
@@ -248,7 +259,7 @@ def offload_costs(job: DecodeJob, fam: Family, tile_px: int, budget_bytes: float
     Raises:
         ValueError: the family has no decoder config or offloaded model.
     """
-    sched = exact_schedule(fam, offload=True)
+    sched = sched or exact_schedule(fam, offload=True)
     if sched is None:
         raise ValueError(f"{job.family} has no decoder config (decoder) for offloaded exact tiling")
     weights = 0 if job.vae_resident else fam.weights_bytes_fp16 * dtype_bytes(decode_dtype(job, fam)) / 2
@@ -270,11 +281,11 @@ def offload_peak_bytes(job: DecodeJob, fam: Family, tile_px: int, costs: passes.
 
 
 def offload_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int, costs: passes.Costs,
-                    gp: GpuProfile | None) -> tuple[float, float, str]:
+                    gp: GpuProfile | None, *, sched: passes.Schedule | None = None) -> tuple[float, float, str]:
     """(seconds, copy seconds, source) of offloaded exact tiling: exact tiling's compute (:func:`exact_seconds`)
     and the copies (bytes moved at the slower of the card's link and the CPU's staging copies) overlap, and
     :data:`OVERLAP_LOSS` of the shorter of the two shows."""
-    compute = exact_seconds(job, fam, speed, tile_px)
+    compute = exact_seconds(job, fam, speed, tile_px, sched=sched)
     gbs, src = link_gbs(gp)
     rate = min(gbs, HOST_COPY_GBS) * 1e9
     copy = costs.moved_bytes / rate

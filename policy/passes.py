@@ -109,6 +109,8 @@ class Schedule:
     levels: int
     output: int
     level_channels: tuple[int, ...] = ()  # the widest activation at each resolution
+    halvings: tuple[int, ...] = ()  # tile_px is halved this often at each resolution (see tile_side)
+    life: tuple[tuple[int, int], ...] = ()  # first and last pass of each buffer (see lifetimes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,13 +236,20 @@ def schedule(layers: Sequence[Layer], *, narrow_in_place: bool = True) -> Schedu
                                ly.cout if ly.kind != "upsample" else 0)
         if ly.kind == "upsample":
             widest[ly.level + 1] = max(widest[ly.level + 1], ly.cout)
-    return Schedule(tuple(layers), tuple(buffers), tuple(passes), levels, out, tuple(widest))
+    halve = tuple(math.ceil(math.log2(c / widest[-1]) / 2) if c > widest[-1] else 0 for c in widest)
+    last = len(passes) - 1
+    start, end = [0] * len(buffers), [last] * len(buffers)  # the output: throughout
+    for i, p in enumerate(passes):
+        for b in p.alloc:
+            start[b] = i
+        for b in p.free:
+            end[b] = i
+    return Schedule(tuple(layers), tuple(buffers), tuple(passes), levels, out, tuple(widest), halve,
+                    tuple(zip(start, end, strict=True)))
 
 
 def _side(sched: Schedule, tile_px: int, level: int) -> int:
-    ch = sched.level_channels
-    halvings = math.ceil(math.log2(ch[level] / ch[-1]) / 2) if ch and ch[level] > ch[-1] else 0
-    return max(MIN_TILE, tile_px >> halvings)
+    return max(MIN_TILE, tile_px >> sched.halvings[level])
 
 
 def tile_side(sched: Schedule, tile_px: int, p: Pass) -> int:
@@ -277,14 +286,13 @@ def buffer_bytes(sched: Schedule, lh: int, lw: int, dsize: int, batch: int) -> l
 
 def lifetimes(sched: Schedule) -> list[tuple[int, int]]:
     """For each buffer, the first and last pass (indices into ``sched.passes``) during which it is alive."""
-    last = len(sched.passes) - 1
-    start, end = [0] * len(sched.buffers), [last] * len(sched.buffers)  # the output: throughout
-    for i, p in enumerate(sched.passes):
-        for b in p.alloc:
-            start[b] = i
-        for b in p.free:
-            end[b] = i
-    return list(zip(start, end, strict=True))
+    return list(sched.life)
+
+
+def counts(sched: Schedule, lh: int, lw: int, tile_px: int, p: Pass) -> tuple[int, int]:
+    """How many tiles :func:`grid` cuts pass ``p`` into along each axis (without cutting it)."""
+    side = tile_side(sched, tile_px, p)
+    return -(-(lh << p.level) // side), -(-(lw << p.level) // side)
 
 
 def traffic(sched: Schedule, lh: int, lw: int, tile_px: int) -> list[tuple[int, int]]:
@@ -295,14 +303,19 @@ def traffic(sched: Schedule, lh: int, lw: int, tile_px: int) -> list[tuple[int, 
     a write moves the buffer's ``channels x H x W``.
     """
     out = [(0, 0)] * len(sched.buffers)
+    memo: dict[tuple[int, str], tuple[int, int]] = {}
     for p in sched.passes:
-        ty, tx = grid(sched, lh, lw, tile_px, p)
+        key = (p.level, p.part if p.part in ("upsample", "attn_kv", "attn_out") else "")
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = counts(sched, lh, lw, tile_px, p)
+        ny, nx = got
         h, w = lh << p.level, lw << p.level
         for a in p.reads:
             if sched.buffers[a.buffer].role == "tokens":
-                n = a.channels * h * w * len(ty) * len(tx)
+                n = a.channels * h * w * ny * nx
             else:
-                n = a.channels * (h + 2 * a.halo * (len(ty) - 1)) * (w + 2 * a.halo * (len(tx) - 1))
+                n = a.channels * (h + 2 * a.halo * (ny - 1)) * (w + 2 * a.halo * (nx - 1))
             up, down = out[a.buffer]
             out[a.buffer] = (up + n, down)
         for a in p.writes:
@@ -315,14 +328,19 @@ def traffic(sched: Schedule, lh: int, lw: int, tile_px: int) -> list[tuple[int, 
 def steps(sched: Schedule, lh: int, lw: int, tile_px: int) -> int:
     """Tile steps of one batch item (the executor's progress total)."""
     n = 0
+    memo: dict[tuple[int, str], int] = {}
     for p in sched.passes:
-        ty, tx = grid(sched, lh, lw, tile_px, p)
-        n += len(ty) * len(tx)
+        key = (p.level, p.part if p.part in ("upsample", "attn_kv", "attn_out") else "")
+        got = memo.get(key)
+        if got is None:
+            ny, nx = counts(sched, lh, lw, tile_px, p)
+            got = memo[key] = ny * nx
+        n += got
     return n
 
 
 def placement(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch: int,
-              device_budget: int | None) -> frozenset[int]:
+              device_budget: int | None, *, moves: list[tuple[int, int]] | None = None) -> frozenset[int]:
     """The buffers that live in host memory when the whole-image buffers on the device may use at most
     ``device_budget`` bytes at any time (``None``: no limit, all on the device; 0: all in host memory).
 
@@ -333,8 +351,8 @@ def placement(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch
     if device_budget is None:
         return frozenset()
     size = buffer_bytes(sched, lh, lw, dsize, batch)
-    life = lifetimes(sched)
-    moved = [(u + d) * dsize * batch for u, d in traffic(sched, lh, lw, tile_px)]
+    life = sched.life
+    moved = [(u + d) * dsize * batch for u, d in (moves or traffic(sched, lh, lw, tile_px))]
     order = sorted(range(len(size)), key=lambda i: (-moved[i] / max(1, size[i]), -moved[i], i))
     used = [0] * len(sched.passes)
     host: set[int] = set()
@@ -352,17 +370,18 @@ def costs(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch: in
           device_budget: int | None = None) -> Costs:
     """Bytes held and moved by exact tiling of a ``batch`` of ``lh x lw`` latents with tiles of ``tile_px``
     output pixels, ``dsize`` bytes per element, buffers placed by :func:`placement`."""
-    host = placement(sched, lh, lw, tile_px, dsize, batch, device_budget)
+    moves = traffic(sched, lh, lw, tile_px)
+    host = placement(sched, lh, lw, tile_px, dsize, batch, device_budget, moves=moves)
     size = buffer_bytes(sched, lh, lw, dsize, batch)
-    life = lifetimes(sched)
-    peak = dev = hst = 0
-    for p in range(len(sched.passes)):
-        alive = [i for i, (a, b) in enumerate(life) if a <= p <= b]
-        peak = max(peak, sum(size[i] for i in alive))
-        dev = max(dev, sum(size[i] for i in alive if i not in host))
-        hst = max(hst, sum(size[i] for i in alive if i in host))
+    on_dev, on_host = [0] * len(sched.passes), [0] * len(sched.passes)
+    for i, (a, b) in enumerate(sched.life):
+        side = on_host if i in host else on_dev
+        for p in range(a, b + 1):
+            side[p] += size[i]
+    peak = max(d + h for d, h in zip(on_dev, on_host, strict=True))
+    dev, hst = max(on_dev), max(on_host)
     up = down = 0
-    for i, (u, d) in enumerate(traffic(sched, lh, lw, tile_px)):
+    for i, (u, d) in enumerate(moves):
         if i in host:  # every item reads and writes its own part of the output too
             up, down = up + u * batch * dsize, down + d * batch * dsize
     return Costs(buffer_bytes=peak, device_bytes=dev, host_bytes=hst, h2d_bytes=up, d2h_bytes=down,
@@ -373,5 +392,5 @@ def peak_elements(sched: Schedule) -> float:
     """Whole-image buffer elements per OUTPUT pixel at the widest point, all buffers alive together (one item)."""
     last = sched.levels - 1
     per = [b.channels / 4 ** (last - b.level) for b in sched.buffers]
-    life = lifetimes(sched)
+    life = sched.life
     return max(sum(per[i] for i, (a, b) in enumerate(life) if a <= p <= b) for p in range(len(sched.passes)))

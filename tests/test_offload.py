@@ -149,3 +149,30 @@ def test_placement_keeps_the_busiest_buffers_on_the_device():
     # at 2 GiB the wide upsampled activation is in host memory and moves ~6 GiB (vs ~39 GiB with none on the device)
     two = P.costs(sched, 256, 256, 256, 2, 1, 2 * 2**30)
     assert two.moved_bytes < 0.2 * everything.moved_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_on_cuda_offloaded_equals_the_full_decode_under_a_bounded_peak(dtype):
+    """The copy stream and the pinned staging (extension.stream._CudaMover): the same image as the full
+    decode, a CUDA peak far below in-memory exact tiling's, and every tile's copy counted."""
+    vae = kl([32, 64, 128, 128], groups=8).to("cuda", dtype)
+    z = torch.randn(1, 4, 96, 80, device="cuda", dtype=dtype)
+    ref = full(vae, z)
+
+    def peak(budget):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            out = stream_decode(vae, z, tile_px=128, device_budget=budget)
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+
+    out, offloaded = peak(0)
+    _, in_memory = peak(None)
+    assert out.device.type == "cpu" and out.shape == ref.shape
+    limit = 100 if dtype == torch.float32 else 40  # half types: within their own rounding of the full decode
+    assert psnr(out.float(), ref.float().cpu()) >= limit
+    assert offloaded < 0.5 * in_memory
