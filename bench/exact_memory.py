@@ -103,6 +103,21 @@ def ledger_rows(size: int, tiles: list[int], dtypes: tuple[str, ...] = ("float32
     return rows
 
 
+def ledger_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["### The device working set, counted by the decode's own ledger", "",
+             "SD-architecture decoder (random weights), CPU; `extension.stream.Ledger` counts every tensor the decode "
+             "creates on the compute device, apart from the whole-image buffers kept in host memory. Working set = "
+             "ledger peak - whole-image buffers on the device, per (tile + 2)^2 pixel, in elements of the dtype. "
+             "`memory.exact_tile_elements` (768, in memory) and `exact_offload_tile_elements` (800, buffers in host "
+             "memory) must cover these.", "",
+             "| dtype | size px | tile px | buffers | ledger peak MiB | buffers on device MiB | elements per tile px |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['size']} | {r['tile']} | {'host' if r['offloaded'] else 'device'} | "
+                     f"{r['peak'] / 2**20:.1f} | {r['buffers'] / 2**20:.1f} | {r['elements_per_tile_px']:.0f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["## Exact tiling: peak memory, measured (CPU) vs model", "",
              "SD-architecture decoder (random weights), float32, one image; peak allocated bytes from PyTorch's "
@@ -138,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,512", help="output sides in px, comma-separated")
     ap.add_argument("--tiles", default="64,128,256", help="exact tile sides in px, comma-separated")
+    ap.add_argument("--ledger-size", type=int, default=256, help="image side for the ledger rows (0: skip them)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sizes, tiles = _sides(ap, "--sizes", args.sizes), _sides(ap, "--tiles", args.tiles)
     rows = run(sizes, tiles)
     text = markdown(rows)
+    if args.ledger_size:
+        text += "\n\n" + ledger_markdown(ledger_rows(args.ledger_size, [t for t in tiles if t < args.ledger_size]))
     print(text)
     if not args.no_write:
         from hybrid_vae.bench.report import write_section

@@ -378,11 +378,10 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
             options.append(Option(p, False, f"no GPU ({gpu.note or gpu.source})"))
         elif p.estimate.peak_bytes > budget:
             options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {_gib(budget)} budget"))
-        elif host and host_room is None:
-            options.append(Option(p, False, "host memory unknown (no psutil, no /proc/meminfo)"))
-        elif host and host > host_room:
-            options.append(Option(p, False, f"needs {_gib(host)} of host memory > {_gib(max(0, host_room))} "
-                                            f"available - {_gib(settings.host_reserve_bytes)} reserve"))
+        elif not host_ok(p):
+            room = "unknown (no psutil, no /proc/meminfo)" if host_room is None else \
+                f"{_gib(max(0, host_room))} available - {_gib(settings.host_reserve_bytes)} reserve"
+            options.append(Option(p, False, f"needs {_gib(host)} of host memory > {room}"))
         else:
             feasible.append(p)
             extra = f", {_gib(host)} in host memory" if host else ""

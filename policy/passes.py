@@ -266,7 +266,7 @@ def tile_side(sched: Schedule, tile_px: int, p: Pass) -> int:
     :data:`ATTENTION_TILE` x ``tile_px`` scaled to their resolution (keys and values are streamed).
     """
     if p.part in ("attn_kv", "attn_out"):
-        return ATTENTION_TILE * max(MIN_TILE, round(tile_px / 2 ** (sched.levels - 1 - p.level)))
+        return ATTENTION_TILE * max(MIN_TILE, round(tile_px / (1 << (sched.levels - 1 - p.level))))
     if p.part == "upsample":
         return max(MIN_TILE // 2, round(_side(sched, tile_px, p.level + 1) / 2))
     return _side(sched, tile_px, p.level)
@@ -391,6 +391,6 @@ def costs(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch: in
 def peak_elements(sched: Schedule) -> float:
     """Whole-image buffer elements per OUTPUT pixel at the widest point, all buffers alive together (one item)."""
     last = sched.levels - 1
-    per = [b.channels / 4 ** (last - b.level) for b in sched.buffers]
+    per = [b.channels / (1 << 2 * (last - b.level)) for b in sched.buffers]
     life = sched.life
     return max(sum(per[i] for i, (a, b) in enumerate(life) if a <= p <= b) for p in range(len(sched.passes)))

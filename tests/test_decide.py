@@ -338,7 +338,8 @@ def test_offloaded_plans_need_known_host_memory_and_fit_the_budget():
     job = DecodeJob("sdxl", 1024, 1024)
     unknown = decide(job, card("NVIDIA GeForce RTX 3070", 2.0), P)
     assert not unknown.chosen.offloaded
-    assert all(not o.feasible and "host memory unknown" in o.why for o in unknown.options if o.plan.offloaded)
+    offloaded = [o for o in unknown.options if o.plan.offloaded]
+    assert offloaded and all(not o.feasible and "of host memory > unknown" in o.why for o in offloaded)
     # squeezed into the reserve: never an offloaded plan whose host memory is unknown
     squeezed = decide(job, card("NVIDIA GeForce RTX 3070", 0.14), P, DecodeSettings(allow_cpu=True))
     assert not any(p.offloaded for p in squeezed.plans)
