@@ -22,7 +22,8 @@ CUDA the copies run on a copy stream through pinned staging buffers, one tile ah
 
 The interface for other decoders (e.g. ComfyUI's LDM ``Decoder``): describe the decoder as a list of
 steps (:class:`ConvIn`, :class:`Resnet`, :class:`Attention`, :class:`Upsample`, :class:`Output`, in the
-order the decoder runs them) and call :func:`decode_steps`. :func:`diffusers_steps` builds that list
+order the decoder runs them) and call :func:`decode_steps`, or give the VAE object a ``stream_steps()``
+method returning them (:func:`steps_of`). :func:`diffusers_steps` builds that list
 for diffusers' ``Decoder`` made of ``UpDecoderBlock2D`` / ``ResnetBlock2D`` / ``Upsample2D`` (SD 1.x/2.x,
 SDXL, SD3, FLUX.1 VAEs and the fixture); :func:`stream_support` says why another is not supported.
 
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybrid_vae.stream")
 
 __all__ = ["Attention", "ConvIn", "Ledger", "Output", "Resnet", "Step", "Upsample", "decode_steps",
-           "diffusers_steps", "settings_for_vae", "step_layers", "stream_buffer_elements", "stream_decode",
+           "diffusers_steps", "settings_for_vae", "step_layers", "steps_of", "stream_buffer_elements", "stream_decode",
            "stream_support"]
 
 ProgressFn = Callable[[int, int], None]
@@ -222,10 +223,24 @@ def diffusers_steps(vae: Any) -> list[Step]:
     return steps
 
 
+def steps_of(vae: Any) -> list[Step]:
+    """The decoder steps of ``vae``: what its own ``stream_steps()`` returns when it has one (a decoder of
+    another library, e.g. an adapter for ComfyUI's LDM ``Decoder``; it raises :class:`PlanError` naming what it
+    cannot run), else :func:`diffusers_steps`.
+
+    Raises:
+        PlanError: the reason exact tiling cannot run this VAE.
+    """
+    hook = getattr(vae, "stream_steps", None)
+    if callable(hook):
+        return list(hook())
+    return diffusers_steps(vae)
+
+
 def stream_support(vae: Any) -> str | None:
     """None when :func:`stream_decode` can run ``vae`` exactly, else the reason it cannot."""
     try:
-        diffusers_steps(vae)
+        steps_of(vae)
     except PlanError as exc:
         return str(exc)
     return None
@@ -995,14 +1010,15 @@ def _run_item(run: _Run, z: torch.Tensor) -> None:
 def stream_decode(vae: Any, z: torch.Tensor, *, tile_px: int, device_budget: int | None = None,
                   progress: ProgressFn | None = None, on_buffers: Callable[[int], None] | None = None,
                   ledger: Ledger | None = None) -> torch.Tensor:
-    """Decode VAE-space latents ``z`` ``[B, C, h, w]`` of a diffusers ``AutoencoderKL`` exactly, with
-    tiles of at most ``tile_px`` (see :func:`decode_steps` for the arguments).
+    """Decode VAE-space latents ``z`` ``[B, C, h, w]`` of a diffusers ``AutoencoderKL`` (or a VAE with
+    ``stream_steps()``, see :func:`steps_of`) exactly, with tiles of at most ``tile_px`` (see
+    :func:`decode_steps` for the arguments).
 
     Raises:
         PlanError: the VAE's decoder is not one this function supports (the reason is named).
     """
     try:
-        steps = diffusers_steps(vae)
+        steps = steps_of(vae)
     except PlanError as exc:
         raise PlanError(f"exact tiling cannot run this VAE: {exc}; use a local-GroupNorm tiled plan") from None
     return decode_steps(steps, z, tile_px=tile_px, device_budget=device_budget, progress=progress,

@@ -176,3 +176,66 @@ def test_on_cuda_offloaded_equals_the_full_decode_under_a_bounded_peak(dtype):
     limit = 100 if dtype == torch.float32 else 40  # half types: within their own rounding of the full decode
     assert psnr(out.float(), ref.float().cpu()) >= limit
     assert offloaded < 0.5 * in_memory
+
+
+class _LdmLike(torch.nn.Module):
+    """A decoder written like ComfyUI's LDM one (1x1-convolution attention projections, nin_shortcut), with
+    its own plain forward: the reference the step interface must reproduce."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        gn = lambda c: torch.nn.GroupNorm(4, c, eps=1e-6)  # noqa: E731
+        conv = lambda a, b, k=3: torch.nn.Conv2d(a, b, k, padding=k // 2)  # noqa: E731
+        self.conv_in = conv(4, 16)
+        self.r1 = torch.nn.ModuleDict(dict(norm1=gn(16), conv1=conv(16, 16), norm2=gn(16), conv2=conv(16, 16)))
+        self.attn = torch.nn.ModuleDict(dict(norm=gn(16), q=conv(16, 16, 1), k=conv(16, 16, 1), v=conv(16, 16, 1),
+                                             proj_out=conv(16, 16, 1)))
+        self.up = conv(16, 16)
+        self.r2 = torch.nn.ModuleDict(dict(norm1=gn(16), conv1=conv(16, 8), norm2=gn(8), conv2=conv(8, 8),
+                                           nin_shortcut=conv(16, 8, 1)))
+        self.norm_out, self.conv_out = gn(8), conv(8, 3)
+
+    @staticmethod
+    def _res(r, x):
+        h = r["conv1"](torch.nn.functional.silu(r["norm1"](x)))
+        h = r["conv2"](torch.nn.functional.silu(r["norm2"](h)))
+        return (r["nin_shortcut"](x) if "nin_shortcut" in r else x) + h
+
+    def forward(self, z):
+        x = self._res(self.r1, self.conv_in(z))
+        a = self.attn
+        n = a["norm"](x)
+        b, c, h, w = n.shape
+        q, k, v = (a[m](n).reshape(b, c, h * w).transpose(1, 2) for m in ("q", "k", "v"))
+        att = torch.softmax(q @ k.transpose(1, 2) * c ** -0.5, dim=-1) @ v
+        x = x + a["proj_out"](att.transpose(1, 2).reshape(b, c, h, w))
+        x = self.up(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = self._res(self.r2, x)
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(x)))
+
+    def stream_steps(self):
+        from hybrid_vae.extension.stream import Attention, ConvIn, Output, Resnet, Upsample
+
+        a = self.attn
+        return [ConvIn(self.conv_in),
+                Resnet(self.r1["norm1"], self.r1["conv1"], self.r1["norm2"], self.r1["conv2"]),
+                Attention(a["norm"], a["q"], a["k"], a["v"], a["proj_out"]),
+                Upsample(self.up),
+                Resnet(self.r2["norm1"], self.r2["conv1"], self.r2["norm2"], self.r2["conv2"], self.r2["nin_shortcut"]),
+                Output(self.norm_out, self.conv_out)]
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_another_libraries_decoder_through_its_steps(budget):
+    """The step interface (what an adapter for ComfyUI's LDM decoder provides through ``stream_steps()``):
+    1x1-convolution attention projections and a 1x1 shortcut, in memory and offloaded, equal the plain forward."""
+    from hybrid_vae.extension.stream import stream_support
+
+    dec = _LdmLike().eval()
+    z = torch.randn(2, 4, 20, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = dec(z)
+        out = stream_decode(dec, z, tile_px=16, device_budget=budget)
+    assert stream_support(dec) is None
+    assert out.shape == ref.shape and float((out - ref).abs().max()) < 1e-4
