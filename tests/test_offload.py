@@ -239,3 +239,24 @@ def test_another_libraries_decoder_through_its_steps(budget):
         out = stream_decode(dec, z, tile_px=16, device_budget=budget)
     assert stream_support(dec) is None
     assert out.shape == ref.shape and float((out - ref).abs().max()) < 1e-4
+
+
+def test_the_engine_runs_an_offloaded_plan_end_to_end():
+    """HybridDecoder on a simulated card whose free memory holds exact tiles only with host memory: the plan
+    runs through the executor, the image equals the full decode, the infotext names it; with host memory
+    too small the engine says why it drifts instead."""
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.policy import parse_simulation
+
+    from hybrid_vae.extension.latents import to_vae_space
+    from hybrid_vae.policy import load_profiles
+
+    vae = load_fixture_vae()
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.8
+    ref = full(vae, to_vae_space(z, load_profiles("").family("sd15"))).clamp(-1, 1)
+    sim = "name=NVIDIA GeForce RTX 3070,free_gib=0.6,host_gib={}"
+    r = HybridDecoder(probe=lambda: parse_simulation(sim.format(8))).decode(z, vae, family="sd15")
+    assert r.report.ran.offloaded and r.report.ran.label.endswith("exact+host")
+    assert "exact+host" in r.report.infotext() and psnr(r.tensor, ref) >= 100
+    r = HybridDecoder(probe=lambda: parse_simulation(sim.format(0.5))).decode(z, vae, family="sd15")
+    assert not r.report.ran.offloaded and "of host memory" in " ".join(o.why for o in r.report.decision.options)
