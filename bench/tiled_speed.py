@@ -127,29 +127,40 @@ def run(*, size: int, dtype: str, budget_gib: float, card: str, device: str, rep
             diff_tile = t
             break
 
-    rows: list[dict[str, Any]] = []
-    full_s, full_peak, ref = _timed(lambda: vae.decode(z).sample, device, repeat)
-    rows.append({"what": "full (diffusers, no tiling)", "seconds": full_s, "peak": full_peak,
-                 "est": d.options[0].plan.estimate.peak_bytes, "psnr": float("inf")})
+    runs: list[tuple[str, Any, Any]] = [("full (diffusers, no tiling)", None, lambda: vae.decode(z).sample)]
     plans = [("engine's choice", chosen)] + [(f"fastest {k}", p) for k, p in kinds.items() if p is not chosen] + extra
     for label, plan in plans:
-        if plan is None or plan.path not in ("full", "tiled"):
-            continue
-        s, pk, out = _timed(lambda p=plan: run_plan(p, vae, z, family=fam, device=device), device, repeat)
-        rows.append({"what": f"{label}: {plan.label}", "seconds": s, "peak": pk, "est": plan.estimate.peak_bytes,
-                     "psnr": _psnr(out.to(ref.device), ref.clamp(-1, 1)), "host": plan.estimate.host_bytes,
-                     "moved": plan.estimate.transfer_bytes})
+        if plan is not None and plan.path in ("full", "tiled"):
+            runs.append((f"{label}: {plan.label}", plan, lambda p=plan: run_plan(p, vae, z, family=fam, device=device)))
     if diff_tile is not None:
         from hybrid_vae.bench.tiling_quality import _diffusers_tiled
 
-        def diffusers_tiled() -> Any:
-            return _diffusers_tiled(vae, z, diff_tile, diff_tile // 4)
-
-        s, pk, out = _timed(diffusers_tiled, device, repeat)
-        rows.append({"what": f"diffusers enable_tiling({diff_tile}, overlap 0.25)", "seconds": s, "peak": pk,
-                     "est": peak_bytes(job, fam, tile_px=diff_tile, overlap_px=diff_tile // 4, frame_chunk=None,
-                                       slice_batch=True, geometry="diffusers"),
-                     "psnr": _psnr(out, ref.clamp(-1, 1))})
+        runs.append((f"diffusers enable_tiling({diff_tile}, overlap 0.25)", diff_tile,
+                     lambda: _diffusers_tiled(vae, z, diff_tile, diff_tile // 4)))
+    # round robin: every repeat times each decode once, so a machine whose load changes meanwhile
+    # (a shared CPU) slows all of them alike; the median of the repeats is reported
+    times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    peaks: dict[str, int | None] = {}
+    outs: dict[str, Any] = {}
+    for _ in range(repeat):
+        for label, _, fn in runs:
+            s, pk, out = _timed(fn, device, 1)
+            times[label].append(s)
+            peaks[label], outs[label] = pk, out
+    ref = outs[runs[0][0]]
+    rows: list[dict[str, Any]] = []
+    for label, what, _ in runs:
+        row: dict[str, Any] = {"what": label, "seconds": statistics.median(times[label]), "peak": peaks[label],
+                               "psnr": float("inf") if what is None else _psnr(outs[label].to(ref.device), ref.clamp(-1, 1))}
+        if what is None:
+            row["est"] = d.options[0].plan.estimate.peak_bytes
+        elif isinstance(what, int):
+            row["est"] = peak_bytes(job, fam, tile_px=what, overlap_px=what // 4, frame_chunk=None, slice_batch=True,
+                                    geometry="diffusers")
+        else:
+            row.update(est=what.estimate.peak_bytes, host=what.estimate.host_bytes, moved=what.estimate.transfer_bytes)
+        rows.append(row)
+    full_s = rows[0]["seconds"]
     return {"size": size, "dtype": dtype, "budget_gib": budget_gib, "card": card, "device": device,
             "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
             "threads": torch.get_num_threads(), "repeat": repeat, "reason": d.reason, "rows": rows,
@@ -162,7 +173,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['device_name']})", "",
              f"SD-architecture decoder (random weights), {res['budget_gib']:g} GiB free on a simulated "
              f"{res['card']} for the engine's decision (\"{res['reason']}\"); median of {res['repeat']} runs "
-             f"on {res['device_name']} ({res['threads']} threads). Written by `python -m hybrid_vae.bench.tiled_speed`.", "",
+             f"(round robin) on {res['device_name']} ({res['threads']} threads). Written by "
+             f"`python -m hybrid_vae.bench.tiled_speed {res.get('argv', '')}`.".replace(" `.", "`."), "",
              "| decode | seconds | x full | PSNR vs full dB | peak GiB measured | peak GiB estimated | host GiB | GB copied |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -176,7 +188,7 @@ def markdown(res: dict[str, Any]) -> str:
                   "on a CPU means the whole-image buffers are a separate store and every tile is copied in and out, "
                   "as on a GPU, so those rows show the cost of the copy machinery, not of a PCIe link. The GPU "
                   "figures for the offloaded case (2048x2048 float16, 2.5 GiB free: estimate >= measured peak, "
-                  "time <= 1.6x full) come from `bash bench/gpu_offload.sh`."]
+                  "time <= 1.6x full) come from `bash bench/gpu_session.sh offload` (`--check-offload 1.6`)."]
     return "\n".join(lines)
 
 
@@ -188,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--card", default="NVIDIA GeForce RTX 3070", help="the card the engine decides for")
     ap.add_argument("--device", default="cpu", help="where the decodes run (cpu, cuda)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--min-tile-px", type=int, default=None, help="smallest tile the engine may choose (default: the family's)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--check-offload", type=float, default=None, metavar="X",
@@ -201,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.repeat <= 100:
         ap.error(f"--repeat {args.repeat}: give 1 to 100 timed runs")
     res = run(size=args.size, dtype=args.dtype, budget_gib=args.budget_gib, card=args.card, device=args.device,
-              repeat=args.repeat)
+              repeat=args.repeat, min_tile_px=args.min_tile_px)
+    res["argv"] = " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(res)
     print(text)
     if args.json:
