@@ -245,11 +245,9 @@ def test_the_engine_runs_an_offloaded_plan_end_to_end():
     """HybridDecoder on a simulated card whose free memory holds exact tiles only with host memory: the plan
     runs through the executor, the image equals the full decode, the infotext names it; with host memory
     too small the engine says why it drifts instead."""
-    from hybrid_vae.extension.orchestrator import HybridDecoder
-    from hybrid_vae.policy import parse_simulation
-
     from hybrid_vae.extension.latents import to_vae_space
-    from hybrid_vae.policy import load_profiles
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.policy import load_profiles, parse_simulation
 
     vae = load_fixture_vae()
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.8
