@@ -44,6 +44,9 @@ def _timed(fn: Any, device: str, repeat: int) -> tuple[float, int | None, Any]:
     import torch
 
     cuda = device.startswith("cuda")
+    # CPU: the process's CPU seconds, which other processes on a shared machine do not inflate (the ratios
+    # between decodes are what the CPU run is for); CUDA: wall seconds after a synchronize
+    clock = time.perf_counter if cuda else time.process_time
     times, peak, out = [], None, None
     for _ in range(repeat):
         out = None
@@ -52,13 +55,13 @@ def _timed(fn: Any, device: str, repeat: int) -> tuple[float, int | None, Any]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         with torch.no_grad():
             out = fn()
         if cuda:
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) - base
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times), peak, out
 
 
@@ -87,7 +90,7 @@ def run(*, size: int, dtype: str, budget_gib: float, card: str, device: str, rep
     from hybrid_vae.extension.executors import run_plan
     from hybrid_vae.policy import passes
     from hybrid_vae.policy.decide import decide
-    from hybrid_vae.policy.estimate import exact_schedule, offload_peak_bytes, peak_bytes
+    from hybrid_vae.policy.estimate import exact_peak_bytes, exact_schedule, offload_peak_bytes, peak_bytes
     from hybrid_vae.policy.gpu import GiB, GpuState, host_memory
     from hybrid_vae.policy.model import DecodeJob, DecodeSettings
     from hybrid_vae.policy.profiles import load_profiles
@@ -110,6 +113,11 @@ def run(*, size: int, dtype: str, budget_gib: float, card: str, device: str, rep
     kinds = _kinds(d)
     exact = kinds.get("exact") or kinds.get("exact+host")
     extra = []
+    if exact is not None and exact.offloaded:  # the same tile with every buffer on the device, for comparison
+        inmem = exact_peak_bytes(job, fam, exact.tile_px)
+        extra.append(("exact, all buffers on the device", dataclasses.replace(
+            exact, device_budget=None, estimate=dataclasses.replace(exact.estimate, peak_bytes=inmem, host_bytes=0,
+                                                                    transfer_bytes=0, transfer_seconds=0.0))))
     sched = exact_schedule(fam, offload=True)
     if exact is not None and sched is not None:
         tile, lat = exact.tile_px, size // 8
@@ -173,7 +181,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['device_name']})", "",
              f"SD-architecture decoder (random weights), {res['budget_gib']:g} GiB free on a simulated "
              f"{res['card']} for the engine's decision (\"{res['reason']}\"); median of {res['repeat']} runs "
-             f"(round robin) on {res['device_name']} ({res['threads']} threads). Written by "
+             f"(round robin) on {res['device_name']} ({res['threads']} threads"
+             f"{'; seconds are the process CPU time' if res['device'] == 'cpu' else ''}). Written by "
              f"`python -m hybrid_vae.bench.tiled_speed {res.get('argv', '')}`.".replace(" `.", "`."), "",
              "| decode | seconds | x full | PSNR vs full dB | peak GiB measured | peak GiB estimated | host GiB | GB copied |",
              "|---|---|---|---|---|---|---|---|"]
@@ -184,7 +193,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['what']} | {r['seconds']:.3f} | {r['seconds'] / res['full_s']:.2f} | {psnr} | {peak} | "
                      f"{r['est'] / gib:.2f} | {host} |")
     if res["device"] == "cpu":
-        lines += ["", "CPU: only the ratios mean something (compute-bound, no launch overhead). \"In host memory\" "
+        lines += ["", "CPU: only the ratios mean something (compute-bound, no launch overhead; CPU time, so other "
+                  "processes on a shared machine do not skew them). \"In host memory\" "
                   "on a CPU means the whole-image buffers are a separate store and every tile is copied in and out, "
                   "as on a GPU, so those rows show the cost of the copy machinery, not of a PCIe link. The GPU "
                   "figures for the offloaded case (2048x2048 float16, 2.5 GiB free: estimate >= measured peak, "
