@@ -32,6 +32,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
+from hybrid_vae.policy import passes
 from hybrid_vae.policy.errors import ProfileError
 from hybrid_vae.policy.estimate import (
     SpeedModel,
@@ -169,13 +170,13 @@ def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: i
 
 def _offload_sizes(sizes: list[int]) -> list[int]:
     """A few of the exact tile sizes (ascending) for offloaded plans: the smallest, the largest up to 1024 px
-    and two between (each candidate costs a pass schedule, and decide() stays under a millisecond; larger
+    and one between (each candidate costs a pass schedule, and decide() stays under a millisecond; larger
     tiles leave less room for buffers on the GPU, smaller ones take more steps, so the optimum is broad)."""
     small = [t for t in sizes if t <= 1024] or sizes[:1]
-    if len(small) <= 4:
+    if len(small) <= 3:
         return small
-    step = (len(small) - 1) / 3
-    return sorted({small[round(i * step)] for i in range(4)})
+    step = (len(small) - 1) / 2
+    return sorted({small[round(i * step)] for i in range(3)})
 
 
 def _offload_sizes_to_cost(plans: list[Plan], sizes: list[int], budget: int, settings: DecodeSettings) -> list[int]:
@@ -275,6 +276,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
 
     sched_mem = exact_schedule(fam, offload=False) if not fam.video else None
     sched_off = exact_schedule(fam, offload=True) if not fam.video else None
+    moves: dict[int, list[tuple[int, int]]] = {}  # offloaded plans' bytes moved per buffer, by tile
 
     def exact(tile: int) -> Plan:
         t = fam.timing
@@ -288,7 +290,9 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     def offloaded(tile: int, room: float) -> Plan | None:
         """Exact tiles whose whole-image buffers get what ``room`` bytes of device memory leave after the
         tile; None when that is all of them (the in-memory exact plan covers it)."""
-        device_budget, c = offload_costs(job, fam, tile, room, sched=sched_off)
+        if tile not in moves and sched_off is not None:
+            moves[tile] = passes.traffic(sched_off, job.height // sc, job.width // sc, tile)
+        device_budget, c = offload_costs(job, fam, tile, room, sched=sched_off, moves=moves.get(tile))
         if c.host_bytes == 0:
             return None
         secs, copy_s, copy_src = offload_seconds(job, fam, speed, tile, c, gp, sched=sched_mem)

@@ -251,7 +251,8 @@ def offload_tile_bytes(job: DecodeJob, fam: Family, tile_px: int) -> int:
 
 
 def offload_costs(job: DecodeJob, fam: Family, tile_px: int, budget_bytes: float, *,
-                  sched: passes.Schedule | None = None) -> tuple[int, passes.Costs]:
+                  sched: passes.Schedule | None = None,
+                  moves: list[tuple[int, int]] | None = None) -> tuple[int, passes.Costs]:
     """(device budget of the whole-image buffers, bytes held and moved) of offloaded exact tiling that must
     fit ``budget_bytes`` of device memory: the buffers get what the tile's working set, the margin and (when
     not resident) the weights leave; :func:`policy.passes.placement` puts the rest in host memory.
@@ -266,7 +267,7 @@ def offload_costs(job: DecodeJob, fam: Family, tile_px: int, budget_bytes: float
     room = (budget_bytes - weights) / fam.memory.exact_margin - offload_tile_bytes(job, fam, tile_px)
     sc, room = fam.spatial_compression, max(0, int(room))
     return room, passes.costs(sched, job.height // sc, job.width // sc, tile_px, dtype_bytes(decode_dtype(job, fam)),
-                              job.batch, room)
+                              job.batch, room, moves=moves)
 
 
 def offload_peak_bytes(job: DecodeJob, fam: Family, tile_px: int, costs: passes.Costs, *,

@@ -111,6 +111,8 @@ class Schedule:
     level_channels: tuple[int, ...] = ()  # the widest activation at each resolution
     halvings: tuple[int, ...] = ()  # tile_px is halved this often at each resolution (see tile_side)
     life: tuple[tuple[int, int], ...] = ()  # first and last pass of each buffer (see lifetimes)
+    groups: tuple[Pass, ...] = ()  # one pass of each (resolution, tiling) kind: they share their tile grid
+    group_of: tuple[int, ...] = ()  # the group of each pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +246,18 @@ def schedule(layers: Sequence[Layer], *, narrow_in_place: bool = True) -> Schedu
             start[b] = i
         for b in p.free:
             end[b] = i
+    keys: dict[tuple[int, str], int] = {}
+    for p in passes:
+        keys.setdefault(_grid_key(p), len(keys))
+    groups = {i: p for p in reversed(passes) for k, i in keys.items() if k == _grid_key(p)}
     return Schedule(tuple(layers), tuple(buffers), tuple(passes), levels, out, tuple(widest), halve,
-                    tuple(zip(start, end, strict=True)))
+                    tuple(zip(start, end, strict=True)), tuple(groups[i] for i in range(len(keys))),
+                    tuple(keys[_grid_key(p)] for p in passes))
+
+
+def _grid_key(p: Pass) -> tuple[int, str]:
+    """Passes with the same key have the same tile grid (see :func:`tile_side`)."""
+    return p.level, p.part if p.part in ("upsample", "attn_kv", "attn_out") else ""
 
 
 def _side(sched: Schedule, tile_px: int, level: int) -> int:
@@ -303,13 +315,9 @@ def traffic(sched: Schedule, lh: int, lw: int, tile_px: int) -> list[tuple[int, 
     a write moves the buffer's ``channels x H x W``.
     """
     out = [(0, 0)] * len(sched.buffers)
-    memo: dict[tuple[int, str], tuple[int, int]] = {}
-    for p in sched.passes:
-        key = (p.level, p.part if p.part in ("upsample", "attn_kv", "attn_out") else "")
-        got = memo.get(key)
-        if got is None:
-            got = memo[key] = counts(sched, lh, lw, tile_px, p)
-        ny, nx = got
+    per_group = [counts(sched, lh, lw, tile_px, g) for g in sched.groups]
+    for p, gi in zip(sched.passes, sched.group_of, strict=True):
+        ny, nx = per_group[gi]
         h, w = lh << p.level, lw << p.level
         for a in p.reads:
             if sched.buffers[a.buffer].role == "tokens":
@@ -327,16 +335,8 @@ def traffic(sched: Schedule, lh: int, lw: int, tile_px: int) -> list[tuple[int, 
 
 def steps(sched: Schedule, lh: int, lw: int, tile_px: int) -> int:
     """Tile steps of one batch item (the executor's progress total)."""
-    n = 0
-    memo: dict[tuple[int, str], int] = {}
-    for p in sched.passes:
-        key = (p.level, p.part if p.part in ("upsample", "attn_kv", "attn_out") else "")
-        got = memo.get(key)
-        if got is None:
-            ny, nx = counts(sched, lh, lw, tile_px, p)
-            got = memo[key] = ny * nx
-        n += got
-    return n
+    tiles = [a * b for a, b in (counts(sched, lh, lw, tile_px, g) for g in sched.groups)]
+    return sum(tiles[gi] for gi in sched.group_of)
 
 
 def placement(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch: int,
@@ -367,10 +367,11 @@ def placement(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch
 
 
 def costs(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch: int = 1,
-          device_budget: int | None = None) -> Costs:
+          device_budget: int | None = None, *, moves: list[tuple[int, int]] | None = None) -> Costs:
     """Bytes held and moved by exact tiling of a ``batch`` of ``lh x lw`` latents with tiles of ``tile_px``
-    output pixels, ``dsize`` bytes per element, buffers placed by :func:`placement`."""
-    moves = traffic(sched, lh, lw, tile_px)
+    output pixels, ``dsize`` bytes per element, buffers placed by :func:`placement` (``moves``: this tile's
+    :func:`traffic`, when the caller has it)."""
+    moves = moves or traffic(sched, lh, lw, tile_px)
     host = placement(sched, lh, lw, tile_px, dsize, batch, device_budget, moves=moves)
     size = buffer_bytes(sched, lh, lw, dsize, batch)
     on_dev, on_host = [0] * len(sched.passes), [0] * len(sched.passes)
