@@ -169,14 +169,12 @@ def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: i
 
 
 def _offload_sizes(sizes: list[int]) -> list[int]:
-    """A few of the exact tile sizes (ascending) for offloaded plans: the smallest, the largest up to 1024 px
-    and one between (each candidate costs a pass schedule, and decide() stays under a millisecond; larger
-    tiles leave less room for buffers on the GPU, smaller ones take more steps, so the optimum is broad)."""
-    small = [t for t in sizes if t <= 1024] or sizes[:1]
-    if len(small) <= 3:
-        return small
-    step = (len(small) - 1) / 2
-    return sorted({small[round(i * step)] for i in range(3)})
+    """A few of the exact tile sizes (ascending) for offloaded plans: the smallest and those nearest 512 and
+    1024 px (each candidate costs a pass schedule, and decide() stays under a millisecond; larger tiles leave
+    less room for buffers on the GPU, smaller ones take more steps, so the optimum is broad, and tiles of
+    ``2^k`` px split the usual image sizes evenly at every resolution)."""
+    picks = {sizes[0]} | {min(sizes, key=lambda t: (abs(t - target), t)) for target in (512, 1024)}
+    return sorted(t for t in picks if t <= 1024 or t == sizes[0])
 
 
 def _offload_sizes_to_cost(plans: list[Plan], sizes: list[int], budget: int, settings: DecodeSettings) -> list[int]:
