@@ -69,6 +69,55 @@ def run(sizes: list[int], tiles: list[int], config: dict[str, Any] | None = None
     return rows
 
 
+def ledger_rows(size: int, tiles: list[int], dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+                config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The device working set of exact tiling per tile pixel, counted by the decode's own ledger
+    (:class:`extension.stream.Ledger`): its peak minus the whole-image buffers it keeps on the device, over
+    ``(tile + 2)^2`` and the dtype size. With the buffers in host memory (``device_budget=0``) this is what
+    ``memory.exact_offload_tile_elements`` must cover; in memory (``None``), ``exact_tile_elements``."""
+    import torch
+    from diffusers import AutoencoderKL
+    from hybrid_vae.extension.stream import Ledger, diffusers_steps, step_layers, stream_decode
+    from hybrid_vae.policy import passes
+
+    torch.manual_seed(0)
+    base = AutoencoderKL(**(config or SD_CONFIG)).eval()
+    rows = []
+    for dtype in dtypes:
+        vae = base.to(getattr(torch, dtype))
+        z = torch.randn(1, 4, size // 8, size // 8).to(getattr(torch, dtype))
+        layers = step_layers(diffusers_steps(vae), 4)
+        for tile in tiles:
+            for budget in (None, 0):
+                sched = passes.schedule(layers, narrow_in_place=budget is None)
+                c = passes.costs(sched, size // 8, size // 8, tile, z.element_size(), 1, budget)
+                ledger = Ledger("cpu")
+                with torch.no_grad():
+                    stream_decode(vae, z, tile_px=tile, device_budget=budget, ledger=ledger)
+                per = (ledger.peak - c.device_bytes) / ((min(tile, size) + 2) ** 2 * z.element_size())
+                rows.append({"dtype": dtype, "size": size, "tile": tile, "offloaded": budget == 0,
+                             "peak": ledger.peak, "buffers": c.device_bytes, "elements_per_tile_px": per})
+                print(f"{dtype} {size} px tile {tile} {'offloaded' if budget == 0 else 'in memory'}: ledger peak "
+                      f"{ledger.peak / 2**20:.1f} MiB, buffers {c.device_bytes / 2**20:.1f} MiB, "
+                      f"{per:.0f} elements per tile px", file=sys.stderr)
+    return rows
+
+
+def ledger_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["### The device working set, counted by the decode's own ledger", "",
+             "SD-architecture decoder (random weights), CPU; `extension.stream.Ledger` counts every tensor the decode "
+             "creates on the compute device, apart from the whole-image buffers kept in host memory. Working set = "
+             "ledger peak - whole-image buffers on the device, per (tile + 2)^2 pixel, in elements of the dtype. "
+             "`memory.exact_tile_elements` (768, in memory) and `exact_offload_tile_elements` (800, buffers in host "
+             "memory) must cover these.", "",
+             "| dtype | size px | tile px | buffers | ledger peak MiB | buffers on device MiB | elements per tile px |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['size']} | {r['tile']} | {'host' if r['offloaded'] else 'device'} | "
+                     f"{r['peak'] / 2**20:.1f} | {r['buffers'] / 2**20:.1f} | {r['elements_per_tile_px']:.0f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["## Exact tiling: peak memory, measured (CPU) vs model", "",
              "SD-architecture decoder (random weights), float32, one image; peak allocated bytes from PyTorch's "
@@ -104,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,512", help="output sides in px, comma-separated")
     ap.add_argument("--tiles", default="64,128,256", help="exact tile sides in px, comma-separated")
+    ap.add_argument("--ledger-size", type=int, default=256, help="image side for the ledger rows (0: skip them)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sizes, tiles = _sides(ap, "--sizes", args.sizes), _sides(ap, "--tiles", args.tiles)
     rows = run(sizes, tiles)
     text = markdown(rows)
+    if args.ledger_size:
+        text += "\n\n" + ledger_markdown(ledger_rows(args.ledger_size, [t for t in tiles if t < args.ledger_size]))
     print(text)
     if not args.no_write:
         from hybrid_vae.bench.report import write_section

@@ -2,9 +2,10 @@
 # Everything this project needs a GPU for, in one run (about 8 minutes on an H100; each step has its own
 # time limit so one slow step cannot eat the others). The lent machine has no network: first run
 # `bash bench/gpu_wheels.sh` here (wheels into .whl/), then with the device tool:
-#   run  command="bash bench/gpu_session.sh 1"  carry=[".whl"]  timeout_s=400   (tests, #3 timing, calibrate)
+#   run  command="bash bench/gpu_session.sh 1"  carry=[".whl"]  timeout_s=480   (tests, #3/#15 timing, calibrate)
 #   run  command="bash bench/gpu_session.sh 2"  carry=[".whl"]  timeout_s=420   (#6: bench --gpu, 31 decodes)
-# (no argument runs both parts, which may not fit one 600 s call.)
+#   run  command="bash bench/gpu_session.sh offload"  carry=[".whl"]  timeout_s=300   (#15 alone, ~3 minutes)
+# (no argument runs parts 1 and 2, which may not fit one 600 s call.)
 # It writes under ${OUT:-bench/results/gpu}: the logs, the JSON of each step, docs/benchmarks.md sections
 # (copied back as benchmarks.md) and the calibrated profile (calibrated.yaml); copy them into the repo
 # afterwards (docs/benchmarks.md, bench/results/).
@@ -12,9 +13,13 @@
 #      under the estimate), and the same at 1024x1024 where exact tiles fit
 #   2. issue #6: `hybrid-vae bench --gpu` (31 real decodes under emulated smaller cards: OOMs, peaks vs
 #      estimates) and `hybrid-vae calibrate` + `explain --profile` naming it
+#   offload (also inside part 1): issue #15, exact tiles with their whole-image buffers in host memory:
+#      CUDA tests (equal to the full decode, the copy stream), then 2048x2048 float16 at 2.5 GiB free:
+#      the offloaded plan's CUDA peak <= its estimate and its time <= 1.6x the full decode
+#      (tiled_speed --check-offload 1.6; offload_2048.json)
 set -u
 PART=${1:-all}
-case "$PART" in 1|2|all) ;; *) echo "gpu_session.sh: part '$PART': use 1, 2 or nothing (both)" >&2; exit 2;; esac
+case "$PART" in 1|2|offload|all) ;; *) echo "gpu_session.sh: part '$PART': use 1, 2, offload or nothing (1 and 2)" >&2; exit 2;; esac
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -33,11 +38,15 @@ CARD=$($PY -c "import torch; print(torch.cuda.get_device_name(0))")
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" >"$OUT/$name.log" 2>&1;
          echo "   rc=$?"; tail -n 25 "$OUT/$name.log"; }
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-  step cuda_tests 45 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_stream.py tests/test_executors.py tests/test_orchestrator.py
-  step tiled_speed_2048 90 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3
+  step cuda_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_stream.py tests/test_offload.py tests/test_executors.py tests/test_orchestrator.py
+  step tiled_speed_2048 120 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3 --json "$OUT/offload_2048.json" --check-offload 1.6
   step tiled_speed_1024 60 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 1024 --dtype float16 --budget-gib 1.5 --card "$CARD" --repeat 3
   step calibrate 120 $PY -m hybrid_vae.extension.cli calibrate --out "$OUT/calibrated.yaml" --sizes 512,1024,2048 --dtypes float16,float32 --repeats 2
   step explain_profile 20 $PY -m hybrid_vae.extension.cli explain --family sdxl --width 1024 --height 1024 --profile "$OUT/calibrated.yaml" --free-gib 4
+fi
+if [ "$PART" = offload ]; then
+  step cuda_offload_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_offload.py tests/test_stream.py
+  step tiled_speed_2048 150 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3 --json "$OUT/offload_2048.json" --check-offload 1.6
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   step bench_gpu 400 $PY -m hybrid_vae.bench.cli gpu --out "$OUT" --budget-s 330

@@ -18,13 +18,13 @@ def measure(n: int) -> dict[str, dict[str, float]]:
     settings = DecodeSettings(allow_remote=True)
     cases = {
         "sdxl 1024 on RTX 3070, 1 GiB free (tiled)":
-            (DecodeJob("sdxl", 1024, 1024), "name=NVIDIA GeForce RTX 3070,free_gib=1.0"),
+            (DecodeJob("sdxl", 1024, 1024), "name=NVIDIA GeForce RTX 3070,free_gib=1.0,host_gib=16"),
         "sdxl 1024 on RTX 4090, 20 GiB free (full)":
-            (DecodeJob("sdxl", 1024, 1024), "name=NVIDIA GeForce RTX 4090,free_gib=20"),
+            (DecodeJob("sdxl", 1024, 1024), "name=NVIDIA GeForce RTX 4090,free_gib=20,host_gib=16"),
         "flux 2048x1152 x2 on RTX 3080, 3 GiB free":
-            (DecodeJob("flux", 2048, 1152, batch=2), "name=NVIDIA GeForce RTX 3080,free_gib=3"),
+            (DecodeJob("flux", 2048, 1152, batch=2), "name=NVIDIA GeForce RTX 3080,free_gib=3,host_gib=16"),
         "hunyuanvideo 61x544x960 on RTX 4090, 6 GiB":
-            (DecodeJob("hunyuanvideo", 960, 544, frames=61), "name=NVIDIA GeForce RTX 4090,free_gib=6"),
+            (DecodeJob("hunyuanvideo", 960, 544, frames=61), "name=NVIDIA GeForce RTX 4090,free_gib=6,host_gib=16"),
     }
     out: dict[str, dict[str, float]] = {}
     real_probe = []

@@ -46,7 +46,7 @@ class Outcome:
 
 def drifts(world: World, sc: Scenario, ex: Exec) -> bool:
     """Whether ``ex`` gives an image VAE's output per-tile GroupNorm statistics (video: not counted)."""
-    return ex.path == "tiled" and ex.geometry != "exact" and not world.profiles.family(sc.family).video
+    return ex.path == "tiled" and ex.geometry not in ("exact", "offload") and not world.profiles.family(sc.family).video
 
 
 def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | list[tuple[str, Exec]]) -> Outcome:

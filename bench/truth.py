@@ -26,8 +26,11 @@ full/tiled (Wan)        a: ComfyUI's Wan formula / U(1.3, 2.6)                  
 tiled-local diffusers   m: H200 tiled rows (tile x image size)                     m: tiles + fitted per-tile
 tiled-local engine      m: diffusers' rows x a: U(0.88, 1.12) (its own tiler)      as diffusers'
 tiled-exact             a: U(0.26, 0.42) x full peak + U(0.45, 0.85) x a full      a: full x 1.08 + 0.15 ms
-                        decode of one tile (CPU measured 0.95-1.03 of the          per tile and pass
-                        analytic figure, no GPU row)
+                        decode of one tile (CPU measured 0.95-1.03 of the          per tile step (steps counted
+                        analytic figure, no GPU row)                               from the executor's schedule)
+tiled-offload           counted (policy.passes): buffers on the device / in host   as tiled-exact + a: copies at
+(bench/world_offload)   + a: tiled-exact's working set x U(1.2, 1.7)               public PCIe rates, staging,
+                                                                                   overlap
 cpu                     m: CPU rows (host bytes); tiles, video a: the GPU truth    m: CPU rows x a: user CPU
                         at float32 x the SD decoder's CPU/GPU ratio at 512 px      0.15-0.6x
 ======================  =========================================================  ==========================
@@ -50,8 +53,8 @@ from hybrid_vae.profiles.measurements import measured_rows
 if TYPE_CHECKING:
     from hybrid_vae.bench.world import Exec, Scenario, World
 
-EXACT_PASSES = 28  # passes of exact tiling over the SD decoder (2 per resnet, 1 per upsampler, 1 final: its layout)
-EXACT_STEP_S = 0.00015  # H200 seconds per tile and pass (assumed: kernel launches)
+EXACT_PASSES = 28  # passes of exact tiling without decoder layers in the profile (the SD decoder's up blocks)
+EXACT_STEP_S = 0.00015  # H200 seconds per tile step (assumed: kernel launches)
 EXACT_TIME = 1.08  # exact tiling / full decode seconds (assumed; the CPU measured 0.96-1.13x)
 WAN_TIME = 1.5  # Wan's seconds per voxel / HunyuanVideo's (assumed)
 VIDEO_FP32 = 1.32  # 4-byte / 2-byte seconds: the measured SD decoder ratio at 1 MP (H200: 0.117 s / 0.089 s)
@@ -221,9 +224,20 @@ def tiled_exact(world: World, sc: Scenario, ex: Exec) -> Truth:
     tile_px = float((max(v for _, v in ty) + 2) * (max(v for _, v in tx) + 2))
     gpu = inst.exact_buf * world.mem.full_peak(ds, px) + inst.exact_tile * world.mem.full_peak(ds, tile_px) \
         + _out_bytes(world, sc, (sc.batch - 1) * px, 1.0)
-    one = _img_seconds(world, sc, px) * EXACT_TIME + EXACT_PASSES * len(ty) * len(tx) * EXACT_STEP_S * \
-        world.card_factor(sc.card, ds, px)
+    one = _img_seconds(world, sc, px) * EXACT_TIME + _exact_steps(world, sc, tile, len(ty) * len(tx)) * \
+        EXACT_STEP_S * world.card_factor(sc.card, ds, px)
     return Truth(gpu, 0.0, one * sc.batch, one, "assumed fractions of measured full decodes")
+
+
+def _exact_steps(world: World, sc: Scenario, tile: int, tiles: int) -> int:
+    """Tile steps of exact tiling: counted from the pass schedule the executor runs (policy.passes) when the
+    family has its decoder layers, else ``EXACT_PASSES`` x the output's tiles."""
+    fam = _fam(world, sc)
+    if fam.decoder is None or fam.decoder_widths is None:
+        return EXACT_PASSES * tiles
+    from hybrid_vae.bench.world_offload import exact_steps
+
+    return exact_steps(fam, sc, tile)
 
 
 @functools.lru_cache(maxsize=1)

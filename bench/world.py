@@ -24,8 +24,9 @@ from what users of SD.Next/ComfyUI/PyTorch report, sources in ``docs/benchmarks.
   cache (the engine sees that split, as NVML free + ``reserved - active``).
 * **Free memory moving between the probe and the decode** (per scenario): 60% nothing; 25% it shrinks by
   ``U(0, 64)`` MiB; 10% by ``U(64, 400)`` MiB; 3% by ``U(0.4, 2)`` GiB; 2% it grows by ``U(0, 512)`` MiB.
-* **Host memory** (per scenario): the RAM free for a CPU decode is 4, 8, 16 or 32 GiB (15/35/35/15%); a
-  ``cpu`` plan whose host peak exceeds it fails (``MemoryError``), so the CPU path can lose an image too.
+* **Host memory** (per scenario, the same in every world): the RAM free is 4, 8, 16 or 32 GiB (15/35/35/15%),
+  which the engine's probe reports; a ``cpu`` plan whose host peak exceeds it fails (``MemoryError``), so the
+  CPU path can lose an image too, and so does an offloaded exact plan whose host buffers do not fit.
 * **Seconds**: lognormal noise per card (sigma 0.15), per scenario (0.05), per decode (0.03), per network
   (0.15), and a user CPU 0.15-0.6x as slow as the measuring machine's two shared cores.
 
@@ -42,7 +43,7 @@ import random
 import zlib
 from typing import Literal
 
-from hybrid_vae.bench import truth
+from hybrid_vae.bench import truth, world_offload  # noqa: F401  (world_offload registers "tiled-offload")
 from hybrid_vae.bench.geometry import comfy_axis, tiledvae_axis
 from hybrid_vae.bench.interp import MemoryCurves, TimeFits, curves
 from hybrid_vae.policy.gpu import GiB, GpuState
@@ -52,7 +53,7 @@ from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
 __all__ = ["NETWORKS", "Attempt", "Card", "Exec", "NetworkCase", "Scenario", "World", "WorldParams", "comfy_axis",
            "tiledvae_axis"]
 MiB = 1024**2
-Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact"]
+Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact", "offload"]
 #: Cards whose speed the world takes from the seed document's measured tables (profiles/gpus.yaml).
 SEED_CARDS = ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4080", "NVIDIA GeForce RTX 4070 Ti",
               "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3080", "NVIDIA GeForce RTX 3070", "NVIDIA H200")
@@ -189,13 +190,27 @@ class Scenario:
         return DecodeJob(self.family, self.width, self.height, batch=self.batch, frames=self.frames,
                          dtype=self.dtype)  # type: ignore[arg-type]
 
+    @functools.cached_property
+    def host_gib(self) -> float:
+        """Host RAM free in this scenario (GiB; see the module docs), the same in every world: the probe reports
+        it to the engine and the world holds a decode's host bytes against it."""
+        x, acc = _rng("host", self.local_key).random(), 0.0
+        for prob, gib in HOST_FREE_GIB:
+            acc += prob
+            if x < acc:
+                return gib
+        return HOST_FREE_GIB[-1][1]
+
     def gpu(self) -> GpuState:
-        """What the probe reports: NVML free + the torch cache, together ``free_frac`` of the card."""
+        """What the probe reports: NVML free + the torch cache, together ``free_frac`` of the card, and the host
+        memory available."""
         total = int(self.card.total_gib * GiB)
         avail = int(total * self.free_frac)
         cache = int(avail * self.cache_frac)
+        host = int(self.host_gib * GiB)
         return GpuState(name=self.card.name, total_bytes=total, free_bytes=avail - cache, torch_reusable_bytes=cache,
-                        source="simulated", device="simulated", simulated=True)
+                        source="simulated", device="simulated", simulated=True, host_available_bytes=host,
+                        host_total_bytes=2 * host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,19 +233,20 @@ class Exec:
     frame_overlap: int = 0
     fmt: str | None = None
     kind: str = ""
+    budget: int = -1  # offloaded exact tiles: the device bytes of their whole-image buffers
 
     def __post_init__(self) -> None:  # one key per execution: no overlap without chunks
         if self.frame_chunk is None and self.frame_overlap:
             object.__setattr__(self, "frame_overlap", 0)
         if not self.kind:
             k = {"full": "full", "cpu": "cpu", "remote": "remote"}.get(self.path) or \
-                ("tiled-exact" if self.geometry == "exact" else "tiled-local")
+                {"exact": "tiled-exact", "offload": "tiled-offload"}.get(self.geometry, "tiled-local")
             object.__setattr__(self, "kind", k)
 
     @functools.cached_property
     def key(self) -> str:
         return (f"{self.path}|{self.items}|{self.tiles}|{self.overlap_px}|{self.geometry}|{self.frame_chunk}|"
-                f"{self.fmt}|{self.kind}")
+                f"{self.fmt}|{self.kind}" + (f"|{self.budget}" if self.geometry == "offload" else ""))
 
     @classmethod
     def from_plan(cls, plan: Plan, fam: Family, batch: int) -> Exec:
@@ -246,6 +262,8 @@ class Exec:
         if plan.path == "full" or plan.tile_px is None:
             return cls("full", items=1 if plan.slice_batch else batch, frame_chunk=chunk,
                        frame_overlap=plan.frame_overlap if chunk else 0)
+        if plan.groupnorm == "exact" and not fam.video and plan.device_budget is not None:
+            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="offload", budget=plan.device_budget)
         if plan.groupnorm == "exact" and not fam.video:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact")
         geo: Geometry = "diffusers" if fam.video else "engine"
@@ -373,13 +391,7 @@ class World:
         rng = _rng(self.seed, "cond", sc.local_key)
         drift = p.drift_mib * MiB if p.drift_mib is not None else _mixture(rng, p.drift) * MiB
         overhead = rng.uniform(0.0, 48.0) * MiB if p.effects else 0.0
-        x, acc, host = rng.random(), 0.0, HOST_FREE_GIB[-1][1]
-        for prob, gib in HOST_FREE_GIB:
-            acc += prob
-            if x < acc:
-                host = gib
-                break
-        return Conditions(drift=drift, overhead=overhead, host_free=host * GiB if p.effects else math.inf)
+        return Conditions(drift=drift, overhead=overhead, host_free=sc.host_gib * GiB if p.effects else math.inf)
 
     def available(self, sc: Scenario) -> float:
         """Memory the decode can really use: NVML free less the drift, plus the unfragmented torch cache."""

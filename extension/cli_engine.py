@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 from typing import Any
 
@@ -21,7 +23,7 @@ from hybrid_vae.policy import (
 )
 from hybrid_vae.policy.errors import short_repr
 from hybrid_vae.policy.estimate import decoded_work, upcast_dtype
-from hybrid_vae.policy.gpu import simulated_gpu, vendor_note
+from hybrid_vae.policy.gpu import simulated_gpu, vendor_note, with_host
 from hybrid_vae.policy.model import Decision, Plan
 from hybrid_vae.policy.profiles import Family, Profiles
 from pydantic import ValidationError
@@ -51,8 +53,12 @@ def add_parser(sub: Any) -> None:
                    help="remote endpoint URL for this family; repeat for a pool (tried best first, failing over)")
     e.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
     e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.0625, the settings' reserve)")
-    e.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
-                   help="tiles: exact (same image as a full decode), local (least memory) or auto (default)")
+    e.add_argument("--groupnorm", choices=["auto", "exact", "offload", "local"], default="auto",
+                   help="tiles: exact (same image as a full decode; whole-image buffers in host memory when "
+                        "needed), offload (exact, buffers in host memory as far as needed), local (least memory, "
+                        "colours may drift) or auto (lossless first; default)")
+    e.add_argument("--host-gib", type=float, default=None,
+                   help="simulated host memory available (default: this machine's)")
     e.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
     e.add_argument("--custom-vae", action="store_true", help="the VAE is not the family's stock VAE")
     e.add_argument("--learned", nargs="?", const="", default=None, metavar="PATH",
@@ -100,10 +106,12 @@ def _flag_error(flag: str, value: object, msg: str) -> ProfileError:
     return exc
 
 
-def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None, free_gib: float | None) -> GpuState | None:
+def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None, free_gib: float | None,
+                    host_gib: float | None = None) -> GpuState | None:
     """The card given on the command line (``--gpu``/``--total-gib``/``--free-gib``), or None to probe
     the real one. A profiled ``--gpu`` fills in the total; otherwise the total is ``--total-gib``, or
-    taken equal to ``--free-gib`` (said in the state's note, which ``explain`` prints).
+    taken equal to ``--free-gib`` (said in the state's note, which ``explain`` prints). Host memory:
+    ``host_gib`` (``--host-gib``), else this machine's.
 
     Raises:
         ProfileError: naming the flag, the value and the fix.
@@ -122,9 +130,15 @@ def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None
         note = f"simulated; total from the {prof.name} profile"
     else:
         note = "simulated; total not given, taken equal to free (--total-gib sets it)"
-    return simulated_gpu(gpu, free_gib=free_gib, total_gib=total_gib,
-                         total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None),
-                         origin="command line", fields=SIM_FLAGS, note=note)
+    state = simulated_gpu(gpu, free_gib=free_gib, total_gib=total_gib,
+                          total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None),
+                          origin="command line", fields=SIM_FLAGS, note=note)
+    if host_gib is not None:
+        if not math.isfinite(host_gib) or not 0 <= host_gib <= 4096:
+            raise _flag_error("--host-gib", host_gib, "give a number of GiB between 0 and 4096")
+        host = int(host_gib * GiB)
+        return dataclasses.replace(state, host_available_bytes=host, host_total_bytes=host)
+    return with_host(state)
 
 
 def plan_output(p: Plan) -> str:
@@ -144,7 +158,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         return _fail(f"{exc}; the built-in profiles are unchanged (fix the file or drop --profile)", 1)
     try:
-        state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib)
+        state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib, getattr(args, "host_gib", None))
         if state is None:
             state = probe(total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
         kw: dict[str, Any] = {"mode": args.mode, "tile_groupnorm": args.groupnorm}
@@ -225,6 +239,8 @@ LEGEND = (
     "shorter chunks are slower);",
     "          output: = full (same pixels as a full decode), tile drift, chunk blend, lossy (jpg/mp4 answers); "
     "voxel: one pixel of one frame",
+    "          exact+host: exact tiles whose whole-image buffers live partly in host memory ((all): every one); "
+    "host GiB: those buffers, copy s: estimated copy time",
 )
 
 
@@ -261,22 +277,30 @@ def render(d: Decision, *, profiles: Profiles | None = None, notes: tuple[str, .
     fam = profiles.families.get(j.family) if profiles is not None else None
     dtype = j.dtype or (fam.default_dtype if fam is not None else c.dtype)
     frames = f" x {j.frames} frames" if j.frames else ""
+    g = d.gpu
+    host = "unknown" if g.host_available_bytes is None else f"{g.host_available_bytes / GiB:.2f} GiB available"
     cpu_note = "; the cpu plan runs float32" if dtype != "float32" else ""
     lines = [
         *gpu_line(d, profiles),
+        f"Host      {host}",
         f"Job       {j.family} {j.width}x{j.height}{frames}, batch {j.batch}, decoded in {dtype}{cpu_note}",
         *(f"Note      {n}" for n in notes),
-        f"Decision  {c.label}: peak {c.estimate.peak_bytes / GiB:.2f} GiB, {c.estimate.seconds:.3f} s",
+        f"Decision  {c.label}: peak {c.estimate.peak_bytes / GiB:.2f} GiB, {c.estimate.seconds:.3f} s" + (
+            f"; host {c.estimate.host_bytes / GiB:.2f} GiB, {c.estimate.transfer_bytes / 1e9:.1f} GB copied in "
+            f"{c.estimate.transfer_seconds:.3f} s" if c.estimate.host_bytes else ""),
         f"Reason    {d.reason}",
         "Chain     " + " -> ".join(p.label for p in d.plans),
         "",
     ]
     width = max(26, *(len(o.plan.label) for o in d.options))
-    lines.append(f"  {'option':<{width}} {'peak GiB':>9} {'seconds':>9} {'decoded':>8}  {'output':<11}  fits  why")
+    lines.append(f"  {'option':<{width}} {'peak GiB':>9} {'seconds':>9} {'host GiB':>9} {'copy s':>7} {'decoded':>8}  "
+                 f"{'output':<11}  fits  why")
     for o in d.options:
         p = o.plan
+        e = p.estimate
         mark = "*" if p is c or p == c else " "
-        lines.append(f"{mark} {p.label:<{width}} {p.estimate.peak_bytes / GiB:>9.2f} {p.estimate.seconds:>9.3f} "
+        host = f"{e.host_bytes / GiB:>9.2f} {e.transfer_seconds:>7.3f}" if e.host_bytes else f"{'-':>9} {'-':>7}"
+        lines.append(f"{mark} {p.label:<{width}} {e.peak_bytes / GiB:>9.2f} {e.seconds:>9.3f} {host} "
                      f"{plan_work(d, p, fam):>7.2f}x  {plan_output(p):<11}  {'yes' if o.feasible else 'no ':<4}  {o.why}")
     lines += ["", *LEGEND, "", f"Sources   peak: {c.estimate.peak_source}", f"          seconds: {c.estimate.seconds_source}"]
     return "\n".join(lines)

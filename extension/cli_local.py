@@ -61,10 +61,11 @@ def add_parser(sub: Any) -> None:
                         "repeat for several: health-checked, tried best first, failing over within the deadline")
     d.add_argument("--token", default=None,
                    help=f"bearer token for the endpoints (default: env {ENV_TOKEN}; HTTPS unless loopback)")
-    d.add_argument("--groupnorm", choices=["auto", "exact", "local"], default="auto",
+    d.add_argument("--groupnorm", choices=["auto", "exact", "offload", "local"], default="auto",
                    help="tiled decodes: exact (whole-image GroupNorm, output equals a full decode, needs "
-                        "memory per image pixel), local (per-tile GroupNorm, least memory, colours drift) "
-                        "or auto (exact when it fits; default)")
+                        "memory per image pixel, in host memory when the GPU's is short), offload (exact with "
+                        "its whole-image buffers in host memory as far as needed), local (per-tile GroupNorm, "
+                        "least memory, colours drift) or auto (lossless first; default)")
     d.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
     d.add_argument("--latent-dir", default=None, help="where a latent is saved if this decode fails too")
     d.add_argument("--json", action="store_true", help="print the decode report as JSON")

@@ -348,7 +348,9 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
     Args:
         plan (`Plan`): a ``full``, ``tiled`` or ``cpu`` plan (remote plans run in the remote client).
             Tiled image plans run with ``plan.groupnorm``: ``exact`` through
-            :func:`extension.stream.stream_decode` (output equals the full decode), ``local`` through
+            :func:`extension.stream.stream_decode` (output equals the full decode; with
+            ``plan.device_budget`` set, its whole-image buffers beyond that budget live in host memory,
+            and the result may come back on the CPU), ``local`` through
             the engine's overlap-and-blend tiler (GroupNorm per tile: colours drift, about 20 dB PSNR
             on the fixture VAE; docs/tiling-quality.md).
         vae: a diffusers VAE (``AutoencoderKL``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``,
@@ -360,7 +362,8 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
             simulated. ``cpu`` plans always run on the CPU (with a tile or, for video, chunks: tiled there).
         progress (`ProgressFn | None`): ``progress(done, total)`` after each tile, chunk or item.
     Returns:
-        torch.Tensor: float in [-1, 1] on the run device, in the run dtype.
+        torch.Tensor: float in [-1, 1] on the run device (an offloaded exact plan's may be on the CPU),
+        in the run dtype.
 
     Raises:
         PlanError: a remote plan, an unknown path, or a tiled plan this VAE cannot run (an exact
@@ -385,7 +388,7 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
         elif plan.groupnorm == "exact":
             if plan.tile_px is None:
                 raise PlanError(f"exact tiled plan {plan.label!r} has no tile size")
-            out = stream_decode(vae, z, tile_px=plan.tile_px, progress=progress)
+            out = stream_decode(vae, z, tile_px=plan.tile_px, device_budget=plan.device_budget, progress=progress)
         elif is_kl_like(vae):
             out = _tiled_kl(vae, z, plan, family, progress)
         else:

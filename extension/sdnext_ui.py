@@ -48,7 +48,7 @@ SETTINGS_FILE = "SD.Next settings"
 _ENGINE = DecodeSettings.model_fields  # the engine's defaults are the settings' defaults
 RESERVE_MIB = int(_ENGINE["reserve_bytes"].default) // MiB
 OVERLAP_PX = int(_ENGINE["tile_overlap_px"].default)
-TILE_GROUPNORM = ("auto", "exact", "local")
+TILE_GROUPNORM = ("auto", "exact", "offload", "local")
 DEADLINE_S = int(_ENGINE["remote_deadline_s"].default)
 STOCK_VAE_SETTINGS = frozenset({"", "automatic", "none", "default"})
 
@@ -82,8 +82,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "only to Hugging Face hosts over HTTPS)", "Textbox", {"type": "password"}, secret=True),
     OptionSpec(PREFIX + "reserve_mib", RESERVE_MIB, "Hybrid VAE VRAM reserve in MiB (left untouched by the decode)",
                "Slider", {"minimum": 0, "maximum": 8192, "step": 64}),
-    OptionSpec(PREFIX + "tile_groupnorm", "auto", "Hybrid VAE tiling: exact (same image as a full decode, needs memory "
-               "per pixel), local (least memory, tile colours drift) or auto (exact whenever it fits)", "Radio",
+    OptionSpec(PREFIX + "tile_groupnorm", "auto", "Hybrid VAE tiling: exact (same image as a full decode; whole-image "
+               "buffers in host memory when VRAM is short), offload (exact, buffers in host memory as far as needed), "
+               "local (least memory, tile colours drift) or auto (lossless first)", "Radio",
                {"choices": list(TILE_GROUPNORM)}),
     OptionSpec(PREFIX + "tile_overlap_px", OVERLAP_PX, "Hybrid VAE local tile overlap in pixels (more hides seams, "
                "costs time)", "Slider", {"minimum": 0, "maximum": 256, "step": 8}),

@@ -9,30 +9,43 @@ How: the decoder runs *layer by layer over the whole image* instead of tile by t
 layers. Between two GroupNorms of a diffusers ``Decoder`` there is exactly one 3x3 convolution
 (plus pointwise work), so each step ("pass") runs tile by tile with one pixel of context, writes its
 tiles into a whole-image buffer, and adds each tile's sums to the statistics of the next GroupNorm.
-The next pass normalises every tile with those whole-image statistics. The result equals the full
-decode up to floating-point summation order (tests: <= 1e-4 on float32).
+The next pass normalises every tile with those whole-image statistics. The mid block's attention runs
+query block by query block over keys and values of the whole image (a streaming softmax). The result
+equals the full decode up to floating-point summation order (tests: <= 2e-5 on float32).
 
-Trade-offs (docs/tiling-quality.md, docs/benchmarks.md):
-- Memory: one tile's working set plus two or three whole-image activations (for the SD decoder
-  about 384 elements per output pixel at the widest point, ~1/3 of a full decode's peak) -- more
-  than per-tile tiling, which needs nothing per image pixel. ``stream_buffer_elements`` gives the
-  figure for any decoder config; the engine only picks this path when it fits.
-- Time: no overlap is decoded twice; the extra work is the statistics (one reduction per pass) and
-  GroupNorm applied outside PyTorch's fused kernel.
-- The mid block (with its attention) runs once on the whole latent, as in a full decode.
+Where the whole-image buffers live: on the compute device (``device_budget=None``), or split between
+the device and host memory (``device_budget`` bytes on the device; 0: all in host memory, so device
+memory is bounded by the tile, not the image). :func:`hybrid_vae.policy.passes.placement` chooses
+which buffers go to the host; the passes copy each tile's context in and each finished tile out. On
+CUDA the copies run on a copy stream through pinned staging buffers, one tile ahead of the compute
+(double buffering), so they overlap it; elsewhere they are plain copies.
 
-Supports diffusers' ``Decoder`` made of ``UpDecoderBlock2D`` / ``ResnetBlock2D`` / ``Upsample2D``
-(SD 1.x/2.x, SDXL, SD3, FLUX.1 VAEs and the fixture); :func:`stream_support` says why another is not.
+The interface for other decoders (e.g. ComfyUI's LDM ``Decoder``): describe the decoder as a list of
+steps (:class:`ConvIn`, :class:`Resnet`, :class:`Attention`, :class:`Upsample`, :class:`Output`, in the
+order the decoder runs them) and call :func:`decode_steps`, or give the VAE object a ``stream_steps()``
+method returning them (:func:`steps_of`). :func:`diffusers_steps` builds that list
+for diffusers' ``Decoder`` made of ``UpDecoderBlock2D`` / ``ResnetBlock2D`` / ``Upsample2D`` (SD 1.x/2.x,
+SDXL, SD3, FLUX.1 VAEs and the fixture); :func:`stream_support` says why another is not supported.
+
+Trade-offs (docs/exact-tiling.md, docs/benchmarks.md):
+- Memory: one tile's working set plus the whole-image buffers (for the SD decoder 387 elements per
+  output pixel at the widest point, ~1/3 of a full decode's peak) on the device, or as many of them as
+  the budget allows, the rest in host memory.
+- Time: no overlap is decoded twice; the extra work is the statistics (one reduction per pass),
+  GroupNorm applied outside PyTorch's fused kernel, and, when offloaded, the host copies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hybrid_vae.policy import passes as P
 from hybrid_vae.policy.errors import PlanError
-from hybrid_vae.policy.tiles import axis_tiles
 
 if TYPE_CHECKING:
     import torch
@@ -41,10 +54,74 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hybrid_vae.stream")
 
-__all__ = ["settings_for_vae", "stream_buffer_elements", "stream_decode", "stream_support"]
+__all__ = ["Attention", "ConvIn", "Ledger", "Output", "Resnet", "Step", "Upsample", "decode_steps",
+           "diffusers_steps", "settings_for_vae", "step_layers", "steps_of", "stream_buffer_elements", "stream_decode",
+           "stream_support"]
 
 ProgressFn = Callable[[int, int], None]
 Region = tuple[int, int, int, int]  # y0, y1, x0, x1
+
+
+# ---- the decoder as a list of steps ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvIn:
+    """``conv(pre(z))``: ``pre`` a pointwise (1x1) convolution or None (diffusers' ``post_quant_conv``),
+    ``conv`` the 3x3 ``conv_in``."""
+
+    conv: Any
+    pre: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Resnet:
+    """``(shortcut(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))))))) / scale``; ``shortcut`` a 1x1
+    convolution or None (identity), convolutions 3x3, norms GroupNorm."""
+
+    norm1: Any
+    conv1: Any
+    norm2: Any
+    conv2: Any
+    shortcut: Any = None
+    dropout: Any = None
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """Self-attention over all positions: ``(x + proj(softmax(q k^T * scale) v)) / rescale`` with
+    ``q, k, v = q(n), k(n), v(n)``, ``n = norm(x)`` (GroupNorm, no activation); ``q``/``k``/``v``/``proj``
+    are ``nn.Linear`` or 1x1 ``nn.Conv2d``; ``heads`` split the channels."""
+
+    norm: Any
+    q: Any
+    k: Any
+    v: Any
+    proj: Any
+    heads: int = 1
+    scale: float | None = None
+    residual: bool = True
+    rescale: float = 1.0
+    dropout: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Upsample:
+    """Nearest x2, then the 3x3 ``conv``."""
+
+    conv: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """``conv(silu(norm(x)))`` into the image."""
+
+    norm: Any
+    conv: Any
+
+
+Step = ConvIn | Resnet | Attention | Upsample | Output
 
 
 def _conv3(m: Any) -> bool:
@@ -62,46 +139,110 @@ def _conv1(m: Any) -> bool:
             and tuple(m.padding) == (0, 0) and m.groups == 1)
 
 
-def stream_support(vae: Any) -> str | None:
-    """None when :func:`stream_decode` can run ``vae`` exactly, else the reason it cannot."""
+def _resnet_step(r: Any, where: str) -> Resnet:
+    import torch
+
+    if type(r).__name__ != "ResnetBlock2D":
+        raise PlanError(f"{where} is {type(r).__name__}")
+    if r.up or r.down or r.time_emb_proj is not None or r.time_embedding_norm not in ("default", "group"):
+        raise PlanError(f"{where} resamples or takes a time embedding")
+    if not (isinstance(r.norm1, torch.nn.GroupNorm) and isinstance(r.norm2, torch.nn.GroupNorm)):
+        raise PlanError(f"{where} norms are not GroupNorm")
+    if not (_conv3(r.conv1) and _conv3(r.conv2)) or not isinstance(r.nonlinearity, torch.nn.SiLU):
+        raise PlanError(f"{where} convolutions are not 3x3 or its activation is not SiLU")
+    if r.conv_shortcut is not None and not _conv1(r.conv_shortcut):
+        raise PlanError(f"{where} shortcut is not a 1x1 convolution")
+    return Resnet(r.norm1, r.conv1, r.norm2, r.conv2, r.conv_shortcut, r.dropout, float(r.output_scale_factor))
+
+
+def _attention_step(a: Any, where: str) -> Attention:
+    import torch
+
+    if type(a).__name__ != "Attention" or not isinstance(getattr(a, "group_norm", None), torch.nn.GroupNorm):
+        raise PlanError(f"{where} is not a GroupNorm self-attention")
+    if a.spatial_norm is not None or a.norm_q is not None or a.norm_k is not None or a.is_cross_attention:
+        raise PlanError(f"{where} has a spatial/q/k norm or cross-attention")
+    if not all(isinstance(m, torch.nn.Linear) for m in (a.to_q, a.to_k, a.to_v, a.to_out[0])):
+        raise PlanError(f"{where} projections are not linear")
+    return Attention(a.group_norm, a.to_q, a.to_k, a.to_v, a.to_out[0], heads=int(a.heads),
+                     scale=float(a.scale) if getattr(a, "scale_qk", True) else 1.0,
+                     residual=bool(a.residual_connection), rescale=float(a.rescale_output_factor),
+                     dropout=a.to_out[1] if len(a.to_out) > 1 else None)
+
+
+def diffusers_steps(vae: Any) -> list[Step]:
+    """The steps of a diffusers ``AutoencoderKL``-style VAE's ``post_quant_conv`` + ``Decoder``.
+
+    Raises:
+        PlanError: naming the first part that exact tiling cannot run.
+    """
     import torch
 
     dec = getattr(vae, "decoder", None)
     if dec is None or type(dec).__name__ != "Decoder":
-        return f"{type(vae).__name__} has no diffusers Decoder"
+        raise PlanError(f"{type(vae).__name__} has no diffusers Decoder")
     for a in ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out"):
         if getattr(dec, a, None) is None:
-            return f"decoder has no {a}"
+            raise PlanError(f"decoder has no {a}")
     if any(p.device.type == "meta" for p in dec.parameters()):
-        return "decoder weights are offloaded (meta tensors, e.g. sequential CPU offload); exact tiling needs them resident"
+        raise PlanError("decoder weights are offloaded (meta tensors, e.g. sequential CPU offload); "
+                        "exact tiling needs them resident")
+    pqc = getattr(vae, "post_quant_conv", None)
+    if pqc is not None and not _conv1(pqc):
+        raise PlanError("post_quant_conv is not a 1x1 convolution")
+    if not _conv3(dec.conv_in):
+        raise PlanError("conv_in is not a 3x3 convolution")
     if not isinstance(dec.conv_norm_out, torch.nn.GroupNorm):
-        return f"conv_norm_out is {type(dec.conv_norm_out).__name__}, not GroupNorm (spatial norm)"
+        raise PlanError(f"conv_norm_out is {type(dec.conv_norm_out).__name__}, not GroupNorm (spatial norm)")
     if not isinstance(dec.conv_act, torch.nn.SiLU) or not _conv3(dec.conv_out):
-        return "conv_act/conv_out are not SiLU/3x3 convolution"
+        raise PlanError("conv_act/conv_out are not SiLU/3x3 convolution")
+    mid = dec.mid_block
+    if type(mid).__name__ != "UNetMidBlock2D":
+        raise PlanError(f"mid_block is {type(mid).__name__}")
+    steps: list[Step] = [ConvIn(dec.conv_in, pqc), _resnet_step(mid.resnets[0], "mid_block.resnets[0]")]
+    for j, (attn, r) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True)):
+        if attn is not None:
+            steps.append(_attention_step(attn, f"mid_block.attentions[{j}]"))
+        steps.append(_resnet_step(r, f"mid_block.resnets[{j + 1}]"))
     for i, block in enumerate(dec.up_blocks):
         if type(block).__name__ != "UpDecoderBlock2D":
-            return f"up_blocks[{i}] is {type(block).__name__}"
+            raise PlanError(f"up_blocks[{i}] is {type(block).__name__}")
         for j, r in enumerate(block.resnets):
-            where = f"up_blocks[{i}].resnets[{j}]"
-            if type(r).__name__ != "ResnetBlock2D":
-                return f"{where} is {type(r).__name__}"
-            if r.up or r.down or r.time_emb_proj is not None or r.time_embedding_norm not in ("default", "group"):
-                return f"{where} resamples or takes a time embedding"
-            if not (isinstance(r.norm1, torch.nn.GroupNorm) and isinstance(r.norm2, torch.nn.GroupNorm)):
-                return f"{where} norms are not GroupNorm"
-            if not (_conv3(r.conv1) and _conv3(r.conv2)) or not isinstance(r.nonlinearity, torch.nn.SiLU):
-                return f"{where} convolutions are not 3x3 or its activation is not SiLU"
-            if r.conv_shortcut is not None and not _conv1(r.conv_shortcut):
-                return f"{where} shortcut is not a 1x1 convolution"
+            steps.append(_resnet_step(r, f"up_blocks[{i}].resnets[{j}]"))
         for j, u in enumerate(block.upsamplers or []):
             where = f"up_blocks[{i}].upsamplers[{j}]"
             if type(u).__name__ != "Upsample2D":
-                return f"{where} is {type(u).__name__}"
+                raise PlanError(f"{where} is {type(u).__name__}")
             if u.use_conv_transpose or not u.use_conv or not u.interpolate or u.norm is not None:
-                return f"{where} is not nearest x2 + convolution"
+                raise PlanError(f"{where} is not nearest x2 + convolution")
             conv = u.conv if u.name == "conv" else getattr(u, "Conv2d_0", None)
             if not _conv3(conv):
-                return f"{where} convolution is not 3x3"
+                raise PlanError(f"{where} convolution is not 3x3")
+            steps.append(Upsample(conv))
+    steps.append(Output(dec.conv_norm_out, dec.conv_out))
+    return steps
+
+
+def steps_of(vae: Any) -> list[Step]:
+    """The decoder steps of ``vae``: what its own ``stream_steps()`` returns when it has one (a decoder of
+    another library, e.g. an adapter for ComfyUI's LDM ``Decoder``; it raises :class:`PlanError` naming what it
+    cannot run), else :func:`diffusers_steps`.
+
+    Raises:
+        PlanError: the reason exact tiling cannot run this VAE.
+    """
+    hook = getattr(vae, "stream_steps", None)
+    if callable(hook):
+        return list(hook())
+    return diffusers_steps(vae)
+
+
+def stream_support(vae: Any) -> str | None:
+    """None when :func:`stream_decode` can run ``vae`` exactly, else the reason it cannot."""
+    try:
+        steps_of(vae)
+    except PlanError as exc:
+        return str(exc)
     return None
 
 
@@ -117,6 +258,40 @@ def settings_for_vae(settings: DecodeSettings, vae: Any, family: Family) -> Deco
     return settings.model_copy(update={"tile_groupnorm": "local"})
 
 
+def _channels(m: Any, attr: str) -> int:
+    return int(getattr(m, attr, None) or m.weight.shape[0 if attr == "out_channels" else 1])
+
+
+def step_layers(steps: Sequence[Step], latent_channels: int) -> tuple[P.Layer, ...]:
+    """The :class:`~hybrid_vae.policy.passes.Layer` list of ``steps`` (what the schedule is built from).
+
+    Raises:
+        PlanError: steps that do not start with :class:`ConvIn` and end with :class:`Output`.
+    """
+    layers: list[P.Layer] = []
+    level, ch = 0, latent_channels
+    for s in steps:
+        if isinstance(s, ConvIn):
+            if s.pre is not None and _channels(s.pre, "out_channels") != latent_channels:
+                raise PlanError("the pointwise convolution before conv_in changes the latent's channels")
+            layers.append(P.Layer("conv_in", _channels(s.conv, "in_channels"), _channels(s.conv, "out_channels"), level))
+        elif isinstance(s, Resnet):
+            layers.append(P.Layer("resnet", _channels(s.conv1, "in_channels"), _channels(s.conv2, "out_channels"), level))
+        elif isinstance(s, Attention):
+            layers.append(P.Layer("attention", ch, ch, level))
+        elif isinstance(s, Upsample):
+            layers.append(P.Layer("upsample", _channels(s.conv, "in_channels"), _channels(s.conv, "out_channels"), level))
+            level += 1
+        else:
+            layers.append(P.Layer("out", _channels(s.conv, "in_channels"), _channels(s.conv, "out_channels"), level))
+        ch = layers[-1].cout
+    try:
+        P.schedule(layers)
+    except ValueError as exc:
+        raise PlanError(f"cannot tile these decoder steps exactly: {exc}") from None
+    return tuple(layers)
+
+
 def stream_buffer_elements(block_out_channels: list[int] | tuple[int, ...], layers_per_block: int,
                            out_channels: int = 3) -> float:
     """Whole-image buffer elements per OUTPUT pixel at the widest point of :func:`stream_decode` (one item).
@@ -124,76 +299,73 @@ def stream_buffer_elements(block_out_channels: list[int] | tuple[int, ...], laye
     For an ``AutoencoderKL`` config (``block_out_channels``, ``layers_per_block``): the SD decoder
     (128, 256, 512, 512; 2) gives 387: the upsampled 256-channel activation at full resolution, one
     128-channel buffer and the 3-channel output. Multiply by the dtype size for bytes; one tile's
-    working set comes on top.
+    working set comes on top. (:func:`hybrid_vae.policy.passes.peak_elements` of its schedule.)
     """
-    rev = list(reversed(block_out_channels))
-    n = len(rev)
-    peak = 0.0
-    ch = rev[0]  # channels of the stored activation (its storage: the widest of its life)
-    area = 1 / 4 ** (n - 1)  # of the output, at the current resolution
-    for i, out_ch in enumerate(rev):
-        for _ in range(layers_per_block + 1):
-            if out_ch <= ch:  # x (its storage) + h; the output goes into x's storage
-                peak = max(peak, area * (ch + out_ch))
-            else:  # a wider output needs its own buffer, which becomes x
-                peak = max(peak, area * (ch + 2 * out_ch))
-                ch = out_ch
-        if i < n - 1:
-            peak = max(peak, area * ch + 4 * area * out_ch)  # upsample: source + 2x buffer
-            ch, area = out_ch, area * 4
-    return peak + out_channels  # the output is allocated first and lives throughout
+    return P.peak_elements(P.schedule(P.decoder_layers(block_out_channels, layers_per_block,
+                                                       out_channels=out_channels)))
+
+
+# ---- statistics and normalisation ------------------------------------------------------------------
 
 
 class _Stats:
-    """Per-group statistics of one activation over the whole image, merged from tiles.
+    """Per-group mean and variance of one activation over the whole image, merged tile by tile.
 
-    Each tile contributes its count, mean and variance per group (``torch.var_mean`` in float32);
-    the parallel-variance formula (Chan et al.) merges them in float64 at the end of the pass.
+    Each tile gives its count, mean and variance per group (``torch.var_mean`` in float32; half types a
+    few groups at a time, so the float32 copy stays within the tile's size); they are merged into a running
+    float64 mean and sum of squared deviations (Chan et al.), so the statistics take the same memory
+    whatever the number of tiles.
     """
 
     def __init__(self, groups: int) -> None:
         self.groups = groups
-        self.parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
 
     def add(self, t: torch.Tensor) -> None:
         import torch
 
         b, c, h, w = t.shape
-        v = t.view(b, self.groups, c // self.groups, h, w)  # a view even of a cropped tile: no copy
+        v = t.reshape(b, self.groups, c // self.groups, h, w)  # a view even of a cropped tile: no copy
         if v.dtype == torch.float32:
             var, mean = torch.var_mean(v, dim=(0, 2, 3, 4), correction=0)
-        else:  # half types: float32 statistics, a few groups at a time (the copy stays <= the tile's size)
+        else:
             step = max(1, self.groups * t.element_size() // 4)
             parts = [torch.var_mean(v[:, g:g + step].float(), dim=(0, 2, 3, 4), correction=0)
                      for g in range(0, self.groups, step)]
             var, mean = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        self.parts.append((b * (c // self.groups) * h * w, mean, var))
+        k = b * (c // self.groups) * h * w
+        mean64, m2 = mean.double(), var.double() * k
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = k, mean64, m2
+            return
+        n = self.n + k
+        delta = mean64 - self.mean
+        self.mean = self.mean + delta * (k / n)
+        self.m2 = self.m2 + m2 + delta * delta * (self.n * k / n)
+        self.n = n
 
     def affine(self, norm: Any, channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (scale, shift) in ``dtype`` so that ``x * scale + shift`` is ``norm`` with these
         statistics (computed in float64, rounded once)."""
         import torch
 
-        k = torch.tensor([p[0] for p in self.parts], dtype=torch.float64, device=self.parts[0][1].device)
-        means = torch.stack([p[1] for p in self.parts]).double()  # [tiles, groups]
-        variances = torch.stack([p[2] for p in self.parts]).double()
-        n = k.sum()
-        mean = (k[:, None] * means).sum(0) / n
-        var = (k[:, None] * (variances + (means - mean) ** 2)).sum(0) / n
-        rstd = (var + norm.eps).rsqrt()
+        assert self.mean is not None and self.m2 is not None, "statistics of an empty activation"
+        rstd = (self.m2 / self.n + norm.eps).rsqrt()
         per = channels // self.groups
         scale = rstd.repeat_interleave(per)
-        shift = -mean.repeat_interleave(per) * scale
+        shift = -self.mean.repeat_interleave(per) * scale
         if norm.weight is not None:
-            weight = norm.weight.detach().to(device=mean.device, dtype=torch.float64)
-            bias = norm.bias.detach().to(device=mean.device, dtype=torch.float64)
+            weight = norm.weight.detach().to(device=scale.device, dtype=torch.float64)
+            bias = norm.bias.detach().to(device=scale.device, dtype=torch.float64)
             scale = scale * weight
             shift = shift * weight + bias
         return scale.to(dtype).view(1, -1, 1, 1), shift.to(dtype).view(1, -1, 1, 1)
 
 
-def _norm_act(t: torch.Tensor, aff: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """GroupNorm with given statistics, then SiLU: one new tensor in ``t``'s dtype.
+def _norm(t: torch.Tensor, aff: tuple[torch.Tensor, torch.Tensor], *, act: bool = True) -> torch.Tensor:
+    """GroupNorm with given statistics (then SiLU when ``act``): one new tensor in ``t``'s dtype.
 
     ``x * scale + shift`` in one kernel (which computes half types in float32 internally); for half
     types scale and shift are rounded to the dtype first, so the result can differ from PyTorch's
@@ -203,196 +375,651 @@ def _norm_act(t: torch.Tensor, aff: tuple[torch.Tensor, torch.Tensor]) -> torch.
 
     scale, shift = aff
     y = torch.addcmul(shift, t, scale)
-    return torch.nn.functional.silu(y, inplace=True)
+    return torch.nn.functional.silu(y, inplace=True) if act else y
 
 
-class _Grid:
-    """Tiles of one resolution: a partition of the image into cores, plus 1-pixel context reads."""
+def _project(m: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """A pointwise projection of ``[n, C]`` tokens by an ``nn.Linear`` or a 1x1 ``nn.Conv2d``."""
+    import torch
 
-    def __init__(self, h: int, w: int, tile: int) -> None:
-        # axis_tiles with overlap 0 gives equal tiles whose starts are rounded: make them a partition
-        self.ty = _partition(axis_tiles(h, tile, 0), h)
-        self.tx = _partition(axis_tiles(w, tile, 0), w)
-
-    def __len__(self) -> int:
-        return len(self.ty) * len(self.tx)
-
-    def cores(self) -> list[Region]:
-        return [(ys, ys + yn, xs, xs + xn) for ys, yn in self.ty for xs, xn in self.tx]
+    if isinstance(m, torch.nn.Conv2d):
+        return torch.nn.functional.linear(tokens, m.weight.view(m.weight.shape[0], -1), m.bias)
+    out: torch.Tensor = m(tokens)
+    return out
 
 
-def _partition(tiles: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
-    starts = [s for s, _ in tiles] + [length]
-    return [(starts[i], starts[i + 1] - starts[i]) for i in range(len(tiles)) if starts[i + 1] > starts[i]]
+# ---- accounting: what lives on the compute device ---------------------------------------------------
 
 
-def _read(buf: torch.Tensor, core: Region, halo: int) -> tuple[torch.Tensor, Region]:
-    """The core plus ``halo`` pixels of context (clipped at the image edge) and the core's place in it."""
-    y0, y1, x0, x1 = core
-    h, w = buf.shape[-2:]
-    a, b, c, d = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
-    return buf[:, :, a:b, c:d], (y0 - a, y1 - a, x0 - c, x1 - c)
+def _dispatch_mode() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
 
 
-class _Run:
-    def __init__(self, tile_px: int, out_h: int, progress: ProgressFn | None,
-                 on_buffers: Callable[[int], None] | None, keep: tuple[torch.Tensor, ...] = ()) -> None:
-        self.tile_px, self.out_h = tile_px, out_h
-        self.progress, self.total, self.done = progress, 0, 0
-        self.on_buffers = on_buffers
-        self.keep = keep  # buffers alive throughout (the output)
+class Ledger:
+    """The decode's own accounting of the compute device (a context manager :func:`decode_steps` enters).
 
-    def live(self, *bufs: torch.Tensor) -> None:
-        """Report the bytes of the whole-image buffers alive together (distinct storages)."""
+    Every tensor an operation creates during the decode is counted by the bytes of its storage while any
+    tensor using that storage is alive, when it lives on the compute device and is not one of the
+    whole-image buffers kept in host memory (on a CPU "device" the two share the physical memory, so the
+    store registers its host buffers; tiles copied from them are new tensors and count as device memory).
+    Tensors made before the decode (weights, the latent) are not counted. ``peak`` is the largest total
+    seen between two operations; buffers inside one operation (convolution workspaces) are invisible.
+    ``h2d``/``d2h`` are the bytes the store copied between host and device.
+
+    Costs a Python call per operation: for tests and benchmarks, not for production decodes.
+    """
+
+    def __init__(self, device: str | torch.device) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.now = self.peak = self.h2d = self.d2h = 0
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [bytes, live tensors]
+        self._objects: dict[int, int] = {}  # id(tensor) -> data_ptr
+        self._host: set[int] = set()
+        self._mode: Any = None
+        self._quiet = False
+
+    def __enter__(self) -> Ledger:
+        from torch.utils._pytree import tree_leaves
+
+        ledger = self
+
+        class _Mode(_dispatch_mode()):  # type: ignore[misc]
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                if not ledger._quiet:
+                    ledger._see(out, tree_leaves((args, kwargs or {})))
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+    def _see(self, out: Any, inputs: list[Any]) -> None:
+        import torch
+
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        if not outs:
+            return
+        given = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.device == self.device}
+        for t in outs:
+            self._track(t, given)
+
+    def _track(self, t: torch.Tensor, given: set[int]) -> None:
+        """Count ``t`` if it is on the device: a new storage (not one of the operation's inputs') adds its
+        bytes; a view or in-place result of a counted storage keeps it alive; one of anything else (weights,
+        the latent, host buffers) is not the decode's."""
+        if t.device != self.device or id(t) in self._objects:
+            return
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr == 0 or ptr in self._host:
+            return
+        rec = self._storages.get(ptr)
+        if rec is None:
+            if ptr in given:
+                return
+            rec = self._storages[ptr] = [st.nbytes(), 0]
+            self.now += rec[0]
+            self.peak = max(self.peak, self.now)
+        rec[1] += 1
+        self._objects[id(t)] = ptr
+        weakref.finalize(t, self._drop, id(t))
+
+    def _drop(self, oid: int) -> None:
+        ptr = self._objects.pop(oid, None)
+        rec = self._storages.get(ptr) if ptr is not None else None
+        if rec is None or ptr is None:
+            return
+        rec[1] -= 1
+        if rec[1] <= 0:
+            del self._storages[ptr]
+            self.now -= rec[0]
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A whole-image buffer in host memory: allocated unseen, its storage never counted as device memory."""
+        import torch
+
+        self._quiet = True
+        try:
+            t = torch.empty(shape, dtype=dtype, device="cpu")
+        finally:
+            self._quiet = False
+        self._host.add(t.untyped_storage().data_ptr())
+        return t
+
+    def unhost(self, t: torch.Tensor) -> None:
+        self._host.discard(t.untyped_storage().data_ptr())
+
+
+# ---- moving tiles between host memory and the device -----------------------------------------------
+
+
+class _Ticket:
+    """A tile on its way to the device; :meth:`take` returns it once it may be used."""
+
+    def __init__(self, tensor: torch.Tensor, event: Any = None, stream: Any = None) -> None:
+        self.tensor, self.event, self.stream = tensor, event, stream
+
+    def take(self) -> torch.Tensor:
+        if self.event is not None:
+            import torch
+
+            cur = torch.cuda.current_stream(self.tensor.device)
+            cur.wait_event(self.event)
+            self.tensor.record_stream(cur)  # allocated on the copy stream, used on this one
+            self.event = None
+        return self.tensor
+
+
+class _Mover:
+    """Plain copies: a host region becomes a new contiguous device tensor; a device tile is written into
+    its place in host memory at once. Counts the bytes both ways."""
+
+    def __init__(self, device: torch.device, ledger: Ledger | None) -> None:
+        self.device, self.ledger = device, ledger
+        self.h2d = self.d2h = 0
+
+    def _count(self, up: int, down: int) -> None:
+        self.h2d += up
+        self.d2h += down
+        if self.ledger is not None:
+            self.ledger.h2d += up
+            self.ledger.d2h += down
+
+    def fetch(self, view: torch.Tensor) -> _Ticket:
+        import torch
+
+        self._count(view.numel() * view.element_size(), 0)
+        return _Ticket(view.to(device=self.device, copy=True, memory_format=torch.contiguous_format))
+
+    def put(self, view: torch.Tensor, tile: torch.Tensor) -> None:
+        self._count(0, tile.numel() * tile.element_size())
+        view.copy_(tile)
+
+    def settle(self) -> None:
+        """Finish the writes that are due (all but the most recent)."""
+
+    def drain(self) -> None:
+        """Finish every write (the end of a pass)."""
+
+
+class _CudaMover(_Mover):
+    """CUDA: copies on a separate stream through pinned staging buffers, so they overlap the compute.
+
+    Host -> device: the tile's region is gathered on the CPU into a pinned buffer and copied on the copy
+    stream (the pass asks for the next tile before it needs it). Device -> host: the copy stream waits for
+    the tile, copies it into a pinned buffer, and the CPU scatters it into the whole-image buffer one tile
+    later. PyTorch's pinned allocator keeps a staging buffer from reuse until its copy has finished; the
+    whole-image buffers themselves stay in ordinary (pageable) memory: a strided tile of a pinned tensor
+    would not be copied asynchronously anyway, and pinning gigabytes would lock them out of the OS.
+    """
+
+    def __init__(self, device: torch.device, ledger: Ledger | None) -> None:
+        import torch
+
+        super().__init__(device, ledger)
+        self.stream = torch.cuda.Stream(device)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+
+    def fetch(self, view: torch.Tensor) -> _Ticket:
+        import torch
+
+        self._count(view.numel() * view.element_size(), 0)
+        staged = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
+        staged.copy_(view)
+        with torch.cuda.stream(self.stream):
+            tile = staged.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return _Ticket(tile, event, self.stream)
+
+    def put(self, view: torch.Tensor, tile: torch.Tensor) -> None:
+        import torch
+
+        self._count(0, tile.numel() * tile.element_size())
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        staged = torch.empty(tile.shape, dtype=tile.dtype, pin_memory=True)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            staged.copy_(tile, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        tile.record_stream(self.stream)  # the compute stream must not reuse it before the copy ran
+        self.pending.append((view, staged, done))
+
+    def _finish(self, keep: int) -> None:
+        while len(self.pending) > keep:
+            view, staged, done = self.pending.pop(0)
+            done.synchronize()
+            view.copy_(staged)
+
+    def settle(self) -> None:
+        self._finish(1)
+
+    def drain(self) -> None:
+        self._finish(0)
+
+
+# ---- the whole-image buffers ------------------------------------------------------------------------
+
+
+class _Store:
+    """The schedule's buffers: on the compute device, or (ids in ``host``) in host memory."""
+
+    def __init__(self, sched: P.Schedule, lh: int, lw: int, batch: int, device: torch.device, dtype: torch.dtype,
+                 host: frozenset[int], mover: _Mover, ledger: Ledger | None,
+                 on_buffers: Callable[[int], None] | None) -> None:
+        self.sched, self.lh, self.lw, self.batch = sched, lh, lw, batch
+        self.device, self.dtype, self.host, self.mover = device, dtype, host, mover
+        self.ledger, self.on_buffers = ledger, on_buffers
+        self.bufs: dict[int, torch.Tensor] = {}
+        self.item = 0
+
+    def shape(self, bid: int) -> tuple[int, ...]:
+        b = self.sched.buffers[bid]
+        h, w = self.lh << b.level, self.lw << b.level
+        if b.role == "tokens":
+            return (h * w, b.channels)
+        return (self.batch if b.role == "output" else 1, b.channels, h, w)
+
+    def alloc(self, bid: int) -> None:
+        import torch
+
+        if bid not in self.host:
+            t = torch.empty(self.shape(bid), dtype=self.dtype, device=self.device)
+        elif self.ledger is not None:
+            t = self.ledger.host_empty(self.shape(bid), self.dtype)
+        else:
+            t = torch.empty(self.shape(bid), dtype=self.dtype, device="cpu")
+        self.bufs[bid] = t
         if self.on_buffers is not None:
-            seen = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in (*bufs, *self.keep)}
-            self.on_buffers(sum(seen.values()))
+            self.on_buffers(sum(b.untyped_storage().nbytes() for b in self.bufs.values()))
 
-    def grid(self, h: int, w: int) -> _Grid:
-        return _Grid(h, w, max(8, round(self.tile_px * h / self.out_h)))
+    def free(self, bid: int) -> None:
+        t = self.bufs.pop(bid)
+        if bid in self.host and self.ledger is not None:
+            self.ledger.unhost(t)
+
+    def _view(self, bid: int, channels: int, region: Region) -> torch.Tensor:
+        t = self.bufs[bid]
+        y0, y1, x0, x1 = region
+        if self.sched.buffers[bid].role == "output":
+            return t[self.item:self.item + 1, :channels, y0:y1, x0:x1]
+        return t[:, :channels, y0:y1, x0:x1]
+
+    def fetch(self, a: P.Access, core: Region) -> tuple[_Ticket, Region]:
+        """Tile ``core`` of ``a`` with ``a.halo`` pixels of context (clipped at the edges), and the core's
+        place inside it."""
+        y0, y1, x0, x1 = core
+        h, w = self.bufs[a.buffer].shape[-2:]
+        r = (max(0, y0 - a.halo), min(h, y1 + a.halo), max(0, x0 - a.halo), min(w, x1 + a.halo))
+        view = self._view(a.buffer, a.channels, r)
+        inner = (y0 - r[0], y1 - r[0], x0 - r[2], x1 - r[2])
+        return (self.mover.fetch(view) if a.buffer in self.host else _Ticket(view)), inner
+
+    def fetch_rows(self, bid: int, start: int, stop: int) -> _Ticket:
+        """Rows ``start:stop`` of a tokens buffer."""
+        view = self.bufs[bid][start:stop]
+        return self.mover.fetch(view) if bid in self.host else _Ticket(view)
+
+    def write(self, bid: int, region: Region, tile: torch.Tensor) -> None:
+        view = self._view(bid, tile.shape[1], region)
+        if bid in self.host:
+            self.mover.put(view, tile)
+        else:
+            view.copy_(tile)
+
+    def write_rows(self, bid: int, start: int, rows: torch.Tensor) -> None:
+        view = self.bufs[bid][start:start + rows.shape[0]]
+        if bid in self.host:
+            self.mover.put(view, rows)
+        else:
+            view.copy_(rows)
+
+
+# ---- the passes -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    sched: P.Schedule
+    steps: Sequence[Step]
+    store: _Store
+    tile_px: int
+    progress: ProgressFn | None
+    total: int
+    done: int = 0
+    x_stats: _Stats | None = None  # statistics of the current activation, for the next GroupNorm
+    h_stats: _Stats | None = None  # of a resnet's hidden activation
 
     def tick(self) -> None:
         self.done += 1
         if self.progress is not None:
             self.progress(min(self.done, self.total), self.total)
 
+    def cores(self, p: P.Pass) -> list[Region]:
+        ty, tx = P.grid(self.sched, self.store.lh, self.store.lw, self.tile_px, p)
+        return [(ys, ys + yn, xs, xs + xn) for ys, yn in ty for xs, xn in tx]
 
-def _total_steps(run: _Run, dec: Any, lh: int, lw: int) -> int:
-    """Tile steps of one item: two passes per resnet and one per upsampler at each level, one final pass."""
-    n = 0
-    for i, block in enumerate(dec.up_blocks):
-        tiles = len(run.grid(lh * 2 ** i, lw * 2 ** i))
-        n += tiles * (2 * len(block.resnets) + len(block.upsamplers or []))
-    last = len(dec.up_blocks) - 1
-    return n + len(run.grid(lh * 2 ** last, lw * 2 ** last))
+    def next_groups(self, layer: int) -> int | None:
+        """Groups of the first GroupNorm after ``layer`` (None when no GroupNorm follows)."""
+        for s in self.steps[layer + 1:]:
+            norm = s.norm1 if isinstance(s, Resnet) else s.norm if isinstance(s, (Attention, Output)) else None
+            if norm is not None:
+                return int(norm.num_groups)
+        return None
+
+    def sweep(self, p: P.Pass, body: Callable[[Region, list[tuple[torch.Tensor, Region]]], None]) -> None:
+        """Run ``body(core, reads)`` over the tiles of ``p``; the reads of the next tile are requested
+        before this tile's writes are finished, so on CUDA the copies overlap the compute."""
+        reads = [a for a in p.reads if self.sched.buffers[a.buffer].role != "tokens"]
+        cores = self.cores(p)
+        nxt = [self.store.fetch(a, cores[0]) for a in reads]
+        for i, core in enumerate(cores):
+            got = [(t.take(), inner) for t, inner in nxt]
+            body(core, got)
+            del got
+            if i + 1 < len(cores):
+                nxt = [self.store.fetch(a, cores[i + 1]) for a in reads]
+            self.store.mover.settle()
+            self.tick()
+        self.store.mover.drain()
 
 
-def _resnet(run: _Run, r: Any, x: torch.Tensor, aff_in: tuple[torch.Tensor, torch.Tensor],
-            next_norm: Any) -> tuple[torch.Tensor, _Stats | None]:
-    """One ResnetBlock2D over the whole image; returns its output (in x's storage) and its statistics."""
-    import torch
+def _crop(t: torch.Tensor, inner: Region, k: int = 1) -> torch.Tensor:
+    a, b, c, d = inner
+    return t[:, :, k * a:k * b, k * c:k * d]
 
-    _, cin, h, w = x.shape
-    cout = r.conv1.out_channels
-    grid = run.grid(h, w)
-    hbuf = torch.empty((1, cout, h, w), dtype=x.dtype, device=x.device)
-    run.live(x, hbuf)
-    st2 = _Stats(r.norm2.num_groups)
-    for core in grid.cores():
-        t, (a, b, c, d) = _read(x, core, 1)
-        y = r.conv1(_norm_act(t, aff_in))[:, :, a:b, c:d]
-        st2.add(y)
-        hbuf[:, :, core[0]:core[1], core[2]:core[3]] = y
-        del y, t
-        run.tick()
-    aff2 = st2.affine(r.norm2, cout, x.dtype)
-    out = x[:, :cout] if cout <= cin else torch.empty((1, cout, h, w), dtype=x.dtype, device=x.device)
-    run.live(x, hbuf, out)
-    st_out = _Stats(next_norm.num_groups) if next_norm is not None else None
-    for core in grid.cores():
+
+def _conv_in(run: _Run, p: P.Pass, s: ConvIn, z: torch.Tensor) -> None:
+    out = p.writes[0].buffer
+    st = _Stats(run.next_groups(p.layer) or 1)
+    store = run.store
+    for core in run.cores(p):
         y0, y1, x0, x1 = core
-        t, (a, b, c, d) = _read(hbuf, core, 1)
-        y = r.conv2(r.dropout(_norm_act(t, aff2)))[:, :, a:b, c:d]
-        res = x[:, :, y0:y1, x0:x1]
-        if r.conv_shortcut is not None:
-            res = r.conv_shortcut(res)
-        y.add_(res)  # in place on the conv output: (input + hidden) / scale, as diffusers, without copies
-        if r.output_scale_factor != 1:
-            y.div_(r.output_scale_factor)
-        if st_out is not None:
-            st_out.add(y)
-        out[:, :, y0:y1, x0:x1] = y  # x is only read at this core here, so writing into it is safe
-        del y, t, res
+        h, w = z.shape[-2:]
+        r = (max(0, y0 - 1), min(h, y1 + 1), max(0, x0 - 1), min(w, x1 + 1))
+        t = z[:, :, r[0]:r[1], r[2]:r[3]]
+        if t.device != store.device:
+            t = store.mover.fetch(t).take()
+        t = t.to(store.dtype)
+        if s.pre is not None:
+            t = s.pre(t)
+        y = _crop(s.conv(t), (y0 - r[0], y1 - r[0], x0 - r[2], x1 - r[2]))
+        st.add(y)
+        store.write(out, core, y)
+        del y, t
+        store.mover.settle()
         run.tick()
-    del hbuf
-    return out, st_out
+    store.mover.drain()
+    run.x_stats = st
 
 
-def _upsample(run: _Run, u: Any, x: torch.Tensor, next_groups: int) -> tuple[torch.Tensor, _Stats]:
+def _resnet1(run: _Run, p: P.Pass, s: Resnet) -> None:
+    assert run.x_stats is not None
+    aff = run.x_stats.affine(s.norm1, p.reads[0].channels, run.store.dtype)
+    st = _Stats(int(s.norm2.num_groups))
+    out = p.writes[0].buffer
+
+    def body(core: Region, got: list[tuple[torch.Tensor, Region]]) -> None:
+        (t, inner), = got
+        y = _crop(s.conv1(_norm(t, aff)), inner)
+        st.add(y)
+        run.store.write(out, core, y)
+
+    run.sweep(p, body)
+    run.h_stats = st
+
+
+def _resnet2(run: _Run, p: P.Pass, s: Resnet) -> None:
+    assert run.h_stats is not None
+    aff = run.h_stats.affine(s.norm2, p.reads[0].channels, run.store.dtype)
+    groups = run.next_groups(p.layer)
+    st = _Stats(groups) if groups is not None else None
+    out = p.writes[0].buffer
+
+    def body(core: Region, got: list[tuple[torch.Tensor, Region]]) -> None:
+        (t, inner), (res, _) = got
+        h = _norm(t, aff)
+        if s.dropout is not None:
+            h = s.dropout(h)
+        y = _crop(s.conv2(h), inner)
+        del h
+        if s.shortcut is not None:
+            res = s.shortcut(res)
+        y.add_(res)  # in place on the conv output: (input + hidden) / scale, as diffusers, without copies
+        if s.scale != 1:
+            y.div_(s.scale)
+        if st is not None:
+            st.add(y)
+        run.store.write(out, core, y)  # x is only read at this core here, so writing into it is safe
+
+    run.sweep(p, body)
+    run.x_stats = st
+
+
+def _attn_kv(run: _Run, p: P.Pass, s: Attention) -> None:
+    """Keys and values of every position into two tokens buffers, tile after tile (rows in tile order)."""
+    assert run.x_stats is not None
+    aff = run.x_stats.affine(s.norm, p.reads[0].channels, run.store.dtype)
+    kb, vb = (a.buffer for a in p.writes)
+    row = 0
+
+    def body(core: Region, got: list[tuple[torch.Tensor, Region]]) -> None:
+        nonlocal row
+        (t, _), = got
+        n = _norm(t, aff, act=False).flatten(2).transpose(1, 2)[0]  # [positions, C]
+        run.store.write_rows(kb, row, _project(s.k, n))
+        run.store.write_rows(vb, row, _project(s.v, n))
+        row += n.shape[0]
+
+    run.sweep(p, body)
+
+
+def _attn_out(run: _Run, p: P.Pass, s: Attention) -> None:
+    """Each query block against every key/value chunk with a running softmax (float32), then the output
+    projection and the input, into x's storage."""
     import torch
 
-    conv = u.conv if u.name == "conv" else u.Conv2d_0
-    h, w = x.shape[-2:]
-    out = torch.empty((1, conv.out_channels, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
-    run.live(x, out)
-    st = _Stats(next_groups)
-    for core in run.grid(h, w).cores():
-        t, (a, b, cc, d) = _read(x, core, 1)
+    assert run.x_stats is not None
+    store = run.store
+    aff = run.x_stats.affine(s.norm, p.reads[0].channels, store.dtype)
+    kb, vb = p.reads[1].buffer, p.reads[2].buffer
+    n_tokens = store.bufs[kb].shape[0]
+    chunk = P.KV_CHUNK
+    groups = run.next_groups(p.layer)
+    st = _Stats(groups) if groups is not None else None
+    out = p.writes[0].buffer
+    heads = s.heads
+    scale = s.scale if s.scale is not None else (p.reads[0].channels // heads) ** -0.5
+
+    def body(core: Region, got: list[tuple[torch.Tensor, Region]]) -> None:
+        (x, _), = got
+        c, hh, ww = x.shape[1:]
+        n = _norm(x, aff, act=False).flatten(2).transpose(1, 2)[0]
+        q = (_project(s.q, n).float() * scale).view(-1, heads, c // heads).transpose(0, 1)  # [heads, nq, d]
+        del n
+        acc = torch.zeros_like(q)
+        top = torch.full((*q.shape[:2], 1), -torch.inf, dtype=torch.float32, device=q.device)
+        mass = torch.zeros_like(top)
+        starts = list(range(0, n_tokens, chunk))
+        nxt = (store.fetch_rows(kb, 0, chunk), store.fetch_rows(vb, 0, chunk))
+        for j in range(len(starts)):
+            k, v = (t.take() for t in nxt)
+            if j + 1 < len(starts):
+                b = starts[j + 1]
+                nxt = (store.fetch_rows(kb, b, b + chunk), store.fetch_rows(vb, b, b + chunk))
+            k = k.float().view(-1, heads, c // heads).transpose(0, 1)
+            v = v.float().view(-1, heads, c // heads).transpose(0, 1)
+            logits = torch.bmm(q, k.transpose(1, 2))
+            new_top = torch.maximum(top, logits.amax(-1, keepdim=True))
+            logits.sub_(new_top).exp_()
+            fade = (top - new_top).exp_()
+            mass.mul_(fade).add_(logits.sum(-1, keepdim=True))
+            acc.mul_(fade).baddbmm_(logits, v)
+            top = new_top
+            del k, v, logits
+        acc.div_(mass)
+        y = _project(s.proj, acc.transpose(0, 1).reshape(-1, c).to(x.dtype))
+        del acc, q
+        if s.dropout is not None:
+            y = s.dropout(y)
+        y = y.t().reshape(1, c, hh, ww)
+        if s.residual:
+            y = y + x
+        if s.rescale != 1:
+            y = y / s.rescale
+        if st is not None:
+            st.add(y)
+        store.write(out, core, y)
+
+    run.sweep(p, body)
+    run.x_stats = st
+
+
+def _upsample(run: _Run, p: P.Pass, s: Upsample) -> None:
+    import torch
+
+    groups = run.next_groups(p.layer)
+    st = _Stats(groups) if groups is not None else None
+    out = p.writes[0].buffer
+
+    def body(core: Region, got: list[tuple[torch.Tensor, Region]]) -> None:
+        (t, inner), = got
         up = torch.nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
-        y = conv(up)[:, :, 2 * a:2 * b, 2 * cc:2 * d]
+        y = _crop(s.conv(up), inner, 2)
         del up
-        st.add(y)
-        out[:, :, 2 * core[0]:2 * core[1], 2 * core[2]:2 * core[3]] = y
-        del y, t
-        run.tick()
-    return out, st
+        if st is not None:
+            st.add(y)
+        run.store.write(out, tuple(2 * v for v in core), y)  # type: ignore[arg-type]
+
+    run.sweep(p, body)
+    run.x_stats = st
 
 
-def stream_decode(vae: Any, z: torch.Tensor, *, tile_px: int, progress: ProgressFn | None = None,
-                  on_buffers: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Decode VAE-space latents ``z`` ``[B, C, h, w]`` exactly, with tiles of at most ``tile_px``.
+def _output(run: _Run, p: P.Pass, s: Output) -> None:
+    assert run.x_stats is not None
+    aff = run.x_stats.affine(s.norm, p.reads[0].channels, run.store.dtype)
+    out = p.writes[0].buffer
+
+    def body(core: Region, got: list[tuple[torch.Tensor, Region]]) -> None:
+        (t, inner), = got
+        run.store.write(out, core, _crop(s.conv(_norm(t, aff)), inner))
+
+    run.sweep(p, body)
+
+
+def _compute_device_dtype(steps: Sequence[Step]) -> tuple[torch.device, torch.dtype]:
+    last = steps[-1]
+    w = last.conv.weight if isinstance(last, Output) else None
+    if w is None:
+        raise PlanError("the last decoder step must be Output")
+    return w.device, w.dtype
+
+
+def decode_steps(steps: Sequence[Step], z: torch.Tensor, *, tile_px: int, device_budget: int | None = None,
+                 progress: ProgressFn | None = None, on_buffers: Callable[[int], None] | None = None,
+                 ledger: Ledger | None = None) -> torch.Tensor:
+    """Decode ``z`` ``[B, C, h, w]`` exactly through ``steps`` (see the module docstring), tile by tile.
 
     Args:
-        vae: a diffusers ``AutoencoderKL`` (see :func:`stream_support`), already on its device/dtype.
-        z (`torch.Tensor`): latents on the VAE's device and dtype.
-        tile_px (`int`): tile side in OUTPUT pixels (scaled down with the resolution of each layer);
+        steps: the decoder as :class:`ConvIn`, mid/up :class:`Resnet` / :class:`Attention` /
+            :class:`Upsample` steps in order, and :class:`Output`; modules already on their device/dtype.
+        z (`torch.Tensor`): latents (VAE space); on the compute device, or on the CPU (its tiles are copied in).
+        tile_px (`int`): tile side in OUTPUT pixels (scaled down with the resolution of each pass);
             bounds the working set of one tile. No overlap: each pass reads one pixel of context.
+        device_budget (`int | None`, defaults to None): bytes the whole-image buffers may use on the
+            compute device; None: all on the device (in-memory exact tiling); 0: all in host memory (the
+            output too: the result is then a CPU tensor). See :func:`hybrid_vae.policy.passes.placement`.
         progress (`ProgressFn | None`): ``progress(done, total)`` after each tile of each pass.
         on_buffers (`Callable[[int], None] | None`): called with the bytes of the whole-image buffers
-            alive together at each point where a pass allocates one (tests check
-            :func:`stream_buffer_elements` with it).
+            alive together (device and host) each time one is allocated.
+        ledger (`Ledger | None`): counts the device working set and the copies (tests, benchmarks).
 
     Returns:
-        torch.Tensor: ``[B, out_channels, h * 8, w * 8]``, not clamped.
+        torch.Tensor: ``[B, out_channels, h * 2^k, w * 2^k]``, not clamped, on the compute device
+        (or on the CPU when the output buffer was placed in host memory).
+
+    Raises:
+        PlanError: steps that cannot be tiled exactly, or ``tile_px < 8``.
+    """
+    import torch
+
+    if tile_px < 8:
+        raise PlanError(f"tile_px={tile_px}: must be at least 8")
+    device, dtype = _compute_device_dtype(steps)
+    b, cz, lh, lw = z.shape
+    layers = step_layers(steps, int(cz))
+    sched = P.schedule(layers, narrow_in_place=device_budget is None)
+    esize = torch.empty((), dtype=dtype).element_size()
+    host = P.placement(sched, lh, lw, tile_px, esize, b, device_budget)
+    mover: _Mover = _CudaMover(device, ledger) if device.type == "cuda" and host else _Mover(device, ledger)
+    store = _Store(sched, lh, lw, b, device, dtype, host, mover, ledger, on_buffers)
+    run = _Run(sched, steps, store, tile_px, progress, P.steps(sched, lh, lw, tile_px) * b)
+    with ledger if ledger is not None else contextlib.nullcontext():
+        store.alloc(sched.output)
+        for item in range(b):
+            store.item = item
+            _run_item(run, z[item:item + 1])
+        result = store.bufs[sched.output]
+        store.bufs.clear()
+    if progress is not None and run.done < run.total:
+        progress(run.total, run.total)
+    return result
+
+
+def _run_item(run: _Run, z: torch.Tensor) -> None:
+    for p in run.sched.passes:
+        for bid in p.alloc:
+            run.store.alloc(bid)
+        s = run.steps[p.layer]
+        if p.part == "conv_in":
+            assert isinstance(s, ConvIn)
+            _conv_in(run, p, s, z)
+        elif p.part == "resnet1":
+            assert isinstance(s, Resnet)
+            _resnet1(run, p, s)
+        elif p.part == "resnet2":
+            assert isinstance(s, Resnet)
+            _resnet2(run, p, s)
+        elif p.part == "attn_kv":
+            assert isinstance(s, Attention)
+            _attn_kv(run, p, s)
+        elif p.part == "attn_out":
+            assert isinstance(s, Attention)
+            _attn_out(run, p, s)
+        elif p.part == "upsample":
+            assert isinstance(s, Upsample)
+            _upsample(run, p, s)
+        else:
+            assert isinstance(s, Output)
+            _output(run, p, s)
+        for bid in p.free:
+            run.store.free(bid)
+
+
+def stream_decode(vae: Any, z: torch.Tensor, *, tile_px: int, device_budget: int | None = None,
+                  progress: ProgressFn | None = None, on_buffers: Callable[[int], None] | None = None,
+                  ledger: Ledger | None = None) -> torch.Tensor:
+    """Decode VAE-space latents ``z`` ``[B, C, h, w]`` of a diffusers ``AutoencoderKL`` (or a VAE with
+    ``stream_steps()``, see :func:`steps_of`) exactly, with tiles of at most ``tile_px`` (see
+    :func:`decode_steps` for the arguments).
 
     Raises:
         PlanError: the VAE's decoder is not one this function supports (the reason is named).
     """
-    import torch
-
-    why = stream_support(vae)
-    if why is not None:
-        raise PlanError(f"exact tiling cannot run this VAE: {why}; use a local-GroupNorm tiled plan")
-    if tile_px < 8:
-        raise PlanError(f"tile_px={tile_px}: must be at least 8")
-    dec = vae.decoder
-    pqc = getattr(vae, "post_quant_conv", None)
-    b, _, lh, lw = z.shape
-    scale = 2 ** (len(dec.up_blocks) - 1)
-    up_dtype = next(iter(dec.up_blocks.parameters())).dtype
-    result = torch.empty((b, dec.conv_out.out_channels, lh * scale, lw * scale), dtype=up_dtype, device=z.device)
-    run = _Run(tile_px, lh * scale, progress, on_buffers, keep=(result,))
-    run.total = b * _total_steps(run, dec, lh, lw)
-    firsts = [blk.resnets[0].norm1 if len(blk.resnets) else None for blk in dec.up_blocks]
-    for i in range(b):
-        zi = z[i:i + 1]
-        if pqc is not None:
-            zi = pqc(zi)
-        x = dec.mid_block(dec.conv_in(zi)).to(up_dtype)
-        st: _Stats | None = _Stats((firsts[0] or dec.conv_norm_out).num_groups)
-        assert st is not None
-        st.add(x)
-        for bi, block in enumerate(dec.up_blocks):
-            # the GroupNorm that reads this block's output: the next block's first, or norm_out
-            after = next((n for n in firsts[bi + 1:] if n is not None), dec.conv_norm_out)
-            for ri, r in enumerate(block.resnets):
-                if ri + 1 < len(block.resnets):
-                    nxt = block.resnets[ri + 1].norm1
-                else:
-                    nxt = None if block.upsamplers else after
-                assert st is not None
-                x, st = _resnet(run, r, x, st.affine(r.norm1, x.shape[1], x.dtype), nxt)
-            for u in block.upsamplers or []:
-                x, st = _upsample(run, u, x, after.num_groups)
-        assert st is not None
-        aff = st.affine(dec.conv_norm_out, x.shape[1], x.dtype)
-        run.live(x, result)
-        for core in run.grid(x.shape[-2], x.shape[-1]).cores():
-            t, (a, bb, c, d) = _read(x, core, 1)
-            result[i:i + 1, :, core[0]:core[1], core[2]:core[3]] = dec.conv_out(_norm_act(t, aff))[:, :, a:bb, c:d]
-            del t
-            run.tick()
-        del x
-    if progress is not None and run.done < run.total:
-        progress(run.total, run.total)
-    return result
+    try:
+        steps = steps_of(vae)
+    except PlanError as exc:
+        raise PlanError(f"exact tiling cannot run this VAE: {exc}; use a local-GroupNorm tiled plan") from None
+    return decode_steps(steps, z, tile_px=tile_px, device_budget=device_budget, progress=progress,
+                        on_buffers=on_buffers, ledger=ledger)

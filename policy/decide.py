@@ -4,11 +4,15 @@ Rules (each is tested):
 - Candidates: full (whole batch), full item by item (batch > 1), temporal chunks (video), tiled at
   every tile cap from the family's smallest up to the image size -- for image families with an
   exact-tiling model both ``exact`` (whole-image GroupNorm statistics; output = a full decode) and
-  ``local`` (per-tile statistics; least memory) --, remote (when allowed and an endpoint serves this
-  family's VAE), cpu.
-- ``tile_groupnorm="auto"``: while a full or exact-tiled plan fits, a local-tiled plan is chosen
-  only when it is estimated ``exact_tolerance`` (1.2x) faster; ``exact``: no local-tiled plans;
-  ``local``: no exact-tiled plans.
+  ``local`` (per-tile statistics; least memory) --, exact tiles whose whole-image buffers live partly in
+  host memory ("offloaded", label ``exact+host``: the buffers get the device memory the tile leaves, the
+  rest goes to the host; one of them with every buffer in host memory at the smallest tile), remote
+  (when allowed and an endpoint serves this family's VAE), cpu.
+- ``tile_groupnorm="auto"``: lossless plans first: while a full, exact or offloaded exact plan fits, a
+  local-tiled plan is chosen only when it is estimated ``exact_tolerance`` faster; ``exact``: no local
+  tiles; ``offload``: tiled plans are offloaded exact ones only; ``local``: no exact tiles.
+- An offloaded plan also needs its host buffers to fit the probed available host memory minus
+  ``host_reserve_bytes`` (unknown host memory: no offloaded plans).
 - A GPU plan is feasible when its estimated peak <= available - reserve
   (available = NVML free + torch's reusable cache).
 - ``auto`` chooses the feasible plan with the smallest estimated seconds (ties: the larger tile);
@@ -28,6 +32,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
+from hybrid_vae.policy import passes
 from hybrid_vae.policy.errors import ProfileError
 from hybrid_vae.policy.estimate import (
     CPU_SECONDS_PER_VOXEL,
@@ -36,10 +41,14 @@ from hybrid_vae.policy.estimate import (
     cpu_seconds,
     decode_dtype,
     exact_peak_bytes,
+    exact_schedule,
     exact_seconds,
     exact_tiles,
     latent_frames,
     local_seconds,
+    offload_costs,
+    offload_peak_bytes,
+    offload_seconds,
     peak_bytes,
     remote_estimate,
     spatial_tiles,
@@ -162,6 +171,56 @@ def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: i
     return plans
 
 
+def _offload_sizes(sizes: list[int]) -> list[int]:
+    """A few of the exact tile sizes (ascending) for offloaded plans: the smallest and those nearest 512 and
+    1024 px (each candidate costs a pass schedule, and decide() stays under a millisecond; larger tiles leave
+    less room for buffers on the GPU, smaller ones take more steps, so the optimum is broad, and tiles of
+    ``2^k`` px split the usual image sizes evenly at every resolution)."""
+    picks = {sizes[0]} | {min(sizes, key=lambda t: (abs(t - target), t)) for target in (512, 1024)}
+    return sorted(t for t in picks if t <= 1024 or t == sizes[0])
+
+
+def _offload_sizes_to_cost(plans: list[Plan], sizes: list[int], budget: int, settings: DecodeSettings) -> list[int]:
+    """The tile sizes worth an offloaded candidate: with the same tile an offloaded plan is never faster than
+    the in-memory one (same compute plus copies) and never than a full decode, so only sizes larger than
+    the largest in-memory exact tile that fits, and none when a full decode fits (``tile_groupnorm="offload"``:
+    all). Keeps ``decide()`` cheap where nothing needs host memory."""
+    offload_sizes = _offload_sizes(sizes)
+    if settings.tile_groupnorm == "offload":
+        return offload_sizes
+    fits = [p for p in plans if p.estimate.peak_bytes <= budget]
+    if any(p.path == "full" for p in fits):
+        return []
+    inmem = max((p.tile_px or 0 for p in fits if p.groupnorm == "exact"), default=0)
+    return [t for t in offload_sizes if t > inmem]
+
+
+def _tiled_reason(c: Plan, gpu_plans: list[Plan], feasible: list[Plan], settings: DecodeSettings) -> str:
+    """The rest of a tiled decision's reason: why exact, exact with host memory, or tiles that may drift."""
+    inmem = [p for p in gpu_plans if p.groupnorm == "exact" and not p.offloaded]
+    least = min(inmem, key=lambda p: p.estimate.peak_bytes) if inmem else None
+    if c.groupnorm == "exact" and c.offloaded:
+        e = c.estimate
+        gpu_alone = f"exact tiling on the GPU alone needs {_gib(least.estimate.peak_bytes)}; " if least else ""
+        return (f"; {gpu_alone}{_gib(e.host_bytes)} of whole-image buffers in host memory, "
+                f"{e.transfer_bytes / 1e9:.1f} GB copied (est. {e.transfer_seconds:.2f} s, overlapped); "
+                f"output equals a full decode")
+    if c.groupnorm == "exact":
+        return "; output equals a full decode"
+    lossless = [p for p in feasible if p.path == "full" or p.groupnorm == "exact"]
+    if lossless:
+        quickest = min(lossless, key=lambda p: p.estimate.seconds)
+        return (f"; {quickest.label} fits but is estimated {quickest.estimate.seconds:.2f} s, over "
+                f"{settings.exact_tolerance:g}x this plan's, so tile colours may differ from a full decode")
+    exacts = [p for p in gpu_plans if p.groupnorm == "exact"]
+    if not exacts:
+        return ""
+    smallest = min(exacts, key=lambda p: p.estimate.peak_bytes)
+    host = f" with {_gib(smallest.estimate.host_bytes)} in host memory" if smallest.estimate.host_bytes else ""
+    return (f"; no lossless plan fits: exact tiling needs {_gib(smallest.estimate.peak_bytes)}{host}, so tile "
+            f"colours may differ from a full decode")
+
+
 def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings | None = None,
            network: NetworkArg = None, learned: Learned | None = None) -> Decision:
     """Choose how to decode ``job`` on ``gpu``; pure: the same inputs give the same decision.
@@ -217,14 +276,36 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         return with_learned(Plan(path=path, estimate=est, dtype=dtype, tile_px=tile, overlap_px=ov,  # type: ignore[arg-type]
                                  frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch))
 
+    sched_mem = exact_schedule(fam, offload=False) if not fam.video else None
+    sched_off = exact_schedule(fam, offload=True) if not fam.video else None
+    moves: dict[int, list[tuple[int, int]]] = {}  # offloaded plans' bytes moved per buffer, by tile
+
     def exact(tile: int) -> Plan:
         t = fam.timing
         est = Estimate(
-            peak_bytes=exact_peak_bytes(job, fam, tile), seconds=exact_seconds(job, fam, speed, tile),
+            peak_bytes=exact_peak_bytes(job, fam, tile), seconds=exact_seconds(job, fam, speed, tile, sched=sched_mem),
             peak_source=f"{job.family} exact-tiling model: analytic buffers + tile, x{fam.memory.exact_margin:g} margin",
             seconds_source=f"{speed.source}; exact tiling x{t.exact_time_factor:g} + {t.exact_passes} passes x tiles (assumed)")
         return with_learned(Plan(path="tiled", estimate=est, dtype=dtype, tile_px=tile, slice_batch=True,
                                  groupnorm="exact"))
+
+    def offloaded(tile: int, room: float) -> Plan | None:
+        """Exact tiles whose whole-image buffers get what ``room`` bytes of device memory leave after the
+        tile; None when that is all of them (the in-memory exact plan covers it)."""
+        if tile not in moves and sched_off is not None:
+            moves[tile] = passes.traffic(sched_off, job.height // sc, job.width // sc, tile)
+        device_budget, c = offload_costs(job, fam, tile, room, sched=sched_off, moves=moves.get(tile))
+        if c.host_bytes == 0:
+            return None
+        secs, copy_s, copy_src = offload_seconds(job, fam, speed, tile, c, gp, sched=sched_mem)
+        est = Estimate(
+            peak_bytes=offload_peak_bytes(job, fam, tile, c), seconds=secs,
+            peak_source=(f"{job.family} exact-tiling schedule: {_gib(c.device_bytes)} of whole-image buffers on the "
+                         f"GPU, {_gib(c.host_bytes)} in host memory, + tile, x{fam.memory.exact_margin:g} margin"),
+            seconds_source=f"{speed.source}; exact tiling compute (assumed factors); {copy_src}",
+            host_bytes=c.host_bytes, transfer_bytes=c.moved_bytes, transfer_seconds=copy_s)
+        return with_learned(Plan(path="tiled", estimate=est, dtype=dtype, tile_px=tile, slice_batch=True,
+                                 groupnorm="exact", device_budget=device_budget))
 
     # ---- candidates -------------------------------------------------------------------------
     gpu_plans: list[Plan] = []
@@ -237,6 +318,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     if use_chunks:
         gpu_plans.append(local("tiled", chunk=chunk, slice_batch=True))
     can_exact = not fam.video and fam.memory.exact_buffer_elements is not None
+    gn = settings.tile_groupnorm
     seen: set[int] = set()
     for cap in _tile_caps(job, fam, settings):
         if cap <= 2 * overlap:
@@ -245,17 +327,31 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         if tile in seen or tile >= max(job.width, job.height):
             continue
         seen.add(tile)
-        if settings.tile_groupnorm != "exact" or not can_exact:
+        if gn in ("auto", "local") or not can_exact:
             gpu_plans.append(local("tiled", tile=tile, chunk=chunk if use_chunks else None, slice_batch=True))
-    if can_exact and settings.tile_groupnorm != "local":
-        seen_exact: set[int] = set()
+    exact_sizes: list[int] = []
+    if can_exact and gn != "local":
         for cap in _tile_caps(job, fam, settings):
             ty, tx = exact_tiles(job, fam, cap)
             tile = max(max(s for _, s in ty), max(s for _, s in tx))
-            if tile in seen_exact or tile >= max(job.width, job.height):
-                continue
-            seen_exact.add(tile)
-            gpu_plans.append(exact(tile))
+            if tile not in exact_sizes and tile < max(job.width, job.height):
+                exact_sizes.append(tile)
+        if gn != "offload":
+            gpu_plans += [exact(tile) for tile in exact_sizes]
+    can_offload = (can_exact and gn != "local" and fam.decoder is not None and on_gpu
+                   and fam.memory.exact_offload_tile_elements is not None and bool(exact_sizes))
+    sizes = _offload_sizes_to_cost(gpu_plans, exact_sizes, budget, settings) if can_offload else []
+    if sizes:
+        # the budget's worth of buffers on the GPU at a few tile sizes, and everything in host memory at the
+        # smallest (device memory bounded by the tile: the lossless plan of last resort)
+        for tile in sizes:
+            p = offloaded(tile, budget)
+            if p is not None:
+                gpu_plans.append(p)
+        p = offloaded(exact_sizes[0], 0)
+        if p is not None and all(q.estimate.peak_bytes != p.estimate.peak_bytes or q.tile_px != p.tile_px
+                                 for q in gpu_plans):
+            gpu_plans.append(p)
     if use_chunks and chunk is not None:
         # Shorter temporal chunks before giving up on the GPU (whole frames, then the smallest tile).
         # Not measured: they are never estimated faster than the VAE's default chunk (more launches,
@@ -277,14 +373,25 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
 
     options: list[Option] = []
     feasible: list[Plan] = []
+    host_room = None if gpu.host_available_bytes is None else gpu.host_available_bytes - settings.host_reserve_bytes
+
+    def host_ok(p: Plan) -> bool:
+        return not p.estimate.host_bytes or (host_room is not None and p.estimate.host_bytes <= host_room)
+
     for p in gpu_plans:
+        host = p.estimate.host_bytes
         if not on_gpu:
             options.append(Option(p, False, f"no GPU ({gpu.note or gpu.source})"))
-        elif p.estimate.peak_bytes <= budget:
-            feasible.append(p)
-            options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {_gib(shown_budget)} budget"))
-        else:
+        elif p.estimate.peak_bytes > budget:
             options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {_gib(shown_budget)} budget"))
+        elif not host_ok(p):
+            room = "unknown (no psutil, no /proc/meminfo)" if host_room is None else \
+                f"{_gib(max(0, host_room))} available - {_gib(settings.host_reserve_bytes)} reserve"
+            options.append(Option(p, False, f"needs {_gib(host)} of host memory > {room}"))
+        else:
+            feasible.append(p)
+            extra = f", {_gib(host)} in host memory" if host else ""
+            options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {_gib(shown_budget)} budget{extra}"))
 
     remote: Plan | None = None
     url, remote_why = endpoint_for(job, fam, settings)
@@ -333,7 +440,8 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     elif settings.mode == "tiled":
         tiled = [p for p in feasible if p.path == "tiled"]
         if tiled:
-            chosen = min(tiled, key=lambda p: (p.groupnorm != "exact", -(p.tile_px or 0), p.estimate.seconds))
+            chosen = min(tiled, key=lambda p: (p.groupnorm != "exact", p.offloaded, -(p.tile_px or 0),
+                                               p.estimate.seconds))
         else:
             reason_prefix = "tiled requested but no tile fits; "
     elif settings.mode == "remote":
@@ -346,7 +454,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     squeezed = False
     if chosen is None and on_gpu:
         # nothing fits the budget: the smallest plan may still fit inside the reserve
-        smallest = min(gpu_plans, key=lambda p: p.estimate.peak_bytes)
+        smallest = min((p for p in gpu_plans if host_ok(p)), key=lambda p: p.estimate.peak_bytes)
         if smallest.estimate.peak_bytes <= available:
             chosen, squeezed = smallest, True
     if chosen is None:
@@ -418,18 +526,8 @@ def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int,
             reason = f"{c.label} {why}: needs {_gib(need)} of {_gib(budget)}; full would fit too ({_gib(full_need)})"
         else:
             reason = f"{c.label}: needs {_gib(need)} of {_gib(budget)}; full needs {_gib(full_need)} > {_gib(budget)}"
-        exacts = [p for p in gpu_plans if p.groupnorm == "exact"]
-        if c.groupnorm == "exact":
-            return reason + "; output equals a full decode"
-        if exacts and not fam.video:
-            fitting = [p for p in feasible if p.groupnorm == "exact"]
-            if fitting:
-                quickest = min(fitting, key=lambda p: p.estimate.seconds)
-                return reason + (f"; {quickest.label} fits but is estimated {quickest.estimate.seconds:.2f} s, over "
-                                 f"{settings.exact_tolerance:g}x this plan's, so tile colours may differ from a full decode")
-            least = min(exacts, key=lambda p: p.estimate.peak_bytes)
-            return reason + (f"; exact tiling needs {_gib(least.estimate.peak_bytes)}, so tile colours may differ "
-                             f"from a full decode")
+        if c.groupnorm == "exact" or not fam.video:
+            reason += _tiled_reason(c, gpu_plans, feasible, settings)
         return reason
     if c.path == "remote":
         local_best = min(feasible, key=rank) if feasible else None
@@ -437,8 +535,8 @@ def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int,
               else "no GPU" if not on_gpu else "nothing local fits" + (f" {_gib(budget)}" if budget > 0 else ""))
         return f"remote {c.response_format} est. {c.estimate.seconds:.2f} s, {vs}"
     why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
-    if on_gpu and settings.tile_groupnorm == "exact" and can_exact:
-        why += " (local tiles are off: tile_groupnorm=exact)"
+    if on_gpu and settings.tile_groupnorm in ("exact", "offload") and can_exact:
+        why += f" (local tiles are off: tile_groupnorm={settings.tile_groupnorm})"
     if settings.mode == "remote" and remote is None:  # the "remote requested but ..." prefix said why already
         return f"{describe_plan(c)}: {why}"
     return f"{describe_plan(c)}: {why}; remote: {remote_why if remote is None else 'failed before'}"

@@ -11,9 +11,11 @@ count), else the family's H200 figure scaled by the card's speed (from its profi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
+from hybrid_vae.policy import passes
 from hybrid_vae.policy.errors import LatentError
 from hybrid_vae.policy.model import DecodeJob, DecodeSettings, Estimate, NetworkStats, ResponseFormat
 from hybrid_vae.policy.profiles import Dtype, Family, GpuProfile, GpuRow, dtype_bytes
@@ -27,6 +29,18 @@ REMOTE_SPEED_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed)
 FORMAT_BYTES_PER_PX: dict[str, float] = {"raw": 3.0, "png": 1.6, "jpg": 0.35, "mp4": 0.08}
 FORMAT_S_PER_MP: dict[str, float] = {"raw": 0.0, "png": 0.12, "jpg": 0.03, "mp4": 0.05}
 Geometry = Literal["engine", "diffusers"]
+#: Host<->device copy bandwidth (GB/s, pinned memory, one direction at a time) of an x16 link per PCI
+#: Express generation: about what NVIDIA's bandwidthTest reports on such links (3.0: 12-13, 4.0: 24-26,
+#: 5.0: 50-55 GB/s), rounded down; fewer lanes scale it. A profile's measured ``host_link_gbs`` wins.
+PCIE_GBS: dict[int, float] = {1: 3.0, 2: 6.0, 3: 12.0, 4: 24.0, 5: 48.0, 6: 96.0, 7: 192.0}
+UNPROFILED_PCIE_GEN = 3  # an unprofiled card's link: PCI Express 3.0 x16 (assumed; the common floor)
+#: The CPU's side of offloaded exact tiling: gathering tiles from pageable whole-image buffers into pinned
+#: staging and scattering finished tiles back (GB/s, assumed: a multi-threaded strided copy on desktop
+#: DDR4/DDR5). The copies run at the slower of this and the link.
+HOST_COPY_GBS = 16.0
+#: Offloaded exact tiling: the share of the shorter of compute and copies that is not hidden behind the
+#: other (the first tile of each pass, the last write, synchronisation; assumed).
+OVERLAP_LOSS = 0.2
 
 
 def decode_dtype(job: DecodeJob, fam: Family) -> Dtype:
@@ -191,14 +205,115 @@ def exact_peak_bytes(job: DecodeJob, fam: Family, tile_px: int, *, margin: float
     return int(peak)
 
 
-def exact_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int) -> float:
-    """Seconds of exact tiling: a full decode's time x ``exact_time_factor`` plus a fixed cost per tile
-    of every pass (``exact_passes`` x tiles; lower-resolution passes have at most as many tiles)."""
+def exact_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int, *,
+                  sched: passes.Schedule | None = None) -> float:
+    """Seconds of exact tiling: a full decode's time x ``exact_time_factor`` plus a fixed cost per tile step
+    (launches): the steps of the family's pass schedule (:func:`policy.passes.steps`, ``sched`` when the
+    caller has it), else ``exact_passes`` x the output's tiles."""
     t = fam.timing
-    ty, tx = exact_tiles(job, fam, tile_px)
-    steps = t.exact_passes * len(ty) * len(tx)
+    sched = sched or exact_schedule(fam, offload=False)
+    if sched is not None:
+        sc = fam.spatial_compression
+        steps = passes.steps(sched, job.height // sc, job.width // sc, tile_px)
+    else:
+        ty, tx = exact_tiles(job, fam, tile_px)
+        steps = t.exact_passes * len(ty) * len(tx)
     return job.batch * (speed.full(job.height * job.width) * t.exact_time_factor
                         + steps * t.exact_step_h200_s * speed.card_factor)
+
+
+def exact_schedule(fam: Family, *, offload: bool) -> passes.Schedule | None:
+    """The pass schedule of exact tiling for the family's decoder (None: no decoder config). Offloaded
+    plans write a narrowing resnet's output into a new buffer (fewer bytes moved), in-memory ones into its
+    input's storage (less memory)."""
+    d = fam.decoder
+    if d is None or fam.decoder_widths is None:
+        return None
+    return _schedule(tuple(fam.decoder_widths), d.layers_per_block, fam.latent_channels, d.out_channels, d.mid_attention,
+                     offload)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(block_out_channels: tuple[int, ...], layers_per_block: int, latent_channels: int, out_channels: int,
+              mid_attention: bool, offload: bool) -> passes.Schedule:
+    """A pure function of the decoder config, memoised (decide() needs it for every plan it costs)."""
+    layers = passes.decoder_layers(block_out_channels, layers_per_block, latent_channels=latent_channels,
+                                   out_channels=out_channels, mid_attention=mid_attention)
+    return passes.schedule(layers, narrow_in_place=not offload)
+
+
+def link_gbs(gp: GpuProfile | None) -> tuple[float, str]:
+    """Host<->device GB/s of the card and where the figure comes from."""
+    if gp is not None and gp.host_link_gbs is not None:
+        return gp.host_link_gbs, f"{gp.name}: measured {gp.host_link_gbs:g} GB/s"
+    gen = gp.pcie_gen if gp is not None and gp.pcie_gen is not None else UNPROFILED_PCIE_GEN
+    lanes = gp.pcie_lanes if gp is not None else 16
+    gbs = PCIE_GBS[gen] * lanes / 16
+    who = f"{gp.name}: " if gp is not None and gp.pcie_gen is not None else "unprofiled link assumed "
+    return gbs, f"{who}PCIe {gen}.0 x{lanes}, {gbs:g} GB/s"
+
+
+def offload_tile_bytes(job: DecodeJob, fam: Family, tile_px: int) -> int:
+    """Device working set of offloaded exact tiling with tiles of ``tile_px``: the tile with its context,
+    the next tile's inputs copied ahead and the finished tile on its way out (no margin).
+
+    Raises:
+        ValueError: the family has no offloaded model (``memory.exact_offload_tile_elements`` unset).
+    """
+    m = fam.memory
+    if m.exact_offload_tile_elements is None:
+        raise ValueError(f"{job.family} has no offloaded exact-tiling model (memory.exact_offload_tile_elements)")
+    ty, tx = exact_tiles(job, fam, tile_px)
+    tile = (max(s for _, s in ty) + 2) * (max(s for _, s in tx) + 2)
+    out = tile * m.exact_offload_tile_elements * dtype_bytes(decode_dtype(job, fam))
+    if tile >= m.tile_workspace_min_px:
+        out += m.tile_workspace_bytes
+    return int(out)
+
+
+def offload_costs(job: DecodeJob, fam: Family, tile_px: int, budget_bytes: float, *,
+                  sched: passes.Schedule | None = None,
+                  moves: list[tuple[int, int]] | None = None) -> tuple[int, passes.Costs]:
+    """(device budget of the whole-image buffers, bytes held and moved) of offloaded exact tiling that must
+    fit ``budget_bytes`` of device memory: the buffers get what the tile's working set, the margin and (when
+    not resident) the weights leave; :func:`policy.passes.placement` puts the rest in host memory.
+
+    Raises:
+        ValueError: the family has no decoder config or offloaded model.
+    """
+    sched = sched or exact_schedule(fam, offload=True)
+    if sched is None:
+        raise ValueError(f"{job.family} has no decoder config (decoder) for offloaded exact tiling")
+    weights = 0 if job.vae_resident else fam.weights_bytes_fp16 * dtype_bytes(decode_dtype(job, fam)) / 2
+    room = (budget_bytes - weights) / fam.memory.exact_margin - offload_tile_bytes(job, fam, tile_px)
+    sc, room = fam.spatial_compression, max(0, int(room))
+    return room, passes.costs(sched, job.height // sc, job.width // sc, tile_px, dtype_bytes(decode_dtype(job, fam)),
+                              job.batch, room, moves=moves)
+
+
+def offload_peak_bytes(job: DecodeJob, fam: Family, tile_px: int, costs: passes.Costs, *,
+                       margin: float | None = None) -> int:
+    """Peak device bytes of offloaded exact tiling: ``margin * (buffers on the device + tile working set)``,
+    plus the weights when not resident."""
+    m = fam.memory
+    peak = (costs.device_bytes + offload_tile_bytes(job, fam, tile_px)) * (m.exact_margin if margin is None else margin)
+    if not job.vae_resident:
+        peak += fam.weights_bytes_fp16 * dtype_bytes(decode_dtype(job, fam)) / 2
+    return int(peak)
+
+
+def offload_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int, costs: passes.Costs,
+                    gp: GpuProfile | None, *, sched: passes.Schedule | None = None) -> tuple[float, float, str]:
+    """(seconds, copy seconds, source) of offloaded exact tiling: exact tiling's compute (:func:`exact_seconds`)
+    and the copies (bytes moved at the slower of the card's link and the CPU's staging copies) overlap, and
+    :data:`OVERLAP_LOSS` of the shorter of the two shows."""
+    compute = exact_seconds(job, fam, speed, tile_px, sched=sched)
+    gbs, src = link_gbs(gp)
+    rate = min(gbs, HOST_COPY_GBS) * 1e9
+    copy = costs.moved_bytes / rate
+    total = max(compute, copy) + OVERLAP_LOSS * min(compute, copy)
+    return total, copy, (f"{costs.moved_bytes / 1e9:.1f} GB moved at {rate / 1e9:g} GB/s ({src}; CPU staging "
+                         f"{HOST_COPY_GBS:g} GB/s assumed), overlapped with the compute")
 
 
 def _rows_for(gp: GpuProfile, dsize: int) -> list[GpuRow]:

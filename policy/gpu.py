@@ -4,8 +4,12 @@
 NVML (matched to the torch device by UUID) -> ``torch.cuda.mem_get_info`` (ROCm) -> MPS -> CPU,
 and says in ``note`` which source failed and why. Nothing is probed at import time.
 
-Env ``HYBRID_VAE_SIMULATE_GPU`` (``name=NVIDIA GeForce RTX 3070,free_gib=1.0[,total_gib=8]``)
+Env ``HYBRID_VAE_SIMULATE_GPU`` (``name=NVIDIA GeForce RTX 3070,free_gib=1.0[,total_gib=8][,host_gib=12]``)
 replaces the probe with a simulated card for tests and what-if runs; every report shows it.
+
+Host memory (what offloaded exact tiling may use without making the machine swap) is probed beside the
+card: ``psutil.virtual_memory().available``, else ``MemAvailable`` of ``/proc/meminfo``; ``None`` when
+neither is there (the engine then plans nothing that needs host memory).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class GpuState:
         note: why a better source was not used ("" when none failed).
         device: the torch device string the numbers belong to (``cuda:0``, ``mps``, ``cpu``).
         simulated: True when the numbers come from ``HYBRID_VAE_SIMULATE_GPU`` or CLI flags.
+        host_available_bytes: host memory available without swapping (None: unknown).
+        host_total_bytes: host memory in all (None: unknown).
     """
 
     name: str
@@ -59,6 +65,8 @@ class GpuState:
     note: str = ""
     device: str = "cpu"
     simulated: bool = False
+    host_available_bytes: int | None = None
+    host_total_bytes: int | None = None
 
     @property
     def available_bytes(self) -> int:
@@ -188,7 +196,7 @@ def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | No
         if k in fields:
             raise ProfileError("given twice", file=ENV_SIMULATE, key_path=k, value=spec)
         fields[k] = v.strip()
-    allowed = {"name", "free_gib", "total_gib", "reusable_gib"}
+    allowed = {"name", "free_gib", "total_gib", "reusable_gib", "host_gib"}
     for k in fields:
         if k not in allowed:
             raise ProfileError(f"unknown key; allowed: {', '.join(sorted(allowed))}", file=ENV_SIMULATE,
@@ -201,7 +209,7 @@ def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | No
         raise ProfileError(f"free_gib is missing; {_SIM_EXAMPLE}", file=ENV_SIMULATE, key_path="free_gib",
                            value=spec)
     nums: dict[str, float] = {}
-    for k in ("free_gib", "total_gib", "reusable_gib"):
+    for k in ("free_gib", "total_gib", "reusable_gib", "host_gib"):
         if k in fields:
             try:
                 nums[k] = float(fields[k])
@@ -210,28 +218,50 @@ def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | No
             if not math.isfinite(nums[k]) or not 0 <= nums[k] <= MAX_SIM_GIB:
                 raise ProfileError(f"give a number of GiB between 0 and {MAX_SIM_GIB:g}", file=ENV_SIMULATE,
                                    key_path=k, value=fields[k])
-    return simulated_gpu(name, free_gib=nums["free_gib"], total_gib=nums.get("total_gib"),
-                         reusable_gib=nums.get("reusable_gib", 0.0), total_for=total_for,
-                         note=f"simulated by {ENV_SIMULATE}={spec!r}")
+    state = simulated_gpu(name, free_gib=nums["free_gib"], total_gib=nums.get("total_gib"),
+                          reusable_gib=nums.get("reusable_gib", 0.0), total_for=total_for,
+                          note=f"simulated by {ENV_SIMULATE}={spec!r}")
+    if "host_gib" in nums:
+        host = int(nums["host_gib"] * GiB)
+        state = dataclasses.replace(state, host_available_bytes=host, host_total_bytes=host)
+    return state
 
 
 def host_memory() -> tuple[int, int] | None:
     """``(total, available)`` bytes of this machine's RAM now, or None when it cannot be read.
 
     Linux: ``MemTotal``/``MemAvailable`` of ``/proc/meminfo`` (available = what can be allocated without
-    swapping, page cache included); elsewhere ``os.sysconf`` total and free pages.
+    swapping, page cache included); elsewhere psutil, else ``os.sysconf`` total and free pages. Never raises.
     """
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)}
         return info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, IndexError):
         pass
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
+    except (ImportError, OSError, RuntimeError, AttributeError):
+        log.debug("psutil unavailable for host memory", exc_info=True)
     try:
         page = os.sysconf("SC_PAGE_SIZE")
         return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def with_host(state: GpuState) -> GpuState:
+    """``state`` with this machine's host memory filled in (unless it already has a figure)."""
+    if state.host_available_bytes is not None:
+        return state
+    mem = host_memory()
+    if mem is None:
+        return state
+    total, avail = mem
+    return dataclasses.replace(state, host_available_bytes=avail, host_total_bytes=total)
 
 
 def _torch() -> Any:
@@ -310,6 +340,11 @@ def probe(device: str | int | None = None, *, simulate: str | None = None,
         simulate: a simulation spec; ``None`` reads env ``HYBRID_VAE_SIMULATE_GPU``.
         total_for: looks up a profiled card's total for simulations that give only a name.
     """
+    return with_host(_probe_device(device, simulate=simulate, total_for=total_for))
+
+
+def _probe_device(device: str | int | None, *, simulate: str | None,
+                  total_for: Callable[[str], float | None] | None) -> GpuState:
     spec = simulate if simulate is not None else os.environ.get(ENV_SIMULATE, "")
     if spec.strip():
         state = parse_simulation(spec, total_for=total_for)

@@ -7,7 +7,8 @@ log space, so x2 and x0.5 weigh the same) per key
 
     (card name, family, path, size bucket)
 
-where ``path`` is ``full``, ``tiled`` or ``tiled-exact`` and the size bucket is the output megapixels per item
+where ``path`` is ``full``, ``tiled``, ``tiled-exact`` or ``tiled-offload`` (exact tiles with host memory)
+and the size bucket is the output megapixels per item
 (frames included) rounded to a power of two (``0.25MP``, ``1MP``, ``4MP``, ...). Every observation
 also updates a card-wide entry ``(card, *, *, *)``. ``decide(..., learned=...)`` multiplies a local
 plan's seconds by the exact key's factor once it has ``min_count`` observations, else by the
@@ -45,12 +46,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybrid_vae.learned")
 
 ENV_LEARNED = "HYBRID_VAE_LEARNED"
-LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact"})
+LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact", "tiled-offload"})
 
 
 def learn_path(plan: Plan) -> str:
-    """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact`` (or its path)."""
-    return "tiled-exact" if plan.path == "tiled" and plan.groupnorm == "exact" else plan.path
+    """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact``, ``tiled-offload``
+    (or its path)."""
+    if plan.path == "tiled" and plan.groupnorm == "exact":
+        return "tiled-offload" if plan.offloaded else "tiled-exact"
+    return plan.path
 MAX_ENTRIES = 512
 FORMAT_VERSION = 1
 #: One observation moves the factor at most this far (first decode of a process: cuDNN warm-up).

@@ -39,8 +39,9 @@ class DecodeSettings(BaseModel):
     allow_remote_custom_vae: bool = Field(False, description="Allow remote decode of a custom/fine-tuned VAE's latents on an endpoint that serves another VAE.")
     reserve_bytes: int = Field(64 * MiB, ge=0, le=64 * GiB, description="Memory left untouched for other processes and estimate error. 64 MiB: chosen on the simulated benchmark's tuning set, scored on another (docs/benchmarks.md); more reserve means fewer out-of-memory fallbacks and slower decodes when memory is tight.")
     tile_overlap_px: int = Field(64, ge=0, le=512, description="Output pixels shared by neighbouring tiles of local-GroupNorm tiling (multiple of the family's compression). That output differs from a full decode; more overlap hides seams, costs time. Exact tiling needs no overlap.")
-    tile_groupnorm: Literal["auto", "exact", "local"] = Field("auto", description="auto: exact tiling (whole-image GroupNorm statistics, output = full decode; needs memory per image pixel) whenever a full or exact plan fits, per-tile ('local') tiling only when none does or it is estimated exact_tolerance times faster; exact: never local tiles; local: never exact tiles (the least memory, colours drift).")
-    exact_tolerance: float = Field(1.0, ge=1.0, le=100, description="tile_groupnorm=auto: a local-tiled plan is chosen over a fitting exact one only when estimated this many times faster. 1.0 (the faster tiles win): chosen on the simulated benchmark's tuning set by latency regret, which does not count colour drift; raise it (e.g. 1.2) to prefer exact tiles' full-decode colours at some latency (docs/benchmarks.md).")
+    tile_groupnorm: Literal["auto", "exact", "offload", "local"] = Field("auto", description="auto: lossless plans first (full; exact tiling: whole-image GroupNorm statistics, output = full decode, its whole-image buffers on the GPU or, when they do not fit, partly in host memory), per-tile ('local') tiling only when no lossless plan fits or it is estimated exact_tolerance times faster; exact: never local tiles; offload: tiled decodes always exact with their whole-image buffers in host memory as far as needed (never local, never all on the GPU); local: never exact tiles (the least memory, colours drift).")
+    exact_tolerance: float = Field(1.2, ge=1.0, le=100, description="tile_groupnorm=auto: a local-tiled plan is chosen over a fitting lossless one (full, exact, exact with host memory) only when estimated this many times faster (docs/exact-tiling.md, docs/benchmarks.md).")
+    host_reserve_bytes: int = Field(2 * GiB, ge=0, le=1024 * GiB, description="Host memory left untouched by offloaded exact tiling: a plan is feasible only when its host buffers fit the probed available memory minus this (never swap the machine).")
     min_tile_px: int | None = Field(None, ge=64, le=4096, description="Smallest tile tried; None: the family's.")
     remote_format: Literal["auto", "raw", "png", "jpg"] = Field("auto", description="Response format; auto picks by measured bandwidth and remote_quality.")
     remote_quality: Literal["lossless", "high"] = Field("lossless", description="lossless: raw or png only; high: jpg allowed.")
@@ -115,7 +116,12 @@ class NetworkStats:
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Estimated peak allocated bytes and seconds of a plan, and where each number came from."""
+    """Estimated peak allocated bytes and seconds of a plan, and where each number came from.
+
+    ``host_bytes``, ``transfer_bytes``, ``transfer_seconds``: offloaded exact tiling's whole-image buffers in
+    host memory, the bytes copied between host and device, and the seconds those copies take (overlapped
+    with the compute; ``seconds`` is the whole decode).
+    """
 
     peak_bytes: int
     seconds: float
@@ -123,6 +129,9 @@ class Estimate:
     seconds_source: str
     bytes_up: int = 0
     bytes_down: int = 0
+    host_bytes: int = 0
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +150,9 @@ class Plan:
         slice_batch: decode the batch one item at a time.
         groupnorm: tiled image plans: ``exact`` (layer by layer over the whole image, output equals a
             full decode) or ``local`` (each tile through the whole decoder with its own statistics).
+        device_budget: exact plans: None keeps every whole-image buffer on the GPU; an int is the bytes
+            they may use there, the rest live in host memory ("offloaded", label ``exact+host``; 0: every
+            buffer in host memory, label ``exact+host (all)``).
         dtype: the dtype the decode runs in.
         endpoint / response_format: for remote plans.
         estimate: the plan's estimated peak and seconds.
@@ -155,15 +167,17 @@ class Plan:
     frame_overlap: int = 0
     slice_batch: bool = False
     groupnorm: Literal["local", "exact"] = "local"
+    device_budget: int | None = None
     endpoint: str | None = None
     response_format: ResponseFormat | None = None
 
     @property
     def label(self) -> str:
-        """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``tiled 4-latent-frame chunks``,
-        ``full (item by item)``, ``remote png``, ``cpu``, ``cpu 256px/64``."""
+        """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``tiled 256px exact+host``,
+        ``tiled 4-latent-frame chunks``, ``full (item by item)``, ``remote png``, ``cpu``, ``cpu 256px/64``."""
         if self.path == "tiled" and self.groupnorm == "exact":
-            return f"tiled {self.tile_px}px exact"
+            host = "" if not self.offloaded else "+host (all)" if self.device_budget == 0 else "+host"
+            return f"tiled {self.tile_px}px exact{host}"
         if self.path == "tiled":
             parts = []
             if self.tile_px is not None:
@@ -180,6 +194,11 @@ class Plan:
             parts += [f"{self.frame_chunk}-latent-frame chunks"] if self.frame_chunk is not None else []
             return "cpu " + ", ".join(parts) if parts else "cpu"
         return self.path
+
+    @property
+    def offloaded(self) -> bool:
+        """An exact plan whose whole-image buffers live (partly) in host memory."""
+        return self.groupnorm == "exact" and self.device_budget is not None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

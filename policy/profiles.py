@@ -57,8 +57,19 @@ class MemoryModel(_Model):
     exact_tile_elements: float = Field(0.0, ge=0, le=1e5, description="Exact tiling: working-set elements per tile pixel in the decode dtype.")
     exact_tile_f32_elements: float = Field(0.0, ge=0, le=1e5, description="Exact tiling: float32 working-set elements per tile pixel, on top of exact_tile_elements.")
     exact_margin: float = Field(1.15, ge=1.0, le=4.0, description="Safety factor on the analytic exact-tiling peak (not yet measured on a GPU; the CPU measured 0.95-1.03x the analytic figure).")
+    exact_offload_tile_elements: float | None = Field(None, gt=0, le=1e5, description="Offloaded exact tiling: device working-set elements per tile pixel (with context) when the whole-image buffers are in host memory: the tile, the next tile's inputs copied ahead, the outputs on their way out; None: no offloaded plans for this family.")
     measured: bool = Field(description="True when fitted on measurements (see source).")
     source: str = Field(min_length=1, max_length=300, description="Where the coefficients come from.")
+
+
+class DecoderModel(_Model):
+    """The decoder's layers as exact tiling runs them (an ``AutoencoderKL`` config, with the family's
+    ``decoder_widths`` as its ``block_out_channels``): policy/passes.py builds the pass schedule (whole-image
+    buffers, bytes moved when they live in host memory) from it."""
+
+    layers_per_block: int = Field(ge=0, le=8, description="The VAE config's layers_per_block (each up block has one resnet more).")
+    mid_attention: bool = Field(True, description="The mid block has its self-attention (mid_block_add_attention).")
+    out_channels: int = Field(3, ge=1, le=16, description="Image channels.")
 
 
 class TilingModel(_Model):
@@ -80,7 +91,7 @@ class TimingModel(_Model):
     relative_cost: float = Field(1.0, gt=0, le=100, description="Cost against the SD decoder when GPU-profile rows are used.")
     per_tile_h200_s: float = Field(0.009, ge=0, le=10, description="Fixed cost of one tile or chunk on an H200 (launches, blending), scaled by the card's speed.")
     exact_time_factor: float = Field(1.1, ge=1.0, le=10, description="Exact tiling: seconds against a full decode of the same image, before per-step costs (assumed; CPU measured 1.04-1.12x at SD widths).")
-    exact_passes: int = Field(28, ge=1, le=1000, description="Exact tiling: passes over the image (2 per resnet, 1 per upsampler, 1 final; 28 for the SD decoder).")
+    exact_passes: int = Field(28, ge=1, le=1000, description="Exact tiling without a decoder config: passes over the image (2 per resnet, 1 per upsampler, 1 final; 28 for the SD decoder's up blocks); with one, the pass schedule counts the tile steps.")
     exact_step_h200_s: float = Field(0.0002, ge=0, le=10, description="Exact tiling: fixed cost of one tile of one pass on an H200 (launches), scaled by the card's speed (assumed).")
 
 
@@ -113,6 +124,7 @@ class Family(_Model):
     decoder_widths: tuple[int, ...] | None = Field(None, min_length=1, max_length=8, description="Channel widths of the stock decoder the memory model was fitted on (diffusers' block_out_channels; Wan: base_dim x dim_mult); scales the model for a VAE whose geometry matches no family (policy/geometry.py).")
     inferred: str | None = Field(None, max_length=300, description="Set only on a family the engine made up for a VAE whose geometry matches no family (why); such a family is never decoded remotely.")
     memory: MemoryModel
+    decoder: DecoderModel | None = Field(None, description="The decoder's layers, for offloaded exact tiling (None: no offloaded plans).")
     tiling: TilingModel = TilingModel()
     timing: TimingModel
     endpoints: tuple[Endpoint, ...] = ()
@@ -127,6 +139,8 @@ class Family(_Model):
             raise ValueError(f"latents_std has {len(self.latents_std)} values, latent_channels is {self.latent_channels}")
         if self.latents_mean is None and self.scaling_factor is None:
             raise ValueError("give scaling_factor (and optionally shift_factor), or latents_mean/latents_std")
+        if self.decoder is not None and self.decoder_widths is None:
+            raise ValueError("decoder (exact tiling's layers) needs decoder_widths (the block_out_channels)")
         return self
 
 
@@ -152,6 +166,9 @@ class GpuProfile(_Model):
     total_gib: float = Field(gt=0, le=4096, description="Total VRAM in GiB.")
     source: Literal["measured", "spec-derived"] = Field("measured", description="measured: rows timed on the card (seed tables, H200, calibrate); spec-derived: times scaled from measured cards by published FP16 throughput and memory bandwidth (bench/spec_profiles.py, docs/spec-profiles.md).")
     note: str = Field("", max_length=300, description="What to know about this card (variants sold under the same name, ...).")
+    pcie_gen: int | None = Field(None, ge=1, le=7, description="PCI Express generation of the card's host link (sets the default host<->device bandwidth, policy.estimate.PCIE_GBS).")
+    pcie_lanes: int = Field(16, ge=1, le=32, description="PCI Express lanes of the host link.")
+    host_link_gbs: float | None = Field(None, gt=0, le=2000, description="Measured host<->device copy bandwidth (GB/s, pinned memory); overrides the PCIe default.")
     rows: tuple[GpuRow, ...] = ()
 
 

@@ -53,3 +53,12 @@ def diffusers_axis(length: int, tile: int, overlap: int) -> list[tuple[int, int]
     if stride <= 0:
         raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap})")
     return [(s, min(tile, length - s)) for s in range(0, length, stride)]
+
+
+def partition(length: int, tile: int) -> list[tuple[int, int]]:
+    """Cut ``[0, length)`` into consecutive tiles of at most ``tile`` (no overlap), as equal as
+    :func:`axis_tiles` makes them: the cores of exact tiling (extension/stream.py), which reads one
+    pixel of context around each core instead of overlapping tiles."""
+    tiles = axis_tiles(length, tile, 0)
+    starts = [s for s, _ in tiles] + [length]
+    return [(starts[i], starts[i + 1] - starts[i]) for i in range(len(tiles)) if starts[i + 1] > starts[i]]

@@ -86,7 +86,7 @@ def test_failed_decode_then_cli_decode_reproduces_the_image(tmp_path):
     def oom(_m, _i):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    h = vae.decoder.mid_block.register_forward_pre_hook(oom)
+    h = vae.decoder.conv_in.register_forward_pre_hook(oom)  # every local path runs it
     try:
         with pytest.raises(DecodeFailedError) as e:
             HybridDecoder(probe=lambda: parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=8"),

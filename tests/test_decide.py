@@ -304,3 +304,81 @@ def test_video_families_have_no_exact_plans():
     d = decide(DecodeJob("hunyuanvideo", 512, 320, frames=33), card("NVIDIA GeForce RTX 3070", 2.0), P,
                DecodeSettings(tile_groupnorm="exact"))
     assert all(o.plan.groupnorm == "local" for o in d.options)
+
+
+# ---- offloaded exact tiles (whole-image buffers in host memory) ------------------------------------------
+
+def _with_host(state: GpuState, host_gib: float | None) -> GpuState:
+    return dataclasses.replace(state, host_available_bytes=None if host_gib is None else int(host_gib * GiB))
+
+
+@pytest.mark.parametrize(("job", "name", "free"), [
+    (DecodeJob("sdxl", 1024, 1024), "NVIDIA GeForce RTX 3070", 2.0),   # exact on the GPU alone needs 1.99 GiB
+    (DecodeJob("sdxl", 2048, 2048), "NVIDIA GeForce RTX 4090", 6.0),   # was local 1056 px tiles
+    (DecodeJob("sd15", 2048, 2048, dtype="float16"), "NVIDIA GeForce RTX 3070", 2.5),  # hires fix
+])
+def test_the_situations_that_drifted_are_lossless_now(job, name, free):
+    """Where local tiles used to run (exact tiling on the GPU alone does not fit), the engine now plans
+    exact tiles with part of their buffers in host memory: the output equals a full decode."""
+    g = _with_host(card(name, free), 16)
+    d = decide(job, g, P)
+    c = d.chosen
+    assert c.path == "tiled" and c.groupnorm == "exact" and c.offloaded, d.reason
+    assert "exact+host" in c.label and 0 < c.estimate.host_bytes <= (16 - 2) * GiB
+    assert c.estimate.peak_bytes <= d.budget_bytes and c.estimate.transfer_seconds > 0
+    assert "in host memory" in d.reason and "output equals a full decode" in d.reason
+    inmem = [o for o in d.options if o.plan.groupnorm == "exact" and not o.plan.offloaded]
+    assert inmem and not any(o.feasible for o in inmem)  # it really did not fit on the GPU alone
+    # without host memory to spare the same decision drifts, and says why
+    tight = decide(job, _with_host(card(name, free), 2.5), P)
+    assert not tight.chosen.offloaded and any("of host memory" in o.why for o in tight.options if o.plan.offloaded)
+
+
+def test_offloaded_plans_need_known_host_memory_and_fit_the_budget():
+    job = DecodeJob("sdxl", 1024, 1024)
+    unknown = decide(job, card("NVIDIA GeForce RTX 3070", 2.0), P)
+    assert not unknown.chosen.offloaded
+    offloaded = [o for o in unknown.options if o.plan.offloaded]
+    assert offloaded and all(not o.feasible and "of host memory > unknown" in o.why for o in offloaded)
+    # squeezed into the reserve: never an offloaded plan whose host memory is unknown
+    squeezed = decide(job, card("NVIDIA GeForce RTX 3070", 0.14), P, DecodeSettings(allow_cpu=True))
+    assert not any(p.offloaded for p in squeezed.plans)
+    d = decide(job, _with_host(card("NVIDIA GeForce RTX 3070", 2.0), 16), P)
+    for o in d.options:
+        if o.plan.offloaded and o.feasible:
+            assert o.plan.estimate.peak_bytes <= d.budget_bytes and o.plan.device_budget is not None
+    # one offloaded plan keeps every buffer in host memory: device memory bounded by the tile
+    zero = [o.plan for o in d.options if o.plan.offloaded and o.plan.device_budget == 0]
+    assert zero and zero[0].estimate.peak_bytes < 0.5 * GiB
+
+
+def test_tile_groupnorm_offload_and_exact_and_local():
+    job, g = DecodeJob("sdxl", 1024, 1024), _with_host(card("NVIDIA GeForce RTX 3070", 3.0), 16)
+    off = decide(job, g, P, DecodeSettings(tile_groupnorm="offload"))
+    tiled = [o.plan for o in off.options if o.plan.path == "tiled"]
+    assert tiled and all(p.offloaded for p in tiled)
+    exact = decide(job, _with_host(card("NVIDIA GeForce RTX 3070", 2.0), 16), P, DecodeSettings(tile_groupnorm="exact"))
+    assert exact.chosen.offloaded and all(o.plan.groupnorm == "exact" for o in exact.options if o.plan.path == "tiled")
+    local = decide(job, _with_host(card("NVIDIA GeForce RTX 3070", 2.0), 16), P, DecodeSettings(tile_groupnorm="local"))
+    assert all(o.plan.groupnorm == "local" for o in local.options if o.plan.path == "tiled")
+
+
+def test_local_tiles_only_when_nothing_lossless_fits_or_much_faster():
+    """auto: a drifting local-tiled plan is chosen over a fitting lossless one only when estimated more than
+    exact_tolerance faster, and the reason says which rule applied."""
+    g = _with_host(card("NVIDIA GeForce RTX 3070", 2.0), 16)
+    job = DecodeJob("sdxl", 1024, 1024)
+    d = decide(job, g, P)
+    lossless = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "exact"]
+    local = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "local"]
+    assert lossless and local and d.chosen in lossless
+    fastest_local = min(p.estimate.seconds for p in local)
+    assert d.chosen.estimate.seconds <= DecodeSettings().exact_tolerance * fastest_local
+    # a tolerance of 1 ranks by speed alone: local tiles then win whenever estimated faster
+    speed = decide(job, g, P, DecodeSettings(exact_tolerance=1.0))
+    if fastest_local < d.chosen.estimate.seconds:
+        assert speed.chosen.groupnorm == "local" and "fits but is estimated" in speed.reason
+    # nothing lossless fits: local tiles, and the reason says exact tiling would need more
+    tiny = decide(job, _with_host(card("NVIDIA GeForce RTX 3070", 0.25), 16), P)
+    if tiny.chosen.path == "tiled":
+        assert tiny.chosen.groupnorm == "local" and "no lossless plan fits" in tiny.reason

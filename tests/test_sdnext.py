@@ -283,7 +283,7 @@ def test_low_vram_card_gets_tiled_and_infotext_says_so(sd, kl_vae, latent512, mo
 def test_injected_oom_falls_back_and_keeps_the_image(sd, kl_vae, latent256, monkeypatch):
     runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
     monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
-    oom = OomOnForward(kl_vae.decoder.mid_block, times=1)
+    oom = OomOnForward(kl_vae.decoder.conv_in, times=1)
     try:
         p, processed = generate(sd, runner, latent256, size=256)
     finally:
@@ -302,7 +302,7 @@ def test_everything_failing_saves_the_latent_and_the_cli_decodes_it(sd, kl_vae, 
     sd.shared.sd_model = pipe
     ref = sd.processing_vae.vae_decode(latent256, pipe, output_type="np")
     loaded(sd, pipe)
-    oom = OomOnForward(kl_vae.decoder.mid_block, times=None)
+    oom = OomOnForward(kl_vae.decoder.conv_in, times=None)
     try:
         out = sd.processing_vae.vae_decode(latent256, pipe, output_type="pil")
     finally:
@@ -390,7 +390,7 @@ def test_per_generation_mode_and_sdnext_remote_choice(sd, kl_vae, latent256, lat
 def test_batches_get_their_own_line_and_failed_batch_keeps_others(sd, kl_vae, latent256, monkeypatch):
     runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
     monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
-    oom = OomOnForward(kl_vae.decoder.mid_block, times=1)
+    oom = OomOnForward(kl_vae.decoder.conv_in, times=1)
     try:
         _, processed = generate(sd, runner, [latent256, latent256], size=256)
     finally:

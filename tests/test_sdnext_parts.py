@@ -94,7 +94,7 @@ def test_read_config_uses_defaults_for_bad_values_and_reads_secrets():
     assert len(cfg.problems) == 6 and cfg.tile_groupnorm == "auto" and "sdxl=nope" in cfg.endpoint_error
     text = " | ".join(cfg.problems)
     for part in ("hybrid_vae_mode='fastest'", "hybrid_vae_reserve_mib='lots'", "not a multiple of 8",
-                 "hybrid_vae_tile_groupnorm='best' is not one of auto, exact, local",
+                 "hybrid_vae_tile_groupnorm='best' is not one of auto, exact, offload, local",
                  "hybrid_vae_endpoints", "hybrid_vae_allow_remote='yes please'"):
         assert part in text
 

@@ -56,6 +56,7 @@ __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ComfyVAEAdapter
 
 ENV_TOKEN = "HYBRID_VAE_TOKEN"
 MODES = ("auto", "full", "tiled", "remote")
+TILINGS = ("auto", "exact", "offload", "local")  # DecodeSettings.tile_groupnorm
 
 
 def _compression(vae: Any) -> tuple[int | None, int | None]:
@@ -299,6 +300,10 @@ class HybridVAEDecode:
                 "mode": (list(MODES), {"default": "auto", "tooltip": "auto: fastest plan that fits; others: tried first."}),
                 "free_memory_first": ("BOOLEAN", {"default": True,
                                                   "tooltip": "Let ComfyUI unload models for a full decode before deciding."}),
+                "tiling": (list(TILINGS), {"default": "auto",
+                                           "tooltip": "Tiles: auto (lossless first), exact (same image as a full decode; "
+                                                      "host memory when VRAM is short), offload (exact, whole-image "
+                                                      "buffers in host memory), local (least memory, colours drift)."}),
             },
         }
 
@@ -324,7 +329,8 @@ class HybridVAEDecode:
         return self._remote[endpoint]
 
     def decode(self, samples: dict[str, Any], vae: Any, endpoint: str = "", family: str = "auto", mode: str = "auto",
-               free_memory_first: bool = True, *, probe: Callable[[], Any] | None = None) -> tuple[Any, str]:
+               free_memory_first: bool = True, tiling: str = "auto", *,
+               probe: Callable[[], Any] | None = None) -> tuple[Any, str]:
         z = samples["samples"]
         if getattr(vae, "latent_dim", 2) == 2 and z.dim() == 5:
             z = z[:, :, 0]  # as ComfyUI's VAE.decode does for image VAEs
@@ -346,11 +352,13 @@ class HybridVAEDecode:
         fam = profiles.family(key)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
+        if tiling not in TILINGS:
+            raise ValueError(f"tiling={tiling!r}: use one of {', '.join(TILINGS)}")
         room = _make_room(vae, z) if free_memory_first else None
         fsm = getattr(vae, "first_stage_model", None)
         target = fsm if fsm is not None and _is_diffusers_vae(fsm) else \
             ComfyVAEAdapter(vae, fam, engine_tiles=comfy_kl_like(vae))
-        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint),
+        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint), tile_groupnorm=tiling,  # type: ignore[arg-type]
                                   endpoints={key: endpoint} if endpoint else {})
         decoder = HybridDecoder(settings=settings, profile_store=self._store, latent_dir=_comfy_latent_dir(),
                                 remote=self._remote_client(endpoint) if endpoint else None, probe=probe)
