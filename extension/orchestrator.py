@@ -29,15 +29,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from hybrid_vae.extension.executors import ProgressFn, run_plan, vae_device_dtype
-from hybrid_vae.extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
+from hybrid_vae.extension.identity import CANARY_DEADLINE_S, IdentityChecker
+from hybrid_vae.extension.latents import pack_flux, save_latent, to_vae_space, unpack_flux, validate_latents
 from hybrid_vae.extension.stream import settings_for_vae
-from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.decide import decide, endpoint_for
 from hybrid_vae.policy.errors import (
     DecodeFailedError,
     HybridVAEError,
     LatentError,
     PlanError,
     ProfileError,
+    RemoteConnectError,
     RemoteError,
     RemoteStatusError,
     RemoteTimeoutError,
@@ -46,7 +48,7 @@ from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import format_gib as _gib
 from hybrid_vae.policy.gpu import probe as probe_gpu
 from hybrid_vae.policy.learned import LearnedStore
-from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
+from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, EndpointIdentity, Estimate, NetworkStats, Plan
 from hybrid_vae.policy.profiles import Family, ProfileStore
 
 if TYPE_CHECKING:
@@ -123,11 +125,13 @@ class DecodeReport:
     def fell_back(self) -> bool:
         return self.ran is not self.chosen
 
-    def infotext(self) -> str:
+    def infotext(self, *, timing: bool = True) -> str:
         """One truthful line for the image's metadata.
 
         E.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full, 0.41 s`` or
-        ``full, fell back from remote raw (HTTP 503), 0.30 s``.
+        ``full, fell back from remote raw (HTTP 503), 0.30 s``. When a canary found that the endpoint serves
+        another VAE (or could not check it), the line says so: ``..., endpoint serves another VAE (canary
+        7.8 dB < 35 dB)``. ``timing=False`` leaves the seconds out (a line that is the same for the same run).
         """
         d, ran = self.decision, self.ran
         if self.fell_back:
@@ -145,7 +149,11 @@ class DecodeReport:
         else:
             text = "cpu, no GPU" if not d.gpu.is_accelerator \
                 else f"cpu, no GPU plan fits {_gib(d.available_bytes)} available"
-        text += f", {self.seconds:.2f} s"
+        ident = d.identity
+        if ident is not None and (ident.verdict != "same" or ran.path == "remote"):
+            text += f", {ident.text}"
+        if timing:
+            text += f", {self.seconds:.2f} s"
         if self.simulated:
             text += f" [simulated {d.gpu.name}, ran on {self.device}]"
         return text
@@ -265,6 +273,9 @@ class HybridDecoder:
             any plan runs (a UI shows the plan, the CLI decides whether to draw a progress bar).
         learned (`LearnedStore | None`): learned timings: applied to the decision and updated after
             each successful local GPU decode (default: none; pass ``LearnedStore()`` for the user's file).
+        identity (`IdentityChecker | None`): proves an endpoint serves the local VAE before remote is used
+            (:mod:`extension.identity`); default: a checker with the user's cache file. Share one between
+            decoders to share its in-process state (the verdicts persist in its file anyway).
     """
 
     def __init__(self, *, settings: DecodeSettings | None = None, profile_path: str | Path | None = None,
@@ -272,7 +283,7 @@ class HybridDecoder:
                  remote: RemoteDecoder | None = None, probe: Callable[[], GpuState] | None = None,
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
                  on_decision: Callable[[Decision], None] | None = None,
-                 learned: LearnedStore | None = None) -> None:
+                 learned: LearnedStore | None = None, identity: IdentityChecker | None = None) -> None:
         self.settings = settings or DecodeSettings()
         self.profile_path = profile_path
         self.store = profile_store or ProfileStore()
@@ -283,6 +294,14 @@ class HybridDecoder:
         self.before_plan = before_plan
         self.on_decision = on_decision
         self.learned = learned
+        self._identity = identity
+
+    @property
+    def identity(self) -> IdentityChecker:
+        """The endpoint identity checker (created on first use)."""
+        if self._identity is None:
+            self._identity = IdentityChecker()
+        return self._identity
 
     def _gpu(self, total_for: Callable[[str], float | None]) -> GpuState:
         return self._probe() if self._probe is not None else probe_gpu(total_for=total_for)
@@ -361,9 +380,11 @@ class HybridDecoder:
         network = self.remote.network_stats() if self.remote is not None else None
         save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
                      "vae_id": vae_id, "custom_vae": custom_vae}
+        run_dev = self._run_device(gpu, vae)
         try:
             snapshot = self.learned.load() if self.learned is not None else None
-            decision = decide(job, gpu, profiles, settings, network, learned=snapshot)
+            identity = self._endpoint_identity(job, fam, settings, network, vae, run_dev)
+            decision = decide(job, gpu, profiles, settings, network, learned=snapshot, identity=identity)
         except ProfileError as exc:
             # nothing can decode this job (no plan at all): keep the latent
             path = self._save(latents, family, fam, {**save_meta, "reason": f"no plan: {exc}"})
@@ -372,7 +393,6 @@ class HybridDecoder:
 
         if self.on_decision is not None:
             self.on_decision(decision)
-        run_dev = self._run_device(gpu, vae)
         z_vae = to_vae_space(z.to(torch.float32), fam)
         attempts: list[tuple[str, str | None, float]] = []
         for plan in decision.plans:
@@ -419,6 +439,8 @@ class HybridDecoder:
             # outside the except block: the traceback and the frames it pinned are gone
             secs = time.perf_counter() - t0
             attempts.append((plan.label, error, secs))
+            if error is not None and plan.path == "remote":
+                self._remote_failed(plan, error)
             if error is None:
                 if self.learned is not None:
                     self.learned.record_decision(decision, plan, secs, applied=snapshot)
@@ -440,6 +462,49 @@ class HybridDecoder:
         path = self._save(latents, family, fam, {**save_meta, "reason": f"every plan failed: {listing}"})
         raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
                                 attempts=tuple((lab, err or "") for lab, err, _ in attempts))
+
+    def _endpoint_identity(self, job: DecodeJob, fam: Family, settings: DecodeSettings,
+                           network: Mapping[str, NetworkStats] | None, vae: Any, run_dev: str) -> EndpointIdentity | None:
+        """The canary verdict for the endpoint this job would be sent to (cached, or checked now), or None when
+        remote is not a candidate (off, no endpoint, circuit open) or there is no local VAE to compare with
+        (then the name-based custom-VAE rule applies)."""
+        if self.remote is None or not settings.allow_remote:
+            return None
+        url, _ = endpoint_for(dataclasses.replace(job, custom_vae=False), fam, settings)
+        stats = network.get(url) if network is not None and url is not None else None
+        if url is None or (stats is not None and not stats.available):
+            return None
+        fingerprint = self.identity.fingerprint(vae)
+        if fingerprint is None:
+            return None
+        remote = self.remote
+        sc = fam.spatial_compression
+        est = Estimate(peak_bytes=0, seconds=0.0, peak_source="identity canary", seconds_source="identity canary")
+
+        def decode_remote(c: torch.Tensor) -> torch.Tensor:
+            h, w = int(c.shape[-2]) * sc, int(c.shape[-1]) * sc
+            frames = (int(c.shape[2]) - 1) * fam.temporal_compression + 1 if fam.video else None
+            plan = Plan(path="remote", estimate=est, dtype=job.dtype or fam.default_dtype, endpoint=url,
+                        response_format="raw")
+            cjob = dataclasses.replace(job, width=w, height=h, batch=1, frames=frames)
+            sent = pack_flux(c) if fam.packed else c
+            return remote.decode(sent, plan=plan, job=cjob, family=fam, height=h, width=w,
+                                 deadline_s=min(settings.remote_deadline_s, CANARY_DEADLINE_S)).tensor
+
+        def decode_local(c: torch.Tensor) -> torch.Tensor:
+            plan = Plan(path="full", estimate=est, dtype=job.dtype or fam.default_dtype)
+            return run_plan(plan, vae, to_vae_space(c, fam), family=fam, device=run_dev)
+
+        return self.identity.check(endpoint=url, family=job.family, fingerprint=fingerprint, fam=fam,
+                                   decode_local=decode_local, decode_remote=decode_remote)
+
+    def _remote_failed(self, plan: Plan, error: str) -> None:
+        """A remote plan failed: when the endpoint could not be reached, whatever answers there next may be
+        another server (with another VAE), so its identity verdicts are checked again."""
+        if plan.endpoint and error.startswith(RemoteConnectError.__name__):
+            n = self.identity.forget(plan.endpoint)
+            if n:
+                log.info("hybrid-vae: %s unreachable; its identity verdict will be checked again", plan.endpoint)
 
     def _save(self, latents: torch.Tensor, family: str, fam: Family, meta: dict[str, Any]) -> Path | None:
         try:

@@ -23,6 +23,8 @@ Trade-offs (docs/tiling-quality.md, docs/benchmarks.md):
 
 Supports diffusers' ``Decoder`` made of ``UpDecoderBlock2D`` / ``ResnetBlock2D`` / ``Upsample2D``
 (SD 1.x/2.x, SDXL, SD3, FLUX.1 VAEs and the fixture); :func:`stream_support` says why another is not.
+A VAE of another library can offer a view of its decoder with those attribute names through a
+``stream_view()`` method (ComfyUI's LDM decoder: :mod:`extension.stream_ldm`).
 """
 
 from __future__ import annotations
@@ -62,10 +64,20 @@ def _conv1(m: Any) -> bool:
             and tuple(m.padding) == (0, 0) and m.groups == 1)
 
 
+def _own_view(vae: Any) -> tuple[Any, str | None] | None:
+    """``vae.stream_view()`` -> ``(view or None, why not)`` when the VAE offers a diffusers-shaped view of its
+    decoder (an object with ``decoder`` and ``post_quant_conv``, validated by whoever builds it), else None."""
+    hook = getattr(vae, "stream_view", None)
+    return hook() if callable(hook) else None  # type: ignore[no-any-return]
+
+
 def stream_support(vae: Any) -> str | None:
     """None when :func:`stream_decode` can run ``vae`` exactly, else the reason it cannot."""
     import torch
 
+    own = _own_view(vae)
+    if own is not None:
+        return own[1]
     dec = getattr(vae, "decoder", None)
     if dec is None or type(dec).__name__ != "Decoder":
         return f"{type(vae).__name__} has no diffusers Decoder"
@@ -355,6 +367,9 @@ def stream_decode(vae: Any, z: torch.Tensor, *, tile_px: int, progress: Progress
         raise PlanError(f"exact tiling cannot run this VAE: {why}; use a local-GroupNorm tiled plan")
     if tile_px < 8:
         raise PlanError(f"tile_px={tile_px}: must be at least 8")
+    own = _own_view(vae)
+    if own is not None:
+        vae = own[0]
     dec = vae.decoder
     pqc = getattr(vae, "post_quant_conv", None)
     b, _, lh, lw = z.shape
