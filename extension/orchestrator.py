@@ -383,7 +383,7 @@ class HybridDecoder:
         run_dev = self._run_device(gpu, vae)
         try:
             snapshot = self.learned.load() if self.learned is not None else None
-            identity = self._endpoint_identity(job, fam, settings, network, vae, run_dev)
+            identity = self.endpoint_identity(job, fam, vae, settings=settings, network=network, device=run_dev)
             decision = decide(job, gpu, profiles, settings, network, learned=snapshot, identity=identity)
         except ProfileError as exc:
             # nothing can decode this job (no plan at all): keep the latent
@@ -463,11 +463,14 @@ class HybridDecoder:
         raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
                                 attempts=tuple((lab, err or "") for lab, err, _ in attempts))
 
-    def _endpoint_identity(self, job: DecodeJob, fam: Family, settings: DecodeSettings,
-                           network: Mapping[str, NetworkStats] | None, vae: Any, run_dev: str) -> EndpointIdentity | None:
-        """The canary verdict for the endpoint this job would be sent to (cached, or checked now), or None when
-        remote is not a candidate (off, no endpoint, circuit open) or there is no local VAE to compare with
-        (then the name-based custom-VAE rule applies)."""
+    def endpoint_identity(self, job: DecodeJob, fam: Family, vae: Any, *, settings: DecodeSettings | None = None,
+                          network: Mapping[str, NetworkStats] | None = None,
+                          device: str | None = None) -> EndpointIdentity | None:
+        """The canary verdict for the endpoint ``job`` would be sent to (cached, or checked now: one small remote
+        request and one small local decode on ``device``), or None when remote is not a candidate (off, no
+        remote client, no endpoint, circuit open) or there is no local VAE to compare with (then the name-based
+        custom-VAE rule applies). ``decode`` calls it; ``hybrid-vae explain --vae`` too."""
+        settings = settings or self.settings
         if self.remote is None or not settings.allow_remote:
             return None
         url, _ = endpoint_for(dataclasses.replace(job, custom_vae=False), fam, settings)
@@ -493,7 +496,7 @@ class HybridDecoder:
 
         def decode_local(c: torch.Tensor) -> torch.Tensor:
             plan = Plan(path="full", estimate=est, dtype=job.dtype or fam.default_dtype)
-            return run_plan(plan, vae, to_vae_space(c, fam), family=fam, device=run_dev)
+            return run_plan(plan, vae, to_vae_space(c, fam), family=fam, device=device)
 
         return self.identity.check(endpoint=url, family=job.family, fingerprint=fingerprint, fam=fam,
                                    decode_local=decode_local, decode_remote=decode_remote)

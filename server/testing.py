@@ -64,3 +64,20 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int | None = Non
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def verified_identity(path: Any, endpoint: str, vae: Any, family: str = "sd15") -> Any:
+    """An :class:`~extension.identity.IdentityChecker` whose cache file ``path`` already holds a ``same`` verdict
+    for (``endpoint``, ``family``, ``vae``'s weights), as after a canary the endpoint passed while it was healthy.
+    For tests of what a remote *plan* does when a verified endpoint then fails (503, hang, garbage)."""
+    from hybrid_vae.extension.identity import DEFAULT_MIN_PSNR_DB, IdentityChecker, IdentityStore, weights_fingerprint
+    from hybrid_vae.policy.model import EndpointIdentity
+
+    fingerprint = weights_fingerprint(vae)
+    if fingerprint is None:
+        raise ValueError("verified_identity needs a VAE with weights")
+    store = IdentityStore(path)
+    store.put(EndpointIdentity(endpoint=endpoint, family=family, fingerprint=fingerprint, verdict="same",
+                               psnr_db=100.0, threshold_db=DEFAULT_MIN_PSNR_DB, checked_at=time.time()),
+              answer_sha="verified-before-the-test")
+    return IdentityChecker(store)

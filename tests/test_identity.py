@@ -4,6 +4,10 @@ architecture. Requests are counted at the servers (``/health``)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,3 +201,43 @@ def test_store_is_bounded_and_survives_a_broken_file(tmp_path: Path) -> None:
     assert store.load() == {} and store.error is not None and "identity cache ignored" in store.error
     store.put(EndpointIdentity("http://127.0.0.1:9/e", "sd15", "f" * 32, "unverified", None, 35.0, 1.0), answer_sha="")
     assert store.load() == {}  # unverified verdicts are not kept
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYBRID_VAE_SIMULATE_GPU", "HYBRID_VAE_PROFILE")}
+    return subprocess.run([sys.executable, "-m", "hybrid_vae.extension.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_explain_shows_the_verdict_and_decode_applies_it(endpoints: dict[str, str], tmp_path: Path) -> None:
+    """`hybrid-vae explain --vae` runs (then reads) the canary and shows it; `hybrid-vae decode --endpoint` uses a
+    matching endpoint and refuses the other, with the reason."""
+    from hybrid_vae.extension.fixture import FIXTURE_DIR
+    from hybrid_vae.extension.latents import save_latent
+
+    same, other = endpoints["same"], endpoints["other"]
+    common = ("explain", "--family", "sd15", "--width", "512", "--height", "512", "--gpu", "NVIDIA GeForce RTX 3070",
+              "--free-gib", "0.3", "--remote")
+    r = _cli(*common, "--endpoint", other)
+    assert r.returncode == 0, r.stderr
+    assert f"Identity  not checked for {other}: give --vae" in r.stdout
+    r = _cli(*common, "--endpoint", other, "--vae", str(FIXTURE_DIR))
+    assert r.returncode == 0, r.stderr
+    assert "endpoint serves another VAE (canary" in r.stdout and "canary run now" in r.stdout
+    assert "remote: endpoint serves another VAE" in r.stdout  # in the reason too
+    r = _cli(*common, "--endpoint", other, "--vae", str(FIXTURE_DIR), "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["identity"]
+    assert got["verdict"] == "other" and got["source"] == "cache"  # the first explain's canary, from the cache file
+
+    lat = save_latent(_latent(6), tmp_path, family="sd15", meta={"height": 128, "width": 128})
+    r = _cli("decode", str(lat), "--fixture", "--endpoint", same, "--gpu", "NVIDIA GeForce RTX 3070", "--free-gib",
+             "0.05", "-o", str(tmp_path / "same.png"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["ran"]["path"] == "remote" and "endpoint serves this VAE" in rep["infotext"]
+    r = _cli("decode", str(lat), "--fixture", "--endpoint", other, "--gpu", "NVIDIA GeForce RTX 3070", "--free-gib",
+             "0.05", "-o", str(tmp_path / "other.png"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["ran"]["path"] != "remote" and "endpoint serves another VAE" in rep["infotext"]

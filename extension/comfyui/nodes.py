@@ -58,6 +58,7 @@ import torch
 from hybrid_vae.extension.identity import IdentityChecker
 from hybrid_vae.extension.latents import from_vae_space
 from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
+from hybrid_vae.extension.remote import ENV_TOKEN
 from hybrid_vae.extension.stream_ldm import ldm_stream_view
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
@@ -69,7 +70,6 @@ log = logging.getLogger("hybrid_vae.comfyui")
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ComfyVAEAdapter", "HybridVAEDecode", "comfy_family",
            "comfy_kl_like"]
 
-ENV_TOKEN = "HYBRID_VAE_TOKEN"
 MODES = ("auto", "full", "tiled", "remote")
 
 
@@ -368,13 +368,15 @@ def decision_line(report: DecodeReport, key: str, how: str, target: Any) -> str:
     ran = report.ran
     parts = [f"Hybrid VAE: {report.infotext(timing=False)}", f"{key} ({how})"]
     calls = getattr(target, "calls", None)
-    if ran.path == "tiled" and report.groupnorm == "exact":
-        parts.append("exact tiles over ComfyUI's decoder: equals a full decode")
+    if ran.path != "remote" and not isinstance(target, ComfyVAEAdapter):
+        parts.append("engine executors (diffusers VAE)")
+    elif ran.path == "tiled" and report.groupnorm == "exact":
+        parts.append("exact tiles over ComfyUI's decoder")
     elif ran.path != "remote" and calls:
         parts.append(f"ComfyUI {calls[-1]}")
-    elif ran.path != "remote" and not isinstance(target, ComfyVAEAdapter):
-        parts.append("engine executors (diffusers VAE)")
-    if ran.path == "tiled" and report.groupnorm == "local":
+    if ran.path == "tiled" and report.groupnorm == "exact":
+        parts.append("exact tiles: equals a full decode")
+    elif ran.path == "tiled" and report.groupnorm == "local":
         parts.append("local tiles: colours may differ from a full decode")
     asked = getattr(target, "asked", None)
     if asked:
