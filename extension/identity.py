@@ -317,7 +317,12 @@ class IdentityChecker:
             why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             log.warning("hybrid-vae: identity canary on %s failed: %s; remote not used until it answers", endpoint, why)
             return EndpointIdentity(**base, verdict="unverified", psnr_db=None, checked_at=time.time(), detail=why)
-        local = decode_local(z)
+        try:
+            local = decode_local(z)
+        except Exception as exc:  # the local VAE failed on 64 px (OOM, broken VAE): no verdict; the plans decide next
+            why = f"local canary decode failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            log.warning("hybrid-vae: identity canary for %s: %s", endpoint, why, exc_info=True)
+            return EndpointIdentity(**base, verdict="unverified", psnr_db=None, checked_at=time.time(), detail=why)
         try:
             psnr = psnr_8bit(local, remote)
         except ValueError as exc:

@@ -241,3 +241,23 @@ def test_explain_shows_the_verdict_and_decode_applies_it(endpoints: dict[str, st
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["ran"]["path"] != "remote" and "endpoint serves another VAE" in rep["infotext"]
+
+
+def test_a_local_vae_failing_on_the_canary_loses_no_image(endpoints: dict[str, str], tmp_path: Path) -> None:
+    """The local canary decode fails (here: the decoder raises once): no verdict, remote unused, and the decode's
+    own plans still run and produce the image."""
+    vae = load_fixture_vae()
+    calls = {"n": 0}
+
+    def once(_module: torch.nn.Module, _inputs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("decoder exploded on the canary")
+
+    handle = vae.decoder.register_forward_pre_hook(once)
+    try:
+        r = _decoder(tmp_path, endpoints["same"]).decode(_latent(7), vae, family="sd15").report
+    finally:
+        handle.remove()
+    assert r.decision.identity.verdict == "unverified" and "decoder exploded" in r.decision.identity.detail
+    assert r.ran.path != "remote" and "not verified" in r.infotext()
