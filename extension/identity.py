@@ -311,18 +311,38 @@ class IdentityChecker:
         z = canary_latent(fam, seed=self.seed, size=self.latent_px)
         self.canaries += 1
         t0 = time.perf_counter()
-        try:
-            remote = decode_remote(z)
-        except HybridVAEError as exc:
-            why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            log.warning("hybrid-vae: identity canary on %s failed: %s; remote not used until it answers", endpoint, why)
-            return EndpointIdentity(**base, verdict="unverified", psnr_db=None, checked_at=time.time(), detail=why)
+        # the endpoint's answer is awaited on a helper thread while the local VAE decodes on this one (the caller's
+        # thread keeps the VAE: host contexts such as ComfyUI's inference mode are per thread): max, not sum
+        box: dict[str, Any] = {}
+
+        def ask() -> None:
+            try:
+                box["remote"] = decode_remote(z)
+            except BaseException as exc:  # handed to the caller's thread below
+                box["error"] = exc
+
+        helper = threading.Thread(target=ask, name="hybrid-vae-canary", daemon=True)
+        helper.start()
+        local: torch.Tensor | None = None
+        local_error: Exception | None = None
         try:
             local = decode_local(z)
         except Exception as exc:  # the local VAE failed on 64 px (OOM, broken VAE): no verdict; the plans decide next
-            why = f"local canary decode failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-            log.warning("hybrid-vae: identity canary for %s: %s", endpoint, why, exc_info=True)
+            local_error = exc
+        helper.join()
+        error = box.get("error")
+        if error is not None and not isinstance(error, HybridVAEError):
+            raise error
+        if error is not None:
+            why = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            log.warning("hybrid-vae: identity canary on %s failed: %s; remote not used until it answers", endpoint, why)
             return EndpointIdentity(**base, verdict="unverified", psnr_db=None, checked_at=time.time(), detail=why)
+        if local is None:
+            text = str(local_error).splitlines()[0][:120] if str(local_error) else ""
+            why = f"local canary decode failed: {type(local_error).__name__}: {text}"
+            log.warning("hybrid-vae: identity canary for %s: %s", endpoint, why, exc_info=local_error)
+            return EndpointIdentity(**base, verdict="unverified", psnr_db=None, checked_at=time.time(), detail=why)
+        remote = box["remote"]
         try:
             psnr = psnr_8bit(local, remote)
         except ValueError as exc:
