@@ -60,7 +60,11 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--host-gib", type=float, default=None,
                    help="simulated host memory available (default: this machine's)")
     e.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
-    e.add_argument("--custom-vae", action="store_true", help="the VAE is not the family's stock VAE")
+    e.add_argument("--custom-vae", action="store_true",
+                   help="the VAE is not the family's stock VAE (used when --vae is not given)")
+    e.add_argument("--vae", default=None, metavar="PATH_OR_HUB_ID",
+                   help="your VAE: with --remote, whether the endpoint serves it is read from the identity cache or "
+                        "checked now with a random canary latent (one small request; never your data)")
     e.add_argument("--learned", nargs="?", const="", default=None, metavar="PATH",
                    help="apply learned timings (alone: $HYBRID_VAE_LEARNED or the user cache file; "
                         "reset with `hybrid-vae calibrate --reset-learned`)")
@@ -175,6 +179,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         dtype, upcast = upcast_dtype(args.dtype, fam.force_upcast)
         job = DecodeJob(family=args.family, width=args.width, height=args.height, batch=args.batch,
                         frames=args.frames, dtype=dtype, custom_vae=args.custom_vae)
+        identity, identity_note = _identity(args, profiles, settings, job)
         learned_info: dict[str, Any] | None = None
         learned = None
         if getattr(args, "learned", None) is not None:
@@ -184,7 +189,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             learned = store.load()
             learned_info = {"path": str(store.path), "error": store.error, "min_count": learned.min_count,
                             "entries": [e.to_dict() for e in learned.for_card(state.name, job.family)]}
-        decision = decide(job, state, profiles, settings, learned=learned)
+        decision = decide(job, state, profiles, settings, learned=learned, identity=identity)
     except (LatentError, ProfileError) as exc:
         return _fail(str(exc), 2)
     except ValidationError as exc:  # settings built from the flags
@@ -200,12 +205,39 @@ def cmd_explain(args: argparse.Namespace) -> int:
         out["notes"] = [*notes, *([v] if (v := vendor_note(decision.gpu.name)) else [])]
         if learned_info is not None:
             out["learned"] = learned_info
+        if identity_note:
+            out["identity_note"] = identity_note
         print(json.dumps(out, indent=2, default=str))
     else:
-        print(render(decision, profiles=profiles, notes=notes))
+        print(render(decision, profiles=profiles, notes=notes, identity_note=identity_note))
         if learned_info is not None:
             print(render_learned(learned_info))
     return 0
+
+
+def _identity(args: argparse.Namespace, profiles: Profiles, settings: DecodeSettings,
+              job: DecodeJob) -> tuple[Any, str | None]:
+    """``(verdict or None, note)`` for ``explain``: the identity of the endpoint against ``--vae`` (cached, or a
+    canary now), or a note saying why it was not checked."""
+    import dataclasses
+
+    from hybrid_vae.policy.decide import endpoint_for
+
+    fam = profiles.family(job.family)
+    url, _ = endpoint_for(dataclasses.replace(job, custom_vae=False), fam, settings)
+    if url is None:
+        return None, None
+    if not args.vae:
+        return None, (f"not checked for {url}: give --vae to prove whether it serves your VAE "
+                      f"(until then the VAE counts as {'custom' if job.custom_vae else 'stock'}: --custom-vae)")
+    from hybrid_vae.extension.cli_local import load_vae
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.extension.remote import RemoteClient
+
+    vae = load_vae(args.vae, fam)
+    dec = HybridDecoder(settings=settings, remote=RemoteClient(max_retries=0), profile_path=args.profile)
+    verdict = dec.endpoint_identity(job, fam, vae, device="cpu")
+    return verdict, None
 
 
 def render_learned(info: dict[str, Any]) -> str:
@@ -221,6 +253,18 @@ def render_learned(info: dict[str, Any]) -> str:
         used = "applied" if e["count"] >= info["min_count"] else "not yet applied"
         lines.append(f"          {e['path']:<6} {e['bucket']:>7}: x{e['factor']:.2f} from {e['count']} decodes ({used})")
     return "\n".join(lines)
+
+
+def render_identity(d: Decision, note: str | None = None) -> str | None:
+    """The ``Identity`` line of ``explain``: the canary verdict for the endpoint, or why there is none."""
+    import datetime
+
+    ident = d.identity
+    if ident is None:
+        return f"Identity  {note}" if note else None
+    when = datetime.datetime.fromtimestamp(ident.checked_at, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    how = "from the identity cache" if ident.source == "cache" else "canary run now"
+    return f"Identity  {ident.endpoint}: {ident.text}; {how}, checked {when}; fingerprint {ident.fingerprint[:12]}"
 
 
 LEGEND = (
@@ -271,7 +315,8 @@ def gpu_line(d: Decision, profiles: Profiles | None) -> list[str]:
     return lines + [f"          {n}" for n in notes]
 
 
-def render(d: Decision, *, profiles: Profiles | None = None, notes: tuple[str, ...] = ()) -> str:
+def render(d: Decision, *, profiles: Profiles | None = None, notes: tuple[str, ...] = (),
+           identity_note: str | None = None) -> str:
     """A readable table of a decision: header, the options (chosen one marked), a legend, the sources."""
     j, c = d.job, d.chosen
     fam = profiles.families.get(j.family) if profiles is not None else None
@@ -290,6 +335,7 @@ def render(d: Decision, *, profiles: Profiles | None = None, notes: tuple[str, .
             f"{c.estimate.transfer_seconds:.3f} s" if c.estimate.host_bytes else ""),
         f"Reason    {d.reason}",
         "Chain     " + " -> ".join(p.label for p in d.plans),
+        *([line] if (line := render_identity(d, identity_note)) else []),
         "",
     ]
     width = max(26, *(len(o.plan.label) for o in d.options))

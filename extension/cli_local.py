@@ -58,6 +58,7 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
     d.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="remote endpoint for this family (opts in to remote decode: the endpoint sees the image); "
+                        "used only after a random canary latent decodes the same there as with --vae; "
                         "repeat for several: health-checked, tried best first, failing over within the deadline")
     d.add_argument("--token", default=None,
                    help=f"bearer token for the endpoints (default: env {ENV_TOKEN}; HTTPS unless loopback)")
@@ -67,6 +68,8 @@ def add_parser(sub: Any) -> None:
                         "its whole-image buffers in host memory as far as needed), local (per-tile GroupNorm, "
                         "least memory, colours drift) or auto (lossless first; default)")
     d.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
+    d.add_argument("--remote-custom-vae", action="store_true",
+                   help="use --endpoint even when it serves another VAE than --vae")
     d.add_argument("--latent-dir", default=None, help="where a latent is saved if this decode fails too")
     d.add_argument("--json", action="store_true", help="print the decode report as JSON")
     d.set_defaults(func=cmd_decode)
@@ -231,7 +234,9 @@ def _decoder(args: argparse.Namespace, family: str, **kw: Any) -> HybridDecoder:
         except ValueError as exc:
             raise LatentError(f"--endpoint: {exc}") from None
         token = args.token or os.environ.get(ENV_TOKEN) or None
-        settings = settings.model_copy(update={"allow_remote": True, "endpoints": {family: spec}})
+        settings = settings.model_copy(update={"allow_remote": True, "endpoints": {family: spec},
+                                              "use_builtin_endpoints": False,
+                                              "allow_remote_custom_vae": bool(getattr(args, "remote_custom_vae", False))})
         kw["remote"] = EndpointPool(RemoteClient(token=token, trusted_endpoints=[spec] if token else []), pools=[spec])
     return HybridDecoder(settings=settings, profile_path=args.profile,
                          latent_dir=args.latent_dir or DEFAULT_LATENT_DIR,
@@ -409,47 +414,63 @@ def _oom_at_decoder(vae: Any) -> Callable[[], None]:
 
 def demo_remote_cases(out: Path, vae: Any, z: Any, x: Any, reference: Any, card: str, total: float,
                       settings: Any) -> tuple[list[dict[str, Any]], str | None]:
-    """Remote cases of the demo: the fixture served by a real ``hybrid-vae serve`` app on loopback.
+    """Remote cases of the demo: real ``hybrid-vae serve`` apps on loopback.
 
-    ``5-remote``: almost no free VRAM, remote allowed -> decoded by the server. ``6-remote-down``: the
-    endpoint is a closed loopback port -> the local fallback produces the image. Returns the rows and,
-    when the server extra is not installed, why the cases were skipped.
+    ``5-remote``: almost no free VRAM, remote allowed, the endpoint serves the fixture -> a canary latent proves
+    it is the same VAE and the server decodes. ``6-remote-down``: that verified endpoint stops -> the remote plan
+    fails and the local fallback produces the image. ``7-remote-other-vae``: an endpoint serving another VAE (the
+    fixture's architecture, random weights) -> the canary refuses it and the image is decoded locally. Identity
+    verdicts go to ``out/identity.json`` (not the user's cache). Returns the rows and, when the server extra is not
+    installed, why the cases were skipped.
     """
     import functools
 
+    import torch
+
     try:
         from hybrid_vae.server.app import create_app
-        from hybrid_vae.server.testing import free_port, serve_in_thread
+        from hybrid_vae.server.testing import serve_in_thread
     except ImportError as exc:
         return [], f"skipped: {exc.name or exc} missing; pip install -e '.[server]'"
+    from diffusers import AutoencoderKL
+    from hybrid_vae.extension.identity import IdentityChecker, IdentityStore
     from hybrid_vae.extension.orchestrator import HybridDecoder
     from hybrid_vae.extension.remote import RemoteClient
     from hybrid_vae.policy.gpu import parse_simulation
 
+    identity = IdentityChecker(IdentityStore(out / "identity.json"))
+    identity.store.forget()
     rows: list[dict[str, Any]] = []
+
+    def case(name: str, url: str) -> None:
+        st = settings.model_copy(update={"allow_remote": True, "endpoints": {"sd15": url}, "remote_deadline_s": 30.0})
+        client = RemoteClient(trusted_endpoints=[url], connect_timeout_s=2.0, read_timeout_s=30.0, max_retries=0)
+        spec = f"name={card},total_gib={total},free_gib=0.05"
+        decoder = HybridDecoder(settings=st, probe=functools.partial(parse_simulation, spec),
+                                latent_dir=out / "latents", remote=client, identity=identity)
+        t0 = time.perf_counter()
+        result = decoder.decode(z, vae, family="sd15", vae_id="hybrid-vae fixture")
+        secs = time.perf_counter() - t0
+        png = out / f"{name}.png"
+        write_images(result, png)
+        r = result.report
+        ident = r.decision.identity
+        rows.append({"case": name, "simulated_free_gib": 0.05, "decision": r.ran.label,
+                     "chosen": r.chosen.label, "fell_back": r.fell_back, "reason": r.reason,
+                     "infotext": r.infotext(), "seconds": round(secs, 3),
+                     "psnr_vs_full_db": round(psnr(result.tensor, reference), 2),
+                     "psnr_vs_picture_db": round(psnr(result.tensor, x), 2),
+                     "attempts": [list(a) for a in r.attempts], "png": str(png),
+                     "endpoint": url, "remote": r.to_dict().get("remote"),
+                     "identity": ident.to_dict() if ident is not None else None})
+
     with serve_in_thread(create_app(families={"sd15": vae}, device="cpu")) as base:
-        down = f"http://127.0.0.1:{free_port()}/sd15"
-        for name, url in (("5-remote", f"{base}/sd15"), ("6-remote-down", down)):
-            st = settings.model_copy(update={"allow_remote": True, "endpoints": {"sd15": url},
-                                             "remote_deadline_s": 30.0})
-            client = RemoteClient(trusted_endpoints=[url], connect_timeout_s=2.0, read_timeout_s=30.0, max_retries=0)
-            spec = f"name={card},total_gib={total},free_gib=0.05"
-            decoder = HybridDecoder(settings=st, probe=functools.partial(parse_simulation, spec),
-                                    latent_dir=out / "latents", remote=client)
-            t0 = time.perf_counter()
-            # the server decodes with the same fixture VAE, so its latents are not "custom" there
-            result = decoder.decode(z, vae, family="sd15", vae_id="hybrid-vae fixture", custom_vae=False)
-            secs = time.perf_counter() - t0
-            png = out / f"{name}.png"
-            write_images(result, png)
-            r = result.report
-            rows.append({"case": name, "simulated_free_gib": 0.05, "decision": r.ran.label,
-                         "chosen": r.chosen.label, "fell_back": r.fell_back, "reason": r.reason,
-                         "infotext": r.infotext(), "seconds": round(secs, 3),
-                         "psnr_vs_full_db": round(psnr(result.tensor, reference), 2),
-                         "psnr_vs_picture_db": round(psnr(result.tensor, x), 2),
-                         "attempts": [list(a) for a in r.attempts], "png": str(png),
-                         "endpoint": url, "remote": r.to_dict().get("remote")})
+        case("5-remote", f"{base}/sd15")
+    case("6-remote-down", f"{base}/sd15")  # the same endpoint, verified before, now stopped
+    torch.manual_seed(1)
+    other = AutoencoderKL.from_config(vae.config).eval()
+    with serve_in_thread(create_app(families={"sd15": other}, device="cpu")) as base:
+        case("7-remote-other-vae", f"{base}/sd15")
     return rows, None
 
 

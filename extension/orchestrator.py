@@ -36,15 +36,17 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from hybrid_vae.extension.executors import ProgressFn, run_plan, vae_device_dtype
 from hybrid_vae.extension.geometry import resolve_family
-from hybrid_vae.extension.latents import save_latent, to_vae_space, unpack_flux, validate_latents
+from hybrid_vae.extension.identity import CANARY_DEADLINE_S, IdentityChecker
+from hybrid_vae.extension.latents import pack_flux, save_latent, to_vae_space, unpack_flux, validate_latents
 from hybrid_vae.extension.stream import settings_for_vae
-from hybrid_vae.policy.decide import decide, describe_plan
+from hybrid_vae.policy.decide import decide, describe_plan, endpoint_for
 from hybrid_vae.policy.errors import (
     DecodeFailedError,
     HybridVAEError,
     LatentError,
     PlanError,
     ProfileError,
+    RemoteConnectError,
     RemoteError,
     RemoteStatusError,
     RemoteTimeoutError,
@@ -53,7 +55,7 @@ from hybrid_vae.policy.estimate import upcast_dtype
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
 from hybrid_vae.policy.learned import LearnedStore
-from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, NetworkStats, Plan
+from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, EndpointIdentity, Estimate, NetworkStats, Plan
 from hybrid_vae.policy.profiles import Family, ProfileStore
 
 if TYPE_CHECKING:
@@ -146,11 +148,13 @@ class DecodeReport:
     def fell_back(self) -> bool:
         return self.ran is not self.chosen
 
-    def infotext(self) -> str:
+    def infotext(self, *, timing: bool = True) -> str:
         """One truthful line for the image's metadata.
 
         E.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full, 0.41 s``, ``cpu full decode, no GPU, 9.1 s`` or
-        ``full, fell back from remote raw (HTTP 503), 0.30 s``.
+        ``full, fell back from remote raw (HTTP 503), 0.30 s``. When a canary found that the endpoint serves
+        another VAE (or could not check it), the line says so: ``..., endpoint serves another VAE (canary
+        7.8 dB < 35 dB)``. ``timing=False`` leaves the seconds out (a line that is the same for the same run).
         """
         d, ran = self.decision, self.ran
         if self.fell_back:
@@ -163,7 +167,11 @@ class DecodeReport:
                 text += f" (after {', '.join(self.remote.skipped)})"
         else:
             text = d.summary  # rendered by policy.decide from the same numbers as the reason
-        text += f", {self.seconds:.2f} s"
+        ident = d.identity
+        if ident is not None and (ident.verdict != "same" or ran.path == "remote"):
+            text += f", {ident.text}"
+        if timing:
+            text += f", {self.seconds:.2f} s"
         if any(n.startswith("float16 asked for, decoded in float32") for n in self.notes):
             text += ", float16 upcast to float32 (force_upcast)"
         if self.simulated:
@@ -320,6 +328,9 @@ class HybridDecoder:
         strict (`bool | None`, defaults to `None`): raise a programming error met inside a plan instead of
             reporting it and falling back; None reads env ``HYBRID_VAE_STRICT`` at each decode (the tests set
             it; a user's decode never should, so an image is never lost to a bug in one plan).
+        identity (`IdentityChecker | None`): proves an endpoint serves the local VAE before remote is used
+            (:mod:`extension.identity`); default: a checker with the user's cache file. Share one between
+            decoders to share its in-process state (the verdicts persist in its file anyway).
     """
 
     def __init__(self, *, settings: DecodeSettings | None = None, profile_path: str | Path | None = None,
@@ -328,7 +339,7 @@ class HybridDecoder:
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
                  on_decision: Callable[[Decision], None] | None = None,
                  learned: LearnedStore | None = None, report_log_level: int = logging.INFO,
-                 strict: bool | None = None) -> None:
+                 strict: bool | None = None, identity: IdentityChecker | None = None) -> None:
         self.settings = settings or DecodeSettings()
         self.strict = strict
         self.profile_path = profile_path
@@ -341,6 +352,14 @@ class HybridDecoder:
         self.on_decision = on_decision
         self.learned = learned
         self.report_log_level = report_log_level
+        self._identity = identity
+
+    @property
+    def identity(self) -> IdentityChecker:
+        """The endpoint identity checker (created on first use)."""
+        if self._identity is None:
+            self._identity = IdentityChecker()
+        return self._identity
 
     def _gpu(self, total_for: Callable[[str], float | None]) -> GpuState:
         return self._probe() if self._probe is not None else probe_gpu(total_for=total_for)
@@ -428,9 +447,11 @@ class HybridDecoder:
         network = self.remote.network_stats() if self.remote is not None else None
         save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
                      "vae_id": vae_id, "custom_vae": custom_vae, "vae_class": type(vae).__name__}
+        run_dev = self._run_device(gpu, vae)
         try:
             snapshot = self.learned.load() if self.learned is not None else None
-            decision = decide(job, gpu, profiles, settings, network, learned=snapshot)
+            identity = self.endpoint_identity(job, fam, vae, settings=settings, network=network, device=run_dev)
+            decision = decide(job, gpu, profiles, settings, network, learned=snapshot, identity=identity)
         except ProfileError as exc:
             # nothing can decode this job (no plan at all): keep the latent
             path = self._save(latents, family, fam, {**save_meta, "reason": f"no plan: {exc}"})
@@ -439,7 +460,6 @@ class HybridDecoder:
 
         if self.on_decision is not None:
             self.on_decision(decision)
-        run_dev = self._run_device(gpu, vae)
         z_vae = to_vae_space(z.to(torch.float32), fam)
         attempts: list[tuple[str, str | None, float]] = []
         for plan in decision.plans:
@@ -491,6 +511,8 @@ class HybridDecoder:
             # outside the except block: the traceback and the frames it pinned are gone
             secs = time.perf_counter() - t0
             attempts.append((plan.label, error, secs))
+            if error is not None and plan.path == "remote":
+                self._remote_failed(plan, error)
             if error is None:
                 if self.learned is not None:
                     self.learned.record_decision(decision, plan, secs, applied=snapshot)
@@ -514,6 +536,52 @@ class HybridDecoder:
         path = self._save(latents, family, fam, {**save_meta, "reason": f"every plan failed: {listing}"})
         raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
                                 attempts=tuple((lab, err or "") for lab, err, _ in attempts))
+
+    def endpoint_identity(self, job: DecodeJob, fam: Family, vae: Any, *, settings: DecodeSettings | None = None,
+                          network: Mapping[str, NetworkStats] | None = None,
+                          device: str | None = None) -> EndpointIdentity | None:
+        """The canary verdict for the endpoint ``job`` would be sent to (cached, or checked now: one small remote
+        request and one small local decode on ``device``), or None when remote is not a candidate (off, no
+        remote client, no endpoint, circuit open) or there is no local VAE to compare with (then the name-based
+        custom-VAE rule applies). ``decode`` calls it; ``hybrid-vae explain --vae`` too."""
+        settings = settings or self.settings
+        if self.remote is None or not settings.allow_remote:
+            return None
+        url, _ = endpoint_for(dataclasses.replace(job, custom_vae=False), fam, settings)
+        stats = network.get(url) if network is not None and url is not None else None
+        if url is None or (stats is not None and not stats.available):
+            return None
+        fingerprint = self.identity.fingerprint(vae)
+        if fingerprint is None:
+            return None
+        remote = self.remote
+        sc = fam.spatial_compression
+        est = Estimate(peak_bytes=0, seconds=0.0, peak_source="identity canary", seconds_source="identity canary")
+
+        def decode_remote(c: torch.Tensor) -> torch.Tensor:
+            h, w = int(c.shape[-2]) * sc, int(c.shape[-1]) * sc
+            frames = (int(c.shape[2]) - 1) * fam.temporal_compression + 1 if fam.video else None
+            plan = Plan(path="remote", estimate=est, dtype=job.dtype or fam.default_dtype, endpoint=url,
+                        response_format="raw")
+            cjob = dataclasses.replace(job, width=w, height=h, batch=1, frames=frames)
+            sent = pack_flux(c) if fam.packed else c
+            return remote.decode(sent, plan=plan, job=cjob, family=fam, height=h, width=w,
+                                 deadline_s=min(settings.remote_deadline_s, CANARY_DEADLINE_S)).tensor
+
+        def decode_local(c: torch.Tensor) -> torch.Tensor:
+            plan = Plan(path="full", estimate=est, dtype=job.dtype or fam.default_dtype)
+            return run_plan(plan, vae, to_vae_space(c, fam), family=fam, device=device)
+
+        return self.identity.check(endpoint=url, family=job.family, fingerprint=fingerprint, fam=fam,
+                                   decode_local=decode_local, decode_remote=decode_remote)
+
+    def _remote_failed(self, plan: Plan, error: str) -> None:
+        """A remote plan failed: when the endpoint could not be reached, whatever answers there next may be
+        another server (with another VAE), so its identity verdicts are checked again."""
+        if plan.endpoint and error.startswith(RemoteConnectError.__name__):
+            n = self.identity.forget(plan.endpoint)
+            if n:
+                log.info("hybrid-vae: %s unreachable; its identity verdict will be checked again", plan.endpoint)
 
     def _save(self, latents: torch.Tensor, family: str, fam: Family, meta: dict[str, Any]) -> Path | None:
         try:

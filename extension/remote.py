@@ -75,6 +75,8 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: Statuses that say "this request" is wrong, not "this endpoint": they do not trip the breaker.
 REQUEST_STATUSES = frozenset({400, 413, 415, 422})
 USER_AGENT = "hybrid-vae/0.1 (+remote decode client)"
+#: Environment variable the ComfyUI node and `hybrid-vae decode` read a bearer token from (never a widget/flag).
+ENV_TOKEN = "HYBRID_VAE_TOKEN"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ Inputs in, frozen decision out::
     decision.chosen.path      # "full" | "tiled" | "remote" | "cpu"
 """
 
-from hybrid_vae.policy.decide import decide, endpoint_for
+from hybrid_vae.policy.decide import decide, endpoint_for, identity_gate
 from hybrid_vae.policy.errors import (
     CircuitOpenError,
     DecodeFailedError,
@@ -23,7 +23,16 @@ from hybrid_vae.policy.errors import (
     RemoteTimeoutError,
 )
 from hybrid_vae.policy.gpu import ENV_SIMULATE, GiB, GpuState, parse_simulation, probe
-from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, Estimate, NetworkStats, Option, Plan
+from hybrid_vae.policy.model import (
+    Decision,
+    DecodeJob,
+    DecodeSettings,
+    EndpointIdentity,
+    Estimate,
+    NetworkStats,
+    Option,
+    Plan,
+)
 from hybrid_vae.policy.profiles import ENV_PROFILE, Family, Profiles, ProfileStore, load_profiles
 
 __all__ = [
@@ -34,6 +43,7 @@ __all__ = [
     "DecodeFailedError",
     "DecodeJob",
     "DecodeSettings",
+    "EndpointIdentity",
     "Estimate",
     "Family",
     "GiB",
@@ -55,6 +65,7 @@ __all__ = [
     "RemoteTimeoutError",
     "decide",
     "endpoint_for",
+    "identity_gate",
     "load_profiles",
     "parse_simulation",
     "probe",

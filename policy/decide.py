@@ -24,6 +24,10 @@ Rules (each is tested):
   succeed), remote by speed, and cpu last: one item at a time (video: in the VAE's temporal chunks), then,
   when the frame is larger than the smallest tile, cpu in local tiles (host memory bounded by the tile).
 - Learned timings (``learned=``, see :mod:`policy.learned`) scale local plans' seconds, never memory.
+- Identity (``identity=``, a canary verdict from ``extension.identity``): for the endpoint it names, it
+  replaces the name-based custom-VAE rule: ``same`` allows remote, ``other`` ("endpoint serves another
+  VAE") and ``unverified`` refuse it unless ``allow_remote_custom_vae``. Without a verdict (no local VAE to
+  compare, ``explain`` without ``--vae``) the name-based rule (``job.custom_vae``) applies.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from hybrid_vae.policy.model import (
     Decision,
     DecodeJob,
     DecodeSettings,
+    EndpointIdentity,
     Estimate,
     NetworkArg,
     NetworkStats,
@@ -89,6 +94,22 @@ def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple
         ep = fam.endpoints[0]
         return ep.url, f"built-in {ep.provider} endpoint serving {ep.vae}"
     return None, f"no endpoint serves {job.family}; set one in settings (e.g. your own `hybrid-vae serve`)"
+
+
+def identity_gate(url: str | None, why: str, identity: EndpointIdentity | None,
+                  settings: DecodeSettings) -> tuple[str | None, str]:
+    """Apply a canary verdict to the endpoint :func:`endpoint_for` chose: ``(url or None, why)``.
+
+    A verdict about another URL (or none) changes nothing. ``same``: remote allowed; ``other`` /
+    ``unverified``: refused unless ``settings.allow_remote_custom_vae`` (then allowed, and ``why`` says so).
+    """
+    if url is None or identity is None or identity.endpoint != url:
+        return url, why
+    if identity.verdict == "same":
+        return url, f"{why}; {identity.text}"
+    if settings.allow_remote_custom_vae:
+        return url, f"{why}; {identity.text}, allowed by allow_remote_custom_vae"
+    return None, f"{identity.text}; remote not used for it (allow_remote_custom_vae overrides)"
 
 
 def _net_for(network: NetworkArg, url: str) -> NetworkStats:
@@ -222,7 +243,8 @@ def _tiled_reason(c: Plan, gpu_plans: list[Plan], feasible: list[Plan], settings
 
 
 def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings | None = None,
-           network: NetworkArg = None, learned: Learned | None = None) -> Decision:
+           network: NetworkArg = None, learned: Learned | None = None,
+           identity: EndpointIdentity | None = None) -> Decision:
     """Choose how to decode ``job`` on ``gpu``; pure: the same inputs give the same decision.
 
     Args:
@@ -235,6 +257,8 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         learned (`Learned | None`): learned timing factors of this machine (read by the caller from
             :class:`policy.learned.LearnedStore`); they scale local plans' seconds and are named in
             each plan's ``seconds_source``.
+        identity (`EndpointIdentity | None`): the canary verdict for the endpoint this job would use
+            (see :func:`identity_gate`); shown in the reason when it refuses remote, and in ``Decision.identity``.
 
     Raises:
         ProfileError: unknown family. LatentError: a job that cannot be decoded (size, frames, batch).
@@ -394,7 +418,14 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
             options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {_gib(shown_budget)} budget{extra}"))
 
     remote: Plan | None = None
-    url, remote_why = endpoint_for(job, fam, settings)
+    # a canary verdict for the endpoint replaces the name-based custom-VAE rule (proven, not guessed)
+    job_for_url = dataclasses.replace(job, custom_vae=False) if identity is not None else job
+    url, remote_why = endpoint_for(job_for_url, fam, settings)
+    if identity is not None and url != identity.endpoint:
+        url, remote_why = endpoint_for(job, fam, settings)  # the verdict is about another endpoint
+    gated = url
+    url, remote_why = identity_gate(url, remote_why, identity, settings)
+    refused_by_identity = gated is not None and url is None
     if url is not None:
         net = _net_for(network, url)
         if not net.available:
@@ -485,6 +516,8 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
                                      feasible=feasible, gpu_plans=gpu_plans, rank=rank, remote_why=remote_why,
                                      remote=remote, on_gpu=on_gpu, fam=fam, job=job, settings=settings,
                                      can_exact=can_exact)
+    if refused_by_identity and chosen.path != "cpu":  # the cpu reason names remote_why already
+        reason += f"; remote: {remote_why}"
     if fam.inferred:
         reason += f"; {fam.inferred}"
     if not on_gpu:
@@ -502,7 +535,7 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
 
     return Decision(plans=tuple(chain), reason=reason, options=tuple(options), gpu=gpu, job=job,
                     available_bytes=available, budget_bytes=budget, gpu_profile=gp.name if gp else None,
-                    sources=profiles.sources, summary=summary)
+                    sources=profiles.sources, summary=summary, identity=identity)
 
 
 def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int, feasible: list[Plan],

@@ -229,18 +229,23 @@ def observe(learned: Learned, *, card: str, family: str, path: str, voxels: floa
     return Learned(entries=entries, min_count=learned.min_count)
 
 
-def default_path() -> Path:
-    """``$HYBRID_VAE_LEARNED``, else ``<cache>/hybrid-vae/learned.json`` (XDG / %LOCALAPPDATA% / ~/Library/Caches)."""
-    env = os.environ.get(ENV_LEARNED)
-    if env:
-        return Path(env).expanduser()
+def user_cache_dir() -> Path:
+    """``<cache>/hybrid-vae``: XDG_CACHE_HOME or ~/.cache, %LOCALAPPDATA% on Windows, ~/Library/Caches on macOS."""
     if sys.platform == "win32":
         base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "hybrid-vae" / "learned.json"
+    return base / "hybrid-vae"
+
+
+def default_path() -> Path:
+    """``$HYBRID_VAE_LEARNED``, else ``<cache>/hybrid-vae/learned.json`` (see :func:`user_cache_dir`)."""
+    env = os.environ.get(ENV_LEARNED)
+    if env:
+        return Path(env).expanduser()
+    return user_cache_dir() / "learned.json"
 
 
 class LearnedStore:

@@ -114,6 +114,51 @@ class NetworkStats:
     note: str = ""
 
 
+Verdict = Literal["same", "other", "unverified"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointIdentity:
+    """Whether an endpoint decodes like the local VAE: the verdict of a canary decode (``extension.identity``).
+
+    A small seeded random latent (never user data) is decoded by the local VAE and by the endpoint over the
+    unchanged protocol; the two 8-bit images are compared by PSNR.
+
+    Attributes:
+        endpoint: the URL that was checked.
+        family: the family key the canary was sent as (its normalisation factors went with it).
+        fingerprint: the local VAE's weights fingerprint (``extension.identity.weights_fingerprint``).
+        verdict: ``same`` (PSNR >= threshold), ``other`` (below it) or ``unverified`` (the canary failed).
+        psnr_db: the canary's PSNR (8-bit, peak 255; 100.0 for identical images), None when unverified.
+        threshold_db: the PSNR a match needs.
+        checked_at: Unix time of the canary decode.
+        source: ``canary`` (checked for this decode) or ``cache`` (an earlier verdict, still valid).
+        detail: why a canary failed (unverified), else empty.
+    """
+
+    endpoint: str
+    family: str
+    fingerprint: str
+    verdict: Verdict
+    psnr_db: float | None
+    threshold_db: float
+    checked_at: float
+    source: Literal["canary", "cache"] = "canary"
+    detail: str = ""
+
+    @property
+    def text(self) -> str:
+        """E.g. ``endpoint serves another VAE (canary 7.8 dB < 35 dB)``."""
+        if self.verdict == "same":
+            return f"endpoint serves this VAE (canary {self.psnr_db:.1f} dB >= {self.threshold_db:g} dB)"
+        if self.verdict == "other":
+            return f"endpoint serves another VAE (canary {self.psnr_db:.1f} dB < {self.threshold_db:g} dB)"
+        return f"endpoint's VAE not verified (canary failed: {self.detail or 'no answer'})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "text": self.text}
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """Estimated peak allocated bytes and seconds of a plan, and where each number came from.
@@ -236,6 +281,7 @@ class Decision:
     gpu_profile: str | None
     sources: tuple[str, ...] = ()
     summary: str = ""
+    identity: EndpointIdentity | None = None
 
     @property
     def chosen(self) -> Plan:
@@ -258,6 +304,7 @@ class Decision:
             "budget_bytes": self.budget_bytes,
             "simulated": self.gpu.simulated,
             "profile_sources": list(self.sources),
+            "identity": self.identity.to_dict() if self.identity is not None else None,
         }
 
 

@@ -212,3 +212,19 @@ class RayServeProcess:
             self.final_log = self.log()
             shutil.rmtree(self.tmp, ignore_errors=True)
         return left
+
+def verified_identity(path: Any, endpoint: str, vae: Any, family: str = "sd15") -> Any:
+    """An :class:`~extension.identity.IdentityChecker` whose cache file ``path`` already holds a ``same`` verdict
+    for (``endpoint``, ``family``, ``vae``'s weights), as after a canary the endpoint passed while it was healthy.
+    For tests of what a remote *plan* does when a verified endpoint then fails (503, hang, garbage)."""
+    from hybrid_vae.extension.identity import DEFAULT_MIN_PSNR_DB, IdentityChecker, IdentityStore, weights_fingerprint
+    from hybrid_vae.policy.model import EndpointIdentity
+
+    fingerprint = weights_fingerprint(vae)
+    if fingerprint is None:
+        raise ValueError("verified_identity needs a VAE with weights")
+    store = IdentityStore(path)
+    store.put(EndpointIdentity(endpoint=endpoint, family=family, fingerprint=fingerprint, verdict="same",
+                               psnr_db=100.0, threshold_db=DEFAULT_MIN_PSNR_DB, checked_at=time.time()),
+              answer_sha="verified-before-the-test")
+    return IdentityChecker(store)

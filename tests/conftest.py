@@ -17,6 +17,21 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(ENV_STRICT, "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _identity_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Endpoint identity verdicts (extension.identity) go to a file of this test session, never the user's cache
+    (subprocesses inherit it)."""
+    from hybrid_vae.extension.identity import ENV_IDENTITY
+
+    saved = os.environ.get(ENV_IDENTITY)
+    os.environ[ENV_IDENTITY] = str(tmp_path_factory.mktemp("identity") / "identity.json")
+    yield
+    if saved is None:
+        os.environ.pop(ENV_IDENTITY, None)
+    else:
+        os.environ[ENV_IDENTITY] = saved
+
+
 @pytest.fixture(scope="module")
 def demo() -> Iterator[str]:
     """``hybrid-vae serve --demo`` on loopback (one per test module); its base URL."""

@@ -72,6 +72,11 @@ def test_demo_runs_offline_and_writes_the_pngs(tmp_path):
     assert remote["psnr_vs_full_db"] >= 40 and remote["remote"]["endpoint"].startswith("http://127.0.0.1:")
     assert down["fell_back"] and down["chosen"].startswith("remote ") and down["decision"] in ("cpu", "full")
     assert "RemoteConnectError" in down["attempts"][0][1] and down["psnr_vs_full_db"] >= 40
+    assert remote["identity"]["verdict"] == "same" and remote["identity"]["source"] == "canary"
+    assert down["identity"]["source"] == "cache"  # verified while it was up; now it does not answer
+    other = cases["7-remote-other-vae"]  # an endpoint with other weights: the canary keeps the image local
+    assert other["identity"]["verdict"] == "other" and not other["decision"].startswith("remote")
+    assert "endpoint serves another VAE" in other["infotext"] and other["psnr_vs_full_db"] >= 40
     # deterministic: a second run decides the same and produces the same pixels
     r2 = run("demo", "--out", str(tmp_path / "again"), "--no-oom")
     assert r2.returncode == 0, r2.stderr

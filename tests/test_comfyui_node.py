@@ -7,6 +7,7 @@ Real diffusers VAEs on the CPU; the endpoint is ``hybrid-vae serve --demo``'s ap
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -127,7 +128,8 @@ def test_node_api(comfy: dict) -> None:
     assert spec["optional"]["family"][0][0] == "auto" and "hunyuanvideo" in spec["optional"]["family"][0]
     assert spec["optional"]["mode"][0] == ["auto", "full", "tiled", "remote"]
     assert spec["optional"]["free_memory_first"][0] == "BOOLEAN"
-    assert node_cls.RETURN_TYPES == ("IMAGE", "STRING") and len(node_cls.RETURN_NAMES) == 2
+    assert spec["optional"]["remote_custom_vae"][0] == "BOOLEAN" and spec["optional"]["remote_custom_vae"][1]["default"] is False
+    assert node_cls.RETURN_TYPES == ("IMAGE", "STRING", "FLOAT") and len(node_cls.RETURN_NAMES) == 3
     assert callable(getattr(node_cls(), node_cls.FUNCTION)) and isinstance(node_cls.CATEGORY, str)
 
 
@@ -136,50 +138,76 @@ def test_decodes_like_comfyui_and_asks_comfyui_for_room(comfy: dict, sd15_weight
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 16, 16)
     comfy["mm"].LOAD_CALLS.clear()
-    image, text = node.decode(lat, vae)
+    image, text, secs = node.decode(lat, vae)
     ref = vae.decode(lat["samples"])  # ComfyUI's own VAE Decode
     assert image.shape == (1, 128, 128, 3) and image.dtype == torch.float32
     assert 0.0 <= image.min().item() and image.max().item() <= 1.0
     assert (image - ref).abs().max().item() < 1e-4
-    assert text.startswith("Hybrid VAE: ") and "sd15" in text and "ComfyUI vae.decode" in text
+    assert text.startswith("Hybrid VAE: ") and "sd15" in text and "ComfyUI first_stage_model.decode" in text
+    assert isinstance(secs, float) and secs >= 0 and " s," not in text and not text.rstrip().endswith(" s")
+    # no GPU here: the cpu plan, for which nothing asked ComfyUI for room; loading the VAE used ComfyUI's figure
     first = comfy["mm"].LOAD_CALLS[0]
     assert first["models"] == [vae.patcher]
     assert first["memory_required"] == vae.memory_used_decode(lat["samples"].shape, vae.vae_dtype)
     comfy["mm"].LOAD_CALLS.clear()
-    node.decode(lat, vae, free_memory_first=False)
-    assert len(comfy["mm"].LOAD_CALLS) == 1  # only ComfyUI's own decode loaded the VAE this time
+    _, text2, _ = node.decode(lat, vae)
+    assert text2 == text  # the same line for the same run: no timing in it
+    assert len(comfy["mm"].LOAD_CALLS) == 1
 
 
 LOW_VRAM = "name=NVIDIA GeForce RTX 3070,free_gib=0.5"
 
 
-def _expected_tiled(size: int) -> object:
-    """ComfyUI's VAE classes are not diffusers' Decoder: the engine plans local-GroupNorm tiles for them."""
-    plan = decide(DecodeJob("sd15", size, size, dtype="float32"), parse_simulation(LOW_VRAM, total_for=lambda n: 8.0),
-                  load_profiles(), DecodeSettings(tile_groupnorm="local")).chosen
+def _expected_tiled(size: int, sim: str = LOW_VRAM, groupnorm: str = "auto") -> object:
+    plan = decide(DecodeJob("sd15", size, size, dtype="float32"), parse_simulation(sim, total_for=lambda n: 8.0),
+                  load_profiles(), DecodeSettings(tile_groupnorm=groupnorm)).chosen  # type: ignore[arg-type]
     assert plan.path == "tiled"
     return plan
 
 
-def test_low_vram_simulated_tiles_a_standard_vae_with_the_engines_tiler(
+def test_low_vram_simulated_exact_tiles_over_comfyuis_ldm_decoder(
         comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ComfyUI's AutoencoderKL is decoder(post_quant_conv(z)): the engine's one-pass tiler runs it, tile by tile
-    through first_stage_model.decode, after asking ComfyUI to load the VAE for one tile."""
+    """ComfyUI's AutoencoderKL has the LDM Decoder: the engine's exact tiler runs ComfyUI's own modules through
+    extension.stream_ldm (output = ComfyUI's full decode), after asking ComfyUI for that plan's estimate only."""
     monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", LOW_VRAM)
     vae = _comfy_vae(comfy, sd15_weights)
+    assert type(vae.first_stage_model.decoder).__name__ == "Decoder" and hasattr(vae.first_stage_model.decoder, "mid")
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 40, 40, seed=1)
     comfy["mm"].LOAD_CALLS.clear()
-    image, text = node.decode(lat, vae, free_memory_first=False)
+    image, text, _ = node.decode(lat, vae)
     plan = _expected_tiled(320)
-    assert f"tiled {plan.tile_px}px" in text and "simulated NVIDIA GeForce RTX 3070" in text
-    assert "engine tiler" in text and vae.decode_calls == []  # neither ComfyUI's decode nor decode_tiled
-    tile = plan.tile_px // 8
-    assert [c["memory_required"] for c in comfy["mm"].LOAD_CALLS] == [
-        vae.memory_used_decode((1, 4, tile, tile), vae.vae_dtype)]
+    assert plan.groupnorm == "exact"
+    assert f"tiled {plan.tile_px}px exact" in text and "simulated NVIDIA GeForce RTX 3070" in text
+    assert "exact tiles over ComfyUI's decoder | exact tiles: equals a full decode" in text
+    assert "colours may differ" not in text
+    assert vae.decode_calls == []  # neither ComfyUI's decode nor decode_tiled: its modules, pass by pass
+    assert [c["memory_required"] for c in comfy["mm"].LOAD_CALLS] == [plan.estimate.peak_bytes]
+    assert f"asked ComfyUI for {plan.estimate.peak_bytes / 1024**3:.2f} GiB ({plan.label})" in text
     ref = vae.decode(lat["samples"])
     assert image.shape == ref.shape == (1, 320, 320, 3)
-    assert (image - ref).abs().mean().item() < 0.05  # tiled vs full: tile borders only (GroupNorm sees each tile)
+    assert (image - ref).abs().max().item() < 1e-4
+
+
+def test_local_tiles_say_colours_may_differ(
+        comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where exact tiles do not fit, the one-pass local tiler runs first_stage_model.decode per tile, and the
+    decision line says its colours may differ from a full decode."""
+    tight = "name=NVIDIA GeForce RTX 3070,free_gib=0.3"
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", tight)
+    vae = _comfy_vae(comfy, sd15_weights)
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 96, 96, seed=1)
+    plan = _expected_tiled(768, tight)
+    assert plan.groupnorm == "local"
+    comfy["mm"].LOAD_CALLS.clear()
+    image, text, _ = node.decode(lat, vae)
+    assert f"tiled {plan.tile_px}px/{plan.overlap_px}" in text and "engine tiler" in text
+    assert "local tiles: colours may differ from a full decode" in text and vae.decode_calls == []
+    assert [c["memory_required"] for c in comfy["mm"].LOAD_CALLS] == [plan.estimate.peak_bytes]
+    ref = vae.decode(lat["samples"])
+    assert image.shape == ref.shape == (1, 768, 768, 3)
+    assert (image - ref).abs().mean().item() < 0.05  # tile borders only (GroupNorm sees each tile)
 
 
 @pytest.mark.slow
@@ -193,8 +221,8 @@ def test_low_vram_simulated_runs_comfyuis_decode_tiled_for_other_vaes(
     vae = comfy["sd"].VAE(TAESD(sd15_weights), latent_channels=4)
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 40, 40, seed=1)
-    image, text = node.decode(lat, vae)
-    plan = _expected_tiled(320)
+    image, text, _ = node.decode(lat, vae)
+    plan = _expected_tiled(320, groupnorm="local")  # TAESD is no LDM Decoder: local tiles only
     kind, args = vae.decode_calls[-1]
     assert kind == "decode_tiled"
     assert args["tile_x"] == args["tile_y"] == plan.tile_px // 8 and args["overlap"] == plan.overlap_px // 8
@@ -225,13 +253,13 @@ def test_video_tiles_and_frame_chunks_reach_comfyuis_decode_tiled(comfy: dict) -
     assert not adapter.use_tiling and not adapter.use_framewise_decoding  # restored after the plan
 
 
-def test_remote_endpoint_down_falls_back_to_local_and_says_so(comfy: dict, sd15_weights: torch.nn.Module) -> None:
+def test_remote_endpoint_down_stays_local_and_says_so(comfy: dict, sd15_weights: torch.nn.Module) -> None:
     vae = _comfy_vae(comfy, sd15_weights)
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 8, 8, seed=2)
-    image, text = node.decode(lat, vae, endpoint=f"http://127.0.0.1:{free_port()}/sd15")
+    image, text, _ = node.decode(lat, vae, endpoint=f"http://127.0.0.1:{free_port()}/sd15")
     assert image.shape == (1, 64, 64, 3)
-    assert "fell back from remote" in text and "Connection refused" in text
+    assert "endpoint's VAE not verified (canary failed" in text and "Connection refused" in text
     assert (image - vae.decode(lat["samples"])).abs().max().item() < 1e-4
 
 
@@ -239,11 +267,54 @@ def test_remote_endpoint_up_decodes_remotely(comfy: dict, sd15_weights: torch.nn
     vae = _comfy_vae(comfy, sd15_weights)
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 8, 8, seed=3)
+    comfy["mm"].LOAD_CALLS.clear()
     with serve_demo() as base:
-        image, text = node.decode(lat, vae, endpoint=f"{base}/sd15", mode="remote")
+        image, text, _ = node.decode(lat, vae, endpoint=f"{base}/sd15", mode="remote")
     assert "remote" in text and "fell back" not in text and "via 127.0.0.1" in text
+    assert "endpoint serves this VAE (canary" in text  # the canary proved the demo serves the wired-in weights
+    # the remote plan asked ComfyUI for nothing: the one load was the canary's local 64 px decode
+    assert [c["memory_required"] for c in comfy["mm"].LOAD_CALLS] == [vae.memory_used_decode((1, 4, 8, 8), vae.vae_dtype)]
     # the demo serves the same sd15 weights: the remote image matches ComfyUI's decode up to 8-bit rounding
     assert (image - vae.decode(lat["samples"])).abs().max().item() <= 1 / 255 + 1e-3
+
+
+def test_an_endpoint_serving_another_vae_is_refused_unless_allowed(comfy: dict) -> None:
+    """The wired-in VAE is not the endpoint's (the demo serves the trained fixture; this one has random weights
+    of another shape): the canary refuses remote and the line says why; remote_custom_vae overrides it."""
+    vae = _comfy_vae(comfy, build_tiny_vae("sd15", seed=7))
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 8, 8, seed=4)
+    with serve_demo() as base:
+        image, text, _ = node.decode(lat, vae, endpoint=f"{base}/sd15", mode="remote")
+        assert "endpoint serves another VAE (canary" in text and "via 127.0.0.1" not in text
+        assert (image - vae.decode(lat["samples"])).abs().max().item() < 1e-4  # ComfyUI's own picture
+        _, text2, _ = node.decode(lat, vae, endpoint=f"{base}/sd15", mode="remote", remote_custom_vae=True)
+    assert "via 127.0.0.1" in text2 and "endpoint serves another VAE" in text2
+
+
+def test_free_memory_first_counts_what_comfyui_can_unload_on_the_vaes_gpu(comfy: dict) -> None:
+    """Other models loaded on the VAE's GPU count as available (ComfyUI unloads them on request); nothing on a
+    CPU, and a simulated card is taken as given."""
+    import types
+
+    from hybrid_vae.policy.gpu import GiB, GpuState
+
+    nodes = sys.modules[comfy["pack"].__name__ + ".nodes"]
+    patcher, unet = object(), object()
+    loaded = [types.SimpleNamespace(model=unet, device=torch.device("cuda", 0), model_loaded_memory=lambda: 3 * GiB),
+              types.SimpleNamespace(model=patcher, device=torch.device("cuda", 0), model_loaded_memory=lambda: GiB)]
+    comfy["mm"].current_loaded_models = loaded
+    try:
+        gpu_vae = types.SimpleNamespace(device=torch.device("cuda", 0), patcher=patcher)
+        assert nodes.freeable_bytes(gpu_vae) == 3 * GiB  # the UNet, not the VAE itself
+        assert nodes.freeable_bytes(types.SimpleNamespace(device=torch.device("cpu"), patcher=patcher)) == 0
+    finally:
+        del comfy["mm"].current_loaded_models
+    state = GpuState(device="cuda:0", name="NVIDIA GeForce RTX 3070", total_bytes=8 * GiB, free_bytes=1 * GiB,
+                     torch_reusable_bytes=0, source="nvml")
+    more = nodes._with_freeable(state, 3 * GiB)
+    assert more.free_bytes == 4 * GiB and "ComfyUI can free" in more.note
+    assert nodes._with_freeable(dataclasses.replace(state, simulated=True), 3 * GiB).free_bytes == GiB
 
 
 def test_a_diffusers_first_stage_model_runs_on_the_engines_executors(
@@ -252,8 +323,9 @@ def test_a_diffusers_first_stage_model_runs_on_the_engines_executors(
     vae = _comfy_vae(comfy, sd15_weights, kind="diffusers")
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 4, 40, 40, seed=4)
-    image, text = node.decode(lat, vae)
+    image, text, _ = node.decode(lat, vae)
     assert "tiled" in text and "engine executors (diffusers VAE)" in text and vae.decode_calls == []
+    assert "ComfyUI's decoder" not in text
     with torch.no_grad():
         ref = ((sd15_weights.decode(lat["samples"]).sample.clamp(-1, 1) + 1) / 2).movedim(1, -1)
     assert (image - ref).abs().mean().item() < 0.05
@@ -263,7 +335,7 @@ def test_video_vae_gives_frames(comfy: dict) -> None:
     vae = _comfy_vae(comfy, build_tiny_vae("hunyuanvideo"), channels=16, kind="hunyuan")
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     lat = _latent(1, 16, 2, 8, 8, seed=5)
-    image, text = node.decode(lat, vae)
+    image, text, _ = node.decode(lat, vae)
     assert image.shape == (5, 64, 64, 3) and "hunyuanvideo" in text
     ref = vae.decode(lat["samples"])  # [B, T, H, W, C]
     assert (image - ref.reshape(-1, *ref.shape[-3:])).abs().max().item() < 1e-4
@@ -272,13 +344,13 @@ def test_video_vae_gives_frames(comfy: dict) -> None:
 def test_flux_and_a_vae_without_a_family(comfy: dict) -> None:
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     flux = _comfy_vae(comfy, build_tiny_vae("flux"), channels=16, kind="engine")
-    image, text = node.decode(_latent(1, 16, 8, 8, seed=6), flux)
+    image, text, _ = node.decode(_latent(1, 16, 8, 8, seed=6), flux)
     assert image.shape == (1, 64, 64, 3) and "| flux (" in text
     odd = comfy["sd"].VAE(build_tiny_vae("sd15").decoder, latent_channels=4)
     odd.latent_channels, odd.upscale_ratio = 7, 8  # a VAE the engine has no family for
     odd.first_stage_model = type("Odd", (torch.nn.Module,), {"decode": lambda self, z: torch.zeros(
         z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8)})()
-    image, text = node.decode({"samples": torch.zeros(1, 7, 4, 4)}, odd)
+    image, text, _ = node.decode({"samples": torch.zeros(1, 7, 4, 4)}, odd)
     assert image.shape == (1, 32, 32, 3) and "ComfyUI vae.decode" in text and "no family" in text
 
 
@@ -287,10 +359,10 @@ def test_every_plan_failing_saves_the_latent_in_comfyuis_output(comfy: dict, sd1
 
     vae = _comfy_vae(comfy, sd15_weights)
 
-    def broken(samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
+    def broken(z: torch.Tensor, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("decoder exploded")
 
-    vae.decode = broken  # type: ignore[method-assign]
+    vae.first_stage_model.decode = broken  # type: ignore[method-assign]
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
     with pytest.raises(DecodeFailedError) as err:
         node.decode(_latent(1, 4, 8, 8, seed=7), vae, endpoint=f"http://127.0.0.1:{free_port()}/sd15")

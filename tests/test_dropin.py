@@ -156,8 +156,9 @@ def test_queueing_with_decode_queue_and_local_fallback(local: dict[str, torch.nn
         images = list(q.results(until_closed=False))
     assert [im.size for im in images] == [(64, 64)] * 4
     texts = [im.info["hybrid_vae"] for im in images]
-    assert all("fell back from remote" in t for t in texts[:2])  # two failures open the circuit ...
-    assert all("remote" not in t for t in texts[2:])  # ... and the endpoint is skipped afterwards
+    # the identity canary cannot reach the endpoint: remote is never used; two failed canaries open the circuit ...
+    assert all("endpoint's VAE not verified (canary failed" in t for t in texts[:2])
+    assert all("canary" not in t and "remote" not in t for t in texts[2:])  # ... then the endpoint is skipped
     assert client.remote.breaker(down_url).state == "open"  # the shared client learned the endpoint is down
     alone = hybrid_decode(latents[2], vae=local["sd15"], scaling_factor=0.18215)
     assert np.array_equal(np.asarray(images[2]), np.asarray(alone))
@@ -170,8 +171,9 @@ def test_endpoint_down_falls_back_to_the_local_vae(local: dict[str, torch.nn.Mod
     image = hybrid_decode(endpoint=down_url, tensor=z, scaling_factor=0.18215, vae=local["sd15"], on_report=sink)
     assert image.size == (64, 64)
     rep = got[0]
-    assert rep.chosen.path == "remote" and rep.ran.path != "remote" and rep.fell_back
-    assert "fell back from remote" in rep.infotext() and "Connection refused" in rep.infotext()
+    # its identity canary got no answer: remote is not used, and the line says why
+    assert rep.chosen.path != "remote" and not rep.fell_back and rep.decision.identity.verdict == "unverified"
+    assert "endpoint's VAE not verified (canary failed" in rep.infotext() and "Connection refused" in rep.infotext()
     ref = hybrid_decode(z, vae=local["sd15"], scaling_factor=0.18215)  # local only, no endpoint
     assert np.array_equal(np.asarray(image), np.asarray(ref))
 

@@ -316,10 +316,12 @@ def failing_server():
 
 def test_remote_503_falls_back_to_local_and_says_so(tiny, tmp_path, failing_server):
     from hybrid_vae.extension.remote import RemoteClient
+    from hybrid_vae.server.testing import verified_identity
 
     url = f"{failing_server}/sd15"
     client = RemoteClient(max_retries=0)
     dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, remote=client,
+                        identity=verified_identity(tmp_path / "identity.json", url, tiny),  # it answered its canary
                         settings=DecodeSettings(allow_remote=True, endpoints={"sd15": url}, mode="remote",
                                                 remote_format="raw"))
     res = dec.decode(latent(1, 4, 16, 16), tiny, family="sd15")

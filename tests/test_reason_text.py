@@ -54,8 +54,8 @@ def check(d) -> None:
        batch=st.sampled_from([1, 2]))
 def test_every_comparison_in_reason_and_summary_holds(fam, side, free, reserve_mib, mode, gn, batch):
     s = DecodeSettings(mode=mode, reserve_bytes=reserve_mib * 2**20, tile_groupnorm=gn)
-    d = decide(DecodeJob(fam, side, side, batch=batch), parse_simulation(f"name=NVIDIA GeForce RTX 3070,free_gib={free},host_gib=16"),
-               PROFILES, s)
+    gpu = parse_simulation(f"name=NVIDIA GeForce RTX 3070,free_gib={free},host_gib=16")
+    d = decide(DecodeJob(fam, side, side, batch=batch), gpu, PROFILES, s)
     check(d)
 
 

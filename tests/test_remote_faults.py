@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ from hybrid_vae.policy import (
     RemoteTimeoutError,
     load_profiles,
 )
-from hybrid_vae.server.testing import free_port
+from hybrid_vae.server.testing import free_port, verified_identity
 
 PROFILES = load_profiles()
 SD15 = PROFILES.family("sd15")
@@ -293,7 +294,9 @@ def test_fault_falls_back_to_a_local_decode(name: str, fault: Callable[[Behaviou
     deadline = 1.5
     settings = DecodeSettings(allow_remote=True, mode="remote", endpoints={"sd15": url}, remote_deadline_s=deadline,
                               remote_format="raw")
-    dec = HybridDecoder(settings=settings, remote=_client(), probe=lambda: CPU, latent_dir=str(tmp_path))
+    # the endpoint passed its identity canary earlier; now it misbehaves
+    dec = HybridDecoder(settings=settings, remote=_client(), probe=lambda: CPU, latent_dir=str(tmp_path),
+                        identity=verified_identity(Path(str(tmp_path)) / "identity.json", url, vae))
     z = torch.randn(1, 4, 8, 8)
     result = dec.decode(z, vae, family="sd15")
     rep = result.report
@@ -315,7 +318,8 @@ def test_open_circuit_means_decide_skips_remote(fault: Callable[[Behaviour], Fau
     srv = fault(respond("503 Service Unavailable", b"down"))
     client = _client(max_retries=0, failure_threshold=2, cooldown_s=60)
     settings = DecodeSettings(allow_remote=True, mode="remote", endpoints={"sd15": srv.url}, remote_deadline_s=2)
-    dec = HybridDecoder(settings=settings, remote=client, probe=lambda: CPU, latent_dir=str(tmp_path))
+    dec = HybridDecoder(settings=settings, remote=client, probe=lambda: CPU, latent_dir=str(tmp_path),
+                        identity=verified_identity(Path(str(tmp_path)) / "identity.json", srv.url, vae))
     for _ in range(2):
         assert dec.decode(torch.randn(1, 4, 8, 8), vae, family="sd15").report.fell_back
     rep = dec.decode(torch.randn(1, 4, 8, 8), vae, family="sd15").report

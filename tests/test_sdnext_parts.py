@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -323,7 +324,8 @@ def test_remote_decode_from_sdnext(sd, monkeypatch):
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     ref = sd.processing_vae.vae_decode(z, pipe, output_type="np")
     stubtools.load_extension()
-    with serve_in_thread(create_app(families={"sd15": vae}, device="cpu")) as base:
+    served = copy.deepcopy(vae)  # the endpoint's own copy: changing the local weights below must not change it
+    with serve_in_thread(create_app(families={"sd15": served}, device="cpu")) as base:
         sd.shared.opts.data.update({"hybrid_vae_allow_remote": True, "hybrid_vae_mode": "remote",
                                     "hybrid_vae_endpoints": f"sd15={base}/sd15"})
         runner = sd.scripts_manager.ScriptRunner(False)
@@ -333,12 +335,19 @@ def test_remote_decode_from_sdnext(sd, monkeypatch):
         assert line.startswith("remote ") and "via 127.0.0.1" in line, line
         got = np.asarray(processed.images[0], dtype=np.float32) / 255
         assert float(np.abs(got - ref[0]).max()) <= 1.5 / 255
-        # a custom VAE (SD.Next's VAE setting) is not sent to an endpoint serving another one
+        # a VAE chosen in SD.Next's VAE setting: the name says "custom", the identity canary decides. Same weights
+        # as the endpoint's (a renamed file): remote is used; other weights: not, and the line says why
         sd.shared.opts.data["sd_vae"] = "my-finetune.safetensors"
         p = sd.processing.StableDiffusionProcessing(latents=z, width=128, height=128, scripts=runner)
         sd.processing.process_images(p)
         line = p.extra_generation_params["Hybrid VAE"]
-        assert not line.startswith("remote") and "custom VAE my-finetune.safetensors differs" in line, line
+        assert line.startswith("remote ") and "endpoint serves this VAE" in line, line
+        with torch.no_grad():
+            vae.load_state_dict(build_tiny_vae("sd15", seed=5).state_dict())  # a real fine-tune would do the same
+        p = sd.processing.StableDiffusionProcessing(latents=z, width=128, height=128, scripts=runner)
+        sd.processing.process_images(p)
+        line = p.extra_generation_params["Hybrid VAE"]
+        assert not line.startswith("remote") and "endpoint serves another VAE" in line, line
     assert decisions(sd)[-1]["custom_vae"] is True
 
 

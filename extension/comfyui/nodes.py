@@ -7,46 +7,63 @@ What the node does with ComfyUI's objects (``comfy.sd.VAE`` and the ``LATENT`` d
   family's factors (``(z - shift) * scaling``, or ``(z - mean) / std``) because the engine and the
   endpoints take latents as diffusion pipelines hand them over.
 * **Local plans** keep ComfyUI's model management in charge of the weights (loading, offloading, low-VRAM
-  casting). A full decode is ComfyUI's own ``vae.decode``. A tiled decode of a standard image VAE (ComfyUI's
-  ``AutoencoderKL``/``AutoencodingEngine`` with the SD ``Decoder``: SD1.x, SDXL, SD3, Flux) runs the engine's
-  one-pass tiler over ``first_stage_model.decode`` after ``load_models_gpu`` for the tile, exactly as
-  ComfyUI's own tiled decode calls it; any other VAE (video, TAESD, ...) gets ComfyUI's
-  ``vae.decode_tiled(tile_x, tile_y, overlap[, tile_t, overlap_t])`` with the engine's tile, overlap and
-  temporal chunk in latent units. Why not always ``decode_tiled``: ComfyUI's 2-D version averages three
+  casting): before each plan runs, ComfyUI is asked (``load_models_gpu``) to load the VAE with room for that
+  plan's estimated peak, no more. Standard image VAEs (ComfyUI's ``AutoencoderKL``/``AutoencodingEngine`` with
+  the LDM ``Decoder``: SD1.x, SDXL, SD3, Flux) then decode through ``first_stage_model.decode`` (full), the
+  engine's exact tiler over ComfyUI's own decoder modules (``extension.stream_ldm``: the output equals the
+  full decode) or its one-pass local tiler (each tile through ``first_stage_model.decode``: least memory,
+  colours may drift, and the decision line says so); any other VAE (video, TAESD, ...) gets ComfyUI's
+  ``vae.decode`` / ``vae.decode_tiled(tile_x, tile_y, overlap[, tile_t, overlap_t])`` with the engine's tile,
+  overlap and temporal chunk in latent units. Why not always ``decode_tiled``: ComfyUI's 2-D version averages three
   passes with differently shaped tiles (``tile_x // 2 x tile_y * 2``, ...): at least three times the decoder
   work at the same memory, and with the engine's small tiles the half-width passes need many more (320 px in
   192 px tiles: 9,984 latent pixels through the decoder against 2,304). A VAE whose
   ``first_stage_model`` is a diffusers model (wrappers from other node packs) is decoded by the engine's
   executors directly.
-* **Remote** is opt-in: a non-empty ``endpoint`` enables it for that family (the endpoint must serve the
-  same VAE as the one wired in: the endpoint's operator sees the images). A bearer token is read from the
-  environment variable ``HYBRID_VAE_TOKEN`` (never from a widget, so it does not land in saved workflows).
+* **Remote** is opt-in: a non-empty ``endpoint`` enables it for that family (the endpoint's operator sees the
+  images). Before the first remote decode for an (endpoint, VAE) pair, a seeded random canary latent is decoded
+  by the wired-in VAE and by the endpoint (``extension.identity``); remote is used only when both agree
+  (>= 35 dB), else the line says "endpoint serves another VAE" and the decode stays local, unless
+  ``remote_custom_vae`` is on. The verdict is cached per endpoint and weights fingerprint. A bearer token is
+  read from the environment variable ``HYBRID_VAE_TOKEN`` (never from a widget, so it does not land in saved
+  workflows).
 * **Fallbacks**: the engine's chain (remote -> local full/tiled -> CPU); when every plan fails the latent is
   saved under ComfyUI's output folder (``hybrid-vae-latents/``) and the error names the file. A VAE the
   engine has no family for (audio, 16x/32x image VAEs, ...) is decoded by plain ``vae.decode``, and the
   text says so.
-* ``free_memory_first`` (default on) first asks ComfyUI to make room for a full decode exactly as its own
-  VAE Decode node does (``load_models_gpu`` with the VAE's ``memory_used_decode``), then the engine decides
-  from what is free. Off: the engine decides from what is free now, keeping the diffusion model loaded and
-  tiling instead.
+* ``free_memory_first`` (default on): the engine counts the memory ComfyUI could free by unloading other
+  models on the VAE's GPU as available, and ComfyUI is then asked for the chosen plan's estimate only -- nothing
+  for a remote or CPU plan, 1.22 GiB (not ComfyUI's 2.13 GiB full-decode figure) for a 512 px exact-tiled
+  SD decode. Off: the engine decides from what is free now, keeping the diffusion model loaded and tiling
+  instead.
 
-Outputs: ``IMAGE`` (float ``[N, H, W, C]`` in [0, 1]; video frames one after another) and a ``STRING`` with
-the decision line, e.g. ``Hybrid VAE: tiled 384px/64, 0.75 GiB budget < 4.79 GiB full, 1.20 s | sd15 (VAE)``.
+Outputs: ``IMAGE`` (float ``[N, H, W, C]`` in [0, 1]; video frames one after another), a ``STRING`` with the
+decision line -- the same for the same inputs and memory state (no timing in it), e.g.
+``Hybrid VAE: tiled 384px/64, 0.75 GiB budget < 4.79 GiB full | sd15 (...) | local tiles: colours may differ
+from a full decode`` -- and a ``FLOAT`` with the decode's seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from hybrid_vae.extension.identity import IdentityChecker
 from hybrid_vae.extension.latents import from_vae_space
-from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
-from hybrid_vae.policy.model import DecodeSettings
+from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
+from hybrid_vae.extension.remote import ENV_TOKEN
+from hybrid_vae.extension.stream_ldm import ldm_steps
+from hybrid_vae.policy.errors import PlanError
+from hybrid_vae.policy.gpu import GpuState
+from hybrid_vae.policy.gpu import probe as probe_gpu
+from hybrid_vae.policy.model import DecodeSettings, Plan
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.comfyui")
@@ -54,7 +71,6 @@ log = logging.getLogger("hybrid_vae.comfyui")
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ComfyVAEAdapter", "HybridVAEDecode", "comfy_family",
            "comfy_kl_like"]
 
-ENV_TOKEN = "HYBRID_VAE_TOKEN"
 MODES = ("auto", "full", "tiled", "remote")
 TILINGS = ("auto", "exact", "offload", "local")  # DecodeSettings.tile_groupnorm
 
@@ -116,24 +132,44 @@ def comfy_family(vae: Any, z: Any, profiles: Profiles) -> tuple[str | None, str]
     return key, f"ComfyUI VAE {cls}, {channels} channels"
 
 
+def _load(vae: Any, memory_required: int) -> bool:
+    """``load_models_gpu([vae.patcher], memory_required=...)``: ComfyUI loads the VAE and frees (unloads other
+    models) until that much is free besides it. False outside ComfyUI (no ``comfy``) or for a VAE without a patcher."""
+    patcher = getattr(vae, "patcher", None)
+    if patcher is None:
+        return False
+    try:
+        from comfy import model_management
+    except ImportError:
+        return False
+    model_management.load_models_gpu([patcher], memory_required=int(memory_required),
+                                     force_full_load=bool(getattr(vae, "disable_offload", False)))
+    return True
+
+
 class ComfyVAEAdapter(torch.nn.Module):
     """Shows a ``comfy.sd.VAE`` to the engine's executors as a diffusers-style VAE.
 
-    Its ``decode`` runs ComfyUI's ``vae.decode`` (full) or ``vae.decode_tiled`` with the tile the executor
-    set through diffusers' tiling attributes (``tile_sample_min_size``/``tile_overlap_factor`` for images;
-    ``tile_sample_min_height``/``..._width``, strides and ``tile_sample_min_num_frames`` for video), and
-    returns float [-1, 1] ``[B, C, H, W]`` / ``[B, C, F, H, W]``. With ``engine_tiles`` (ComfyUI's standard
-    image VAEs, :func:`comfy_kl_like`) it also has ``post_quant_conv = None`` and a ``decoder`` that runs one
-    tile through ``first_stage_model.decode``, so the engine's one-pass tiler runs instead of
-    ``decode_tiled``; without it there is no ``post_quant_conv`` and the engine never tiles ComfyUI's weights
-    itself. A zero-size parameter carries ComfyUI's device and dtype for the engine (moving it moves nothing
-    else). ``calls`` lists what ran, for the report.
+    With ``engine_tiles`` (ComfyUI's standard image VAEs, :func:`comfy_kl_like`) its ``decode`` runs
+    ``first_stage_model.decode`` (full plans), it offers ComfyUI's LDM decoder to the exact tiler through
+    :meth:`stream_steps` (``extension.stream_ldm``), and it has ``post_quant_conv = None`` and a ``decoder`` that
+    runs one tile through ``first_stage_model.decode``, so the engine's one-pass local tiler runs instead of
+    ``decode_tiled``. Without it, ``decode`` runs ComfyUI's ``vae.decode`` (full) or ``vae.decode_tiled`` with the
+    tile the executor set through diffusers' tiling attributes (``tile_sample_min_size``/``tile_overlap_factor``
+    for images; ``tile_sample_min_height``/``..._width``, strides and ``tile_sample_min_num_frames`` for video),
+    and the engine never tiles ComfyUI's weights itself. Output: float [-1, 1] ``[B, C, H, W]`` /
+    ``[B, C, F, H, W]``.
+
+    :meth:`prepare` (the orchestrator's ``before_plan``) asks ComfyUI to load the VAE with room for the plan's
+    estimated peak before the plan runs. A zero-size parameter carries ComfyUI's device and dtype for the engine
+    (moving it moves nothing else); ``identity_weights`` is ComfyUI's model, whose weights the endpoint identity
+    check fingerprints. ``calls`` lists what ran, for the report.
 
     Args:
-        comfy_vae: the ``comfy.sd.VAE`` (``decode``, ``decode_tiled``, ``device``, ``vae_dtype``).
+        comfy_vae: the ``comfy.sd.VAE`` (``decode``, ``decode_tiled``, ``device``, ``vae_dtype``, ``patcher``).
         family (`Family`): the engine family (compression factors, video or not).
-        engine_tiles (`bool`, defaults to `False`): let the engine's tiler run ``first_stage_model.decode``
-            per tile (only for decoders that are ``decoder(post_quant_conv(z))``).
+        engine_tiles (`bool`, defaults to `False`): let the engine run ``first_stage_model`` itself (only for
+            decoders that are ``decoder(post_quant_conv(z))`` with the LDM ``Decoder``).
     """
 
     _vae: Any
@@ -141,13 +177,17 @@ class ComfyVAEAdapter(torch.nn.Module):
     def __init__(self, comfy_vae: Any, family: Family, *, engine_tiles: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "_vae", comfy_vae)  # not a submodule: ComfyUI owns its weights
+        fsm = getattr(comfy_vae, "first_stage_model", None)
+        object.__setattr__(self, "identity_weights", fsm if isinstance(fsm, torch.nn.Module) else None)
         self._fam = family
+        self._engine = engine_tiles
         dev = getattr(comfy_vae, "device", None) or "cpu"
         dtype = getattr(comfy_vae, "vae_dtype", None) or torch.float32
         self._anchor = torch.nn.Parameter(torch.empty(0, device=dev, dtype=dtype), requires_grad=False)
         self.config = types.SimpleNamespace(force_upcast=False, out_channels=int(getattr(comfy_vae, "output_channels", 3)))
         self.use_tiling = False
         self.calls: list[str] = []
+        self.asked: list[str] = []  # what ComfyUI was asked to free, per plan
         self.decoder: torch.nn.Module
         if engine_tiles:
             # the engine's tiler calls decoder(post_quant_conv(tile)); here decoder = first_stage_model.decode
@@ -166,6 +206,31 @@ class ComfyVAEAdapter(torch.nn.Module):
             self.tile_sample_min_size = 512
             self.tile_latent_min_size = 512 // sc
             self.tile_overlap_factor = 0.25
+
+    def stream_steps(self) -> list[Any]:
+        """ComfyUI's LDM decoder as the exact tiler's steps (:func:`extension.stream_ldm.ldm_steps`).
+
+        Raises:
+            PlanError: this VAE's decoder is not one the exact tiler runs (the reason is named).
+        """
+        if not self._engine:
+            raise PlanError(f"ComfyUI {type(self.identity_weights).__name__}: the engine does not run its decoder "
+                            "itself")
+        return ldm_steps(self._vae.first_stage_model)
+
+    def prepare(self, plan: Plan) -> None:
+        """Before ``plan`` runs: ComfyUI loads the VAE with room for the plan's estimated peak (local GPU plans of
+        engine-run VAEs; ComfyUI's own ``decode``/``decode_tiled`` ask for themselves)."""
+        if not self._engine or plan.path not in ("full", "tiled"):
+            return
+        need = int(plan.estimate.peak_bytes)
+        if _load(self._vae, need):
+            self._decoder_loaded()
+            self.asked.append(f"asked ComfyUI for {need / 1024**3:.2f} GiB ({plan.label})")
+
+    def _decoder_loaded(self) -> None:
+        if isinstance(self.decoder, _ComfyTileDecoder):
+            self.decoder.loaded = True
 
     def tile_args(self) -> dict[str, int] | None:
         """``decode_tiled`` keyword arguments (latent units) for the tiling attributes now set; None: untiled."""
@@ -191,22 +256,36 @@ class ComfyVAEAdapter(torch.nn.Module):
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, **_: Any) -> Any:
         args = self.tile_args()
-        if args is None:
+        if args is None and self._engine:
+            self.calls.append("first_stage_model.decode")
+            x = self._engine_full(z)
+        elif args is None:
             self.calls.append("vae.decode")
-            out = self._vae.decode(z)
+            x = self._vae.decode(z).movedim(-1, 1).to(dtype=z.dtype, device=z.device).mul(2.0).sub(1.0)
         else:
             self.calls.append("vae.decode_tiled(" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")")
-            out = self._vae.decode_tiled(z, **args)
-        x = out.movedim(-1, 1).to(dtype=z.dtype, device=z.device).mul(2.0).sub(1.0)
+            x = self._vae.decode_tiled(z, **args).movedim(-1, 1).to(dtype=z.dtype, device=z.device).mul(2.0).sub(1.0)
         if x.shape[1] > 3:
             x = x[:, :3]
         return (x,) if not return_dict else types.SimpleNamespace(sample=x)
 
+    def _engine_full(self, z: torch.Tensor) -> torch.Tensor:
+        """``first_stage_model.decode`` on ComfyUI's device and dtype, as ComfyUI's ``VAE.decode`` calls it (without
+        its own memory request: :meth:`prepare` asked for the plan's); [-1, 1] in ``z``'s dtype and device."""
+        vae = self._vae
+        if not getattr(self.decoder, "loaded", False):  # not prepared (the identity canary): ComfyUI's own figure
+            estimate = getattr(vae, "memory_used_decode", None)
+            if callable(estimate) and _load(vae, int(estimate(z.shape, vae.vae_dtype))):
+                self._decoder_loaded()
+        out: torch.Tensor = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
+        return out.to(device=z.device, dtype=z.dtype)
+
 
 class _ComfyTileDecoder(torch.nn.Module):
-    """One tile through ComfyUI's ``first_stage_model.decode``, as ComfyUI's tiled decode calls it: the VAE
-    loaded by ``load_models_gpu`` for the tile's memory first, the tile cast to ``vae.vae_dtype`` on
-    ``vae.device``, the result handed back in the caller's dtype and device."""
+    """One tile through ComfyUI's ``first_stage_model.decode``, as ComfyUI's tiled decode calls it: the tile cast
+    to ``vae.vae_dtype`` on ``vae.device``, the result handed back in the caller's dtype and device. The VAE is
+    loaded by :meth:`ComfyVAEAdapter.prepare`; when nothing prepared it (a direct ``run_plan``), by ComfyUI's
+    own estimate for one tile on the first tile."""
 
     _vae: Any
 
@@ -214,20 +293,16 @@ class _ComfyTileDecoder(torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "_vae", comfy_vae)
         self._calls = calls
-        self._loaded = False
+        self.loaded = False
         self.tiles = 0
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         vae = self._vae
-        if not self._loaded:
+        if not self.loaded:
             estimate = getattr(vae, "memory_used_decode", None)
-            try:
-                from comfy import model_management
-            except ImportError:
-                model_management = None
-            if model_management is not None and callable(estimate) and getattr(vae, "patcher", None) is not None:
-                model_management.load_models_gpu([vae.patcher], memory_required=int(estimate(z.shape, vae.vae_dtype)))
-            self._loaded = True
+            if callable(estimate):
+                _load(vae, int(estimate(z.shape, vae.vae_dtype)))
+            self.loaded = True
         out: torch.Tensor = vae.first_stage_model.decode(z.to(device=vae.device, dtype=vae.vae_dtype))
         self.tiles += 1
         if self.tiles == 1:
@@ -265,19 +340,55 @@ def _comfy_latent_dir() -> Path:
         return Path(DEFAULT_LATENT_DIR)
 
 
-def _make_room(vae: Any, z: Any) -> str | None:
-    """Ask ComfyUI to free memory for a full decode, as its VAE Decode node does; None when not in ComfyUI."""
-    patcher = getattr(vae, "patcher", None)
-    estimate = getattr(vae, "memory_used_decode", None)
-    if patcher is None or not callable(estimate):
-        return None
+def freeable_bytes(vae: Any) -> int:
+    """Bytes of the VAE's GPU that ComfyUI holds for other loaded models (it unloads them on request); 0 on a
+    CPU, outside ComfyUI, or when ComfyUI's model list cannot be read."""
+    dev = getattr(vae, "device", None)
+    if dev is None or torch.device(dev).type == "cpu":
+        return 0
     try:
         from comfy import model_management
-    except ImportError:
-        return None
-    need = int(estimate(z.shape, getattr(vae, "vae_dtype", None)))
-    model_management.load_models_gpu([patcher], memory_required=need)
-    return f"asked ComfyUI for {need / 1024**3:.2f} GiB"
+
+        total = 0
+        for lm in list(getattr(model_management, "current_loaded_models", [])):
+            model = lm.model
+            if model is None or model is getattr(vae, "patcher", None) or torch.device(lm.device) != torch.device(dev):
+                continue
+            total += int(lm.model_loaded_memory())
+        return total
+    except (ImportError, AttributeError, TypeError, RuntimeError) as exc:
+        log.debug("hybrid-vae: cannot read ComfyUI's loaded models (%s); counting none as freeable", exc)
+        return 0
+
+
+def _with_freeable(state: GpuState, freeable: int) -> GpuState:
+    """``state`` with ``freeable`` bytes added to its free memory (and said so in its note)."""
+    if freeable <= 0 or state.simulated or not state.is_accelerator:
+        return state
+    note = f"{state.note}; " if state.note else ""
+    return dataclasses.replace(state, free_bytes=min(state.total_bytes, state.free_bytes + freeable),
+                               note=f"{note}+{freeable / 1024**3:.2f} GiB ComfyUI can free by unloading models")
+
+
+def decision_line(report: DecodeReport, key: str, how: str, target: Any) -> str:
+    """The node's STRING: what ran and why, the same for the same inputs and memory state (no timing in it)."""
+    ran = report.ran
+    parts = [f"Hybrid VAE: {report.infotext(timing=False)}", f"{key} ({how})"]
+    calls = getattr(target, "calls", None)
+    if ran.path != "remote" and not isinstance(target, ComfyVAEAdapter):
+        parts.append("engine executors (diffusers VAE)")
+    elif ran.path == "tiled" and report.groupnorm == "exact":
+        parts.append("exact tiles over ComfyUI's decoder")
+    elif ran.path != "remote" and calls:
+        parts.append(f"ComfyUI {calls[-1]}")
+    if ran.path == "tiled" and report.groupnorm == "exact":
+        parts.append("exact tiles: equals a full decode")
+    elif ran.path == "tiled" and report.groupnorm == "local":
+        parts.append("local tiles: colours may differ from a full decode")
+    asked = getattr(target, "asked", None)
+    if asked:
+        parts.append(asked[-1])
+    return " | ".join(parts)
 
 
 class HybridVAEDecode:
@@ -299,7 +410,13 @@ class HybridVAEDecode:
                                                  "tooltip": "VAE family; auto: from the VAE (4 ch -> sd15, 16 ch -> flux)."}),
                 "mode": (list(MODES), {"default": "auto", "tooltip": "auto: fastest plan that fits; others: tried first."}),
                 "free_memory_first": ("BOOLEAN", {"default": True,
-                                                  "tooltip": "Let ComfyUI unload models for a full decode before deciding."}),
+                                                  "tooltip": "Count what ComfyUI can free by unloading other models as "
+                                                             "available; ComfyUI is then asked for the chosen plan's "
+                                                             "memory only."}),
+                "remote_custom_vae": ("BOOLEAN", {"default": False,
+                                                  "tooltip": "Decode remotely even when the endpoint serves another VAE "
+                                                             "than the one wired in (its images then come from the "
+                                                             "endpoint's VAE)."}),
                 "tiling": (list(TILINGS), {"default": "auto",
                                            "tooltip": "Tiles: auto (lossless first), exact (same image as a full decode; "
                                                       "host memory when VRAM is short), offload (exact, whole-image "
@@ -307,18 +424,22 @@ class HybridVAEDecode:
             },
         }
 
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("IMAGE", "decision")
-    OUTPUT_TOOLTIPS = ("The decoded image(s); video frames one after another.", "What ran and why.")
+    RETURN_TYPES = ("IMAGE", "STRING", "FLOAT")
+    RETURN_NAMES = ("IMAGE", "decision", "seconds")
+    OUTPUT_TOOLTIPS = ("The decoded image(s); video frames one after another.",
+                       "What ran and why (the same line for the same inputs and memory state).",
+                       "Seconds the decode took.")
     FUNCTION = "decode"
     CATEGORY = "latent/hybrid-vae"
     DESCRIPTION = ("VAE decode that picks full, tiled or remote decode from the free VRAM, and falls back "
                    "(remote down -> local, out of memory -> smaller tiles) so the image is never lost.")
 
     def __init__(self) -> None:
-        # per node instance (ComfyUI keeps it between runs): the remote client's breaker and measurements
+        # per node instance (ComfyUI keeps it between runs): the remote client's breaker and measurements, and
+        # the identity checker (its verdicts also persist in the user's cache file)
         self._remote: dict[str, Any] = {}
         self._store = ProfileStore()
+        self._identity = IdentityChecker()
 
     def _remote_client(self, endpoint: str) -> Any:
         from hybrid_vae.extension.remote import RemoteClient
@@ -329,8 +450,9 @@ class HybridVAEDecode:
         return self._remote[endpoint]
 
     def decode(self, samples: dict[str, Any], vae: Any, endpoint: str = "", family: str = "auto", mode: str = "auto",
-               free_memory_first: bool = True, tiling: str = "auto", *,
-               probe: Callable[[], Any] | None = None) -> tuple[Any, str]:
+               free_memory_first: bool = True, remote_custom_vae: bool = False, tiling: str = "auto", *,
+               probe: Callable[[], Any] | None = None) -> tuple[Any, str, float]:
+        t0 = time.perf_counter()
         z = samples["samples"]
         if getattr(vae, "latent_dim", 2) == 2 and z.dim() == 5:
             z = z[:, :, 0]  # as ComfyUI's VAE.decode does for image VAEs
@@ -348,31 +470,32 @@ class HybridVAEDecode:
             image = vae.decode(z)
             if image.dim() == 5:
                 image = image.reshape(-1, *image.shape[-3:])
-            return image, f"Hybrid VAE: ComfyUI vae.decode ({how}; the engine has no family for it)"
+            return image, f"Hybrid VAE: ComfyUI vae.decode ({how}; the engine has no family for it)", time.perf_counter() - t0
         fam = profiles.family(key)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
         if tiling not in TILINGS:
             raise ValueError(f"tiling={tiling!r}: use one of {', '.join(TILINGS)}")
-        room = _make_room(vae, z) if free_memory_first else None
         fsm = getattr(vae, "first_stage_model", None)
         target = fsm if fsm is not None and _is_diffusers_vae(fsm) else \
             ComfyVAEAdapter(vae, fam, engine_tiles=comfy_kl_like(vae))
-        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint), tile_groupnorm=tiling,  # type: ignore[arg-type]
+        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint), allow_remote_custom_vae=bool(remote_custom_vae),
+                                  tile_groupnorm=tiling,  # type: ignore[arg-type]
                                   endpoints={key: endpoint} if endpoint else {})
+        def read() -> GpuState:
+            if probe is not None:
+                return probe()  # type: ignore[no-any-return]
+            return probe_gpu(total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
+
+        gpu_probe = (lambda: _with_freeable(read(), freeable_bytes(vae))) if free_memory_first else read
+        prepare = target.prepare if isinstance(target, ComfyVAEAdapter) else None
         decoder = HybridDecoder(settings=settings, profile_store=self._store, latent_dir=_comfy_latent_dir(),
-                                remote=self._remote_client(endpoint) if endpoint else None, probe=probe)
+                                remote=self._remote_client(endpoint) if endpoint else None, probe=gpu_probe,
+                                before_plan=prepare, identity=self._identity)
         result = decoder.decode(from_vae_space(z.float(), fam), target, family=key, output="pt")
-        text = f"Hybrid VAE: {result.report.infotext()} | {key} ({how})"
-        calls = getattr(target, "calls", None)
-        if calls and result.report.ran.path != "remote":
-            text += f" | ComfyUI {calls[-1]}"
-        elif fsm is not None and target is fsm:
-            text += " | engine executors (diffusers VAE)"
-        if room:
-            text += f" | {room}"
+        text = decision_line(result.report, key, how, target)
         log.info("%s", text)
-        return _to_image(result.tensor), text
+        return _to_image(result.tensor), text, round(time.perf_counter() - t0, 3)
 
 
 NODE_CLASS_MAPPINGS = {"HybridVAEDecode": HybridVAEDecode}

@@ -1,9 +1,12 @@
 """Stand-in for ``comfy.ldm.models.autoencoder`` (tests only): ComfyUI's decoders return plain tensors.
 
-They share the modules of a diffusers VAE (same weights), so a decode here equals the diffusers one.
+Their ``decoder`` is ComfyUI's LDM ``Decoder`` structure (``comfy.ldm.modules.diffusionmodules.model``) over the
+modules of a diffusers VAE (same weights), so a decode here equals the diffusers one.
 """
 
 import torch
+
+from comfy.ldm.modules.diffusionmodules.model import ldm_decoder_from_diffusers
 
 
 class AutoencodingEngine(torch.nn.Module):
@@ -11,7 +14,7 @@ class AutoencodingEngine(torch.nn.Module):
 
     def __init__(self, diffusers_vae):
         super().__init__()
-        self.decoder = diffusers_vae.decoder
+        self.decoder = ldm_decoder_from_diffusers(diffusers_vae)
 
     def decode(self, z, **decoder_kwargs):
         return self.decoder(z, **decoder_kwargs)
