@@ -191,9 +191,10 @@ def test_low_vram_simulated_exact_tiles_over_comfyuis_ldm_decoder(
 
 def test_local_tiles_say_colours_may_differ(
         comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where exact tiles do not fit, the one-pass local tiler runs first_stage_model.decode per tile, and the
-    decision line says its colours may differ from a full decode."""
-    tight = "name=NVIDIA GeForce RTX 3070,free_gib=0.3"
+    """Where exact tiles do not fit (not even with their buffers in host memory: none to spare here), the one-pass
+    local tiler runs first_stage_model.decode per tile, and the decision line says its colours may differ from a
+    full decode."""
+    tight = "name=NVIDIA GeForce RTX 3070,free_gib=0.3,host_gib=0"
     monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", tight)
     vae = _comfy_vae(comfy, sd15_weights)
     node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
