@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import math
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from hybrid_vae.extension.remote import RemoteClient
 from hybrid_vae.policy.errors import RemoteStatusError
 from hybrid_vae.policy.model import DecodeSettings
 from hybrid_vae.server.app import create_app
-from hybrid_vae.server.testing import free_port, serve_in_thread
+from hybrid_vae.server.testing import free_port, serve_in_thread, verified_identity
 
 
 class Switch:
@@ -82,7 +83,10 @@ def _decode(pool: EndpointPool, spec: str, vae: torch.nn.Module, *, seed: int = 
     settings = DecodeSettings(allow_remote=True, mode="remote", endpoints={"sd15": spec}, remote_format="raw",
                               remote_deadline_s=deadline_s)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-    return HybridDecoder(settings=settings, remote=pool).decode(z, vae, family="sd15")
+    # the pool as an endpoint already verified to serve this VAE (its canary passed earlier), so each test sees
+    # the decode's own failover, not the canary's
+    identity = verified_identity(Path(tempfile.mkdtemp(prefix="hv-identity-")) / "identity.json", spec, vae)
+    return HybridDecoder(settings=settings, remote=pool, identity=identity).decode(z, vae, family="sd15")
 
 
 def _pool(*, clock: Any = None, **client: Any) -> EndpointPool:
@@ -216,8 +220,10 @@ def test_dropin_takes_a_list_and_the_cli_takes_endpoint_repeated(servers: list[t
 
     path = save_latent(z, tmp_path, family="sd15", profile=load_profiles().family("sd15"),
                        meta={"height": 64, "width": 64})
+    # the servers decode with build_tiny_vae's weights, --fixture is the trained fixture: the canary would refuse
+    # them, so the CLI is told to use the endpoints anyway (this test is about the pool, not identity)
     rc = main(["decode", str(path), "--fixture", "--mode", "remote", "--endpoint", dead, "--endpoint", good,
-               "-o", str(tmp_path / "out.png"), "--json"])
+               "--remote-custom-vae", "-o", str(tmp_path / "out.png"), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["remote"]["endpoint"] == good
     assert main(["explain", "--family", "sd15", "--width", "512", "--height", "512", "--remote", "--json",
@@ -228,8 +234,13 @@ def test_dropin_takes_a_list_and_the_cli_takes_endpoint_repeated(servers: list[t
 
 
 def test_a_plain_client_refuses_a_pool_clearly(servers: list[tuple[str, Switch]], vae: torch.nn.Module) -> None:
-    """A decoder given a bare RemoteClient and a pool setting falls back with a message that names the fix."""
+    """A decoder given a bare RemoteClient and a pool setting does not use remote, with a message that names the
+    fix: the endpoint's identity canary fails on it (so remote is not chosen), and a decode told to use it anyway
+    falls back."""
     spec = f"{servers[0][0]}|{servers[1][0]}"
     settings = DecodeSettings(allow_remote=True, mode="remote", endpoints={"sd15": spec})
     res = HybridDecoder(settings=settings, remote=RemoteClient()).decode(torch.randn(1, 4, 8, 8), vae, family="sd15")
+    assert res.report.ran.path != "remote" and "EndpointPool" in res.report.reason
+    forced = settings.model_copy(update={"allow_remote_custom_vae": True})
+    res = HybridDecoder(settings=forced, remote=RemoteClient()).decode(torch.randn(1, 4, 8, 8), vae, family="sd15")
     assert res.report.fell_back and "EndpointPool" in res.report.attempts[0][1]
