@@ -5,7 +5,7 @@ Run: ``python -m hybrid_vae.bench.ray_capacity [--no-write]``; writes its sectio
 Computed, not measured here. Sources, per column:
 
 * **decode s**: measured decode times, one image at a time, the GPU doing nothing else:
-  NVIDIA H200 rows from ``tests/data/h200-vae-decode-2026-11-27.jsonl`` (median of 3 timed decodes after a
+  NVIDIA H200 rows from ``profiles/measured/h200-vae-decode-2026-11-27.jsonl`` (package data) (median of 3 timed decodes after a
   warm-up; diffusers 0.42.1, torch 2.11 + CUDA 13.0; batch rows are the same runs with 2 and 4 images);
   the RTX rows from the diffusers "Hybrid Inference: VAE decode" guide's tables as ``profiles/gpus.yaml``
   transcribes them (fp16 latents; its SDXL is the stock VAE, which upcasts to float32).
@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hybrid_vae.profiles.measurements import DATA_DIR
+
 NAME = "bench/ray_capacity.py"
 ROOT = Path(__file__).resolve().parent.parent
-H200_FILE = ROOT / "tests" / "data" / "h200-vae-decode-2026-11-27.jsonl"
+H200_FILE = DATA_DIR / "h200-vae-decode-2026-11-27.jsonl"
 DOC = ROOT / "docs" / "ray.md"
 #: measured-data tag -> (family key for the latent layout, label)
 TAGS = {"sd15": ("sd15", "sd15"), "sdxl": ("sdxl", "sdxl (stock VAE, float32)"),
@@ -96,11 +98,11 @@ def rows() -> list[dict[str, Any]]:
             size = f"{hh}"
         out.append({"gpu": "H200", "family": fam, "label": label, "size": size, "h": hh, "w": ww, "frames": frames,
                     "batch": int(shape[0]), "latent": shape, "seconds": float(d["median_s"]),
-                    "source": "H200 measured (tests/data)"})
+                    "source": "H200 measured (profiles/measured)"})
     profiles = load_profiles()
     for g in profiles.gpus:
         if "H200" in g.name:
-            continue  # the same measurements as tests/data
+            continue  # the same measurements as profiles/measured
         for r in g.rows:
             if r.model not in SEED_LABEL:
                 continue
@@ -142,7 +144,7 @@ def render(table: list[dict[str, Any]], enc: dict[str, float]) -> str:
         "## Capacity per GPU (computed from measured decode times)",
         "",
         "`python -m hybrid_vae.bench.ray_capacity` computes this from the sources in its docstring: decode "
-        "seconds measured on an H200 (`tests/data`) and the diffusers guide's RTX tables (`profiles/gpus.yaml`); "
+        "seconds measured on an H200 (`profiles/measured`) and the diffusers guide's RTX tables (`profiles/gpus.yaml`); "
         f"bytes out of png/jpg from the server's encoder on the bundled photo ({enc['png_bytes_per_px']:.2f} and "
         f"{enc['jpg_bytes_per_px']:.2f} bytes per pixel against 3 for raw); PNG encode {enc['png_s_per_mp']:.3f} s "
         "per megapixel on one core of the machine named below. Requests/s is the GPU-bound ceiling of one replica "

@@ -17,7 +17,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("decode", "hybrid_vae.extension.cli_local"),
     ("demo", "hybrid_vae.extension.cli_local"),
     ("serve", "hybrid_vae.server.cli"),
-    ("calibrate", "hybrid_vae.bench.calibrate"),
+    ("calibrate", "hybrid_vae.extension.calibrate"),
     ("bench", "hybrid_vae.bench.cli"),
 )
 
