@@ -26,13 +26,12 @@ Computed, not measured here. Sources, per column:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from hybrid_vae.profiles.measurements import DATA_DIR
+from hybrid_vae.profiles.measurements import DATA_DIR, measured_rows
 
 NAME = "bench/ray_capacity.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,25 +80,22 @@ def rows() -> list[dict[str, Any]]:
     """One row per (GPU, family, size, batch) with the measured decode seconds and where it comes from."""
     from hybrid_vae.policy.profiles import load_profiles
 
-    out: list[dict[str, Any]] = []
-    for line in H200_FILE.read_text(encoding="utf-8").splitlines():
-        d = json.loads(line)
-        if d.get("mode") != "full" or d.get("tag") not in TAGS:
-            continue
-        fam, label = TAGS[d["tag"]]
-        shape = d["shape"]
-        frames = None
-        if len(shape) == 5:
-            res = str(d["res"])  # "9x320x512"
-            frames, hh, ww = (int(v) for v in res.split("x"))
-            size = f"{frames} x {hh}x{ww}"
-        else:
-            hh = ww = int(d["res"])
-            size = f"{hh}"
-        out.append({"gpu": "H200", "family": fam, "label": label, "size": size, "h": hh, "w": ww, "frames": frames,
-                    "batch": int(shape[0]), "latent": shape, "seconds": float(d["median_s"]),
-                    "source": "H200 measured (profiles/measured)"})
     profiles = load_profiles()
+    out: list[dict[str, Any]] = []
+    for m in measured_rows():
+        if m.where.rsplit(":", 1)[0] != H200_FILE.stem or m.mode != "full" or m.series not in TAGS or m.seconds is None:
+            continue
+        fam_key, label = TAGS[m.series]
+        fam = profiles.family(fam_key)
+        c, sc = fam.latent_channels, fam.spatial_compression
+        if m.frames:
+            latent = [m.batch, c, (m.frames - 1) // fam.temporal_compression + 1, m.height // sc, m.width // sc]
+            size = f"{m.frames} x {m.height}x{m.width}"
+        else:
+            latent, size = [m.batch, c, m.height // sc, m.width // sc], f"{m.height}"
+        out.append({"gpu": "H200", "family": fam_key, "label": label, "size": size, "h": m.height, "w": m.width,
+                    "frames": m.frames, "batch": m.batch, "latent": latent, "seconds": m.seconds,
+                    "source": "H200 measured (profiles/measured)"})
     for g in profiles.gpus:
         if "H200" in g.name:
             continue  # the same measurements as profiles/measured
