@@ -227,7 +227,7 @@ def run_gpu(cases: list[GpuCase], *, device: str = "cuda", budget_s: float = 300
     import tempfile
 
     import torch
-    from hybrid_vae.bench.calibrate import build_vae
+    from hybrid_vae.extension.calibrate import build_vae
     from hybrid_vae.extension.orchestrator import HybridDecoder
     from hybrid_vae.policy import DecodeSettings, GpuState, load_profiles
     from hybrid_vae.policy.errors import DecodeFailedError

@@ -5,7 +5,7 @@ Run: ``python -m hybrid_vae.bench.ray_capacity [--no-write]``; writes its sectio
 Computed, not measured here. Sources, per column:
 
 * **decode s**: measured decode times, one image at a time, the GPU doing nothing else:
-  NVIDIA H200 rows from ``tests/data/h200-vae-decode-2026-11-27.jsonl`` (median of 3 timed decodes after a
+  NVIDIA H200 rows from ``profiles/measured/h200-vae-decode-2026-11-27.jsonl`` (package data) (median of 3 timed decodes after a
   warm-up; diffusers 0.42.1, torch 2.11 + CUDA 13.0; batch rows are the same runs with 2 and 4 images);
   the RTX rows from the diffusers "Hybrid Inference: VAE decode" guide's tables as ``profiles/gpus.yaml``
   transcribes them (fp16 latents; its SDXL is the stock VAE, which upcasts to float32).
@@ -26,15 +26,16 @@ Computed, not measured here. Sources, per column:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from hybrid_vae.profiles.measurements import DATA_DIR, measured_rows
+
 NAME = "bench/ray_capacity.py"
 ROOT = Path(__file__).resolve().parent.parent
-H200_FILE = ROOT / "tests" / "data" / "h200-vae-decode-2026-11-27.jsonl"
+H200_FILE = DATA_DIR / "h200-vae-decode-2026-11-27.jsonl"
 DOC = ROOT / "docs" / "ray.md"
 #: measured-data tag -> (family key for the latent layout, label)
 TAGS = {"sd15": ("sd15", "sd15"), "sdxl": ("sdxl", "sdxl (stock VAE, float32)"),
@@ -79,28 +80,25 @@ def rows() -> list[dict[str, Any]]:
     """One row per (GPU, family, size, batch) with the measured decode seconds and where it comes from."""
     from hybrid_vae.policy.profiles import load_profiles
 
-    out: list[dict[str, Any]] = []
-    for line in H200_FILE.read_text(encoding="utf-8").splitlines():
-        d = json.loads(line)
-        if d.get("mode") != "full" or d.get("tag") not in TAGS:
-            continue
-        fam, label = TAGS[d["tag"]]
-        shape = d["shape"]
-        frames = None
-        if len(shape) == 5:
-            res = str(d["res"])  # "9x320x512"
-            frames, hh, ww = (int(v) for v in res.split("x"))
-            size = f"{frames} x {hh}x{ww}"
-        else:
-            hh = ww = int(d["res"])
-            size = f"{hh}"
-        out.append({"gpu": "H200", "family": fam, "label": label, "size": size, "h": hh, "w": ww, "frames": frames,
-                    "batch": int(shape[0]), "latent": shape, "seconds": float(d["median_s"]),
-                    "source": "H200 measured (tests/data)"})
     profiles = load_profiles()
+    out: list[dict[str, Any]] = []
+    for m in measured_rows():
+        if m.where.rsplit(":", 1)[0] != H200_FILE.stem or m.mode != "full" or m.series not in TAGS or m.seconds is None:
+            continue
+        fam_key, label = TAGS[m.series]
+        fam = profiles.family(fam_key)
+        c, sc = fam.latent_channels, fam.spatial_compression
+        if m.frames:
+            latent = [m.batch, c, (m.frames - 1) // fam.temporal_compression + 1, m.height // sc, m.width // sc]
+            size = f"{m.frames} x {m.height}x{m.width}"
+        else:
+            latent, size = [m.batch, c, m.height // sc, m.width // sc], f"{m.height}"
+        out.append({"gpu": "H200", "family": fam_key, "label": label, "size": size, "h": m.height, "w": m.width,
+                    "frames": m.frames, "batch": m.batch, "latent": latent, "seconds": m.seconds,
+                    "source": "H200 measured (profiles/measured)"})
     for g in profiles.gpus:
         if "H200" in g.name:
-            continue  # the same measurements as tests/data
+            continue  # the same measurements as profiles/measured
         for r in g.rows:
             if r.model not in SEED_LABEL:
                 continue
@@ -142,7 +140,7 @@ def render(table: list[dict[str, Any]], enc: dict[str, float]) -> str:
         "## Capacity per GPU (computed from measured decode times)",
         "",
         "`python -m hybrid_vae.bench.ray_capacity` computes this from the sources in its docstring: decode "
-        "seconds measured on an H200 (`tests/data`) and the diffusers guide's RTX tables (`profiles/gpus.yaml`); "
+        "seconds measured on an H200 (`profiles/measured`) and the diffusers guide's RTX tables (`profiles/gpus.yaml`); "
         f"bytes out of png/jpg from the server's encoder on the bundled photo ({enc['png_bytes_per_px']:.2f} and "
         f"{enc['jpg_bytes_per_px']:.2f} bytes per pixel against 3 for raw); PNG encode {enc['png_s_per_mp']:.3f} s "
         "per megapixel on one core of the machine named below. Requests/s is the GPU-bound ceiling of one replica "

@@ -15,9 +15,9 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("probe", "hybrid_vae.extension.cli_engine"),
     ("explain", "hybrid_vae.extension.cli_engine"),
     ("decode", "hybrid_vae.extension.cli_local"),
-    ("demo", "hybrid_vae.extension.cli_local"),
+    ("demo", "hybrid_vae.demo"),
     ("serve", "hybrid_vae.server.cli"),
-    ("calibrate", "hybrid_vae.bench.calibrate"),
+    ("calibrate", "hybrid_vae.extension.calibrate"),
     ("bench", "hybrid_vae.bench.cli"),
 )
 

@@ -106,16 +106,108 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
                             batch_window_s=batch_window_s, max_batch=max_batch, probe_fn=probe_fn,
                             memory_budget_bytes=memory_budget_bytes, queue_timeout_s=queue_timeout_s,
                             workers=workers)
-    secret = token.encode() if token else None
+    routes = _DecodeRoutes(served, service, token=token, max_body_bytes=max_body_bytes, decode=decode,
+                           jpeg_quality=jpeg_quality, queue_timeout_s=queue_timeout_s)
+    app = Starlette(routes=routes.routes(), lifespan=_lifespan(service, served, device=device, preload=preload),
+                    exception_handlers={HTTPException: _http_error_handler(served)})
+    app.state.service = service
+    app.state.served = served
+    return app
 
-    def authorised(request: Request) -> bool:
-        if secret is None:
+
+class _DecodeRoutes:
+    """The decode and health routes of one app: auth, limits, admission, upload, decode, encoding.
+
+    Each step is its own method; :meth:`handle` runs them in order and turns every refusal into the documented
+    JSON error (nothing is allocated before the checks that can refuse a request have passed)."""
+
+    def __init__(self, served: Mapping[str, ServedVAE], service: DecodeService, *, token: str | None,
+                 max_body_bytes: int, decode: DecodeFn | None, jpeg_quality: int, queue_timeout_s: float) -> None:
+        self.served, self.service = served, service
+        self.secret = token.encode() if token else None
+        self.max_body_bytes, self.decode, self.jpeg_quality = max_body_bytes, decode, jpeg_quality
+        self.queue_timeout_s = queue_timeout_s
+        self.keys = itertools.count()
+
+    def routes(self) -> list[Route]:
+        health, handle = self.health, self.handle
+        return [Route("/health", health, methods=["GET"]), Route("/", health, methods=["GET"]),
+                Route("/", handle, methods=["POST"]), Route("/predict", handle, methods=["POST"]),
+                Route("/{family}", handle, methods=["POST"]), Route("/{family}/", handle, methods=["POST"]),
+                Route("/{family}/predict", handle, methods=["POST"])]
+
+    def authorised(self, request: Request) -> bool:
+        if self.secret is None:
             return True
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), secret)
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.secret)
 
+    def family(self, request: Request) -> tuple[str, ServedVAE]:
+        """The served family this path names (the only one for ``/`` and ``/predict``); 404 otherwise."""
+        served, name = self.served, request.path_params.get("family")
+        if name is None:
+            if len(served) != 1:
+                raise BadRequest(f"this server serves {len(served)} families; POST to /<family>, one of "
+                                 f"{', '.join(sorted(served))}", field="family", status=404)
+            name = next(iter(served))
+        s = served.get(name)
+        if s is None:
+            raise BadRequest(f"family {name!r} is not served here; served: {', '.join(sorted(served))}",
+                             field="family", status=404)
+        return name, s
+
+    def checked_request(self, request: Request) -> tuple[ServedVAE, DecodeRequest]:
+        """Family, content type, query and the body's declared size, checked before anything is read."""
+        name, s = self.family(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in CONTENT_TYPES:
+            raise BadRequest(f"Content-Type {ctype or '(none)'!r}: send the latent's raw bytes as tensor/binary",
+                             field="content-type", status=415)
+        req = parse_request(request.query_params.multi_items(), family_name=name, family=s.family,
+                            accept=request.headers.get("accept"))
+        limit = self.max_body_bytes
+        if req.body_bytes > limit:
+            raise BadRequest(f"latent of {req.body_bytes} bytes exceeds this server's limit of {limit}",
+                             field="shape", status=413)
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadRequest(f"Content-Length {declared!r} is not a number", field="content-length")
+            if int(declared) > limit:
+                raise BadRequest(f"body of {declared} bytes exceeds the limit of {limit}",
+                                 field="content-length", status=413)
+            if int(declared) != req.body_bytes:
+                raise BadRequest(f"Content-Length {declared} does not match shape {list(req.shape)} {req.dtype} "
+                                 f"({req.body_bytes} bytes)", field="shape")
+        return s, req
+
+    async def wait_for_memory(self, key: int, hold: int, smallest: int) -> None:
+        """Wait (before reading the body) until the budget has room for this request; 503 after
+        ``queue_timeout_s``. Requests are admitted in arrival order."""
+        ledger = self.service.ledger
+        end = time.monotonic() + self.queue_timeout_s
+        while not ledger.try_reserve(key, hold, smallest):
+            if time.monotonic() >= end:
+                raise BadRequest(f"waited {self.queue_timeout_s:g} s for memory: the server's "
+                                 f"{format_gib(ledger.budget)} budget is taken by other requests; retry later",
+                                 field="memory", status=503, headers={"Retry-After": "5"})
+            await asyncio.sleep(0.02)
+
+    async def read_body(self, request: Request, expected: int) -> bytes:
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > expected:
+                raise BadRequest(f"body is longer than shape x dtype ({expected} bytes)", field="shape",
+                                 status=413 if len(buf) > self.max_body_bytes else 400)
+        if len(buf) != expected:
+            raise BadRequest(f"body has {len(buf)} bytes; shape x dtype needs {expected}", field="shape")
+        return bytes(buf)
+
+    @staticmethod
     def prepare(body: bytes, req: DecodeRequest, s: ServedVAE) -> Any:
+        """The body as the checked, normalised latent the VAE decodes (runs in a worker thread)."""
         from hybrid_vae.extension.latents import validate_latents
 
         z = latent_from_body(body, req)
@@ -124,78 +216,42 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         vae = s.get()
         return normalise(z, req, family=s.family, vae_config=getattr(vae, "config", None))
 
-    async def read_body(request: Request, expected: int) -> bytes:
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > expected:
-                raise BadRequest(f"body is longer than shape x dtype ({expected} bytes)", field="shape",
-                                 status=413 if len(buf) > max_body_bytes else 400)
-        if len(buf) != expected:
-            raise BadRequest(f"body has {len(buf)} bytes; shape x dtype needs {expected}", field="shape")
-        return bytes(buf)
+    def start_decode(self, s: ServedVAE, req: DecodeRequest, z: Any) -> Awaitable[tuple[Any, dict[str, Any]]]:
+        """The decode of a prepared latent: the service's batching queue, or the app's own ``decode``."""
+        if self.decode is None:
+            return asyncio.wrap_future(self.service.submit(s, req, z))
+        return self.decode(s, req, z)
 
-    keys = itertools.count()
+    async def decode_one(self, request: Request, s: ServedVAE, req: DecodeRequest) -> tuple[bytes, dict[str, str]]:
+        """Admission (memory), upload, decode and encoding of one checked request: ``(body, headers)``."""
+        service = self.service
+        hold, smallest = await run_in_threadpool(service.admit, s, req)
+        key = next(self.keys)
+        try:
+            await self.wait_for_memory(key, hold, smallest)
+            with service.uploading():
+                body = await self.read_body(request, req.body_bytes)
+                z = await run_in_threadpool(self.prepare, body, req, s)
+                del body
+                pending = self.start_decode(s, req, z)  # queued here; a custom ``decode`` runs when awaited
+            x, meta = await pending
+            out, headers = await run_in_threadpool(encode_output, x, req, jpeg_quality=self.jpeg_quality)
+            del x
+        finally:
+            service.ledger.release(key)
+        headers.update({"X-Decode-Seconds": f"{meta['seconds']:.6f}", "X-Decode-Plan": str(meta["plan"]),
+                        "X-Decode-Batch": str(meta["batch"])})
+        if meta.get("replica"):
+            headers["X-Decode-Replica"] = str(meta["replica"])
+        return out, headers
 
-    async def wait_for_memory(key: int, hold: int, smallest: int) -> None:
-        """Wait (before reading the body) until the budget has room for this request; 503 after
-        ``queue_timeout_s``. Requests are admitted in arrival order."""
-        end = time.monotonic() + queue_timeout_s
-        while not service.ledger.try_reserve(key, hold, smallest):
-            if time.monotonic() >= end:
-                raise BadRequest(f"waited {queue_timeout_s:g} s for memory: the server's "
-                                 f"{format_gib(service.ledger.budget)} budget is taken by other requests; retry later",
-                                 field="memory", status=503, headers={"Retry-After": "5"})
-            await asyncio.sleep(0.02)
-
-    async def handle(request: Request) -> Response:
-        if not authorised(request):
+    async def handle(self, request: Request) -> Response:
+        if not self.authorised(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
-        name = request.path_params.get("family")
         try:
-            if name is None:
-                if len(served) != 1:
-                    raise BadRequest(f"this server serves {len(served)} families; POST to /<family>, one of "
-                                     f"{', '.join(sorted(served))}", field="family", status=404)
-                name = next(iter(served))
-            s = served.get(name)
-            if s is None:
-                raise BadRequest(f"family {name!r} is not served here; served: {', '.join(sorted(served))}",
-                                 field="family", status=404)
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype not in CONTENT_TYPES:
-                raise BadRequest(f"Content-Type {ctype or '(none)'!r}: send the latent's raw bytes as tensor/binary",
-                                 field="content-type", status=415)
-            req = parse_request(request.query_params.multi_items(), family_name=name, family=s.family,
-                                accept=request.headers.get("accept"))
-            if req.body_bytes > max_body_bytes:
-                raise BadRequest(f"latent of {req.body_bytes} bytes exceeds this server's limit of {max_body_bytes}",
-                                 field="shape", status=413)
-            declared = request.headers.get("content-length")
-            if declared is not None:
-                if not declared.isdigit():
-                    raise BadRequest(f"Content-Length {declared!r} is not a number", field="content-length")
-                if int(declared) > max_body_bytes:
-                    raise BadRequest(f"body of {declared} bytes exceeds the limit of {max_body_bytes}",
-                                     field="content-length", status=413)
-                if int(declared) != req.body_bytes:
-                    raise BadRequest(f"Content-Length {declared} does not match shape {list(req.shape)} {req.dtype} "
-                                     f"({req.body_bytes} bytes)", field="shape")
-            hold, smallest = await run_in_threadpool(service.admit, s, req)
-            key = next(keys)
-            try:
-                await wait_for_memory(key, hold, smallest)
-                with service.uploading():
-                    body = await read_body(request, req.body_bytes)
-                    z = await run_in_threadpool(prepare, body, req, s)
-                    del body
-                    fut = service.submit(s, req, z) if decode is None else None
-                x, meta = await (asyncio.wrap_future(fut) if fut is not None else decode(s, req, z))
-                out, headers = await run_in_threadpool(encode_output, x, req, jpeg_quality=jpeg_quality)
-                del x
-            finally:
-                service.ledger.release(key)
+            s, req = self.checked_request(request)
+            out, headers = await self.decode_one(request, s, req)
         except BadRequest as exc:
             return _error(exc)
         except LatentError as exc:
@@ -206,15 +262,16 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         except Exception as exc:
             log.exception("hybrid-vae serve: decode failed")
             return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"[:500]}, status_code=500)
-        headers.update({"X-Decode-Seconds": f"{meta['seconds']:.6f}", "X-Decode-Plan": str(meta["plan"]),
-                        "X-Decode-Batch": str(meta["batch"])})
-        if meta.get("replica"):
-            headers["X-Decode-Replica"] = str(meta["replica"])
         media = headers.pop("content-type")
         return Response(out, media_type=media, headers=headers)
 
-    async def health(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(service.health))
+    async def health(self, request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(self.service.health))
+
+
+def _lifespan(service: DecodeService, served: Mapping[str, ServedVAE], *, device: str,
+              preload: bool) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    """Start the service's batching thread (and load every VAE with ``preload``); stop it at shutdown."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -230,13 +287,13 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
         finally:
             service.stop()
 
-    routes = [Route("/health", health, methods=["GET"]), Route("/", health, methods=["GET"]),
-              Route("/", handle, methods=["POST"]), Route("/predict", handle, methods=["POST"]),
-              Route("/{family}", handle, methods=["POST"]), Route("/{family}/", handle, methods=["POST"]),
-              Route("/{family}/predict", handle, methods=["POST"])]
+    return lifespan
+
+
+def _http_error_handler(served: Mapping[str, ServedVAE]) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Starlette's own 404/405 (unknown path, GET on a decode path) as the documented JSON error."""
 
     async def http_error(request: Request, exc: Exception) -> Response:
-        """Starlette's own 404/405 (unknown path, GET on a decode path) as the documented JSON error."""
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
             allowed = exc.headers.get("Allow", "") if exc.headers else ""
@@ -248,7 +305,4 @@ def create_app(*, families: Mapping[str, VaeOrLoader], token: str | None = None,
             msg = str(exc.detail)
         return JSONResponse({"error": msg, "field": "path"}, status_code=exc.status_code, headers=exc.headers)
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    app.state.service = service
-    app.state.served = served
-    return app
+    return http_error

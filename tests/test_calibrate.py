@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from hybrid_vae.bench.calibrate import Measurement, profile_dict, write_profile
+from hybrid_vae.extension.calibrate import Measurement, profile_dict, write_profile
 from hybrid_vae.policy import ProfileError, load_profiles
 from hybrid_vae.policy.learned import Learned, LearnedStore, observe
 

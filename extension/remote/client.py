@@ -1,23 +1,9 @@
-"""Remote VAE decode over the hybrid-inference protocol: a hardened client on ``requests``.
+"""The remote decode client: :class:`RemoteClient` (the protocol, retries, the token) and its results.
 
-What it adds to diffusers' ``remote_decode`` (see ``shared/notes/remote-protocol.md``):
-
-* connect and read timeouts on by default, and an overall deadline per call that holds even when a
-  server trickles bytes (each attempt runs on a guard thread; the caller never waits past it);
-* bounded retries with exponential backoff and jitter on connection errors, 429 (``Retry-After``
-  honoured up to a cap) and 5xx; redirects are never followed;
-* a circuit breaker per endpoint: after ``failure_threshold`` failed calls the endpoint is skipped
-  (no connection at all) for ``cooldown_s``, then one half-open probe decides;
-* a bearer token that goes only where its :class:`~policy.trust.TokenPolicy` allows (by default the
-  exact origins it was configured for), and only over HTTPS unless the host is loopback: a configured
-  plain-HTTP remote origin raises :class:`RemoteSecurityError` before a socket is opened;
-* bounded responses (``Content-Length`` checked before reading, the stream aborted past the limit),
-  image decoding guarded against decompression bombs (declared size checked before ``load()``),
-  ``shape``/``dtype`` headers checked against what was asked, truncated bodies and non-JSON error
-  pages reported clearly;
-* per-endpoint round-trip time and throughput (EWMA) for the engine: :meth:`RemoteClient.network_stats`.
-
-Every failure raises a :class:`policy.errors.RemoteError` subclass.
+It composes the other modules of :mod:`extension.remote`: a :class:`~extension.remote.breaker.CircuitBreaker`
+and :class:`~extension.remote.netstats.EndpointStats` per endpoint, and
+:func:`~extension.remote.deadline.exchange` for every HTTP request. The wire format (bodies, images, mp4,
+headers) is :mod:`extension.remote_wire`.
 """
 
 from __future__ import annotations
@@ -27,13 +13,15 @@ import json
 import logging
 import math
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import requests
+from hybrid_vae.extension.remote.breaker import CircuitBreaker
+from hybrid_vae.extension.remote.deadline import exchange
+from hybrid_vae.extension.remote.netstats import EndpointStats, network_stats, record
 from hybrid_vae.extension.remote_wire import (
     Reply,
     error_text,
@@ -44,7 +32,6 @@ from hybrid_vae.extension.remote_wire import (
     parse_tensor,
     read_mp4,
     retry_after,
-    short,
     tensor_bytes,
     uint8_to_tensor,
 )
@@ -60,7 +47,7 @@ from hybrid_vae.policy.errors import (
     RemoteTimeoutError,
 )
 from hybrid_vae.policy.model import NetworkStats, split_endpoints
-from hybrid_vae.policy.trust import TokenPolicy, is_loopback  # noqa: F401 (is_loopback re-exported)
+from hybrid_vae.policy.trust import TokenPolicy
 
 if TYPE_CHECKING:
     import torch
@@ -126,77 +113,31 @@ class RemoteResponse:
     server_seconds: float | None = None
 
 
-class CircuitBreaker:
-    """Closed -> (``failure_threshold`` failed calls) -> open for ``cooldown_s`` -> half-open: one
-    probe call; success closes, failure re-opens with the cool-down doubled (up to ``max_cooldown_s``).
+def output_geometry(lat: torch.Tensor, family: Family, *, family_name: str, height: int,
+                    width: int) -> tuple[int, int | None, int, int]:
+    """``(batch, frames or None, height, width)`` of the decoded output of ``lat`` for ``family``.
 
-    Thread-safe. ``clock`` is injectable for tests (default ``time.monotonic``).
+    Raises:
+        LatentError: a latent layout the family cannot have (the message gives the expected one).
     """
-
-    def __init__(self, *, failure_threshold: int = 3, cooldown_s: float = 30.0, max_cooldown_s: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
-        self.failure_threshold, self.base_cooldown, self.max_cooldown = failure_threshold, cooldown_s, max_cooldown_s
-        self._clock, self._lock = clock, threading.Lock()
-        self.failures, self.open_until, self.cooldown = 0, 0.0, cooldown_s
-        self._probing = False
-
-    @property
-    def state(self) -> str:
-        with self._lock:
-            if self.failures < self.failure_threshold:
-                return "closed"
-            return "open" if self._clock() < self.open_until or self._probing else "half-open"
-
-    def acquire(self) -> float | None:
-        """None when a call may go ahead; else the monotonic time the endpoint may be tried again."""
-        with self._lock:
-            if self.failures < self.failure_threshold:
-                return None
-            now = self._clock()
-            if now < self.open_until:
-                return self.open_until
-            if self._probing:  # someone else is probing: wait for the verdict
-                return now + 1.0
-            self._probing = True
-            return None
-
-    def success(self) -> None:
-        with self._lock:
-            self.failures, self._probing, self.cooldown = 0, False, self.base_cooldown
-
-    def failure(self) -> None:
-        with self._lock:
-            was_probe = self._probing
-            self.failures += 1
-            self._probing = False
-            if self.failures >= self.failure_threshold:
-                if was_probe:
-                    self.cooldown = min(self.max_cooldown, self.cooldown * 2)
-                self.open_until = self._clock() + self.cooldown
-
-    def release(self) -> None:
-        """A call ended without a verdict on the endpoint (e.g. a 400 for that request)."""
-        with self._lock:
-            self._probing = False
-
-
-class _Stats:
-    """EWMA figures for one endpoint."""
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = alpha
-        self.rtt: float | None = None
-        self.down: float | None = None
-        self.up: float | None = None
-        self.server_spv: float | None = None
-        self.samples = 0
-
-    def add(self, name: str, value: float) -> None:
-        old = getattr(self, name)
-        setattr(self, name, value if old is None else old + self.alpha * (value - old))
-        self.samples += 1
+    sc = family.spatial_compression
+    if family.video:
+        if lat.ndim != 5 or lat.shape[1] != family.latent_channels:
+            raise LatentError(f"latents shape {tuple(lat.shape)}: {family_name} needs [B, "
+                              f"{family.latent_channels}, T, h, w]")
+        frames = (lat.shape[2] - 1) * family.temporal_compression + 1
+        return lat.shape[0], frames, lat.shape[3] * sc, lat.shape[4] * sc
+    if lat.ndim == 3:
+        if not family.packed or lat.shape[2] != family.latent_channels * 4:
+            raise LatentError(f"latents shape {tuple(lat.shape)}: 3-D latents are only valid packed for a "
+                              f"packed family ([B, (H/16)*(W/16), {family.latent_channels * 4}])")
+        if (height // (sc * 2)) * (width // (sc * 2)) != lat.shape[1]:
+            raise LatentError(f"height={height}, width={width} do not match {lat.shape[1]} packed patches")
+        return lat.shape[0], None, height, width
+    if lat.ndim != 4 or lat.shape[1] != family.latent_channels:
+        raise LatentError(f"latents shape {tuple(lat.shape)}: {family_name} needs [B, "
+                          f"{family.latent_channels}, h, w]")
+    return lat.shape[0], None, lat.shape[2] * sc, lat.shape[3] * sc
 
 
 class RemoteClient:
@@ -258,7 +199,7 @@ class RemoteClient:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._stats: dict[str, _Stats] = {}
+        self._stats: dict[str, EndpointStats] = {}
 
     @classmethod
     def for_settings(cls, settings: DecodeSettings, profiles: Profiles, *, token: str | None = None,
@@ -278,12 +219,12 @@ class RemoteClient:
         """The circuit breaker of ``endpoint`` (created on first use)."""
         with self._lock:
             if endpoint not in self._breakers:
-                self._breakers[endpoint] = CircuitBreaker(**self._breaker_args)  # type: ignore[arg-type]
+                self._breakers[endpoint] = CircuitBreaker(**self._breaker_args)
             return self._breakers[endpoint]
 
-    def _stat(self, endpoint: str) -> _Stats:
+    def _stat(self, endpoint: str) -> EndpointStats:
         with self._lock:
-            return self._stats.setdefault(endpoint, _Stats(self._alpha))
+            return self._stats.setdefault(endpoint, EndpointStats(self._alpha))
 
     def network_stats(self) -> dict[str, NetworkStats]:
         """What is known about each endpoint used so far, for :func:`policy.decide`.
@@ -291,20 +232,12 @@ class RemoteClient:
         ``source`` is ``measured`` once a figure was measured (unmeasured figures keep the engine's
         defaults); ``available`` is False while the endpoint's circuit is open.
         """
-        d = NetworkStats()
-        out: dict[str, NetworkStats] = {}
         with self._lock:
             keys = set(self._stats) | set(self._breakers)
+        out: dict[str, NetworkStats] = {}
         for ep in sorted(keys):
-            s, b = self._stat(ep), self.breaker(ep)
-            state = b.state
-            note = (f"circuit {state} after {b.failures} failed calls" if state != "closed"
-                    else f"{s.samples} measurements" if s.samples else "not measured")
-            out[ep] = NetworkStats(rtt_s=s.rtt if s.rtt is not None else d.rtt_s,
-                                   down_bytes_per_s=s.down or d.down_bytes_per_s,
-                                   up_bytes_per_s=s.up or d.up_bytes_per_s,
-                                   source="measured" if s.samples else "assumed",
-                                   available=state != "open", server_seconds_per_voxel=s.server_spv, note=note)
+            b = self.breaker(ep)
+            out[ep] = network_stats(self._stat(ep), circuit=b.state, failures=b.failures)
         return out
 
     def _headers(self, endpoint: str) -> dict[str, str]:
@@ -325,112 +258,10 @@ class RemoteClient:
     # ---- one HTTP exchange -----------------------------------------------------------------------
     def _exchange(self, method: str, url: str, *, deadline: float, limit: int, params: Any = None,
                   data: bytes | None = None, headers: Mapping[str, str]) -> Reply:
-        """One request on a guard thread: returns by ``deadline`` whatever the server does."""
-        box: dict[str, Any] = {}
-        done, cancel = threading.Event(), threading.Event()
-
-        def run() -> None:
-            try:
-                box["reply"] = self._exchange_inner(method, url, deadline=deadline, limit=limit, params=params,
-                                                    data=data, headers=headers, box=box, cancel=cancel)
-            except BaseException as exc:  # handed to the caller's thread
-                box["error"] = exc
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name="hybrid-vae-remote", daemon=True).start()
-        if not done.wait(max(0.0, deadline - time.monotonic())):
-            cancel.set()
-            sock = box.get("sock")
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            raise RemoteTimeoutError("deadline ran out while waiting for the response", endpoint=url)
-        if "error" in box:
-            raise box["error"]
-        return box["reply"]  # type: ignore[no-any-return]
-
-    def _exchange_inner(self, method: str, url: str, *, deadline: float, limit: int, params: Any,
-                        data: bytes | None, headers: Mapping[str, str], box: dict[str, Any],
-                        cancel: threading.Event) -> Reply:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RemoteTimeoutError("deadline ran out before the request", endpoint=url)
-        timeout = (min(self.connect_timeout_s, remaining), min(self.read_timeout_s, remaining))
-        t0 = time.monotonic()
-        try:
-            resp = self.session.request(method, url, params=params, data=data, headers=dict(headers),
-                                        timeout=timeout, stream=True, allow_redirects=False)
-        except requests.exceptions.ConnectTimeout as exc:
-            raise RemoteConnectError(f"connect timeout after {timeout[0]:.1f} s ({exc})", endpoint=url) from None
-        except requests.exceptions.Timeout:
-            raise RemoteTimeoutError(f"no response within the read timeout of {timeout[1]:.1f} s",
-                                     endpoint=url) from None
-        except requests.exceptions.ConnectionError as exc:
-            raise RemoteConnectError(f"cannot connect ({short(exc)})", endpoint=url) from None
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidSchema) as exc:
-            raise RemoteConnectError(f"invalid endpoint URL ({exc}); use http(s)://host[:port]/path",
-                                     endpoint=url) from None
-        t_headers = time.monotonic()
-        try:
-            conn = getattr(resp.raw, "connection", None) or getattr(resp.raw, "_connection", None)
-            box["sock"] = getattr(conn, "sock", None)
-            hdrs = {k.lower(): v for k, v in resp.headers.items()}
-            enc = hdrs.get("content-encoding", "identity").lower()
-            if enc not in ("", "identity"):
-                raise RemoteProtocolError(f"response is {enc}-encoded although identity was asked; refusing "
-                                          "to decompress an unbounded body", endpoint=url)
-            declared = hdrs.get("content-length")
-            cap = limit if resp.status_code < 400 else 64 * 1024
-            if declared is not None and declared.isdigit() and int(declared) > cap and resp.status_code < 400:
-                raise RemoteProtocolError(f"response of {int(declared)} bytes exceeds the limit of {cap} bytes",
-                                          endpoint=url)
-            body = self._read_body(resp, url=url, cap=cap, deadline=deadline, sock=box["sock"], cancel=cancel,
-                                   keep_partial=resp.status_code >= 400)
-            if declared is not None and declared.isdigit() and len(body) < int(declared) and resp.status_code < 400:
-                raise RemoteProtocolError(f"truncated body: {len(body)} of {declared} bytes", endpoint=url)
-        finally:
-            resp.close()
-        return Reply(resp.status_code, hdrs, body, t0, t_headers, time.monotonic())
-
-    def _read_body(self, resp: requests.Response, *, url: str, cap: int, deadline: float, sock: Any,
-                   cancel: threading.Event, keep_partial: bool) -> bytes:
-        import urllib3.exceptions
-
-        raw = resp.raw
-        read1 = getattr(raw, "read1", None)
-        buf = bytearray()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or cancel.is_set():
-                raise RemoteTimeoutError(f"deadline ran out after {len(buf)} body bytes (slow transfer)", endpoint=url)
-            if sock is not None:
-                try:
-                    sock.settimeout(min(self.read_timeout_s, remaining))
-                except OSError:
-                    pass
-            try:
-                chunk = read1(64 * 1024) if read1 is not None else raw.read(8 * 1024)
-            except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
-                raise RemoteTimeoutError(f"read timeout after {len(buf)} body bytes", endpoint=url) from None
-            except (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError, OSError) as exc:
-                if keep_partial:
-                    break
-                if cancel.is_set():
-                    raise RemoteTimeoutError("deadline ran out during the transfer", endpoint=url) from None
-                raise RemoteProtocolError(f"truncated body after {len(buf)} bytes ({short(exc)})",
-                                          endpoint=url) from None
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > cap:
-                if keep_partial:
-                    break
-                raise RemoteProtocolError(f"response exceeds the limit of {cap} bytes; aborted", endpoint=url)
-        return bytes(buf)
+        """One request with this client's session and timeouts; returns by ``deadline`` (see :func:`exchange`)."""
+        return exchange(self.session, method, url, deadline=deadline, limit=limit,
+                        connect_timeout_s=self.connect_timeout_s, read_timeout_s=self.read_timeout_s,
+                        params=params, data=data, headers=headers)
 
     # ---- a call: breaker, retries, deadline ------------------------------------------------------
     def _call(self, endpoint: str, *, params: Any, data: bytes, headers: Mapping[str, str], deadline: float,
@@ -493,27 +324,6 @@ class RemoteClient:
         except BaseException:
             breaker.release()
             raise
-
-    def _measure(self, endpoint: str, reply: Reply, bytes_up: int, voxels: int | None) -> float | None:
-        s = self._stat(endpoint)
-        server: float | None = None
-        try:
-            server = float(reply.headers["x-decode-seconds"])
-        except (KeyError, ValueError):
-            pass
-        ttfb = reply.t_headers - reply.t_start
-        down_t = reply.t_end - reply.t_headers
-        if len(reply.body) >= 32 * 1024 and down_t > 0:
-            s.add("down", min(len(reply.body) / down_t, 1e10))
-        if server is not None:
-            overhead = max(1e-4, ttfb - server)
-            if bytes_up < 32 * 1024 or s.rtt is None:
-                s.add("rtt", overhead)
-            else:
-                s.add("up", min(bytes_up / max(1e-4, overhead - s.rtt), 1e10))
-            if voxels:
-                s.add("server_spv", server / voxels)
-        return server
 
     # ---- public API ------------------------------------------------------------------------------
     def health(self, endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -602,7 +412,7 @@ class RemoteClient:
 
         reply, out, attempts = self._call(endpoint, params=params, data=data, headers=headers, deadline=deadline,
                                           limit=limit, parse=parse, max_retries=max_retries)
-        server = self._measure(endpoint, reply, len(data), voxels)
+        server = record(self._stat(endpoint), reply, len(data), voxels)
         return RemoteResponse(endpoint=endpoint, status=reply.status, headers=reply.headers, output=out,
                               output_type=output_type, bytes_up=len(data) * attempts, bytes_down=len(reply.body),
                               seconds=time.monotonic() - t_start, attempts=attempts, server_seconds=server)
@@ -629,26 +439,7 @@ class RemoteClient:
             raise PlanError(f"{plan.endpoint}: several endpoints; decode through extension.endpoints.EndpointPool")
         endpoint, fmt = plan.endpoint, plan.response_format or "raw"
         lat = latents
-        sc = family.spatial_compression
-        if family.video:
-            if lat.ndim != 5 or lat.shape[1] != family.latent_channels:
-                raise LatentError(f"latents shape {tuple(lat.shape)}: {job.family} needs [B, "
-                                  f"{family.latent_channels}, T, h, w]")
-            b, t = lat.shape[0], lat.shape[2]
-            frames = (t - 1) * family.temporal_compression + 1
-            h, w = lat.shape[3] * sc, lat.shape[4] * sc
-        elif lat.ndim == 3:
-            if not family.packed or lat.shape[2] != family.latent_channels * 4:
-                raise LatentError(f"latents shape {tuple(lat.shape)}: 3-D latents are only valid packed for a "
-                                  f"packed family ([B, (H/16)*(W/16), {family.latent_channels * 4}])")
-            b, frames, h, w = lat.shape[0], None, height, width
-            if (h // (sc * 2)) * (w // (sc * 2)) != lat.shape[1]:
-                raise LatentError(f"height={height}, width={width} do not match {lat.shape[1]} packed patches")
-        else:
-            if lat.ndim != 4 or lat.shape[1] != family.latent_channels:
-                raise LatentError(f"latents shape {tuple(lat.shape)}: {job.family} needs [B, "
-                                  f"{family.latent_channels}, h, w]")
-            b, frames, h, w = lat.shape[0], None, lat.shape[2] * sc, lat.shape[3] * sc
+        b, frames, h, w = output_geometry(lat, family, family_name=job.family, height=height, width=width)
         if fmt == "mp4" and (not family.video or not has_av()):
             log.info("remote %s: mp4 %s; asking for raw frames", endpoint,
                      "is for video families" if not family.video else "needs PyAV (pip install av)")
