@@ -437,7 +437,7 @@ def sensitivity(jobs: int | None = None, sset: str = "reduced") -> list[dict[str
 #: what the sweep varies, and the defaults shipped before it. ``exact_margin`` is swept for information only and
 #: never chosen here: the world's exact-tiling truth is an assumption (no GPU row), and a margin tuned against an
 #: assumption only encodes it; it stays at the value set from the CPU measurement until a GPU measures it.
-DEFAULTS = {"reserve_mib": 128, "exact_margin": 1.15, "exact_tolerance": 1.2}
+DEFAULTS = {"reserve_mib": 64, "exact_margin": 1.15, "exact_tolerance": 1.2}
 RESERVES_MIB = (64, 128, 256, 384, 512)
 MARGINS = (1.0, 1.15, 1.3)
 TOLERANCES = (1.0, 1.1, 1.2, 1.35, 1.5)

@@ -115,4 +115,4 @@ def test_spec_derived_profile_is_shown(capsys):
 def test_no_negative_budget_in_reasons(capsys):
     out = explain(capsys, "--family", "sd15", "--width", "512", "--height", "512", "--gpu", "NVIDIA GeForce RTX 3070",
                   "--free-gib", "0.05", "--remote")
-    assert "-0." not in out and "under the 0.06 GiB reserve: no budget" in out  # 64 MiB default reserve
+    assert "-0." not in out and "under the 0.12 GiB reserve: no budget" in out  # 128 MiB default reserve
