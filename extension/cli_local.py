@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import DecodeFailedError, HybridVAEError, LatentError, ProfileError
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ VAE_CLASSES = {"sd": "AutoencoderKL", "hunyuanvideo": "AutoencoderKLHunyuanVideo
 #: Show a progress bar when the chosen plan is estimated to take longer than this (seconds).
 PROGRESS_MIN_S = 1.0
 #: Bearer token for ``decode --endpoint`` when ``--token`` is not given.
-ENV_TOKEN = "HYBRID_VAE_TOKEN"
+ENV_TOKEN = env_name("token")
 
 log = logging.getLogger("hybrid_vae.cli")
 
@@ -233,7 +234,7 @@ def _decoder(args: argparse.Namespace, family: str, **kw: Any) -> HybridDecoder:
             spec = join_endpoints(args.endpoint)
         except ValueError as exc:
             raise LatentError(f"--endpoint: {exc}") from None
-        token = args.token or os.environ.get(ENV_TOKEN) or None
+        token = args.token or read_env().token
         settings = settings.model_copy(update={"allow_remote": True, "endpoints": {family: spec},
                                               "use_builtin_endpoints": False,
                                               "allow_remote_custom_vae": bool(getattr(args, "remote_custom_vae", False))})

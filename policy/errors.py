@@ -5,6 +5,7 @@ message can say what went wrong, with which value, and what to do::
 
     HybridVAEError
     ├── ProfileError            a profile or settings file is broken (file, key path, value)
+    │   └── EnvError                a HYBRID_VAE_* environment variable cannot be used (variable, value)
     ├── LatentError             a latent does not match its family (shape, dtype, NaN, ...); also a ValueError
     ├── PlanError               an executor cannot run a plan (unknown path, unsupported VAE)
     ├── DecodeFailedError       every plan failed; the latent was saved (``latent_path``)
@@ -45,6 +46,16 @@ class ProfileError(HybridVAEError):
         parts = [p for p in (self.file, key if len(key) <= MAX_SHOWN else key[:MAX_SHOWN] + "...") if p]
         shown = "" if value is None else f" (value: {short_repr(value)})"
         super().__init__(": ".join([*parts, f"{message}{shown}"]))
+
+
+class EnvError(ProfileError):
+    """A ``HYBRID_VAE_*`` environment variable holds a value that cannot be used (:mod:`policy.env`).
+
+    ``key_path`` is the variable, ``value`` its value; the message says the fix.
+    """
+
+    def __init__(self, message: str, *, key_path: str, value: object = None) -> None:
+        super().__init__(message, file="environment", key_path=key_path, value=value)
 
 
 #: Longest value an error message quotes (a 10 MB YAML value must not become a 10 MB line).

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import types
 from collections.abc import Callable
@@ -58,8 +57,8 @@ import torch
 from hybrid_vae.extension.identity import IdentityChecker
 from hybrid_vae.extension.latents import from_vae_space
 from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
-from hybrid_vae.extension.remote import ENV_TOKEN
 from hybrid_vae.extension.stream_ldm import ldm_steps
+from hybrid_vae.policy.env import read_env
 from hybrid_vae.policy.errors import PlanError
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
@@ -445,7 +444,7 @@ class HybridVAEDecode:
         from hybrid_vae.extension.remote import RemoteClient
 
         if endpoint not in self._remote:
-            token = os.environ.get(ENV_TOKEN) or None
+            token = read_env().token
             self._remote[endpoint] = RemoteClient(token=token, trusted_endpoints=[endpoint] if token else [])
         return self._remote[endpoint]
 
