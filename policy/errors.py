@@ -6,6 +6,7 @@ message can say what went wrong, with which value, and what to do::
     HybridVAEError
     ├── ProfileError            a profile or settings file is broken (file, key path, value)
     │   └── EnvError                a HYBRID_VAE_* environment variable cannot be used (variable, value)
+    ├── SettingsError           a decode setting is outside its type or limits (the front end's name, value); a ValueError
     ├── LatentError             a latent does not match its family (shape, dtype, NaN, ...); also a ValueError
     ├── PlanError               an executor cannot run a plan (unknown path, unsupported VAE)
     ├── DecodeFailedError       every plan failed; the latent was saved (``latent_path``)
@@ -68,6 +69,20 @@ def short_repr(value: object, limit: int = MAX_SHOWN) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
+
+
+class SettingsError(HybridVAEError, ValueError):
+    """A value for :class:`~policy.model.DecodeSettings` that the model refuses.
+
+    Attributes:
+        name: what the user set, in the front end's words (a CLI flag, a ComfyUI widget, an SD.Next option key,
+            or the field name).
+        value: the value as the user gave it.
+    """
+
+    def __init__(self, message: str, *, name: str, value: object = None) -> None:
+        self.name, self.value, self.detail = name, value, message
+        super().__init__(f"{name}={short_repr(value)}: {message}")
 
 
 class LatentError(HybridVAEError, ValueError):
