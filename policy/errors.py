@@ -82,7 +82,12 @@ class SettingsError(HybridVAEError, ValueError):
 
     def __init__(self, message: str, *, name: str, value: object = None) -> None:
         self.name, self.value, self.detail = name, value, message
-        super().__init__(f"{name}={short_repr(value)}: {message}")
+        if name.startswith("--"):  # a flag reads as typed: ``--reserve-gib -1``
+            shown = f"{value:g}" if isinstance(value, float) else short_repr(value) if not isinstance(value, int) \
+                else str(value)
+            super().__init__(f"{name} {shown}: {message}")
+        else:
+            super().__init__(f"{name}={short_repr(value)}: {message}")
 
 
 class LatentError(HybridVAEError, ValueError):

@@ -95,11 +95,11 @@ def test_choices_and_limits_come_from_the_model():
 
 @pytest.mark.parametrize(("values", "names", "scales", "text"), [
     ({"reserve_bytes": 100 * 2**30}, {"reserve_bytes": "--reserve-gib"}, {"reserve_bytes": 2**30},
-     "--reserve-gib=100.0: give a number in [0, 64]"),
+     "--reserve-gib 100: give a number in [0, 64]"),
     ({"mode": "fast"}, {"mode": "mode"}, None, "mode='fast': give one of auto, full, tiled, remote"),
     ({"tile_groupnorm": "x"}, None, None, "tile_groupnorm='x': give one of auto, exact, offload, local"),
     ({"endpoints": {"sdxl": "ftp://a"}}, {"endpoints": "--endpoint"}, None,
-     "--endpoint={'sdxl': 'ftp://a'}: endpoint for 'sdxl' must start with http:// or https://"),
+     "--endpoint {'sdxl': 'ftp://a'}: endpoint for 'sdxl' must start with http:// or https://"),
 ])
 def test_build_settings_names_the_front_ends_name(values, names, scales, text):
     with pytest.raises(SettingsError) as info:
@@ -113,3 +113,21 @@ def test_updated_checks_what_model_copy_would_not():
     assert s.updated(mode="tiled").mode == "tiled" and s.mode == "auto"
     with pytest.raises(ValueError, match="must start with http"):
         s.updated(endpoints={"sd15": "ftp://x"})
+
+
+@pytest.mark.parametrize(("kwargs", "text"), [
+    ({"mode": "fast"}, "mode='fast': give one of auto, full, tiled, remote"),
+    ({"tiling": "best"}, "tiling='best': give one of auto, exact, offload, local"),
+    ({"endpoint": "ftp://x/sd15"}, "endpoint={'sd15': 'ftp://x/sd15'}: endpoint for 'sd15' must start with http"),
+])
+def test_comfyui_widgets_build_the_model_and_name_the_widget(kwargs, text):
+    """The node lists the model's choices and a refused value names the widget (before any decode runs)."""
+    import torch
+    from hybrid_vae.extension.comfyui.nodes import MODES, TILINGS, HybridVAEDecode
+
+    assert MODES == field_choices("mode") and TILINGS == field_choices("tile_groupnorm")
+    spec = HybridVAEDecode.INPUT_TYPES()["optional"]
+    assert list(spec["mode"][0]) == list(MODES) and list(spec["tiling"][0]) == list(TILINGS)
+    with pytest.raises(SettingsError) as info:
+        HybridVAEDecode().decode({"samples": torch.zeros(1, 4, 8, 8)}, object(), family="sd15", **kwargs)
+    assert str(info.value).startswith(text) and "\n" not in str(info.value)

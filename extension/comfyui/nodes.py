@@ -62,7 +62,7 @@ from hybrid_vae.policy.env import read_env
 from hybrid_vae.policy.errors import PlanError
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
-from hybrid_vae.policy.model import DecodeSettings, Plan
+from hybrid_vae.policy.model import Plan, build_settings, field_choices
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.comfyui")
@@ -70,8 +70,11 @@ log = logging.getLogger("hybrid_vae.comfyui")
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ComfyVAEAdapter", "HybridVAEDecode", "comfy_family",
            "comfy_kl_like"]
 
-MODES = ("auto", "full", "tiled", "remote")
-TILINGS = ("auto", "exact", "offload", "local")  # DecodeSettings.tile_groupnorm
+MODES = field_choices("mode")
+TILINGS = field_choices("tile_groupnorm")
+#: The node's widgets -> the DecodeSettings fields they set (an error names the widget).
+WIDGETS = {"mode": "mode", "tile_groupnorm": "tiling", "endpoints": "endpoint",
+           "allow_remote_custom_vae": "remote_custom_vae"}
 
 
 def _compression(vae: Any) -> tuple[int | None, int | None]:
@@ -471,16 +474,12 @@ class HybridVAEDecode:
                 image = image.reshape(-1, *image.shape[-3:])
             return image, f"Hybrid VAE: ComfyUI vae.decode ({how}; the engine has no family for it)", time.perf_counter() - t0
         fam = profiles.family(key)
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
-        if tiling not in TILINGS:
-            raise ValueError(f"tiling={tiling!r}: use one of {', '.join(TILINGS)}")
+        settings = build_settings({"mode": mode, "allow_remote": bool(endpoint),
+                                   "allow_remote_custom_vae": bool(remote_custom_vae), "tile_groupnorm": tiling,
+                                   "endpoints": {key: endpoint} if endpoint else {}}, names=WIDGETS)
         fsm = getattr(vae, "first_stage_model", None)
         target = fsm if fsm is not None and _is_diffusers_vae(fsm) else \
             ComfyVAEAdapter(vae, fam, engine_tiles=comfy_kl_like(vae))
-        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint), allow_remote_custom_vae=bool(remote_custom_vae),
-                                  tile_groupnorm=tiling,  # type: ignore[arg-type]
-                                  endpoints={key: endpoint} if endpoint else {})
         def read() -> GpuState:
             if probe is not None:
                 return probe()  # type: ignore[no-any-return]
