@@ -256,10 +256,7 @@ def _convert(spec: OptionSpec, raw: Any) -> Any:
     if not math.isfinite(num):
         raise ValueError(raw)
     whole = spec.field is not None and _ENGINE[spec.field].annotation is int
-    value: float = int(num) if whole else num
-    if spec.multiple_of and value % spec.multiple_of:
-        raise ArithmeticError(value - value % spec.multiple_of)  # rounded by the caller, with a note
-    return value
+    return int(num) if whole else num
 
 
 def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> Config:
@@ -284,8 +281,8 @@ def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> C
         except ValueError:
             problems.append(_problem(spec, raw))
             value = spec.default
-        except ArithmeticError as rounded:
-            value = rounded.args[0]
+        if spec.multiple_of and value % spec.multiple_of:
+            value -= value % spec.multiple_of
             problems.append(f"{spec.key}={raw!r} is not a multiple of {spec.multiple_of}; using {value}")
         if spec.field is None:
             host[str(spec.attr)] = value
@@ -314,11 +311,11 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
     unset); the built-in endpoints only when their own setting is on.
     """
     notes: list[str] = []
-    mode = cfg.settings.mode
+    mode: str = cfg.settings.mode
     allow_remote = cfg.settings.allow_remote and cfg.endpoint_error is None
     if override and override not in (GEN_MODES[0], GEN_MODE_LEGACY):
         if override in MODES:
-            mode = override  # type: ignore[assignment]
+            mode = override
         else:
             notes.append(f"unknown per-generation mode {override!r} ignored")
     if vae_type == "Remote":
