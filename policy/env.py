@@ -44,42 +44,16 @@ class Env(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    simulate_gpu: str | None = _var(
-        "SIMULATE_GPU", "Pretend to be this GPU instead of probing (tests, benchmarks, explain on a laptop): "
-        "name=NVIDIA GeForce RTX 3070,free_gib=1.0[,total_gib=8][,host_gib=12]. Every decision says it is simulated.",
-        kind="spec", unset="probe the real device", read_by="policy.gpu.probe")
-    profile: str | None = _var(
-        "PROFILE", "Profile YAML merged key by key over the built-in profiles (a path or flag given explicitly wins).",
-        kind="path", unset="built-in profiles only", read_by="policy.profiles.load_profiles, ProfileStore")
-    learned: str | None = _var(
-        "LEARNED", "File of the learned timing factors (explain --learned, calibrate --reset-learned).",
-        kind="path", unset="`<user cache>/hybrid-vae/learned.json`", read_by="policy.learned.default_path")
-    identity: str | None = _var(
-        "IDENTITY", "File of the endpoint identity verdicts (canary decodes: does an endpoint serve this VAE?).",
-        kind="path", unset="`<user cache>/hybrid-vae/identity.json`", read_by="extension.identity.IdentityStore")
-    strict: bool = _var(
-        "STRICT", "A programming error inside a plan (TypeError, AttributeError, ...) is raised instead of being "
-        "reported and decoded by the next plan. For tests and development, never for users.",
-        kind="bool", unset="off (fall back and report)", read_by="extension.orchestrator.HybridDecoder",
-        default=False)
-    token: str | None = _var(
-        "TOKEN", "Bearer token sent to remote endpoints (hybrid-vae decode --endpoint, the ComfyUI node); only to "
-        "the endpoints configured for the decode, over HTTPS unless loopback.",
-        kind="secret", unset="no token", read_by="extension.cli_local, extension.comfyui.nodes")
-    server_token: str | None = _var(
-        "SERVER_TOKEN", "Token hybrid-vae serve requires (Authorization: Bearer TOKEN); --token wins.",
-        kind="secret", unset="no authentication", read_by="server.cli, server.ray_app")
-    serve_config: str | None = _var(
-        "SERVE_CONFIG", "JSON configuration of hybrid-vae serve's worker processes (serve --workers N sets it; "
-        "set it yourself to run server.cli:app_from_env under your own uvicorn/gunicorn).",
-        kind="json", unset="`app_from_env` refuses to start", read_by="server.cli.app_from_env")
-    family: str | None = _var(
-        "FAMILY", "Family key of the VAE a Hugging Face Inference Endpoints handler serves (sd15, sdxl, ...).",
-        kind="text", unset="recognised from the VAE's config", read_by="server.handler.EndpointHandler")
-    root: str | None = _var(
-        "ROOT", "Path of the hybrid-vae checkout the ComfyUI custom node registers as hybrid_vae when the package "
-        "is not installed (read by extension/comfyui/__init__.py before the package can be imported).",
-        kind="path", unset="two folders above the custom node", read_by="extension/comfyui/__init__.py")
+    simulate_gpu: str | None = _var("SIMULATE_GPU", "Pretend to be this GPU instead of probing (tests, benchmarks, explain on a laptop): name=NVIDIA GeForce RTX 3070,free_gib=1.0[,total_gib=8][,host_gib=12]. Every decision says it is simulated.", kind="spec", unset="probe the real device", read_by="policy.gpu.probe")
+    profile: str | None = _var("PROFILE", "Profile YAML merged key by key over the built-in profiles (a path or flag given explicitly wins).", kind="path", unset="built-in profiles only", read_by="policy.profiles.load_profiles, ProfileStore")
+    learned: str | None = _var("LEARNED", "File of the learned timing factors (explain --learned, calibrate --reset-learned).", kind="path", unset="`<user cache>/hybrid-vae/learned.json`", read_by="policy.learned.default_path")
+    identity: str | None = _var("IDENTITY", "File of the endpoint identity verdicts (canary decodes: does an endpoint serve this VAE?).", kind="path", unset="`<user cache>/hybrid-vae/identity.json`", read_by="extension.identity.IdentityStore")
+    strict: bool = _var("STRICT", "A programming error inside a plan (TypeError, AttributeError, ...) is raised instead of being reported and decoded by the next plan. For tests and development, never for users.", kind="bool", unset="off (fall back and report)", read_by="extension.orchestrator.HybridDecoder", default=False)
+    token: str | None = _var("TOKEN", "Bearer token sent to remote endpoints (hybrid-vae decode --endpoint, the ComfyUI node); only to the endpoints configured for the decode, over HTTPS unless loopback.", kind="secret", unset="no token", read_by="extension.cli_local, extension.comfyui.nodes")
+    server_token: str | None = _var("SERVER_TOKEN", "Token hybrid-vae serve requires (Authorization: Bearer TOKEN); --token wins.", kind="secret", unset="no authentication", read_by="server.cli, server.ray_app")
+    serve_config: str | None = _var("SERVE_CONFIG", "JSON configuration of hybrid-vae serve's worker processes (serve --workers N sets it; set it yourself to run server.cli:app_from_env under your own uvicorn/gunicorn).", kind="json", unset="`app_from_env` refuses to start", read_by="server.cli.app_from_env")
+    family: str | None = _var("FAMILY", "Family key of the VAE a Hugging Face Inference Endpoints handler serves (sd15, sdxl, ...).", kind="text", unset="recognised from the VAE's config", read_by="server.handler.EndpointHandler")
+    root: str | None = _var("ROOT", "Path of the hybrid-vae checkout the ComfyUI custom node registers as hybrid_vae when the package is not installed (read by extension/comfyui/__init__.py before the package can be imported).", kind="path", unset="two folders above the custom node", read_by="extension/comfyui/__init__.py")
 
     @field_validator("*", mode="before")
     @classmethod
