@@ -172,9 +172,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             kw["allow_remote"] = args.remote
         if args.endpoint:
             kw["endpoints"] = {args.family: "|".join(args.endpoint)}
-        if args.reserve_gib is not None:  # nan/inf stay floats: the model refuses them with the flag's limits
-            gib = args.reserve_gib
-            kw["reserve_bytes"] = int(gib * GiB) if math.isfinite(gib) and abs(gib) < 2**40 else gib * GiB
+        if args.reserve_gib is not None:
+            kw["reserve_bytes"] = args.reserve_gib  # in GiB: scaled and checked by the model's limits
         settings = build_settings(kw, names=FLAGS, scales={"reserve_bytes": GiB})
         fam = profiles.family(args.family)
         dtype, upcast = upcast_dtype(args.dtype, fam.force_upcast)

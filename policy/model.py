@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
@@ -116,33 +117,40 @@ def _num(v: float) -> str:
 
 def build_settings(values: Mapping[str, Any], *, names: Mapping[str, str] | None = None,
                    scales: Mapping[str, float] | None = None, base: DecodeSettings | None = None) -> DecodeSettings:
-    """:class:`DecodeSettings` from a front end's values (field name -> value in the field's unit), over ``base``.
+    """:class:`DecodeSettings` from a front end's values, over ``base``.
 
     Args:
-        values: the fields to set.
-        names: field -> the front end's name for it (``--reserve-gib``, ``tiling``, ``hybrid_vae_mode``); the
-            error names that.
-        scales: field -> the front end's unit in the field's unit (``GiB`` for ``--reserve-gib``), so the
-            error's value and limits are in the unit the user typed.
+        values: field name -> value, in the front end's unit.
+        names: field -> the front end's name for it (``--reserve-gib``, ``tiling``, ``endpoint``); the error
+            names that.
+        scales: field -> the front end's unit in the field's unit (``GiB`` for ``--reserve-gib`` into
+            ``reserve_bytes``): the value is multiplied by it (whole for an int field when finite), and the
+            error shows the value and the limits in the unit the user typed.
         base: the settings the values change (default: the model's defaults).
 
     Raises:
         SettingsError: one line naming the front end's name, the value and what is allowed.
     """
+    scales = scales or {}
+    converted = {f: _to_field(f, v, scales.get(f, 1)) for f, v in values.items()}
     try:
-        return (base or DecodeSettings()).updated(**values)
+        return (base or DecodeSettings()).updated(**converted)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
         if field not in DecodeSettings.model_fields:
             raise SettingsError(str(err["msg"]), name=field or "settings", value=err.get("input")) from None
-        scale = (scales or {}).get(field, 1)
-        value = values.get(field)
-        shown = value / scale if scale != 1 and isinstance(value, (int, float)) else value
         detail = str(err["msg"]).removeprefix("Value error, ")
-        hint = field_expectation(field, scale)
-        msg = detail if field == "endpoints" else f"give {hint}"
-        raise SettingsError(msg, name=(names or {}).get(field, field), value=shown) from None
+        msg = detail if field == "endpoints" else f"give {field_expectation(field, scales.get(field, 1))}"
+        raise SettingsError(msg, name=(names or {}).get(field, field), value=values.get(field)) from None
+
+
+def _to_field(field: str, value: Any, scale: float) -> Any:
+    """``value`` x ``scale``, whole for an int field when finite (``0.5`` GiB -> ``536870912``); others as given."""
+    if scale == 1 or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    out = value * scale
+    return int(out) if DecodeSettings.model_fields[field].annotation is int and math.isfinite(out) else out
 
 
 @dataclasses.dataclass(frozen=True)

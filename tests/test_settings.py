@@ -94,7 +94,7 @@ def test_choices_and_limits_come_from_the_model():
 
 
 @pytest.mark.parametrize(("values", "names", "scales", "text"), [
-    ({"reserve_bytes": 100 * 2**30}, {"reserve_bytes": "--reserve-gib"}, {"reserve_bytes": 2**30},
+    ({"reserve_bytes": 100}, {"reserve_bytes": "--reserve-gib"}, {"reserve_bytes": 2**30},
      "--reserve-gib 100: give a number in [0, 64]"),
     ({"mode": "fast"}, {"mode": "mode"}, None, "mode='fast': give one of auto, full, tiled, remote"),
     ({"tile_groupnorm": "x"}, None, None, "tile_groupnorm='x': give one of auto, exact, offload, local"),
@@ -106,6 +106,12 @@ def test_build_settings_names_the_front_ends_name(values, names, scales, text):
         build_settings(values, names=names, scales=scales)
     assert str(info.value).startswith(text) and "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_build_settings_scales_into_the_fields_unit():
+    s = build_settings({"reserve_bytes": 0.5, "remote_deadline_s": 2}, scales={"reserve_bytes": 2**30})
+    assert s.reserve_bytes == 2**29 and isinstance(s.reserve_bytes, int) and s.remote_deadline_s == 2.0
+    assert build_settings({"mode": "tiled"}, base=s).reserve_bytes == 2**29
 
 
 def test_updated_checks_what_model_copy_would_not():
@@ -131,3 +137,17 @@ def test_comfyui_widgets_build_the_model_and_name_the_widget(kwargs, text):
     with pytest.raises(SettingsError) as info:
         HybridVAEDecode().decode({"samples": torch.zeros(1, 4, 8, 8)}, object(), family="sd15", **kwargs)
     assert str(info.value).startswith(text) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    ("-1", "--reserve-gib -1: give a number in [0, 64]"), ("100", "--reserve-gib 100: give a number in [0, 64]"),
+    ("nan", "--reserve-gib nan: give a number in [0, 64]"), ("1e300", "--reserve-gib 1e+300: give a number in [0, 64]"),
+])
+def test_explain_flags_build_the_model_and_name_the_flag(capsys, value, text):
+    """``--reserve-gib`` is checked by the model's limits in GiB (no hand-written range): one line, exit 2."""
+    from hybrid_vae.extension.cli import main
+
+    code = main(["explain", "--family", "sdxl", "--width", "512", "--height", "512", "--gpu", "NVIDIA GeForce RTX 3070",
+                 "--free-gib", "1", f"--reserve-gib={value}"])
+    err = capsys.readouterr().err
+    assert code == 2 and text in err and err.count("\n") == 1
