@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from hybrid_vae.policy.env import env_name, read_env
+from hybrid_vae.policy.errors import EnvError
 
 #: Default port: not ComfyUI's 8188 nor SD.Next's 7860, so a serve on the same machine as either starts.
 DEFAULT_PORT = 8300
@@ -212,7 +213,12 @@ def app_from_env() -> Any:
     raw = env.serve_config
     if not raw:
         raise RuntimeError(f"{ENV_CONFIG} is not set; start through `hybrid-vae serve` or set it to the JSON config")
-    return build_app(json.loads(raw), env.server_token)
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise EnvError(f"not JSON ({exc.msg} at character {exc.pos}); start through `hybrid-vae serve --workers N`, "
+                       "which sets it", key_path=ENV_CONFIG, value=raw) from None
+    return build_app(config, env.server_token)
 
 
 def check_device(device: str | None) -> str:

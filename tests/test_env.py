@@ -113,3 +113,14 @@ def test_a_bad_value_is_one_line_naming_variable_value_and_fix(monkeypatch):
     monkeypatch.setenv("HYBRID_VAE_STRICT", "maybe")
     with pytest.raises(EnvError, match="HYBRID_VAE_STRICT"):
         _strict_from_env()  # a typo is said, never read as "off"
+
+
+def test_a_serve_config_that_is_not_json_names_the_variable(monkeypatch):
+    from hybrid_vae.server.cli import app_from_env
+
+    monkeypatch.setenv("HYBRID_VAE_SERVE_CONFIG", "{families: sd15}")
+    with pytest.raises(EnvError) as info:
+        app_from_env()
+    text = str(info.value)
+    assert "HYBRID_VAE_SERVE_CONFIG" in text and "not JSON" in text and "'{families: sd15}'" in text
+    assert "hybrid-vae serve --workers N" in text and "\n" not in text
