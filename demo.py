@@ -105,7 +105,7 @@ def demo_remote_cases(out: Path, vae: Any, z: Any, x: Any, reference: Any, card:
     rows: list[dict[str, Any]] = []
 
     def case(name: str, url: str) -> None:
-        st = settings.model_copy(update={"allow_remote": True, "endpoints": {"sd15": url}, "remote_deadline_s": 30.0})
+        st = settings.updated(allow_remote=True, endpoints={"sd15": url}, remote_deadline_s=30.0)
         client = RemoteClient(trusted_endpoints=[url], connect_timeout_s=2.0, read_timeout_s=30.0, max_retries=0)
         spec = f"name={card},total_gib={total},free_gib=0.05"
         decoder = HybridDecoder(settings=st, probe=functools.partial(parse_simulation, spec),

@@ -21,12 +21,11 @@ from hybrid_vae.policy import (
     load_profiles,
     probe,
 )
-from hybrid_vae.policy.errors import short_repr
+from hybrid_vae.policy.errors import SettingsError, short_repr
 from hybrid_vae.policy.estimate import decoded_work, upcast_dtype
 from hybrid_vae.policy.gpu import simulated_gpu, vendor_note, with_host
-from hybrid_vae.policy.model import Decision, Plan
+from hybrid_vae.policy.model import Decision, Plan, build_settings, field_choices
 from hybrid_vae.policy.profiles import Family, Profiles
-from pydantic import ValidationError
 
 
 def add_parser(sub: Any) -> None:
@@ -51,9 +50,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--no-remote", dest="remote", action="store_false", help="never decode remotely")
     e.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="remote endpoint URL for this family; repeat for a pool (tried best first, failing over)")
-    e.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
+    e.add_argument("--mode", choices=field_choices("mode"), default="auto")
     e.add_argument("--reserve-gib", type=float, default=None, help="memory kept free (default 0.0625, the settings' reserve)")
-    e.add_argument("--groupnorm", choices=["auto", "exact", "offload", "local"], default="auto",
+    e.add_argument("--groupnorm", choices=field_choices("tile_groupnorm"), default="auto",
                    help="tiles: exact (same image as a full decode; whole-image buffers in host memory when "
                         "needed), offload (exact, buffers in host memory as far as needed), local (least memory, "
                         "colours may drift) or auto (lossless first; default)")
@@ -100,6 +99,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 #: How the command line spells the simulation's fields (errors name the flag, not the env var).
 SIM_FLAGS = {"free_gib": "--free-gib", "total_gib": "--total-gib", "name": "--gpu"}
+#: DecodeSettings fields -> the explain flags that set them (a value the model refuses is reported by its flag).
+FLAGS = {"mode": "--mode", "tile_groupnorm": "--groupnorm", "allow_remote": "--remote", "endpoints": "--endpoint",
+         "reserve_bytes": "--reserve-gib"}
 
 
 def _flag_error(flag: str, value: object, msg: str) -> ProfileError:
@@ -171,10 +173,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.endpoint:
             kw["endpoints"] = {args.family: "|".join(args.endpoint)}
         if args.reserve_gib is not None:
-            if not 0 <= args.reserve_gib <= 64:
-                raise LatentError(f"--reserve-gib {args.reserve_gib}: give GiB between 0 and 64")
-            kw["reserve_bytes"] = int(args.reserve_gib * GiB)
-        settings = DecodeSettings(**kw)
+            kw["reserve_bytes"] = args.reserve_gib  # in GiB: scaled and checked by the model's limits
+        settings = build_settings(kw, names=FLAGS, scales={"reserve_bytes": GiB})
         fam = profiles.family(args.family)
         dtype, upcast = upcast_dtype(args.dtype, fam.force_upcast)
         job = DecodeJob(family=args.family, width=args.width, height=args.height, batch=args.batch,
@@ -190,13 +190,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             learned_info = {"path": str(store.path), "error": store.error, "min_count": learned.min_count,
                             "entries": [e.to_dict() for e in learned.for_card(state.name, job.family)]}
         decision = decide(job, state, profiles, settings, learned=learned, identity=identity)
-    except (LatentError, ProfileError) as exc:
+    except (LatentError, ProfileError, SettingsError) as exc:
         return _fail(str(exc), 2)
-    except ValidationError as exc:  # settings built from the flags
-        flags = {"reserve_bytes": "--reserve-gib", "endpoints": "--endpoint", "mode": "--mode"}
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "settings"
-        return _fail(f"{flags.get(field, field)}: {err['msg']} (value: {err.get('input')!r}); see --help", 2)
     except HybridVAEError as exc:
         return _fail(str(exc), 1)
     notes = (upcast,) if upcast else ()

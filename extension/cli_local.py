@@ -20,7 +20,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hybrid_vae.policy.errors import DecodeFailedError, HybridVAEError, LatentError, ProfileError
+from hybrid_vae.policy.env import env_name, read_env
+from hybrid_vae.policy.errors import DecodeFailedError, HybridVAEError, LatentError, ProfileError, SettingsError
+from hybrid_vae.policy.model import field_choices
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +35,7 @@ VAE_CLASSES = {"sd": "AutoencoderKL", "hunyuanvideo": "AutoencoderKLHunyuanVideo
 #: Show a progress bar when the chosen plan is estimated to take longer than this (seconds).
 PROGRESS_MIN_S = 1.0
 #: Bearer token for ``decode --endpoint`` when ``--token`` is not given.
-ENV_TOKEN = "HYBRID_VAE_TOKEN"
+ENV_TOKEN = env_name("token")
 
 log = logging.getLogger("hybrid_vae.cli")
 
@@ -52,14 +54,14 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--gpu", default=None, help="simulate this card (see `hybrid-vae explain`)")
     d.add_argument("--total-gib", type=float, default=None, help="simulated total memory")
     d.add_argument("--free-gib", type=float, default=None, help="simulated free memory")
-    d.add_argument("--mode", choices=["auto", "full", "tiled", "remote"], default="auto")
+    d.add_argument("--mode", choices=field_choices("mode"), default="auto")
     d.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="remote endpoint for this family (opts in to remote decode: the endpoint sees the image); "
                         "used only after a random canary latent decodes the same there as with --vae; "
                         "repeat for several: health-checked, tried best first, failing over within the deadline")
     d.add_argument("--token", default=None,
                    help=f"bearer token for the endpoints (default: env {ENV_TOKEN}; HTTPS unless loopback)")
-    d.add_argument("--groupnorm", choices=["auto", "exact", "offload", "local"], default="auto",
+    d.add_argument("--groupnorm", choices=field_choices("tile_groupnorm"), default="auto",
                    help="tiled decodes: exact (whole-image GroupNorm, output equals a full decode, needs "
                         "memory per image pixel, in host memory when the GPU's is short), offload (exact with "
                         "its whole-image buffers in host memory as far as needed), local (per-tile GroupNorm, "
@@ -211,11 +213,12 @@ class _Progress:
 def _decoder(args: argparse.Namespace, family: str, **kw: Any) -> HybridDecoder:
     from hybrid_vae.extension.cli_engine import simulated_state
     from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, HybridDecoder
-    from hybrid_vae.policy.model import DecodeSettings
+    from hybrid_vae.policy.model import build_settings
     from hybrid_vae.policy.profiles import load_profiles
 
     state = simulated_state(load_profiles(args.profile), args.gpu, args.total_gib, args.free_gib)
-    settings = DecodeSettings(mode=args.mode, tile_groupnorm=args.groupnorm)
+    flags = {"mode": "--mode", "tile_groupnorm": "--groupnorm", "endpoints": "--endpoint"}
+    values: dict[str, Any] = {"mode": args.mode, "tile_groupnorm": args.groupnorm}
     if getattr(args, "endpoint", None):
         from hybrid_vae.extension.endpoints import EndpointPool, join_endpoints
         from hybrid_vae.extension.remote import RemoteClient
@@ -224,12 +227,11 @@ def _decoder(args: argparse.Namespace, family: str, **kw: Any) -> HybridDecoder:
             spec = join_endpoints(args.endpoint)
         except ValueError as exc:
             raise LatentError(f"--endpoint: {exc}") from None
-        token = args.token or os.environ.get(ENV_TOKEN) or None
-        settings = settings.model_copy(update={"allow_remote": True, "endpoints": {family: spec},
-                                              "use_builtin_endpoints": False,
-                                              "allow_remote_custom_vae": bool(getattr(args, "remote_custom_vae", False))})
+        token = args.token or read_env().token
+        values.update({"allow_remote": True, "endpoints": {family: spec}, "use_builtin_endpoints": False,
+                       "allow_remote_custom_vae": bool(getattr(args, "remote_custom_vae", False))})
         kw["remote"] = EndpointPool(RemoteClient(token=token, trusted_endpoints=[spec] if token else []), pools=[spec])
-    return HybridDecoder(settings=settings, profile_path=args.profile,
+    return HybridDecoder(settings=build_settings(values, names=flags), profile_path=args.profile,
                          latent_dir=args.latent_dir or DEFAULT_LATENT_DIR,
                          probe=(lambda: state) if state is not None else None, **kw)
 
@@ -343,7 +345,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
                                         custom_vae=bool(meta.get("custom_vae", False)), progress=bar)
         finally:
             bar.close()
-    except (LatentError, ProfileError) as exc:
+    except (LatentError, ProfileError, SettingsError) as exc:
         return fail(str(exc), 2)
     except FileNotFoundError as exc:  # the fixture's weights
         return fail(str(exc), 2)

@@ -50,7 +50,7 @@ from hybrid_vae.extension.geometry import UNMATCHED, resolve_family, vae_geometr
 from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
 from hybrid_vae.policy.errors import PlanError
 from hybrid_vae.policy.geometry import match_family
-from hybrid_vae.policy.model import DecodeSettings, split_endpoints
+from hybrid_vae.policy.model import DecodeSettings, build_settings, split_endpoints
 from hybrid_vae.policy.profiles import Profiles, ProfileStore
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ def _settings_for(base: DecodeSettings, *, family: str, endpoint: str | None, re
     remote_on = update.get("allow_remote", base.allow_remote)
     if not has_vae and remote_on and base.mode == "auto":
         update["mode"] = "remote"  # nothing local can run: do not try local plans first
-    return base.model_copy(update=update) if update else base
+    return build_settings(update, names={"endpoints": "endpoint", "remote_format": "image_format"}, base=base) if update else base
 
 
 def _decoder_for(decoder: HybridDecoder | None, *, settings: DecodeSettings, store: ProfileStore,

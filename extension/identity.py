@@ -53,6 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import HybridVAEError
 from hybrid_vae.policy.learned import user_cache_dir
 from hybrid_vae.policy.model import EndpointIdentity
@@ -66,7 +67,7 @@ log = logging.getLogger("hybrid_vae.identity")
 __all__ = ["CANARY_SEED", "DEFAULT_MIN_PSNR_DB", "ENV_IDENTITY", "IdentityChecker", "IdentityStore", "canary_latent",
            "psnr_8bit", "weights_fingerprint"]
 
-ENV_IDENTITY = "HYBRID_VAE_IDENTITY"
+ENV_IDENTITY = env_name("identity")
 FORMAT = "hybrid-vae-identity/1"
 #: Seed of the canary latent: fixed, so an endpoint's answer can be compared across checks.
 CANARY_SEED = 0x5EED
@@ -174,7 +175,7 @@ class IdentityStore:
             raise ValueError(f"max_entries={max_entries}: must be >= 1")
         if not ttl_s > 0:
             raise ValueError(f"ttl_s={ttl_s}: must be > 0 seconds")
-        env = os.environ.get(ENV_IDENTITY, "").strip()
+        env = read_env().identity
         self.path = Path(path).expanduser() if path not in (None, "") else (
             Path(env).expanduser() if env else user_cache_dir() / "identity.json")
         self.max_entries, self.ttl_s = max_entries, ttl_s

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +39,7 @@ from hybrid_vae.extension.identity import CANARY_DEADLINE_S, IdentityChecker
 from hybrid_vae.extension.latents import pack_flux, save_latent, to_vae_space, unpack_flux, validate_latents
 from hybrid_vae.extension.stream import settings_for_vae
 from hybrid_vae.policy.decide import decide, describe_plan, endpoint_for
+from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import (
     DecodeFailedError,
     HybridVAEError,
@@ -68,7 +68,7 @@ __all__ = ["DEFAULT_LATENT_DIR", "ENV_STRICT", "DecodeReport", "DecodeResult", "
 
 DEFAULT_LATENT_DIR = "./hybrid-vae-latents"
 #: Env var: ``1`` raises programming errors met inside a plan instead of falling back (tests set it).
-ENV_STRICT = "HYBRID_VAE_STRICT"
+ENV_STRICT = env_name("strict")
 #: Exceptions that mean a bug in hybrid-vae (or a VAE class it does not understand), not a shortage of
 #: memory or a failing backend. ``NotImplementedError`` is not here: torch raises it for a kernel a backend
 #: lacks (MPS), which another plan (cpu) can run.
@@ -240,7 +240,7 @@ def error_kind(exc: BaseException) -> ErrorKind:
 
 
 def _strict_from_env() -> bool:
-    return os.environ.get(ENV_STRICT, "").strip().lower() in ("1", "true", "yes", "on")
+    return read_env().strict
 
 
 def _short_error(exc: BaseException) -> str:

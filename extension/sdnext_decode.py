@@ -138,7 +138,7 @@ class DecodePaths:
             from hybrid_vae.extension.remote import RemoteClient
         except ImportError as exc:
             return None, f"remote decode needs {exc.name} (pip install {exc.name})"
-        urls = [u for spec in cfg.endpoints.values() for u in split_endpoints(spec)]  # a pool: "a|b"
+        urls = [u for spec in cfg.settings.endpoints.values() for u in split_endpoints(spec)]  # a pool: "a|b"
         urls += [e.url for f in profiles.families.values() for e in f.endpoints]
         trusted = tuple(sorted(set(token_endpoints(urls)))) if cfg.token else ()
         key = (cfg.token, trusted)
@@ -148,7 +148,7 @@ class DecodePaths:
                     self._remote.close()
                 client = RemoteClient(token=cfg.token, trusted_endpoints=trusted)
                 self._remote, self._remote_key = pool_for(client), key
-            pool_for(self._remote, cfg.endpoints)  # learn this configuration's pools (health-checked)
+            pool_for(self._remote, cfg.settings.endpoints)  # learn this configuration's pools (health-checked)
             return self._remote, None
 
     # ---- the processing_vae.vae_decode hook ------------------------------------------------------

@@ -1,13 +1,17 @@
 """SD.Next settings, the per-generation accordion, and reading SD.Next's model (family, custom VAE).
 
-One settings section ``("hybrid_vae", "Hybrid VAE")``; every key starts with ``hybrid_vae_``. Values
-are read at decode time with :func:`read_config` (``shared.opts.secrets`` first, then
-``shared.opts.data``, then the default), so a change applies to the next generation without a
-restart. A value that cannot be used (a mode that does not exist, a number out of range) is reported
-in the log and the image's infotext, and its default is used instead; it never stops a generation. An
-endpoint list that cannot be parsed narrows where images go: remote decode is off for every family until
-it is fixed (never the built-in endpoints instead). Every label names the extension, so SD.Next's
-settings search (it matches the text shown for each setting) finds every option with "hybrid".
+One settings section ``("hybrid_vae", "Hybrid VAE")``; every key starts with ``hybrid_vae_``. :data:`OPTIONS` is
+the one table from option to engine: each row names the :class:`~policy.model.DecodeSettings` field its value
+sets and the unit conversion (``hybrid_vae_reserve_mib`` x MiB -> ``reserve_bytes``), or the :class:`Config`
+attribute of what only SD.Next has (on/off, token, profile path, decision log). The engine's model checks the
+values (type and limits); there is no second settings model. Values are read at decode time with
+:func:`read_config` (``shared.opts.secrets`` first, then ``shared.opts.data``, then the default), so a change
+applies to the next generation without a restart. A value that cannot be used (a mode that does not exist, a
+number out of range) is reported in the log and the image's infotext, naming the key, the value and the
+default used instead; it never stops a generation. An endpoint list that cannot be parsed narrows where images
+go: remote decode is off for every family until it is fixed (never the built-in endpoints instead). Every label
+names the extension, so SD.Next's settings search (it matches the text shown for each setting) finds every
+option with "hybrid".
 
 ``modules.*`` and ``gradio`` are imported inside the functions that need them: importing this module
 outside SD.Next is cheap and safe.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,19 +32,21 @@ from hybrid_vae.extension.geometry import vae_geometry
 from hybrid_vae.extension.latents import from_vae_space
 from hybrid_vae.policy.errors import ProfileError
 from hybrid_vae.policy.geometry import match_family
-from hybrid_vae.policy.model import DecodeSettings, MiB
+from hybrid_vae.policy.model import DecodeSettings, MiB, field_choices, field_expectation
 from hybrid_vae.policy.profiles import Family, Profiles
 from hybrid_vae.policy.trust import HF_TOKEN_POLICY
+from pydantic import ValidationError
 
 log = logging.getLogger("hybrid_vae.sdnext")
 
-__all__ = ["GEN_MODES", "MODES", "OPTIONS", "PREFIX", "SECTION", "Config", "OptionSpec", "accordion_ui",
-           "detect_custom", "detect_family", "from_vae_space", "hub_id", "opts_getter", "parse_endpoints",
-           "raw_decode", "read_config", "register_settings", "remote_off_reason", "resolve_settings", "token_endpoints"]
+__all__ = ["GEN_MODES", "MODES", "NOT_EXPOSED", "OPTIONS", "PREFIX", "SECTION", "Config", "OptionSpec", "accordion_ui",
+           "detect_custom", "detect_family", "from_vae_space", "hub_id", "options_markdown", "opts_getter",
+           "parse_endpoints", "raw_decode", "read_config", "register_settings", "remote_off_reason", "resolve_settings",
+           "token_endpoints"]
 
 SECTION = ("hybrid_vae", "Hybrid VAE")
 PREFIX = "hybrid_vae_"
-MODES = ("auto", "full", "tiled", "remote")
+MODES = field_choices("mode")
 #: Choices of the per-generation override; the first one means "use the settings".
 GEN_MODES = ("as in settings", *MODES)
 #: Earlier name of ``GEN_MODES[0]`` (saved generation parameters, API calls): still means "use the settings".
@@ -48,54 +55,77 @@ SETTINGS_FILE = "SD.Next settings"
 _ENGINE = DecodeSettings.model_fields  # the engine's defaults are the settings' defaults
 RESERVE_MIB = int(_ENGINE["reserve_bytes"].default) // MiB
 OVERLAP_PX = int(_ENGINE["tile_overlap_px"].default)
-TILE_GROUPNORM = ("auto", "exact", "offload", "local")
+TILE_GROUPNORM = field_choices("tile_groupnorm")
 DEADLINE_S = int(_ENGINE["remote_deadline_s"].default)
 STOCK_VAE_SETTINGS = frozenset({"", "automatic", "none", "default"})
+_TRUE_FALSE = {"true": True, "false": False}
 
 
 @dataclasses.dataclass(frozen=True)
 class OptionSpec:
-    """One SD.Next option: key, default, label, gradio component name and its arguments."""
+    """One SD.Next option: key, default, label, gradio component name and its arguments, and where its value goes.
+
+    Attributes:
+        field: the :class:`DecodeSettings` field the value sets; the field's type and limits check it.
+        scale: option unit -> field unit (``MiB``: the option is in MiB, the field in bytes).
+        attr: instead of ``field``, the :class:`Config` attribute of a setting only SD.Next has.
+        multiple_of: a number is rounded down to a multiple of this (the slider's step), with a note.
+        secret: masked in SD.Next's UI and ``is_secret`` in /sdapi/v1/options-info.
+    """
 
     key: str
     default: Any
     label: str
     component: str  # Checkbox | Radio | Textbox | Slider
     args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    secret: bool = False  # masked in SD.Next's UI and ``is_secret`` in /sdapi/v1/options-info
+    secret: bool = False
+    field: str | None = None
+    attr: str | None = None
+    scale: int = 1
+    multiple_of: int | None = None
 
 
 OPTIONS: tuple[OptionSpec, ...] = (
-    OptionSpec(PREFIX + "enabled", True, "Hybrid VAE: choose full, tiled or remote decode for every image", "Checkbox"),
+    OptionSpec(PREFIX + "enabled", True, "Hybrid VAE: choose full, tiled or remote decode for every image", "Checkbox",
+               attr="enabled"),
     OptionSpec(PREFIX + "mode", "auto", "Hybrid VAE decode mode (auto: the fastest plan that fits the VRAM free now)",
-               "Radio", {"choices": list(MODES)}),
+               "Radio", {"choices": list(MODES)}, field="mode"),
     OptionSpec(PREFIX + "allow_remote", False, "Hybrid VAE: allow remote decode (privacy: the endpoint sees your images)",
-               "Checkbox"),
+               "Checkbox", field="allow_remote"),
     OptionSpec(PREFIX + "remote_custom_vae", False, "Hybrid VAE: allow remote decode for custom or fine-tuned VAEs "
-               "(the endpoint decodes with its own VAE)", "Checkbox"),
+               "(the endpoint decodes with its own VAE)", "Checkbox", field="allow_remote_custom_vae"),
     OptionSpec(PREFIX + "endpoints", "", "Hybrid VAE remote endpoints per family: family=url, ... "
                "(e.g. sdxl=https://host/decode; several with failover: sdxl=https://a/sdxl|https://b/sdxl; an invalid entry "
-               "turns remote decode off until fixed)", "Textbox"),
+               "turns remote decode off until fixed)", "Textbox", field="endpoints"),
     OptionSpec(PREFIX + "builtin_endpoints", False, "Hybrid VAE: use the built-in Hugging Face endpoints for families "
-               "without an endpoint above", "Checkbox"),
+               "without an endpoint above", "Checkbox", field="use_builtin_endpoints"),
     OptionSpec(PREFIX + "hf_token", "", "Hybrid VAE Hugging Face token for remote decode (kept in secrets.json, sent "
-               "only to Hugging Face hosts over HTTPS)", "Textbox", {"type": "password"}, secret=True),
+               "only to Hugging Face hosts over HTTPS)", "Textbox", {"type": "password"}, secret=True, attr="token"),
     OptionSpec(PREFIX + "reserve_mib", RESERVE_MIB, "Hybrid VAE VRAM reserve in MiB (left untouched by the decode)",
-               "Slider", {"minimum": 0, "maximum": 8192, "step": 64}),
+               "Slider", {"minimum": 0, "maximum": 8192, "step": 64}, field="reserve_bytes", scale=MiB),
     OptionSpec(PREFIX + "tile_groupnorm", "auto", "Hybrid VAE tiling: exact (same image as a full decode; whole-image "
                "buffers in host memory when VRAM is short), offload (exact, buffers in host memory as far as needed), "
                "local (least memory, tile colours drift) or auto (lossless first)", "Radio",
-               {"choices": list(TILE_GROUPNORM)}),
+               {"choices": list(TILE_GROUPNORM)}, field="tile_groupnorm"),
     OptionSpec(PREFIX + "tile_overlap_px", OVERLAP_PX, "Hybrid VAE local tile overlap in pixels (more hides seams, "
-               "costs time)", "Slider", {"minimum": 0, "maximum": 256, "step": 8}),
+               "costs time)", "Slider", {"minimum": 0, "maximum": 256, "step": 8}, field="tile_overlap_px", multiple_of=8),
     OptionSpec(PREFIX + "remote_deadline_s", DEADLINE_S, "Hybrid VAE remote decode deadline in seconds (then the next "
-               "plan runs)", "Slider", {"minimum": 5, "maximum": 600, "step": 5}),
+               "plan runs)", "Slider", {"minimum": 5, "maximum": 600, "step": 5}, field="remote_deadline_s"),
     OptionSpec(PREFIX + "profile_path", "", "Hybrid VAE profile YAML path (merged over the built-in profiles; see "
-               "profiles/example-override.yaml)", "Textbox"),
+               "profiles/example-override.yaml)", "Textbox", attr="profile_path"),
     OptionSpec(PREFIX + "decision_log", True, "Hybrid VAE decision log: one INFO line per decode in SD.Next's log, "
-               "and JSON lines in <data>/hybrid-vae/decisions.jsonl", "Checkbox"),
+               "and JSON lines in <data>/hybrid-vae/decisions.jsonl", "Checkbox", attr="decision_log"),
 )
-_DEFAULTS = {o.key: o.default for o in OPTIONS}
+#: The :class:`DecodeSettings` fields SD.Next has no option for, and why the engine's default serves there.
+NOT_EXPOSED: Mapping[str, str] = {
+    "exact_tolerance": "the engine's default (chosen on the simulated benchmark, docs/benchmarks.md)",
+    "host_reserve_bytes": "the engine's default (2 GiB of host memory left to SD.Next and the system)",
+    "min_tile_px": "the family's smallest tile from the profile (a profile YAML changes it)",
+    "remote_format": "auto: raw or png by the measured bandwidth",
+    "remote_quality": "lossless: an SD.Next image is never JPEG-compressed on the way",
+    "allow_cpu": "on: the CPU is the last resort, so no image is lost",
+    "generic_speed_factor": "the engine's default (a profile YAML gives a card its own numbers)",
+}
 
 
 def register_settings() -> None:
@@ -130,27 +160,27 @@ def opts_getter(opts: Any) -> Callable[[str, Any], Any]:
     return get
 
 
+def _option_settings() -> DecodeSettings:
+    """The engine settings of SD.Next's option defaults (built-in endpoints off, unlike the engine's default)."""
+    return read_config(lambda _k, d: d, families=()).settings
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The user's hybrid-vae settings as read at one decode.
 
     Attributes:
+        settings: the engine's settings the ``hybrid_vae_*`` options give (:data:`OPTIONS`; default: the options'
+            defaults).
+        enabled, token, profile_path, decision_log: what only SD.Next has (rows of :data:`OPTIONS` with ``attr``).
         problems: one line per value that could not be used (its default was used instead).
         endpoint_error: why the endpoint list could not be parsed; while set, remote decode is off for
             every family (a typo narrows where images go, never widens it).
     """
 
+    settings: DecodeSettings = dataclasses.field(default_factory=_option_settings)
     enabled: bool = True
-    mode: str = "auto"
-    allow_remote: bool = False
-    remote_custom_vae: bool = False
-    endpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    builtin_endpoints: bool = False
     token: str | None = None
-    reserve_mib: int = RESERVE_MIB
-    tile_groupnorm: str = "auto"
-    tile_overlap_px: int = OVERLAP_PX
-    remote_deadline_s: float = float(DEADLINE_S)
     profile_path: str | None = None
     decision_log: bool = True
     problems: tuple[str, ...] = ()
@@ -198,62 +228,75 @@ def parse_endpoints(text: str, families: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _bool(get: Callable[[str, Any], Any], key: str, problems: list[str]) -> bool:
-    v = get(key, _DEFAULTS[key])
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
-        return v.strip().lower() == "true"
-    problems.append(f"{key}={v!r} is not true/false; using {_DEFAULTS[key]}")
-    return bool(_DEFAULTS[key])
+def _problem(spec: OptionSpec, raw: Any) -> str:
+    """``hybrid_vae_mode='fastest' is not one of auto, full, tiled, remote; using auto``."""
+    want = field_expectation(spec.field, spec.scale) if spec.field else "true/false"
+    return f"{spec.key}={raw!r} is not {want}; using {spec.default}"
 
 
-def _number(get: Callable[[str, Any], Any], key: str, problems: list[str], lo: float, hi: float) -> float:
-    v = get(key, _DEFAULTS[key])
+def _convert(spec: OptionSpec, raw: Any) -> Any:
+    """The option's value in its own unit, typed like its default (SD.Next's API may send strings).
+
+    Raises:
+        ValueError: not true/false for a checkbox, not a finite number for a slider.
+    """
+    if isinstance(spec.default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE_FALSE:
+            return _TRUE_FALSE[raw.strip().lower()]
+        raise ValueError(raw)
+    if isinstance(spec.default, str):
+        text = str(raw or spec.default).strip()
+        return text.lower() if spec.field else (text or None)  # a choice, or free text (token, path)
     try:
-        f = float(v)
+        num = float(raw)
     except (TypeError, ValueError):
-        f = float("nan")
-    if not (lo <= f <= hi):
-        problems.append(f"{key}={v!r} is not a number in [{lo:g}, {hi:g}]; using {_DEFAULTS[key]}")
-        return float(_DEFAULTS[key])
-    return f
+        raise ValueError(raw) from None
+    if not math.isfinite(num):
+        raise ValueError(raw)
+    whole = spec.field is not None and _ENGINE[spec.field].annotation is int
+    return int(num) if whole else num
 
 
 def read_config(get: Callable[[str, Any], Any], *, families: Iterable[str]) -> Config:
-    """Read and check every ``hybrid_vae_*`` value; a bad value falls back to its default and is listed in ``problems``."""
+    """Read and check every ``hybrid_vae_*`` value through :data:`OPTIONS`; a bad value falls back to its default and
+    is listed in ``problems`` (key, value, the default used)."""
     problems: list[str] = []
-    mode = str(get(PREFIX + "mode", "auto") or "auto").strip().lower()
-    if mode not in MODES:
-        problems.append(f"{PREFIX}mode={mode!r} is not one of {', '.join(MODES)}; using auto")
-        mode = "auto"
+    values: dict[str, Any] = {}
+    host: dict[str, Any] = {}
+    raws: dict[str, tuple[OptionSpec, Any]] = {}
     endpoint_error = None
+    for spec in OPTIONS:
+        raw = get(spec.key, spec.default)
+        if spec.field == "endpoints":
+            try:
+                values["endpoints"] = parse_endpoints(str(raw or ""), families)
+            except ProfileError as exc:
+                endpoint_error = str(exc)
+                problems.append(f"{exc}; remote decode is off for every family until this setting is fixed")
+            continue
+        try:
+            value = _convert(spec, raw)
+        except ValueError:
+            problems.append(_problem(spec, raw))
+            value = spec.default
+        if spec.multiple_of and value % spec.multiple_of:
+            value -= value % spec.multiple_of
+            problems.append(f"{spec.key}={raw!r} is not a multiple of {spec.multiple_of}; using {value}")
+        if spec.field is None:
+            host[str(spec.attr)] = value
+        else:
+            values[spec.field], raws[spec.field] = value * spec.scale, (spec, raw)
     try:
-        endpoints = parse_endpoints(str(get(PREFIX + "endpoints", "") or ""), families)
-    except ProfileError as exc:
-        endpoint_error = str(exc)
-        problems.append(f"{exc}; remote decode is off for every family until this setting is fixed")
-        endpoints = {}
-    overlap = int(_number(get, PREFIX + "tile_overlap_px", problems, 0, 512))
-    if overlap % 8:
-        problems.append(f"{PREFIX}tile_overlap_px={overlap} is not a multiple of 8; using {overlap - overlap % 8}")
-        overlap -= overlap % 8
-    gn = str(get(PREFIX + "tile_groupnorm", "auto") or "auto").strip().lower()
-    if gn not in TILE_GROUPNORM:
-        problems.append(f"{PREFIX}tile_groupnorm={gn!r} is not one of {', '.join(TILE_GROUPNORM)}; using auto")
-        gn = "auto"
-    token = str(get(PREFIX + "hf_token", "") or "").strip() or None
-    path = str(get(PREFIX + "profile_path", "") or "").strip() or None
-    return Config(
-        enabled=_bool(get, PREFIX + "enabled", problems), mode=mode,
-        allow_remote=_bool(get, PREFIX + "allow_remote", problems),
-        remote_custom_vae=_bool(get, PREFIX + "remote_custom_vae", problems),
-        endpoints=endpoints, builtin_endpoints=_bool(get, PREFIX + "builtin_endpoints", problems), token=token,
-        reserve_mib=int(_number(get, PREFIX + "reserve_mib", problems, 0, 65536)), tile_groupnorm=gn,
-        tile_overlap_px=overlap,
-        remote_deadline_s=_number(get, PREFIX + "remote_deadline_s", problems, 1, 3600), profile_path=path,
-        decision_log=_bool(get, PREFIX + "decision_log", problems), problems=tuple(problems),
-        endpoint_error=endpoint_error)
+        settings = DecodeSettings.model_validate(values)
+    except ValidationError as exc:  # out of the field's limits or choices: that option's default
+        for field in dict.fromkeys(str(e["loc"][0]) for e in exc.errors() if e["loc"]):
+            spec, raw = raws[field]
+            problems.append(_problem(spec, raw))
+            values[field] = spec.default * spec.scale
+        settings = DecodeSettings.model_validate(values)
+    return Config(settings=settings, problems=tuple(problems), endpoint_error=endpoint_error, **host)
 
 
 def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str = "Full") -> tuple[DecodeSettings, list[str]]:
@@ -268,8 +311,8 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
     unset); the built-in endpoints only when their own setting is on.
     """
     notes: list[str] = []
-    mode = cfg.mode
-    allow_remote = cfg.allow_remote and cfg.endpoint_error is None
+    mode: str = cfg.settings.mode
+    allow_remote = cfg.settings.allow_remote and cfg.endpoint_error is None
     if override and override not in (GEN_MODES[0], GEN_MODE_LEGACY):
         if override in MODES:
             mode = override
@@ -280,11 +323,7 @@ def resolve_settings(cfg: Config, *, override: str | None = None, vae_type: str 
             mode = "remote"
         else:
             notes.append("SD.Next VAE type Remote ignored: " + remote_off_reason(cfg))
-    return DecodeSettings(mode=mode, allow_remote=allow_remote, endpoints=dict(cfg.endpoints),
-                          use_builtin_endpoints=cfg.builtin_endpoints, allow_remote_custom_vae=cfg.remote_custom_vae,
-                          reserve_bytes=cfg.reserve_mib * MiB, tile_overlap_px=cfg.tile_overlap_px,
-                          tile_groupnorm=cfg.tile_groupnorm,  # type: ignore[arg-type]
-                          remote_deadline_s=cfg.remote_deadline_s), notes
+    return cfg.settings.updated(mode=mode, allow_remote=allow_remote), notes
 
 
 def remote_off_reason(cfg: Config, *, detail: bool = True) -> str:
@@ -292,11 +331,26 @@ def remote_off_reason(cfg: Config, *, detail: bool = True) -> str:
     endpoint setting's error text (the infotext lists it once as an ignored setting)."""
     if cfg.endpoint_error is not None:
         return "remote decode is off until the endpoint setting is fixed" + (f" ({cfg.endpoint_error})" if detail else "")
-    if not cfg.allow_remote:
+    if not cfg.settings.allow_remote:
         return "remote decode is off (Settings > Hybrid VAE: allow remote decode)"
-    if not cfg.endpoints and not cfg.builtin_endpoints:
+    if not cfg.settings.endpoints and not cfg.settings.use_builtin_endpoints:
         return "no remote endpoint is set (Settings > Hybrid VAE: endpoints, or the built-in endpoints)"
     return ""
+
+
+def options_markdown() -> str:
+    """The table of docs/configuration.md: each SD.Next option, the field it sets and how, then the fields it leaves."""
+    rows = ["| SD.Next option | Default | Sets | Conversion |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        target = f"`DecodeSettings.{o.field}`" if o.field else f"SD.Next only (`Config.{o.attr}`)"
+        how = {MiB: "x 1 MiB (MiB -> bytes)"}.get(o.scale, "as is") if o.field != "endpoints" else \
+            "`family=url, ...` -> `{family: url}` (`parse_endpoints`)"
+        if o.multiple_of:
+            how += f", rounded down to a multiple of {o.multiple_of}"
+        rows.append(f"| `{o.key}` | `{o.default!r}` | {target} | {how} |")
+    rows += ["", "| `DecodeSettings` field without an SD.Next option | What SD.Next uses |", "|---|---|"]
+    rows += [f"| `{f}` | {why} |" for f, why in NOT_EXPOSED.items()]
+    return "\n".join(rows) + "\n"
 
 
 def token_endpoints(urls: Iterable[str]) -> list[str]:

@@ -255,7 +255,7 @@ def settings_for_vae(settings: DecodeSettings, vae: Any, family: Family) -> Deco
     if why is None:
         return settings
     log.debug("hybrid-vae: no exact tiling for %s (%s); local tiles only", type(vae).__name__, why)
-    return settings.model_copy(update={"tile_groupnorm": "local"})
+    return settings.updated(tile_groupnorm="local")
 
 
 def _channels(m: Any, attr: str) -> int:

@@ -8,9 +8,11 @@ Inputs in, frozen decision out::
 """
 
 from hybrid_vae.policy.decide import decide, endpoint_for, identity_gate
+from hybrid_vae.policy.env import Env, read_env
 from hybrid_vae.policy.errors import (
     CircuitOpenError,
     DecodeFailedError,
+    EnvError,
     HybridVAEError,
     LatentError,
     PlanError,
@@ -21,6 +23,7 @@ from hybrid_vae.policy.errors import (
     RemoteSecurityError,
     RemoteStatusError,
     RemoteTimeoutError,
+    SettingsError,
 )
 from hybrid_vae.policy.gpu import ENV_SIMULATE, GiB, GpuState, parse_simulation, probe
 from hybrid_vae.policy.model import (
@@ -32,6 +35,7 @@ from hybrid_vae.policy.model import (
     NetworkStats,
     Option,
     Plan,
+    build_settings,
 )
 from hybrid_vae.policy.profiles import ENV_PROFILE, Family, Profiles, ProfileStore, load_profiles
 
@@ -44,6 +48,8 @@ __all__ = [
     "DecodeJob",
     "DecodeSettings",
     "EndpointIdentity",
+    "Env",
+    "EnvError",
     "Estimate",
     "Family",
     "GiB",
@@ -63,10 +69,13 @@ __all__ = [
     "RemoteSecurityError",
     "RemoteStatusError",
     "RemoteTimeoutError",
+    "SettingsError",
+    "build_settings",
     "decide",
     "endpoint_for",
     "identity_gate",
     "load_profiles",
     "parse_simulation",
     "probe",
+    "read_env",
 ]

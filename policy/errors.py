@@ -5,6 +5,8 @@ message can say what went wrong, with which value, and what to do::
 
     HybridVAEError
     ├── ProfileError            a profile or settings file is broken (file, key path, value)
+    │   └── EnvError                a HYBRID_VAE_* environment variable cannot be used (variable, value)
+    ├── SettingsError           a decode setting is outside its type or limits (the front end's name, value); a ValueError
     ├── LatentError             a latent does not match its family (shape, dtype, NaN, ...); also a ValueError
     ├── PlanError               an executor cannot run a plan (unknown path, unsupported VAE)
     ├── DecodeFailedError       every plan failed; the latent was saved (``latent_path``)
@@ -47,6 +49,16 @@ class ProfileError(HybridVAEError):
         super().__init__(": ".join([*parts, f"{message}{shown}"]))
 
 
+class EnvError(ProfileError):
+    """A ``HYBRID_VAE_*`` environment variable holds a value that cannot be used (:mod:`policy.env`).
+
+    ``key_path`` is the variable, ``value`` its value; the message says the fix.
+    """
+
+    def __init__(self, message: str, *, key_path: str, value: object = None) -> None:
+        super().__init__(message, file="environment", key_path=key_path, value=value)
+
+
 #: Longest value an error message quotes (a 10 MB YAML value must not become a 10 MB line).
 MAX_SHOWN = 120
 
@@ -57,6 +69,25 @@ def short_repr(value: object, limit: int = MAX_SHOWN) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
+
+
+class SettingsError(HybridVAEError, ValueError):
+    """A value for :class:`~policy.model.DecodeSettings` that the model refuses.
+
+    Attributes:
+        name: what the user set, in the front end's words (a CLI flag, a ComfyUI widget, an SD.Next option key,
+            or the field name).
+        value: the value as the user gave it.
+    """
+
+    def __init__(self, message: str, *, name: str, value: object = None) -> None:
+        self.name, self.value, self.detail = name, value, message
+        if name.startswith("--"):  # a flag reads as typed: ``--reserve-gib -1``
+            shown = f"{value:g}" if isinstance(value, float) else short_repr(value) if not isinstance(value, int) \
+                else str(value)
+            super().__init__(f"{name} {shown}: {message}")
+        else:
+            super().__init__(f"{name}={short_repr(value)}: {message}")
 
 
 class LatentError(HybridVAEError, ValueError):

@@ -22,11 +22,12 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import ProfileError
 
 log = logging.getLogger("hybrid_vae")
 
-ENV_SIMULATE = "HYBRID_VAE_SIMULATE_GPU"
+ENV_SIMULATE = env_name("simulate_gpu")
 GiB = 1024**3
 #: ``host``: a CPU decode planned like a device decode, against a memory budget (``hybrid-vae serve`` on a CPU).
 Source = Literal["nvml", "torch", "mps", "cpu", "simulated", "host"]
@@ -345,7 +346,7 @@ def probe(device: str | int | None = None, *, simulate: str | None = None,
 
 def _probe_device(device: str | int | None, *, simulate: str | None,
                   total_for: Callable[[str], float | None] | None) -> GpuState:
-    spec = simulate if simulate is not None else os.environ.get(ENV_SIMULATE, "")
+    spec = simulate if simulate is not None else (read_env().simulate_gpu or "")
     if spec.strip():
         state = parse_simulation(spec, total_for=total_for)
         log.warning("hybrid-vae: GPU SIMULATED (%s): %s, %.2f GiB free", ENV_SIMULATE, state.name,

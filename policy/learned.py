@@ -40,12 +40,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybrid_vae.policy.env import env_name, read_env
+
 if TYPE_CHECKING:
     from hybrid_vae.policy.model import Decision, DecodeJob, Plan
 
 log = logging.getLogger("hybrid_vae.learned")
 
-ENV_LEARNED = "HYBRID_VAE_LEARNED"
+ENV_LEARNED = env_name("learned")
 LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact", "tiled-offload"})
 
 
@@ -242,7 +244,7 @@ def user_cache_dir() -> Path:
 
 def default_path() -> Path:
     """``$HYBRID_VAE_LEARNED``, else ``<cache>/hybrid-vae/learned.json`` (see :func:`user_cache_dir`)."""
-    env = os.environ.get(ENV_LEARNED)
+    env = read_env().learned
     if env:
         return Path(env).expanduser()
     return user_cache_dir() / "learned.json"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
+from hybrid_vae.policy.errors import SettingsError
 from hybrid_vae.policy.gpu import GiB, GpuState
 from hybrid_vae.policy.profiles import Dtype
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Path_ = Literal["full", "tiled", "remote", "cpu"]
 Mode = Literal["auto", "full", "tiled", "remote"]
@@ -62,6 +64,93 @@ class DecodeSettings(BaseModel):
             if len(set(urls)) != len(urls):
                 raise ValueError(f"endpoint for {fam!r} lists a URL twice ({spec!r}); give each once")
         return v
+
+    def updated(self, **changes: Any) -> DecodeSettings:
+        """A copy with ``changes`` applied and checked like a new model (``model_copy(update=...)`` checks nothing).
+
+        Raises:
+            pydantic.ValidationError: a value outside the field's type or limits.
+        """
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+def field_choices(name: str) -> tuple[str, ...]:
+    """The values a ``Literal`` field of :class:`DecodeSettings` takes, in order (``field_choices("mode")`` ->
+    ``("auto", "full", "tiled", "remote")``); front ends list these instead of a copy."""
+    ann = DecodeSettings.model_fields[name].annotation
+    if get_origin(ann) is not Literal:
+        raise KeyError(f"DecodeSettings.{name} is not a choice field")
+    return tuple(str(a) for a in get_args(ann))
+
+
+def field_expectation(name: str, scale: float = 1) -> str:
+    """What a valid value of a :class:`DecodeSettings` field looks like, for error messages: ``one of auto, full,
+    tiled, remote``, ``true/false``, ``a number in [0, 65536]`` (the limits divided by ``scale``: a front end whose
+    unit is MiB passes ``MiB`` for a field in bytes), ``family -> http(s) URL``."""
+    info = DecodeSettings.model_fields[name]
+    ann = info.annotation
+    if get_origin(ann) is Literal:
+        return "one of " + ", ".join(field_choices(name))
+    if ann is bool:
+        return "true/false"
+    if get_origin(ann) is dict:
+        return "family -> http(s)://host/path"
+    lo, hi, lo_open, hi_open = None, None, False, False
+    for m in info.metadata:
+        for attr, is_lo, is_open in (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True)):
+            v = getattr(m, attr, None)
+            if v is not None:
+                if is_lo:
+                    lo, lo_open = v / scale, is_open
+                else:
+                    hi, hi_open = v / scale, is_open
+    if lo is None and hi is None:
+        return "a number"
+    return (f"a number in {'(' if lo_open else '['}{'-inf' if lo is None else _num(lo)}, "
+            f"{'inf' if hi is None else _num(hi)}{')' if hi_open else ']'}")
+
+
+def _num(v: float) -> str:
+    """``65536``, ``0.5``: a limit as people write it (``1048576``, never ``1.04858e+06``)."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def build_settings(values: Mapping[str, Any], *, names: Mapping[str, str] | None = None,
+                   scales: Mapping[str, float] | None = None, base: DecodeSettings | None = None) -> DecodeSettings:
+    """:class:`DecodeSettings` from a front end's values, over ``base``.
+
+    Args:
+        values: field name -> value, in the front end's unit.
+        names: field -> the front end's name for it (``--reserve-gib``, ``tiling``, ``endpoint``); the error
+            names that.
+        scales: field -> the front end's unit in the field's unit (``GiB`` for ``--reserve-gib`` into
+            ``reserve_bytes``): the value is multiplied by it (whole for an int field when finite), and the
+            error shows the value and the limits in the unit the user typed.
+        base: the settings the values change (default: the model's defaults).
+
+    Raises:
+        SettingsError: one line naming the front end's name, the value and what is allowed.
+    """
+    scales = scales or {}
+    converted = {f: _to_field(f, v, scales.get(f, 1)) for f, v in values.items()}
+    try:
+        return (base or DecodeSettings()).updated(**converted)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        if field not in DecodeSettings.model_fields:
+            raise SettingsError(str(err["msg"]), name=field or "settings", value=err.get("input")) from None
+        detail = str(err["msg"]).removeprefix("Value error, ")
+        msg = detail if field == "endpoints" else f"give {field_expectation(field, scales.get(field, 1))}"
+        raise SettingsError(msg, name=(names or {}).get(field, field), value=values.get(field)) from None
+
+
+def _to_field(field: str, value: Any, scale: float) -> Any:
+    """``value`` x ``scale``, whole for an int field when finite (``0.5`` GiB -> ``536870912``); others as given."""
+    if scale == 1 or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    out = value * scale
+    return int(out) if DecodeSettings.model_fields[field].annotation is int and math.isfinite(out) else out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,17 +11,17 @@ returns the error beside them.
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import ProfileError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ENV_PROFILE = "HYBRID_VAE_PROFILE"
+ENV_PROFILE = env_name("profile")
 DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 Dtype = Literal["float16", "bfloat16", "float32"]
 
@@ -302,7 +302,7 @@ def load_profiles(override: str | Path | None = None, *, builtin: Path | None = 
     sources = [str(fam_file), str(gpu_file)]
     base = _validate(data, sources, fam_file)
     if override is None:
-        override = os.environ.get(ENV_PROFILE) or None
+        override = read_env().profile
     if override is None or str(override).strip() == "":
         return base
     path = Path(override).expanduser()
@@ -340,7 +340,7 @@ class ProfileStore:
         return tuple(stamp)
 
     def get(self, override: str | Path | None = None) -> tuple[Profiles, ProfileError | None]:
-        path = str(override) if override not in (None, "") else (os.environ.get(ENV_PROFILE) or None)
+        path = str(override) if override not in (None, "") else read_env().profile
         key = self._stamp(path)
         if self._key == key and self._value is not None:
             return self._value

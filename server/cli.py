@@ -19,12 +19,15 @@ import os
 import sys
 from typing import Any
 
+from hybrid_vae.policy.env import env_name, read_env
+from hybrid_vae.policy.errors import EnvError
+
 #: Default port: not ComfyUI's 8188 nor SD.Next's 7860, so a serve on the same machine as either starts.
 DEFAULT_PORT = 8300
 log = logging.getLogger("hybrid_vae.server")
 
-ENV_TOKEN = "HYBRID_VAE_SERVER_TOKEN"
-ENV_CONFIG = "HYBRID_VAE_SERVE_CONFIG"
+ENV_TOKEN = env_name("server_token")
+ENV_CONFIG = env_name("serve_config")
 DEMO_FAMILIES = ("sd15", "sdxl", "flux", "hunyuanvideo", "wan")
 
 
@@ -206,10 +209,16 @@ def build_app(config: dict[str, Any], token: str | None, decode: Any = None) -> 
 def app_from_env() -> Any:
     """uvicorn factory for ``--workers N`` (and for running under your own uvicorn/gunicorn):
     ``HYBRID_VAE_SERVE_CONFIG`` holds the JSON configuration, ``HYBRID_VAE_SERVER_TOKEN`` the token."""
-    raw = os.environ.get(ENV_CONFIG)
+    env = read_env()
+    raw = env.serve_config
     if not raw:
         raise RuntimeError(f"{ENV_CONFIG} is not set; start through `hybrid-vae serve` or set it to the JSON config")
-    return build_app(json.loads(raw), os.environ.get(ENV_TOKEN) or None)
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise EnvError(f"not JSON ({exc.msg} at character {exc.pos}); start through `hybrid-vae serve --workers N`, "
+                       "which sets it", key_path=ENV_CONFIG, value=raw) from None
+    return build_app(config, env.server_token)
 
 
 def check_device(device: str | None) -> str:
@@ -298,7 +307,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hybrid-vae: error: {exc}", file=sys.stderr)
         return 2
-    token = args.token or os.environ.get(ENV_TOKEN) or None
+    token = args.token or read_env().server_token
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("hybrid-vae serve: listening on %s without a token: anyone who reaches it can decode "
                     "(and sees the images); set --token or %s", args.host, ENV_TOKEN)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.profiles import load_profiles
 from hybrid_vae.server.protocol import BadRequest, encode_output, latent_from_body, normalise, parse_request, to_uint8
 from hybrid_vae.server.service import DecodeService, ServedVAE
 
-ENV_FAMILY = "HYBRID_VAE_FAMILY"
+ENV_FAMILY = env_name("family")
 
 
 def detect_family(path: str | Path) -> str:
@@ -80,7 +80,7 @@ class EndpointHandler:
         from hybrid_vae.server.app import default_device
         from hybrid_vae.server.cli import load_vae
 
-        self.family = family or os.environ.get(ENV_FAMILY) or detect_family(path or ".")
+        self.family = family or read_env().family or detect_family(path or ".")
         self.device = device or default_device()
         profiles = load_profiles()
         vae = load_vae(self.family, path or ".", device=self.device)

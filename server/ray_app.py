@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("hybrid-vae on Ray Serve needs Ray: pip install -e '.[ray]' in the hybrid-vae checkout "
                       f"(missing: {exc.name})") from exc
 
+from hybrid_vae.policy.env import read_env
 from hybrid_vae.server.cli import ENV_TOKEN, add_arguments, build_app, config_from_args
 from starlette.requests import Request
 from starlette.responses import Response
@@ -95,7 +96,7 @@ class VaeDecoder:
         ctx = serve.get_replica_context()
         rid = getattr(ctx, "replica_id", None)
         self.replica = str(getattr(rid, "unique_id", None) or getattr(ctx, "replica_tag", "replica"))
-        self.app = build_app(config, os.environ.get(ENV_TOKEN) or None, decode=self._decode)
+        self.app = build_app(config, read_env().server_token, decode=self._decode)
         self.service = self.app.state.service
         self._batched.set_max_batch_size(int(config["max_batch"]))
         self._batched.set_batch_wait_timeout_s(float(config["batch_window_s"]))

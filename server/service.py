@@ -284,7 +284,7 @@ class DecodeService:
         state = dataclasses.replace(self.plan_state(0), free_bytes=self.ledger.budget)
         try:
             d = decide(self._job(served, req.batch, req.frames, req.height, req.width), state, self.profiles,
-                       self.settings.model_copy(update={"allow_cpu": True}))
+                       self.settings.updated(allow_cpu=True))
         except HybridVAEError as exc:
             raise BadRequest(f"cannot plan this decode: {exc}", field="shape", status=422) from None
         return min(o.plan.estimate.peak_bytes for o in d.options if o.plan.path in ("full", "tiled"))

@@ -17,7 +17,7 @@ import stubtools
 from hybrid_vae.extension.fixture import build_tiny_vae
 from hybrid_vae.extension.latents import to_vae_space
 from hybrid_vae.extension.sdnext_ui import (
-    Config,
+    PREFIX,
     detect_custom,
     detect_family,
     from_vae_space,
@@ -31,6 +31,11 @@ from hybrid_vae.policy import ProfileError, load_profiles
 from hybrid_vae.policy.model import DecodeSettings
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "hunyuanvideo", "wan")
+
+
+def options(**values):
+    """The settings SD.Next's options ``hybrid_vae_<name>=value`` give (the rest: defaults)."""
+    return read_config(lambda k, d: {PREFIX + n: v for n, v in values.items()}.get(k, d), families=FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +94,11 @@ def test_read_config_uses_defaults_for_bad_values_and_reads_secrets():
 
     cfg = read_config(opts_getter(Opts()), families=FAMILIES)
     default_reserve = DecodeSettings().reserve_bytes // 2**20
-    assert (cfg.mode, cfg.reserve_mib, cfg.tile_overlap_px, cfg.endpoints, cfg.allow_remote) == \
+    s = cfg.settings
+    assert (s.mode, s.reserve_bytes // 2**20, s.tile_overlap_px, s.endpoints, s.allow_remote) == \
         ("auto", default_reserve, 56, {}, False)
     assert cfg.token == "hf_abc" and cfg.profile_path is None
-    assert len(cfg.problems) == 6 and cfg.tile_groupnorm == "auto" and "sdxl=nope" in cfg.endpoint_error
+    assert len(cfg.problems) == 6 and s.tile_groupnorm == "auto" and "sdxl=nope" in cfg.endpoint_error
     text = " | ".join(cfg.problems)
     for part in ("hybrid_vae_mode='fastest'", "hybrid_vae_reserve_mib='lots'", "not a multiple of 8",
                  "hybrid_vae_tile_groupnorm='best' is not one of auto, exact, offload, local",
@@ -101,15 +107,15 @@ def test_read_config_uses_defaults_for_bad_values_and_reads_secrets():
 
 
 def test_resolve_settings_modes():
-    s, notes = resolve_settings(Config(mode="full", reserve_mib=512, tile_overlap_px=32))
+    s, notes = resolve_settings(options(mode="full", reserve_mib=512, tile_overlap_px=32))
     assert (s.mode, s.reserve_bytes, s.tile_overlap_px, s.allow_remote, notes) == ("full", 512 * 2**20, 32, False, [])
-    assert resolve_settings(Config(mode="full"), override="tiled")[0].mode == "tiled"
-    assert resolve_settings(Config(tile_groupnorm="local"))[0].tile_groupnorm == "local"
-    assert resolve_settings(Config(mode="full"), override="as in settings")[0].mode == "full"
-    assert resolve_settings(Config(mode="full"), override="settings default")[0].mode == "full"  # the old name
-    s, notes = resolve_settings(Config(), vae_type="Remote")
+    assert resolve_settings(options(mode="full"), override="tiled")[0].mode == "tiled"
+    assert resolve_settings(options(tile_groupnorm="local"))[0].tile_groupnorm == "local"
+    assert resolve_settings(options(mode="full"), override="as in settings")[0].mode == "full"
+    assert resolve_settings(options(mode="full"), override="settings default")[0].mode == "full"  # the old name
+    s, notes = resolve_settings(options(), vae_type="Remote")
     assert s.mode == "auto" and "remote decode is off" in notes[0]
-    s, notes = resolve_settings(Config(allow_remote=True, remote_custom_vae=True), vae_type="Remote")
+    s, notes = resolve_settings(options(allow_remote=True, remote_custom_vae=True), vae_type="Remote")
     assert (s.mode, s.allow_remote, s.allow_remote_custom_vae, notes) == ("remote", True, True, [])
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import types
 from collections.abc import Callable
@@ -58,12 +57,12 @@ import torch
 from hybrid_vae.extension.identity import IdentityChecker
 from hybrid_vae.extension.latents import from_vae_space
 from hybrid_vae.extension.orchestrator import DEFAULT_LATENT_DIR, DecodeReport, HybridDecoder
-from hybrid_vae.extension.remote import ENV_TOKEN
 from hybrid_vae.extension.stream_ldm import ldm_steps
+from hybrid_vae.policy.env import read_env
 from hybrid_vae.policy.errors import PlanError
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
-from hybrid_vae.policy.model import DecodeSettings, Plan
+from hybrid_vae.policy.model import Plan, build_settings, field_choices
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 log = logging.getLogger("hybrid_vae.comfyui")
@@ -71,8 +70,11 @@ log = logging.getLogger("hybrid_vae.comfyui")
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "ComfyVAEAdapter", "HybridVAEDecode", "comfy_family",
            "comfy_kl_like"]
 
-MODES = ("auto", "full", "tiled", "remote")
-TILINGS = ("auto", "exact", "offload", "local")  # DecodeSettings.tile_groupnorm
+MODES = field_choices("mode")
+TILINGS = field_choices("tile_groupnorm")
+#: The node's widgets -> the DecodeSettings fields they set (an error names the widget).
+WIDGETS = {"mode": "mode", "tile_groupnorm": "tiling", "endpoints": "endpoint",
+           "allow_remote_custom_vae": "remote_custom_vae"}
 
 
 def _compression(vae: Any) -> tuple[int | None, int | None]:
@@ -445,7 +447,7 @@ class HybridVAEDecode:
         from hybrid_vae.extension.remote import RemoteClient
 
         if endpoint not in self._remote:
-            token = os.environ.get(ENV_TOKEN) or None
+            token = read_env().token
             self._remote[endpoint] = RemoteClient(token=token, trusted_endpoints=[endpoint] if token else [])
         return self._remote[endpoint]
 
@@ -472,16 +474,12 @@ class HybridVAEDecode:
                 image = image.reshape(-1, *image.shape[-3:])
             return image, f"Hybrid VAE: ComfyUI vae.decode ({how}; the engine has no family for it)", time.perf_counter() - t0
         fam = profiles.family(key)
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
-        if tiling not in TILINGS:
-            raise ValueError(f"tiling={tiling!r}: use one of {', '.join(TILINGS)}")
+        settings = build_settings({"mode": mode, "allow_remote": bool(endpoint),
+                                   "allow_remote_custom_vae": bool(remote_custom_vae), "tile_groupnorm": tiling,
+                                   "endpoints": {key: endpoint} if endpoint else {}}, names=WIDGETS)
         fsm = getattr(vae, "first_stage_model", None)
         target = fsm if fsm is not None and _is_diffusers_vae(fsm) else \
             ComfyVAEAdapter(vae, fam, engine_tiles=comfy_kl_like(vae))
-        settings = DecodeSettings(mode=mode, allow_remote=bool(endpoint), allow_remote_custom_vae=bool(remote_custom_vae),
-                                  tile_groupnorm=tiling,  # type: ignore[arg-type]
-                                  endpoints={key: endpoint} if endpoint else {})
         def read() -> GpuState:
             if probe is not None:
                 return probe()  # type: ignore[no-any-return]

@@ -35,6 +35,7 @@ from hybrid_vae.extension.remote_wire import (
     tensor_bytes,
     uint8_to_tensor,
 )
+from hybrid_vae.policy.env import env_name
 from hybrid_vae.policy.errors import (
     CircuitOpenError,
     LatentError,
@@ -63,7 +64,7 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REQUEST_STATUSES = frozenset({400, 413, 415, 422})
 USER_AGENT = "hybrid-vae/0.1 (+remote decode client)"
 #: Environment variable the ComfyUI node and `hybrid-vae decode` read a bearer token from (never a widget/flag).
-ENV_TOKEN = "HYBRID_VAE_TOKEN"
+ENV_TOKEN = env_name("token")
 
 
 @dataclasses.dataclass(frozen=True)
