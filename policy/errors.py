@@ -6,6 +6,7 @@ message can say what went wrong, with which value, and what to do::
     HybridVAEError
     ├── ProfileError            a profile or settings file is broken (file, key path, value)
     ├── LatentError             a latent does not match its family (shape, dtype, NaN, ...); also a ValueError
+    ├── ArgumentError           a call's argument is not one hybrid-vae accepts; also a ValueError
     ├── PlanError               an executor cannot run a plan (unknown path, unsupported VAE)
     ├── DecodeFailedError       every plan failed; the latent was saved (``latent_path``)
     └── RemoteError             a remote decode failed (``endpoint``)
@@ -61,6 +62,11 @@ def short_repr(value: object, limit: int = MAX_SHOWN) -> str:
 
 class LatentError(HybridVAEError, ValueError):
     """A latent that cannot be decoded as asked: wrong rank, channels, dtype, NaN/inf, missing size."""
+
+
+class ArgumentError(HybridVAEError, ValueError):
+    """An argument a caller passed is not one hybrid-vae accepts (``HybridDecoder.decode(output="jpeg")``); the
+    message names the argument, the value and the values allowed."""
 
 
 class PlanError(HybridVAEError):
