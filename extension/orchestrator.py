@@ -121,7 +121,6 @@ class DecodeReport:
         attempts: ``(plan label, error text or None, seconds)`` per plan tried, in order.
         seconds: wall time of the whole decode (validation to result).
         peak_bytes: measured peak allocated bytes of the successful attempt (CUDA only, else None).
-        reason: the decision's one-line reason.
         decision: the full decision (chain, options, GPU state).
         simulated: the GPU state was simulated (``HYBRID_VAE_SIMULATE_GPU``).
         device: the torch device the successful local plan ran on ("remote" for remote).
@@ -136,7 +135,6 @@ class DecodeReport:
     attempts: tuple[tuple[str, str | None, float], ...]
     seconds: float
     peak_bytes: int | None
-    reason: str
     decision: Decision
     simulated: bool
     device: str
@@ -144,6 +142,11 @@ class DecodeReport:
     profile_error: str | None = None
     groupnorm: str | None = None
     notes: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """The decision's one-line reason (rendered from ``decision.reason_code`` and its parameters)."""
+        return self.decision.reason
 
     @property
     def fell_back(self) -> bool:
@@ -188,6 +191,8 @@ class DecodeReport:
             "seconds": round(self.seconds, 4),
             "peak_bytes": self.peak_bytes,
             "reason": self.reason,
+            "reason_code": self.decision.reason_code,
+            "reason_params": dict(self.decision.reason_params),
             "simulated": self.simulated,
             "device": self.device,
             "remote": dataclasses.asdict(self.remote) if self.remote else None,
@@ -611,7 +616,7 @@ class HybridDecoder:
         job = p.job
         report = DecodeReport(
             chosen=decision.chosen, ran=plan, attempts=attempts, seconds=time.perf_counter() - t_start,
-            peak_bytes=a.peak, reason=decision.reason, decision=decision, simulated=p.gpu.simulated,
+            peak_bytes=a.peak, decision=decision, simulated=p.gpu.simulated,
             device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else p.run_dev),
             remote=a.remote, profile_error=p.profile_error,
             groupnorm=plan.groupnorm if plan.path == "tiled" and not p.fam.video else None,
