@@ -28,6 +28,8 @@ Rules (each is tested):
   replaces the name-based custom-VAE rule: ``same`` allows remote, ``other`` ("endpoint serves another
   VAE") and ``unverified`` refuse it unless ``allow_remote_custom_vae``. Without a verdict (no local VAE to
   compare, ``explain`` without ``--vae``) the name-based rule (``job.custom_vae``) applies.
+- Why: a :data:`policy.reasons.ReasonCode` and its parameters (``Decision.reason_code``/``reason_params``);
+  the reason sentence and the infotext clause are rendered from them by :mod:`policy.reasons`.
 """
 
 from __future__ import annotations
@@ -634,7 +636,7 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
         "on_gpu": x.on_gpu, "free": gpu.free_bytes, "cache": gpu.torch_reusable_bytes,
         "reserve": x.settings.reserve_bytes, "gpu_note": None if x.on_gpu else gpu.note or gpu.source,
         "unmet_request": choice.unmet, "inferred": x.fam.inferred}
-    if c.path == "tiled" and (c.groupnorm == "exact" or not x.fam.video):
+    if code.startswith("tiled_") and (c.groupnorm == "exact" or not x.fam.video):
         params |= _tiles_params(x, c, gpu_plans, feasible)
     elif c.path == "remote":
         params |= {"format": c.response_format, "seconds": c.estimate.seconds}

@@ -440,6 +440,11 @@ def test_vae_matching_no_family_is_decoded_locally_never_remote(sd, monkeypatch)
     assert "remote requested but never remote for a VAE whose geometry matches no family" in reason
     assert "2x spatial" in reason and "nearest sd15 has 8x spatial" in reason
     assert "memory model scaled from its config" in reason
+    # the log carries why as data; the infotext's note comes from it (the request's first clause)
+    rep = entry["report"]
+    assert rep["reason_code"] == "full_fits" and rep["reason_params"]["unmet_request"] == "remote"
+    assert rep["reason_params"]["remote_code"] == "inferred_family" and rep["reason_params"]["inferred"]
+    assert "; remote requested but never remote for a VAE whose geometry matches no family" in line, line
     src = entry["report"]["decision"]["options"][0]["estimate"]["peak_source"]
     assert "x0.312" in src and "decoder widths 32/64" in src  # (32 + 64) / (128 + 256) x 1.25 margin
 
