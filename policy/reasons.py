@@ -35,8 +35,7 @@ write holds for the numbers given (tests/test_reason_text.py).
 from __future__ import annotations
 
 import dataclasses
-import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Literal, get_args
 
 from hybrid_vae.policy.gpu import format_gib as _gib
@@ -61,9 +60,29 @@ IdentityGate = Literal["same", "allowed", "refused"]
 ReasonValue = int | float | str | bool | None
 
 
-def freeze(params: Mapping[str, ReasonValue]) -> Mapping[str, ReasonValue]:
-    """A read-only copy of ``params`` (``types.MappingProxyType``), without the None values."""
-    return types.MappingProxyType({k: v for k, v in params.items() if v is not None})
+class Params(Mapping[str, ReasonValue]):
+    """Reason parameters: a read-only mapping (no item assignment) that pickles and copies like a dict, unlike
+    ``types.MappingProxyType`` (a decision may cross a process boundary). None values are left out."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, ReasonValue] | None = None) -> None:
+        self._items: dict[str, ReasonValue] = {k: v for k, v in (items or {}).items() if v is not None}
+
+    def __getitem__(self, key: str) -> ReasonValue:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Params({self._items!r})"
+
+    def __reduce__(self) -> tuple[type[Params], tuple[dict[str, ReasonValue]]]:
+        return Params, (self._items,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +94,7 @@ class Reason:
 
     @classmethod
     def make(cls, code: ReasonCode, params: Mapping[str, ReasonValue]) -> Reason:
-        return cls(code, freeze(params))
+        return cls(code, Params(params))
 
 
 def _s(p: Mapping[str, ReasonValue], key: str, default: str = "") -> str:

@@ -158,6 +158,11 @@ def test_request_text_is_the_first_clause_of_an_unmet_request():
 
 def test_to_dict_and_json_carry_the_code():
     d = decide(J512, gpu(0.5), P)
+    import copy
+    import pickle
+
+    for back in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d)):  # a decision may cross a process boundary
+        assert back == d and back.reason == d.reason and back.reason_params == d.reason_params
     out = json.loads(json.dumps(d.to_dict()))
     assert out["decision"]["reason_code"] == d.reason_code == "tiled_full_too_big"
     assert out["decision"]["reason_params"]["full_need"] == d.reason_params["full_need"]
