@@ -6,10 +6,12 @@ the decision log and the reports show) and :attr:`Decision.summary <policy.model
 infotext clause) are rendered here from that data, and nowhere else. Code that needs to know why reads the code
 and the parameters, never the prose::
 
+    # sdxl 1024x1024 on an RTX 3070 with 1.0 GiB free and 23 GiB of host memory (README's explain sample)
     d = decide(job, gpu, profiles, settings)
     d.reason_code                 # "tiled_full_too_big"
-    d.reason_params["full_need"]  # 5139730432 (bytes)
-    d.reason                      # "tiled 384px/64: needs 0.61 GiB of 0.94 GiB; full needs 4.79 GiB > 0.94 GiB ..."
+    d.reason_params["tiles"]      # "exact_host"
+    d.reason_params["full_need"]  # 5137573664 (bytes)
+    d.reason                      # "tiled 256px exact+host: needs 0.85 GiB of 0.94 GiB; full needs 4.78 GiB > ..."
 
 Codes (the chosen plan's primary reason; :data:`REASON_CODES` lists them):
 
