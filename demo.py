@@ -119,6 +119,7 @@ def demo_remote_cases(out: Path, vae: Any, z: Any, x: Any, reference: Any, card:
         ident = r.decision.identity
         rows.append({"case": name, "simulated_free_gib": 0.05, "decision": r.ran.label,
                      "chosen": r.chosen.label, "fell_back": r.fell_back, "reason": r.reason,
+                     "reason_code": r.decision.reason_code,
                      "infotext": r.infotext(), "seconds": round(secs, 3),
                      "psnr_vs_full_db": round(psnr(result.tensor, reference), 2),
                      "psnr_vs_picture_db": round(psnr(result.tensor, x), 2),
@@ -202,6 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         r = result.report
         rows.append({"case": name, "simulated_free_gib": round(free, 3), "decision": r.ran.label,
                      "chosen": r.chosen.label, "fell_back": r.fell_back, "reason": r.reason,
+                     "reason_code": r.decision.reason_code,
                      "infotext": r.infotext(), "seconds": round(secs, 3),
                      "psnr_vs_full_db": round(psnr(result.tensor, reference), 2),
                      "psnr_vs_picture_db": round(psnr(result.tensor, x), 2),

@@ -41,6 +41,7 @@ from hybrid_vae.extension.stream import settings_for_vae
 from hybrid_vae.policy.decide import decide, describe_plan, endpoint_for
 from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import (
+    ArgumentError,
     DecodeFailedError,
     HybridVAEError,
     LatentError,
@@ -54,9 +55,9 @@ from hybrid_vae.policy.errors import (
 from hybrid_vae.policy.estimate import upcast_dtype
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
-from hybrid_vae.policy.learned import LearnedStore
+from hybrid_vae.policy.learned import Learned, LearnedStore
 from hybrid_vae.policy.model import Decision, DecodeJob, DecodeSettings, EndpointIdentity, Estimate, NetworkStats, Plan
-from hybrid_vae.policy.profiles import Family, ProfileStore
+from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +121,6 @@ class DecodeReport:
         attempts: ``(plan label, error text or None, seconds)`` per plan tried, in order.
         seconds: wall time of the whole decode (validation to result).
         peak_bytes: measured peak allocated bytes of the successful attempt (CUDA only, else None).
-        reason: the decision's one-line reason.
         decision: the full decision (chain, options, GPU state).
         simulated: the GPU state was simulated (``HYBRID_VAE_SIMULATE_GPU``).
         device: the torch device the successful local plan ran on ("remote" for remote).
@@ -135,7 +135,6 @@ class DecodeReport:
     attempts: tuple[tuple[str, str | None, float], ...]
     seconds: float
     peak_bytes: int | None
-    reason: str
     decision: Decision
     simulated: bool
     device: str
@@ -143,6 +142,11 @@ class DecodeReport:
     profile_error: str | None = None
     groupnorm: str | None = None
     notes: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """The decision's one-line reason (rendered from ``decision.reason_code`` and its parameters)."""
+        return self.decision.reason
 
     @property
     def fell_back(self) -> bool:
@@ -187,6 +191,8 @@ class DecodeReport:
             "seconds": round(self.seconds, 4),
             "peak_bytes": self.peak_bytes,
             "reason": self.reason,
+            "reason_code": self.decision.reason_code,
+            "reason_params": dict(self.decision.reason_params),
             "simulated": self.simulated,
             "device": self.device,
             "remote": dataclasses.asdict(self.remote) if self.remote else None,
@@ -290,6 +296,68 @@ def _check_finite(out: Any) -> None:
         raise NonFiniteOutputError(f"decoded pixels hold {bad} NaN/inf values of {out.numel()} (float16 overflow?)")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A validated decode: the family, the unpacked latent, the job, the GPU state and the settings it runs with."""
+
+    family: str
+    fam: Family
+    profiles: Profiles
+    profile_error: str | None
+    z: Any  # the unpacked latent, pipeline space
+    job: DecodeJob
+    gpu: GpuState
+    settings: DecodeSettings
+    network: Mapping[str, NetworkStats] | None
+    save_meta: dict[str, Any]
+    run_dev: str
+    upcast: str | None  # what the engine changed from what was asked (float16 -> float32), if anything
+    strict: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attempt:
+    """One plan's run: its output, or the short error text (``oom``: it ran out of memory)."""
+
+    seconds: float
+    out: Any = None
+    error: str | None = None
+    oom: bool = False
+    peak: int | None = None
+    remote: RemoteInfo | None = None
+
+
+def _output_size(z: Any, fam: Family, frames: int | None) -> tuple[int, int, int | None]:
+    """Output height, width and frames (video, else None) of an unpacked latent.
+
+    Raises:
+        LatentError: ``frames`` given and not what the latent decodes to.
+    """
+    sc = fam.spatial_compression
+    out_h, out_w = int(z.shape[-2]) * sc, int(z.shape[-1]) * sc
+    if not fam.video:
+        return out_h, out_w, None
+    n_frames = (int(z.shape[2]) - 1) * fam.temporal_compression + 1
+    if frames is not None and frames != n_frames:
+        raise LatentError(f"frames={frames}, but {int(z.shape[2])} latent frames decode to "
+                          f"{n_frames}; leave frames unset or pass the matching latent")
+    return out_h, out_w, n_frames
+
+
+def _log_failure(plan: Plan, exc: BaseException, kind: ErrorKind, *, strict: bool) -> None:
+    """Log a failed plan as what it is: an internal error (a bug) at ERROR with its traceback, an OOM, a remote
+    or plan refusal, or a backend failure (with its traceback)."""
+    if kind == "internal":
+        log.error("hybrid-vae: internal error in %s (a bug, please report it); %s", plan.label,
+                  "strict mode: raising" if strict else "trying the next plan", exc_info=exc)
+    elif kind == "oom":
+        log.warning("hybrid-vae: %s ran out of memory; trying the next plan", plan.label)
+    elif kind in ("remote", "plan"):
+        log.warning("hybrid-vae: %s failed: %s", plan.label, exc)
+    else:
+        log.warning("hybrid-vae: %s failed; trying the next plan", plan.label, exc_info=exc)
+
+
 def to_pil(tensor: torch.Tensor) -> list[Any]:
     """[-1, 1] ``[B, 3, H, W]`` -> list of PIL images (video ``[B, 3, F, H, W]`` -> all frames, in order)."""
     import torch
@@ -383,6 +451,9 @@ class HybridDecoder:
                progress: ProgressFn | None = None) -> DecodeResult:
         """Decode ``latents`` (as the pipeline produced them: normalised, Flux possibly packed).
 
+        Steps: validate and build the job (:meth:`_prepare`), decide (:meth:`_decide`), run the plan chain
+        (:meth:`_attempt` per plan) until one delivers (:meth:`_finish`), else save the latent and raise.
+
         Args:
             latents (`torch.Tensor`): ``[B, C, h, w]``, packed ``[B, N, C*4]`` (Flux; give height/width),
                 or video ``[B, C, T, h, w]``.
@@ -401,6 +472,7 @@ class HybridDecoder:
             progress (`ProgressFn | None`): ``progress(done, total)`` per tile/chunk/item.
 
         Raises:
+            ArgumentError: ``output`` is not ``"pt"`` or ``"pil"`` (also a ``ValueError``).
             LatentError, ProfileError: bad input (before any VAE runs).
             DecodeFailedError: every plan failed; ``latent_path`` holds the saved latent.
         """
@@ -408,7 +480,39 @@ class HybridDecoder:
 
         t_start = time.perf_counter()
         if output not in ("pt", "pil"):
-            raise ValueError(f"output={output!r}: use 'pt' (tensor in [-1, 1]) or 'pil'")
+            raise ArgumentError(f"output={output!r}: use 'pt' (tensor in [-1, 1]) or 'pil'")
+        p = self._prepare(latents, vae, family=family, height=height, width=width, frames=frames, vae_id=vae_id,
+                          custom_vae=custom_vae, dtype=dtype)
+        decision, snapshot = self._decide(p, latents, vae)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        z_vae = to_vae_space(p.z.to(torch.float32), p.fam)
+        attempts: list[tuple[str, str | None, float]] = []
+        for plan in decision.plans:
+            a = self._attempt(plan, p, latents, vae, z_vae, progress)
+            # outside the except block: the traceback and the frames it pinned are gone
+            attempts.append((plan.label, a.error, a.seconds))
+            if a.error is None:
+                if self.learned is not None:
+                    self.learned.record_decision(decision, plan, a.seconds, applied=snapshot)
+                return self._finish(p, decision, plan, a, tuple(attempts), t_start, output)
+            if plan.path == "remote":
+                self._remote_failed(plan, a.error)
+            if a.oom or plan.path != "remote":
+                _release_memory()
+        listing = "; ".join(f"{lab}: {err}" for lab, err, _ in attempts)
+        path = self._save(latents, p.family, p.fam, {**p.save_meta, "reason": f"every plan failed: {listing}"})
+        raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
+                                attempts=tuple((lab, err or "") for lab, err, _ in attempts))
+
+    def _prepare(self, latents: torch.Tensor, vae: Any, *, family: str | None, height: int | None,
+                 width: int | None, frames: int | None, vae_id: str | None, custom_vae: bool,
+                 dtype: str | None) -> _Prepared:
+        """Validate the latent against its family and build the job, GPU state and settings of this decode.
+
+        Raises:
+            LatentError, ProfileError: bad input (before any VAE runs).
+        """
         profiles, perr = self.store.get(self.profile_path)
         if perr is not None:
             log.warning("hybrid-vae: profile ignored, built-ins used: %s", perr)
@@ -419,123 +523,108 @@ class HybridDecoder:
                          families=profiles.families)
         z = unpack_flux(latents, height or 0, width or 0, spatial_compression=fam.spatial_compression) \
             if latents.dim() == 3 else latents
-        sc = fam.spatial_compression
-        out_h, out_w = int(z.shape[-2]) * sc, int(z.shape[-1]) * sc
-        n_frames = None
-        if fam.video:
-            n_frames = (int(z.shape[2]) - 1) * fam.temporal_compression + 1
-            if frames is not None and frames != n_frames:
-                raise LatentError(f"frames={frames}, but {int(z.shape[2])} latent frames decode to "
-                                  f"{n_frames}; leave frames unset or pass the matching latent")
+        out_h, out_w, n_frames = _output_size(z, fam, frames)
         if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
             raise LatentError(f"dtype={dtype!r}: use float16, bfloat16 or float32")
         job_dtype, upcast = upcast_dtype(dtype, _forces_upcast(vae, fam))  # type: ignore[arg-type]
         if upcast is not None:
             log.warning("hybrid-vae: %s", upcast)
-        job_dtype = job_dtype or _vae_dtype_for(vae, fam)
-        strict = _strict_from_env() if self.strict is None else self.strict
-
         gpu = self._gpu(lambda n: (p.total_gib if (p := profiles.gpu(n)) else None))
         vdev, _ = vae_device_dtype(vae)
         job = DecodeJob(family=family, width=out_w, height=out_h, batch=int(z.shape[0]), frames=n_frames,
-                        dtype=job_dtype, vae_id=vae_id, custom_vae=custom_vae,  # type: ignore[arg-type]
+                        dtype=job_dtype or _vae_dtype_for(vae, fam), vae_id=vae_id,  # type: ignore[arg-type]
+                        custom_vae=custom_vae,
                         vae_resident=gpu.simulated or not gpu.is_accelerator or vdev.type != "cpu")
         settings = self.settings
         if self.remote is None and settings.allow_remote:
             settings = settings.model_copy(update={"allow_remote": False})
-        settings = settings_for_vae(settings, vae, fam)
-        network = self.remote.network_stats() if self.remote is not None else None
-        save_meta = {"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch,
-                     "vae_id": vae_id, "custom_vae": custom_vae, "vae_class": type(vae).__name__}
-        run_dev = self._run_device(gpu, vae)
+        return _Prepared(
+            family=family, fam=fam, profiles=profiles, profile_error=str(perr) if perr else None, z=z, job=job,
+            gpu=gpu, settings=settings_for_vae(settings, vae, fam),
+            network=self.remote.network_stats() if self.remote is not None else None,
+            save_meta={"height": out_h, "width": out_w, "frames": n_frames, "batch": job.batch, "vae_id": vae_id,
+                       "custom_vae": custom_vae, "vae_class": type(vae).__name__},
+            run_dev=self._run_device(gpu, vae), upcast=upcast,
+            strict=_strict_from_env() if self.strict is None else self.strict)
+
+    def _decide(self, p: _Prepared, latents: torch.Tensor, vae: Any) -> tuple[Decision, Learned | None]:
+        """The decision (with the learned timings and the endpoint's identity verdict) and the learned snapshot
+        it used.
+
+        Raises:
+            DecodeFailedError: nothing can decode this job (no plan at all); the latent is saved.
+        """
         try:
             snapshot = self.learned.load() if self.learned is not None else None
-            identity = self.endpoint_identity(job, fam, vae, settings=settings, network=network, device=run_dev)
-            decision = decide(job, gpu, profiles, settings, network, learned=snapshot, identity=identity)
+            identity = self.endpoint_identity(p.job, p.fam, vae, settings=p.settings, network=p.network,
+                                              device=p.run_dev)
+            return decide(p.job, p.gpu, p.profiles, p.settings, p.network, learned=snapshot,
+                          identity=identity), snapshot
         except ProfileError as exc:
-            # nothing can decode this job (no plan at all): keep the latent
-            path = self._save(latents, family, fam, {**save_meta, "reason": f"no plan: {exc}"})
+            path = self._save(latents, p.family, p.fam, {**p.save_meta, "reason": f"no plan: {exc}"})
             raise DecodeFailedError(f"no plan can decode this job: {exc}. {self._later(path)}",
                                     latent_path=path) from None
 
-        if self.on_decision is not None:
-            self.on_decision(decision)
-        z_vae = to_vae_space(z.to(torch.float32), fam)
-        attempts: list[tuple[str, str | None, float]] = []
-        for plan in decision.plans:
-            t0 = time.perf_counter()
-            error: str | None = None
-            oom = False
-            peak: int | None = None
-            remote_info: RemoteInfo | None = None
-            out: Any = None
-            use_cuda = plan.path in ("full", "tiled") and run_dev.startswith("cuda")
-            base = 0
-            if use_cuda:
-                torch.cuda.synchronize(run_dev)
-                torch.cuda.reset_peak_memory_stats(run_dev)
-                base = torch.cuda.memory_allocated(run_dev)
-            try:
-                if self.before_plan is not None:
-                    self.before_plan(plan)
-                if plan.path == "remote":
-                    if self.remote is None:
-                        raise PlanError("no remote client configured")
-                    rr = self.remote.decode(latents, plan=plan, job=job, family=fam,
-                                            deadline_s=settings.remote_deadline_s, height=out_h, width=out_w)
-                    out = rr.tensor
-                    remote_info = RemoteInfo(rr.endpoint, int(rr.bytes_up), int(rr.bytes_down),
-                                             float(rr.seconds), tuple(getattr(rr, "skipped", ())))
-                else:
-                    out = run_plan(plan, vae, z_vae, family=fam, device=run_dev, progress=progress)
-                    if use_cuda:
-                        torch.cuda.synchronize(run_dev)
-                        peak = max(0, torch.cuda.max_memory_allocated(run_dev) - base)
-                _check_finite(out)
-            except LatentError:
-                raise
-            except Exception as exc:
-                kind = error_kind(exc)
-                error, oom = _short_error(exc), kind == "oom"
-                if kind == "internal":
-                    log.error("hybrid-vae: internal error in %s (a bug, please report it); %s", plan.label,
-                              "strict mode: raising" if strict else "trying the next plan", exc_info=True)
-                    if strict:
-                        raise
-                elif oom:
-                    log.warning("hybrid-vae: %s ran out of memory; trying the next plan", plan.label)
-                elif kind in ("remote", "plan"):
-                    log.warning("hybrid-vae: %s failed: %s", plan.label, exc)
-                else:
-                    log.warning("hybrid-vae: %s failed; trying the next plan", plan.label, exc_info=True)
-            # outside the except block: the traceback and the frames it pinned are gone
-            secs = time.perf_counter() - t0
-            attempts.append((plan.label, error, secs))
-            if error is not None and plan.path == "remote":
-                self._remote_failed(plan, error)
-            if error is None:
-                if self.learned is not None:
-                    self.learned.record_decision(decision, plan, secs, applied=snapshot)
-                report = DecodeReport(
-                    chosen=decision.chosen, ran=plan, attempts=tuple(attempts),
-                    seconds=time.perf_counter() - t_start, peak_bytes=peak, reason=decision.reason,
-                    decision=decision, simulated=gpu.simulated,
-                    device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else run_dev),
-                    remote=remote_info, profile_error=str(perr) if perr else None,
-                    groupnorm=plan.groupnorm if plan.path == "tiled" and not fam.video else None,
-                    notes=(upcast,) if upcast else ())
-                log.log(self.report_log_level, "hybrid-vae: %s %dx%d%s: %s", family, out_w, out_h,
-                        f" x{job.batch}" if job.batch > 1 else "", report.infotext())
-                images = to_pil(out) if output == "pil" else None
-                return DecodeResult(tensor=out, report=report, images=images)
-            out = None
-            if oom or plan.path != "remote":
-                _release_memory()
+    def _attempt(self, plan: Plan, p: _Prepared, latents: torch.Tensor, vae: Any, z_vae: torch.Tensor,
+                 progress: ProgressFn | None) -> _Attempt:
+        """Run one plan: its output, or its error (sorted by :func:`error_kind`, logged; strict mode raises
+        internal errors). A :class:`~policy.errors.LatentError` is raised (bad input is not retried)."""
+        import torch
 
-        listing = "; ".join(f"{lab}: {err}" for lab, err, _ in attempts)
-        path = self._save(latents, family, fam, {**save_meta, "reason": f"every plan failed: {listing}"})
-        raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
-                                attempts=tuple((lab, err or "") for lab, err, _ in attempts))
+        t0 = time.perf_counter()
+        run_dev = p.run_dev
+        use_cuda = plan.path in ("full", "tiled") and run_dev.startswith("cuda")
+        base = 0
+        if use_cuda:
+            torch.cuda.synchronize(run_dev)
+            torch.cuda.reset_peak_memory_stats(run_dev)
+            base = torch.cuda.memory_allocated(run_dev)
+        try:
+            if self.before_plan is not None:
+                self.before_plan(plan)
+            if plan.path == "remote":
+                out, remote_info = self._run_remote(plan, p, latents)
+                peak = None
+            else:
+                out, remote_info = run_plan(plan, vae, z_vae, family=p.fam, device=run_dev, progress=progress), None
+                if use_cuda:
+                    torch.cuda.synchronize(run_dev)
+                peak = max(0, torch.cuda.max_memory_allocated(run_dev) - base) if use_cuda else None
+            _check_finite(out)
+            return _Attempt(seconds=time.perf_counter() - t0, out=out, peak=peak, remote=remote_info)
+        except LatentError:
+            raise
+        except Exception as exc:
+            kind = error_kind(exc)
+            _log_failure(plan, exc, kind, strict=p.strict)
+            if kind == "internal" and p.strict:
+                raise
+            return _Attempt(seconds=time.perf_counter() - t0, error=_short_error(exc), oom=kind == "oom")
+
+    def _run_remote(self, plan: Plan, p: _Prepared, latents: torch.Tensor) -> tuple[Any, RemoteInfo]:
+        if self.remote is None:
+            raise PlanError("no remote client configured")
+        rr = self.remote.decode(latents, plan=plan, job=p.job, family=p.fam, deadline_s=p.settings.remote_deadline_s,
+                                height=p.job.height, width=p.job.width)
+        return rr.tensor, RemoteInfo(rr.endpoint, int(rr.bytes_up), int(rr.bytes_down), float(rr.seconds),
+                                     tuple(getattr(rr, "skipped", ())))
+
+    def _finish(self, p: _Prepared, decision: Decision, plan: Plan, a: _Attempt,
+                attempts: tuple[tuple[str, str | None, float], ...], t_start: float,
+                output: Literal["pt", "pil"]) -> DecodeResult:
+        """The result of the plan that delivered: the report, its log line, PIL images when asked."""
+        job = p.job
+        report = DecodeReport(
+            chosen=decision.chosen, ran=plan, attempts=attempts, seconds=time.perf_counter() - t_start,
+            peak_bytes=a.peak, decision=decision, simulated=p.gpu.simulated,
+            device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else p.run_dev),
+            remote=a.remote, profile_error=p.profile_error,
+            groupnorm=plan.groupnorm if plan.path == "tiled" and not p.fam.video else None,
+            notes=(p.upcast,) if p.upcast else ())
+        log.log(self.report_log_level, "hybrid-vae: %s %dx%d%s: %s", p.family, job.width, job.height,
+                f" x{job.batch}" if job.batch > 1 else "", report.infotext())
+        images = to_pil(a.out) if output == "pil" else None
+        return DecodeResult(tensor=a.out, report=report, images=images)
 
     def endpoint_identity(self, job: DecodeJob, fam: Family, vae: Any, *, settings: DecodeSettings | None = None,
                           network: Mapping[str, NetworkStats] | None = None,

@@ -37,6 +37,7 @@ from hybrid_vae.extension.sdnext_ui import (
 from hybrid_vae.policy.errors import DecodeFailedError, LatentError, ProfileError
 from hybrid_vae.policy.model import Decision, DecodeSettings, Plan, split_endpoints
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
+from hybrid_vae.policy.reasons import request_text
 
 log = logging.getLogger("hybrid_vae.sdnext")
 
@@ -171,25 +172,31 @@ class DecodePaths:
             return delegate("inspection failed")
         if isinstance(job, str):
             return delegate(job)
-        from modules import processing_vae, shared
-
-        jobid = _state_call(shared.state, "begin", "VAE Decode")
         try:
-            result = self._run(job)
+            result = self._run_as_state_job(job)
         except DecodeFailedError as exc:
-            _state_call(shared.state, "end", jobid)
             self._failed(exc, job)
             return []
         except LatentError as exc:
-            _state_call(shared.state, "end", jobid)
             log.warning("hybrid-vae: %s; SD.Next decodes this latent", exc)
             return delegate("latent rejected")
         except Exception:
-            _state_call(shared.state, "end", jobid)
             log.error("hybrid-vae: unexpected error; SD.Next decodes instead", exc_info=True)
             return delegate("unexpected error")
-        _state_call(shared.state, "end", jobid)
+        from modules import processing_vae
+
         return processing_vae.vae_postprocess(result.tensor, job.model, output_type)
+
+    def _run_as_state_job(self, job: _Job) -> DecodeResult:
+        """:meth:`_run` as SD.Next's job "VAE Decode" (``shared.state.begin``/``end``), ended however it ends:
+        before a failure is reported or SD.Next's own decode runs."""
+        from modules import shared
+
+        jobid = _state_call(shared.state, "begin", "VAE Decode")
+        try:
+            return self._run(job)
+        finally:
+            _state_call(shared.state, "end", jobid)
 
     def _prepare_image(self, latents: Any, model: Any, vae_type: str, width: int | None,
                        height: int | None) -> _Job | str:
@@ -309,8 +316,10 @@ class DecodePaths:
             self._tls.busy = False
         if job.settings.mode != "auto" and res.report.chosen.path != job.settings.mode:
             off = remote_off_reason(job.cfg, detail=False) if job.settings.mode == "remote" else ""
-            # "tiled requested but no tile fits"; for remote, the setting that stopped it
-            job.notes.insert(0, f"remote requested but {off}" if off else res.report.reason.split("; ")[0])
+            # "tiled requested but no tile fits" (from the reason's code); for remote, the setting that stopped it
+            asked = request_text(res.report.decision.reason_params)
+            if off or asked:
+                job.notes.insert(0, f"remote requested but {off}" if off else str(asked))
         text = self._line(res.report, job.notes)
         self._set_infotext(text)
         self._log(job, {"infotext": text, "report": res.report.to_dict()})

@@ -10,6 +10,7 @@ Inputs in, frozen decision out::
 from hybrid_vae.policy.decide import decide, endpoint_for, identity_gate
 from hybrid_vae.policy.env import Env, read_env
 from hybrid_vae.policy.errors import (
+    ArgumentError,
     CircuitOpenError,
     DecodeFailedError,
     EnvError,
@@ -42,6 +43,7 @@ from hybrid_vae.policy.profiles import ENV_PROFILE, Family, Profiles, ProfileSto
 __all__ = [
     "ENV_PROFILE",
     "ENV_SIMULATE",
+    "ArgumentError",
     "CircuitOpenError",
     "Decision",
     "DecodeFailedError",

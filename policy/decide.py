@@ -28,13 +28,15 @@ Rules (each is tested):
   replaces the name-based custom-VAE rule: ``same`` allows remote, ``other`` ("endpoint serves another
   VAE") and ``unverified`` refuse it unless ``allow_remote_custom_vae``. Without a verdict (no local VAE to
   compare, ``explain`` without ``--vae``) the name-based rule (``job.custom_vae``) applies.
+- Why: a :data:`policy.reasons.ReasonCode` and its parameters (``Decision.reason_code``/``reason_params``);
+  the reason sentence and the infotext clause are rendered from them by :mod:`policy.reasons`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from hybrid_vae.policy import passes
 from hybrid_vae.policy.errors import ProfileError
@@ -69,47 +71,56 @@ from hybrid_vae.policy.model import (
     NetworkArg,
     NetworkStats,
     Option,
+    Path_,
     Plan,
     ResponseFormat,
     split_endpoints,
 )
-from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
+from hybrid_vae.policy.profiles import Dtype, Family, GpuProfile, Profiles, dtype_bytes
+from hybrid_vae.policy.reasons import Reason, ReasonCode, ReasonValue, UnmetRequest, remote_text
 
 LOSSY = frozenset({"jpg", "mp4"})
 
 
-def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple[str | None, str]:
-    """The endpoint URL for this job, or None and the reason remote is not possible."""
+def remote_route(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple[str | None, dict[str, ReasonValue]]:
+    """The endpoint URL for this job (or None) and why, as ``remote_*`` reason parameters (see
+    :mod:`policy.reasons`; ``remote_code`` says which rule decided)."""
     if not settings.allow_remote:
-        return None, "remote decode is off (opt-in: the endpoint sees the images)"
+        return None, {"remote_code": "remote_off"}
     if fam.inferred:
-        return None, "never remote for a VAE whose geometry matches no family"
+        return None, {"remote_code": "inferred_family"}
     if job.custom_vae and not settings.allow_remote_custom_vae:
-        return None, f"custom VAE {job.vae_id or ''} differs from the endpoint's; remote not allowed for it".replace("  ", " ")
+        return None, {"remote_code": "custom_vae", "remote_vae_id": job.vae_id or ""}
     url = settings.endpoints.get(job.family)
     if url:
         n = len(split_endpoints(url))
-        return url, "configured endpoint" if n == 1 else f"configured pool of {n} endpoints (best first, failover)"
+        return url, {"remote_code": "configured"} if n == 1 else {"remote_code": "pool", "remote_pool_size": n}
     if settings.use_builtin_endpoints and fam.endpoints:
         ep = fam.endpoints[0]
-        return ep.url, f"built-in {ep.provider} endpoint serving {ep.vae}"
-    return None, f"no endpoint serves {job.family}; set one in settings (e.g. your own `hybrid-vae serve`)"
+        return ep.url, {"remote_code": "builtin", "remote_provider": ep.provider, "remote_vae": ep.vae}
+    return None, {"remote_code": "no_endpoint", "family": job.family}
 
 
-def identity_gate(url: str | None, why: str, identity: EndpointIdentity | None,
-                  settings: DecodeSettings) -> tuple[str | None, str]:
-    """Apply a canary verdict to the endpoint :func:`endpoint_for` chose: ``(url or None, why)``.
+def endpoint_for(job: DecodeJob, fam: Family, settings: DecodeSettings) -> tuple[str | None, str]:
+    """The endpoint URL for this job, or None and the reason remote is not possible (:func:`remote_route`,
+    rendered by :func:`policy.reasons.remote_text`)."""
+    url, route = remote_route(job, fam, settings)
+    return url, remote_text(route)
+
+
+def identity_gate(url: str | None, route: Mapping[str, ReasonValue], identity: EndpointIdentity | None,
+                  settings: DecodeSettings) -> tuple[str | None, dict[str, ReasonValue]]:
+    """Apply a canary verdict to the endpoint :func:`remote_route` chose: ``(url or None, route)``, where the
+    route's parameters gain ``remote_identity`` (``same`` / ``allowed`` / ``refused``) and its text.
 
     A verdict about another URL (or none) changes nothing. ``same``: remote allowed; ``other`` /
-    ``unverified``: refused unless ``settings.allow_remote_custom_vae`` (then allowed, and ``why`` says so).
+    ``unverified``: refused unless ``settings.allow_remote_custom_vae`` (then allowed, and the reason says so).
     """
     if url is None or identity is None or identity.endpoint != url:
-        return url, why
-    if identity.verdict == "same":
-        return url, f"{why}; {identity.text}"
-    if settings.allow_remote_custom_vae:
-        return url, f"{why}; {identity.text}, allowed by allow_remote_custom_vae"
-    return None, f"{identity.text}; remote not used for it (allow_remote_custom_vae overrides)"
+        return url, dict(route)
+    gate = "same" if identity.verdict == "same" else "allowed" if settings.allow_remote_custom_vae else "refused"
+    return (None if gate == "refused" else url), {**route, "remote_identity": gate,
+                                                  "remote_identity_text": identity.text}
 
 
 def _net_for(network: NetworkArg, url: str) -> NetworkStats:
@@ -216,36 +227,353 @@ def _offload_sizes_to_cost(plans: list[Plan], sizes: list[int], budget: int, set
     return [t for t in offload_sizes if t > inmem]
 
 
-def _tiled_reason(c: Plan, gpu_plans: list[Plan], feasible: list[Plan], settings: DecodeSettings) -> str:
-    """The rest of a tiled decision's reason: why exact, exact with host memory, or tiles that may drift."""
-    inmem = [p for p in gpu_plans if p.groupnorm == "exact" and not p.offloaded]
-    least = min(inmem, key=lambda p: p.estimate.peak_bytes) if inmem else None
-    if c.groupnorm == "exact" and c.offloaded:
-        e = c.estimate
-        gpu_alone = f"exact tiling on the GPU alone needs {_gib(least.estimate.peak_bytes)}; " if least else ""
-        return (f"; {gpu_alone}{_gib(e.host_bytes)} of whole-image buffers in host memory, "
-                f"{e.transfer_bytes / 1e9:.1f} GB copied (est. {e.transfer_seconds:.2f} s, overlapped); "
-                f"output equals a full decode")
-    if c.groupnorm == "exact":
-        return "; output equals a full decode"
-    lossless = [p for p in feasible if p.path == "full" or p.groupnorm == "exact"]
-    if lossless:
-        quickest = min(lossless, key=lambda p: p.estimate.seconds)
-        return (f"; {quickest.label} fits but is estimated {quickest.estimate.seconds:.2f} s, over "
-                f"{settings.exact_tolerance:g}x this plan's, so tile colours may differ from a full decode")
-    exacts = [p for p in gpu_plans if p.groupnorm == "exact"]
-    if not exacts:
-        return ""
-    smallest = min(exacts, key=lambda p: p.estimate.peak_bytes)
-    host = f" with {_gib(smallest.estimate.host_bytes)} in host memory" if smallest.estimate.host_bytes else ""
-    return (f"; no lossless plan fits: exact tiling needs {_gib(smallest.estimate.peak_bytes)}{host}, so tile "
-            f"colours may differ from a full decode")
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What every step of :func:`decide` reads, derived once from its arguments."""
+
+    job: DecodeJob
+    fam: Family
+    gpu: GpuState
+    gp: GpuProfile | None
+    settings: DecodeSettings
+    dtype: Dtype
+    speed: SpeedModel
+    learned: Learned | None
+    on_gpu: bool
+    available: int  # 0 without a GPU
+    budget: int  # available - reserve; negative when the memory is under the reserve
+    overlap: int  # local tiles' overlap, a multiple of the family's compression
+
+    @classmethod
+    def of(cls, job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings,
+           learned: Learned | None) -> _Inputs:
+        fam = profiles.family(job.family)
+        check_job(job, fam)
+        dtype = decode_dtype(job, fam)
+        gp = profiles.gpu(gpu.name)
+        available = gpu.available_bytes if gpu.is_accelerator else 0
+        sc = fam.spatial_compression
+        return cls(job=job, fam=fam, gpu=gpu, gp=gp, settings=settings, dtype=dtype,
+                   speed=SpeedModel(fam, gp, dtype_bytes(dtype), settings), learned=learned,
+                   on_gpu=gpu.is_accelerator, available=available, budget=available - settings.reserve_bytes,
+                   overlap=(settings.tile_overlap_px // sc) * sc)
+
+    @property
+    def shown_budget(self) -> int:
+        """The budget as said: memory under the reserve is "no budget", never a negative number."""
+        return max(0, self.budget)
+
+    @property
+    def host_room(self) -> int | None:
+        """Host memory offloaded plans may use: available minus the host reserve (None: unknown)."""
+        host = self.gpu.host_available_bytes
+        return None if host is None else host - self.settings.host_reserve_bytes
+
+    @property
+    def can_exact(self) -> bool:
+        return not self.fam.video and self.fam.memory.exact_buffer_elements is not None
+
+
+class _PlanMaker:
+    """Builds one decision's local GPU plans with their estimates (learned timings applied)."""
+
+    def __init__(self, x: _Inputs) -> None:
+        self.x = x
+        self.peak_src = f"{x.job.family} memory model: {x.fam.memory.source}"
+        self.sched_mem = exact_schedule(x.fam, offload=False) if not x.fam.video else None
+        self.sched_off = exact_schedule(x.fam, offload=True) if not x.fam.video else None
+        self.moves: dict[int, list[tuple[int, int]]] = {}  # offloaded plans' bytes moved per buffer, by tile
+
+    def with_learned(self, plan: Plan) -> Plan:
+        x = self.x
+        if x.learned is None:
+            return plan
+        factor, entry = x.learned.factor(x.gpu.name, x.job.family, learn_path(plan), job_voxels(x.job))
+        if entry is None:
+            return plan
+        wide = " (card-wide)" if entry.family != x.job.family else ""
+        est = dataclasses.replace(plan.estimate, seconds=plan.estimate.seconds * factor,
+                                  seconds_source=plan.estimate.seconds_source
+                                  + f"; x{factor:.2f} learned from {entry.count} decodes{wide}")
+        return dataclasses.replace(plan, estimate=est)
+
+    def local(self, path: Path_, *, tile: int | None = None, chunk: int | None = None,
+              slice_batch: bool = False) -> Plan:
+        x, job, fam = self.x, self.x.job, self.x.fam
+        ov = x.overlap if tile is not None else 0
+        fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
+        secs = local_seconds(job, fam, x.speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
+                             frame_overlap=fov, slice_batch=slice_batch)
+        est = Estimate(
+            peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch),
+            seconds=secs, peak_source=self.peak_src, seconds_source=x.speed.source)
+        return self.with_learned(Plan(path=path, estimate=est, dtype=x.dtype, tile_px=tile, overlap_px=ov,
+                                      frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch))
+
+    def exact(self, tile: int) -> Plan:
+        x, job, fam = self.x, self.x.job, self.x.fam
+        t = fam.timing
+        est = Estimate(
+            peak_bytes=exact_peak_bytes(job, fam, tile),
+            seconds=exact_seconds(job, fam, x.speed, tile, sched=self.sched_mem),
+            peak_source=f"{job.family} exact-tiling model: analytic buffers + tile, x{fam.memory.exact_margin:g} margin",
+            seconds_source=f"{x.speed.source}; exact tiling x{t.exact_time_factor:g} + {t.exact_passes} passes x tiles (assumed)")
+        return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
+                                      groupnorm="exact"))
+
+    def offloaded(self, tile: int, room: float) -> Plan | None:
+        """Exact tiles whose whole-image buffers get what ``room`` bytes of device memory leave after the
+        tile; None when that is all of them (the in-memory exact plan covers it)."""
+        x, job, fam = self.x, self.x.job, self.x.fam
+        sc = fam.spatial_compression
+        if tile not in self.moves and self.sched_off is not None:
+            self.moves[tile] = passes.traffic(self.sched_off, job.height // sc, job.width // sc, tile)
+        device_budget, c = offload_costs(job, fam, tile, room, sched=self.sched_off, moves=self.moves.get(tile))
+        if c.host_bytes == 0:
+            return None
+        secs, copy_s, copy_src = offload_seconds(job, fam, x.speed, tile, c, x.gp, sched=self.sched_mem)
+        est = Estimate(
+            peak_bytes=offload_peak_bytes(job, fam, tile, c), seconds=secs,
+            peak_source=(f"{job.family} exact-tiling schedule: {_gib(c.device_bytes)} of whole-image buffers on the "
+                         f"GPU, {_gib(c.host_bytes)} in host memory, + tile, x{fam.memory.exact_margin:g} margin"),
+            seconds_source=f"{x.speed.source}; exact tiling compute (assumed factors); {copy_src}",
+            host_bytes=c.host_bytes, transfer_bytes=c.moved_bytes, transfer_seconds=copy_s)
+        return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
+                                      groupnorm="exact", device_budget=device_budget))
+
+
+def _video_chunk(x: _Inputs) -> int | None:
+    """The VAE's temporal chunk when a video has more latent frames than it, else None."""
+    chunk = x.fam.tiling.frame_chunk
+    return chunk if x.fam.video and chunk is not None and latent_frames(x.job, x.fam) > chunk else None
+
+
+def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
+    """Every local GPU plan, the full decode first: full, full item by item, temporal chunks, local tiles,
+    exact tiles, offloaded exact tiles, shorter temporal chunks."""
+    job, fam, gn = x.job, x.fam, x.settings.tile_groupnorm
+    chunk = _video_chunk(x)
+    plans = [make.local("full")]
+    if job.batch > 1:
+        plans.append(make.local("full", slice_batch=True))
+    if chunk is not None:
+        plans.append(make.local("tiled", chunk=chunk, slice_batch=True))
+    seen: set[int] = set()
+    for cap in _tile_caps(job, fam, x.settings):
+        if cap <= 2 * x.overlap:
+            continue  # the overlap would swallow the tile
+        tile = _actual_tile(job, fam, cap, x.overlap)
+        if tile in seen or tile >= max(job.width, job.height):
+            continue
+        seen.add(tile)
+        if gn in ("auto", "local") or not x.can_exact:
+            plans.append(make.local("tiled", tile=tile, chunk=chunk, slice_batch=True))
+    exact_sizes = _exact_sizes(x) if x.can_exact and gn != "local" else []
+    if gn != "offload":
+        plans += [make.exact(tile) for tile in exact_sizes]
+    plans += _offloaded_plans(x, make, plans, exact_sizes)
+    if chunk is not None:
+        plans += _short_chunk_plans(make, plans, chunk)
+    return plans
+
+
+def _exact_sizes(x: _Inputs) -> list[int]:
+    """The exact tile sizes (ascending, smaller than the image), one per tile cap."""
+    sizes: list[int] = []
+    for cap in _tile_caps(x.job, x.fam, x.settings):
+        ty, tx = exact_tiles(x.job, x.fam, cap)
+        tile = max(max(s for _, s in ty), max(s for _, s in tx))
+        if tile not in sizes and tile < max(x.job.width, x.job.height):
+            sizes.append(tile)
+    return sizes
+
+
+def _offloaded_plans(x: _Inputs, make: _PlanMaker, plans: list[Plan], exact_sizes: list[int]) -> list[Plan]:
+    """The budget's worth of buffers on the GPU at a few tile sizes, and everything in host memory at the
+    smallest (device memory bounded by the tile: the lossless plan of last resort)."""
+    fam = x.fam
+    can_offload = (x.can_exact and x.settings.tile_groupnorm != "local" and fam.decoder is not None and x.on_gpu
+                   and fam.memory.exact_offload_tile_elements is not None and bool(exact_sizes))
+    sizes = _offload_sizes_to_cost(plans, exact_sizes, x.budget, x.settings) if can_offload else []
+    if not sizes:
+        return []
+    out = [p for p in (make.offloaded(tile, x.budget) for tile in sizes) if p is not None]
+    p = make.offloaded(exact_sizes[0], 0)
+    if p is not None and all(q.estimate.peak_bytes != p.estimate.peak_bytes or q.tile_px != p.tile_px
+                             for q in plans + out):
+        out.append(p)
+    return out
+
+
+def _short_chunk_plans(make: _PlanMaker, plans: list[Plan], chunk: int) -> list[Plan]:
+    """Shorter temporal chunks before giving up on the GPU (whole frames, then the smallest tile).
+
+    Not measured: they are never estimated faster than the VAE's default chunk (more launches, smaller
+    kernels), so they are only chosen when the default chunk does not fit."""
+    by_tile = {p.tile_px: p for p in plans if p.frame_chunk == chunk}
+    smallest_tile = min((p.tile_px for p in plans if p.tile_px is not None), default=None)
+    out: list[Plan] = []
+    short = chunk // 2
+    while short >= 1:
+        for t_px in (None, smallest_tile) if smallest_tile is not None else (None,):
+            p = make.local("tiled", tile=t_px, chunk=short, slice_batch=True)
+            ref = by_tile.get(t_px)
+            if ref is not None and p.estimate.seconds <= ref.estimate.seconds:
+                est = dataclasses.replace(p.estimate, seconds=ref.estimate.seconds * 1.05,
+                                          seconds_source=p.estimate.seconds_source
+                                          + f"; shorter chunks: at least the {chunk}-latent-frame chunks' time")
+                p = dataclasses.replace(p, estimate=est)
+            out.append(p)
+        short //= 2
+    return out
+
+
+def _host_ok(x: _Inputs, p: Plan) -> bool:
+    """An offloaded plan's host buffers fit the probed available host memory minus the host reserve."""
+    room = x.host_room
+    return not p.estimate.host_bytes or (room is not None and p.estimate.host_bytes <= room)
+
+
+def _feasibility(x: _Inputs, gpu_plans: list[Plan]) -> tuple[list[Option], list[Plan]]:
+    """Each GPU plan as an option that fits or not (and why), and the feasible ones."""
+    options: list[Option] = []
+    feasible: list[Plan] = []
+    budget = _gib(x.shown_budget)
+    for p in gpu_plans:
+        host = p.estimate.host_bytes
+        if not x.on_gpu:
+            options.append(Option(p, False, f"no GPU ({x.gpu.note or x.gpu.source})"))
+        elif p.estimate.peak_bytes > x.budget:
+            options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {budget} budget"))
+        elif not _host_ok(x, p):
+            room = "unknown (no psutil, no /proc/meminfo)" if x.host_room is None else \
+                f"{_gib(max(0, x.host_room))} available - {_gib(x.settings.host_reserve_bytes)} reserve"
+            options.append(Option(p, False, f"needs {_gib(host)} of host memory > {room}"))
+        else:
+            feasible.append(p)
+            extra = f", {_gib(host)} in host memory" if host else ""
+            options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {budget} budget{extra}"))
+    return options, feasible
+
+
+def _remote_option(x: _Inputs, network: NetworkArg,
+                   identity: EndpointIdentity | None) -> tuple[Plan | None, dict[str, ReasonValue]]:
+    """The remote plan (the best response format for the endpoint) or None, and the ``remote_*`` reason
+    parameters saying why (see :func:`remote_route`, :func:`identity_gate`)."""
+    job, fam, settings = x.job, x.fam, x.settings
+    # a canary verdict for the endpoint replaces the name-based custom-VAE rule (proven, not guessed)
+    url, route = remote_route(dataclasses.replace(job, custom_vae=False) if identity is not None else job, fam, settings)
+    if identity is not None and url != identity.endpoint:
+        url, route = remote_route(job, fam, settings)  # the verdict is about another endpoint
+    url, route = identity_gate(url, route, identity, settings)
+    if url is None:
+        return None, route
+    net = _net_for(network, url)
+    if not net.available:
+        return None, {**route, "remote_code": "unavailable", "remote_url": url, "remote_note": net.note}
+    best: tuple[float, Plan] | None = None
+    for fmt in _formats(job, fam, settings):
+        est = remote_estimate(job, fam, net, fmt)
+        plan = Plan(path="remote", estimate=est, dtype=x.dtype, endpoint=url, response_format=fmt)
+        # a lossy format must win clearly (20%) over a lossless one to be chosen
+        score = est.seconds * (1.25 if fmt in LOSSY else 1.0)
+        if best is None or score < best[0]:
+            best = (score, plan)
+    assert best is not None
+    return best[1], route
+
+
+class _Rank:
+    """Sort key of plans: seconds first (local tiles x ``exact_tolerance`` while a lossless plan fits,
+    ``tile_groupnorm="auto"``, images); ties: the larger tile."""
+
+    def __init__(self, x: _Inputs, feasible: list[Plan]) -> None:
+        has_exact = any(p.path == "full" or p.groupnorm == "exact" for p in feasible)
+        self.penalise_local = x.settings.tile_groupnorm == "auto" and has_exact and not x.fam.video
+        self.tolerance = x.settings.exact_tolerance
+
+    def __call__(self, p: Plan) -> tuple[float, float]:
+        secs = p.estimate.seconds
+        if self.penalise_local and p.path == "tiled" and p.groupnorm == "local":
+            secs *= self.tolerance
+        return (secs, -(p.tile_px or math.inf) if p.path != "remote" else 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    plan: Plan
+    squeezed: bool = False  # nothing fits the budget; the plan fits inside the reserve
+    unmet: UnmetRequest | None = None  # the requested mode that could not run
+
+
+def _requested(x: _Inputs, feasible: list[Plan], remote: Plan | None, rank: _Rank) -> Plan | None:
+    """The plan of the requested mode (``mode`` full/tiled/remote) when one can run, else None."""
+    mode = x.settings.mode
+    if mode == "full":
+        fulls = [p for p in feasible if p.path == "full"]
+        return min(fulls, key=rank) if fulls else None
+    if mode == "tiled":
+        tiled = [p for p in feasible if p.path == "tiled"]
+        return min(tiled, key=lambda p: (p.groupnorm != "exact", p.offloaded, -(p.tile_px or 0),
+                                         p.estimate.seconds)) if tiled else None
+    return remote if mode == "remote" else None
+
+
+def _choose(x: _Inputs, gpu_plans: list[Plan], feasible: list[Plan], remote: Plan | None, cpu: Plan | None,
+            rank: _Rank) -> _Choice:
+    """The requested mode's plan when it can run; else the fastest feasible plan or remote; else the smallest
+    GPU plan when it fits inside the reserve; else the CPU.
+
+    Raises:
+        ProfileError: nothing can decode the job (no GPU plan fits, no remote, ``allow_cpu`` off).
+    """
+    chosen = _requested(x, feasible, remote, rank)
+    mode = x.settings.mode
+    unmet: UnmetRequest | None = None if mode == "auto" or chosen is not None else mode
+    pool = feasible + ([remote] if remote is not None else [])
+    if chosen is None and pool:
+        chosen = min(pool, key=rank)
+    if chosen is not None:
+        return _Choice(chosen, unmet=unmet)
+    if x.on_gpu:
+        # nothing fits the budget: the smallest plan may still fit inside the reserve
+        smallest = min((p for p in gpu_plans if _host_ok(x, p)), key=lambda p: p.estimate.peak_bytes)
+        if smallest.estimate.peak_bytes <= x.available:
+            return _Choice(smallest, squeezed=True, unmet=unmet)
+    if cpu is None:
+        raise ProfileError("nothing can decode this job: no GPU plan fits, remote is unavailable and "
+                           "allow_cpu is off; enable remote or allow_cpu", key_path="allow_cpu", value=False)
+    return _Choice(cpu, unmet=unmet)
+
+
+def _fallback_chain(chosen: Plan, feasible: list[Plan], remote: Plan | None, cpu_plans: list[Plan],
+                    rank: _Rank) -> list[Plan]:
+    """The chosen plan, then local plans that need at least a quarter less memory (at most 4 plans), the
+    smallest feasible one, remote before the first local fallback slower than it, and the CPU plans last."""
+    chain: list[Plan] = [chosen]
+    last_peak = chosen.estimate.peak_bytes if chosen.path in ("full", "tiled") else math.inf
+    for p in sorted((p for p in feasible if p is not chosen), key=rank):
+        if p.estimate.peak_bytes <= 0.75 * last_peak and len(chain) < 4:
+            chain.append(p)
+            last_peak = p.estimate.peak_bytes
+    smallest_fit = min(feasible, key=lambda p: p.estimate.peak_bytes) if feasible else None
+    if smallest_fit is not None and smallest_fit not in chain and smallest_fit.estimate.peak_bytes < last_peak:
+        chain.append(smallest_fit)
+    if remote is not None and remote not in chain:
+        # remote goes before the first local fallback slower than it
+        pos = next((i for i, p in enumerate(chain) if i > 0 and p.estimate.seconds > remote.estimate.seconds), len(chain))
+        chain.insert(pos, remote)
+    return chain + [p for p in cpu_plans if p not in chain]
 
 
 def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings | None = None,
            network: NetworkArg = None, learned: Learned | None = None,
            identity: EndpointIdentity | None = None) -> Decision:
     """Choose how to decode ``job`` on ``gpu``; pure: the same inputs give the same decision.
+
+    Steps: the local candidates (:func:`_candidates`), which fit (:func:`_feasibility`), the remote option
+    (:func:`_remote_option`), the choice (:func:`_choose`), the fallback chain (:func:`_fallback_chain`) and
+    the reason as a code and its parameters (:func:`_reason`; rendered by :mod:`policy.reasons`).
 
     Args:
         job (`DecodeJob`): what to decode.
@@ -263,331 +591,83 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     Raises:
         ProfileError: unknown family. LatentError: a job that cannot be decoded (size, frames, batch).
     """
-    settings = settings or DecodeSettings()
-    fam = profiles.family(job.family)
-    check_job(job, fam)
-    dtype = decode_dtype(job, fam)
-    gp = profiles.gpu(gpu.name)
-    speed = SpeedModel(fam, gp, dtype_bytes(dtype), settings)
-    on_gpu = gpu.is_accelerator
-    available = gpu.available_bytes if on_gpu else 0
-    budget = available - settings.reserve_bytes
-    sc = fam.spatial_compression
-    overlap = (settings.tile_overlap_px // sc) * sc
-    peak_src = f"{job.family} memory model: {fam.memory.source}"
-    shown_budget = max(0, budget)  # memory under the reserve is "no budget", never a negative number
-
-    def with_learned(plan: Plan) -> Plan:
-        if learned is None:
-            return plan
-        factor, entry = learned.factor(gpu.name, job.family, learn_path(plan), job_voxels(job))
-        if entry is None:
-            return plan
-        wide = " (card-wide)" if entry.family != job.family else ""
-        est = dataclasses.replace(plan.estimate, seconds=plan.estimate.seconds * factor,
-                                  seconds_source=plan.estimate.seconds_source
-                                  + f"; x{factor:.2f} learned from {entry.count} decodes{wide}")
-        return dataclasses.replace(plan, estimate=est)
-
-    def local(path: str, *, tile: int | None = None, chunk: int | None = None, slice_batch: bool = False) -> Plan:
-        ov = overlap if tile is not None else 0
-        fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
-        secs = local_seconds(job, fam, speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
-                             frame_overlap=fov, slice_batch=slice_batch)
-        est = Estimate(
-            peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch),
-            seconds=secs, peak_source=peak_src, seconds_source=speed.source)
-        return with_learned(Plan(path=path, estimate=est, dtype=dtype, tile_px=tile, overlap_px=ov,  # type: ignore[arg-type]
-                                 frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch))
-
-    sched_mem = exact_schedule(fam, offload=False) if not fam.video else None
-    sched_off = exact_schedule(fam, offload=True) if not fam.video else None
-    moves: dict[int, list[tuple[int, int]]] = {}  # offloaded plans' bytes moved per buffer, by tile
-
-    def exact(tile: int) -> Plan:
-        t = fam.timing
-        est = Estimate(
-            peak_bytes=exact_peak_bytes(job, fam, tile), seconds=exact_seconds(job, fam, speed, tile, sched=sched_mem),
-            peak_source=f"{job.family} exact-tiling model: analytic buffers + tile, x{fam.memory.exact_margin:g} margin",
-            seconds_source=f"{speed.source}; exact tiling x{t.exact_time_factor:g} + {t.exact_passes} passes x tiles (assumed)")
-        return with_learned(Plan(path="tiled", estimate=est, dtype=dtype, tile_px=tile, slice_batch=True,
-                                 groupnorm="exact"))
-
-    def offloaded(tile: int, room: float) -> Plan | None:
-        """Exact tiles whose whole-image buffers get what ``room`` bytes of device memory leave after the
-        tile; None when that is all of them (the in-memory exact plan covers it)."""
-        if tile not in moves and sched_off is not None:
-            moves[tile] = passes.traffic(sched_off, job.height // sc, job.width // sc, tile)
-        device_budget, c = offload_costs(job, fam, tile, room, sched=sched_off, moves=moves.get(tile))
-        if c.host_bytes == 0:
-            return None
-        secs, copy_s, copy_src = offload_seconds(job, fam, speed, tile, c, gp, sched=sched_mem)
-        est = Estimate(
-            peak_bytes=offload_peak_bytes(job, fam, tile, c), seconds=secs,
-            peak_source=(f"{job.family} exact-tiling schedule: {_gib(c.device_bytes)} of whole-image buffers on the "
-                         f"GPU, {_gib(c.host_bytes)} in host memory, + tile, x{fam.memory.exact_margin:g} margin"),
-            seconds_source=f"{speed.source}; exact tiling compute (assumed factors); {copy_src}",
-            host_bytes=c.host_bytes, transfer_bytes=c.moved_bytes, transfer_seconds=copy_s)
-        return with_learned(Plan(path="tiled", estimate=est, dtype=dtype, tile_px=tile, slice_batch=True,
-                                 groupnorm="exact", device_budget=device_budget))
-
-    # ---- candidates -------------------------------------------------------------------------
-    gpu_plans: list[Plan] = []
-    chunk = fam.tiling.frame_chunk
-    lat_frames = latent_frames(job, fam)
-    use_chunks = fam.video and chunk is not None and lat_frames > chunk
-    gpu_plans.append(local("full"))
-    if job.batch > 1:
-        gpu_plans.append(local("full", slice_batch=True))
-    if use_chunks:
-        gpu_plans.append(local("tiled", chunk=chunk, slice_batch=True))
-    can_exact = not fam.video and fam.memory.exact_buffer_elements is not None
-    gn = settings.tile_groupnorm
-    seen: set[int] = set()
-    for cap in _tile_caps(job, fam, settings):
-        if cap <= 2 * overlap:
-            continue  # the overlap would swallow the tile
-        tile = _actual_tile(job, fam, cap, overlap)
-        if tile in seen or tile >= max(job.width, job.height):
-            continue
-        seen.add(tile)
-        if gn in ("auto", "local") or not can_exact:
-            gpu_plans.append(local("tiled", tile=tile, chunk=chunk if use_chunks else None, slice_batch=True))
-    exact_sizes: list[int] = []
-    if can_exact and gn != "local":
-        for cap in _tile_caps(job, fam, settings):
-            ty, tx = exact_tiles(job, fam, cap)
-            tile = max(max(s for _, s in ty), max(s for _, s in tx))
-            if tile not in exact_sizes and tile < max(job.width, job.height):
-                exact_sizes.append(tile)
-        if gn != "offload":
-            gpu_plans += [exact(tile) for tile in exact_sizes]
-    can_offload = (can_exact and gn != "local" and fam.decoder is not None and on_gpu
-                   and fam.memory.exact_offload_tile_elements is not None and bool(exact_sizes))
-    sizes = _offload_sizes_to_cost(gpu_plans, exact_sizes, budget, settings) if can_offload else []
-    if sizes:
-        # the budget's worth of buffers on the GPU at a few tile sizes, and everything in host memory at the
-        # smallest (device memory bounded by the tile: the lossless plan of last resort)
-        for tile in sizes:
-            p = offloaded(tile, budget)
-            if p is not None:
-                gpu_plans.append(p)
-        p = offloaded(exact_sizes[0], 0)
-        if p is not None and all(q.estimate.peak_bytes != p.estimate.peak_bytes or q.tile_px != p.tile_px
-                                 for q in gpu_plans):
-            gpu_plans.append(p)
-    if use_chunks and chunk is not None:
-        # Shorter temporal chunks before giving up on the GPU (whole frames, then the smallest tile).
-        # Not measured: they are never estimated faster than the VAE's default chunk (more launches,
-        # smaller kernels), so they are only chosen when the default chunk does not fit.
-        by_tile = {p.tile_px: p for p in gpu_plans if p.frame_chunk == chunk}
-        smallest_tile = min((p.tile_px for p in gpu_plans if p.tile_px is not None), default=None)
-        short = chunk // 2
-        while short >= 1:
-            for t_px in (None, smallest_tile) if smallest_tile is not None else (None,):
-                p = local("tiled", tile=t_px, chunk=short, slice_batch=True)
-                ref = by_tile.get(t_px)
-                if ref is not None and p.estimate.seconds <= ref.estimate.seconds:
-                    est = dataclasses.replace(p.estimate, seconds=ref.estimate.seconds * 1.05,
-                                              seconds_source=p.estimate.seconds_source
-                                              + f"; shorter chunks: at least the {chunk}-latent-frame chunks' time")
-                    p = dataclasses.replace(p, estimate=est)
-                gpu_plans.append(p)
-            short //= 2
-
-    options: list[Option] = []
-    feasible: list[Plan] = []
-    host_room = None if gpu.host_available_bytes is None else gpu.host_available_bytes - settings.host_reserve_bytes
-
-    def host_ok(p: Plan) -> bool:
-        return not p.estimate.host_bytes or (host_room is not None and p.estimate.host_bytes <= host_room)
-
-    for p in gpu_plans:
-        host = p.estimate.host_bytes
-        if not on_gpu:
-            options.append(Option(p, False, f"no GPU ({gpu.note or gpu.source})"))
-        elif p.estimate.peak_bytes > budget:
-            options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {_gib(shown_budget)} budget"))
-        elif not host_ok(p):
-            room = "unknown (no psutil, no /proc/meminfo)" if host_room is None else \
-                f"{_gib(max(0, host_room))} available - {_gib(settings.host_reserve_bytes)} reserve"
-            options.append(Option(p, False, f"needs {_gib(host)} of host memory > {room}"))
-        else:
-            feasible.append(p)
-            extra = f", {_gib(host)} in host memory" if host else ""
-            options.append(Option(p, True, f"needs {_gib(p.estimate.peak_bytes)} <= {_gib(shown_budget)} budget{extra}"))
-
-    remote: Plan | None = None
-    # a canary verdict for the endpoint replaces the name-based custom-VAE rule (proven, not guessed)
-    job_for_url = dataclasses.replace(job, custom_vae=False) if identity is not None else job
-    url, remote_why = endpoint_for(job_for_url, fam, settings)
-    if identity is not None and url != identity.endpoint:
-        url, remote_why = endpoint_for(job, fam, settings)  # the verdict is about another endpoint
-    gated = url
-    url, remote_why = identity_gate(url, remote_why, identity, settings)
-    refused_by_identity = gated is not None and url is None
-    if url is not None:
-        net = _net_for(network, url)
-        if not net.available:
-            remote_why = f"endpoint {url} unavailable ({net.note or 'circuit open'})"
-        else:
-            best: tuple[float, Plan] | None = None
-            for fmt in _formats(job, fam, settings):
-                est = remote_estimate(job, fam, net, fmt)
-                plan = Plan(path="remote", estimate=est, dtype=dtype, endpoint=url, response_format=fmt)
-                # a lossy format must win clearly (20%) over a lossless one to be chosen
-                score = est.seconds * (1.25 if fmt in LOSSY else 1.0)
-                if best is None or score < best[0]:
-                    best = (score, plan)
-            assert best is not None
-            remote = best[1]
-            options.append(Option(remote, True, f"{remote_why}; {remote.response_format} est. {remote.estimate.seconds:.2f} s"))
-    cpu_plans = _cpu_plans(job, fam, settings, overlap) if settings.allow_cpu else []
-    cpu: Plan | None = cpu_plans[0] if cpu_plans else None
-    options += [Option(p, True, "last resort" if p is cpu else "last resort, host memory bounded by the tile")
-                for p in cpu_plans]
-
-    has_exact = any(p.path == "full" or p.groupnorm == "exact" for p in feasible)
-    penalise_local = settings.tile_groupnorm == "auto" and has_exact and not fam.video
-
-    def rank(p: Plan) -> tuple[float, float]:
-        # seconds first (local tiles x exact_tolerance while an exact plan fits); ties: the larger tile
-        secs = p.estimate.seconds
-        if penalise_local and p.path == "tiled" and p.groupnorm == "local":
-            secs *= settings.exact_tolerance
-        return (secs, -(p.tile_px or math.inf) if p.path != "remote" else 0.0)
-
-    # ---- choose -----------------------------------------------------------------------------
-    pool = feasible + ([remote] if remote is not None else [])
-    reason_prefix = ""
-    chosen: Plan | None = None
-    full = gpu_plans[0]
-    if settings.mode == "full":
-        fulls = [p for p in feasible if p.path == "full"]
-        if fulls:
-            chosen = min(fulls, key=rank)
-        else:
-            reason_prefix = f"full requested but needs {_gib(full.estimate.peak_bytes)} > {_gib(shown_budget)}; "
-    elif settings.mode == "tiled":
-        tiled = [p for p in feasible if p.path == "tiled"]
-        if tiled:
-            chosen = min(tiled, key=lambda p: (p.groupnorm != "exact", p.offloaded, -(p.tile_px or 0),
-                                               p.estimate.seconds))
-        else:
-            reason_prefix = "tiled requested but no tile fits; "
-    elif settings.mode == "remote":
-        if remote is not None:
-            chosen = remote
-        else:
-            reason_prefix = f"remote requested but {remote_why}; "
-    if chosen is None and pool:
-        chosen = min(pool, key=rank)
-    squeezed = False
-    if chosen is None and on_gpu:
-        # nothing fits the budget: the smallest plan may still fit inside the reserve
-        smallest = min((p for p in gpu_plans if host_ok(p)), key=lambda p: p.estimate.peak_bytes)
-        if smallest.estimate.peak_bytes <= available:
-            chosen, squeezed = smallest, True
-    if chosen is None:
-        if cpu is None:
-            raise ProfileError("nothing can decode this job: no GPU plan fits, remote is unavailable and "
-                               "allow_cpu is off; enable remote or allow_cpu", key_path="allow_cpu", value=False)
-        chosen = cpu
-
-    # ---- fallbacks --------------------------------------------------------------------------
-    chain: list[Plan] = [chosen]
-    last_peak = chosen.estimate.peak_bytes if chosen.path in ("full", "tiled") else math.inf
-    local_pool = sorted((p for p in feasible if p is not chosen), key=rank)
-    for p in local_pool:
-        if p.estimate.peak_bytes <= 0.75 * last_peak and len(chain) < 4:
-            chain.append(p)
-            last_peak = p.estimate.peak_bytes
-    smallest_fit = min(feasible, key=lambda p: p.estimate.peak_bytes) if feasible else None
-    if smallest_fit is not None and smallest_fit not in chain and smallest_fit.estimate.peak_bytes < last_peak:
-        chain.append(smallest_fit)
-    if remote is not None and remote not in chain:
-        # remote goes before the first local fallback slower than it
-        pos = next((i for i, p in enumerate(chain) if i > 0 and p.estimate.seconds > remote.estimate.seconds), len(chain))
-        chain.insert(pos, remote)
-    chain += [p for p in cpu_plans if p not in chain]
-
-    # ---- reason -----------------------------------------------------------------------------
-    reason = reason_prefix + _reason(chosen, squeezed=squeezed, full=full, budget=budget, available=available,
-                                     feasible=feasible, gpu_plans=gpu_plans, rank=rank, remote_why=remote_why,
-                                     remote=remote, on_gpu=on_gpu, fam=fam, job=job, settings=settings,
-                                     can_exact=can_exact)
-    if refused_by_identity and chosen.path != "cpu":  # the cpu reason names remote_why already
-        reason += f"; remote: {remote_why}"
-    if fam.inferred:
-        reason += f"; {fam.inferred}"
-    if not on_gpu:
-        reason += f" [no GPU: {gpu.note or gpu.source}]"
-    elif budget < 0:  # said as what it is, never as a negative budget
-        reason += (f" [{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} "
-                   f"cache) is under the {_gib(settings.reserve_bytes)} reserve: no budget]")
-    else:
-        reason += (f" [{_gib(available)} available ({_gib(gpu.free_bytes)} free + {_gib(gpu.torch_reusable_bytes)} "
-                   f"cache) - {_gib(settings.reserve_bytes)} reserve = {_gib(budget)} budget]")
-    summary = _summary(chosen, squeezed=squeezed, full=full, budget=budget, available=available, on_gpu=on_gpu,
-                       requested=settings.mode == chosen.path)
-    if fam.inferred:
-        summary += ", VAE matches no family: local only"
-
-    return Decision(plans=tuple(chain), reason=reason, options=tuple(options), gpu=gpu, job=job,
-                    available_bytes=available, budget_bytes=budget, gpu_profile=gp.name if gp else None,
-                    sources=profiles.sources, summary=summary, identity=identity)
+    x = _Inputs.of(job, gpu, profiles, settings or DecodeSettings(), learned)
+    gpu_plans = _candidates(x, _PlanMaker(x))
+    options, feasible = _feasibility(x, gpu_plans)
+    remote, route = _remote_option(x, network, identity)
+    if remote is not None:
+        options.append(Option(remote, True, f"{remote_text(route)}; {remote.response_format} "
+                                            f"est. {remote.estimate.seconds:.2f} s"))
+    cpu_plans = _cpu_plans(job, x.fam, x.settings, x.overlap) if x.settings.allow_cpu else []
+    options += [Option(p, True, "last resort" if i == 0 else "last resort, host memory bounded by the tile")
+                for i, p in enumerate(cpu_plans)]
+    rank = _Rank(x, feasible)
+    choice = _choose(x, gpu_plans, feasible, remote, cpu_plans[0] if cpu_plans else None, rank)
+    chain = _fallback_chain(choice.plan, feasible, remote, cpu_plans, rank)
+    why = _reason(x, choice, gpu_plans=gpu_plans, feasible=feasible, remote=remote, route=route, rank=rank)
+    return Decision(plans=tuple(chain), reason_code=why.code, reason_params=why.params, options=tuple(options),
+                    gpu=gpu, job=job, available_bytes=x.available, budget_bytes=x.budget,
+                    gpu_profile=x.gp.name if x.gp else None, sources=profiles.sources, identity=identity)
 
 
-def _reason(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int, feasible: list[Plan],
-            gpu_plans: list[Plan], rank: Callable[[Plan], tuple[float, float]], remote_why: str,
-            remote: Plan | None, on_gpu: bool, fam: Family, job: DecodeJob, settings: DecodeSettings,
-            can_exact: bool) -> str:
-    """Why ``c`` was chosen, with the memory arithmetic; every comparison it states holds."""
-    need, full_need = c.estimate.peak_bytes, full.estimate.peak_bytes
-    budget = max(0, budget)  # memory under the reserve is "no budget", never a negative number
-    if squeezed:
-        return (f"squeezed into the reserve: {c.label} needs {_gib(need)} > {_gib(budget)} budget, "
-                f"<= {_gib(available)} available; nothing fits the budget")
-    if c.path == "full" and not c.slice_batch:
-        return f"full fits: needs {_gib(need)} of {_gib(budget)}"
+def _reason_code(x: _Inputs, choice: _Choice, full: Plan, feasible: list[Plan]) -> ReasonCode:
+    c = choice.plan
+    if choice.squeezed:
+        return "squeezed"
     if c.path == "full":
-        return (f"batch of {job.batch} needs {_gib(full_need)} > {_gib(budget)}; "
-                f"one at a time needs {_gib(need)}")
+        return "batch_sliced" if c.slice_batch else "full_fits"
     if c.path == "tiled":
-        if full_need <= budget:
-            why = "requested" if settings.mode == "tiled" else "estimated faster than full"
-            reason = f"{c.label} {why}: needs {_gib(need)} of {_gib(budget)}; full would fit too ({_gib(full_need)})"
-        else:
-            reason = f"{c.label}: needs {_gib(need)} of {_gib(budget)}; full needs {_gib(full_need)} > {_gib(budget)}"
-        if c.groupnorm == "exact" or not fam.video:
-            reason += _tiled_reason(c, gpu_plans, feasible, settings)
-        return reason
+        if full.estimate.peak_bytes > x.shown_budget:
+            return "tiled_full_too_big"
+        return "tiled_requested" if x.settings.mode == "tiled" else "tiled_faster"
     if c.path == "remote":
+        return "remote_faster" if feasible else "remote_no_gpu" if not x.on_gpu else "remote_nothing_fits"
+    return "cpu_no_gpu" if not x.on_gpu else "cpu_nothing_fits"
+
+
+def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: list[Plan], remote: Plan | None,
+            route: Mapping[str, ReasonValue], rank: _Rank) -> Reason:
+    """Why ``choice`` was made: its code and the numbers and labels the sentence states."""
+    c, full, gpu = choice.plan, gpu_plans[0], x.gpu
+    code = _reason_code(x, choice, full, feasible)
+    params: dict[str, ReasonValue] = {
+        **route, "family": x.job.family, "label": describe_plan(c), "need": c.estimate.peak_bytes,
+        "full_need": full.estimate.peak_bytes, "batch": x.job.batch, "budget": x.budget, "available": x.available,
+        "on_gpu": x.on_gpu, "free": gpu.free_bytes, "cache": gpu.torch_reusable_bytes,
+        "reserve": x.settings.reserve_bytes, "gpu_note": None if x.on_gpu else gpu.note or gpu.source,
+        "unmet_request": choice.unmet, "inferred": x.fam.inferred}
+    if code.startswith("tiled_") and (c.groupnorm == "exact" or not x.fam.video):
+        params |= _tiles_params(x, c, gpu_plans, feasible)
+    elif c.path == "remote":
+        params |= {"format": c.response_format, "seconds": c.estimate.seconds}
         local_best = min(feasible, key=rank) if feasible else None
-        vs = (f"faster than {local_best.label} ({local_best.estimate.seconds:.2f} s)" if local_best
-              else "no GPU" if not on_gpu else "nothing local fits" + (f" {_gib(budget)}" if budget > 0 else ""))
-        return f"remote {c.response_format} est. {c.estimate.seconds:.2f} s, {vs}"
-    why = "no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)}"
-    if on_gpu and settings.tile_groupnorm in ("exact", "offload") and can_exact:
-        why += f" (local tiles are off: tile_groupnorm={settings.tile_groupnorm})"
-    if settings.mode == "remote" and remote is None:  # the "remote requested but ..." prefix said why already
-        return f"{describe_plan(c)}: {why}"
-    return f"{describe_plan(c)}: {why}; remote: {remote_why if remote is None else 'failed before'}"
+        if local_best is not None:
+            params |= {"local_label": local_best.label, "local_seconds": local_best.estimate.seconds}
+    elif c.path == "cpu":
+        off = x.on_gpu and x.settings.tile_groupnorm in ("exact", "offload") and x.can_exact
+        params |= {"local_tiles_off": x.settings.tile_groupnorm if off else None, "remote_planned": remote is not None}
+    return Reason.make(code, params)
 
 
-def _summary(c: Plan, *, squeezed: bool, full: Plan, budget: int, available: int, on_gpu: bool,
-             requested: bool) -> str:
-    """The infotext clause for ``c`` when it runs: short, and every comparison it states holds."""
-    need, full_need = c.estimate.peak_bytes, full.estimate.peak_bytes
-    budget = max(0, budget)
-    if squeezed:
-        return f"{c.label}, squeezed into the reserve: {_gib(need)} > {_gib(budget)} budget"
-    if c.path == "full":
-        return f"{c.label}, {_gib(need)} of {_gib(budget)} budget"
-    if c.path == "tiled":
-        if full_need > budget:
-            return f"{c.label}, {_gib(budget)} budget < {_gib(full_need)} full"
-        return f"{c.label}, {'as requested' if requested else 'faster than full'}, {_gib(need)} of {_gib(budget)} budget"
-    if c.path == "remote":
-        return f"remote {c.response_format}"
-    return f"{describe_plan(c)}, " + ("no GPU" if not on_gpu else f"no GPU plan fits {_gib(available)} available")
+def _tiles_params(x: _Inputs, c: Plan, gpu_plans: list[Plan], feasible: list[Plan]) -> dict[str, ReasonValue]:
+    """A tiled decision's ``tiles`` note and its numbers: why exact, exact with host memory, or tiles that may
+    drift (see :data:`policy.reasons.TileNote`)."""
+    if c.groupnorm == "exact" and c.offloaded:
+        inmem = [p for p in gpu_plans if p.groupnorm == "exact" and not p.offloaded]
+        least = min(inmem, key=lambda p: p.estimate.peak_bytes) if inmem else None
+        e = c.estimate
+        return {"tiles": "exact_host", "exact_gpu_need": least.estimate.peak_bytes if least else None,
+                "host_bytes": e.host_bytes, "transfer_bytes": e.transfer_bytes, "transfer_seconds": e.transfer_seconds}
+    if c.groupnorm == "exact":
+        return {"tiles": "exact"}
+    lossless = [p for p in feasible if p.path == "full" or p.groupnorm == "exact"]
+    if lossless:
+        quickest = min(lossless, key=lambda p: p.estimate.seconds)
+        return {"tiles": "local_lossless_slower", "lossless_label": quickest.label,
+                "lossless_seconds": quickest.estimate.seconds, "exact_tolerance": x.settings.exact_tolerance}
+    exacts = [p for p in gpu_plans if p.groupnorm == "exact"]
+    if not exacts:
+        return {}
+    smallest = min(exacts, key=lambda p: p.estimate.peak_bytes)
+    return {"tiles": "local_no_lossless", "exact_need": smallest.estimate.peak_bytes,
+            "exact_host_bytes": smallest.estimate.host_bytes}

@@ -8,6 +8,7 @@ message can say what went wrong, with which value, and what to do::
     │   └── EnvError                a HYBRID_VAE_* environment variable cannot be used (variable, value)
     ├── SettingsError           a decode setting is outside its type or limits (the front end's name, value); a ValueError
     ├── LatentError             a latent does not match its family (shape, dtype, NaN, ...); also a ValueError
+    ├── ArgumentError           a call's argument is not one hybrid-vae accepts; also a ValueError
     ├── PlanError               an executor cannot run a plan (unknown path, unsupported VAE)
     ├── DecodeFailedError       every plan failed; the latent was saved (``latent_path``)
     └── RemoteError             a remote decode failed (``endpoint``)
@@ -92,6 +93,11 @@ class SettingsError(HybridVAEError, ValueError):
 
 class LatentError(HybridVAEError, ValueError):
     """A latent that cannot be decoded as asked: wrong rank, channels, dtype, NaN/inf, missing size."""
+
+
+class ArgumentError(HybridVAEError, ValueError):
+    """An argument a caller passed is not one hybrid-vae accepts (``HybridDecoder.decode(output="jpeg")``); the
+    message names the argument, the value and the values allowed."""
 
 
 class PlanError(HybridVAEError):

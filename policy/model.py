@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args, get_origin
 from hybrid_vae.policy.errors import SettingsError
 from hybrid_vae.policy.gpu import GiB, GpuState
 from hybrid_vae.policy.profiles import Dtype
+from hybrid_vae.policy.reasons import ReasonCode, ReasonValue, reason_text, summary_text
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Path_ = Literal["full", "tiled", "remote", "cpu"]
@@ -356,12 +357,17 @@ class Option:
 class Decision:
     """The ordered plan chain (first = chosen, the rest = fallbacks) and why.
 
-    ``reason`` is the full explanation (with the memory arithmetic); ``summary`` the short clause an image's
-    infotext carries when the chosen plan ran, e.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full``.
+    Why is data: ``reason_code`` (:data:`policy.reasons.ReasonCode`, e.g. ``tiled_full_too_big``) and
+    ``reason_params`` (a read-only mapping of the numbers and labels behind it: ``need``, ``budget``,
+    ``full_need``, ``available``, ``reserve``, ``label``, ``unmet_request``, ``tiles``, ``remote_code``, ...; see
+    :mod:`policy.reasons`). Code that needs to know why reads these. ``reason`` (the full explanation, with the
+    memory arithmetic) and ``summary`` (the short clause an image's infotext carries when the chosen plan ran,
+    e.g. ``tiled 384px/64, 0.75 GiB budget < 4.79 GiB full``) are rendered from them by :mod:`policy.reasons`.
     """
 
     plans: tuple[Plan, ...]
-    reason: str
+    reason_code: ReasonCode
+    reason_params: Mapping[str, ReasonValue]
     options: tuple[Option, ...]
     gpu: GpuState
     job: DecodeJob
@@ -369,8 +375,17 @@ class Decision:
     budget_bytes: int
     gpu_profile: str | None
     sources: tuple[str, ...] = ()
-    summary: str = ""
     identity: EndpointIdentity | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why this plan, with the memory arithmetic (rendered by :func:`policy.reasons.reason_text`)."""
+        return reason_text(self.reason_code, self.reason_params)
+
+    @property
+    def summary(self) -> str:
+        """The infotext clause when the chosen plan ran (rendered by :func:`policy.reasons.summary_text`)."""
+        return summary_text(self.reason_code, self.reason_params)
 
     @property
     def chosen(self) -> Plan:
@@ -383,7 +398,8 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         c = self.chosen
         return {
-            "decision": {**c.to_dict(), "reason": self.reason, "summary": self.summary},
+            "decision": {**c.to_dict(), "reason": self.reason, "summary": self.summary,
+                         "reason_code": self.reason_code, "reason_params": dict(self.reason_params)},
             "fallbacks": [p.to_dict() for p in self.fallbacks],
             "options": [o.to_dict() for o in self.options],
             "gpu": self.gpu.to_dict(),

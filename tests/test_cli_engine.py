@@ -37,6 +37,10 @@ def test_4090_full():
     assert out["gpu"]["free_bytes"] == 20 * GiB and out["gpu"]["source"] == "simulated"
     assert isinstance(out["fallbacks"], list) and all("path" in p for p in out["fallbacks"])
     assert all({"feasible", "why", "path"} <= set(o) for o in out["options"])
+    # why, as data (policy/reasons.py): the code and the numbers the sentence states
+    assert out["decision"]["reason_code"] == "full_fits"
+    assert out["decision"]["reason_params"]["need"] == out["decision"]["estimate"]["peak_bytes"]
+    assert out["decision"]["reason_params"]["budget"] == out["budget_bytes"]
 
 
 def test_3070_tiled_fits_and_is_largest():

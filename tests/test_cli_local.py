@@ -55,6 +55,9 @@ def test_demo_runs_offline_and_writes_the_pngs(tmp_path):
     local = cases["2b-tiled-local"]  # less memory than any exact plan: per-tile statistics, and it says so
     assert local["decision"].startswith("tiled ") and "/64" in local["decision"]
     assert "tile colours may differ" in local["reason"] and local["psnr_vs_picture_db"] >= full_vs_picture - 1.5
+    # why, as data: each case's reason code (policy/reasons.py)
+    assert cases["1-full"]["reason_code"] == "full_fits" and cases["4-cpu"]["reason_code"] == "cpu_nothing_fits"
+    assert exact["reason_code"] == local["reason_code"] == "tiled_full_too_big"
     oom = cases["3-oom-fallback"]
     assert oom["fell_back"] and oom["chosen"] == "full" and oom["attempts"][0][1] == "out of memory"
     assert oom["decision"].startswith("tiled ") and oom["psnr_vs_full_db"] >= 40

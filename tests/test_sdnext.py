@@ -295,6 +295,42 @@ def test_injected_oom_falls_back_and_keeps_the_image(sd, kl_vae, latent256, monk
     assert entry["report"]["attempts"][0]["error"] == "out of memory" and entry["report"]["attempts"][-1]["error"] is None
 
 
+@pytest.mark.parametrize("outcome", ["ok", "every plan failed", "latent rejected", "unexpected error"])
+def test_sdnexts_vae_decode_job_ends_once_however_the_decode_ends(sd, kl_vae, latent256, monkeypatch, outcome):
+    """SD.Next's job "VAE Decode" (``shared.state.begin``/``end``) ends exactly once on every path, and before a
+    failure is reported (the failure message is set after ``end``)."""
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.policy.errors import LatentError
+
+    pipe = stubtools.ImagePipeline(kl_vae)
+    loaded(sd, pipe)
+    state, events = sd.shared.state, []
+    begin = state.begin
+    monkeypatch.setattr(state, "begin", lambda *a, **k: events.append(("begin", *a[:1])) or begin(*a, **k))
+    monkeypatch.setattr(state, "end", lambda *a, **k: events.append(("end", state.textinfo)))
+    raise_in_decode = {"latent rejected": LatentError("latent rejected (injected)"),
+                       "unexpected error": RuntimeError("unexpected (injected)")}.get(outcome)
+    if raise_in_decode is not None:
+        def failing(*_a, **_k):
+            raise raise_in_decode
+
+        monkeypatch.setattr(HybridDecoder, "decode", failing)
+    oom = OomOnForward(kl_vae.decoder.conv_in, times=None) if outcome == "every plan failed" else None
+    try:
+        out = sd.processing_vae.vae_decode(latent256, pipe, output_type="np")
+    finally:
+        if oom is not None:
+            oom.remove()
+    delegated = outcome in ("latent rejected", "unexpected error")  # SD.Next's own decode runs its own job
+    assert [e[0] for e in events] == ["begin", "end"] * (2 if delegated else 1), events
+    assert events[0] == ("begin", "VAE Decode"), events  # ours ended before SD.Next's own decode began
+    assert "every decode plan failed" not in (events[1][1] or ""), events  # and before a failure is reported
+    if outcome == "every plan failed":
+        assert out == [] and "every decode plan failed" in state.textinfo  # reported after the job ended
+    else:  # ours, or SD.Next's own decode after a rejected latent or an unexpected error
+        assert len(out) == 1 and out[0].shape == (256, 256, 3)
+
+
 def test_everything_failing_saves_the_latent_and_the_cli_decodes_it(sd, kl_vae, latent256, tmp_path):
     """Every plan fails: the latent is saved, SD.Next's log (console, file, UI buffer) has the ERROR line, and the
     command the message gives decodes it from SD.Next's Python with no install step (another working folder)."""
@@ -440,6 +476,11 @@ def test_vae_matching_no_family_is_decoded_locally_never_remote(sd, monkeypatch)
     assert "remote requested but never remote for a VAE whose geometry matches no family" in reason
     assert "2x spatial" in reason and "nearest sd15 has 8x spatial" in reason
     assert "memory model scaled from its config" in reason
+    # the log carries why as data; the infotext's note comes from it (the request's first clause)
+    rep = entry["report"]
+    assert rep["reason_code"] == "full_fits" and rep["reason_params"]["unmet_request"] == "remote"
+    assert rep["reason_params"]["remote_code"] == "inferred_family" and rep["reason_params"]["inferred"]
+    assert "; remote requested but never remote for a VAE whose geometry matches no family" in line, line
     src = entry["report"]["decision"]["options"][0]["estimate"]["peak_source"]
     assert "x0.312" in src and "decoder widths 32/64" in src  # (32 + 64) / (128 + 256) x 1.25 margin
 
