@@ -62,8 +62,8 @@ def test_an_option_sets_its_field_with_the_unit_converted(key):
 
 @pytest.mark.parametrize(("key", "raw", "text"), [
     ("hybrid_vae_mode", "fastest", "hybrid_vae_mode='fastest' is not one of auto, full, tiled, remote; using auto"),
-    ("hybrid_vae_reserve_mib", 70000, "hybrid_vae_reserve_mib=70000 is not a number in [0, 65536]; using 64"),
-    ("hybrid_vae_reserve_mib", "lots", "hybrid_vae_reserve_mib='lots' is not a number in [0, 65536]; using 64"),
+    ("hybrid_vae_reserve_mib", 70000, "hybrid_vae_reserve_mib=70000 is not a number in [0, 65536]; using 128"),
+    ("hybrid_vae_reserve_mib", "lots", "hybrid_vae_reserve_mib='lots' is not a number in [0, 65536]; using 128"),
     ("hybrid_vae_tile_overlap_px", -8, "hybrid_vae_tile_overlap_px=-8 is not a number in [0, 512]; using 64"),
     ("hybrid_vae_tile_overlap_px", float("nan"), "hybrid_vae_tile_overlap_px=nan is not a number in [0, 512]"),
     ("hybrid_vae_remote_deadline_s", 0, "hybrid_vae_remote_deadline_s=0 is not a number in (0, 3600]; using 60"),
