@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hybrid_vae.extension.cli_local import fail, psnr, write_images
+from hybrid_vae.extension.cli_engine import fail
+from hybrid_vae.extension.cli_local import psnr, write_images
 from hybrid_vae.policy.errors import HybridVAEError
 
 if TYPE_CHECKING:

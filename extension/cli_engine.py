@@ -71,7 +71,8 @@ def add_parser(sub: Any) -> None:
     e.set_defaults(func=cmd_explain)
 
 
-def _fail(msg: str, code: int) -> int:
+def fail(msg: str, code: int) -> int:
+    """Print ``hybrid-vae: error: MSG`` to stderr; returns the exit code (every subcommand's one error line)."""
     print(f"hybrid-vae: error: {msg}", file=sys.stderr)
     return code
 
@@ -80,7 +81,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     try:
         state = probe(args.device)
     except ProfileError as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     if args.json:
         print(json.dumps(state.to_dict(), indent=2))
         return 0
@@ -162,7 +163,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         profiles = load_profiles(args.profile)
     except ProfileError as exc:
-        return _fail(f"{exc}; the built-in profiles are unchanged (fix the file or drop --profile)", 1)
+        return fail(f"{exc}; the built-in profiles are unchanged (fix the file or drop --profile)", 1)
     try:
         state = simulated_state(profiles, args.gpu, args.total_gib, args.free_gib, getattr(args, "host_gib", None))
         if state is None:
@@ -191,9 +192,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
                             "entries": [e.to_dict() for e in learned.for_card(state.name, job.family)]}
         decision = decide(job, state, profiles, settings, learned=learned, identity=identity)
     except (LatentError, ProfileError, SettingsError) as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     except HybridVAEError as exc:
-        return _fail(str(exc), 1)
+        return fail(str(exc), 1)
     notes = (upcast,) if upcast else ()
     if args.json:
         out = decision.to_dict()

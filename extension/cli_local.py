@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybrid_vae.extension.cli_engine import fail
 from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import DecodeFailedError, HybridVAEError, LatentError, ProfileError, SettingsError
 from hybrid_vae.policy.model import field_choices
@@ -73,11 +74,6 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--json", action="store_true", help="print the decode report as JSON")
     d.set_defaults(func=cmd_decode)
 
-
-
-def fail(msg: str, code: int) -> int:
-    print(f"hybrid-vae: error: {msg}", file=sys.stderr)
-    return code
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
