@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from typing import Any
 
@@ -99,7 +98,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 #: How the command line spells the simulation's fields (errors name the flag, not the env var).
-SIM_FLAGS = {"free_gib": "--free-gib", "total_gib": "--total-gib", "name": "--gpu"}
+SIM_FLAGS = {"free_gib": "--free-gib", "total_gib": "--total-gib", "name": "--gpu", "host_gib": "--host-gib"}
 #: DecodeSettings fields -> the explain flags that set them (a value the model refuses is reported by its flag).
 FLAGS = {"mode": "--mode", "tile_groupnorm": "--groupnorm", "allow_remote": "--remote", "endpoints": "--endpoint",
          "reserve_bytes": "--reserve-gib"}
@@ -139,12 +138,7 @@ def simulated_state(profiles: Profiles, gpu: str | None, total_gib: float | None
         note = "simulated; total not given, taken equal to free (--total-gib sets it)"
     state = simulated_gpu(gpu, free_gib=free_gib, total_gib=total_gib,
                           total_for=lambda n: (p.total_gib if (p := profiles.gpu(n)) else None),
-                          origin="command line", fields=SIM_FLAGS, note=note)
-    if host_gib is not None:
-        if not math.isfinite(host_gib) or not 0 <= host_gib <= 4096:
-            raise _flag_error("--host-gib", host_gib, "give a number of GiB between 0 and 4096")
-        host = int(host_gib * GiB)
-        return dataclasses.replace(state, host_available_bytes=host, host_total_bytes=host)
+                          origin="command line", fields=SIM_FLAGS, note=note, host_gib=host_gib)
     return with_host(state)
 
 
@@ -215,7 +209,6 @@ def _identity(args: argparse.Namespace, profiles: Profiles, settings: DecodeSett
               job: DecodeJob) -> tuple[Any, str | None]:
     """``(verdict or None, note)`` for ``explain``: the identity of the endpoint against ``--vae`` (cached, or a
     canary now), or a note saying why it was not checked."""
-    import dataclasses
 
     from hybrid_vae.policy.decide import endpoint_for
 

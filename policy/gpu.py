@@ -124,9 +124,9 @@ def _builtin_total(name: str) -> float | None:
 
 
 def simulated_gpu(name: str | None, *, free_gib: float | None, total_gib: float | None = None,
-                  reusable_gib: float = 0.0, total_for: Callable[[str], float | None] | None = None,
-                  origin: str = ENV_SIMULATE, fields: dict[str, str] | None = None,
-                  note: str = "") -> GpuState:
+                  reusable_gib: float = 0.0, host_gib: float | None = None,
+                  total_for: Callable[[str], float | None] | None = None, origin: str = ENV_SIMULATE,
+                  fields: dict[str, str] | None = None, note: str = "") -> GpuState:
     """A simulated card, every number checked; errors name ``origin`` and the field.
 
     Args:
@@ -135,6 +135,8 @@ def simulated_gpu(name: str | None, *, free_gib: float | None, total_gib: float 
         total_gib (`float | None`): total memory; None: ``total_for(name)`` (default: the built-in
             profiles), else an error (a simulation never guesses a card's size).
         reusable_gib (`float`, defaults to 0): torch's reusable cache on top of ``free_gib``.
+        host_gib (`float | None`): host memory available (and total); None: unknown (``with_host`` fills in the
+            machine's).
         origin (`str`): what the numbers came from, for messages (the env var, or CLI flags).
         fields (`dict[str, str] | None`): command-line flags for the fields (``{"free_gib": "--free-gib"}``);
             errors then read ``--free-gib -2: give ...``.
@@ -153,7 +155,8 @@ def simulated_gpu(name: str | None, *, free_gib: float | None, total_gib: float 
             return exc
         return ProfileError(msg, file=origin, key_path=key, value=value)
 
-    for key, v in (("free_gib", free_gib), ("total_gib", total_gib), ("reusable_gib", reusable_gib)):
+    for key, v in (("free_gib", free_gib), ("total_gib", total_gib), ("reusable_gib", reusable_gib),
+                   ("host_gib", host_gib)):
         if v is None:
             continue
         if not math.isfinite(v) or not 0 <= v <= MAX_SIM_GIB:
@@ -171,9 +174,11 @@ def simulated_gpu(name: str | None, *, free_gib: float | None, total_gib: float 
         hint = "the card's profile" if total_gib is None else spell.get("total_gib", "total_gib")
         raise bad("free_gib", free, f"more than the card's {total:g} GiB total (from {hint}); "
                                     f"give free <= total, or a larger {spell.get('total_gib', 'total_gib')}")
+    host = None if host_gib is None else int(host_gib * GiB)
     return GpuState(name=label, total_bytes=int(total * GiB), free_bytes=int(free * GiB),
                     torch_reusable_bytes=int(reusable_gib * GiB), source="simulated", device="simulated",
-                    simulated=True, note=note or f"simulated by {origin}")
+                    simulated=True, note=note or f"simulated by {origin}", host_available_bytes=host,
+                    host_total_bytes=host)
 
 
 def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | None = None) -> GpuState:
@@ -219,13 +224,9 @@ def parse_simulation(spec: str, *, total_for: Callable[[str], float | None] | No
             if not math.isfinite(nums[k]) or not 0 <= nums[k] <= MAX_SIM_GIB:
                 raise ProfileError(f"give a number of GiB between 0 and {MAX_SIM_GIB:g}", file=ENV_SIMULATE,
                                    key_path=k, value=fields[k])
-    state = simulated_gpu(name, free_gib=nums["free_gib"], total_gib=nums.get("total_gib"),
-                          reusable_gib=nums.get("reusable_gib", 0.0), total_for=total_for,
-                          note=f"simulated by {ENV_SIMULATE}={spec!r}")
-    if "host_gib" in nums:
-        host = int(nums["host_gib"] * GiB)
-        state = dataclasses.replace(state, host_available_bytes=host, host_total_bytes=host)
-    return state
+    return simulated_gpu(name, free_gib=nums["free_gib"], total_gib=nums.get("total_gib"),
+                         reusable_gib=nums.get("reusable_gib", 0.0), host_gib=nums.get("host_gib"),
+                         total_for=total_for, note=f"simulated by {ENV_SIMULATE}={spec!r}")
 
 
 def host_memory() -> tuple[int, int] | None:

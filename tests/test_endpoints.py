@@ -85,8 +85,9 @@ def _decode(pool: EndpointPool, spec: str, vae: torch.nn.Module, *, seed: int = 
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     # the pool as an endpoint already verified to serve this VAE (its canary passed earlier), so each test sees
     # the decode's own failover, not the canary's
-    identity = verified_identity(Path(tempfile.mkdtemp(prefix="hv-identity-")) / "identity.json", spec, vae)
-    return HybridDecoder(settings=settings, remote=pool, identity=identity).decode(z, vae, family="sd15")
+    with tempfile.TemporaryDirectory(prefix="hv-identity-") as tmp:
+        identity = verified_identity(Path(tmp) / "identity.json", spec, vae)
+        return HybridDecoder(settings=settings, remote=pool, identity=identity).decode(z, vae, family="sd15")
 
 
 def _pool(*, clock: Any = None, **client: Any) -> EndpointPool:
