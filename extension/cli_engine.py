@@ -320,8 +320,9 @@ def render(d: Decision, *, profiles: Profiles | None = None, notes: tuple[str, .
         f"Job       {j.family} {j.width}x{j.height}{frames}, batch {j.batch}, decoded in {dtype}{cpu_note}",
         *(f"Note      {n}" for n in notes),
         f"Decision  {c.label}: peak {c.estimate.peak_bytes / GiB:.2f} GiB, {c.estimate.seconds:.3f} s" + (
-            f"; host {c.estimate.host_bytes / GiB:.2f} GiB, {c.estimate.transfer_bytes / 1e9:.1f} GB copied in "
-            f"{c.estimate.transfer_seconds:.3f} s" if c.estimate.host_bytes else ""),
+            f"; host {c.estimate.host_bytes / GiB:.2f} GiB" if c.estimate.host_bytes else "") + (
+            f", {c.estimate.transfer_bytes / 1e9:.1f} GB copied in {c.estimate.transfer_seconds:.3f} s"
+            if c.estimate.transfer_bytes else ""),
         f"Reason    {d.reason}",
         "Chain     " + " -> ".join(p.label for p in d.plans),
         *([line] if (line := render_identity(d, identity_note)) else []),
@@ -334,7 +335,8 @@ def render(d: Decision, *, profiles: Profiles | None = None, notes: tuple[str, .
         p = o.plan
         e = p.estimate
         mark = "*" if p is c or p == c else " "
-        host = f"{e.host_bytes / GiB:>9.2f} {e.transfer_seconds:>7.3f}" if e.host_bytes else f"{'-':>9} {'-':>7}"
+        copy = f"{e.transfer_seconds:>7.3f}" if e.transfer_bytes else f"{'-':>7}"
+        host = f"{e.host_bytes / GiB:>9.2f} {copy}" if e.host_bytes else f"{'-':>9} {'-':>7}"
         lines.append(f"{mark} {p.label:<{width}} {e.peak_bytes / GiB:>9.2f} {e.seconds:>9.3f} {host} "
                      f"{plan_work(d, p, fam):>7.2f}x  {plan_output(p):<11}  {'yes' if o.feasible else 'no ':<4}  {o.why}")
     lines += ["", *LEGEND, "", f"Sources   peak: {c.estimate.peak_source}", f"          seconds: {c.estimate.seconds_source}"]

@@ -41,9 +41,11 @@ from collections.abc import Mapping
 from hybrid_vae.policy import passes
 from hybrid_vae.policy.errors import ProfileError
 from hybrid_vae.policy.estimate import (
+    CPU_HOST_PER_GPU_BYTE,
     CPU_SECONDS_PER_VOXEL,
     SpeedModel,
     check_job,
+    cpu_host_bytes,
     cpu_seconds,
     decode_dtype,
     exact_peak_bytes,
@@ -178,17 +180,24 @@ def describe_plan(plan: Plan) -> str:
 def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: int) -> list[Plan]:
     """The CPU plans, last in every chain. The first decodes one item at a time (video: in the VAE's temporal
     chunks); the second, for a frame larger than the smallest tile, in local tiles, so its host memory is
-    bounded by the tile: a float32 CPU decode needs about 3.8 KB of host memory per output pixel (962 MiB at
-    512 px measured by bench/cpu_memory.py, so ~15 GiB at 2048 px), more than many hosts have free."""
+    bounded by the tile (video: a third one, in those tiles one latent frame at a time, the least host memory):
+    a float32 CPU decode needs about 3.8 KB of host memory per output pixel (962 MiB at 512 px measured by
+    bench/cpu_memory.py, so ~15 GiB at 2048 px), more than many hosts have free. Each plan's
+    ``estimate.host_bytes`` is its host memory (:func:`policy.estimate.cpu_host_bytes`)."""
     secs = cpu_seconds(job, fam)
     chunk = fam.tiling.frame_chunk
     chunk = chunk if fam.video and chunk is not None and latent_frames(job, fam) > chunk else None
     fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
-    est = Estimate(peak_bytes=0, seconds=secs, peak_source="cpu: host memory (not estimated)",
+    slice_batch = job.batch > 1
+    est = Estimate(peak_bytes=0, seconds=secs,
+                   peak_source=f"cpu: host memory = the float32 GPU estimate x {CPU_HOST_PER_GPU_BYTE:g} (measured on "
+                               "the SD decoder)",
                    seconds_source=f"generic CPU model (assumed): {CPU_SECONDS_PER_VOXEL:g} s per output voxel x "
                                   f"{fam.timing.relative_cost:g}, float32; the same for every family on the SD "
-                                  "decoder (sd15, sdxl, sd3, flux)")
-    plans = [Plan(path="cpu", dtype="float32", estimate=est, slice_batch=job.batch > 1, frame_chunk=chunk,
+                                  "decoder (sd15, sdxl, sd3, flux)",
+                   host_bytes=cpu_host_bytes(job, fam, tile_px=None, overlap_px=0, frame_chunk=chunk,
+                                             slice_batch=slice_batch))
+    plans = [Plan(path="cpu", dtype="float32", estimate=est, slice_batch=slice_batch, frame_chunk=chunk,
                   frame_overlap=fov)]
     caps = [c for c in _tile_caps(job, fam, settings) if c > 2 * overlap]
     tile = _actual_tile(job, fam, caps[0], overlap) if caps else None
@@ -197,9 +206,16 @@ def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: i
         ty, tx = spatial_tiles(job, fam, tile, overlap)
         grow = sum(s for _, s in ty) * sum(s for _, s in tx) * sc * sc / (job.width * job.height)
         est_t = dataclasses.replace(est, seconds=secs * grow,
-                                    seconds_source=f"{est.seconds_source}; x{grow:.2f} for the tiles' overlaps")
+                                    seconds_source=f"{est.seconds_source}; x{grow:.2f} for the tiles' overlaps",
+                                    host_bytes=cpu_host_bytes(job, fam, tile_px=tile, overlap_px=overlap,
+                                                              frame_chunk=chunk, slice_batch=True))
         plans.append(Plan(path="cpu", dtype="float32", estimate=est_t, tile_px=tile, overlap_px=overlap,
                           slice_batch=True, frame_chunk=chunk, frame_overlap=fov))
+        if chunk is not None and chunk > 1:  # video: the least host memory, one latent frame at a time
+            est_1 = dataclasses.replace(est_t, host_bytes=cpu_host_bytes(job, fam, tile_px=tile, overlap_px=overlap,
+                                                                         frame_chunk=1, slice_batch=True))
+            plans.append(Plan(path="cpu", dtype="float32", estimate=est_1, tile_px=tile, overlap_px=overlap,
+                              slice_batch=True, frame_chunk=1, frame_overlap=0))
     return plans
 
 
@@ -504,6 +520,38 @@ class _Choice:
     plan: Plan
     squeezed: bool = False  # nothing fits the budget; the plan fits inside the reserve
     unmet: UnmetRequest | None = None  # the requested mode that could not run
+    near_fit: bool = False  # nothing fits what is available; the plan is within NEAR_FIT of it and the CPU is worse
+    cpu: Plan | None = None  # near_fit: the CPU plan it goes before
+
+
+#: When nothing fits what is available, the smallest GPU plan still goes before the CPU if its estimate is at most
+#: this multiple of the available memory (the estimates carry margins; an OOM costs one attempt) and the CPU is
+#: estimated :data:`CPU_SLOWER` times slower, or its host memory does not fit.
+NEAR_FIT = 1.10
+#: See :data:`NEAR_FIT`: a CPU decode this many times slower than the GPU plan is worth risking an OOM attempt.
+CPU_SLOWER = 10.0
+
+
+def _cpu_host_ok(x: _Inputs, p: Plan) -> bool:
+    """A CPU plan's host memory fits the probed available host memory minus the host reserve (unknown: fits)."""
+    room = x.host_room
+    return room is None or p.estimate.host_bytes <= room
+
+
+def _near_fit(x: _Inputs, gpu_plans: list[Plan], cpu: Plan | None) -> Plan | None:
+    """The smallest GPU plan when it is within :data:`NEAR_FIT` of the available memory and the CPU (``cpu``: the
+    first CPU plan of the chain) is :data:`CPU_SLOWER` times slower, does not fit host memory, or is off."""
+    if not x.on_gpu:
+        return None
+    plans = [p for p in gpu_plans if _host_ok(x, p)]
+    if not plans:
+        return None
+    smallest = min(plans, key=lambda p: p.estimate.peak_bytes)
+    if smallest.estimate.peak_bytes > NEAR_FIT * x.available:
+        return None
+    if cpu is not None and _cpu_host_ok(x, cpu) and cpu.estimate.seconds < CPU_SLOWER * smallest.estimate.seconds:
+        return None
+    return smallest
 
 
 def _requested(x: _Inputs, feasible: list[Plan], remote: Plan | None, rank: _Rank) -> Plan | None:
@@ -522,7 +570,8 @@ def _requested(x: _Inputs, feasible: list[Plan], remote: Plan | None, rank: _Ran
 def _choose(x: _Inputs, gpu_plans: list[Plan], feasible: list[Plan], remote: Plan | None, cpu: Plan | None,
             rank: _Rank) -> _Choice:
     """The requested mode's plan when it can run; else the fastest feasible plan or remote; else the smallest
-    GPU plan when it fits inside the reserve; else the CPU.
+    GPU plan when it fits inside the reserve, or nearly fits what is available while the CPU is far worse
+    (:func:`_near_fit`); else the CPU.
 
     Raises:
         ProfileError: nothing can decode the job (no GPU plan fits, no remote, ``allow_cpu`` off).
@@ -540,16 +589,21 @@ def _choose(x: _Inputs, gpu_plans: list[Plan], feasible: list[Plan], remote: Pla
         smallest = min((p for p in gpu_plans if _host_ok(x, p)), key=lambda p: p.estimate.peak_bytes)
         if smallest.estimate.peak_bytes <= x.available:
             return _Choice(smallest, squeezed=True, unmet=unmet)
+    near = _near_fit(x, gpu_plans, cpu)
+    if near is not None:
+        return _Choice(near, unmet=unmet, near_fit=True, cpu=cpu)
     if cpu is None:
         raise ProfileError("nothing can decode this job: no GPU plan fits, remote is unavailable and "
                            "allow_cpu is off; enable remote or allow_cpu", key_path="allow_cpu", value=False)
     return _Choice(cpu, unmet=unmet)
 
 
-def _fallback_chain(chosen: Plan, feasible: list[Plan], remote: Plan | None, cpu_plans: list[Plan],
-                    rank: _Rank) -> list[Plan]:
+def _fallback_chain(x: _Inputs, chosen: Plan, feasible: list[Plan], remote: Plan | None, cpu_plans: list[Plan],
+                    rank: _Rank, gpu_plans: list[Plan]) -> list[Plan]:
     """The chosen plan, then local plans that need at least a quarter less memory (at most 4 plans), the
-    smallest feasible one, remote before the first local fallback slower than it, and the CPU plans last."""
+    smallest feasible one, remote before the first local fallback slower than it, and the CPU plans last: those
+    whose host memory fits first (the near-fitting GPU plan of :func:`_near_fit` before them), then the smallest
+    GPU plan, then the CPU plans estimated not to fit host memory (an OOM costs less than a host that swaps)."""
     chain: list[Plan] = [chosen]
     last_peak = chosen.estimate.peak_bytes if chosen.path in ("full", "tiled") else math.inf
     for p in sorted((p for p in feasible if p is not chosen), key=rank):
@@ -563,7 +617,29 @@ def _fallback_chain(chosen: Plan, feasible: list[Plan], remote: Plan | None, cpu
         # remote goes before the first local fallback slower than it
         pos = next((i for i, p in enumerate(chain) if i > 0 and p.estimate.seconds > remote.estimate.seconds), len(chain))
         chain.insert(pos, remote)
+    fits = [p for p in cpu_plans if _cpu_host_ok(x, p)]
+    lowest = min((p.estimate.peak_bytes for p in chain if p.path in ("full", "tiled")), default=math.inf)
+    near = _near_fit(x, gpu_plans, fits[0] if fits else None)
+    if near is not None and near.estimate.peak_bytes < lowest:
+        chain.append(near)
+        lowest = near.estimate.peak_bytes
+    chain += [p for p in fits if p not in chain]
+    smallest = min((p for p in gpu_plans if _host_ok(x, p)), key=lambda p: p.estimate.peak_bytes, default=None)
+    if x.on_gpu and smallest is not None and smallest.estimate.peak_bytes < lowest and len(fits) < len(cpu_plans):
+        chain.append(smallest)
     return chain + [p for p in cpu_plans if p not in chain]
+
+
+def _cpu_option(x: _Inputs, p: Plan, i: int) -> Option:
+    """A CPU plan as an option: always allowed (the last resort), with its host memory against what is free."""
+    what = "last resort" if i == 0 else "last resort, host memory bounded by the tile"
+    room = x.host_room
+    if room is None:
+        return Option(p, True, f"{what}; needs {_gib(p.estimate.host_bytes)} of host memory (available unknown)")
+    if p.estimate.host_bytes > room:
+        return Option(p, True, f"{what}; needs {_gib(p.estimate.host_bytes)} of host memory > "
+                               f"{_gib(max(0, room))} (host available - host reserve): tried after the GPU")
+    return Option(p, True, f"{what}; {_gib(p.estimate.host_bytes)} of {_gib(room)} host memory")
 
 
 def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSettings | None = None,
@@ -599,11 +675,11 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         options.append(Option(remote, True, f"{remote_text(route)}; {remote.response_format} "
                                             f"est. {remote.estimate.seconds:.2f} s"))
     cpu_plans = _cpu_plans(job, x.fam, x.settings, x.overlap) if x.settings.allow_cpu else []
-    options += [Option(p, True, "last resort" if i == 0 else "last resort, host memory bounded by the tile")
-                for i, p in enumerate(cpu_plans)]
+    options += [_cpu_option(x, p, i) for i, p in enumerate(cpu_plans)]
+    cpu_plans.sort(key=lambda p: not _cpu_host_ok(x, p))  # host memory that fits first (stable)
     rank = _Rank(x, feasible)
     choice = _choose(x, gpu_plans, feasible, remote, cpu_plans[0] if cpu_plans else None, rank)
-    chain = _fallback_chain(choice.plan, feasible, remote, cpu_plans, rank)
+    chain = _fallback_chain(x, choice.plan, feasible, remote, cpu_plans, rank, gpu_plans)
     why = _reason(x, choice, gpu_plans=gpu_plans, feasible=feasible, remote=remote, route=route, rank=rank)
     return Decision(plans=tuple(chain), reason_code=why.code, reason_params=why.params, options=tuple(options),
                     gpu=gpu, job=job, available_bytes=x.available, budget_bytes=x.budget,
@@ -614,6 +690,8 @@ def _reason_code(x: _Inputs, choice: _Choice, full: Plan, feasible: list[Plan]) 
     c = choice.plan
     if choice.squeezed:
         return "squeezed"
+    if choice.near_fit:
+        return "near_fit"
     if c.path == "full":
         return "batch_sliced" if c.slice_batch else "full_fits"
     if c.path == "tiled":
@@ -643,6 +721,12 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
         local_best = min(feasible, key=rank) if feasible else None
         if local_best is not None:
             params |= {"local_label": local_best.label, "local_seconds": local_best.estimate.seconds}
+    elif code == "near_fit":
+        cpu = choice.cpu
+        params |= {"seconds": c.estimate.seconds,
+                   "cpu_seconds": cpu.estimate.seconds if cpu is not None else None,
+                   "cpu_host": cpu.estimate.host_bytes if cpu is not None and not _cpu_host_ok(x, cpu) else None,
+                   "near_fit": NEAR_FIT}
     elif c.path == "cpu":
         off = x.on_gpu and x.settings.tile_groupnorm in ("exact", "offload") and x.can_exact
         params |= {"local_tiles_off": x.settings.tile_groupnorm if off else None, "remote_planned": remote is not None}

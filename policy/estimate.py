@@ -11,6 +11,7 @@ count), else the family's H200 figure scaled by the card's speed (from its profi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Literal
@@ -24,6 +25,11 @@ from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis, temporal_chunks
 H200_SD15_1MP_S = 0.0885  # full decode, 1024x1024 fp16, H200 (shared/data)
 MAX_FRAMES = 100_000  # output frames of one video decode (~1 hour at 24 fps); beyond it, plans are not built
 CPU_SECONDS_PER_VOXEL = 4e-5  # float32 SD decoder on a few CPU cores (assumed; calibrate to refine)
+#: Host bytes of a float32 CPU decode per byte of this estimator's float32 GPU figure for the same decode: measured
+#: 0.74-0.80 on the SD decoder at 256-768 px, batch 1 and 2 (bench/cpu_memory.py, profiles/measured/cpu-sd-decode-
+#: 2026-12-02.jsonl: 242, 542, 962, 2162 MiB at batch 1 against 304, 684, 1252, 2772 MiB); the top of that range,
+#: assumed to carry over to tiles, chunks and the video decoders (no CPU row measures them).
+CPU_HOST_PER_GPU_BYTE = 0.8
 REMOTE_SPEED_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed)
 # Response bytes per output pixel and extra seconds per megapixel (encode + decode) per format.
 FORMAT_BYTES_PER_PX: dict[str, float] = {"raw": 3.0, "png": 1.6, "jpg": 0.35, "mp4": 0.08}
@@ -422,6 +428,16 @@ def local_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, *, tile_px: in
         return per_item * job.batch
     # whole batch at once: 2 images cost 2x one (H200: 0.176 s vs 2 x 0.088 s), 4 cost 3.5x (0.308 s)
     return per_item * job.batch * (1.0 if job.batch <= 2 else 0.87)
+
+
+def cpu_host_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: int, frame_chunk: int | None,
+                   slice_batch: bool) -> int:
+    """Host bytes of a float32 CPU decode: the same decode's float32 GPU estimate (:func:`peak_bytes`, weights
+    excluded: they are in host memory already) x :data:`CPU_HOST_PER_GPU_BYTE`."""
+    j32 = dataclasses.replace(job, dtype="float32", vae_resident=True)
+    gpu = peak_bytes(j32, fam, tile_px=tile_px, overlap_px=overlap_px, frame_chunk=frame_chunk,
+                     slice_batch=slice_batch, geometry="diffusers" if fam.video else "engine")
+    return int(gpu * CPU_HOST_PER_GPU_BYTE)
 
 
 def cpu_seconds(job: DecodeJob, fam: Family) -> float:

@@ -21,6 +21,9 @@ Codes (the chosen plan's primary reason; :data:`REASON_CODES` lists them):
 - ``tiled_faster``: tiles although full fits: estimated faster.
 - ``tiled_requested``: tiles although full fits: ``mode="tiled"``.
 - ``squeezed``: nothing fits the budget; the smallest GPU plan fits inside the reserve.
+- ``near_fit``: nothing fits what is available; the smallest GPU plan is estimated within ``near_fit`` (10%) of it
+  and goes first because the CPU would take ``cpu_seconds`` (10x or more), does not fit host memory
+  (``cpu_host``), or is off; an OOM there costs one attempt, then the CPU plans follow.
 - ``remote_faster``: remote, estimated faster than the best local plan.
 - ``remote_no_gpu`` / ``remote_nothing_fits``: remote, with no GPU / with no local plan that fits.
 - ``cpu_no_gpu`` / ``cpu_nothing_fits``: the CPU, with no GPU / with no GPU plan that fits, and remote unusable.
@@ -43,7 +46,7 @@ from typing import Literal, get_args
 from hybrid_vae.policy.gpu import format_gib as _gib
 
 ReasonCode = Literal["full_fits", "batch_sliced", "tiled_full_too_big", "tiled_faster", "tiled_requested",
-                     "squeezed", "remote_faster", "remote_no_gpu", "remote_nothing_fits", "cpu_no_gpu",
+                     "squeezed", "near_fit", "remote_faster", "remote_no_gpu", "remote_nothing_fits", "cpu_no_gpu",
                      "cpu_nothing_fits"]
 #: Every :data:`ReasonCode`, in the order of the module docstring.
 REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
@@ -205,6 +208,15 @@ def _core(code: ReasonCode, p: Mapping[str, ReasonValue]) -> str:
     if code == "squeezed":
         return (f"squeezed into the reserve: {label} needs {_gib(need)} > {_gib(budget)} budget, "
                 f"<= {_gib(_b(p, 'available'))} available; nothing fits the budget")
+    if code == "near_fit":
+        if p.get("cpu_host") is not None:
+            cpu = f"the CPU needs {_gib(_b(p, 'cpu_host'))} of host memory, more than is free"
+        elif p.get("cpu_seconds") is not None:
+            cpu = f"the CPU would take {_f(p, 'cpu_seconds'):.0f} s against {_f(p, 'seconds'):.1f} s"
+        else:
+            cpu = "the CPU is off (allow_cpu)"
+        return (f"nearly fits: {label} needs {_gib(need)} > {_gib(_b(p, 'available'))} available (within "
+                f"{_f(p, 'near_fit'):g}x of it) and nothing fits; {cpu}, so the GPU is tried first")
     if code == "full_fits":
         return f"full fits: needs {_gib(need)} of {_gib(budget)}"
     if code == "batch_sliced":
@@ -259,6 +271,8 @@ def summary_text(code: ReasonCode, params: Mapping[str, ReasonValue]) -> str:
     label = _s(p, "label")
     if code == "squeezed":
         text = f"{label}, squeezed into the reserve: {_gib(need)} > {_gib(budget)} budget"
+    elif code == "near_fit":
+        text = f"{label}, nearly fits: {_gib(need)} > {_gib(_b(p, 'available'))} available"
     elif code in ("full_fits", "batch_sliced"):
         text = f"{label}, {_gib(need)} of {_gib(budget)} budget"
     elif code == "tiled_full_too_big":

@@ -16,7 +16,7 @@ from hybrid_vae.policy import (
     decide,
     load_profiles,
 )
-from hybrid_vae.policy.decide import _actual_tile
+from hybrid_vae.policy.decide import NEAR_FIT, _actual_tile
 from hybrid_vae.policy.estimate import peak_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -142,7 +142,8 @@ def test_no_gpu_is_cpu():
 
 
 def test_cpu_plans_bound_host_memory():
-    """The CPU plans: one item at a time (video: the VAE's temporal chunks), then local tiles, so a host without
+    """The CPU plans: one item at a time (video: the VAE's temporal chunks), then local tiles (video: then those
+    tiles one latent frame at a time), so a host without
     ~15 GiB free for a 2048 px float32 decode still gets the image (docs/benchmarks.md: lost on host memory)."""
     cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="no CUDA")
     d = decide(DecodeJob("sdxl", 2048, 2048, batch=2), cpu, P)
@@ -151,7 +152,9 @@ def test_cpu_plans_bound_host_memory():
     assert tiled.path == "cpu" and tiled.tile_px == 248 and tiled.slice_batch  # equalised tiles under a 256 cap
     assert tiled.estimate.seconds > first.estimate.seconds  # the overlaps are decoded twice
     v = decide(DecodeJob("hunyuanvideo", 960, 544, frames=61), cpu, P)
-    assert [p.label for p in v.plans] == ["cpu 4-latent-frame chunks", "cpu 256px/64, 4-latent-frame chunks"]
+    assert [p.label for p in v.plans] == ["cpu 4-latent-frame chunks", "cpu 256px/64, 4-latent-frame chunks",
+                                          "cpu 256px/64, 1-latent-frame chunks"]
+    assert v.plans[0].estimate.host_bytes > v.plans[1].estimate.host_bytes > v.plans[2].estimate.host_bytes
     small = decide(DecodeJob("sd15", 256, 256), cpu, P)
     assert [p.label for p in small.plans] == ["cpu"]  # nothing to tile
 
@@ -221,7 +224,11 @@ def test_chosen_local_plan_always_fits(job, name, free, reusable, s):
     d = decide(job, _state(name, free, reusable), P, s)
     c = d.chosen
     if c.path in ("full", "tiled"):
-        assert c.estimate.peak_bytes <= d.available_bytes
+        if d.reason_code == "near_fit":  # nothing fits; within NEAR_FIT of what is available, the CPU far worse
+            assert c.estimate.peak_bytes <= NEAR_FIT * d.available_bytes
+            assert not [o for o in d.options if o.feasible and o.plan.path in ("full", "tiled")]
+        else:
+            assert c.estimate.peak_bytes <= d.available_bytes
         fits_budget = [o for o in d.options if o.feasible and o.plan.path in ("full", "tiled")]
         if fits_budget:
             assert c.estimate.peak_bytes <= d.budget_bytes
@@ -382,3 +389,38 @@ def test_local_tiles_only_when_nothing_lossless_fits_or_much_faster():
     tiny = decide(job, _with_host(card("NVIDIA GeForce RTX 3070", 0.25), 16), P)
     if tiny.chosen.path == "tiled":
         assert tiny.chosen.groupnorm == "local" and "no lossless plan fits" in tiny.reason
+
+
+def test_cpu_plans_carry_host_memory_and_the_gpu_goes_before_a_cpu_that_cannot_fit():
+    """CPU plans estimate their host memory (float32 GPU estimate x the measured CPU/GPU ratio); a CPU plan that
+    does not fit the host goes after the GPU's smallest plan, and a near-fitting GPU plan goes before a CPU that
+    is 10x slower or does not fit (HunyuanVideo 129x1280x720 on 2 GiB: the CPU plans need 81 / 7.2 GiB)."""
+    import dataclasses as dc
+
+    from hybrid_vae.policy.estimate import CPU_HOST_PER_GPU_BYTE, cpu_host_bytes
+
+    job = DecodeJob("hunyuanvideo", 1280, 720, frames=129)
+    base = _state("NVIDIA GeForce RTX 3070", 2.0)
+    cpu = [p for p in decide(job, base, P, DecodeSettings()).plans if p.path == "cpu"]
+    assert all(p.estimate.host_bytes > 0 for p in cpu)
+    whole = next(p for p in cpu if p.tile_px is None)
+    assert whole.estimate.host_bytes == cpu_host_bytes(job, P.family("hunyuanvideo"), tile_px=None, overlap_px=0,
+                                                       frame_chunk=whole.frame_chunk, slice_batch=False)
+    assert 0.7 < CPU_HOST_PER_GPU_BYTE <= 0.8
+    small_host = dc.replace(base, host_available_bytes=12 * GiB)  # - the 2 GiB host reserve: 10 GiB for the CPU
+    d = decide(job, small_host, P, DecodeSettings())
+    assert d.reason_code == "near_fit" and d.plans[0].path == "tiled"
+    fits = [p for p in d.plans if p.path == "cpu" and p.estimate.host_bytes <= 10 * GiB]
+    unfit = [p for p in d.plans if p.path == "cpu" and p.estimate.host_bytes > 10 * GiB]
+    assert fits and unfit and d.plans.index(fits[0]) < d.plans.index(unfit[0])
+    # far from fitting (1.5 GiB): the CPU plan that fits the host first, the GPU's smallest plan before the one
+    # that does not
+    far = decide(job, dc.replace(small_host, free_bytes=int(1.5 * GiB)), P, DecodeSettings())
+    kinds = [p.path for p in far.plans]
+    assert far.reason_code == "cpu_nothing_fits" and kinds == ["cpu", "cpu", "tiled", "cpu"]
+    assert far.plans[1].estimate.host_bytes <= far.plans[0].estimate.host_bytes <= 10 * GiB < \
+        far.plans[3].estimate.host_bytes
+    assert far.plans[1].frame_chunk == 1  # video: the least host memory, one latent frame at a time
+    # nothing near: an image on 0.01 GiB goes to the CPU as before
+    assert decide(DecodeJob("sd15", 512, 512), _state("NVIDIA GeForce RTX 3070", 0.01), P,
+                  DecodeSettings()).reason_code == "cpu_nothing_fits"

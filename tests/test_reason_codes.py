@@ -57,6 +57,9 @@ SCENARIOS = [
      None, None, "tiled_requested", {}),
     ("tiles estimated faster (learned)", J512, gpu(8), {}, None, slow_full(J512), "tiled_faster", {}),
     ("squeezed", J512, gpu(1.0), {"reserve_bytes": 960 * 2**20}, None, None, "squeezed", {}),
+    ("nearly fits, the CPU's host memory does not", DecodeJob("hunyuanvideo", 1280, 720, frames=129),
+     gpu(2.0, host=8), {}, None, None, "near_fit", {"near_fit": 1.1}),
+    ("nearly fits, the CPU 10x slower", J512, gpu(0.2, host=64), {}, None, None, "near_fit", {"near_fit": 1.1}),
     ("remote faster", J512, gpu(8), ON, FAST_NET, None, "remote_faster", {"remote_code": "configured"}),
     ("remote, no GPU", J512, NO_GPU, ON, None, None, "remote_no_gpu", {"on_gpu": False}),
     ("remote, nothing fits", J512, gpu(0.01), ON, None, None, "remote_nothing_fits", {}),
@@ -103,6 +106,7 @@ def test_every_code_is_reached_by_a_scenario():
 def test_the_codes_tell_apart_what_the_sentence_says():
     """The code and the sentence agree on every branch (a few phrases per code)."""
     phrase = {"full_fits": "full fits: needs", "batch_sliced": "one at a time needs", "squeezed": "squeezed into",
+              "near_fit": "so the GPU is tried first",
               "tiled_full_too_big": "; full needs", "tiled_faster": "estimated faster than full",
               "tiled_requested": "requested: needs", "remote_faster": "s, faster than",
               "remote_no_gpu": "s, no GPU", "remote_nothing_fits": "nothing local fits", "cpu_no_gpu": ": no GPU",
