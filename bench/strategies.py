@@ -128,6 +128,15 @@ def engine_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) ->
     return _run_decision(world, sc, profiles, d, tight_first=False)
 
 
+def engine_no_offload(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+    """WHAT-IF: the engine with host memory unknown, so it never plans exact tiles with whole-image buffers in host
+    memory (the engine before issue 15's offloaded exact tiling): the baseline of the tile-drift target."""
+    d = decide(sc.job(), dataclasses.replace(sc.gpu(), host_available_bytes=None), profiles,
+               DecodeSettings(allow_remote=sc.network is not None),  # type: ignore[arg-type]
+               sc.network.stats() if sc.network else None)
+    return _run_decision(world, sc, profiles, d, tight_first=False)
+
+
 def engine_tight_first(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """WHAT-IF (not the engine's rule today): a local plan that fits the available memory but not the
     reserve goes first when it is >= 1.25x faster than the decision's choice; the decision's chain
@@ -285,21 +294,59 @@ def engine_with(*, chain: bool = True, **settings: object) -> Strategy:
     return run
 
 
+def oracle_but_drift(world: World, sc: Scenario, profiles: Profiles, *, margin: float = 0.0, **kw: Any) -> Outcome:
+    """WHAT-IF, a bound, not a strategy anyone can run: knows every hidden draw of the world (true peaks with
+    workspace, block rounding and fragmentation, true seconds with their noise, host memory, which remote request
+    fails) except the free memory that moves between the probe and the decode. It runs every candidate that would
+    succeed without that move with ``margin`` bytes to spare, fastest first. With no margin its OOMs are the ones no
+    estimate can avoid at zero regret; with the largest move the world draws (2 GiB) it has none, and its regret is
+    the price of that."""
+    cond = world.conditions(sc)
+    room = world.available(sc) + cond.drift - margin
+    chain: list[tuple[float, str, Exec]] = []
+    for ex in candidates(sc, profiles, kw.get("cache")):
+        if ex.path == "remote":
+            a = world.attempt(sc, ex)
+            if a.ok:
+                chain.append((a.seconds, ex.key, ex))
+            continue
+        t = world.truth(sc, ex)
+        if t.host_bytes > cond.host_free or (t.gpu_bytes > 0 and world.true_peak(sc, ex) > room):
+            continue
+        chain.append((t.seconds * world.local_factor(sc, ex), ex.key, ex))
+    chain.sort(key=lambda c: (c[0], c[1]))
+    return run_chain(world, sc, [(ex.kind, ex) for _, _, ex in chain])
+
+
+def oracle_with(margin_mib: float) -> Strategy:
+    """WHAT-IF: :func:`oracle_but_drift` keeping ``margin_mib`` MiB spare."""
+
+    def run(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
+        return oracle_but_drift(world, sc, profiles, margin=margin_mib * 2**20, **kw)
+
+    return run
+
+
 #: The engine under other settings or rules (what-if rows; never mixed into the headline table).
 WHAT_IF: dict[str, tuple[str, Strategy]] = {
-    "engine_tolerance12": ("engine, exact tiles up to 1.2x slower (exact_tolerance 1.2, the default before tuning)",
-                           engine_with(exact_tolerance=1.2)),
+    "engine_tolerance12": ("engine, exact tiles up to 1.2x slower (exact_tolerance 1.2, the default before this "
+                           "tuning)", engine_with(exact_tolerance=1.2)),
     "engine_tolerance15": ("engine, exact tiles up to 1.5x slower (exact_tolerance 1.5)",
                            engine_with(exact_tolerance=1.5)),
+    "engine_no_offload": ("engine without exact tiles in host memory (host memory unknown: before issue 15)",
+                          engine_no_offload),
     "engine_local_only": ("engine without exact tiling (tile_groupnorm local)", engine_with(tile_groupnorm="local")),
     "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
-    "engine_reserve128": ("engine, reserve 128 MiB (the default before tuning)", engine_with(reserve_bytes=128 * 2**20)),
+    "engine_reserve64": ("engine, reserve 64 MiB", engine_with(reserve_bytes=64 * 2**20)),
     "engine_reserve256": ("engine, reserve 256 MiB", engine_with(reserve_bytes=256 * 2**20)),
     "engine_margins0": ("engine, margins 0 (reserve 0, exact_margin 1.0)",
                         engine_with(reserve_bytes=0, exact_margin=1.0)),
     "engine_no_chain": ("engine without its fallback chain (first plan only)", engine_with(chain=False)),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),
     "engine_tight_learned": ("engine + 'tight plan first' + learned timings", engine_tight_learned),
+    "oracle_but_drift": ("bound: an oracle that knows every hidden draw except the free memory moving after the "
+                         "probe", oracle_but_drift),
+    "oracle_2gib": ("bound: that oracle keeping 2 GiB spare (the largest move the world draws)", oracle_with(2048)),
 }
 ALL: dict[str, tuple[str, Strategy]] = {**STRATEGIES, **WHAT_IF}
 

@@ -323,6 +323,19 @@ def test_tuning_rule():
          "c": {"lost": 0, "p95_regret": 0.19, "ooms": 9}, "d": {"lost": 0, "p95_regret": 0.15, "ooms": 4}}
     assert matrix.choose(m) == "d"
     assert matrix.choose({k: m[k] for k in "ab"}) == "b"
+    # with a drift cap, the drift above it counts right after the lost images
+    drift = {k: {**v, "drift": n} for (k, v), n in zip(m.items(), (0, 50, 80, 120), strict=True)}
+    assert matrix.choose(drift, drift_cap=100) == "c"
+    assert matrix.choose(drift, drift_cap=40) == "b"
+    assert matrix.drift_cap("scoring") == pytest.approx(244.1) and matrix.drift_cap("reduced") is None
+
+
+def test_oracle_bound_needs_oom_attempts_and_a_spare_2_gib_costs_regret(reduced):
+    """The world's free memory moves after the probe (hidden from any strategy): even an oracle that knows every
+    other hidden draw runs out of memory at zero regret, and keeping the largest move spare costs latency."""
+    o, spare = reduced["strategies"]["oracle_but_drift"], reduced["strategies"]["oracle_2gib"]
+    assert o["ooms"] > 0 and o["lost"] == 0 and o["median_regret"] == 0
+    assert spare["ooms"] == 0 and spare["p95_regret"] > o["p95_regret"]
 
 
 def test_reduced_matrix_peers_and_metrics(reduced):
