@@ -18,11 +18,16 @@ Rules (each is tested):
 - ``auto`` chooses the feasible plan with the smallest estimated seconds (ties: the larger tile);
   see ``tile_groupnorm`` for exact vs local tiles.
   Forced modes put their path first when it is feasible and otherwise say why and fall back to auto.
-- Never a GPU plan first whose estimate exceeds what is available. When nothing fits the budget,
-  the smallest tile is tried first only if it fits inside the reserve; else remote, else cpu.
+- When nothing fits the budget, the smallest GPU plan goes first if it fits inside the reserve; else remote;
+  else the CPU, except that the smallest GPU plan still goes first when its estimate is within ``NEAR_FIT``
+  (1.25x) of what is available and the CPU is estimated 10x slower, does not fit host memory or is off
+  (``near_fit``: an OOM costs one attempt; the CPU's hours or a swapping host cost more). No other GPU plan
+  goes first with an estimate above what is available.
 - Fallbacks: after a GPU plan, plans that need at least a quarter less memory (so an OOM retry can
   succeed), remote by speed, and cpu last: one item at a time (video: in the VAE's temporal chunks), then,
-  when the frame is larger than the smallest tile, cpu in local tiles (host memory bounded by the tile).
+  when the frame is larger than the smallest tile, cpu in local tiles (host memory bounded by the tile; video:
+  also one latent frame at a time). CPU plans carry their host memory (the float32 GPU estimate x 0.8,
+  measured); those that fit the host go first, then the smallest GPU plan, then those that do not fit.
 - Learned timings (``learned=``, see :mod:`policy.learned`) scale local plans' seconds, never memory.
 - Identity (``identity=``, a canary verdict from ``extension.identity``): for the endpoint it names, it
   replaces the name-based custom-VAE rule: ``same`` allows remote, ``other`` ("endpoint serves another
@@ -525,9 +530,10 @@ class _Choice:
 
 
 #: When nothing fits what is available, the smallest GPU plan still goes before the CPU if its estimate is at most
-#: this multiple of the available memory (the estimates carry margins; an OOM costs one attempt) and the CPU is
-#: estimated :data:`CPU_SLOWER` times slower, or its host memory does not fit.
-NEAR_FIT = 1.10
+#: this multiple of the available memory and the CPU is estimated :data:`CPU_SLOWER` times slower, or its host
+#: memory does not fit. An OOM there costs one attempt (seconds); the CPU costs minutes to hours, and the smallest
+#: plans are where the estimates extrapolate (video in one-latent-frame chunks was never measured).
+NEAR_FIT = 1.25
 #: See :data:`NEAR_FIT`: a CPU decode this many times slower than the GPU plan is worth risking an OOM attempt.
 CPU_SLOWER = 10.0
 

@@ -21,7 +21,7 @@ Codes (the chosen plan's primary reason; :data:`REASON_CODES` lists them):
 - ``tiled_faster``: tiles although full fits: estimated faster.
 - ``tiled_requested``: tiles although full fits: ``mode="tiled"``.
 - ``squeezed``: nothing fits the budget; the smallest GPU plan fits inside the reserve.
-- ``near_fit``: nothing fits what is available; the smallest GPU plan is estimated within ``near_fit`` (10%) of it
+- ``near_fit``: nothing fits what is available; the smallest GPU plan is estimated within ``near_fit`` (1.25x) of it
   and goes first because the CPU would take ``cpu_seconds`` (10x or more), does not fit host memory
   (``cpu_host``), or is off; an OOM there costs one attempt, then the CPU plans follow.
 - ``remote_faster``: remote, estimated faster than the best local plan.
