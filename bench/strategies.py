@@ -15,6 +15,7 @@ from typing import Any
 
 from hybrid_vae.bench.world import Exec, Scenario, World
 from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.learned import Learned
 from hybrid_vae.policy.model import Decision, DecodeSettings
 from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
@@ -28,7 +29,9 @@ class Outcome:
         supported: False where the system cannot decode this family at all (Tiled VAE and video).
         delivered: an image came out. seconds: wall time of all attempts (failed ones included).
         attempts: labels of the executions tried, in order. ooms: attempts that ran out of memory.
-        wasted: failed attempts (OOMs and failed remote requests).
+        wasted: failed attempts (OOMs, failed remote requests, refused claims).
+        claims: the engine's claims of a plan's memory refused before the plan ran (no decoding lost; see
+            :func:`_run_decision`).
         note: why an image was lost (``out of memory``, ``no endpoint``, ...).
         drift: the image came from spatial tiles with per-tile GroupNorm statistics (an image VAE's
             "local" tiles, any peer's tiling): its colours differ from a full decode.
@@ -42,6 +45,7 @@ class Outcome:
     wasted: int = 0
     note: str = ""
     drift: bool = False
+    claims: int = 0
 
 
 def drifts(world: World, sc: Scenario, ex: Exec) -> bool:
@@ -69,11 +73,12 @@ def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | li
 
 def engine_decision(sc: Scenario, profiles: Profiles, *, reserve_mib: float | None = None,
                     learned: Learned | None = None, cache: dict[tuple[object, ...], Decision] | None = None,
-                    **settings: object) -> Decision:
+                    gpu: GpuState | None = None, **settings: object) -> Decision:
     """``decide`` for a scenario (remote allowed when there is a network), memoised in ``cache``;
     ``settings`` are further :class:`DecodeSettings` fields (what-if rows), plus ``exact_margin`` (the
-    families' exact-tiling margin, a profile value)."""
-    key = (sc.key, reserve_mib, id(learned) if learned is not None else None, tuple(sorted(settings.items())))
+    families' exact-tiling margin, a profile value). ``gpu``: what a later probe sees (default: the scenario's)."""
+    key = (sc.key, reserve_mib, id(learned) if learned is not None else None, tuple(sorted(settings.items())),
+           gpu.free_bytes if gpu is not None else None)
     if cache is not None and key in cache:
         return cache[key]
     margin = settings.pop("exact_margin", None)
@@ -82,7 +87,7 @@ def engine_decision(sc: Scenario, profiles: Profiles, *, reserve_mib: float | No
     kw: dict[str, object] = {"allow_remote": sc.network is not None, **settings}
     if reserve_mib is not None:
         kw["reserve_bytes"] = int(reserve_mib * 2**20)
-    d = decide(sc.job(), sc.gpu(), profiles, DecodeSettings(**kw),  # type: ignore[arg-type]
+    d = decide(sc.job(), gpu or sc.gpu(), profiles, DecodeSettings(**kw),  # type: ignore[arg-type]
                sc.network.stats() if sc.network else None, learned=learned)
     if cache is not None:
         cache[key] = d
@@ -103,8 +108,19 @@ def with_exact_margin(profiles: Profiles, margin: float) -> Profiles:
     return got
 
 
+#: Seconds a refused claim costs: an allocation that fails at once, a probe and a decision (assumed; decide()
+#: takes under a millisecond, docs/benchmarks.md "Probe + decide overhead").
+CLAIM_S = 0.005
+Redecide = Callable[[GpuState], Decision]
+
+
 def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *, tight_first: bool,
-                  chain: bool = True) -> Outcome:
+                  chain: bool = True, redecide: Redecide | None = None) -> Outcome:
+    """Run the decision's chain as the orchestrator does: before a local GPU plan runs, its estimated peak is
+    claimed (``extension.orchestrator.claim_memory``), which succeeds when that much is available now, after the
+    free memory moved (:meth:`World.available`); a refused claim costs :data:`CLAIM_S`, and the first one makes
+    the engine decide again (``redecide``) from what a probe sees now (:meth:`World.probe_now`); after that, a GPU
+    plan with only CPU plans behind it runs unclaimed."""
     fam = profiles.family(sc.family)
     plans = list(d.plans) if chain else [d.chosen]
     if tight_first:
@@ -114,40 +130,68 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
             t = min(tight, key=lambda p: p.estimate.seconds)
             if t.estimate.seconds * 1.25 < d.chosen.estimate.seconds:
                 plans.insert(0, t)
-    return run_chain(world, sc, [(p.label, Exec.from_plan(p, fam, sc.batch)) for p in plans])
+    secs, ooms, wasted, claims, labels, note = 0.0, 0, 0, 0, [], ""
+    now = world.available(sc)
+    i = 0
+    while i < len(plans):
+        p, i = plans[i], i + 1
+        labels.append(p.label)
+        e = p.estimate.peak_bytes
+        last_gpu = redecide is None and claims > 0 and all(q.path == "cpu" for q in plans[i:])
+        if p.path in ("full", "tiled") and e <= d.available_bytes and e > now and not last_gpu:
+            secs, wasted, claims = secs + CLAIM_S, wasted + 1, claims + 1
+            if redecide is not None and chain:
+                d, redecide = redecide(world.probe_now(sc)), None
+                plans, i = list(d.plans), 0
+            continue
+        ex = Exec.from_plan(p, fam, sc.batch)
+        a = world.attempt(sc, ex)
+        secs += a.seconds
+        if a.ok:
+            return Outcome(True, True, secs, tuple(labels), ooms, wasted, drift=drifts(world, sc, ex), claims=claims)
+        wasted += 1
+        ooms += a.oom
+        note = a.error or "failed"
+    return Outcome(True, False, secs, tuple(labels), ooms, wasted, note or "nothing to try", claims=claims)
 
 
 def engine(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """``decide`` with default settings and its fallback chain, run in the world."""
-    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=False)
+    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=False,
+                         redecide=lambda g: engine_decision(sc, profiles, gpu=g))
 
 
 def engine_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """The engine with the learned timings of a warm-up run (see :func:`bench.matrix.train_learned`)."""
     d = engine_decision(sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
-    return _run_decision(world, sc, profiles, d, tight_first=False)
+    return _run_decision(world, sc, profiles, d, tight_first=False,
+                         redecide=lambda g: engine_decision(sc, profiles, learned=kw.get("trained"), gpu=g))
 
 
 def engine_no_offload(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """WHAT-IF: the engine with host memory unknown, so it never plans exact tiles with whole-image buffers in host
     memory (the engine before issue 15's offloaded exact tiling): the baseline of the tile-drift target."""
-    d = decide(sc.job(), dataclasses.replace(sc.gpu(), host_available_bytes=None), profiles,
-               DecodeSettings(allow_remote=sc.network is not None),  # type: ignore[arg-type]
-               sc.network.stats() if sc.network else None)
-    return _run_decision(world, sc, profiles, d, tight_first=False)
+    def plan(g: GpuState) -> Decision:
+        return decide(sc.job(), dataclasses.replace(g, host_available_bytes=None), profiles,
+                      DecodeSettings(allow_remote=sc.network is not None),  # type: ignore[arg-type]
+                      sc.network.stats() if sc.network else None)
+
+    return _run_decision(world, sc, profiles, plan(sc.gpu()), tight_first=False, redecide=plan)
 
 
 def engine_tight_first(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """WHAT-IF (not the engine's rule today): a local plan that fits the available memory but not the
     reserve goes first when it is >= 1.25x faster than the decision's choice; the decision's chain
     stays behind it, so an OOM costs one attempt, never the image."""
-    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=True)
+    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=True,
+                         redecide=lambda g: engine_decision(sc, profiles, gpu=g))
 
 
 def engine_tight_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """WHAT-IF: the 'tight plan first' rule and learned timings together."""
     d = engine_decision(sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
-    return _run_decision(world, sc, profiles, d, tight_first=True)
+    return _run_decision(world, sc, profiles, d, tight_first=True,
+                         redecide=lambda g: engine_decision(sc, profiles, learned=kw.get("trained"), gpu=g))
 
 
 # ---- peers -----------------------------------------------------------------------------------------
@@ -289,7 +333,8 @@ def engine_with(*, chain: bool = True, **settings: object) -> Strategy:
 
     def run(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
         d = engine_decision(sc, profiles, cache=kw.get("cache"), **settings)
-        return _run_decision(world, sc, profiles, d, tight_first=False, chain=chain)
+        return _run_decision(world, sc, profiles, d, tight_first=False, chain=chain,
+                             redecide=lambda g: engine_decision(sc, profiles, gpu=g, **settings))
 
     return run
 

@@ -398,6 +398,12 @@ class World:
         g = sc.gpu()
         return g.free_bytes - self.conditions(sc).drift + g.torch_reusable_bytes * (1 - self.install(sc.card).frag)
 
+    def probe_now(self, sc: Scenario) -> GpuState:
+        """What a probe sees at decode time: the scenario's state after the free memory moved (the torch cache
+        is this process's own and stays)."""
+        g = sc.gpu()
+        return dataclasses.replace(g, free_bytes=max(0, int(g.free_bytes - self.conditions(sc).drift)))
+
     # -- truth --
     def truth(self, sc: Scenario, ex: Exec) -> truth.Truth:
         """The bare truth of ``ex`` in ``sc`` (:mod:`bench.truth`), before this scenario's effects."""

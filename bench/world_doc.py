@@ -37,4 +37,10 @@ A failed GPU attempt costs U(0.7, 1.0) of its largest region's time (measured: a
 took 0.45-0.65 s of 0.64 s on the H200); a failed host allocation a tenth of that; a remote request fails (HTTP
 503) with probability 2%. Seconds carry lognormal noise per card (sigma 0.15), scenario (0.05), decode (0.03) and
 link (0.15). Every strategy meets the same draws (common random numbers); a different seed is a different world.
+The engine claims a local GPU plan's estimated peak just before it runs (`extension/orchestrator.py`,
+`claim_memory`: one allocation handed back to PyTorch's cache): in the world the claim succeeds when that much is
+available after the free memory moved (the same test as an attempt, with the engine's estimate in place of the
+true peak); a refused claim costs 5 ms (assumed: a failed allocation, a probe and `decide()`), and the first
+refusal makes the engine decide again from what a probe sees now (free memory after the move). Peers claim
+nothing.
 A new plan kind gets its truth by registering a function in `bench/truth.py` (see its docstring)."""

@@ -21,6 +21,14 @@ test suite sets), where it is raised. A :class:`~policy.errors.LatentError` stop
 not retried.
 When every plan failed, the latent is saved with :func:`extension.latents.save_latent` and
 :class:`~policy.errors.DecodeFailedError` names the file and the command that decodes it later.
+
+Claims: before a local plan runs on CUDA, its estimated peak is allocated in one block and handed back to
+PyTorch's cache (:func:`claim_memory`), so another process cannot take that memory during the decode. When
+the memory went elsewhere after the probe, the claim is refused in milliseconds, before any decoding: the
+attempt is recorded as ``claim refused: ...``, and (once per decode) the GPU is probed again and the decision
+made again from what is free now. Plans the decision already knew to exceed the free memory (``near_fit``)
+are not claimed, nor, after the new decision, a GPU plan with only CPU plans behind it (the estimate carries
+margins: an OOM costs one attempt, the CPU far more).
 """
 
 from __future__ import annotations
@@ -230,6 +238,25 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def claim_memory(device: str, nbytes: int) -> bool:
+    """Ask the CUDA caching allocator for ``nbytes`` at once and hand them back to its cache, so the decode that
+    follows finds them there (another process can no longer take them), or learn in milliseconds, before any
+    decoding, that they are not free now. Returns False when refused; True when claimed, and on any device but
+    CUDA (nothing to claim). Other errors propagate."""
+    import torch
+
+    if not device.startswith("cuda") or nbytes <= 0:
+        return True
+    try:
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except Exception as exc:  # only an out-of-memory error is an answer; the rest is raised
+        if is_oom(exc):
+            return False
+        raise
+    del block
+    return True
+
+
 def error_kind(exc: BaseException) -> ErrorKind:
     """What a plan's exception means for the decode loop: ``oom`` and ``backend`` (CUDA/cuDNN/driver, NaN
     output, anything else a runtime raises) and ``remote``/``plan`` fall back quietly; ``internal`` (a
@@ -407,8 +434,10 @@ class HybridDecoder:
                  device: str | None = None, before_plan: Callable[[Plan], None] | None = None,
                  on_decision: Callable[[Decision], None] | None = None,
                  learned: LearnedStore | None = None, report_log_level: int = logging.INFO,
-                 strict: bool | None = None, identity: IdentityChecker | None = None) -> None:
+                 strict: bool | None = None, identity: IdentityChecker | None = None,
+                 claim: Callable[[str, int], bool] = claim_memory) -> None:
         self.settings = settings or DecodeSettings()
+        self.claim = claim
         self.strict = strict
         self.profile_path = profile_path
         self.store = profile_store or ProfileStore()
@@ -488,7 +517,20 @@ class HybridDecoder:
             self.on_decision(decision)
         z_vae = to_vae_space(p.z.to(torch.float32), p.fam)
         attempts: list[tuple[str, str | None, float]] = []
-        for plan in decision.plans:
+        plans, i, redecided = list(decision.plans), 0, False
+        while i < len(plans):
+            plan, i = plans[i], i + 1
+            # after the new decision, a plan with nothing but the CPU behind it runs even unclaimed (its estimate
+            # carries margins; an OOM costs one attempt, the CPU far more)
+            last_gpu = redecided and all(q.path == "cpu" for q in plans[i:])
+            refused = None if last_gpu else self._claim_refused(plan, decision, p)
+            if refused is not None:
+                attempts.append((plan.label, refused, 0.0))
+                if not redecided:  # once per decode: the memory moved since the probe; decide again from now
+                    redecided = True
+                    p, (decision, snapshot) = self._redecide(p, latents, vae)
+                    plans, i = list(decision.plans), 0
+                continue
             a = self._attempt(plan, p, latents, vae, z_vae, progress)
             # outside the except block: the traceback and the frames it pinned are gone
             attempts.append((plan.label, a.error, a.seconds))
@@ -504,6 +546,23 @@ class HybridDecoder:
         path = self._save(latents, p.family, p.fam, {**p.save_meta, "reason": f"every plan failed: {listing}"})
         raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
                                 attempts=tuple((lab, err or "") for lab, err, _ in attempts))
+
+    def _claim_refused(self, plan: Plan, decision: Decision, p: _Prepared) -> str | None:
+        """Claim a local GPU plan's estimated peak before it runs (:func:`claim_memory`); the error text when the
+        memory is not free now, else None. Plans whose estimate already exceeds what the decision saw
+        (``near_fit``, the CPU, remote) are not claimed."""
+        e = plan.estimate.peak_bytes
+        if plan.path not in ("full", "tiled") or e > decision.available_bytes or self.claim(p.run_dev, e):
+            return None
+        log.info("hybrid-vae: %s: %.2f GiB not free at decode time (claim refused); deciding again",
+                 plan.label, e / 2**30)
+        return f"claim refused: {e / 2**30:.2f} GiB not free at decode time"
+
+    def _redecide(self, p: _Prepared, latents: torch.Tensor, vae: Any) -> tuple[_Prepared, tuple[Decision, Learned | None]]:
+        """A fresh probe and a new decision (after a refused claim)."""
+        gpu = self._gpu(lambda n: (g.total_gib if (g := p.profiles.gpu(n)) else None))
+        p = dataclasses.replace(p, gpu=gpu)
+        return p, self._decide(p, latents, vae)
 
     def _prepare(self, latents: torch.Tensor, vae: Any, *, family: str | None, height: int | None,
                  width: int | None, frames: int | None, vae_id: str | None, custom_vae: bool,

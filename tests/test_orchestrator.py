@@ -11,7 +11,7 @@ import torch
 from hybrid_vae.extension.executors import run_plan
 from hybrid_vae.extension.fixture import build_tiny_vae, fixture_image, load_fixture_vae
 from hybrid_vae.extension.latents import load_latent, pack_flux, to_vae_space, unpack_flux
-from hybrid_vae.extension.orchestrator import HybridDecoder, is_oom
+from hybrid_vae.extension.orchestrator import HybridDecoder, claim_memory, is_oom
 from hybrid_vae.policy import (
     DecodeFailedError,
     DecodeSettings,
@@ -357,6 +357,62 @@ def test_no_remote_client_means_no_remote_plan(tiny, tmp_path):
                         settings=DecodeSettings(allow_remote=True, endpoints={"sd15": "http://127.0.0.1:9/"}))
     r = dec.decode(latent(1, 4, 8, 8), tiny, family="sd15").report
     assert all(p.path != "remote" for p in r.decision.plans)
+
+
+# ---- claims: the memory a plan needs, taken before it runs --------------------------------------------
+
+
+def test_a_refused_claim_decides_again_from_a_fresh_probe(tiny, tmp_path, profiles):
+    """Before a local GPU plan runs, its estimated peak is claimed; when that memory went to another process
+    after the probe, the engine probes again and decides from what is free now, without starting a decode
+    that would run out of memory. Once per decode: a second refusal moves down the new chain."""
+    z = latent(1, 4, 40, 40)
+    specs = iter(["name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=8",
+                  "name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=0.4"])
+    probes, claims = [], []
+
+    def probe():
+        probes.append(next(specs))
+        return parse_simulation(probes[-1])
+
+    def claim(device, nbytes):
+        claims.append(nbytes)
+        return len(claims) != 1  # the first claim is refused
+
+    res = HybridDecoder(probe=probe, latent_dir=tmp_path, claim=claim).decode(z, tiny, family="sd15")
+    r = res.report
+    assert len(probes) == 2
+    assert r.attempts[0][0] == "full" and r.attempts[0][1].startswith("claim refused: ")
+    assert r.decision.gpu.free_bytes == int(0.4 * 2**30)  # the report carries the new decision
+    assert r.ran is r.decision.chosen and r.ran.path == "tiled" and r.attempts[1][1] is None
+    assert claims[1] == r.ran.estimate.peak_bytes
+    fam = profiles.family("sd15")
+    torch.testing.assert_close(res.tensor, run_plan(r.ran, tiny, to_vae_space(z, fam), family=fam))
+    # refused every time: one fresh decision, then down its chain; the last GPU plan before the CPU runs
+    # unclaimed (its estimate carries margins: an OOM costs one attempt, the CPU far more)
+    never = HybridDecoder(probe=sim(), latent_dir=tmp_path, claim=lambda d, n: False).decode(z, tiny, family="sd15")
+    r = never.report
+    refused = [a for a in r.attempts if a[1] and a[1].startswith("claim refused")]
+    gpu_plans = [q for q in r.decision.plans if q.path in ("full", "tiled")]
+    assert r.ran is gpu_plans[-1] and r.attempts[-1] == (r.ran.label, None, r.attempts[-1][2])
+    assert len(refused) == 1 + len(gpu_plans) - 1 == len(r.attempts) - 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_claim_memory_claims_nothing_off_cuda():
+    assert claim_memory("cpu", 1 << 40) and claim_memory("mps", 1 << 40)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_claim_memory_on_cuda_keeps_the_block_in_the_cache_or_says_no():
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    assert not claim_memory("cuda", free + (1 << 30))
+    reserved, allocated = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+    assert claim_memory("cuda", 256 << 20)
+    # handed back to the cache: reserved by this process for the decode, not allocated
+    assert torch.cuda.memory_reserved() >= reserved + (256 << 20) and torch.cuda.memory_allocated() == allocated
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
