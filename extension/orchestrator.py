@@ -352,6 +352,7 @@ class _Attempt:
     oom: bool = False
     peak: int | None = None
     remote: RemoteInfo | None = None
+    refused: bool = False  # its memory claim was refused before it ran
 
 
 def _output_size(z: Any, fam: Family, frames: int | None) -> tuple[int, int, int | None]:
@@ -523,15 +524,14 @@ class HybridDecoder:
             # after the new decision, a plan with nothing but the CPU behind it runs even unclaimed (its estimate
             # carries margins; an OOM costs one attempt, the CPU far more)
             last_gpu = redecided and all(q.path == "cpu" for q in plans[i:])
-            refused = None if last_gpu else self._claim_refused(plan, decision, p)
-            if refused is not None:
-                attempts.append((plan.label, refused, 0.0))
+            a = self._attempt(plan, p, latents, vae, z_vae, progress, claim=None if last_gpu else decision)
+            if a.refused:
+                attempts.append((plan.label, a.error, a.seconds))
                 if not redecided:  # once per decode: the memory moved since the probe; decide again from now
                     redecided = True
                     p, (decision, snapshot) = self._redecide(p, latents, vae)
                     plans, i = list(decision.plans), 0
                 continue
-            a = self._attempt(plan, p, latents, vae, z_vae, progress)
             # outside the except block: the traceback and the frames it pinned are gone
             attempts.append((plan.label, a.error, a.seconds))
             if a.error is None:
@@ -625,9 +625,11 @@ class HybridDecoder:
                                     latent_path=path) from None
 
     def _attempt(self, plan: Plan, p: _Prepared, latents: torch.Tensor, vae: Any, z_vae: torch.Tensor,
-                 progress: ProgressFn | None) -> _Attempt:
+                 progress: ProgressFn | None, *, claim: Decision | None = None) -> _Attempt:
         """Run one plan: its output, or its error (sorted by :func:`error_kind`, logged; strict mode raises
-        internal errors). A :class:`~policy.errors.LatentError` is raised (bad input is not retried)."""
+        internal errors). A :class:`~policy.errors.LatentError` is raised (bad input is not retried). With
+        ``claim`` (the decision the plan comes from), its memory is claimed after ``before_plan`` (which may free
+        memory for it, as in ComfyUI) and before it runs; a refusal returns ``refused``."""
         import torch
 
         t0 = time.perf_counter()
@@ -641,6 +643,11 @@ class HybridDecoder:
         try:
             if self.before_plan is not None:
                 self.before_plan(plan)
+            refused = self._claim_refused(plan, claim, p) if claim is not None else None
+            if refused is not None:
+                return _Attempt(seconds=time.perf_counter() - t0, error=refused, refused=True)
+            if use_cuda and claim is not None:  # the claimed block was handed back: not the decode's peak
+                torch.cuda.reset_peak_memory_stats(run_dev)
             if plan.path == "remote":
                 out, remote_info = self._run_remote(plan, p, latents)
                 peak = None

@@ -399,6 +399,15 @@ def test_a_refused_claim_decides_again_from_a_fresh_probe(tiny, tmp_path, profil
     assert not list(tmp_path.iterdir())
 
 
+def test_the_claim_comes_after_before_plan(tiny, tmp_path):
+    """``before_plan`` may free memory for the plan (ComfyUI unloads other models there), so the claim follows it."""
+    order = []
+    dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, before_plan=lambda plan: order.append(("prepare", plan.label)),
+                        claim=lambda device, n: order.append(("claim", n)) is None)
+    res = dec.decode(latent(1, 4, 16, 16), tiny, family="sd15")
+    assert order == [("prepare", res.report.ran.label), ("claim", res.report.ran.estimate.peak_bytes)]
+
+
 def test_claim_memory_claims_nothing_off_cuda():
     assert claim_memory("cpu", 1 << 40) and claim_memory("mps", 1 << 40)
 
