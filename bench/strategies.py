@@ -155,17 +155,24 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
     return Outcome(True, False, secs, tuple(labels), ooms, wasted, note or "nothing to try", claims=claims)
 
 
+def _run_engine(world: World, sc: Scenario, profiles: Profiles, *, tight_first: bool = False, chain: bool = True,
+                learned: Learned | None = None, cache: dict[tuple[object, ...], Decision] | None = None,
+                **settings: object) -> Outcome:
+    """The engine's decision for ``sc`` (:func:`engine_decision`) run by :func:`_run_decision`; after a refused
+    claim it decides again with the same learned timings and settings."""
+    d = engine_decision(sc, profiles, learned=learned, cache=cache, **settings)
+    return _run_decision(world, sc, profiles, d, tight_first=tight_first, chain=chain,
+                         redecide=lambda g: engine_decision(sc, profiles, learned=learned, gpu=g, **settings))
+
+
 def engine(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """``decide`` with default settings and its fallback chain, run in the world."""
-    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=False,
-                         redecide=lambda g: engine_decision(sc, profiles, gpu=g))
+    return _run_engine(world, sc, profiles, cache=kw.get("cache"))
 
 
 def engine_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """The engine with the learned timings of a warm-up run (see :func:`bench.matrix.train_learned`)."""
-    d = engine_decision(sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
-    return _run_decision(world, sc, profiles, d, tight_first=False,
-                         redecide=lambda g: engine_decision(sc, profiles, learned=kw.get("trained"), gpu=g))
+    return _run_engine(world, sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
 
 
 def engine_no_offload(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
@@ -183,15 +190,12 @@ def engine_tight_first(world: World, sc: Scenario, profiles: Profiles, **kw: Any
     """WHAT-IF (not the engine's rule today): a local plan that fits the available memory but not the
     reserve goes first when it is >= 1.25x faster than the decision's choice; the decision's chain
     stays behind it, so an OOM costs one attempt, never the image."""
-    return _run_decision(world, sc, profiles, engine_decision(sc, profiles, cache=kw.get("cache")), tight_first=True,
-                         redecide=lambda g: engine_decision(sc, profiles, gpu=g))
+    return _run_engine(world, sc, profiles, tight_first=True, cache=kw.get("cache"))
 
 
 def engine_tight_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """WHAT-IF: the 'tight plan first' rule and learned timings together."""
-    d = engine_decision(sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
-    return _run_decision(world, sc, profiles, d, tight_first=True,
-                         redecide=lambda g: engine_decision(sc, profiles, learned=kw.get("trained"), gpu=g))
+    return _run_engine(world, sc, profiles, tight_first=True, learned=kw.get("trained"), cache=kw.get("cache"))
 
 
 # ---- peers -----------------------------------------------------------------------------------------
@@ -332,9 +336,7 @@ def engine_with(*, chain: bool = True, **settings: object) -> Strategy:
     ``chain=False``: only the decision's first plan runs (an OOM loses the image)."""
 
     def run(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-        d = engine_decision(sc, profiles, cache=kw.get("cache"), **settings)
-        return _run_decision(world, sc, profiles, d, tight_first=False, chain=chain,
-                             redecide=lambda g: engine_decision(sc, profiles, gpu=g, **settings))
+        return _run_engine(world, sc, profiles, chain=chain, cache=kw.get("cache"), **settings)
 
     return run
 
@@ -415,12 +417,6 @@ def candidates(sc: Scenario, profiles: Profiles, cache: dict[tuple[object, ...],
     else:
         out.add(_comfy_video_tiled(fam))
     return sorted(out, key=lambda e: e.key)
-
-
-def best_seconds(world: World, sc: Scenario, profiles: Profiles,
-                 cache: dict[tuple[object, ...], Any] | None = None) -> tuple[float, str]:
-    """The fastest execution that succeeds in this world, and its key."""
-    return best_two(world, sc, profiles, cache)[:2]
 
 
 def best_two(world: World, sc: Scenario, profiles: Profiles,

@@ -544,16 +544,18 @@ def _cpu_host_ok(x: _Inputs, p: Plan) -> bool:
     return room is None or p.estimate.host_bytes <= room
 
 
+def _smallest(x: _Inputs, gpu_plans: list[Plan]) -> Plan | None:
+    """The GPU plan with the smallest estimated peak among those whose host buffers fit (None: none, or no GPU)."""
+    if not x.on_gpu:
+        return None
+    return min((p for p in gpu_plans if _host_ok(x, p)), key=lambda p: p.estimate.peak_bytes, default=None)
+
+
 def _near_fit(x: _Inputs, gpu_plans: list[Plan], cpu: Plan | None) -> Plan | None:
     """The smallest GPU plan when it is within :data:`NEAR_FIT` of the available memory and the CPU (``cpu``: the
     first CPU plan of the chain) is :data:`CPU_SLOWER` times slower, does not fit host memory, or is off."""
-    if not x.on_gpu:
-        return None
-    plans = [p for p in gpu_plans if _host_ok(x, p)]
-    if not plans:
-        return None
-    smallest = min(plans, key=lambda p: p.estimate.peak_bytes)
-    if smallest.estimate.peak_bytes > NEAR_FIT * x.available:
+    smallest = _smallest(x, gpu_plans)
+    if smallest is None or smallest.estimate.peak_bytes > NEAR_FIT * x.available:
         return None
     if cpu is not None and _cpu_host_ok(x, cpu) and cpu.estimate.seconds < CPU_SLOWER * smallest.estimate.seconds:
         return None
@@ -590,11 +592,10 @@ def _choose(x: _Inputs, gpu_plans: list[Plan], feasible: list[Plan], remote: Pla
         chosen = min(pool, key=rank)
     if chosen is not None:
         return _Choice(chosen, unmet=unmet)
-    if x.on_gpu:
-        # nothing fits the budget: the smallest plan may still fit inside the reserve
-        smallest = min((p for p in gpu_plans if _host_ok(x, p)), key=lambda p: p.estimate.peak_bytes)
-        if smallest.estimate.peak_bytes <= x.available:
-            return _Choice(smallest, squeezed=True, unmet=unmet)
+    # nothing fits the budget: the smallest plan may still fit inside the reserve
+    smallest = _smallest(x, gpu_plans)
+    if smallest is not None and smallest.estimate.peak_bytes <= x.available:
+        return _Choice(smallest, squeezed=True, unmet=unmet)
     near = _near_fit(x, gpu_plans, cpu)
     if near is not None:
         return _Choice(near, unmet=unmet, near_fit=True, cpu=cpu)
@@ -625,13 +626,13 @@ def _fallback_chain(x: _Inputs, chosen: Plan, feasible: list[Plan], remote: Plan
         chain.insert(pos, remote)
     fits = [p for p in cpu_plans if _cpu_host_ok(x, p)]
     lowest = min((p.estimate.peak_bytes for p in chain if p.path in ("full", "tiled")), default=math.inf)
-    near = _near_fit(x, gpu_plans, fits[0] if fits else None)
+    near = _near_fit(x, gpu_plans, cpu_plans[0] if cpu_plans else None)
     if near is not None and near.estimate.peak_bytes < lowest:
         chain.append(near)
         lowest = near.estimate.peak_bytes
     chain += [p for p in fits if p not in chain]
-    smallest = min((p for p in gpu_plans if _host_ok(x, p)), key=lambda p: p.estimate.peak_bytes, default=None)
-    if x.on_gpu and smallest is not None and smallest.estimate.peak_bytes < lowest and len(fits) < len(cpu_plans):
+    smallest = _smallest(x, gpu_plans)
+    if smallest is not None and smallest.estimate.peak_bytes < lowest and len(fits) < len(cpu_plans):
         chain.append(smallest)
     return chain + [p for p in cpu_plans if p not in chain]
 
