@@ -34,11 +34,21 @@ def serve_demo() -> Iterator[str]:
         yield base
 
 
+#: Ports :func:`free_port` has handed out in this process: it never hands one out twice, so a "dead" endpoint
+#: a test took from it stays dead when a server it starts later asks for a port (the kernel may offer the same
+#: ephemeral port again as soon as it is closed).
+_HANDED_OUT: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago on ``host`` and that this process has not been given before."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
 
 
 @contextlib.contextmanager
