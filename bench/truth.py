@@ -22,7 +22,9 @@ kind                    GPU / host bytes                                        
 ======================  =========================================================  ==========================
 full (SD decoder)       m: H200 full and batch rows                                m: H200 full-decode curve
 full (HunyuanVideo)     m: H200 video rows less one output copy, + a: copies       m: fitted on video rows
-full/tiled (Wan)        a: ComfyUI's Wan formula / U(1.3, 2.6)                     a: 1.5x HunyuanVideo's
+full/tiled (Wan)        i: CPU rows of Wan's decoder / a CPU/GPU ratio U(0.72,      a: 1.5x HunyuanVideo's
+                        0.88) (measured 0.74-0.86 on the SD and HunyuanVideo
+                        decoders, widened by 0.02 each side)
 tiled-local diffusers   m: H200 tiled rows (tile x image size)                     m: tiles + fitted per-tile
 tiled-local engine      m: diffusers' rows x a: U(0.88, 1.12) (its own tiler)      as diffusers'
 tiled-exact             a: U(0.26, 0.42) x full peak + U(0.45, 0.85) x a full      a: full x 1.08 + 0.15 ms
@@ -32,7 +34,8 @@ tiled-offload           counted (policy.passes): buffers on the device / in host
 (bench/world_offload)   + a: tiled-exact's working set x U(1.2, 1.7)               public PCIe rates, staging,
                                                                                    overlap
 cpu                     m: CPU rows (host bytes); tiles, video a: the GPU truth    m: CPU rows x a: user CPU
-                        at float32 x the SD decoder's CPU/GPU ratio at 512 px      0.15-0.6x
+                        at float32 x the measured CPU/GPU ratio at 512 px (SD      0.15-0.6x
+                        decoder; video: HunyuanVideo's)
 ======================  =========================================================  ==========================
 """
 
@@ -58,7 +61,10 @@ EXACT_STEP_S = 0.00015  # H200 seconds per tile step (assumed: kernel launches)
 EXACT_TIME = 1.08  # exact tiling / full decode seconds (assumed; the CPU measured 0.96-1.13x)
 WAN_TIME = 1.5  # Wan's seconds per voxel / HunyuanVideo's (assumed)
 VIDEO_FP32 = 1.32  # 4-byte / 2-byte seconds: the measured SD decoder ratio at 1 MP (H200: 0.117 s / 0.089 s)
-COMFY_WAN_BYTES = 7000.0  # ComfyUI's Wan decode formula: bytes per output pixel per dtype byte (comfy/sd.py)
+#: Wan's CPU/GPU peak ratio, drawn per installation (no GPU has measured Wan's decoder): the range measured on
+#: the two decoders measured on both (SD decoder 0.74-0.80, cpu-sd-decode rows against the H200 rows;
+#: HunyuanVideo 0.85-0.86, cpu-video-decode rows against the H200 rows), widened by 0.02 on each side (assumed).
+WAN_CPU_GPU = (0.72, 0.88)
 CPU_VIDEO = 2.0  # a video decoder's CPU seconds per voxel / the SD decoder's (assumed: 3-D convolutions)
 
 
@@ -133,7 +139,9 @@ def _video_gpu(world: World, sc: Scenario, fam: Family, region_px: float, frames
     inst = world.install(sc.card)
     ds = dtype_bytes(sc.dtype)
     if fam.architecture == "wan":
-        return COMFY_WAN_BYTES * region_px * ds / inst.wan_ratio * inst.conv3d, "assumed"
+        one, four = _wan_cpu_per_px()
+        per_px = one if frames_at_once == 1 else four
+        return per_px / 4 * ds * region_px / inst.wan_cpu_gpu * inst.conv3d, "interpolated"
     return world.mem.video_peak(frames_at_once, region_px) * ds / 2 * inst.conv3d, "measured"
 
 
@@ -241,9 +249,34 @@ def _exact_steps(world: World, sc: Scenario, tile: int, tiles: int) -> int:
 
 
 @functools.lru_cache(maxsize=1)
+def _wan_cpu_per_px() -> tuple[float, float]:
+    """Wan's measured float32 CPU peak bytes per output-frame pixel: (one frame at once, four frames at once;
+    the decoder takes one latent frame, four output frames, per step), the largest of the rows."""
+    rows = [r for r in measured_rows(device="cpu") if r.series == "cpu_video" and r.family == "wan" and r.peak_bytes]
+    one = [(r.peak_bytes or 0) / r.px for r in rows if r.frames == 1]
+    four = [(r.peak_bytes or 0) / r.px for r in rows if (r.frames or 1) > 1]
+    if not one or not four:
+        raise FileNotFoundError("no Wan CPU rows in profiles/measured (cpu-video-decode-*.jsonl); run "
+                                "bench/video_cpu_memory.py")
+    return max(one), max(four)
+
+
+def video_cpu_gpu_ratio(world: World) -> float:
+    """HunyuanVideo's measured CPU/GPU peak ratio: its float32 CPU rows against the world's H200 curve at
+    float32 (the median of the rows)."""
+    rows = [r for r in measured_rows(device="cpu") if r.series == "cpu_video" and r.family == "hunyuanvideo"
+            and r.peak_bytes]
+    if not rows:
+        raise FileNotFoundError("no HunyuanVideo CPU rows in profiles/measured (cpu-video-decode-*.jsonl); run "
+                                "bench/video_cpu_memory.py")
+    ratios = sorted((r.peak_bytes or 0) / (world.mem.video_peak(r.frames or 1, r.px) * 2) for r in rows)
+    return ratios[len(ratios) // 2]
+
+
+@functools.lru_cache(maxsize=1)
 def _cpu_points() -> tuple[list[tuple[float, float]], list[tuple[float, float]], float]:
     """(host peak points, seconds points) of one float32 CPU decode by pixels, and the batch-2 peak ratio."""
-    rows = measured_rows(device="cpu")
+    rows = [r for r in measured_rows(device="cpu") if r.series == "cpu_full"]
     one = [r for r in rows if r.batch == 1]
     if not one:
         raise FileNotFoundError("no CPU rows in profiles/measured (cpu-sd-decode-*.jsonl); run bench/cpu_memory.py")
@@ -259,12 +292,13 @@ def cpu(world: World, sc: Scenario, ex: Exec) -> Truth:
     frames or in tiles (``ex.tiles``), video in the plan's temporal chunks.
 
     Images, whole: the measured CPU rows. Everything else (tiles, video) is the GPU truth of the same decode at
-    float32 scaled by the measured CPU/GPU peak ratio of the SD decoder at 512 px (assumed to carry over)."""
+    float32 scaled by a measured CPU/GPU peak ratio (assumed to carry over): the SD decoder's at 512 px, for
+    video HunyuanVideo's (:func:`video_cpu_gpu_ratio`)."""
     fam = _fam(world, sc)
     peaks, secs, b2 = _cpu_points()
     px = float(sc.height * sc.width)
     inst = world.install(sc.card)
-    ratio = loglog(peaks, 512 * 512) / world.mem.full_peak(4, 512 * 512)
+    ratio = video_cpu_gpu_ratio(world) if fam.video else loglog(peaks, 512 * 512) / world.mem.full_peak(4, 512 * 512)
     k = sc.batch if ex.items in (0, sc.batch) else ex.items
     out = 4.0 * 3 * sc.batch * (sc.frames or 1) * px  # the float32 output of every item
     as_gpu = dataclasses.replace(sc, dtype="float32")

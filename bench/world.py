@@ -289,7 +289,7 @@ class Install:
     exact_buf: float  # exact tiling: whole-image buffers / a full decode's measured peak (assumed)
     exact_tile: float  # exact tiling: one tile's working set / a full decode of the tile (assumed)
     out_copies: float  # 3-channel output copies held while stitching items/chunks/tiles (assumed)
-    wan_ratio: float  # ComfyUI's Wan formula / Wan's true peak (assumed; 1.79 on the SD decoder)
+    wan_cpu_gpu: float  # Wan's CPU/GPU peak ratio (bench.truth.WAN_CPU_GPU; the engine assumes 0.74)
     cpu_speed: float  # a user's CPU decode seconds / the measuring machine's
     conv3d: float  # video decoder peak factor (1: no PyTorch 2.9 conv3d regression)
     server: float  # the remote endpoint's seconds / an H200's
@@ -383,7 +383,7 @@ class World:
         conv3d = _u(rng, 2.0, 3.0, s) if regress else 1.0
         return Install(workspace=ws, frag=frag, tiler=_u(rng, 0.88, 1.12, s), exact_buf=_u(rng, 0.26, 0.42, s),
                        exact_tile=_u(rng, 0.45, 0.85, s), out_copies=_u(rng, 1.0, 2.0, s),
-                       wan_ratio=_u(rng, 1.3, 2.6, s), cpu_speed=_u(rng, 0.15, 0.6, s), conv3d=conv3d,
+                       wan_cpu_gpu=_u(rng, *truth.WAN_CPU_GPU, s), cpu_speed=_u(rng, 0.15, 0.6, s), conv3d=conv3d,
                        server=_u(_rng(self.seed, "server"), *SERVER_FACTOR, s))
 
     def conditions(self, sc: Scenario) -> Conditions:

@@ -196,7 +196,7 @@ def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: i
     slice_batch = job.batch > 1
     est = Estimate(peak_bytes=0, seconds=secs,
                    peak_source=f"cpu: host memory = the float32 GPU estimate x {CPU_HOST_PER_GPU_BYTE:g} (measured on "
-                               "the SD decoder)",
+                               "the SD and HunyuanVideo decoders)",
                    seconds_source=f"generic CPU model (assumed): {CPU_SECONDS_PER_VOXEL:g} s per output voxel x "
                                   f"{fam.timing.relative_cost:g}, float32; the same for every family on the SD "
                                   "decoder (sd15, sdxl, sd3, flux)",

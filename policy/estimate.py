@@ -25,11 +25,12 @@ from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis, temporal_chunks
 H200_SD15_1MP_S = 0.0885  # full decode, 1024x1024 fp16, H200 (shared/data)
 MAX_FRAMES = 100_000  # output frames of one video decode (~1 hour at 24 fps); beyond it, plans are not built
 CPU_SECONDS_PER_VOXEL = 4e-5  # float32 SD decoder on a few CPU cores (assumed; calibrate to refine)
-#: Host bytes of a float32 CPU decode per byte of this estimator's float32 GPU figure for the same decode: measured
+#: Host bytes of a float32 CPU decode per byte of this estimator's float32 GPU figure for the same decode, measured:
 #: 0.74-0.80 on the SD decoder at 256-768 px, batch 1 and 2 (bench/cpu_memory.py, profiles/measured/cpu-sd-decode-
-#: 2026-12-02.jsonl: 242, 542, 962, 2162 MiB at batch 1 against 304, 684, 1252, 2772 MiB); the top of that range,
-#: assumed to carry over to tiles, chunks and the video decoders (no CPU row measures them).
-CPU_HOST_PER_GPU_BYTE = 0.8
+#: 2026-12-02.jsonl: 242, 542, 962, 2162 MiB at batch 1 against 304, 684, 1252, 2772 MiB), 0.85-0.86 on HunyuanVideo's
+#: decoder at 9 frames (bench/video_cpu_memory.py, cpu-video-decode-2026-12-02.jsonl), 0.73-0.74 on Wan's (whose GPU
+#: figure is derived from those rows); the top of that range, assumed to carry over to tiles and chunks.
+CPU_HOST_PER_GPU_BYTE = 0.86
 REMOTE_SPEED_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed)
 # Response bytes per output pixel and extra seconds per megapixel (encode + decode) per format.
 FORMAT_BYTES_PER_PX: dict[str, float] = {"raw": 3.0, "png": 1.6, "jpg": 0.35, "mp4": 0.08}

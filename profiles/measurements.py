@@ -11,6 +11,8 @@ Files (raw JSON lines, kept as measured; see ``shared/notes/memory-and-speed.md`
   decode minus what was allocated before it. Tiled rows use diffusers' own tiling
   (``tile_sample_min_size = tile``, overlap factor 0.25 unless the row says otherwise).
 * ``cpu-sd-decode-*.jsonl``: full float32 decodes on a CPU (``bench/cpu_memory.py``; the row names the machine).
+* ``cpu-video-decode-*.jsonl``: full float32 decodes of the Wan and HunyuanVideo decoders on a CPU
+  (``bench/video_cpu_memory.py``; tag ``cpu_video``, the family in ``model``; peaks only, no warm median).
 
 Rows that describe no decode the engine runs are skipped: ``channels_last`` (a memory format the engine does
 not use), ``oom_retry`` (no peak), ``info``/``end`` (metadata).
@@ -29,7 +31,7 @@ SKIP = frozenset({"channels_last", "oom_retry", "info", "end"})
 #: data tag -> the engine's family (sd15/sdxl/flux share one decoder; only the first conv differs)
 FAMILY_OF = {"sd15": "sd15", "sdxl": "sdxl", "sdxl_fp16": "sdxl", "flux": "flux", "tilesweep": "sd15",
              "baseline": "sd15", "cudnn_bench": "sd15", "memcap": "sd15", "hunyuan": "hunyuanvideo",
-             "cpu_full": "sd15"}
+             "cpu_full": "sd15", "cpu_video": ""}  # cpu_video: the family is the row's "model"
 Mode = Literal["full", "tiled", "chunked"]
 
 
@@ -100,6 +102,10 @@ def _parse(where: str, r: dict[str, Any]) -> MeasuredRow | None:
     peak = int(r["peak_alloc_delta"]) if "peak_alloc_delta" in r else None
     secs = float(r["median_s"]) if "median_s" in r else None
     device = "cpu" if tag.startswith("cpu") else "cuda"
+    if tag == "cpu_video":
+        frames, h, w = (int(v) for v in str(r["res"]).split("x"))
+        return MeasuredRow(where, tag, str(r["model"]), device, dtype, w, h, frames, 1, "full", None, 0.25, None,
+                           peak, None)
     if tag == "hunyuan":
         frames, h, w = (int(v) for v in str(r["res"]).split("x"))
         mode = str(r["mode"])

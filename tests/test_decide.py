@@ -406,7 +406,7 @@ def test_cpu_plans_carry_host_memory_and_the_gpu_goes_before_a_cpu_that_cannot_f
     whole = next(p for p in cpu if p.tile_px is None)
     assert whole.estimate.host_bytes == cpu_host_bytes(job, P.family("hunyuanvideo"), tile_px=None, overlap_px=0,
                                                        frame_chunk=whole.frame_chunk, slice_batch=False)
-    assert 0.7 < CPU_HOST_PER_GPU_BYTE <= 0.8
+    assert 0.85 <= CPU_HOST_PER_GPU_BYTE <= 0.9  # the top of the measured CPU/GPU ratios (HunyuanVideo's 0.86)
     small_host = dc.replace(base, host_available_bytes=12 * GiB)  # - the 2 GiB host reserve: 10 GiB for the CPU
     d = decide(job, small_host, P, DecodeSettings())
     assert d.reason_code == "near_fit" and d.plans[0].path == "tiled"

@@ -51,3 +51,45 @@ def test_held_out_splits_leave_rows_out():
     held = [r for r in ROWS if not split_sizes(r)]
     assert {max(r.width, r.height) for r in held if r.family != "hunyuanvideo"} == {2048}
     assert {(r.width, r.height) for r in held if r.family == "hunyuanvideo"} == {(960, 544), (1280, 720)}
+
+
+# ---- Wan: interpolated from its CPU rows (no GPU row) -------------------------------------------------------
+
+CPU_VIDEO = [r for r in measured_rows(device="cpu") if r.series == "cpu_video"]
+WAN_CPU_GPU = 0.74  # the smallest CPU/GPU peak ratio measured (SD decoder; HunyuanVideo's is checked below)
+
+
+def _wan_estimate(row):
+    from hybrid_vae.policy.estimate import peak_bytes
+    from hybrid_vae.policy.model import DecodeJob
+
+    job = DecodeJob(family="wan", height=row.height, width=row.width, frames=row.frames, dtype="float32",
+                    vae_resident=True)
+    return peak_bytes(job, PROFILES.family("wan"), tile_px=None, overlap_px=0, frame_chunk=None, slice_batch=False)
+
+
+def test_cpu_video_rows_are_there():
+    assert {(r.family, r.frames) for r in CPU_VIDEO} >= {("wan", 1), ("wan", 9), ("wan", 17), ("hunyuanvideo", 9)}
+    assert all(r.dtype == "float32" and r.peak_bytes for r in CPU_VIDEO)
+
+
+@pytest.mark.parametrize("row", [r for r in CPU_VIDEO if r.family == "wan"], ids=lambda r: r.where)
+def test_wan_estimate_is_its_cpu_peak_over_the_smallest_measured_ratio(row):
+    """The shipped Wan constants: each CPU row / 0.74 within 0 .. +3% (the estimate's stitching term and the
+    largest row's rounding); a change to the rows or the constants that breaks this must update both."""
+    ratio = _wan_estimate(row) / (row.peak_bytes / WAN_CPU_GPU)
+    assert 1.0 <= ratio <= 1.03, f"{row.where}: estimate / (CPU peak / {WAN_CPU_GPU}) = {ratio:.3f}"
+
+
+def test_hunyuanvideo_cpu_gpu_ratio_is_inside_the_range_the_wan_estimate_assumes():
+    """HunyuanVideo's CPU rows against its H200 rows (same decode, float16 x 2): the ratio must not fall below
+    0.74, or the Wan estimate (CPU / 0.74) would not be the largest GPU peak the measured ratios allow."""
+    gpu = {(r.frames, r.px): r.peak_bytes * 2 / r.px for r in ROWS
+           if r.family == "hunyuanvideo" and r.mode == "full" and r.dtype == "float16"}
+    cpu = [r for r in CPU_VIDEO if r.family == "hunyuanvideo"]
+    assert cpu
+    for r in cpu:
+        per_px = [v for (f, _), v in gpu.items() if f == r.frames]
+        assert per_px, f"{r.where}: no H200 HunyuanVideo row with {r.frames} frames"
+        ratio = (r.peak_bytes / r.px) / per_px[0]
+        assert WAN_CPU_GPU <= ratio <= 0.9, f"{r.where}: CPU/GPU {ratio:.3f}"

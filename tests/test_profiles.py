@@ -90,8 +90,8 @@ def test_example_override_merges_key_by_key():
     sdxl = p.family("sdxl")
     assert sdxl.default_dtype == "float16" and not sdxl.force_upcast
     assert sdxl.scaling_factor == 0.13025  # untouched keys stay
-    assert p.family("wan").memory.bytes_per_voxel == 900
-    assert p.family("wan").memory.extra_frame_voxels == 700
+    assert p.family("wan").memory.bytes_per_voxel == 1600
+    assert p.family("wan").memory.extra_frame_voxels == 1267  # untouched keys stay
     assert p.gpu("NVIDIA GeForce RTX 4060 Ti").total_gib == 16
     assert p.gpu("NVIDIA GeForce RTX 3070") is not None
     assert p.sources[-1].endswith("example-override.yaml")
