@@ -17,6 +17,8 @@
 #      CUDA tests (equal to the full decode, the copy stream), then 2048x2048 float16 at 2.5 GiB free:
 #      the offloaded plan's CUDA peak <= its estimate and its time <= 1.6x the full decode
 #      (tiled_speed --check-offload 1.6; offload_2048.json)
+#   wan_memory (inside part 1): Wan's decoder on the GPU (its estimate is interpolated from CPU rows; the
+#      HunyuanVideo row checks the CPU/GPU ratio): video-cuda-decode.jsonl
 set -u
 PART=${1:-all}
 case "$PART" in 1|2|offload|all) ;; *) echo "gpu_session.sh: part '$PART': use 1, 2, offload or nothing (1 and 2)" >&2; exit 2;; esac
@@ -42,6 +44,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   step tiled_speed_2048 120 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3 --json "$OUT/offload_2048.json" --check-offload 1.6
   step tiled_speed_1024 60 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 1024 --dtype float16 --budget-gib 1.5 --card "$CARD" --repeat 3
   step calibrate 120 $PY -m hybrid_vae.extension.cli calibrate --out "$OUT/calibrated.yaml" --sizes 512,1024,2048 --dtypes float16,float32 --repeats 2
+  step wan_memory 90 $PY -m hybrid_vae.bench.video_cpu_memory --device cuda --dtype bfloat16 --shapes wan:1x40x64,wan:3x40x64,wan:3x68x120,hunyuanvideo:3x40x64 --out "$OUT/video-cuda-decode.jsonl"
   step explain_profile 20 $PY -m hybrid_vae.extension.cli explain --family sdxl --width 1024 --height 1024 --profile "$OUT/calibrated.yaml" --free-gib 4
 fi
 if [ "$PART" = offload ]; then

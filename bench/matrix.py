@@ -454,7 +454,9 @@ def sensitivity(jobs: int | None = None, sset: str = "reduced") -> list[dict[str
 #: what the sweep varies, and the defaults shipped before it. ``exact_margin`` is swept for information only and
 #: never chosen here: the world's exact-tiling truth is an assumption (no GPU row), and a margin tuned against an
 #: assumption only encodes it; it stays at the value set from the CPU measurement until a GPU measures it.
-DEFAULTS = {"reserve_mib": 128, "exact_margin": 1.15, "exact_tolerance": 1.2}
+#: What ships (DecodeSettings defaults; exact_margin: the families' profile value), for "shipped before this sweep".
+DEFAULTS = {"reserve_mib": DecodeSettings().reserve_bytes // 2**20, "exact_margin": 1.15,
+            "exact_tolerance": DecodeSettings().exact_tolerance}
 RESERVES_MIB = (64, 128, 256, 384, 512)
 MARGINS = (1.0, 1.15, 1.3)
 TOLERANCES = (1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0)

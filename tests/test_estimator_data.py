@@ -93,3 +93,18 @@ def test_hunyuanvideo_cpu_gpu_ratio_is_inside_the_range_the_wan_estimate_assumes
         assert per_px, f"{r.where}: no H200 HunyuanVideo row with {r.frames} frames"
         ratio = (r.peak_bytes / r.px) / per_px[0]
         assert WAN_CPU_GPU <= ratio <= 0.9, f"{r.where}: CPU/GPU {ratio:.3f}"
+
+
+def test_video_cpu_memory_writes_rows_the_loader_reads(tmp_path, capsys):
+    """bench/video_cpu_memory.py on a tiny latent: one row, parsed by the shared loader as a Wan CPU decode."""
+    from hybrid_vae.bench import video_cpu_memory
+    from hybrid_vae.profiles.measurements import measured_rows as rows_in
+
+    out = tmp_path / "cpu-video-decode-test.jsonl"
+    assert video_cpu_memory.main(["--shapes", "wan:1x4x4", "--out", str(out)]) == 0
+    (row,) = rows_in(tmp_path, device="cpu")
+    assert (row.series, row.family, row.frames, row.width, row.height) == ("cpu_video", "wan", 1, 32, 32)
+    assert row.peak_bytes and row.peak_bytes > 0
+    with pytest.raises(SystemExit):
+        video_cpu_memory.main(["--shapes", "wan:1x4", "--out", str(out)])
+    assert "'wan:1x4': give model:TxHxW" in capsys.readouterr().err
