@@ -119,8 +119,9 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
     """Run the decision's chain as the orchestrator does: before a local GPU plan runs, its estimated peak is
     claimed (``extension.orchestrator.claim_memory``), which succeeds when that much is available now, after the
     free memory moved (:meth:`World.available`); a refused claim costs :data:`CLAIM_S`, and the first one makes
-    the engine decide again (``redecide``) from what a probe sees now (:meth:`World.probe_now`); after that, a GPU
-    plan with only CPU plans behind it runs unclaimed."""
+    the engine decide again (``redecide``) from what a probe sees now (:meth:`World.probe_now`), capped under the
+    refused claim (:meth:`GpuState.capped`, as the orchestrator does); after that, a GPU plan with only CPU plans
+    behind it runs unclaimed."""
     fam = profiles.family(sc.family)
     plans = list(d.plans) if chain else [d.chosen]
     if tight_first:
@@ -141,7 +142,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
         if p.path in ("full", "tiled") and e <= d.available_bytes and e > now and not last_gpu:
             secs, wasted, claims = secs + CLAIM_S, wasted + 1, claims + 1
             if redecide is not None and chain:
-                d, redecide = redecide(world.probe_now(sc)), None
+                d, redecide = redecide(world.probe_now(sc).capped(e - 1, "refused claim")), None
                 plans, i = list(d.plans), 0
             continue
         ex = Exec.from_plan(p, fam, sc.batch)

@@ -529,7 +529,7 @@ class HybridDecoder:
                 attempts.append((plan.label, a.error, a.seconds))
                 if not redecided:  # once per decode: the memory moved since the probe; decide again from now
                     redecided = True
-                    p, (decision, snapshot) = self._redecide(p, latents, vae)
+                    p, (decision, snapshot) = self._redecide(p, latents, vae, refused=plan.estimate.peak_bytes)
                     plans, i = list(decision.plans), 0
                 continue
             # outside the except block: the traceback and the frames it pinned are gone
@@ -558,9 +558,13 @@ class HybridDecoder:
                  plan.label, e / 2**30)
         return f"claim refused: {e / 2**30:.2f} GiB not free at decode time"
 
-    def _redecide(self, p: _Prepared, latents: torch.Tensor, vae: Any) -> tuple[_Prepared, tuple[Decision, Learned | None]]:
-        """A fresh probe and a new decision (after a refused claim)."""
+    def _redecide(self, p: _Prepared, latents: torch.Tensor, vae: Any, *,
+                  refused: int) -> tuple[_Prepared, tuple[Decision, Learned | None]]:
+        """A fresh probe and a new decision after a claim of ``refused`` bytes was refused: the probe's available
+        memory is capped under that (:meth:`GpuState.capped`; a probe counts all of torch's cache, which a refused
+        claim has just shown cannot give that much), so the new decision does not pick the same plan again."""
         gpu = self._gpu(lambda n: (g.total_gib if (g := p.profiles.gpu(n)) else None))
+        gpu = gpu.capped(refused - 1, f"capped under a refused claim of {refused / 2**30:.2f} GiB")
         p = dataclasses.replace(p, gpu=gpu)
         return p, self._decide(p, latents, vae)
 

@@ -78,6 +78,18 @@ class GpuState:
     def is_accelerator(self) -> bool:
         return self.source != "cpu"
 
+    def capped(self, max_available: int, why: str) -> GpuState:
+        """This state with at most ``max_available`` bytes available (what a refused claim measured: that many
+        could not be allocated). The excess comes off torch's reusable cache first (a cache that could not give one
+        block is fragmented), then off the free memory; ``why`` joins the note. Unchanged when already under."""
+        cut = self.available_bytes - max(0, max_available)
+        if cut <= 0:
+            return self
+        from_cache = min(self.torch_reusable_bytes, cut)
+        note = f"{self.note}; {why}" if self.note else why
+        return dataclasses.replace(self, torch_reusable_bytes=self.torch_reusable_bytes - from_cache,
+                                   free_bytes=max(0, self.free_bytes - (cut - from_cache)), note=note)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["available_bytes"] = self.available_bytes

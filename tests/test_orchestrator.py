@@ -399,6 +399,26 @@ def test_a_refused_claim_decides_again_from_a_fresh_probe(tiny, tmp_path, profil
     assert not list(tmp_path.iterdir())
 
 
+def test_the_new_decision_after_a_refused_claim_stays_under_it(tiny, tmp_path):
+    """A re-probe counts all of torch's cache and may show as much as before, but the refused claim measured that
+    the plan's estimate cannot be allocated now: the new decision's available memory is capped under it, so it
+    does not pick the same plan (only to be refused again and fall down its chain)."""
+    z = latent(1, 4, 40, 40)
+    claims = []
+
+    def claim(device, nbytes):
+        claims.append(nbytes)
+        return len(claims) != 1
+
+    res = HybridDecoder(probe=sim(), latent_dir=tmp_path, claim=claim).decode(z, tiny, family="sd15")
+    r = res.report
+    first = claims[0]
+    assert r.attempts[0][1].startswith("claim refused: ") and r.attempts[1][1] is None
+    assert r.decision.available_bytes < first and r.ran.estimate.peak_bytes < first
+    assert r.decision.chosen is r.ran and len(claims) == 2
+    assert "capped under a refused claim" in r.decision.gpu.note
+
+
 def test_the_claim_comes_after_before_plan(tiny, tmp_path):
     """``before_plan`` may free memory for the plan (ComfyUI unloads other models there), so the claim follows it."""
     order = []

@@ -142,3 +142,15 @@ def test_policy_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_capped_takes_the_cache_first_then_free_memory():
+    from hybrid_vae.policy.gpu import GpuState
+
+    g = GpuState(name="x", total_bytes=100, free_bytes=50, source="nvml", torch_reusable_bytes=30, note="n")
+    assert g.capped(90, "why") is g  # already under
+    c = g.capped(60, "claim refused")
+    assert (c.free_bytes, c.torch_reusable_bytes, c.available_bytes) == (50, 10, 60) and c.note == "n; claim refused"
+    c = g.capped(20, "claim refused")
+    assert (c.free_bytes, c.torch_reusable_bytes, c.available_bytes) == (20, 0, 20)
+    assert g.capped(-5, "w").available_bytes == 0
