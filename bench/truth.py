@@ -22,6 +22,8 @@ kind                    GPU / host bytes                                        
 ======================  =========================================================  ==========================
 full (SD decoder)       m: H200 full and batch rows                                m: H200 full-decode curve
 full (HunyuanVideo)     m: H200 video rows less one output copy, + a: copies       m: fitted on video rows
+                        (chunks streamed to host: one chunk + its blend frames;    (+ the frames' copies at
+                        the frames in host memory)                                 the link's rate)
 full/tiled (Wan)        i: CPU rows of Wan's decoder / a CPU/GPU ratio U(0.72,      a: 1.5x HunyuanVideo's
                         0.88) (measured 0.74-0.86 on the SD and HunyuanVideo
                         decoders, widened by 0.02 each side)
@@ -145,6 +147,23 @@ def _video_gpu(world: World, sc: Scenario, fam: Family, region_px: float, frames
     return world.mem.video_peak(frames_at_once, region_px) * ds / 2 * inst.conv3d, "measured"
 
 
+def _video_out(world: World, sc: Scenario, ex: Exec, fam: Family) -> tuple[float, float, float]:
+    """A video decode's output: (bytes on the GPU, bytes in host memory, seconds of copies). diffusers' loop keeps
+    every frame on the GPU (the installation's stitching copies); the engine's chunks streamed to host
+    (``ex.host_out``, HunyuanVideo with more latent frames than a chunk) keep one chunk and the previous chunk's
+    blend frames there, the frames go over this installation's link (``world_offload.link``)."""
+    px = float(sc.height * sc.width)
+    every = sc.batch * (sc.frames or 1) * px
+    chunk = ex.frame_chunk
+    if not (ex.host_out and chunk is not None and _lat_frames(sc, fam) > chunk):
+        return _out_bytes(world, sc, every), 0.0, 0.0
+    from hybrid_vae.bench.world_offload import link
+
+    held = (_frames_at_once(sc, fam, chunk) + ex.frame_overlap * fam.temporal_compression) * px
+    host = 3.0 * dtype_bytes(sc.dtype) * every
+    return _out_bytes(world, sc, held), host, host / (link(world, sc.card.name).link_gbs * 1e9)
+
+
 def _video_seconds(world: World, sc: Scenario, ex: Exec, fam: Family) -> tuple[float, float]:
     s, tc = fam.spatial_compression, fam.temporal_compression
     tile = ex.tiles[0][0] // s if ex.path == "tiled" and ex.tiles else None
@@ -171,9 +190,9 @@ def full(world: World, sc: Scenario, ex: Exec) -> Truth:
     if fam.video:
         fr = _frames_at_once(sc, fam, ex.frame_chunk)
         one, src = _video_gpu(world, sc, fam, px, fr)
-        gpu = one * world.mem.batch_ratio(k) + _out_bytes(world, sc, sc.batch * (sc.frames or 1) * px)
+        out, host, copy_s = _video_out(world, sc, ex, fam)
         secs, big = _video_seconds(world, sc, ex, fam)
-        return Truth(gpu, 0.0, secs, big, src)
+        return Truth(one * world.mem.batch_ratio(k) + out, host, secs + copy_s, big, src)
     gpu = world.mem.full_peak(ds, px) * world.mem.batch_ratio(k)
     if k < sc.batch and ex.geometry != "comfy":  # the engine's output buffer for every item (ComfyUI: on the host)
         gpu += _out_bytes(world, sc, sc.batch * px, 1.0)
@@ -194,9 +213,9 @@ def tiled_local(world: World, sc: Scenario, ex: Exec) -> Truth:
         ty, tx = grid("diffusers", sc.height // s, sc.width // s, th // s, th // s, ex.overlap_px // s)
         region = float(max(v for _, v in ty) * max(v for _, v in tx) * s * s)
         one, src = _video_gpu(world, sc, fam, region, _frames_at_once(sc, fam, ex.frame_chunk))
-        gpu = one + _out_bytes(world, sc, sc.batch * (sc.frames or 1) * px)
+        out, host, copy_s = _video_out(world, sc, ex, fam)
         secs, big = _video_seconds(world, sc, ex, fam)
-        return Truth(gpu, 0.0, secs, big, src)
+        return Truth(one + out, host, secs + copy_s, big, src)
     gpu, total, biggest = 0.0, 0.0, 0.0
     for th, tw in ex.tiles:
         ty, tx = grid(ex.geometry, sc.height // s, sc.width // s, th // s, tw // s, ex.overlap_px // s)

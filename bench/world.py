@@ -234,6 +234,7 @@ class Exec:
     fmt: str | None = None
     kind: str = ""
     budget: int = -1  # offloaded exact tiles: the device bytes of their whole-image buffers
+    host_out: bool = False  # video chunks: finished frames streamed to host memory (the engine's executor)
 
     def __post_init__(self) -> None:  # one key per execution: no overlap without chunks
         if self.frame_chunk is None and self.frame_overlap:
@@ -246,7 +247,8 @@ class Exec:
     @functools.cached_property
     def key(self) -> str:
         return (f"{self.path}|{self.items}|{self.tiles}|{self.overlap_px}|{self.geometry}|{self.frame_chunk}|"
-                f"{self.fmt}|{self.kind}" + (f"|{self.budget}" if self.geometry == "offload" else ""))
+                f"{self.fmt}|{self.kind}" + (f"|{self.budget}" if self.geometry == "offload" else "")
+                + ("|host-out" if self.host_out else ""))
 
     @classmethod
     def from_plan(cls, plan: Plan, fam: Family, batch: int) -> Exec:
@@ -261,14 +263,14 @@ class Exec:
         chunk = plan.frame_chunk if fam.video else None
         if plan.path == "full" or plan.tile_px is None:
             return cls("full", items=1 if plan.slice_batch else batch, frame_chunk=chunk,
-                       frame_overlap=plan.frame_overlap if chunk else 0)
+                       frame_overlap=plan.frame_overlap if chunk else 0, host_out=plan.host_output)
         if plan.groupnorm == "exact" and not fam.video and plan.device_budget is not None:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="offload", budget=plan.device_budget)
         if plan.groupnorm == "exact" and not fam.video:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact")
         geo: Geometry = "diffusers" if fam.video else "engine"
         return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), overlap_px=plan.overlap_px, geometry=geo,
-                   frame_chunk=chunk, frame_overlap=plan.frame_overlap)
+                   frame_chunk=chunk, frame_overlap=plan.frame_overlap, host_out=plan.host_output)
 
 
 @dataclasses.dataclass(frozen=True)

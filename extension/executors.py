@@ -301,7 +301,8 @@ def _video_calls(plan: Plan, fam: Family, arch: str, t: int, h: int, w: int) -> 
 
 def _tiled_video(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
                  progress: ProgressFn | None) -> torch.Tensor:
-    """Video VAEs: diffusers' own spatial tiling and (HunyuanVideo) temporal chunks, the plan's numbers."""
+    """Video VAEs: diffusers' own spatial tiling and (HunyuanVideo) temporal chunks, the plan's numbers; with
+    ``plan.host_output`` HunyuanVideo's chunks stream their frames to host memory (:func:`_chunks_to_host`)."""
 
     if not hasattr(vae, "use_tiling") or not hasattr(vae, "tile_sample_min_height"):
         raise PlanError(f"{type(vae).__name__} has no diffusers video tiling; cannot run {plan.label!r}")
@@ -333,12 +334,62 @@ def _tiled_video(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
         if progress:
             progress(min(done, total), total)
 
+    chunks_to_host = (plan.host_output and plan.frame_chunk is not None and t > plan.frame_chunk
+                      and chunks_stream(vae))
     with _patched(vae, attrs), _counting(vae.decoder, tick):
-        result = _items(vae, z, None)
+        result = _chunks_to_host(vae, z) if chunks_to_host else _items(vae, z, None)
     if progress and done != total:
         log.debug("video tiling made %d decoder calls, expected %d", done, total)
         progress(total, total)
     return result
+
+
+def chunks_stream(vae: Any) -> bool:
+    """True when ``vae`` decodes temporal chunks the way :func:`_chunks_to_host` streams them: diffusers'
+    ``AutoencoderKLHunyuanVideo`` (``post_quant_conv``, ``decoder``, ``tiled_decode``, ``blend_t``)."""
+    return all(callable(getattr(vae, k, None)) for k in ("post_quant_conv", "decoder", "tiled_decode", "blend_t")) \
+        and hasattr(vae, "tile_sample_stride_num_frames")
+
+
+def _chunks_to_host(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    """HunyuanVideo's temporal chunks with the finished frames in host memory (pinned on CUDA) as they come.
+
+    The chunks are those of the VAE's framewise decoding with its current (patched) settings: ``chunk + 1``
+    latent frames every ``stride`` latent frames, spatially tiled by the VAE's own ``tiled_decode`` when its
+    tiling is on, each chunk after the first without its first frame and blended into the previous one over
+    ``tile_sample_min_num_frames - tile_sample_stride_num_frames`` frames by the VAE's own ``blend_t``. So the
+    frames are those of the VAE's own decode (a test checks it on diffusers' class), but the device holds one
+    chunk and the blend frames of the previous one, never the whole video. Returns a CPU tensor."""
+    import torch
+
+    b, _, t, h, w = z.shape
+    tc, sc = vae.temporal_compression_ratio, vae.spatial_compression_ratio
+    size, stride = vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames
+    blend, lat_size, lat_stride = size - stride, size // tc, max(1, stride // tc)
+    frames = (t - 1) * tc + 1
+    spatial = vae.use_tiling and (w > vae.tile_sample_min_width // sc or h > vae.tile_sample_min_height // sc)
+    out: torch.Tensor | None = None
+    for item in range(b):
+        tail, at = None, 0
+        for k, i in enumerate(range(0, t, lat_stride)):
+            part = z[item:item + 1, :, i:i + lat_size + 1]
+            dec = vae.tiled_decode(part, return_dict=True).sample if spatial else vae.decoder(vae.post_quant_conv(part))
+            if i > 0:
+                dec = dec[:, :, 1:]
+            if tail is not None:
+                dec = vae.blend_t(tail, dec, blend)  # in place on dec's first frames, as the VAE's own loop does
+            if out is None:
+                out = torch.empty((b, dec.shape[1], frames, *dec.shape[3:]), dtype=dec.dtype,
+                                  pin_memory=dec.device.type == "cuda")
+            keep = dec[:, :, :min(stride + (k == 0), frames - at)]
+            out[item:item + 1, :, at:at + keep.shape[2]].copy_(keep)
+            at += keep.shape[2]
+            tail = dec[:, :, -blend:].clone() if blend > 0 else None
+            del dec, keep
+            if at >= frames:
+                break
+    assert out is not None
+    return out
 
 
 def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,

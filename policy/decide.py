@@ -325,11 +325,23 @@ class _PlanMaker:
         fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
         secs = local_seconds(job, fam, x.speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
                              frame_overlap=fov, slice_batch=slice_batch)
+        host = self.host_output(chunk)
         est = Estimate(
-            peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch),
-            seconds=secs, peak_source=self.peak_src, seconds_source=x.speed.source)
+            peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch,
+                                  host_output=host),
+            seconds=secs, peak_source=self.peak_src + ("; finished frames to host memory" if host else ""),
+            seconds_source=x.speed.source)
         return self.with_learned(Plan(path=path, estimate=est, dtype=x.dtype, tile_px=tile, overlap_px=ov,
-                                      frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch))
+                                      frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch,
+                                      host_output=host))
+
+    def host_output(self, chunk: int | None) -> bool:
+        """Temporal chunks stream their frames to host memory: HunyuanVideo's, when the VAE can
+        (``settings.video_host_output``) and the video has more latent frames than one chunk."""
+        x = self.x
+        if chunk is None or x.fam.architecture != "hunyuanvideo" or not x.settings.video_host_output:
+            return False
+        return ((x.job.frames or 1) - 1) // x.fam.temporal_compression + 1 > chunk
 
     def exact(self, tile: int) -> Plan:
         x, job, fam = self.x, self.x.job, self.x.fam

@@ -137,7 +137,8 @@ def region_peak(fam: Family, dsize: int, px: int, frames: int, items: int) -> fl
 
 
 def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: int,
-               frame_chunk: int | None, slice_batch: bool, geometry: Geometry = "engine") -> int:
+               frame_chunk: int | None, slice_batch: bool, geometry: Geometry = "engine",
+               host_output: bool = False) -> int:
     """Peak allocated bytes of a local decode (weights added when the VAE is not resident).
 
     Args:
@@ -147,6 +148,9 @@ def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: 
         slice_batch: one batch item at a time.
         geometry: ``engine`` (the engine's tiler for images) or ``diffusers`` (diffusers' own tiling,
             as in the calibration data).
+        host_output: temporal chunks (video, ``frame_chunk`` set) stream their finished frames to host memory
+            (``extension.executors``): the stitching and overlap terms count one chunk and the previous
+            chunk's blend frames instead of the whole video (diffusers' own loop keeps every chunk).
     """
     m = fam.memory
     dsize = dtype_bytes(decode_dtype(job, fam))
@@ -155,11 +159,16 @@ def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: 
     out_vox = job.batch * frames_out * job.height * job.width
     fr = _frames_per_chunk(fam, frame_chunk, frames_out)
     chunked = fam.video and (fam.tiling.always_chunked or frame_chunk is not None) and fr < frames_out
+    held_frames = job.batch * frames_out  # output frames the GPU holds at once
+    if host_output and chunked and frame_chunk is not None:
+        blend = min(fam.tiling.frame_chunk_overlap, frame_chunk - 1) * fam.temporal_compression
+        held_frames = fr + blend
+    held_vox = held_frames * job.height * job.width
     if tile_px is None:
         items = 1 if (slice_batch or chunked) else job.batch
         peak = region_peak(fam, dsize, job.height * job.width, fr, items)
         if chunked or (slice_batch and job.batch > 1):
-            peak += dsize * m.stitch_bytes_per_voxel * out_vox
+            peak += dsize * m.stitch_bytes_per_voxel * held_vox
             if not fam.video:  # finished items wait in the output
                 peak += dsize * 3 * out_vox
     else:
@@ -171,8 +180,8 @@ def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: 
         if tile >= m.tile_workspace_min_px:
             peak += m.tile_workspace_bytes
         if fam.video or geometry == "diffusers":
-            peak += dsize * (m.overlap_bytes_per_voxel * max(0, decoded - job.height * job.width) * job.batch * frames_out
-                             + m.stitch_bytes_per_voxel * out_vox)
+            peak += dsize * (m.overlap_bytes_per_voxel * max(0, decoded - job.height * job.width) * held_frames
+                             + m.stitch_bytes_per_voxel * held_vox)
         else:  # engine tiler: the output buffer plus one weighted tile (3 channels each)
             peak += dsize * 3 * (out_vox + 2 * tile)
     if not job.vae_resident:

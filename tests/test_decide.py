@@ -408,14 +408,21 @@ def test_cpu_plans_carry_host_memory_and_the_gpu_goes_before_a_cpu_that_cannot_f
                                                        frame_chunk=whole.frame_chunk, slice_batch=False)
     assert 0.85 <= CPU_HOST_PER_GPU_BYTE <= 0.9  # the top of the measured CPU/GPU ratios (HunyuanVideo's 0.86)
     small_host = dc.replace(base, host_available_bytes=12 * GiB)  # - the 2 GiB host reserve: 10 GiB for the CPU
-    d = decide(job, small_host, P, DecodeSettings())
+    # finished frames to host memory (the default): the smallest GPU plan fits
+    fit = decide(job, small_host, P, DecodeSettings())
+    assert fit.chosen.path == "tiled" and fit.chosen.host_output and fit.chosen.frame_chunk == 1
+    assert fit.chosen.estimate.peak_bytes <= fit.budget_bytes and fit.reason_code != "near_fit"
+    # diffusers' own loop (the whole video stitched on the GPU) does not fit: near_fit
+    own = DecodeSettings(video_host_output=False)
+    d = decide(job, small_host, P, own)
+    assert not any(p.host_output for p in d.plans)
     assert d.reason_code == "near_fit" and d.plans[0].path == "tiled"
     fits = [p for p in d.plans if p.path == "cpu" and p.estimate.host_bytes <= 10 * GiB]
     unfit = [p for p in d.plans if p.path == "cpu" and p.estimate.host_bytes > 10 * GiB]
     assert fits and unfit and d.plans.index(fits[0]) < d.plans.index(unfit[0])
     # far from fitting (1.5 GiB): the CPU plan that fits the host first, the GPU's smallest plan before the one
     # that does not
-    far = decide(job, dc.replace(small_host, free_bytes=int(1.5 * GiB)), P, DecodeSettings())
+    far = decide(job, dc.replace(small_host, free_bytes=int(1.5 * GiB)), P, own)
     kinds = [p.path for p in far.plans]
     assert far.reason_code == "cpu_nothing_fits" and kinds == ["cpu", "cpu", "tiled", "cpu"]
     assert far.plans[1].estimate.host_bytes <= far.plans[0].estimate.host_bytes <= 10 * GiB < \

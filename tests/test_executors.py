@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -290,6 +292,38 @@ def test_hunyuan_full_and_tiled_with_temporal_chunks(profiles):
     assert max(s[2] for s in rec.shapes) == 3  # chunk + 1 latent frames at a time
     assert max(s[3] for s in rec.shapes) == 8  # 64 px tiles
     assert {k: getattr(vae, k) for k in before} == before
+
+
+@pytest.mark.parametrize("tile_px, chunk, overlap, frames", [(None, 2, 1, 4), (64, 2, 1, 5), (None, 3, 1, 7),
+                                                            (64, 1, 0, 3), (None, 4, 2, 6)])
+def test_hunyuan_chunks_to_host_equal_the_vaes_own_chunks(profiles, tile_px, chunk, overlap, frames):
+    """With host_output, HunyuanVideo's temporal chunks stream their finished frames to host memory; the frames
+    are the VAE's own framewise decode with the same settings (diffusers' class, same weights and latent)."""
+    fam = profiles.family("hunyuanvideo")
+    vae = build_tiny_vae("hunyuanvideo")
+    z = torch.randn(2, 16, frames, 12, 10, generator=torch.Generator().manual_seed(5))
+    p = plan("tiled", tile_px=tile_px, overlap_px=16 if tile_px else 0, frame_chunk=chunk, frame_overlap=overlap)
+    own = run_plan(p, vae, z, family=fam)
+    calls = []
+    streamed = run_plan(dataclasses.replace(p, host_output=True), vae, z, family=fam,
+                        progress=lambda d, n: calls.append((d, n)))
+    assert streamed.device.type == "cpu" and streamed.shape == own.shape == (2, 3, (frames - 1) * 4 + 1, 96, 80)
+    torch.testing.assert_close(streamed, own, rtol=0, atol=0)
+    assert calls[-1][0] == calls[-1][1]
+
+
+def test_chunks_stream_only_on_diffusers_hunyuanvideo(profiles):
+    from hybrid_vae.extension.executors import chunks_stream
+    from hybrid_vae.extension.stream import settings_for_vae
+    from hybrid_vae.policy.model import DecodeSettings
+
+    assert chunks_stream(build_tiny_vae("hunyuanvideo"))
+    assert not chunks_stream(build_tiny_vae("wan")) and not chunks_stream(build_tiny_vae("sd15"))
+    # the decision counts what will run: a HunyuanVideo VAE that cannot stream gets diffusers' loop's estimate
+    fam = profiles.family("hunyuanvideo")
+    assert settings_for_vae(DecodeSettings(), build_tiny_vae("hunyuanvideo"), fam).video_host_output
+    other = torch.nn.Module()
+    assert not settings_for_vae(DecodeSettings(), other, fam).video_host_output
 
 
 def test_hunyuan_restored_when_tiled_decode_raises(profiles):
