@@ -25,8 +25,9 @@ full (HunyuanVideo)     m: H200 video rows less one output copy, + a: copies    
                         (chunks streamed to host: one chunk + its blend frames;    (+ the frames' copies at
                         the frames in host memory)                                 the link's rate)
 full/tiled (Wan)        i: CPU rows of Wan's decoder / a CPU/GPU ratio U(0.72,      a: 1.5x HunyuanVideo's
-                        0.88) (measured 0.74-0.86 on the SD and HunyuanVideo
-                        decoders, widened by 0.02 each side)
+                        0.88) (measured 0.74-0.86 on the SD and HunyuanVideo      (+ streamed tiles' copies at
+                        decoders, widened by 0.02 each side); tiles streamed to     the link's rate)
+                        host: one tile's video + blend strips
 tiled-local diffusers   m: H200 tiled rows (tile x image size)                     m: tiles + fitted per-tile
 tiled-local engine      m: diffusers' rows x a: U(0.88, 1.12) (its own tiler)      as diffusers'
 tiled-exact             a: U(0.26, 0.42) x full peak + U(0.45, 0.85) x a full      a: full x 1.08 + 0.15 ms
@@ -151,17 +152,28 @@ def _video_out(world: World, sc: Scenario, ex: Exec, fam: Family) -> tuple[float
     """A video decode's output: (bytes on the GPU, bytes in host memory, seconds of copies). diffusers' loop keeps
     every frame on the GPU (the installation's stitching copies); the engine's chunks streamed to host
     (``ex.host_out``, HunyuanVideo with more latent frames than a chunk) keep one chunk and the previous chunk's
-    blend frames there, the frames go over this installation's link (``world_offload.link``)."""
+    blend frames there, its tiles streamed to host (Wan) one tile's video and the blend strips of the row above
+    and the tile to the left; the frames go over this installation's link (``world_offload.link``)."""
     px = float(sc.height * sc.width)
     every = sc.batch * (sc.frames or 1) * px
     chunk = ex.frame_chunk
-    if not (ex.host_out and chunk is not None and _lat_frames(sc, fam) > chunk):
+    if ex.host_out and chunk is not None and _lat_frames(sc, fam) > chunk:  # HunyuanVideo's chunks
+        on_gpu = _out_bytes(world, sc, (_frames_at_once(sc, fam, chunk) + ex.frame_overlap * fam.temporal_compression)
+                            * px)
+    elif ex.host_out and chunk is None and ex.tiles and fam.architecture == "wan":  # Wan's tiles, item by item
+        s = fam.spatial_compression
+        ty, tx = grid("diffusers", sc.height // s, sc.width // s, ex.tiles[0][0] // s, ex.tiles[0][0] // s,
+                      ex.overlap_px // s)
+        th, tw = max(v for _, v in ty) * s, max(v for _, v in tx) * s
+        frames = sc.frames or 1
+        on_gpu = _out_bytes(world, sc, frames * th * tw) + _out_bytes(world, sc, frames * ex.overlap_px
+                                                                      * (sc.width + tw), 1.0)
+    else:
         return _out_bytes(world, sc, every), 0.0, 0.0
     from hybrid_vae.bench.world_offload import link
 
-    held = (_frames_at_once(sc, fam, chunk) + ex.frame_overlap * fam.temporal_compression) * px
     host = 3.0 * dtype_bytes(sc.dtype) * every
-    return _out_bytes(world, sc, held), host, host / (link(world, sc.card.name).link_gbs * 1e9)
+    return on_gpu, host, host / (link(world, sc.card.name).link_gbs * 1e9)
 
 
 def _video_seconds(world: World, sc: Scenario, ex: Exec, fam: Family) -> tuple[float, float]:

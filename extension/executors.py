@@ -336,8 +336,15 @@ def _tiled_video(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
 
     chunks_to_host = (plan.host_output and plan.frame_chunk is not None and t > plan.frame_chunk
                       and chunks_stream(vae))
+    tiles_to_host = plan.host_output and plan.tile_px is not None and tiles_stream(vae) \
+        and (h * sc > tile_h or w * sc > tile_w)
     with _patched(vae, attrs), _counting(vae.decoder, tick):
-        result = _chunks_to_host(vae, z) if chunks_to_host else _items(vae, z, None)
+        if chunks_to_host:
+            result = _chunks_to_host(vae, z)
+        elif tiles_to_host:
+            result = _tiles_to_host(vae, z)
+        else:
+            result = _items(vae, z, None)
     if progress and done != total:
         log.debug("video tiling made %d decoder calls, expected %d", done, total)
         progress(total, total)
@@ -388,6 +395,80 @@ def _chunks_to_host(vae: Any, z: torch.Tensor) -> torch.Tensor:
             del dec, keep
             if at >= frames:
                 break
+    assert out is not None
+    return out
+
+
+def tiles_stream(vae: Any) -> bool:
+    """True when ``vae`` decodes spatial tiles the way :func:`_tiles_to_host` streams them: diffusers'
+    ``AutoencoderKLWan`` without patching (its frame cache protocol: ``clear_cache`` setting ``_feat_map``, a
+    decoder taking ``feat_cache``/``feat_idx``/``first_chunk``; ``blend_v``/``blend_h``)."""
+    import inspect
+
+    if getattr(getattr(vae, "config", None), "patch_size", None) is not None:
+        return False
+    if not all(callable(getattr(vae, k, None)) for k in ("clear_cache", "blend_v", "blend_h", "post_quant_conv")):
+        return False
+    if not hasattr(vae, "tile_sample_stride_height"):
+        return False
+    try:
+        params = inspect.signature(vae.decoder.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"feat_cache", "feat_idx", "first_chunk"} <= set(params)
+
+
+def _tile_video(vae: Any, part: torch.Tensor) -> torch.Tensor:
+    """One spatial tile through every frame with Wan's frame cache, unclamped (as inside its ``tiled_decode``)."""
+    import torch
+
+    vae.clear_cache()
+    frames = []
+    for k in range(part.shape[2]):
+        vae._conv_idx = [0]
+        x = vae.post_quant_conv(part[:, :, k:k + 1])
+        frames.append(vae.decoder(x, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=k == 0))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+def _tiles_to_host(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    """Wan's spatial tiles with each tile's finished region in host memory (pinned on CUDA) as it comes.
+
+    The tiles are those of the VAE's ``tiled_decode`` with its current (patched) settings, each decoded through
+    every frame and blended into the tile above and the tile to the left by the VAE's own ``blend_v`` and
+    ``blend_h``; the device keeps the tile, the bottom blend strips of the row above and the right strip of the
+    tile to the left, never the whole video. The frames equal the VAE's own tiled decode (a test checks it on
+    diffusers' class; the clamp to [-1, 1] follows in :func:`run_plan`). Returns a CPU tensor."""
+    import torch
+
+    b, _, _, h, w = z.shape
+    sc = vae.spatial_compression_ratio
+    lat_h, lat_w = vae.tile_sample_min_height // sc, vae.tile_sample_min_width // sc
+    step_h, step_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
+    blend_h, blend_w = vae.tile_sample_min_height - step_h, vae.tile_sample_min_width - step_w
+    out: torch.Tensor | None = None
+    for item in range(b):  # one item at a time, as the executor's own path decodes a batch
+        above: dict[int, torch.Tensor] = {}
+        for i in range(0, h, step_h // sc):
+            row: dict[int, torch.Tensor] = {}
+            left: torch.Tensor | None = None
+            for j in range(0, w, step_w // sc):
+                tile = _tile_video(vae, z[item:item + 1, :, :, i:i + lat_h, j:j + lat_w])
+                if i > 0:
+                    tile = vae.blend_v(above[j], tile, blend_h)  # in place on the tile's top rows
+                if left is not None:
+                    tile = vae.blend_h(left, tile, blend_w)  # in place on its left columns
+                if out is None:
+                    out = torch.empty((b, tile.shape[1], tile.shape[2], h * sc, w * sc), dtype=tile.dtype,
+                                      pin_memory=tile.device.type == "cuda")
+                y, x = i * sc, j * sc
+                keep = tile[:, :, :, :min(step_h, h * sc - y), :min(step_w, w * sc - x)]
+                out[item:item + 1, :, :, y:y + keep.shape[3], x:x + keep.shape[4]].copy_(keep)
+                row[j] = tile[:, :, :, -blend_h:, :].clone() if blend_h > 0 else tile[:, :, :, :0]
+                left = tile[:, :, :, :, -blend_w:].clone() if blend_w > 0 else None
+                del tile, keep
+            above = row
     assert out is not None
     return out
 

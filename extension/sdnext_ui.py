@@ -125,8 +125,8 @@ NOT_EXPOSED: Mapping[str, str] = {
     "remote_quality": "lossless: an SD.Next image is never JPEG-compressed on the way",
     "allow_cpu": "on: the CPU is the last resort, so no image is lost",
     "generic_speed_factor": "the engine's default (a profile YAML gives a card its own numbers)",
-    "video_host_output": "on: HunyuanVideo's finished frames go to host memory chunk by chunk (SD.Next saves the "
-                         "video from there)",
+    "video_host_output": "on: a video's finished frames go to host memory chunk by chunk (HunyuanVideo) or tile by "
+                         "tile (Wan); SD.Next saves the video from there",
 }
 
 

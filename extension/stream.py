@@ -249,12 +249,14 @@ def stream_support(vae: Any) -> str | None:
 def settings_for_vae(settings: DecodeSettings, vae: Any, family: Family) -> DecodeSettings:
     """``settings`` for decoding with ``vae``: local tiles only when exact tiling cannot run it (so the
     engine never plans an exact attempt that would fail); video: no host output when the VAE cannot stream its
-    chunks (``extension.executors.chunks_stream``: so the estimate counts the VAE's own loop). Callers: the
+    chunks or tiles (``extension.executors.chunks_stream`` / ``tiles_stream``: so the estimate counts the VAE's
+    own loop). Callers: the
     orchestrator, ``hybrid-vae serve``."""
     if family.video:
-        from hybrid_vae.extension.executors import chunks_stream
+        from hybrid_vae.extension.executors import chunks_stream, tiles_stream
 
-        if settings.video_host_output and family.architecture == "hunyuanvideo" and not chunks_stream(vae):
+        can = {"hunyuanvideo": chunks_stream, "wan": tiles_stream}.get(family.architecture)
+        if settings.video_host_output and (can is None or not can(vae)):
             return settings.updated(video_host_output=False)
         return settings
     if settings.tile_groupnorm == "local":

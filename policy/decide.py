@@ -325,23 +325,31 @@ class _PlanMaker:
         fov = min(fam.tiling.frame_chunk_overlap, chunk - 1) if chunk is not None else 0
         secs = local_seconds(job, fam, x.speed, tile_px=tile, overlap_px=ov, frame_chunk=chunk,
                              frame_overlap=fov, slice_batch=slice_batch)
-        host = self.host_output(chunk)
-        est = Estimate(
-            peak_bytes=peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch,
-                                  host_output=host),
-            seconds=secs, peak_source=self.peak_src + ("; finished frames to host memory" if host else ""),
-            seconds_source=x.speed.source)
+        peak = peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch)
+        host = False
+        if self.host_output(chunk, tile):  # streamed frames, where that holds less than the VAE's own loop
+            streamed = peak_bytes(job, fam, tile_px=tile, overlap_px=ov, frame_chunk=chunk, slice_batch=slice_batch,
+                                  host_output=True)
+            host, peak = (True, streamed) if streamed < peak else (False, peak)
+        est = Estimate(peak_bytes=peak, seconds=secs,
+                       peak_source=self.peak_src + ("; finished frames to host memory" if host else ""),
+                       seconds_source=x.speed.source)
         return self.with_learned(Plan(path=path, estimate=est, dtype=x.dtype, tile_px=tile, overlap_px=ov,
                                       frame_chunk=chunk, frame_overlap=fov, slice_batch=slice_batch,
                                       host_output=host))
 
-    def host_output(self, chunk: int | None) -> bool:
-        """Temporal chunks stream their frames to host memory: HunyuanVideo's, when the VAE can
-        (``settings.video_host_output``) and the video has more latent frames than one chunk."""
+    def host_output(self, chunk: int | None, tile: int | None) -> bool:
+        """The plan's finished frames stream to host memory (``settings.video_host_output``, off when the VAE
+        cannot): HunyuanVideo's temporal chunks when the video has more latent frames than one chunk, Wan's
+        spatial tiles when the frame is larger than one tile."""
         x = self.x
-        if chunk is None or x.fam.architecture != "hunyuanvideo" or not x.settings.video_host_output:
+        if not x.settings.video_host_output:
             return False
-        return ((x.job.frames or 1) - 1) // x.fam.temporal_compression + 1 > chunk
+        if x.fam.architecture == "hunyuanvideo" and chunk is not None:
+            return ((x.job.frames or 1) - 1) // x.fam.temporal_compression + 1 > chunk
+        if x.fam.architecture == "wan" and tile is not None and chunk is None:
+            return max(x.job.height, x.job.width) > tile
+        return False
 
     def exact(self, tile: int) -> Plan:
         x, job, fam = self.x, self.x.job, self.x.fam

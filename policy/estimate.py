@@ -148,9 +148,10 @@ def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: 
         slice_batch: one batch item at a time.
         geometry: ``engine`` (the engine's tiler for images) or ``diffusers`` (diffusers' own tiling,
             as in the calibration data).
-        host_output: temporal chunks (video, ``frame_chunk`` set) stream their finished frames to host memory
-            (``extension.executors``): the stitching and overlap terms count one chunk and the previous
-            chunk's blend frames instead of the whole video (diffusers' own loop keeps every chunk).
+        host_output: video whose finished frames stream to host memory (``extension.executors``): temporal
+            chunks (``frame_chunk`` set, HunyuanVideo) count one chunk and the previous chunk's blend frames,
+            spatial tiles (no ``frame_chunk``, Wan) one tile's video and the blend strips next to it, instead of
+            the whole video (diffusers' own loops keep every chunk and every tile until the end).
     """
     m = fam.memory
     dsize = dtype_bytes(decode_dtype(job, fam))
@@ -179,7 +180,12 @@ def peak_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_px: 
         peak = dsize * tile * (bpv * fr + m.extra_frame_voxels) + m.tile_constant_bytes
         if tile >= m.tile_workspace_min_px:
             peak += m.tile_workspace_bytes
-        if fam.video or geometry == "diffusers":
+        if fam.video and host_output and frame_chunk is None:
+            # spatial tiles streamed to host one item at a time (Wan): the tile's video, the blend strips of the
+            # row above (the frame's width) and of the tile to the left
+            tile_w = max(s for _, s in tx) * sc
+            peak += dsize * m.stitch_bytes_per_voxel * frames_out * (tile + overlap_px * (job.width + tile_w))
+        elif fam.video or geometry == "diffusers":
             peak += dsize * (m.overlap_bytes_per_voxel * max(0, decoded - job.height * job.width) * held_frames
                              + m.stitch_bytes_per_voxel * held_vox)
         else:  # engine tiler: the output buffer plus one weighted tile (3 channels each)

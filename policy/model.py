@@ -46,7 +46,7 @@ class DecodeSettings(BaseModel):
     exact_tolerance: float = Field(1.75, ge=1.0, le=100, description="tile_groupnorm=auto: a local-tiled plan is chosen over a fitting lossless one (full, exact, exact with host memory) only when estimated this many times faster. 1.75: chosen on the simulated benchmark's tuning set by its rule (fewest lost images, then tile-drift images at most 10% of the count before exact tiles with host memory, then p95 regret above 20%, then the fewest tile-drift images), scored on another (docs/benchmarks.md); higher: fewer images with tile drift, slower decodes when memory is tight.")
     host_reserve_bytes: int = Field(2 * GiB, ge=0, le=1024 * GiB, description="Host memory left untouched by offloaded exact tiling: a plan is feasible only when its host buffers fit the probed available memory minus this (never swap the machine).")
     min_tile_px: int | None = Field(None, ge=64, le=4096, description="Smallest tile tried; None: the family's.")
-    video_host_output: bool = Field(True, description="HunyuanVideo in temporal chunks: each chunk's finished frames go to host memory as it is decoded, so the GPU holds one chunk and the previous chunk's blend frames, never the whole video (the same frames as diffusers' own chunked decode). Off, or a VAE that cannot stream (not diffusers' AutoencoderKLHunyuanVideo): diffusers' loop, which keeps every decoded chunk on the GPU until the end.")
+    video_host_output: bool = Field(True, description="Video: finished frames go to host memory as they are decoded (HunyuanVideo's temporal chunks: the GPU holds one chunk and the previous chunk's blend frames; Wan's spatial tiles: one tile's video and the blend strips next to it), never the whole video; the same frames as diffusers' own chunked or tiled decode. Off, or a VAE that cannot stream (not diffusers' AutoencoderKLHunyuanVideo / AutoencoderKLWan): diffusers' loops, which keep every chunk or tile on the GPU until the end.")
     remote_format: Literal["auto", "raw", "png", "jpg"] = Field("auto", description="Response format; auto picks by measured bandwidth and remote_quality.")
     remote_quality: Literal["lossless", "high"] = Field("lossless", description="lossless: raw or png only; high: jpg allowed.")
     remote_deadline_s: float = Field(60.0, gt=0, le=3600, description="Time a remote plan may take before the next plan runs.")
@@ -289,8 +289,8 @@ class Plan:
         device_budget: exact plans: None keeps every whole-image buffer on the GPU; an int is the bytes
             they may use there, the rest live in host memory ("offloaded", label ``exact+host``; 0: every
             buffer in host memory, label ``exact+host (all)``).
-        host_output: video plans in temporal chunks: the finished frames go to host memory as each chunk is
-            decoded (HunyuanVideo on diffusers' class), so the GPU never holds the whole video.
+        host_output: video plans: the finished frames go to host memory as each temporal chunk (HunyuanVideo)
+            or spatial tile (Wan) is decoded, on diffusers' classes, so the GPU never holds the whole video.
         dtype: the dtype the decode runs in.
         endpoint / response_format: for remote plans.
         estimate: the plan's estimated peak and seconds.

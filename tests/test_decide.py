@@ -431,3 +431,26 @@ def test_cpu_plans_carry_host_memory_and_the_gpu_goes_before_a_cpu_that_cannot_f
     # nothing near: an image on 0.01 GiB goes to the CPU as before
     assert decide(DecodeJob("sd15", 512, 512), _state("NVIDIA GeForce RTX 3070", 0.01), P,
                   DecodeSettings()).reason_code == "cpu_nothing_fits"
+
+
+@pytest.mark.parametrize("family, frames, chunked", [("hunyuanvideo", 129, True), ("wan", 129, False)])
+def test_video_frames_to_host_shrink_the_plans_and_say_so(family, frames, chunked):
+    """video_host_output: HunyuanVideo's chunks and Wan's tiles hold one chunk / one tile of output on the GPU
+    (and the blend frames or strips), so their estimates drop by about the whole video's stitching; off (a VAE
+    that cannot stream), the plans and estimates are diffusers' loops'."""
+    job = DecodeJob(family, 1280, 720, frames=frames)
+    g = _state("NVIDIA GeForce RTX 3070", 2.0)
+    on, off = decide(job, g, P, DecodeSettings()), decide(job, g, P, DecodeSettings(video_host_output=False))
+    streamed = [o.plan for o in on.options if o.plan.host_output]
+    assert streamed and all(p.path == "tiled" for p in streamed)
+    assert all((p.frame_chunk is not None) == chunked for p in streamed)
+    assert "finished frames to host memory" in streamed[0].estimate.peak_source
+    same = {(p.tile_px, p.frame_chunk): p for p in (o.plan for o in off.options) if p.path == "tiled"}
+    for p in (o.plan for o in on.options if o.plan.path == "tiled"):
+        q = same[(p.tile_px, p.frame_chunk)]
+        assert not q.host_output and p.estimate.seconds == q.estimate.seconds
+        # streamed only where it holds less than the VAE's own loop
+        assert p.estimate.peak_bytes < q.estimate.peak_bytes if p.host_output else p.estimate == q.estimate
+    assert on.chosen.path == "tiled" and on.chosen.host_output and on.chosen.estimate.peak_bytes <= on.budget_bytes
+    # less memory per tile or chunk: the same budget takes a plan at least as fast
+    assert off.chosen.path == "cpu" or on.chosen.estimate.seconds <= off.chosen.estimate.seconds

@@ -296,9 +296,14 @@ def test_hunyuan_full_and_tiled_with_temporal_chunks(profiles):
 
 @pytest.mark.parametrize("tile_px, chunk, overlap, frames", [(None, 2, 1, 4), (64, 2, 1, 5), (None, 3, 1, 7),
                                                             (64, 1, 0, 3), (None, 4, 2, 6)])
-def test_hunyuan_chunks_to_host_equal_the_vaes_own_chunks(profiles, tile_px, chunk, overlap, frames):
+def test_hunyuan_chunks_to_host_equal_the_vaes_own_chunks(profiles, monkeypatch, tile_px, chunk, overlap, frames):
     """With host_output, HunyuanVideo's temporal chunks stream their finished frames to host memory; the frames
     are the VAE's own framewise decode with the same settings (diffusers' class, same weights and latent)."""
+    from hybrid_vae.extension import executors
+
+    streams = []
+    real = executors._chunks_to_host
+    monkeypatch.setattr(executors, "_chunks_to_host", lambda vae, z: streams.append(z.shape) or real(vae, z))
     fam = profiles.family("hunyuanvideo")
     vae = build_tiny_vae("hunyuanvideo")
     z = torch.randn(2, 16, frames, 12, 10, generator=torch.Generator().manual_seed(5))
@@ -308,17 +313,45 @@ def test_hunyuan_chunks_to_host_equal_the_vaes_own_chunks(profiles, tile_px, chu
     streamed = run_plan(dataclasses.replace(p, host_output=True), vae, z, family=fam,
                         progress=lambda d, n: calls.append((d, n)))
     assert streamed.device.type == "cpu" and streamed.shape == own.shape == (2, 3, (frames - 1) * 4 + 1, 96, 80)
+    assert len(streams) == 1  # the streamed path ran (the first decode was the VAE's own)
+    torch.testing.assert_close(streamed, own, rtol=0, atol=0)
+    assert calls[-1][0] == calls[-1][1]
+
+
+@pytest.mark.parametrize("tile_px, overlap, hw, frames", [(64, 16, (12, 10), 2), (48, 16, (13, 9), 3),
+                                                        (64, 0, (12, 12), 1), (32, 8, (9, 14), 2)])
+def test_wan_tiles_to_host_equal_the_vaes_own_tiles(profiles, monkeypatch, tile_px, overlap, hw, frames):
+    """With host_output, Wan's spatial tiles stream their finished regions to host memory; the frames are the
+    VAE's own tiled decode with the same settings (diffusers' class, same weights and latent, batch 2)."""
+    from hybrid_vae.extension import executors
+
+    streams = []
+    real = executors._tiles_to_host
+    monkeypatch.setattr(executors, "_tiles_to_host", lambda vae, z: streams.append(z.shape) or real(vae, z))
+    fam = profiles.family("wan")
+    vae = build_tiny_vae("wan")
+    z = torch.randn(2, 16, frames, *hw, generator=torch.Generator().manual_seed(7))
+    p = plan("tiled", tile_px=tile_px, overlap_px=overlap)
+    own = run_plan(p, vae, z, family=fam)
+    calls = []
+    streamed = run_plan(dataclasses.replace(p, host_output=True), vae, z, family=fam,
+                        progress=lambda d, n: calls.append((d, n)))
+    assert streamed.device.type == "cpu" and streamed.shape == own.shape == (2, 3, (frames - 1) * 4 + 1, hw[0] * 8,
+                                                                               hw[1] * 8)
+    assert len(streams) == 1  # the streamed path ran (the first decode was the VAE's own)
     torch.testing.assert_close(streamed, own, rtol=0, atol=0)
     assert calls[-1][0] == calls[-1][1]
 
 
 def test_chunks_stream_only_on_diffusers_hunyuanvideo(profiles):
-    from hybrid_vae.extension.executors import chunks_stream
+    from hybrid_vae.extension.executors import chunks_stream, tiles_stream
     from hybrid_vae.extension.stream import settings_for_vae
     from hybrid_vae.policy.model import DecodeSettings
 
     assert chunks_stream(build_tiny_vae("hunyuanvideo"))
     assert not chunks_stream(build_tiny_vae("wan")) and not chunks_stream(build_tiny_vae("sd15"))
+    assert tiles_stream(build_tiny_vae("wan"))
+    assert not tiles_stream(build_tiny_vae("hunyuanvideo")) and not tiles_stream(build_tiny_vae("sd15"))
     # the decision counts what will run: a HunyuanVideo VAE that cannot stream gets diffusers' loop's estimate
     fam = profiles.family("hunyuanvideo")
     assert settings_for_vae(DecodeSettings(), build_tiny_vae("hunyuanvideo"), fam).video_host_output
