@@ -155,7 +155,8 @@ class GpuCase:
 
 
 def gpu_cases() -> list[GpuCase]:
-    """31 scenarios: every image family and dtype of the matrix, video, batches, non-square sizes;
+    """33 scenarios: every image family and dtype of the matrix, video (Wan's tiles streamed to host at 1.5 GiB),
+    batches, non-square sizes;
     free memory chosen so that full, item-by-item, tiled and chunked plans all run."""
     c = GpuCase
     return [
@@ -178,6 +179,7 @@ def gpu_cases() -> list[GpuCase]:
         c("hunyuanvideo", "hunyuanvideo", "float16", 512, 320, 2.5, frames=33),
         c("hunyuanvideo", "hunyuanvideo", "float16", 512, 320, 10.0, frames=61),
         c("hunyuanvideo", "hunyuanvideo", "float16", 512, 320, 4.5, frames=61),
+        c("wan", "wan", "bfloat16", 960, 544, 8.0, frames=33), c("wan", "wan", "bfloat16", 960, 544, 1.5, frames=33),
     ]
 
 
@@ -352,7 +354,7 @@ CALIBRATE_NOTE = """### Calibrating a card, learning its timings
 def gpu_placeholder() -> str:
     """The section text until a GPU run replaces it."""
     return ("## Real decodes on a GPU\n\nNot run yet: the session that wrote this had no GPU. One command runs all "
-            "of it (31 scenarios, about 5 minutes on an H100) and replaces this section with the card's name and "
+            "of it (33 scenarios, about 5 minutes on an H100) and replaces this section with the card's name and "
             "the results: `hybrid-vae bench --gpu` (or `python -m hybrid_vae.bench.cli gpu --out bench/results`). It emulates "
             "smaller cards with `torch.cuda.set_per_process_memory_fraction` (the VAE's weights + the scenario's "
             "free memory), runs every scenario through `HybridDecoder`, and records OOM errors, the measured peak "

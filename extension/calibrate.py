@@ -113,11 +113,11 @@ def sd_vae_config(latent_channels: int = 4, *, quant: bool = True) -> dict[str, 
 def build_vae(kind: str, *, device: str, dtype: Any) -> Any:
     """A random-weight VAE with the real architecture, built directly on ``device``.
 
-    ``kind``: ``sd`` (4 channels), ``sd16`` (16 channels, no quant convs) or ``hunyuanvideo``
-    (``AutoencoderKLHunyuanVideo`` defaults).
+    ``kind``: ``sd`` (4 channels), ``sd16`` (16 channels, no quant convs), ``hunyuanvideo``
+    (``AutoencoderKLHunyuanVideo`` defaults) or ``wan`` (``AutoencoderKLWan`` defaults: Wan 2.1's VAE).
     """
     import torch
-    from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo
+    from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLWan
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -127,8 +127,10 @@ def build_vae(kind: str, *, device: str, dtype: Any) -> Any:
             vae = AutoencoderKL(**sd_vae_config(16, quant=False))
         elif kind == "hunyuanvideo":
             vae = AutoencoderKLHunyuanVideo()
+        elif kind == "wan":
+            vae = AutoencoderKLWan()
         else:
-            raise ValueError(f"unknown VAE kind {kind!r}; use sd, sd16 or hunyuanvideo")
+            raise ValueError(f"unknown VAE kind {kind!r}; use sd, sd16, hunyuanvideo or wan")
     return vae.to(dtype=dtype).eval()
 
 
