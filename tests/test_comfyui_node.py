@@ -252,6 +252,16 @@ def test_video_tiles_and_frame_chunks_reach_comfyuis_decode_tiled(comfy: dict) -
     assert kind == "decode_tiled"
     assert args == {"tile_x": 4, "tile_y": 4, "overlap": 2, "tile_t": 2, "overlap_t": 1}
     assert not adapter.use_tiling and not adapter.use_framewise_decoding  # restored after the plan
+    # ComfyUI's VAE cannot stream frames to host: the decision counts its own loop, and a plan that asks for
+    # streaming still runs decode_tiled
+    from hybrid_vae.extension.stream import settings_for_vae
+    from hybrid_vae.policy.model import DecodeSettings
+
+    assert not settings_for_vae(DecodeSettings(), adapter, fam).video_host_output
+    import dataclasses
+
+    out2 = run_plan(dataclasses.replace(plan, host_output=True), adapter, z, family=fam)
+    assert vae.decode_calls[-1] == (kind, args) and torch.equal(out2, out)
 
 
 def test_remote_endpoint_down_stays_local_and_says_so(comfy: dict, sd15_weights: torch.nn.Module) -> None:
