@@ -31,7 +31,8 @@ class Outcome:
         attempts: labels of the executions tried, in order. ooms: attempts that ran out of memory.
         wasted: failed attempts (OOMs, failed remote requests, refused claims).
         claims: the engine's claims of a plan's memory refused before the plan ran (no decoding lost; see
-            :func:`_run_decision`).
+            :func:`_run_decision`). unclaimed_ooms: of ``ooms``, those of GPU plans the engine ran without a
+            claim on purpose (``near_fit``, or the last GPU plan before the CPU after a new decision).
         note: why an image was lost (``out of memory``, ``no endpoint``, ...).
         drift: the image came from spatial tiles with per-tile GroupNorm statistics (an image VAE's
             "local" tiles, any peer's tiling): its colours differ from a full decode.
@@ -46,6 +47,7 @@ class Outcome:
     note: str = ""
     drift: bool = False
     claims: int = 0
+    unclaimed_ooms: int = 0
 
 
 def drifts(world: World, sc: Scenario, ex: Exec) -> bool:
@@ -131,7 +133,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
             t = min(tight, key=lambda p: p.estimate.seconds)
             if t.estimate.seconds * 1.25 < d.chosen.estimate.seconds:
                 plans.insert(0, t)
-    secs, ooms, wasted, claims, labels, note = 0.0, 0, 0, 0, [], ""
+    secs, ooms, wasted, claims, labels, note, unclaimed = 0.0, 0, 0, 0, [], "", 0
     now = world.available(sc)
     i = 0
     while i < len(plans):
@@ -139,7 +141,8 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
         labels.append(p.label)
         e = p.estimate.peak_bytes
         last_gpu = redecide is None and claims > 0 and all(q.path == "cpu" for q in plans[i:])
-        if p.path in ("full", "tiled") and e <= d.available_bytes and e > now and not last_gpu:
+        claimed = p.path in ("full", "tiled") and e <= d.available_bytes and not last_gpu
+        if claimed and e > now:
             secs, wasted, claims = secs + CLAIM_S, wasted + 1, claims + 1
             if redecide is not None and chain:
                 d, redecide = redecide(world.probe_now(sc).capped(e - 1, "refused claim")), None
@@ -149,11 +152,14 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
         a = world.attempt(sc, ex)
         secs += a.seconds
         if a.ok:
-            return Outcome(True, True, secs, tuple(labels), ooms, wasted, drift=drifts(world, sc, ex), claims=claims)
+            return Outcome(True, True, secs, tuple(labels), ooms, wasted, drift=drifts(world, sc, ex), claims=claims,
+                           unclaimed_ooms=unclaimed)
         wasted += 1
         ooms += a.oom
+        unclaimed += a.oom and p.path in ("full", "tiled") and not claimed
         note = a.error or "failed"
-    return Outcome(True, False, secs, tuple(labels), ooms, wasted, note or "nothing to try", claims=claims)
+    return Outcome(True, False, secs, tuple(labels), ooms, wasted, note or "nothing to try", claims=claims,
+                   unclaimed_ooms=unclaimed)
 
 
 def _run_engine(world: World, sc: Scenario, profiles: Profiles, *, tight_first: bool = False, chain: bool = True,
