@@ -11,13 +11,12 @@ reads them as the truth of a ``cpu`` plan's host memory and time (``bench/truth.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from hybrid_vae.bench.report import write_measured
 
 
 def run(sizes: list[int], batches: list[int], repeat: int = 1) -> list[dict[str, Any]]:
@@ -72,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         ap.error(f"--repeat {args.repeat}: must be >= 1")
     rows = run(sizes, batches, args.repeat)
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent.parent / "profiles" / "measured"
-                                            / f"cpu-sd-decode-{_dt.date.today().isoformat()}.jsonl")
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
+    write_measured(rows, args.out, "cpu-sd-decode")
     return 0
 
 

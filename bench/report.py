@@ -6,10 +6,13 @@ Each benchmark owns the text between ``<!-- BEGIN name -->`` and ``<!-- END name
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = ("# Benchmarks\n\nEvery section is written by the script it names; rerun the script to refresh it.\n"
@@ -48,3 +51,13 @@ def write_section(name: str, body: str, *, doc: Path = DOC) -> Path:
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text, encoding="utf-8")
     return doc
+
+
+def write_measured(rows: list[dict[str, Any]], out: str | None, stem: str) -> Path:
+    """Write measurement ``rows`` as JSON lines to ``out``, default ``profiles/measured/<stem>-<date>.jsonl``
+    (package data), and say where on stderr."""
+    path = Path(out) if out else (Path(__file__).resolve().parent.parent / "profiles" / "measured"
+                                  / f"{stem}-{_dt.date.today().isoformat()}.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
+    return path

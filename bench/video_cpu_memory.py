@@ -19,12 +19,11 @@ of Wan's memory truth (``bench/truth.py``).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from hybrid_vae.bench.report import write_measured
 
 MODELS = ("wan", "hunyuanvideo")
 DEFAULT_SHAPES = "wan:1x20x32,wan:3x20x32,wan:5x20x32,wan:3x30x48,hunyuanvideo:3x20x32,hunyuanvideo:3x30x48"
@@ -107,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not args.out:
         ap.error("--device cuda: give --out (the shipped data folder takes reviewed rows only)")
     rows = run(_shapes(ap, args.shapes), device=args.device, dtype=args.dtype)
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent.parent / "profiles" / "measured"
-                                            / f"cpu-video-decode-{_dt.date.today().isoformat()}.jsonl")
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
+    write_measured(rows, args.out, "cpu-video-decode")
     return 0
 
 

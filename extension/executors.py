@@ -302,7 +302,8 @@ def _video_calls(plan: Plan, fam: Family, arch: str, t: int, h: int, w: int) -> 
 def _tiled_video(vae: Any, z: torch.Tensor, plan: Plan, fam: Family,
                  progress: ProgressFn | None) -> torch.Tensor:
     """Video VAEs: diffusers' own spatial tiling and (HunyuanVideo) temporal chunks, the plan's numbers; with
-    ``plan.host_output`` HunyuanVideo's chunks stream their frames to host memory (:func:`_chunks_to_host`)."""
+    ``plan.host_output`` HunyuanVideo's chunks (:func:`_chunks_to_host`) and Wan's tiles (:func:`_tiles_to_host`)
+    stream their frames to host memory."""
 
     if not hasattr(vae, "use_tiling") or not hasattr(vae, "tile_sample_min_height"):
         raise PlanError(f"{type(vae).__name__} has no diffusers video tiling; cannot run {plan.label!r}")
@@ -455,7 +456,7 @@ def _tiles_to_host(vae: Any, z: torch.Tensor) -> torch.Tensor:
             left: torch.Tensor | None = None
             for j in range(0, w, step_w // sc):
                 tile = _tile_video(vae, z[item:item + 1, :, :, i:i + lat_h, j:j + lat_w])
-                if i > 0:
+                if j in above:
                     tile = vae.blend_v(above[j], tile, blend_h)  # in place on the tile's top rows
                 if left is not None:
                     tile = vae.blend_h(left, tile, blend_w)  # in place on its left columns
@@ -465,7 +466,8 @@ def _tiles_to_host(vae: Any, z: torch.Tensor) -> torch.Tensor:
                 y, x = i * sc, j * sc
                 keep = tile[:, :, :, :min(step_h, h * sc - y), :min(step_w, w * sc - x)]
                 out[item:item + 1, :, :, y:y + keep.shape[3], x:x + keep.shape[4]].copy_(keep)
-                row[j] = tile[:, :, :, -blend_h:, :].clone() if blend_h > 0 else tile[:, :, :, :0]
+                if blend_h > 0:  # copies: a view would keep the whole tile on the device
+                    row[j] = tile[:, :, :, -blend_h:, :].clone()
                 left = tile[:, :, :, :, -blend_w:].clone() if blend_w > 0 else None
                 del tile, keep
             above = row

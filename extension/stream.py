@@ -250,8 +250,7 @@ def settings_for_vae(settings: DecodeSettings, vae: Any, family: Family) -> Deco
     """``settings`` for decoding with ``vae``: local tiles only when exact tiling cannot run it (so the
     engine never plans an exact attempt that would fail); video: no host output when the VAE cannot stream its
     chunks or tiles (``extension.executors.chunks_stream`` / ``tiles_stream``: so the estimate counts the VAE's
-    own loop). Callers: the
-    orchestrator, ``hybrid-vae serve``."""
+    own loop). Callers: the orchestrator, ``hybrid-vae serve``."""
     if family.video:
         from hybrid_vae.extension.executors import chunks_stream, tiles_stream
 
