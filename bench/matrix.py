@@ -160,7 +160,7 @@ def train_learned(profiles: Profiles, params: WorldParams, sset: ScenarioSet | s
     learned = Learned()
     now = 0.0
     for card in sorted(by_card):
-        for sc in rng.sample(by_card[card], min(per_card, len(by_card[card]))):
+        for sc in map(world.seen, rng.sample(by_card[card], min(per_card, len(by_card[card])))):
             d = decide(sc.job(), sc.gpu(), profiles, DecodeSettings(), learned=learned)
             fam = profiles.family(sc.family)
             for p in d.plans:
@@ -201,7 +201,7 @@ def _run_scenarios(world: World, chunk: list[Scenario], seed: int) -> list[dict[
     rows = []
     cache: dict[tuple[object, ...], Any] = {}
     last = ""
-    for sc in chunk:
+    for sc in map(world.seen, chunk):
         if sc.local_key != last:  # decisions are reused across strategies, candidates across networks
             cache.clear()
             last = sc.local_key
@@ -210,7 +210,7 @@ def _run_scenarios(world: World, chunk: list[Scenario], seed: int) -> list[dict[
         for name, fn in strategies.items():
             o = fn(world, sc, profiles, trained=_STATE["trained"], cache=cache)
             res[name] = (o.supported, o.delivered, o.seconds, o.ooms, o.wasted, o.note, " -> ".join(o.attempts),
-                         o.drift, o.claims, o.unclaimed_ooms)
+                         o.drift, o.claims, o.floor_ooms)
         row = {"seed": seed, "variant": sc.variant, "size": sc.size_label, "card": sc.card.name, "free": sc.free_frac,
                "network": sc.network.name if sc.network else "none", "best": best, "best_exec": best_key,
                "best_lossless": lossless, "results": res}
@@ -310,7 +310,7 @@ def _metrics(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
         "oom_scenarios": sum(1 for r in sup if r["results"][name][3]),
         "wasted_attempts": sum(r["results"][name][4] for r in sup),
         "claims_refused": sum(r["results"][name][8] for r in sup if len(r["results"][name]) > 8),
-        "unclaimed_ooms": sum(r["results"][name][9] for r in sup if len(r["results"][name]) > 9),
+        "floor_ooms": sum(r["results"][name][9] for r in sup if len(r["results"][name]) > 9),
         "drift": sum(1 for r in delivered if len(r["results"][name]) > 7 and r["results"][name][7]),
         "median_regret": statistics.median(regrets) if regrets else math.nan,
         "p95_regret": _pct(regrets, 0.95), "max_regret": max(regrets) if regrets else math.nan,
@@ -544,11 +544,11 @@ def _headline(res: dict[str, Any], what: str) -> list[str]:
             f"{res['elapsed_s']:.0f} s wall on {res['jobs']} processes.", "", markdown(res), "",
             f"Targets for this engine (0 OOMs, 0 lost, median regret <= 5%, p95 <= 20%{_drift_target(res)}): {met}. "
             f"Measured: {e['ooms']} OOM attempts, {e['lost']} lost, median {_f(e['median_regret'])}, p95 "
-            f"{_f(e['p95_regret'])}, {e['drift']} tile-drift images. Of the OOM attempts, {e.get('unclaimed_ooms', 0)} "
-            f"are GPU plans run without a memory claim on purpose (nothing fits and the plan nearly does, or the last "
-            f"GPU plan before the CPU after a new decision); the other {e['ooms'] - e.get('unclaimed_ooms', 0)} had "
-            f"their estimate claimed and needed more; {e.get('claims_refused', 0)} more claims were refused before "
-            f"any decoding.", *_forced(res)]
+            f"{_f(e['p95_regret'])}, {e['drift']} tile-drift images. Of the OOM attempts, {e.get('floor_ooms', 0)} "
+            f"are GPU plans run on purpose with only their floor claimed (estimate / 1.25: nothing fits and the plan "
+            f"nearly does, or the last GPU plan before the CPU after a new decision); the other "
+            f"{e['ooms'] - e.get('floor_ooms', 0)} had their estimate claimed and needed more; "
+            f"{e.get('claims_refused', 0)} more claims were refused before any decoding.", *_forced(res)]
 
 
 def _forced(res: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from hybrid_vae.bench.world import Exec, Scenario, World
-from hybrid_vae.policy.decide import decide
+from hybrid_vae.policy.decide import claim_bytes, decide
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.learned import Learned
 from hybrid_vae.policy.model import Decision, DecodeSettings
@@ -31,8 +31,9 @@ class Outcome:
         attempts: labels of the executions tried, in order. ooms: attempts that ran out of memory.
         wasted: failed attempts (OOMs, failed remote requests, refused claims).
         claims: the engine's claims of a plan's memory refused before the plan ran (no decoding lost; see
-            :func:`_run_decision`). unclaimed_ooms: of ``ooms``, those of GPU plans the engine ran without a
-            claim on purpose (``near_fit``, or the last GPU plan before the CPU after a new decision).
+            :func:`_run_decision`). floor_ooms: of ``ooms``, those of GPU plans the engine ran on purpose with only
+            their floor claimed (estimate / ``NEAR_FIT``: ``near_fit``, or the last GPU plan before the CPU after
+            a new decision; :func:`policy.decide.claim_bytes`).
         note: why an image was lost (``out of memory``, ``no endpoint``, ...).
         drift: the image came from spatial tiles with per-tile GroupNorm statistics (an image VAE's
             "local" tiles, any peer's tiling): its colours differ from a full decode.
@@ -47,7 +48,7 @@ class Outcome:
     note: str = ""
     drift: bool = False
     claims: int = 0
-    unclaimed_ooms: int = 0
+    floor_ooms: int = 0
 
 
 def drifts(world: World, sc: Scenario, ex: Exec) -> bool:
@@ -118,12 +119,13 @@ Redecide = Callable[[GpuState], Decision]
 
 def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *, tight_first: bool,
                   chain: bool = True, redecide: Redecide | None = None) -> Outcome:
-    """Run the decision's chain as the orchestrator does: before a local GPU plan runs, its estimated peak is
-    claimed (``extension.orchestrator.claim_memory``), which succeeds when that much is available now, after the
-    free memory moved (:meth:`World.available`); a refused claim costs :data:`CLAIM_S`, and the first one makes
-    the engine decide again (``redecide``) from what a probe sees now (:meth:`World.probe_now`), capped under the
-    refused claim (:meth:`GpuState.capped`, as the orchestrator does); after that, a GPU plan with only CPU plans
-    behind it runs unclaimed."""
+    """Run the decision's chain as the orchestrator does: before a local GPU plan runs, its memory is claimed
+    (:func:`policy.decide.claim_bytes`: the estimated peak, or only the floor estimate / ``NEAR_FIT`` for a
+    ``near_fit`` plan and, after a new decision, a GPU plan with only CPU plans behind it), which succeeds when
+    that much is available now, after the free memory moved (:meth:`World.available`); a refused claim costs
+    :data:`CLAIM_S`, and the first one makes the engine decide again (``redecide``) from what a probe sees now
+    (:meth:`World.probe_now`), capped under the refused claim (:meth:`GpuState.capped`, as the orchestrator
+    does)."""
     fam = profiles.family(sc.family)
     plans = list(d.plans) if chain else [d.chosen]
     if tight_first:
@@ -133,19 +135,19 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
             t = min(tight, key=lambda p: p.estimate.seconds)
             if t.estimate.seconds * 1.25 < d.chosen.estimate.seconds:
                 plans.insert(0, t)
-    secs, ooms, wasted, claims, labels, note, unclaimed = 0.0, 0, 0, 0, [], "", 0
+    secs, ooms, wasted, claims, labels, note, floor_ooms = 0.0, 0, 0, 0, [], "", 0
     now = world.available(sc)
     i = 0
     while i < len(plans):
         p, i = plans[i], i + 1
         labels.append(p.label)
-        e = p.estimate.peak_bytes
         last_gpu = redecide is None and claims > 0 and all(q.path == "cpu" for q in plans[i:])
-        claimed = p.path in ("full", "tiled") and e <= d.available_bytes and not last_gpu
-        if claimed and e > now:
+        claim = claim_bytes(p, d.available_bytes, floor=last_gpu)
+        floor = 0 < claim < p.estimate.peak_bytes
+        if 0 < claim and claim > now:
             secs, wasted, claims = secs + CLAIM_S, wasted + 1, claims + 1
             if redecide is not None and chain:
-                d, redecide = redecide(world.probe_now(sc).capped(e - 1, "refused claim")), None
+                d, redecide = redecide(world.probe_now(sc).capped(claim - 1, "refused claim")), None
                 plans, i = list(d.plans), 0
             continue
         ex = Exec.from_plan(p, fam, sc.batch)
@@ -153,13 +155,13 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
         secs += a.seconds
         if a.ok:
             return Outcome(True, True, secs, tuple(labels), ooms, wasted, drift=drifts(world, sc, ex), claims=claims,
-                           unclaimed_ooms=unclaimed)
+                           floor_ooms=floor_ooms)
         wasted += 1
         ooms += a.oom
-        unclaimed += a.oom and p.path in ("full", "tiled") and not claimed
+        floor_ooms += a.oom and floor
         note = a.error or "failed"
     return Outcome(True, False, secs, tuple(labels), ooms, wasted, note or "nothing to try", claims=claims,
-                   unclaimed_ooms=unclaimed)
+                   floor_ooms=floor_ooms)
 
 
 def _run_engine(world: World, sc: Scenario, profiles: Profiles, *, tight_first: bool = False, chain: bool = True,
@@ -272,7 +274,8 @@ def comfyui(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outc
     smaller tiles after each further OOM; the last OOM is raised: the image is lost."""
     fam = profiles.family(sc.family)
     per = comfy_formula(fam, sc)
-    k = max(1, min(sc.batch, int(sc.gpu().available_bytes / per)))
+    g = sc.gpu()  # ComfyUI counts NVML free + all of torch's cache (reserved - active)
+    k = max(1, min(sc.batch, int((g.free_bytes + g.torch_reusable_bytes) / per)))
     # ComfyUI's own video VAEs decode every frame at once (Wan: causally, frame by frame); finished items go to
     # its output device (the host)
     first = Exec("full", items=k, geometry="comfy")
@@ -289,8 +292,8 @@ def comfy_gated(world: World, sc: Scenario, profiles: Profiles, **_: object) -> 
     formula fits the free memory, else tiled with 64-latent tiles at once; OOM -> ComfyUI's tiled retries."""
     fam = profiles.family(sc.family)
     per = comfy_formula(fam, sc)
-    avail = sc.gpu().available_bytes
-    k = min(sc.batch, int(avail / per))
+    g = sc.gpu()
+    k = min(sc.batch, int((g.free_bytes + g.torch_reusable_bytes) / per))
 
     def chain() -> Iterator[tuple[str, Exec]]:
         if k >= 1:

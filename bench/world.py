@@ -19,9 +19,12 @@ from what users of SD.Next/ComfyUI/PyTorch report, sources in ``docs/benchmarks.
   and off gave the same peaks); another card/driver/cuDNN adds ``U(-32, +96)`` MiB to every GPU decode.
 * **Allocator block rounding** (per scenario): ``U(0, 48)`` MiB on top of the allocated peak (a warm UI
   process; under a memory cap a cold process needed 1.00x its allocated peak on the H200).
-* **Fragmentation** (per installation): a fraction ``U(0, 0.3)`` of the torch cache the engine counts as
-  available cannot hold the decode's large blocks. Each scenario says how much of its free memory is torch
-  cache (the engine sees that split, as NVML free + ``reserved - active``).
+* **Fragmentation** (per installation): a fraction ``U(0, 0.3)`` of the torch cache cannot hold the decode's
+  large blocks. Each scenario says how much of its free memory is torch cache (the engine sees that split, as
+  NVML free + ``reserved - active``). The probe also reads PyTorch's inactive split bytes (free blocks in
+  segments that hold live tensors), which the engine does not count as available: the world reports them as the
+  unusable part x ``U(1.0, 1.5)`` per installation (some split blocks are large enough for some of the decode's
+  tensors; assumed, no GPU here has measured a UI's cache), at most the whole cache (:meth:`World.seen`).
 * **Free memory moving between the probe and the decode** (per scenario): 60% nothing; 25% it shrinks by
   ``U(0, 64)`` MiB; 10% by ``U(64, 400)`` MiB; 3% by ``U(0.4, 2)`` GiB; 2% it grows by ``U(0, 512)`` MiB.
 * **Host memory** (per scenario, the same in every world): the RAM free is 4, 8, 16 or 32 GiB (15/35/35/15%),
@@ -169,6 +172,7 @@ class Scenario:
     free_frac: float
     network: NetworkCase | None
     cache_frac: float = 0.0
+    split_frac: float = 0.0  # share of the torch cache the probe reads as inactive split blocks (World.seen)
 
     @functools.cached_property
     def local_key(self) -> str:
@@ -209,8 +213,8 @@ class Scenario:
         cache = int(avail * self.cache_frac)
         host = int(self.host_gib * GiB)
         return GpuState(name=self.card.name, total_bytes=total, free_bytes=avail - cache, torch_reusable_bytes=cache,
-                        source="simulated", device="simulated", simulated=True, host_available_bytes=host,
-                        host_total_bytes=2 * host)
+                        torch_fragmented_bytes=int(cache * min(1.0, self.split_frac)), source="simulated",
+                        device="simulated", simulated=True, host_available_bytes=host, host_total_bytes=2 * host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +392,12 @@ class World:
                        wan_cpu_gpu=_u(rng, *truth.WAN_CPU_GPU, s), cpu_speed=_u(rng, 0.15, 0.6, s), conv3d=conv3d,
                        server=_u(_rng(self.seed, "server"), *SERVER_FACTOR, s))
 
+    def seen(self, sc: Scenario) -> Scenario:
+        """``sc`` as a probe sees it in this world: with the torch cache's inactive split blocks (the unusable
+        part of the cache x ``U(1.0, 1.5)`` per installation, see the module docs)."""
+        split = self.install(sc.card).frag * _rng(self.seed, "split", sc.card.name).uniform(1.0, 1.5)
+        return dataclasses.replace(sc, split_frac=min(1.0, split))
+
     def conditions(self, sc: Scenario) -> Conditions:
         p = self.params
         rng = _rng(self.seed, "cond", sc.local_key)
@@ -396,7 +406,8 @@ class World:
         return Conditions(drift=drift, overhead=overhead, host_free=sc.host_gib * GiB if p.effects else math.inf)
 
     def available(self, sc: Scenario) -> float:
-        """Memory the decode can really use: NVML free less the drift, plus the unfragmented torch cache."""
+        """Memory the decode can really use: NVML free less the drift, plus the unfragmented torch cache (the true
+        unusable part, not what the probe reads)."""
         g = sc.gpu()
         return g.free_bytes - self.conditions(sc).drift + g.torch_reusable_bytes * (1 - self.install(sc.card).frag)
 

@@ -26,9 +26,10 @@ Claims: before a local plan runs on CUDA, its estimated peak is allocated in one
 PyTorch's cache (:func:`claim_memory`), so another process cannot take that memory during the decode. When
 the memory went elsewhere after the probe, the claim is refused in milliseconds, before any decoding: the
 attempt is recorded as ``claim refused: ...``, and (once per decode) the GPU is probed again and the decision
-made again from what is free now. Plans the decision already knew to exceed the free memory (``near_fit``)
-are not claimed, nor, after the new decision, a GPU plan with only CPU plans behind it (the estimate carries
-margins: an OOM costs one attempt, the CPU far more).
+made again from what is free now. Plans the decision already knew to exceed the free memory (``near_fit``), and
+after the new decision a GPU plan with only CPU plans behind it, claim only their estimate / ``NEAR_FIT``
+(:func:`~policy.decide.claim_bytes`): the estimate carries margins and an OOM costs one attempt, the CPU far more,
+but below that floor they cannot fit, and the next plan goes without an OOM.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from hybrid_vae.extension.geometry import resolve_family
 from hybrid_vae.extension.identity import CANARY_DEADLINE_S, IdentityChecker
 from hybrid_vae.extension.latents import pack_flux, save_latent, to_vae_space, unpack_flux, validate_latents
 from hybrid_vae.extension.stream import settings_for_vae
-from hybrid_vae.policy.decide import decide, describe_plan, endpoint_for
+from hybrid_vae.policy.decide import claim_bytes, decide, describe_plan, endpoint_for
 from hybrid_vae.policy.env import env_name, read_env
 from hybrid_vae.policy.errors import (
     ArgumentError,
@@ -352,7 +353,7 @@ class _Attempt:
     oom: bool = False
     peak: int | None = None
     remote: RemoteInfo | None = None
-    refused: bool = False  # its memory claim was refused before it ran
+    refused: int = 0  # bytes of its memory claim, refused before it ran (0: not refused)
 
 
 def _output_size(z: Any, fam: Family, frames: int | None) -> tuple[int, int, int | None]:
@@ -521,15 +522,15 @@ class HybridDecoder:
         plans, i, redecided = list(decision.plans), 0, False
         while i < len(plans):
             plan, i = plans[i], i + 1
-            # after the new decision, a plan with nothing but the CPU behind it runs even unclaimed (its estimate
+            # after the new decision, a plan with nothing but the CPU behind it claims only its floor (its estimate
             # carries margins; an OOM costs one attempt, the CPU far more)
             last_gpu = redecided and all(q.path == "cpu" for q in plans[i:])
-            a = self._attempt(plan, p, latents, vae, z_vae, progress, claim=None if last_gpu else decision)
+            a = self._attempt(plan, p, latents, vae, z_vae, progress, claim=decision, floor=last_gpu)
             if a.refused:
                 attempts.append((plan.label, a.error, a.seconds))
                 if not redecided:  # once per decode: the memory moved since the probe; decide again from now
                     redecided = True
-                    p, (decision, snapshot) = self._redecide(p, latents, vae, refused=plan.estimate.peak_bytes)
+                    p, (decision, snapshot) = self._redecide(p, latents, vae, refused=a.refused)
                     plans, i = list(decision.plans), 0
                 continue
             # outside the except block: the traceback and the frames it pinned are gone
@@ -547,16 +548,15 @@ class HybridDecoder:
         raise DecodeFailedError(f"every plan failed ({listing}). {self._later(path)}", latent_path=path,
                                 attempts=tuple((lab, err or "") for lab, err, _ in attempts))
 
-    def _claim_refused(self, plan: Plan, decision: Decision, p: _Prepared) -> str | None:
-        """Claim a local GPU plan's estimated peak before it runs (:func:`claim_memory`); the error text when the
-        memory is not free now, else None. Plans whose estimate already exceeds what the decision saw
-        (``near_fit``, the CPU, remote) are not claimed."""
-        e = plan.estimate.peak_bytes
-        if plan.path not in ("full", "tiled") or e > decision.available_bytes or self.claim(p.run_dev, e):
-            return None
-        log.info("hybrid-vae: %s: %.2f GiB not free at decode time (claim refused); deciding again",
-                 plan.label, e / 2**30)
-        return f"claim refused: {e / 2**30:.2f} GiB not free at decode time"
+    def _claim_refused(self, plan: Plan, decision: Decision, p: _Prepared, *, floor: bool) -> int:
+        """Claim what :func:`~policy.decide.claim_bytes` says for a local GPU plan before it runs
+        (:func:`claim_memory`): the bytes refused when that much is not free now, else 0 (also for remote and CPU
+        plans, which claim nothing)."""
+        n = claim_bytes(plan, decision.available_bytes, floor=floor)
+        if n <= 0 or self.claim(p.run_dev, n):
+            return 0
+        log.info("hybrid-vae: %s: %.2f GiB not free at decode time (claim refused)", plan.label, n / 2**30)
+        return n
 
     def _redecide(self, p: _Prepared, latents: torch.Tensor, vae: Any, *,
                   refused: int) -> tuple[_Prepared, tuple[Decision, Learned | None]]:
@@ -629,11 +629,12 @@ class HybridDecoder:
                                     latent_path=path) from None
 
     def _attempt(self, plan: Plan, p: _Prepared, latents: torch.Tensor, vae: Any, z_vae: torch.Tensor,
-                 progress: ProgressFn | None, *, claim: Decision | None = None) -> _Attempt:
+                 progress: ProgressFn | None, *, claim: Decision | None = None, floor: bool = False) -> _Attempt:
         """Run one plan: its output, or its error (sorted by :func:`error_kind`, logged; strict mode raises
         internal errors). A :class:`~policy.errors.LatentError` is raised (bad input is not retried). With
-        ``claim`` (the decision the plan comes from), its memory is claimed after ``before_plan`` (which may free
-        memory for it, as in ComfyUI) and before it runs; a refusal returns ``refused``."""
+        ``claim`` (the decision the plan comes from), its memory (:func:`~policy.decide.claim_bytes`; ``floor``: only
+        the near-fit floor) is claimed after ``before_plan`` (which may free memory for it, as in ComfyUI) and before
+        it runs; a refusal returns the bytes refused in ``refused``."""
         import torch
 
         t0 = time.perf_counter()
@@ -647,9 +648,11 @@ class HybridDecoder:
         try:
             if self.before_plan is not None:
                 self.before_plan(plan)
-            refused = self._claim_refused(plan, claim, p) if claim is not None else None
-            if refused is not None:
-                return _Attempt(seconds=time.perf_counter() - t0, error=refused, refused=True)
+            refused = self._claim_refused(plan, claim, p, floor=floor) if claim is not None else 0
+            if refused:
+                return _Attempt(seconds=time.perf_counter() - t0,
+                                error=f"claim refused: {refused / 2**30:.2f} GiB not free at decode time",
+                                refused=refused)
             if use_cuda and claim is not None:  # the claimed block was handed back: not the decode's peak
                 torch.cuda.reset_peak_memory_stats(run_dev)
             if plan.path == "remote":

@@ -558,6 +558,21 @@ NEAR_FIT = 1.25
 CPU_SLOWER = 10.0
 
 
+def claim_bytes(plan: Plan, available_bytes: int, *, floor: bool = False) -> int:
+    """Bytes to claim (allocate at once, hand back to the cache) just before a local GPU plan runs, so memory that
+    went elsewhere since the probe shows as a refused claim, in milliseconds, before any decoding.
+
+    The plan's estimated peak when it fits ``available_bytes`` (what its decision saw) and not ``floor``; else
+    (a ``near_fit`` plan, or with ``floor``: the last GPU plan before the CPU) its estimate / :data:`NEAR_FIT`,
+    the least the near-fit rule believes such a plan may need: a refusal there means it cannot fit even at the
+    low end of that band, and the claim refuses no plan the band lets through. 0 for remote and CPU plans.
+    """
+    if plan.path not in ("full", "tiled"):
+        return 0
+    e = plan.estimate.peak_bytes
+    return e if e <= available_bytes and not floor else math.ceil(e / NEAR_FIT)
+
+
 def _cpu_host_ok(x: _Inputs, p: Plan) -> bool:
     """A CPU plan's host memory fits the probed available host memory minus the host reserve (unknown: fits)."""
     room = x.host_room

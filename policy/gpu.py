@@ -49,6 +49,10 @@ class GpuState:
         free_bytes: free memory as the driver sees it (NVML, or ``mem_get_info``).
         torch_reusable_bytes: memory this process's caching allocator holds but does not use
             (``reserved - active``); available to the decode, invisible to NVML's ``free``.
+        torch_fragmented_bytes: of ``torch_reusable_bytes``, the free blocks inside segments that also hold live
+            tensors (PyTorch's ``inactive_split_bytes``): the allocator cannot return them to the driver nor carve
+            a block larger than each of them from them, so they are not counted as available (the part of them a
+            decode's small tensors could still use is given up: a conservative count).
         source: where ``free_bytes`` came from.
         note: why a better source was not used ("" when none failed).
         device: the torch device string the numbers belong to (``cuda:0``, ``mps``, ``cpu``).
@@ -63,6 +67,7 @@ class GpuState:
     source: Source
     uuid: str | None = None
     torch_reusable_bytes: int = 0
+    torch_fragmented_bytes: int = 0
     note: str = ""
     device: str = "cpu"
     simulated: bool = False
@@ -70,9 +75,14 @@ class GpuState:
     host_total_bytes: int | None = None
 
     @property
+    def usable_cache_bytes(self) -> int:
+        """Torch's reusable cache less its fragmented part."""
+        return max(0, self.torch_reusable_bytes - self.torch_fragmented_bytes)
+
+    @property
     def available_bytes(self) -> int:
-        """Memory a decode may use: free + torch's reusable cache."""
-        return self.free_bytes + self.torch_reusable_bytes
+        """Memory a decode may use: free + torch's reusable cache, less the cache's fragmented part."""
+        return self.free_bytes + self.usable_cache_bytes
 
     @property
     def is_accelerator(self) -> bool:
@@ -80,12 +90,13 @@ class GpuState:
 
     def capped(self, max_available: int, why: str) -> GpuState:
         """This state with at most ``max_available`` bytes available (what a refused claim measured: that many
-        could not be allocated). The excess comes off torch's reusable cache first (a cache that could not give one
-        block is fragmented), then off the free memory; ``why`` joins the note. Unchanged when already under."""
+        could not be allocated). The excess comes off torch's usable cache first (a cache that could not give one
+        block is more fragmented than counted), then off the free memory; ``why`` joins the note. Unchanged when
+        already under."""
         cut = self.available_bytes - max(0, max_available)
         if cut <= 0:
             return self
-        from_cache = min(self.torch_reusable_bytes, cut)
+        from_cache = min(self.usable_cache_bytes, cut)
         note = f"{self.note}; {why}" if self.note else why
         return dataclasses.replace(self, torch_reusable_bytes=self.torch_reusable_bytes - from_cache,
                                    free_bytes=max(0, self.free_bytes - (cut - from_cache)), note=note)
@@ -382,11 +393,12 @@ def _probe_device(device: str | int | None, *, simulate: str | None,
             props = torch.cuda.get_device_properties(idx)
             uuid = getattr(props, "uuid", None)
             uuid_s = str(uuid) if uuid is not None else None
-            reusable = 0
+            reusable = fragmented = 0
             try:
                 stats = torch.cuda.memory_stats(idx)
                 reusable = max(0, int(stats.get("reserved_bytes.all.current", 0))
                                - int(stats.get("active_bytes.all.current", 0)))
+                fragmented = min(reusable, max(0, int(stats.get("inactive_split_bytes.all.current", 0))))
             except Exception as exc:
                 notes.append(f"torch.cuda.memory_stats failed ({exc})")
             is_rocm = getattr(torch.version, "hip", None) is not None
@@ -394,12 +406,14 @@ def _probe_device(device: str | int | None, *, simulate: str | None,
             if isinstance(nv, tuple):
                 total, free, name, u = nv
                 return GpuState(name=name, uuid=u, total_bytes=total, free_bytes=free, torch_reusable_bytes=reusable,
-                                source="nvml", note="; ".join(notes), device=f"cuda:{idx}")
+                                torch_fragmented_bytes=fragmented, source="nvml", note="; ".join(notes),
+                                device=f"cuda:{idx}")
             notes.append(nv)
             try:
                 free, total = torch.cuda.mem_get_info(idx)
                 return GpuState(name=str(props.name), uuid=uuid_s, total_bytes=int(total), free_bytes=int(free),
-                                torch_reusable_bytes=reusable, source="torch", note="; ".join(notes),
+                                torch_reusable_bytes=reusable, torch_fragmented_bytes=fragmented, source="torch",
+                                note="; ".join(notes),
                                 device=f"cuda:{idx}")
             except Exception as exc:
                 notes.append(f"torch.cuda.mem_get_info failed ({exc})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 from hybrid_vae.policy import (
@@ -16,7 +17,7 @@ from hybrid_vae.policy import (
     decide,
     load_profiles,
 )
-from hybrid_vae.policy.decide import NEAR_FIT, _actual_tile
+from hybrid_vae.policy.decide import NEAR_FIT, _actual_tile, claim_bytes
 from hybrid_vae.policy.estimate import peak_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,6 +34,29 @@ def card(name: str, free_gib: float, total_gib: float | None = None, reusable_gi
 
 
 SDXL = DecodeJob("sdxl", 1024, 1024)
+
+
+def test_claim_bytes_is_the_estimate_or_the_near_fit_floor():
+    """What the orchestrator claims before a plan runs: the estimate when it fits what the decision saw; else (and
+    for the last GPU plan before the CPU) the least the near-fit band says it may need; nothing off the GPU."""
+    d = decide(SDXL, card("NVIDIA GeForce RTX 3070", 3), P, DecodeSettings(allow_remote=False))
+    gpu = [p for p in d.plans if p.path in ("full", "tiled")]
+    e = gpu[0].estimate.peak_bytes
+    assert claim_bytes(gpu[0], d.available_bytes) == e <= d.available_bytes
+    assert claim_bytes(gpu[0], e - 1) == math.ceil(e / NEAR_FIT) == claim_bytes(gpu[0], e, floor=True) < e
+    assert all(claim_bytes(p, 10 * GiB) == 0 for p in d.plans if p.path == "cpu")
+    assert any(p.path == "cpu" for p in d.plans)
+
+
+def test_a_fragmented_torch_cache_is_not_counted_as_available():
+    """Free blocks inside segments that hold live tensors (PyTorch's inactive split bytes) cannot give a large
+    block: the decision counts the cache without them, and a refused claim caps the usable cache first."""
+    g = dataclasses.replace(card("NVIDIA GeForce RTX 3070", 1.0, reusable_gib=2.0), torch_fragmented_bytes=int(1.5 * GiB))
+    assert g.usable_cache_bytes == int(0.5 * GiB) and g.available_bytes == int(1.5 * GiB)
+    assert decide(SDXL, g, P).available_bytes == g.available_bytes
+    c = g.capped(int(1.2 * GiB), "claim refused")
+    assert (c.free_bytes, c.usable_cache_bytes, c.available_bytes) == (g.free_bytes, int(0.2 * GiB), int(1.2 * GiB))
+    assert dataclasses.replace(g, torch_fragmented_bytes=3 * GiB).available_bytes == g.free_bytes
 
 
 def test_4090_20gib_full():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import weakref
 
 import numpy as np
@@ -20,6 +21,7 @@ from hybrid_vae.policy import (
     load_profiles,
     parse_simulation,
 )
+from hybrid_vae.policy.decide import NEAR_FIT
 
 BIG = "name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=8"
 
@@ -388,14 +390,22 @@ def test_a_refused_claim_decides_again_from_a_fresh_probe(tiny, tmp_path, profil
     assert claims[1] == r.ran.estimate.peak_bytes
     fam = profiles.family("sd15")
     torch.testing.assert_close(res.tensor, run_plan(r.ran, tiny, to_vae_space(z, fam), family=fam))
-    # refused every time: one fresh decision, then down its chain; the last GPU plan before the CPU runs
-    # unclaimed (its estimate carries margins: an OOM costs one attempt, the CPU far more)
-    never = HybridDecoder(probe=sim(), latent_dir=tmp_path, claim=lambda d, n: False).decode(z, tiny, family="sd15")
+    # refused every time: one fresh decision, then down its chain; the last GPU plan before the CPU claims only
+    # its floor (estimate / NEAR_FIT: an OOM costs one attempt, the CPU far more), refused too: the CPU decodes it
+    seen = []
+    never = HybridDecoder(probe=sim(), latent_dir=tmp_path,
+                          claim=lambda d, n: seen.append(n) is not None).decode(z, tiny, family="sd15")
     r = never.report
     refused = [a for a in r.attempts if a[1] and a[1].startswith("claim refused")]
     gpu_plans = [q for q in r.decision.plans if q.path in ("full", "tiled")]
-    assert r.ran is gpu_plans[-1] and r.attempts[-1] == (r.ran.label, None, r.attempts[-1][2])
-    assert len(refused) == 1 + len(gpu_plans) - 1 == len(r.attempts) - 1
+    assert r.ran.path == "cpu" and r.attempts[-1] == (r.ran.label, None, r.attempts[-1][2])
+    assert len(refused) == 1 + len(gpu_plans) == len(r.attempts) - 1
+    last_e = gpu_plans[-1].estimate.peak_bytes
+    assert seen[-1] == math.ceil(last_e / NEAR_FIT) < last_e
+    # the floor free, every estimate refused: the last GPU plan runs (the band lets it through)
+    floor = HybridDecoder(probe=sim(), latent_dir=tmp_path,
+                          claim=lambda d, n: n <= math.ceil(last_e / NEAR_FIT)).decode(z, tiny, family="sd15")
+    assert floor.report.ran.label == gpu_plans[-1].label and floor.report.attempts[-1][1] is None
     assert not list(tmp_path.iterdir())
 
 

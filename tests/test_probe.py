@@ -42,13 +42,14 @@ def fake_nvml(devices, *, init_error=None):
 def cuda_visible(monkeypatch):
     """Pretend torch sees CUDA devices in CUDA_VISIBLE_DEVICES order: [(uuid, name, free, total)]."""
 
-    def install(devs, reserved=0, active=0):
+    def install(devs, reserved=0, active=0, split=0):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda i: types.SimpleNamespace(name=devs[i][1], uuid=devs[i][0], total_memory=devs[i][3]))
         monkeypatch.setattr(torch.cuda, "memory_stats", lambda i=None: {
-            "reserved_bytes.all.current": reserved, "active_bytes.all.current": active})
+            "reserved_bytes.all.current": reserved, "active_bytes.all.current": active,
+            "inactive_split_bytes.all.current": split})
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (devs[i or 0][2], devs[i or 0][3]))
 
     monkeypatch.delenv(gpumod.ENV_SIMULATE, raising=False)
@@ -66,7 +67,7 @@ def test_nvml_matched_by_uuid_under_reordering(cuda_visible, monkeypatch):
     assert s.source == "nvml"
     assert s.name == "NVIDIA GeForce RTX 4090"
     assert s.free_bytes == 20 * GiB and s.total_bytes == 24 * GiB
-    assert s.torch_reusable_bytes == 2 * GiB
+    assert s.torch_reusable_bytes == 2 * GiB and s.torch_fragmented_bytes == 0
     assert s.available_bytes == 22 * GiB
     s1 = probe("cuda:1")
     assert s1.name == "NVIDIA GeForce RTX 3070" and s1.free_bytes == 1 * GiB
@@ -142,6 +143,19 @@ def test_policy_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_probe_reads_the_caches_fragmented_part(cuda_visible, monkeypatch):
+    """PyTorch's inactive split bytes (free blocks in segments that hold live tensors) are the cache's part a large
+    block cannot come from: the probe reads them (at most the reusable cache) and does not count them."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([(f"GPU-{U1}", "NVIDIA GeForce RTX 4090", 24 * GiB, 20 * GiB)]))
+    cuda_visible([(U1, "NVIDIA GeForce RTX 4090", 19 * GiB, 24 * GiB)], reserved=3 * GiB, active=1 * GiB,
+                 split=int(0.5 * GiB))
+    s = probe()
+    assert (s.torch_reusable_bytes, s.torch_fragmented_bytes) == (2 * GiB, int(0.5 * GiB))
+    assert s.available_bytes == int(21.5 * GiB)
+    cuda_visible([(U1, "NVIDIA GeForce RTX 4090", 19 * GiB, 24 * GiB)], reserved=3 * GiB, active=1 * GiB, split=5 * GiB)
+    assert probe().torch_fragmented_bytes == 2 * GiB and probe().available_bytes == 20 * GiB
 
 
 def test_capped_takes_the_cache_first_then_free_memory():
