@@ -87,7 +87,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"device     {state.device}  ({state.name})")
     print(f"source     {state.source}{' (SIMULATED)' if state.simulated else ''}")
     print(f"total      {state.total_bytes / GiB:.2f} GiB")
-    print(f"free       {state.free_bytes / GiB:.2f} GiB  + torch cache {state.torch_reusable_bytes / GiB:.2f} GiB")
+    frag = f" ({state.torch_fragmented_bytes / GiB:.2f} GiB of it fragmented, not counted)" * bool(state.torch_fragmented_bytes)
+    print(f"free       {state.free_bytes / GiB:.2f} GiB  + torch cache {state.torch_reusable_bytes / GiB:.2f} GiB{frag}")
     if state.uuid:
         print(f"uuid       {state.uuid}")
     if state.note:
@@ -287,6 +288,10 @@ def plan_work(d: Decision, p: Plan, fam: Family | None) -> float:
     return voxels / (j.height * j.width * (j.frames or 1))
 
 
+def _fragmented(g: GpuState) -> str:
+    return f"; {g.torch_fragmented_bytes / GiB:.2f} GiB more fragmented, not counted" if g.torch_fragmented_bytes else ""
+
+
 def gpu_line(d: Decision, profiles: Profiles | None) -> list[str]:
     """The GPU header: the card, what was simulated, the profile and its kind, and vendor notes."""
     g = d.gpu
@@ -295,7 +300,7 @@ def gpu_line(d: Decision, profiles: Profiles | None) -> list[str]:
     gp = profiles.gpu(d.gpu_profile) if profiles is not None and d.gpu_profile else None
     prof = "none (generic speed)" if d.gpu_profile is None else f"{d.gpu_profile} ({gp.source if gp else 'measured'})"
     lines = [f"GPU       {name}{what}: {g.total_bytes / GiB:.2f} GiB total, {g.free_bytes / GiB:.2f} GiB free "
-             f"(+{g.torch_reusable_bytes / GiB:.2f} GiB torch cache), read from {g.source}; profile: {prof}"]
+             f"(+{g.usable_cache_bytes / GiB:.2f} GiB torch cache{_fragmented(g)}), read from {g.source}; profile: {prof}"]
     notes = [g.note] if g.simulated and g.note else []
     if gp is not None and gp.note:
         notes.append(gp.note)

@@ -156,3 +156,19 @@ def test_explain_shows_the_offloaded_plan_with_host_bytes_and_copy_seconds():
     assert "exact+host" not in out["decision"]["label"]
     assert any("of host memory" in o["why"] for o in out["options"] if "exact+host" in o["label"])
     assert run("explain", "--family", "sdxl", "--width", "1024", "--height", "1024", *gpu[:4], "--host-gib", "-1").returncode == 2
+
+
+def test_explain_names_the_fragmented_cache_it_does_not_count():
+    import dataclasses
+
+    from hybrid_vae.extension.cli_engine import render
+    from hybrid_vae.policy import DecodeJob, GiB, GpuState, decide, load_profiles
+
+    P = load_profiles("")
+    g = GpuState(name="NVIDIA GeForce RTX 3070", total_bytes=8 * GiB, free_bytes=2 * GiB, source="simulated",
+                 simulated=True, torch_reusable_bytes=2 * GiB)
+    plain = render(decide(DecodeJob("sdxl", 1024, 1024), g, P), profiles=P)
+    assert "(+2.00 GiB torch cache)" in plain and "fragmented" not in plain
+    g = dataclasses.replace(g, torch_fragmented_bytes=int(1.5 * GiB))
+    out = render(decide(DecodeJob("sdxl", 1024, 1024), g, P), profiles=P)
+    assert "(+0.50 GiB torch cache; 1.50 GiB more fragmented, not counted)" in out
