@@ -462,3 +462,21 @@ def test_cuda_peak_is_measured_and_vae_goes_back(tmp_path):
     r = res.report
     assert r.device.startswith("cuda") and r.peak_bytes is not None and r.peak_bytes > 0
     assert res.tensor.device.type == "cuda" and next(vae.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_the_probe_counts_a_split_segments_free_blocks_as_fragmented():
+    """Three 4 MiB tensors share one 20 MiB segment of PyTorch's large pool; freeing the middle one leaves free
+    blocks inside a segment that still holds live tensors (inactive split bytes): the probe does not count them
+    as available, and a claim of the free memory plus the usable cache still succeeds."""
+    from hybrid_vae.policy.gpu import probe
+
+    torch.cuda.empty_cache()
+    a, b, c = (torch.empty(4 << 20, dtype=torch.uint8, device="cuda") for _ in range(3))
+    del b
+    g = probe("cuda")
+    assert (4 << 20) <= g.torch_fragmented_bytes <= g.torch_reusable_bytes
+    assert g.available_bytes == g.free_bytes + g.torch_reusable_bytes - g.torch_fragmented_bytes
+    assert claim_memory("cuda", g.available_bytes - (1 << 30))
+    del a, c
