@@ -274,7 +274,7 @@ class DecodeService:
             now = (mem[1] if mem is not None else self.ledger.budget) - self.reserve_bytes
         free = max(0, min(self.ledger.budget - held, now))
         src = real.source if real.is_accelerator else "host"
-        return dataclasses.replace(real, free_bytes=free, torch_reusable_bytes=0, source=src,  # type: ignore[arg-type]
+        return dataclasses.replace(real, free_bytes=free, torch_reusable_bytes=0, torch_fragmented_bytes=0, source=src,  # type: ignore[arg-type]
                                    total_bytes=max(real.total_bytes, self.ledger.budget),
                                    note=f"server budget {format_gib(self.ledger.budget)} less {format_gib(held)} held"
                                         + (f"; {real.note}" if real.note else ""))
