@@ -14,7 +14,7 @@ Rules (each is tested):
 - An offloaded plan also needs its host buffers to fit the probed available host memory minus
   ``host_reserve_bytes`` (unknown host memory: no offloaded plans).
 - A GPU plan is feasible when its estimated peak <= available - reserve
-  (available = NVML free + torch's reusable cache).
+  (available = NVML free + torch's reusable cache less its fragmented part, ``GpuState.available_bytes``).
 - ``auto`` chooses the feasible plan with the smallest estimated seconds (ties: the larger tile);
   see ``tile_groupnorm`` for exact vs local tiles.
   Forced modes put their path first when it is feasible and otherwise say why and fall back to auto.
@@ -753,7 +753,8 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
     params: dict[str, ReasonValue] = {
         **route, "family": x.job.family, "label": describe_plan(c), "need": c.estimate.peak_bytes,
         "full_need": full.estimate.peak_bytes, "batch": x.job.batch, "budget": x.budget, "available": x.available,
-        "on_gpu": x.on_gpu, "free": gpu.free_bytes, "cache": gpu.torch_reusable_bytes,
+        "on_gpu": x.on_gpu, "free": gpu.free_bytes, "cache": gpu.usable_cache_bytes,
+        "fragmented": gpu.torch_fragmented_bytes,
         "reserve": x.settings.reserve_bytes, "gpu_note": None if x.on_gpu else gpu.note or gpu.source,
         "unmet_request": choice.unmet, "inferred": x.fam.inferred}
     if code.startswith("tiled_") and (c.groupnorm == "exact" or not x.fam.video):

@@ -244,7 +244,9 @@ def _memory(p: Mapping[str, ReasonValue]) -> str:
     if not p.get("on_gpu"):
         return f" [no GPU: {_s(p, 'gpu_note')}]"
     available, budget = _gib(_b(p, "available")), _b(p, "budget")
-    have = f"{available} available ({_gib(_b(p, 'free'))} free + {_gib(_b(p, 'cache'))} cache)"
+    frag = _b(p, "fragmented")
+    more = f"; {_gib(frag)} more fragmented, not counted" if frag else ""
+    have = f"{available} available ({_gib(_b(p, 'free'))} free + {_gib(_b(p, 'cache'))} cache{more})"
     if budget < 0:  # said as what it is, never as a negative budget
         return f" [{have} is under the {_gib(_b(p, 'reserve'))} reserve: no budget]"
     return f" [{have} - {_gib(_b(p, 'reserve'))} reserve = {_gib(budget)} budget]"

@@ -53,7 +53,9 @@ def test_a_fragmented_torch_cache_is_not_counted_as_available():
     block: the decision counts the cache without them, and a refused claim caps the usable cache first."""
     g = dataclasses.replace(card("NVIDIA GeForce RTX 3070", 1.0, reusable_gib=2.0), torch_fragmented_bytes=int(1.5 * GiB))
     assert g.usable_cache_bytes == int(0.5 * GiB) and g.available_bytes == int(1.5 * GiB)
-    assert decide(SDXL, g, P).available_bytes == g.available_bytes
+    d = decide(SDXL, g, P)
+    assert d.available_bytes == g.available_bytes
+    assert "1.50 GiB available (1.00 GiB free + 0.50 GiB cache; 1.50 GiB more fragmented, not counted)" in d.reason
     c = g.capped(int(1.2 * GiB), "claim refused")
     assert (c.free_bytes, c.usable_cache_bytes, c.available_bytes) == (g.free_bytes, int(0.2 * GiB), int(1.2 * GiB))
     assert dataclasses.replace(g, torch_fragmented_bytes=3 * GiB).available_bytes == g.free_bytes
