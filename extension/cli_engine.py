@@ -87,8 +87,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"device     {state.device}  ({state.name})")
     print(f"source     {state.source}{' (SIMULATED)' if state.simulated else ''}")
     print(f"total      {state.total_bytes / GiB:.2f} GiB")
-    frag = f" ({state.torch_fragmented_bytes / GiB:.2f} GiB of it fragmented, not counted)" * bool(state.torch_fragmented_bytes)
-    print(f"free       {state.free_bytes / GiB:.2f} GiB  + torch cache {state.torch_reusable_bytes / GiB:.2f} GiB{frag}")
+    cache = f"{state.torch_reusable_bytes / GiB:.2f} GiB"
+    if state.torch_fragmented_bytes:
+        cache += f" ({state.torch_fragmented_bytes / GiB:.2f} GiB of it fragmented, not counted)"
+    print(f"free       {state.free_bytes / GiB:.2f} GiB  + torch cache {cache}")
     if state.uuid:
         print(f"uuid       {state.uuid}")
     if state.note:
