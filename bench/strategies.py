@@ -125,7 +125,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
     that much is available now, after the free memory moved (:meth:`World.available`); a refused claim costs
     :data:`CLAIM_S`, and the first one makes the engine decide again (``redecide``) from what a probe sees now
     (:meth:`World.probe_now`), capped under the refused claim (:meth:`GpuState.capped`, as the orchestrator
-    does)."""
+    does), whose chain skips the plans that already failed."""
     fam = profiles.family(sc.family)
     plans = list(d.plans) if chain else [d.chosen]
     if tight_first:
@@ -137,7 +137,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
                 plans.insert(0, t)
     secs, ooms, wasted, claims, labels, note, floor_ooms = 0.0, 0, 0, 0, [], "", 0
     now = world.available(sc)
-    i = 0
+    i, failed = 0, set()
     while i < len(plans):
         p, i = plans[i], i + 1
         labels.append(p.label)
@@ -148,7 +148,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
             secs, wasted, claims = secs + CLAIM_S, wasted + 1, claims + 1
             if redecide is not None and chain:
                 d, redecide = redecide(world.probe_now(sc).capped(claim - 1, "refused claim")), None
-                plans, i = list(d.plans), 0
+                plans, i = [q for q in d.plans if q.label not in failed], 0
             continue
         ex = Exec.from_plan(p, fam, sc.batch)
         a = world.attempt(sc, ex)
@@ -159,6 +159,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
         wasted += 1
         ooms += a.oom
         floor_ooms += a.oom and floor
+        failed.add(p.label)
         note = a.error or "failed"
     return Outcome(True, False, secs, tuple(labels), ooms, wasted, note or "nothing to try", claims=claims,
                    floor_ooms=floor_ooms)

@@ -26,7 +26,8 @@ Claims: before a local plan runs on CUDA, its estimated peak is allocated in one
 PyTorch's cache (:func:`claim_memory`), so another process cannot take that memory during the decode. When
 the memory went elsewhere after the probe, the claim is refused in milliseconds, before any decoding: the
 attempt is recorded as ``claim refused: ...``, and (once per decode) the GPU is probed again and the decision
-made again from what is free now. Plans the decision already knew to exceed the free memory (``near_fit``), and
+made again from what is free now (a plan that already failed in this decode is not tried again). Plans the
+decision already knew to exceed the free memory (``near_fit``), and
 after the new decision a GPU plan with only CPU plans behind it, claim only their estimate / ``NEAR_FIT``
 (:func:`~policy.decide.claim_bytes`): the estimate carries margins and an OOM costs one attempt, the CPU far more,
 but below that floor they cannot fit, and the next plan goes without an OOM.
@@ -520,6 +521,7 @@ class HybridDecoder:
         z_vae = to_vae_space(p.z.to(torch.float32), p.fam)
         attempts: list[tuple[str, str | None, float]] = []
         plans, i, redecided = list(decision.plans), 0, False
+        failed: set[str] = set()  # labels of plans that ran and failed: a new decision does not try them again
         while i < len(plans):
             plan, i = plans[i], i + 1
             # after the new decision, a plan with nothing but the CPU behind it claims only its floor (its estimate
@@ -531,7 +533,7 @@ class HybridDecoder:
                 if not redecided:  # once per decode: the memory moved since the probe; decide again from now
                     redecided = True
                     p, (decision, snapshot) = self._redecide(p, latents, vae, refused=a.refused)
-                    plans, i = list(decision.plans), 0
+                    plans, i = [q for q in decision.plans if q.label not in failed], 0
                 continue
             # outside the except block: the traceback and the frames it pinned are gone
             attempts.append((plan.label, a.error, a.seconds))
@@ -539,6 +541,7 @@ class HybridDecoder:
                 if self.learned is not None:
                     self.learned.record_decision(decision, plan, a.seconds, applied=snapshot)
                 return self._finish(p, decision, plan, a, tuple(attempts), t_start, output)
+            failed.add(plan.label)
             if plan.path == "remote":
                 self._remote_failed(plan, a.error)
             if a.oom or plan.path != "remote":

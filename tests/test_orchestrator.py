@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import weakref
@@ -480,3 +481,29 @@ def test_the_probe_counts_a_split_segments_free_blocks_as_fragmented():
     assert g.available_bytes == g.free_bytes + g.torch_reusable_bytes - g.torch_fragmented_bytes
     assert claim_memory("cuda", g.available_bytes - (1 << 30))
     del a, c
+
+
+def test_the_new_decision_does_not_try_again_a_plan_that_already_failed(tiny, tmp_path, monkeypatch):
+    """A plan that failed (here: a backend error before it ran) is not tried again in the same decode when a later
+    plan's refused claim makes the engine decide again and the new chain lists it again (a CPU plan that ran out of
+    host memory would cost its time twice)."""
+    z = latent(1, 4, 40, 40)
+    d = HybridDecoder(probe=sim(), latent_dir=tmp_path).decode(z, tiny, family="sd15").report.decision
+    gpu = next(q for q in d.plans if q.path in ("full", "tiled"))
+    cpu = [q for q in d.plans if q.path == "cpu"]
+    assert len(cpu) >= 2  # the whole image, then one item at a time in tiles
+    crafted = dataclasses.replace(d, plans=(cpu[0], gpu, *cpu))  # a new decision lists cpu[0] again
+    monkeypatch.setattr(HybridDecoder, "_decide", lambda self, p, latents, vae: (crafted, None))
+    ran = []
+
+    def before(plan):
+        ran.append(plan.label)
+        if len(ran) == 1:
+            raise RuntimeError("injected backend failure")
+
+    res = HybridDecoder(probe=sim(), latent_dir=tmp_path, before_plan=before,
+                        claim=lambda device, n: False).decode(z, tiny, family="sd15")
+    r = res.report
+    assert [a[0] for a in r.attempts] == [cpu[0].label, gpu.label, gpu.label, cpu[1].label]
+    assert r.attempts[1][1].startswith("claim refused") and r.attempts[2][1].startswith("claim refused")
+    assert r.ran is cpu[1] and r.attempts[-1][1] is None and ran == [cpu[0].label, gpu.label, gpu.label, cpu[1].label]
