@@ -25,6 +25,7 @@ from hybrid_vae.policy.estimate import decoded_work, upcast_dtype
 from hybrid_vae.policy.gpu import simulated_gpu, vendor_note, with_host
 from hybrid_vae.policy.model import Decision, Plan, build_settings, field_choices
 from hybrid_vae.policy.profiles import Family, Profiles
+from hybrid_vae.policy.reasons import fragmented_text
 
 
 def add_parser(sub: Any) -> None:
@@ -290,10 +291,6 @@ def plan_work(d: Decision, p: Plan, fam: Family | None) -> float:
     return voxels / (j.height * j.width * (j.frames or 1))
 
 
-def _fragmented(g: GpuState) -> str:
-    return f"; {g.torch_fragmented_bytes / GiB:.2f} GiB more fragmented, not counted" if g.torch_fragmented_bytes else ""
-
-
 def gpu_line(d: Decision, profiles: Profiles | None) -> list[str]:
     """The GPU header: the card, what was simulated, the profile and its kind, and vendor notes."""
     g = d.gpu
@@ -302,7 +299,8 @@ def gpu_line(d: Decision, profiles: Profiles | None) -> list[str]:
     gp = profiles.gpu(d.gpu_profile) if profiles is not None and d.gpu_profile else None
     prof = "none (generic speed)" if d.gpu_profile is None else f"{d.gpu_profile} ({gp.source if gp else 'measured'})"
     lines = [f"GPU       {name}{what}: {g.total_bytes / GiB:.2f} GiB total, {g.free_bytes / GiB:.2f} GiB free "
-             f"(+{g.usable_cache_bytes / GiB:.2f} GiB torch cache{_fragmented(g)}), read from {g.source}; profile: {prof}"]
+             f"(+{g.usable_cache_bytes / GiB:.2f} GiB torch cache{fragmented_text(g.torch_fragmented_bytes)}), "
+             f"read from {g.source}; profile: {prof}"]
     notes = [g.note] if g.simulated and g.note else []
     if gp is not None and gp.note:
         notes.append(gp.note)

@@ -240,13 +240,17 @@ def _core(code: ReasonCode, p: Mapping[str, ReasonValue]) -> str:
     return f"{label}: {why}; remote: {'failed before' if p.get('remote_planned') else remote_text(p)}"
 
 
+def fragmented_text(nbytes: int) -> str:
+    """The clause naming the torch cache's fragmented part the engine does not count ("" when there is none)."""
+    return f"; {_gib(nbytes)} more fragmented, not counted" if nbytes else ""
+
+
 def _memory(p: Mapping[str, ReasonValue]) -> str:
     if not p.get("on_gpu"):
         return f" [no GPU: {_s(p, 'gpu_note')}]"
     available, budget = _gib(_b(p, "available")), _b(p, "budget")
-    frag = _b(p, "fragmented")
-    more = f"; {_gib(frag)} more fragmented, not counted" if frag else ""
-    have = f"{available} available ({_gib(_b(p, 'free'))} free + {_gib(_b(p, 'cache'))} cache{more})"
+    have = f"{available} available ({_gib(_b(p, 'free'))} free + {_gib(_b(p, 'cache'))} cache" \
+           f"{fragmented_text(_b(p, 'fragmented'))})"
     if budget < 0:  # said as what it is, never as a negative budget
         return f" [{have} is under the {_gib(_b(p, 'reserve'))} reserve: no budget]"
     return f" [{have} - {_gib(_b(p, 'reserve'))} reserve = {_gib(budget)} budget]"
