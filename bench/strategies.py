@@ -91,7 +91,7 @@ def engine_decision(sc: Scenario, profiles: Profiles, *, reserve_mib: float | No
     if reserve_mib is not None:
         kw["reserve_bytes"] = int(reserve_mib * 2**20)
     d = decide(sc.job(), gpu or sc.gpu(), profiles, DecodeSettings(**kw),  # type: ignore[arg-type]
-               sc.network.stats() if sc.network else None, learned=learned)
+               sc.net_stats(), learned=learned)
     if cache is not None:
         cache[key] = d
     return d
@@ -191,7 +191,7 @@ def engine_no_offload(world: World, sc: Scenario, profiles: Profiles, **kw: Any)
     def plan(g: GpuState) -> Decision:
         return decide(sc.job(), dataclasses.replace(g, host_available_bytes=None), profiles,
                       DecodeSettings(allow_remote=sc.network is not None),  # type: ignore[arg-type]
-                      sc.network.stats() if sc.network else None)
+                      sc.net_stats())
 
     return _run_decision(world, sc, profiles, plan(sc.gpu()), tight_first=False, redecide=plan)
 

@@ -94,6 +94,8 @@ class WorldParams:
         spread (`bool`, True): assumed factors drawn from their ranges; False: each at its midpoint.
         conv3d_regression (`float`, 0): share of installations whose video decoder takes the PyTorch 2.9
             conv3d path (2-3x the memory; a sensitivity world, not the headline).
+        warm_replies (`int`, 2): earlier replies of the same request the remote client has timed before the
+            scenario's decode (:meth:`World.seen`); 0: the engine ranks the endpoint at its assumed speed.
     """
 
     seed: int = 0
@@ -108,6 +110,7 @@ class WorldParams:
     effects: bool = True
     spread: bool = True
     conv3d_regression: float = 0.0
+    warm_replies: int = 2
 
     @classmethod
     def quiet(cls, **kw: object) -> WorldParams:
@@ -173,6 +176,15 @@ class Scenario:
     network: NetworkCase | None
     cache_frac: float = 0.0
     split_frac: float = 0.0  # share of the torch cache the probe reads as inactive split blocks (World.seen)
+    server_spv: float | None = None  # the endpoint's seconds per voxel the client inferred (World.seen)
+
+    def net_stats(self) -> NetworkStats | None:
+        """What the engine is told about the network: :meth:`NetworkCase.stats` and the server speed the client
+        inferred from earlier replies (:meth:`World.seen`)."""
+        if self.network is None:
+            return None
+        return dataclasses.replace(self.network.stats(), server_seconds_per_voxel=self.server_spv,
+                                   server_inferred=self.server_spv is not None)
 
     @functools.cached_property
     def local_key(self) -> str:
@@ -394,9 +406,43 @@ class World:
 
     def seen(self, sc: Scenario) -> Scenario:
         """``sc`` as a probe sees it in this world: with the torch cache's inactive split blocks (the unusable
-        part of the cache x ``U(1.0, 1.5)`` per installation, see the module docs)."""
+        part of the cache x ``U(1.0, 1.5)`` per installation, see the module docs), and the endpoint's speed as
+        the client inferred it from earlier replies (:meth:`warm_server_spv`)."""
         split = self.install(sc.card).frag * _rng(self.seed, "split", sc.card.name).uniform(1.0, 1.5)
-        return dataclasses.replace(sc, split_frac=min(1.0, split))
+        return dataclasses.replace(sc, split_frac=min(1.0, split), server_spv=self.warm_server_spv(sc))
+
+    def warm_server_spv(self, sc: Scenario) -> float | None:
+        """The server seconds per voxel the remote client holds after :data:`WARM_REPLIES` earlier replies to the
+        same request (a user generating at one size), each drawn like :meth:`_remote` (its own round trip,
+        rate and noise) and folded by the client's own code (:func:`extension.remote.netstats.record`: the time
+        to the headers less the round trip and upload the engine is told). None without a network, an endpoint
+        or with ``WorldParams.warm_replies`` 0."""
+        from hybrid_vae.extension.remote.netstats import EndpointStats, record
+        from hybrid_vae.extension.remote_wire import Reply
+
+        fam = self.profiles.family(sc.family)
+        net, p = sc.network, self.params
+        if net is None or not fam.endpoints or p.warm_replies <= 0:
+            return None
+        told = net.stats()
+        stats = EndpointStats(0.3)  # the client's default ewma_alpha
+        stats.rtt, stats.up = told.rtt_s, told.up_bytes_per_s
+        lat, vox = self._latent_bytes(sc, fam), sc.batch * (sc.frames or 1) * sc.height * sc.width
+        server = truth.server_seconds(self, sc) * self.install(sc.card).server
+        for k in range(p.warm_replies):
+            rng = _rng(self.seed, "warm", sc.key, k)
+            rtt = net.rtt_s * rng.lognormvariate(0.0, p.sigma_net)
+            bps = net.mbit * 1e6 / 8 / rng.lognormvariate(0.0, p.sigma_net)
+            ttfb = (rtt + lat / bps + server) * rng.lognormvariate(0.0, p.sigma_plan)
+            record(stats, Reply(200, {}, b"", 0.0, ttfb, ttfb), int(lat), vox, now=0.0)
+        return stats.server_spv
+
+    @staticmethod
+    def _latent_bytes(sc: Scenario, fam: Family) -> float:
+        sc_ = fam.spatial_compression
+        lat_frames = ((sc.frames or 1) - 1) // fam.temporal_compression + 1 if fam.video else 1
+        return sc.batch * fam.latent_channels * lat_frames * (sc.height // sc_) * (sc.width // sc_) * \
+            dtype_bytes(sc.dtype)
 
     def conditions(self, sc: Scenario) -> Conditions:
         p = self.params
@@ -476,10 +522,7 @@ class World:
         bps = net.mbit * 1e6 / 8 / rng.lognormvariate(0.0, p.sigma_net)
         png = rng.uniform(*PNG_BYTES_PER_PX)
         failed = rng.random() < p.remote_failure
-        sc_ = fam.spatial_compression
-        lat_frames = ((sc.frames or 1) - 1) // fam.temporal_compression + 1 if fam.video else 1
-        lat = sc.batch * fam.latent_channels * lat_frames * (sc.height // sc_) * (sc.width // sc_) * dtype_bytes(sc.dtype)
-        up = rtt + lat / bps
+        up = rtt + self._latent_bytes(sc, fam) / bps
         if failed:
             return Attempt(False, up, error="HTTP 503")
         vox = sc.batch * (sc.frames or 1) * sc.height * sc.width

@@ -468,7 +468,7 @@ def remote_estimate(job: DecodeJob, fam: Family, net: NetworkStats, fmt: Respons
     down = int(px * FORMAT_BYTES_PER_PX[fmt])
     if net.server_seconds_per_voxel is not None:
         server = px * net.server_seconds_per_voxel
-        ssrc = "measured server speed"
+        ssrc = "server speed inferred from earlier replies" if net.server_inferred else "measured server speed"
     else:
         server = px * fam.timing.h200_seconds_per_voxel_fp16 * REMOTE_SPEED_FACTOR
         ssrc = f"server assumed {REMOTE_SPEED_FACTOR:g}x slower than an H200"

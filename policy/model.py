@@ -194,6 +194,8 @@ class NetworkStats:
         source: ``measured`` (the client's running figures) or ``assumed`` (defaults).
         available: False while the endpoint's circuit breaker is open.
         server_seconds_per_voxel: the server's decode speed when measured.
+        server_inferred: ``server_seconds_per_voxel`` was inferred from the time to the response headers (the
+            endpoint does not report its decode seconds), not reported by the server.
     """
 
     rtt_s: float = 0.15
@@ -202,6 +204,7 @@ class NetworkStats:
     source: Literal["measured", "assumed"] = "assumed"
     available: bool = True
     server_seconds_per_voxel: float | None = None
+    server_inferred: bool = False
     note: str = ""
 
 

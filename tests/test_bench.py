@@ -505,3 +505,22 @@ def test_gpu_session_script_commands_exist():
         args = [sys.executable, "-m", module, *([sub] if sub and not sub.startswith("-") else []), "--help"]
         r = subprocess.run(args, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (args, r.stderr[-500:])
+
+
+def test_the_engine_is_told_the_server_speed_the_client_inferred():
+    """World.seen gives the engine what the remote client's own code (netstats.record) folded from two earlier
+    replies of the same request: close to the endpoint's true speed in this world, but not exact (each reply has
+    its own round trip, rate and noise); nothing without a network or with warm_replies=0."""
+    w = World(P, WorldParams(seed=5))
+    s = sc(free=0.5, net=NETWORKS[2])
+    seen = w.seen(s)
+    true_spv = truth.server_seconds(w, s) * w.install(s.card).server / (1024 * 1024)
+    assert seen.server_spv is not None and seen.server_spv != true_spv
+    assert 0.7 * true_spv < seen.server_spv < 1.3 * true_spv
+    stats = seen.net_stats()
+    assert stats is not None and stats.server_inferred and stats.server_seconds_per_voxel == seen.server_spv
+    assert w.seen(sc(free=0.5)).net_stats() is None
+    assert World(P, WorldParams(seed=5, warm_replies=0)).seen(s).server_spv is None
+    d = engine_decision(seen, P)
+    r = next(o.plan for o in d.options if o.plan.path == "remote")
+    assert "inferred from earlier replies" in r.estimate.seconds_source

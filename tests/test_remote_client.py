@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import statistics
 import sys
 import threading
 import time
@@ -87,7 +88,7 @@ def _fixture_available() -> bool:
 
 # ---- a recording server: answers valid protocol responses and remembers what it got ------------------
 class Recorder:
-    def __init__(self, *, health_status: int = 404, redirect_to: str | None = None) -> None:
+    def __init__(self, *, health_status: int = 404, redirect_to: str | None = None, delay_s: float = 0.0) -> None:
         self.requests: list[dict[str, object]] = []
         rec = self
 
@@ -128,6 +129,7 @@ class Recorder:
                 else:
                     out = bytes(shape[0] * h * w * 3)
                     headers = {"shape": json.dumps([shape[0], h, w, 3]), "dtype": "uint8"}
+                time.sleep(delay_s)  # "decoding": before the headers, as a real server
                 self.send_response(200)
                 for k, v in {**headers, "Content-Length": str(len(out))}.items():
                     self.send_header(k, v)
@@ -349,3 +351,56 @@ def test_server_token_with_client_token(demo: str) -> None:
             _decode(RemoteClient(), url, torch.randn(1, 4, 4, 4), "sd15")
         assert ei.value.status == 401 and "token" in str(ei.value)
         assert requests.get(base + "/health", timeout=5).ok
+
+
+# ---- an endpoint that does not report its decode seconds -----------------------------------------------
+def _reply(ttfb: float, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    from hybrid_vae.extension.remote_wire import Reply
+
+    return Reply(200, headers or {}, b"", 0.0, ttfb, ttfb)
+
+
+def test_server_speed_is_inferred_from_the_time_to_the_headers() -> None:
+    from hybrid_vae.extension.remote.netstats import INFERRED_TTL_S, EndpointStats, network_stats, record
+
+    st = EndpointStats(0.5)
+    st.rtt, st.up = 0.05, 1e6  # the figures the engine estimates with
+    assert record(st, _reply(1.05), 200_000, 1_000_000, now=0.0) is None  # nothing reported
+    n = network_stats(st, circuit="closed", failures=0, now=1.0)
+    assert n.server_inferred and n.server_seconds_per_voxel == pytest.approx(0.8 / 1e6)  # 1.05 - 0.05 - 0.2
+    record(st, _reply(100.0), 200_000, 1_000_000, now=2.0)  # a cold start counts at most 4x the running figure
+    assert network_stats(st, circuit="closed", failures=0, now=3.0).server_seconds_per_voxel == \
+        pytest.approx((0.8 + 0.5 * (3.2 - 0.8)) / 1e6)
+    assert network_stats(st, circuit="closed", failures=0, now=2.0 + INFERRED_TTL_S + 1).server_seconds_per_voxel \
+        is None  # forgotten: the engine's assumption applies again
+    record(st, _reply(0.3), 200_000, 1_000_000, now=INFERRED_TTL_S + 10)  # after the TTL: starts again, no cap
+    assert st.server_spv == pytest.approx(0.05 / 1e6)
+    record(st, _reply(0.6, {"x-decode-seconds": "0.4"}), 200_000, 1_000_000, now=INFERRED_TTL_S + 11)
+    n = network_stats(st, circuit="closed", failures=0, now=INFERRED_TTL_S + 12)
+    assert not n.server_inferred and n.server_seconds_per_voxel == pytest.approx(0.4 / 1e6)  # reported wins
+    record(st, _reply(9.0), 200_000, 1_000_000, now=INFERRED_TTL_S + 13)
+    assert st.server_spv == pytest.approx(0.4 / 1e6)  # an unreported reply does not overwrite a reported figure
+
+
+def test_a_slow_endpoint_without_decode_seconds_is_learned_by_decide() -> None:
+    """A real loopback endpoint that answers after 0.6 s and does not say how long it decoded (as Hugging Face's
+    endpoints): after two replies the engine's estimate for the same request is what was observed, not the
+    assumed speed, and the source says so."""
+    rec = Recorder(delay_s=0.6)
+    try:
+        client = RemoteClient()
+        z = torch.randn(1, 4, 64, 64)
+        got = [_decode(client, rec.url, z, "sd15", "raw") for _ in range(2)]
+        st = client.network_stats()[rec.url]
+        assert st.server_inferred and st.server_seconds_per_voxel is not None
+        job = DecodeJob("sd15", 512, 512)
+        d = decide(job, parse_simulation("name=cpu-box,free_gib=0.1,total_gib=1"), PROFILES,
+                   DecodeSettings(allow_remote=True, endpoints={"sd15": rec.url}), client.network_stats())
+        assert d.chosen.path == "remote" and "inferred from earlier replies" in d.chosen.estimate.seconds_source
+        seen = statistics.median(r.seconds for r in got)
+        assert 0.75 * seen <= d.chosen.estimate.seconds <= 1.35 * seen
+        assumed = decide(job, parse_simulation("name=cpu-box,free_gib=0.1,total_gib=1"), PROFILES,
+                         DecodeSettings(allow_remote=True, endpoints={"sd15": rec.url}), None)
+        assert assumed.chosen.estimate.seconds < 0.75 * seen  # the assumption would have ranked it too fast
+    finally:
+        rec.close()
