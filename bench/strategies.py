@@ -196,6 +196,13 @@ def engine_no_offload(world: World, sc: Scenario, profiles: Profiles, **kw: Any)
     return _run_decision(world, sc, profiles, plan(sc.gpu()), tight_first=False, redecide=plan)
 
 
+def engine_assumed_server(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
+    """WHAT-IF: the engine before the remote client inferred an endpoint's speed from its replies: it ranks remote
+    plans at the assumed speed (``policy.estimate.REMOTE_SPEED_FACTOR``; its decisions are not cached, the cache is
+    keyed by scenario)."""
+    return _run_engine(world, dataclasses.replace(sc, server_spv=None), profiles)
+
+
 def engine_tight_first(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
     """WHAT-IF (not the engine's rule today): a local plan that fits the available memory but not the
     reserve goes first when it is >= 1.25x faster than the decision's choice; the decision's chain
@@ -400,6 +407,8 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
     "engine_margins0": ("engine, margins 0 (reserve 0, exact_margin 1.0)",
                         engine_with(reserve_bytes=0, exact_margin=1.0)),
     "engine_no_chain": ("engine without its fallback chain (first plan only)", engine_with(chain=False)),
+    "engine_assumed_server": ("engine ranking endpoints at the assumed speed (2x an H200; before the client inferred "
+                              "it from replies)", engine_assumed_server),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),
     "engine_tight_learned": ("engine + 'tight plan first' + learned timings", engine_tight_learned),
     "oracle_but_drift": ("bound: an oracle that knows every hidden draw except the free memory moving after the "
