@@ -2,7 +2,8 @@
 
 Rules (each is tested):
 - Candidates: full (whole batch), full item by item (batch > 1), temporal chunks (video), tiled at
-  every tile cap from the family's smallest up to the image size -- for image families with an
+  every tile cap from the family's smallest up to the image size (and, only when none of these fits, down to
+  the family's ``last_resort_tile_px``: below the measured tiles) -- for image families with an
   exact-tiling model both ``exact`` (whole-image GroupNorm statistics; output = a full decode) and
   ``local`` (per-tile statistics; least memory) --, exact tiles whose whole-image buffers live partly in
   host memory ("offloaded", label ``exact+host``: the buffers get the device memory the tile leaves, the
@@ -418,6 +419,22 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
     return plans
 
 
+def _last_resort_plans(x: _Inputs, gpu_plans: list[Plan]) -> list[Plan]:
+    """Tiled plans below the family's smallest tile, down to ``tiling.last_resort_tile_px``, for a decision where
+    no GPU plan fits: before the near-fit rule risks an OOM or the CPU takes minutes to hours. Their memory
+    estimates extrapolate below the measured tiles (said in each plan's ``peak_source``). None when the family
+    has no such tile or the user set ``min_tile_px``."""
+    lo, floor = x.fam.tiling.last_resort_tile_px, x.fam.tiling.min_tile_px
+    if lo is None or x.settings.min_tile_px is not None:
+        return []
+    x2 = dataclasses.replace(x, settings=x.settings.model_copy(update={"min_tile_px": lo}))
+    have = {p.label for p in gpu_plans}
+    note = f"; a last-resort tile below the family's smallest ({floor} px): estimate extrapolated, more seams"
+    return [dataclasses.replace(p, estimate=dataclasses.replace(p.estimate, peak_source=p.estimate.peak_source + note))
+            for p in _candidates(x2, _PlanMaker(x2))
+            if p.path == "tiled" and p.tile_px is not None and p.tile_px < floor and p.label not in have]
+
+
 def _exact_sizes(x: _Inputs) -> list[int]:
     """The exact tile sizes (ascending, smaller than the image), one per tile cap."""
     sizes: list[int] = []
@@ -712,6 +729,9 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     x = _Inputs.of(job, gpu, profiles, settings or DecodeSettings(), learned)
     gpu_plans = _candidates(x, _PlanMaker(x))
     options, feasible = _feasibility(x, gpu_plans)
+    if not feasible and x.on_gpu and (extra := _last_resort_plans(x, gpu_plans)):
+        gpu_plans += extra
+        options, feasible = _feasibility(x, gpu_plans)
     remote, route = _remote_option(x, network, identity)
     if remote is not None:
         options.append(Option(remote, True, f"{remote_text(route)}; {remote.response_format} "

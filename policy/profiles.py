@@ -80,6 +80,14 @@ class TilingModel(_Model):
     frame_chunk: int | None = Field(None, ge=1, le=64, description="Latent frames per temporal chunk (video), the VAE's own default.")
     frame_chunk_overlap: int = Field(1, ge=0, le=16, description="Latent frames shared by consecutive temporal chunks.")
     always_chunked: bool = Field(False, description="The VAE always decodes frame chunks (Wan's causal cache): 'full' is already chunked.")
+    last_resort_tile_px: int | None = Field(None, ge=64, le=4096, description="Smaller tiles, down to this, planned only when no GPU plan at min_tile_px fits: below the measured tiles the estimates extrapolate, and more tiles mean more seams.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TilingModel:
+        if self.last_resort_tile_px is not None and self.last_resort_tile_px >= self.min_tile_px:
+            raise ValueError(f"last_resort_tile_px ({self.last_resort_tile_px}) must be smaller than min_tile_px "
+                             f"({self.min_tile_px}); remove it or lower it")
+        return self
 
 
 class TimingModel(_Model):

@@ -16,6 +16,7 @@ from hybrid_vae.policy import (
     ProfileError,
     decide,
     load_profiles,
+    parse_simulation,
 )
 from hybrid_vae.policy.decide import NEAR_FIT, _actual_tile, claim_bytes
 from hybrid_vae.policy.estimate import peak_bytes
@@ -438,17 +439,18 @@ def test_cpu_plans_carry_host_memory_and_the_gpu_goes_before_a_cpu_that_cannot_f
     fit = decide(job, small_host, P, DecodeSettings())
     assert fit.chosen.path == "tiled" and fit.chosen.host_output and fit.chosen.frame_chunk == 1
     assert fit.chosen.estimate.peak_bytes <= fit.budget_bytes and fit.reason_code != "near_fit"
-    # diffusers' own loop (the whole video stitched on the GPU) does not fit: near_fit
+    # diffusers' own loop (the whole video stitched on the GPU) on 1.45 GiB: even its last-resort 192 px tiles
+    # (1.58 GiB) do not fit, but they are within NEAR_FIT: near_fit
     own = DecodeSettings(video_host_output=False)
-    d = decide(job, small_host, P, own)
+    d = decide(job, dc.replace(small_host, free_bytes=int(1.45 * GiB)), P, own)
     assert not any(p.host_output for p in d.plans)
     assert d.reason_code == "near_fit" and d.plans[0].path == "tiled"
     fits = [p for p in d.plans if p.path == "cpu" and p.estimate.host_bytes <= 10 * GiB]
     unfit = [p for p in d.plans if p.path == "cpu" and p.estimate.host_bytes > 10 * GiB]
     assert fits and unfit and d.plans.index(fits[0]) < d.plans.index(unfit[0])
-    # far from fitting (1.5 GiB): the CPU plan that fits the host first, the GPU's smallest plan before the one
+    # far from fitting (1.1 GiB): the CPU plan that fits the host first, the GPU's smallest plan before the one
     # that does not
-    far = decide(job, dc.replace(small_host, free_bytes=int(1.5 * GiB)), P, own)
+    far = decide(job, dc.replace(small_host, free_bytes=int(1.1 * GiB)), P, own)
     kinds = [p.path for p in far.plans]
     assert far.reason_code == "cpu_nothing_fits" and kinds == ["cpu", "cpu", "tiled", "cpu"]
     assert far.plans[1].estimate.host_bytes <= far.plans[0].estimate.host_bytes <= 10 * GiB < \
@@ -480,3 +482,19 @@ def test_video_frames_to_host_shrink_the_plans_and_say_so(family, frames, chunke
     assert on.chosen.path == "tiled" and on.chosen.host_output and on.chosen.estimate.peak_bytes <= on.budget_bytes
     # less memory per tile or chunk: the same budget takes a plan at least as fast
     assert off.chosen.path == "cpu" or on.chosen.estimate.seconds <= off.chosen.estimate.seconds
+
+
+def test_last_resort_tiles_only_when_nothing_at_the_smallest_tile_fits():
+    """HunyuanVideo's 192 px tiles (below its smallest measured tile, 256) are planned only when no GPU plan fits;
+    then the smallest of them goes first instead of a near-fit gamble or the CPU, and says its estimate
+    extrapolates. A user's min_tile_px turns them off."""
+    job = DecodeJob("hunyuanvideo", 512, 320, frames=61)
+    sim = "name=NVIDIA GeForce RTX 4060,free_gib={}"
+    roomy = decide(job, parse_simulation(sim.format(1.3)), P)
+    assert roomy.chosen.tile_px == 256 and all((o.plan.tile_px or 256) >= 256 for o in roomy.options)
+    tight = decide(job, parse_simulation(sim.format(1.0)), P)
+    assert tight.chosen.label == "tiled 192px/64, 1-latent-frame chunks" and tight.reason_code != "near_fit"
+    assert "last-resort tile below the family's smallest (256 px)" in tight.chosen.estimate.peak_source
+    assert tight.chosen.estimate.peak_bytes <= tight.budget_bytes
+    own = decide(job, parse_simulation(sim.format(1.0)), P, DecodeSettings(min_tile_px=256))
+    assert all((o.plan.tile_px or 256) >= 256 for o in own.options) and own.chosen.tile_px != 192

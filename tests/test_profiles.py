@@ -154,3 +154,12 @@ def test_store_keeps_builtins_on_error_and_reloads_on_change(tmp_path):
 
 def test_builtin_files_are_package_data():
     assert (builtin_dir() / "families.yaml").is_file() and (builtin_dir() / "gpus.yaml").is_file()
+
+
+def test_last_resort_tile_must_be_below_the_smallest_tile(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("families:\n  hunyuanvideo:\n    tiling:\n      last_resort_tile_px: 320\n")
+    with pytest.raises(ProfileError) as ei:
+        load_profiles(f)
+    assert "families.hunyuanvideo.tiling" in str(ei.value)
+    assert "last_resort_tile_px (320) must be smaller than min_tile_px (256)" in str(ei.value)

@@ -58,7 +58,7 @@ SCENARIOS = [
     ("tiles estimated faster (learned)", J512, gpu(8), {}, None, slow_full(J512), "tiled_faster", {}),
     ("squeezed", J512, gpu(1.0), {"reserve_bytes": 960 * 2**20}, None, None, "squeezed", {}),
     ("nearly fits, the CPU's host memory does not", DecodeJob("hunyuanvideo", 1280, 720, frames=129),
-     gpu(1.0, host=4), {}, None, None, "near_fit", {"near_fit": 1.25}),
+     gpu(0.6, host=4), {}, None, None, "near_fit", {"near_fit": 1.25}),
     ("nearly fits, the CPU 10x slower", J512, gpu(0.2, host=64), {}, None, None, "near_fit", {"near_fit": 1.25}),
     ("remote faster", J512, gpu(8), ON, FAST_NET, None, "remote_faster", {"remote_code": "configured"}),
     ("remote, no GPU", J512, NO_GPU, ON, None, None, "remote_no_gpu", {"on_gpu": False}),
