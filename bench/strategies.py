@@ -407,6 +407,8 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
     "engine_margins0": ("engine, margins 0 (reserve 0, exact_margin 1.0)",
                         engine_with(reserve_bytes=0, exact_margin=1.0)),
     "engine_no_chain": ("engine without its fallback chain (first plan only)", engine_with(chain=False)),
+    "engine_tiles256": ("engine with no tile below 256 px (min_tile_px 256: Wan's 192 px tiles and HunyuanVideo's "
+                        "last-resort ones off)", engine_with(min_tile_px=256)),
     "engine_assumed_server": ("engine ranking endpoints at the assumed speed (2x an H200; before the client inferred "
                               "it from replies)", engine_assumed_server),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),

@@ -366,6 +366,13 @@ def test_reduced_matrix_peers_and_metrics(reduced):
 def test_what_ifs_and_learning(reduced):
     s = reduced["strategies"]
     assert s["engine_no_chain"]["lost"] > s["engine"]["lost"]
+    # absolute time beside regret: every supported scenario's seconds, failed attempts included
+    rows = reduced["rows"]
+    for n in ("engine", "engine_no_chain"):
+        sup = [r["results"][n] for r in rows if r["results"][n][0]]
+        assert s[n]["hours"] == pytest.approx(sum(x[2] for x in sup) / 3600) and s[n]["hours"] > 0
+        assert s[n]["over_10min"] == sum(1 for x in sup if x[2] > 600)
+    assert "| hours in all | decodes > 10 min |" in matrix.what_if_markdown(reduced)
     learned = matrix.train_learned(P, WorldParams(), "reduced", per_card=20)
     cards = {e.card for e in learned.entries.values() if e.family == "*"}
     assert cards == {c.name for c in {x.card for x in matrix.scenarios(P, "reduced")}}
