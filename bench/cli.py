@@ -155,7 +155,8 @@ class GpuCase:
 
 
 def gpu_cases() -> list[GpuCase]:
-    """33 scenarios: every image family and dtype of the matrix, video (Wan's tiles streamed to host at 1.5 GiB),
+    """35 scenarios: every image family and dtype of the matrix, video (Wan's tiles streamed to host at 1.5 GiB,
+    and the 192 px tiles of Wan and HunyuanVideo at 0.8 / 1.0 GiB),
     batches, non-square sizes;
     free memory chosen so that full, item-by-item, tiled and chunked plans all run."""
     c = GpuCase
@@ -180,6 +181,9 @@ def gpu_cases() -> list[GpuCase]:
         c("hunyuanvideo", "hunyuanvideo", "float16", 512, 320, 10.0, frames=61),
         c("hunyuanvideo", "hunyuanvideo", "float16", 512, 320, 4.5, frames=61),
         c("wan", "wan", "bfloat16", 960, 544, 8.0, frames=33), c("wan", "wan", "bfloat16", 960, 544, 1.5, frames=33),
+        # the smallest tiles: Wan's 192 px tiles and HunyuanVideo's last-resort 192 px ones (estimates extrapolated)
+        c("wan", "wan", "bfloat16", 960, 544, 0.8, frames=33),
+        c("hunyuanvideo", "hunyuanvideo", "float16", 512, 320, 1.0, frames=61),
     ]
 
 

@@ -3,7 +3,7 @@
 # time limit so one slow step cannot eat the others). The lent machine has no network: first run
 # `bash bench/gpu_wheels.sh` here (wheels into .whl/), then with the device tool:
 #   run  command="bash bench/gpu_session.sh 1"  carry=[".whl"]  timeout_s=480   (tests, #3/#15 timing, calibrate)
-#   run  command="bash bench/gpu_session.sh 2"  carry=[".whl"]  timeout_s=420   (#6: bench --gpu, 33 decodes)
+#   run  command="bash bench/gpu_session.sh 2"  carry=[".whl"]  timeout_s=420   (#6: bench --gpu, 35 decodes)
 #   run  command="bash bench/gpu_session.sh offload"  carry=[".whl"]  timeout_s=300   (#15 alone, ~3 minutes)
 # (no argument runs parts 1 and 2, which may not fit one 600 s call.)
 # It writes under ${OUT:-bench/results/gpu}: the logs, the JSON of each step, docs/benchmarks.md sections
@@ -11,7 +11,7 @@
 # afterwards (docs/benchmarks.md, bench/results/).
 #   1. issue #3: tiled vs full at 2048x2048 float16 with a 2.5 GiB budget (target <= 1.35x full, peak
 #      under the estimate), and the same at 1024x1024 where exact tiles fit
-#   2. issue #6: `hybrid-vae bench --gpu` (33 real decodes under emulated smaller cards: OOMs, peaks vs
+#   2. issue #6: `hybrid-vae bench --gpu` (35 real decodes under emulated smaller cards: OOMs, peaks vs
 #      estimates) and `hybrid-vae calibrate` + `explain --profile` naming it
 #   offload (also inside part 1): issue #15, exact tiles with their whole-image buffers in host memory:
 #      CUDA tests (equal to the full decode, the copy stream), then 2048x2048 float16 at 2.5 GiB free:
