@@ -358,7 +358,7 @@ CALIBRATE_NOTE = """### Calibrating a card, learning its timings
 def gpu_placeholder() -> str:
     """The section text until a GPU run replaces it."""
     return ("## Real decodes on a GPU\n\nNot run yet: the session that wrote this had no GPU. One command runs all "
-            "of it (33 scenarios, about 5 minutes on an H100) and replaces this section with the card's name and "
+            "of it (35 scenarios, about 5 minutes on an H100) and replaces this section with the card's name and "
             "the results: `hybrid-vae bench --gpu` (or `python -m hybrid_vae.bench.cli gpu --out bench/results`). It emulates "
             "smaller cards with `torch.cuda.set_per_process_memory_fraction` (the VAE's weights + the scenario's "
             "free memory), runs every scenario through `HybridDecoder`, and records OOM errors, the measured peak "
