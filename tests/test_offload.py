@@ -155,7 +155,7 @@ def test_placement_keeps_the_busiest_buffers_on_the_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_on_cuda_offloaded_equals_the_full_decode_under_a_bounded_peak(dtype):
-    """The copy stream and the pinned staging (extension.stream._CudaMover): the same image as the full
+    """The copy stream and the pinned staging (extension.stream_store.CudaMover): the same image as the full
     decode, a CUDA peak far below in-memory exact tiling's, and every tile's copy counted."""
     vae = kl([32, 64, 128, 128], groups=8).to("cuda", dtype)
     z = torch.randn(1, 4, 96, 80, device="cuda", dtype=dtype)
