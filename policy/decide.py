@@ -776,7 +776,9 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
         "on_gpu": x.on_gpu, "free": gpu.free_bytes, "cache": gpu.usable_cache_bytes,
         "fragmented": gpu.torch_fragmented_bytes,
         "reserve": x.settings.reserve_bytes, "gpu_note": None if x.on_gpu else gpu.note or gpu.source,
-        "unmet_request": choice.unmet, "inferred": x.fam.inferred}
+        "unmet_request": choice.unmet, "inferred": x.fam.inferred,
+        "below_tile_px": x.fam.tiling.min_tile_px if c.path == "tiled" and c.tile_px is not None
+        and c.tile_px < x.fam.tiling.min_tile_px and x.settings.min_tile_px is None else None}
     if code.startswith("tiled_") and (c.groupnorm == "exact" or not x.fam.video):
         params |= _tiles_params(x, c, gpu_plans, feasible)
     elif c.path == "remote":

@@ -31,7 +31,8 @@ Codes (the chosen plan's primary reason; :data:`REASON_CODES` lists them):
 Secondary codes live in the parameters: ``unmet_request`` (``full`` / ``tiled`` / ``remote``: the requested
 mode could not run, :data:`UnmetRequest`), ``tiles`` (why exact or local tiles, :data:`TileNote`),
 ``remote_code`` (why remote is or is not a candidate, :data:`RemoteCode`) with ``remote_identity``
-(:data:`IdentityGate`), ``inferred`` (the family was inferred from the VAE's config), and the memory numbers
+(:data:`IdentityGate`), ``inferred`` (the family was inferred from the VAE's config), ``below_tile_px`` (the
+chosen plan's tile is below the family's smallest, this many px: a last-resort tile), and the memory numbers
 (bytes): ``need``, ``full_need``, ``budget`` (may be negative: memory under the reserve), ``available``,
 ``free``, ``cache``, ``reserve``. :func:`reason_text` and :func:`summary_text` render; every comparison they
 write holds for the numbers given (tests/test_reason_text.py).
@@ -264,6 +265,9 @@ def reason_text(code: ReasonCode, params: Mapping[str, ReasonValue]) -> str:
     text = _prefix(p) + _core(code, p)
     if p.get("remote_identity") == "refused" and not code.startswith("cpu_"):  # the cpu reason names it already
         text += f"; remote: {remote_text(p)}"
+    if p.get("below_tile_px"):
+        text += (f"; {_s(p, 'label').split(',')[0]} is below the family's smallest tile ({_b(p, 'below_tile_px')} px), "
+                 "tried only because nothing larger fits: its estimate extrapolates, and more tiles mean more seams")
     if p.get("inferred"):
         text += f"; {_s(p, 'inferred')}"
     return text + _memory(p)
@@ -290,6 +294,8 @@ def summary_text(code: ReasonCode, params: Mapping[str, ReasonValue]) -> str:
         text = f"remote {_s(p, 'format')}"
     else:
         text = f"{label}, " + ("no GPU" if code == "cpu_no_gpu" else f"no GPU plan fits {_gib(_b(p, 'available'))} available")
+    if p.get("below_tile_px"):
+        text += ", last-resort tile"
     if p.get("inferred"):
         text += ", VAE matches no family: local only"
     return text

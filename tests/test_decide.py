@@ -495,6 +495,8 @@ def test_last_resort_tiles_only_when_nothing_at_the_smallest_tile_fits():
     tight = decide(job, parse_simulation(sim.format(1.0)), P)
     assert tight.chosen.label == "tiled 192px/64, 1-latent-frame chunks" and tight.reason_code != "near_fit"
     assert "last-resort tile below the family's smallest (256 px)" in tight.chosen.estimate.peak_source
+    assert tight.reason_params["below_tile_px"] == 256 and "below the family's smallest tile (256 px)" in tight.reason
+    assert "below_tile_px" not in roomy.reason_params and "smallest tile" not in roomy.reason
     assert tight.chosen.estimate.peak_bytes <= tight.budget_bytes
     own = decide(job, parse_simulation(sim.format(1.0)), P, DecodeSettings(min_tile_px=256))
     assert all((o.plan.tile_px or 256) >= 256 for o in own.options) and own.chosen.tile_px != 192
