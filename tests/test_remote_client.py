@@ -373,13 +373,18 @@ def test_server_speed_is_inferred_from_the_time_to_the_headers() -> None:
         pytest.approx((0.8 + 0.5 * (3.2 - 0.8)) / 1e6)
     assert network_stats(st, circuit="closed", failures=0, now=2.0 + INFERRED_TTL_S + 1).server_seconds_per_voxel \
         is None  # forgotten: the engine's assumption applies again
-    record(st, _reply(0.3), 200_000, 1_000_000, now=INFERRED_TTL_S + 10)  # after the TTL: starts again, no cap
-    assert st.server_spv == pytest.approx(0.05 / 1e6)
+    record(st, _reply(0.5), 200_000, 1_000_000, now=INFERRED_TTL_S + 10)  # after the TTL: starts again, no cap
+    assert st.server_spv == pytest.approx(0.25 / 1e6)
     record(st, _reply(0.6, {"x-decode-seconds": "0.4"}), 200_000, 1_000_000, now=INFERRED_TTL_S + 11)
     n = network_stats(st, circuit="closed", failures=0, now=INFERRED_TTL_S + 12)
     assert not n.server_inferred and n.server_seconds_per_voxel == pytest.approx(0.4 / 1e6)  # reported wins
     record(st, _reply(9.0), 200_000, 1_000_000, now=INFERRED_TTL_S + 13)
     assert st.server_spv == pytest.approx(0.4 / 1e6)  # an unreported reply does not overwrite a reported figure
+    fast = EndpointStats(0.5)  # the engine's defaults: 0.15 s round trip, 20 Mbit/s up
+    record(fast, _reply(0.12), 32_768, 262_144, now=0.0)  # faster than the assumed round trip: says nothing
+    record(fast, _reply(0.2), 32_768, 262_144, now=1.0)  # 0.037 s left of 0.2 s: under INFERRED_MIN_SHARE
+    assert fast.server_spv is None and network_stats(fast, circuit="closed", failures=0).server_seconds_per_voxel \
+        is None
 
 
 def test_a_slow_endpoint_without_decode_seconds_is_learned_by_decide() -> None:

@@ -33,6 +33,10 @@ MAX_RATE = 1e10
 INFERRED_TTL_S = 600.0
 #: An inferred sample counts at most this multiple of the running figure (a cold start is not the endpoint's speed).
 INFERRED_MAX_STEP = 4.0
+#: A reply is used for an inferred speed only when the server's share of its time to the headers is at least this:
+#: below it the round trip and upload the engine assumes are most of that time (or more: a fast endpoint on a short
+#: link), so the remainder says nothing about the server, and a figure near 0 would rank big requests as free.
+INFERRED_MIN_SHARE = 0.25
 
 
 class EndpointStats:
@@ -70,7 +74,8 @@ def record(stats: EndpointStats, reply: Reply, bytes_up: int, voxels: int | None
     request, the upload for a large one (less the known round trip); the body's transfer time gives the
     download rate; the server's seconds per voxel its speed. Without ``X-Decode-Seconds`` the server's seconds
     are inferred (:func:`infer_server_seconds`; a sample counts at most :data:`INFERRED_MAX_STEP` x the running
-    figure) and the round trip and upload are not measured. ``now``: ``time.monotonic()`` (tests pass their own).
+    figure, and only when it is at least :data:`INFERRED_MIN_SHARE` of the time to the headers) and the round
+    trip and upload are not measured. ``now``: ``time.monotonic()`` (tests pass their own).
     """
     now = time.monotonic() if now is None else now
     server: float | None = None
@@ -97,6 +102,8 @@ def record(stats: EndpointStats, reply: Reply, bytes_up: int, voxels: int | None
         d = NetworkStats()
         secs = infer_server_seconds(ttfb, bytes_up, rtt_s=stats.rtt if stats.rtt is not None else d.rtt_s,
                                     up_bytes_per_s=stats.up or d.up_bytes_per_s)
+        if secs < INFERRED_MIN_SHARE * ttfb:
+            return server
         spv = secs / voxels
         if stats.server_spv is not None and now - stats.server_t <= INFERRED_TTL_S:
             spv = min(spv, INFERRED_MAX_STEP * stats.server_spv)
