@@ -412,12 +412,12 @@ class World:
         return dataclasses.replace(sc, split_frac=min(1.0, split), server_spv=self.warm_server_spv(sc))
 
     def warm_server_spv(self, sc: Scenario) -> float | None:
-        """The server seconds per voxel the remote client holds after :data:`WARM_REPLIES` earlier replies to the
+        """The server seconds per voxel the remote client holds after ``WorldParams.warm_replies`` earlier replies to the
         same request (a user generating at one size), each drawn like :meth:`_remote` (its own round trip,
         rate and noise) and folded by the client's own code (:func:`extension.remote.netstats.record`: the time
         to the headers less the round trip and upload the engine is told). None without a network, an endpoint
         or with ``WorldParams.warm_replies`` 0."""
-        from hybrid_vae.extension.remote.netstats import EndpointStats, record
+        from hybrid_vae.extension.remote.netstats import DEFAULT_ALPHA, EndpointStats, record
         from hybrid_vae.extension.remote_wire import Reply
 
         fam = self.profiles.family(sc.family)
@@ -425,7 +425,7 @@ class World:
         if net is None or not fam.endpoints or p.warm_replies <= 0:
             return None
         told = net.stats()
-        stats = EndpointStats(0.3)  # the client's default ewma_alpha
+        stats = EndpointStats(DEFAULT_ALPHA)  # the client's default
         stats.rtt, stats.up = told.rtt_s, told.up_bytes_per_s
         lat, vox = self._latent_bytes(sc, fam), sc.batch * (sc.frames or 1) * sc.height * sc.width
         server = truth.server_seconds(self, sc) * self.install(sc.card).server

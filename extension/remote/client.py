@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 from hybrid_vae.extension.remote.breaker import CircuitBreaker
 from hybrid_vae.extension.remote.deadline import exchange
-from hybrid_vae.extension.remote.netstats import EndpointStats, network_stats, record
+from hybrid_vae.extension.remote.netstats import DEFAULT_ALPHA, EndpointStats, network_stats, record
 from hybrid_vae.extension.remote_wire import (
     Reply,
     error_text,
@@ -177,7 +177,7 @@ class RemoteClient:
                  max_retries: int = 2,
                  backoff_base_s: float = 0.25, backoff_max_s: float = 4.0, retry_after_cap_s: float = 10.0,
                  failure_threshold: int = 3, cooldown_s: float = 30.0, max_cooldown_s: float = 300.0,
-                 max_response_bytes: int = 1024 * MiB, max_image_pixels: int = 2**28, ewma_alpha: float = 0.3,
+                 max_response_bytes: int = 1024 * MiB, max_image_pixels: int = 2**28, ewma_alpha: float = DEFAULT_ALPHA,
                  session: requests.Session | None = None, seed: int | None = None) -> None:
         for name, v in (("connect_timeout_s", connect_timeout_s), ("read_timeout_s", read_timeout_s)):
             if not (v > 0 and math.isfinite(v)):

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 MIN_RATE_BYTES = 32 * 1024
 #: Cap on a measured rate (bytes/s): a reply timed at ~0 s must not claim an infinite link.
 MAX_RATE = 1e10
+#: Weight of a new measurement in the running figures (``RemoteClient(ewma_alpha=...)``'s default).
+DEFAULT_ALPHA = 0.3
 #: An inferred server speed older than this (seconds) is forgotten: one slow reply (a cold start, a queue) must
 #: not keep the engine away from the endpoint for the rest of the session, as it never measures it again.
 INFERRED_TTL_S = 600.0
@@ -57,6 +59,17 @@ class EndpointStats:
         old = getattr(self, name)
         setattr(self, name, value if old is None else old + self.alpha * (value - old))
         self.samples += 1
+
+
+def _link(stats: EndpointStats) -> tuple[float, float]:
+    """The round trip (s) and upload rate (bytes/s) the engine estimates with: measured, else its defaults."""
+    d = NetworkStats()
+    return (stats.rtt if stats.rtt is not None else d.rtt_s), (stats.up or d.up_bytes_per_s)
+
+
+def _fresh_inferred(stats: EndpointStats, now: float) -> float | None:
+    """The inferred server speed while it is younger than :data:`INFERRED_TTL_S`, else None."""
+    return stats.server_spv if stats.server_inferred and now - stats.server_t <= INFERRED_TTL_S else None
 
 
 def infer_server_seconds(ttfb_s: float, bytes_up: int, *, rtt_s: float, up_bytes_per_s: float) -> float:
@@ -99,17 +112,13 @@ def record(stats: EndpointStats, reply: Reply, bytes_up: int, voxels: int | None
             stats.add("server_spv", server / voxels)
             stats.server_t = now
     elif voxels and (stats.server_inferred or stats.server_spv is None):
-        d = NetworkStats()
-        secs = infer_server_seconds(ttfb, bytes_up, rtt_s=stats.rtt if stats.rtt is not None else d.rtt_s,
-                                    up_bytes_per_s=stats.up or d.up_bytes_per_s)
+        rtt, up = _link(stats)
+        secs = infer_server_seconds(ttfb, bytes_up, rtt_s=rtt, up_bytes_per_s=up)
         if secs < INFERRED_MIN_SHARE * ttfb:
             return server
+        running = stats.server_spv = _fresh_inferred(stats, now)  # a stale figure is forgotten: start again
         spv = secs / voxels
-        if stats.server_spv is not None and now - stats.server_t <= INFERRED_TTL_S:
-            spv = min(spv, INFERRED_MAX_STEP * stats.server_spv)
-        else:
-            stats.server_spv = None  # forgotten: start again from this reply
-        stats.add("server_spv", spv)
+        stats.add("server_spv", spv if running is None else min(spv, INFERRED_MAX_STEP * running))
         stats.server_inferred, stats.server_t = True, now
     return server
 
@@ -123,14 +132,11 @@ def network_stats(stats: EndpointStats, *, circuit: str, failures: int, now: flo
     """
     now = time.monotonic() if now is None else now
     d = NetworkStats()
-    spv = stats.server_spv
-    if stats.server_inferred and now - stats.server_t > INFERRED_TTL_S:
-        spv = None
+    rtt, up = _link(stats)
+    spv = _fresh_inferred(stats, now) if stats.server_inferred else stats.server_spv
     note = (f"circuit {circuit} after {failures} failed calls" if circuit != "closed"
             else f"{stats.samples} measurements" if stats.samples else "not measured")
-    return NetworkStats(rtt_s=stats.rtt if stats.rtt is not None else d.rtt_s,
-                        down_bytes_per_s=stats.down or d.down_bytes_per_s,
-                        up_bytes_per_s=stats.up or d.up_bytes_per_s,
+    return NetworkStats(rtt_s=rtt, down_bytes_per_s=stats.down or d.down_bytes_per_s, up_bytes_per_s=up,
                         source="measured" if stats.samples else "assumed",
                         available=circuit != "open", server_seconds_per_voxel=spv,
                         server_inferred=spv is not None and stats.server_inferred, note=note)
