@@ -352,7 +352,12 @@ CALIBRATE_NOTE = """### Calibrating a card, learning its timings
   records measured / estimated seconds per (card, family, path, size bucket) and card-wide, as an EWMA in a
   bounded JSON file (512 entries; `$HYBRID_VAE_LEARNED` or the user cache dir). From 3 decodes a factor
   scales that card's local estimates (`explain --learned` shows the factors and the sources say
-  `x0.82 learned from 12 decodes`). Reset: `hybrid-vae calibrate --reset-learned`."""
+  `x0.82 learned from 12 decodes`). Reset: `hybrid-vae calibrate --reset-learned`.
+- Learned peaks (same file): the allocated peak of each such decode against its estimate, per (card, family,
+  path) and card-wide per path, as an upper envelope (a higher ratio replaces the factor, a lower one pulls it
+  down slowly); an out-of-memory error of a plan whose estimate was claimed raises it by 5%. From the first
+  decode a factor above 1 raises that card's estimates (`x1.06 learned peak from 3 decodes`); it never lowers
+  one."""
 
 
 def gpu_placeholder() -> str:

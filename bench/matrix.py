@@ -36,7 +36,7 @@ from hybrid_vae.bench.strategies import ALL, STRATEGIES, WHAT_IF, Strategy, best
 from hybrid_vae.bench.world import EXTRA_CARDS, NETWORKS, Card, Exec, NetworkCase, Scenario, World, WorldParams, world_cards
 from hybrid_vae.bench.world_doc import WORLD_MD
 from hybrid_vae.policy.decide import decide
-from hybrid_vae.policy.learned import Learned, job_voxels, learn_path, observe
+from hybrid_vae.policy.learned import Learned, job_voxels, learn_path, observe, observe_peak
 from hybrid_vae.policy.model import DecodeSettings
 from hybrid_vae.policy.profiles import Profiles, load_profiles
 
@@ -147,9 +147,11 @@ def _world(profiles: Profiles, params: WorldParams, seed: int, *, offset: int = 
 
 def train_learned(profiles: Profiles, params: WorldParams, sset: ScenarioSet | str = "scoring", *,
                   per_card: int = 60) -> Learned:
-    """Warm-up for the learned-timings row: ``per_card`` decodes per card, drawn from the set (no network), run by
-    the engine in a world with *other* noise draws (same cards); each successful local decode is folded into the
-    EWMA with :func:`policy.learned.observe` exactly as the orchestrator records it."""
+    """Warm-up for the learned rows: ``per_card`` decodes per card, drawn from the set (no network), run by the
+    engine in a world with *other* noise draws (same cards and installations); each successful local decode is
+    folded in as the orchestrator records it (:func:`policy.learned.observe` with its seconds,
+    :func:`policy.learned.observe_peak` with its allocated peak), and so is an out-of-memory error of a plan
+    whose estimate fit what the decision saw (the orchestrator claimed it: ``oom=True`` at the estimate)."""
     sset = SETS[sset] if isinstance(sset, str) else sset
     world = _world(profiles, params, sset.seeds[0], offset=7919)
     pool = [sc for sc in scenarios(profiles, sset) if sc.network is None]
@@ -164,15 +166,25 @@ def train_learned(profiles: Profiles, params: WorldParams, sset: ScenarioSet | s
             d = decide(sc.job(), sc.gpu(), profiles, DecodeSettings(), learned=learned)
             fam = profiles.family(sc.family)
             for p in d.plans:
-                a = world.attempt(sc, Exec.from_plan(p, fam, sc.batch))
+                ex = Exec.from_plan(p, fam, sc.batch)
+                a = world.attempt(sc, ex)
+                if p.path not in ("full", "tiled"):
+                    if a.ok:
+                        break
+                    continue
+                now += 1
+                path, card, vox = learn_path(p), sc.card.name, job_voxels(sc.job())
+                raw_peak = p.estimate.peak_bytes / learned.peak_factor(card, sc.family, path)[0]
                 if a.ok:
-                    if p.path in ("full", "tiled"):
-                        f = learned.factor(sc.card.name, sc.family, learn_path(p), job_voxels(sc.job()))[0]
-                        now += 1
-                        learned = observe(learned, card=sc.card.name, family=sc.family, path=learn_path(p),
-                                          voxels=job_voxels(sc.job()), estimated_s=p.estimate.seconds / f,
-                                          measured_s=a.seconds, now=now)
+                    f = learned.factor(card, sc.family, path, vox)[0]
+                    learned = observe(learned, card=card, family=sc.family, path=path, voxels=vox,
+                                      estimated_s=p.estimate.seconds / f, measured_s=a.seconds, now=now)
+                    learned = observe_peak(learned, card=card, family=sc.family, path=path, estimated_bytes=raw_peak,
+                                           measured_bytes=world.allocated_peak(sc, ex), now=now)
                     break
+                if a.oom and p.estimate.peak_bytes <= d.available_bytes:
+                    learned = observe_peak(learned, card=card, family=sc.family, path=path, estimated_bytes=raw_peak,
+                                           measured_bytes=p.estimate.peak_bytes, now=now, oom=True)
     return learned
 
 

@@ -181,7 +181,7 @@ def engine(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome
 
 
 def engine_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """The engine with the learned timings of a warm-up run (see :func:`bench.matrix.train_learned`)."""
+    """The engine with the learned timings and peaks of a warm-up run (see :func:`bench.matrix.train_learned`)."""
     return _run_engine(world, sc, profiles, learned=kw.get("trained"), cache=kw.get("cache"))
 
 
@@ -211,7 +211,7 @@ def engine_tight_first(world: World, sc: Scenario, profiles: Profiles, **kw: Any
 
 
 def engine_tight_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF: the 'tight plan first' rule and learned timings together."""
+    """WHAT-IF: the 'tight plan first' rule and learned timings and peaks together."""
     return _run_engine(world, sc, profiles, tight_first=True, learned=kw.get("trained"), cache=kw.get("cache"))
 
 
@@ -401,7 +401,7 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
     "engine_no_offload": ("engine without exact tiles in host memory (host memory unknown: before issue 15)",
                           engine_no_offload),
     "engine_local_only": ("engine without exact tiling (tile_groupnorm local)", engine_with(tile_groupnorm="local")),
-    "engine_learned": ("engine + learned timings (after a warm-up of 60 decodes per card)", engine_learned),
+    "engine_learned": ("engine + learned timings and peaks (after a warm-up of 60 decodes per card)", engine_learned),
     "engine_reserve64": ("engine, reserve 64 MiB", engine_with(reserve_bytes=64 * 2**20)),
     "engine_reserve256": ("engine, reserve 256 MiB", engine_with(reserve_bytes=256 * 2**20)),
     "engine_margins0": ("engine, margins 0 (reserve 0, exact_margin 1.0)",
@@ -412,7 +412,7 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
     "engine_assumed_server": ("engine ranking endpoints at the assumed speed (2x an H200; before the client inferred "
                               "it from replies)", engine_assumed_server),
     "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),
-    "engine_tight_learned": ("engine + 'tight plan first' + learned timings", engine_tight_learned),
+    "engine_tight_learned": ("engine + 'tight plan first' + learned timings and peaks", engine_tight_learned),
     "oracle_but_drift": ("bound: an oracle that knows every hidden draw except the free memory moving after the "
                          "probe", oracle_but_drift),
     "oracle_256mib": ("bound: that oracle keeping 256 MiB spare", oracle_with(256)),

@@ -480,6 +480,11 @@ class World:
         ws = max(self.install(sc.card).workspace, -0.1 * t.gpu_bytes)
         return t.gpu_bytes + ws + self.conditions(sc).overhead
 
+    def allocated_peak(self, sc: Scenario, ex: Exec) -> float:
+        """What ``torch.cuda.max_memory_allocated`` reports for ``ex``: the true peak less the allocator's block
+        rounding (which is reserved, not allocated)."""
+        return self.true_peak(sc, ex) - self.conditions(sc).overhead if self.truth(sc, ex).gpu_bytes > 0 else 0.0
+
     def base_seconds(self, sc: Scenario, ex: Exec) -> tuple[float, float]:
         """(noise-free seconds of the whole execution, seconds of its largest single region)."""
         t = self.truth(sc, ex)

@@ -234,7 +234,7 @@ def _identity(args: argparse.Namespace, profiles: Profiles, settings: DecodeSett
 
 
 def render_learned(info: dict[str, Any]) -> str:
-    """The learned-timing lines of ``explain`` (entries of this card and family)."""
+    """The learned lines of ``explain`` (timing and peak entries of this card and family)."""
     head = f"Learned   {info['path']}"
     if info.get("error"):
         return f"{head}: ignored ({info['error']})"
@@ -243,6 +243,11 @@ def render_learned(info: dict[str, Any]) -> str:
         return f"{head}: nothing learned for this card and family yet"
     lines = [f"{head} (applied from {info['min_count']} decodes)"]
     for e in entries:
+        if e.get("what") == "peak":
+            used = "applied" if e["factor"] > 1 else "not applied: at most the estimate"
+            lines.append(f"          {e['path']:<6} peak {e['family']}: x{e['factor']:.2f} from {e['count']} decodes "
+                         f"({used})")
+            continue
         used = "applied" if e["count"] >= info["min_count"] else "not yet applied"
         lines.append(f"          {e['path']:<6} {e['bucket']:>7}: x{e['factor']:.2f} from {e['count']} decodes ({used})")
     return "\n".join(lines)

@@ -419,8 +419,10 @@ class HybridDecoder:
             tests and the demo; may raise like a decode would).
         on_decision (`Callable[[Decision], None] | None`): called once the decision is made, before
             any plan runs (a UI shows the plan, the CLI decides whether to draw a progress bar).
-        learned (`LearnedStore | None`): learned timings: applied to the decision and updated after
-            each successful local GPU decode (default: none; pass ``LearnedStore()`` for the user's file).
+        learned (`LearnedStore | None`): learned timings and peaks: applied to the decision; the time (and on
+            CUDA the allocated peak) of each successful local GPU decode is recorded, and an out-of-memory error
+            of a plan whose estimate was claimed raises its peak factor (default: none; pass ``LearnedStore()``
+            for the user's file).
         report_log_level (`int`, defaults to `logging.INFO`): level of the one line logged per decode
             (family, size and the infotext); SD.Next passes DEBUG when its decision log is off.
         strict (`bool | None`, defaults to `None`): raise a programming error met inside a plan instead of
@@ -540,7 +542,13 @@ class HybridDecoder:
             if a.error is None:
                 if self.learned is not None:
                     self.learned.record_decision(decision, plan, a.seconds, applied=snapshot)
+                    if a.peak:
+                        self.learned.record_peak(decision, plan, a.peak, applied=snapshot)
                 return self._finish(p, decision, plan, a, tuple(attempts), t_start, output)
+            if a.oom and self.learned is not None and not last_gpu:
+                n = claim_bytes(plan, decision.available_bytes)
+                if n == plan.estimate.peak_bytes:  # its estimate was free when it started, and it needed more
+                    self.learned.record_peak(decision, plan, n, applied=snapshot, oom=True)
             failed.add(plan.label)
             if plan.path == "remote":
                 self._remote_failed(plan, a.error)

@@ -29,7 +29,8 @@ Rules (each is tested):
   when the frame is larger than the smallest tile, cpu in local tiles (host memory bounded by the tile; video:
   also one latent frame at a time). CPU plans carry their host memory (the float32 GPU estimate x 0.8,
   measured); those that fit the host go first, then the smallest GPU plan, then those that do not fit.
-- Learned timings (``learned=``, see :mod:`policy.learned`) scale local plans' seconds, never memory.
+- Learned factors (``learned=``, see :mod:`policy.learned`) scale local plans' seconds, and their peaks where this
+  card has needed more than estimated (never less: a learned peak only raises an estimate).
 - Identity (``identity=``, a canary verdict from ``extension.identity``): for the endpoint it names, it
   replaces the name-based custom-VAE rule: ``same`` allows remote, ``other`` ("endpoint serves another
   VAE") and ``unverified`` refuse it unless ``allow_remote_custom_vae``. Without a verdict (no local VAE to
@@ -306,18 +307,30 @@ class _PlanMaker:
         self.sched_off = exact_schedule(x.fam, offload=True) if not x.fam.video else None
         self.moves: dict[int, list[tuple[int, int]]] = {}  # offloaded plans' bytes moved per buffer, by tile
 
+    def peak_factor(self, path: str) -> float:
+        """The learned peak factor of plans learned under ``path`` (1.0: none, or not above 1)."""
+        x = self.x
+        if x.learned is None:
+            return 1.0
+        return x.learned.peak_factor(x.gpu.name, x.job.family, path)[0]
+
     def with_learned(self, plan: Plan) -> Plan:
+        """``plan`` with this card's learned seconds factor and learned peak factor applied (and named)."""
         x = self.x
         if x.learned is None:
             return plan
+        est = plan.estimate
         factor, entry = x.learned.factor(x.gpu.name, x.job.family, learn_path(plan), job_voxels(x.job))
-        if entry is None:
-            return plan
-        wide = " (card-wide)" if entry.family != x.job.family else ""
-        est = dataclasses.replace(plan.estimate, seconds=plan.estimate.seconds * factor,
-                                  seconds_source=plan.estimate.seconds_source
-                                  + f"; x{factor:.2f} learned from {entry.count} decodes{wide}")
-        return dataclasses.replace(plan, estimate=est)
+        if entry is not None:
+            wide = " (card-wide)" if entry.family != x.job.family else ""
+            est = dataclasses.replace(est, seconds=est.seconds * factor, seconds_source=est.seconds_source
+                                      + f"; x{factor:.2f} learned from {entry.count} decodes{wide}")
+        pf, pe = x.learned.peak_factor(x.gpu.name, x.job.family, learn_path(plan))
+        if pe is not None:
+            wide = " (card-wide)" if pe.family != x.job.family else ""
+            est = dataclasses.replace(est, peak_bytes=math.ceil(est.peak_bytes * pf), peak_source=est.peak_source
+                                      + f"; x{pf:.2f} learned peak from {pe.count} decodes{wide}")
+        return plan if est is plan.estimate else dataclasses.replace(plan, estimate=est)
 
     def local(self, path: Path_, *, tile: int | None = None, chunk: int | None = None,
               slice_batch: bool = False) -> Plan:
@@ -370,7 +383,9 @@ class _PlanMaker:
         sc = fam.spatial_compression
         if tile not in self.moves and self.sched_off is not None:
             self.moves[tile] = passes.traffic(self.sched_off, job.height // sc, job.width // sc, tile)
-        device_budget, c = offload_costs(job, fam, tile, room, sched=self.sched_off, moves=self.moves.get(tile))
+        # a learned peak factor scales the whole estimate (with_learned): the buffers get room / factor
+        device_budget, c = offload_costs(job, fam, tile, room / self.peak_factor("tiled-offload"), sched=self.sched_off,
+                                         moves=self.moves.get(tile))
         if c.host_bytes == 0:
             return None
         secs, copy_s, copy_src = offload_seconds(job, fam, x.speed, tile, c, x.gp, sched=self.sched_mem)
@@ -717,9 +732,10 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
         settings (`DecodeSettings`, defaults to `DecodeSettings()`): the user's choices.
         network (`NetworkStats | Mapping[str, NetworkStats] | None`): what is known about endpoints;
             None assumes a 50 Mbit/s, 150 ms link.
-        learned (`Learned | None`): learned timing factors of this machine (read by the caller from
-            :class:`policy.learned.LearnedStore`); they scale local plans' seconds and are named in
-            each plan's ``seconds_source``.
+        learned (`Learned | None`): learned factors of this machine (read by the caller from
+            :class:`policy.learned.LearnedStore`); they scale local plans' seconds (named in each plan's
+            ``seconds_source``) and raise their peaks where the card needed more than estimated (named in
+            ``peak_source``).
         identity (`EndpointIdentity | None`): the canary verdict for the endpoint this job would use
             (see :func:`identity_gate`); shown in the reason when it refuses remote, and in ``Decision.identity``.
 

@@ -15,9 +15,21 @@ plan's seconds by the exact key's factor once it has ``min_count`` observations,
 card-wide factor once that has ``min_count`` (most of what is learned is "this card is slower than
 its profile says", which holds across families, sizes and paths; one card-wide factor for both
 paths cannot flip a full-vs-tiled choice, per-path factors taken from other sizes could), and says
-so in the plan's ``seconds_source`` (``"...; x0.82 learned from 12 decodes"``, ``"... (card-wide)"``). Memory
-estimates are never learned here: a wrong memory estimate is an out-of-memory error, and those are
-handled by the fallback chain.
+so in the plan's ``seconds_source`` (``"...; x0.82 learned from 12 decodes"``, ``"... (card-wide)"``).
+
+Learned peaks: the memory a local GPU plan really needed, as ``measured / estimated`` peak bytes per key
+``(card, family, path)`` and card-wide per path ``(card, *, path)`` (the store's ``peak|...`` entries; no size
+buckets: in the simulated benchmark they left more out-of-memory errors at the same regret, 22 against 16 on the
+scoring set, since a bucket seen once hides what the family showed at other sizes). The
+measured peak is PyTorch's allocated peak of the decode (``torch.cuda.max_memory_allocated``); an out-of-memory
+error of a plan whose estimate was claimed says only that it needed more than was free, so it counts as
+``max(free / estimate, current factor) x`` :data:`OOM_STEP`. The factor is an upper envelope, not a mean: a
+higher ratio replaces it at once (one decode that needed 6% more than estimated is enough to expect it again),
+a lower one pulls it down like an EWMA (an OOM caused by another process's allocation is forgotten over later
+decodes). ``decide`` multiplies a local plan's peak by the family's factor (else the card-wide one) from the
+first observation, only when it is above 1: a learned peak never makes an estimate smaller than the memory
+model's (its margins are what keeps a decode from running out of memory on a card nobody measured), and says
+so in ``peak_source`` (``"...; x1.06 learned peak from 3 decodes"``).
 
 Everything in this module except :class:`LearnedStore` is pure data and math. The store is a small
 JSON file (at most ``max_entries`` keys, the least recently updated dropped first) at, in order:
@@ -62,6 +74,11 @@ FORMAT_VERSION = 1
 #: One observation moves the factor at most this far (first decode of a process: cuDNN warm-up).
 RATIO_CLAMP = (0.25, 4.0)
 ANY = "*"  # family and bucket of a card-wide entry
+SECONDS, PEAK = "seconds", "peak"  # what an entry learns (LearnedEntry.what)
+#: One peak observation (measured / estimated bytes) is clamped to this range.
+PEAK_CLAMP = (0.5, 2.0)
+#: An out-of-memory error of a plan whose estimate was claimed raises its peak factor at least this much.
+OOM_STEP = 1.05
 
 
 def size_bucket(voxels: float) -> str:
@@ -85,15 +102,22 @@ def entry_key(card: str, family: str, path: str, bucket: str) -> str:
     return f"{card}|{family}|{path}|{bucket}"
 
 
+def peak_key(card: str, family: str, path: str) -> str:
+    """The store's key of a learned peak: ``peak|card|family|path`` (``family`` ``*``: card-wide)."""
+    return f"{PEAK}|{card}|{family}|{path}"
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnedEntry:
     """One key's learned factor.
 
     Attributes:
-        card, family, path, bucket: the key (see module docs).
-        factor: EWMA of measured / estimated seconds (1.0 = the estimate was right).
+        card, family, path, bucket: the key (see module docs; a peak entry's bucket is ``*``).
+        factor: EWMA of measured / estimated seconds, or for a peak entry the upper envelope of measured /
+            estimated peak bytes (1.0 = the estimate was right).
         count: observations so far.
         updated: UNIX time of the last observation (the oldest entries are dropped first).
+        what: ``"seconds"`` (a timing) or ``"peak"`` (memory).
     """
 
     card: str
@@ -103,9 +127,12 @@ class LearnedEntry:
     factor: float
     count: int
     updated: float
+    what: str = SECONDS
 
     @property
     def key(self) -> str:
+        if self.what == PEAK:
+            return peak_key(self.card, self.family, self.path)
         return entry_key(self.card, self.family, self.path, self.bucket)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,11 +146,13 @@ def _entry_from(obj: object) -> LearnedEntry | None:
     try:
         e = LearnedEntry(card=str(obj["card"]), family=str(obj["family"]), path=str(obj["path"]),
                          bucket=str(obj["bucket"]), factor=float(obj["factor"]), count=int(obj["count"]),
-                         updated=float(obj["updated"]))
+                         updated=float(obj["updated"]), what=str(obj.get("what", SECONDS)))
     except (KeyError, TypeError, ValueError):
         return None
-    lo, hi = RATIO_CLAMP
-    path_ok = e.path in LEARN_PATHS or (e.path == ANY and e.family == ANY and e.bucket == ANY)
+    if e.what not in (SECONDS, PEAK):
+        return None
+    lo, hi = PEAK_CLAMP if e.what == PEAK else RATIO_CLAMP
+    path_ok = e.path in LEARN_PATHS or (e.what == SECONDS and e.path == ANY and e.family == ANY and e.bucket == ANY)
     if not (lo <= e.factor <= hi) or e.count < 1 or not path_ok or not math.isfinite(e.updated):
         return None
     return e
@@ -154,6 +183,18 @@ class Learned:
         for e in (self.lookup(card, family, path, voxels), self.entries.get(entry_key(card, ANY, ANY, ANY))):
             if e is not None and e.count >= self.min_count:
                 return e.factor, e
+        return 1.0, None
+
+    def peak_factor(self, card: str, family: str, path: str) -> tuple[float, LearnedEntry | None]:
+        """``(factor, entry)`` to apply to a local plan's peak bytes: the family's learned peak, else the card-wide
+        one for this path, from the first observation; ``(1.0, None)`` when none applies or the family's is not
+        above 1 (a learned peak never lowers the memory model's estimate)."""
+        if path not in LEARN_PATHS:
+            return 1.0, None
+        for fam in (family, ANY):
+            e = self.entries.get(peak_key(card, fam, path))
+            if e is not None:
+                return (e.factor, e) if e.factor > 1.0 else (1.0, None)
         return 1.0, None
 
     def for_card(self, card: str, family: str | None = None) -> list[LearnedEntry]:
@@ -225,10 +266,59 @@ def observe(learned: Learned, *, card: str, family: str, path: str, voxels: floa
             factor = math.exp((1 - a) * math.log(old.factor) + a * math.log(ratio))
         entries[key] = LearnedEntry(card=card, family=fam, path=pth, bucket=bucket, factor=factor, count=count,
                                     updated=now)
+    return _bounded(learned, entries, max_entries)
+
+
+def _bounded(learned: Learned, entries: dict[str, LearnedEntry], max_entries: int) -> Learned:
+    """``entries`` as a snapshot like ``learned``, the least recently updated dropped beyond ``max_entries``."""
     if len(entries) > max_entries:
         keep = sorted(entries.values(), key=lambda e: (e.updated, e.key))[-max_entries:]
         entries = {e.key: e for e in keep}
     return Learned(entries=entries, min_count=learned.min_count)
+
+
+def observe_peak(learned: Learned, *, card: str, family: str, path: str, estimated_bytes: float,
+                 measured_bytes: float, now: float, oom: bool = False, alpha: float = 0.2,
+                 max_entries: int = MAX_ENTRIES) -> Learned:
+    """Return ``learned`` with one more peak observation for ``(card, family, path)`` and ``(card, *, path)``
+    (pure; the input is unchanged).
+
+    Args:
+        estimated_bytes: the plan's estimated peak *without* a learned peak factor (see
+            :meth:`LearnedStore.record_peak`, which divides the applied factor out).
+        measured_bytes: the decode's allocated peak; with ``oom``, the bytes known free when it ran (its claim).
+        oom: the plan ran out of memory: the ratio becomes ``max(measured / estimated, current factor) x``
+            :data:`OOM_STEP` (it needed more than was free).
+        alpha: how far a *lower* ratio pulls the factor down (a higher one replaces it).
+
+    Raises:
+        ValueError: a non-positive or non-finite byte count, an unknown path, or alpha outside (0, 1].
+    """
+    if path not in LEARN_PATHS:
+        raise ValueError(f"path={path!r}: only {sorted(LEARN_PATHS)} decodes are learned")
+    for name, v in (("estimated_bytes", estimated_bytes), ("measured_bytes", measured_bytes)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v!r}: must be a positive number of bytes")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha!r}: must be in (0, 1]")
+    if family == ANY:
+        raise ValueError(f"family={family!r} is reserved for card-wide entries")
+    lo, hi = PEAK_CLAMP
+    entries = dict(learned.entries)
+    for fam in (family, ANY):
+        key = peak_key(card, fam, path)
+        old = entries.get(key)
+        ratio = measured_bytes / estimated_bytes
+        if oom:
+            ratio = max(ratio, old.factor if old is not None else 1.0) * OOM_STEP
+        ratio = min(hi, max(lo, ratio))
+        if old is None or ratio >= old.factor:
+            factor = ratio
+        else:
+            factor = math.exp((1 - alpha) * math.log(old.factor) + alpha * math.log(ratio))
+        entries[key] = LearnedEntry(card=card, family=fam, path=path, bucket=ANY, factor=factor,
+                                    count=(old.count if old is not None else 0) + 1, updated=now, what=PEAK)
+    return _bounded(learned, entries, max_entries)
 
 
 def user_cache_dir() -> Path:
@@ -344,6 +434,29 @@ class LearnedStore:
         except OSError as exc:
             log.warning("hybrid-vae: could not save learned timings to %s: %s", self.path, exc)
             return None
+
+    def record_peak(self, decision: Decision, plan: Plan, measured_bytes: int, *, applied: Learned | None,
+                    oom: bool = False) -> LearnedEntry | None:
+        """Record the peak of a local GPU decode of ``plan`` (one of ``decision.plans``): its allocated peak, or
+        with ``oom`` the bytes its claim found free before it ran out of memory (:func:`observe_peak`).
+
+        The peak factor ``applied`` gave the plan is divided out. Nothing is recorded for remote/cpu plans and
+        simulated or CPU-only GPU states. Never raises for an unwritable file: logs and returns None.
+        """
+        gpu, path = decision.gpu, learn_path(plan)
+        if path not in LEARN_PATHS or gpu.simulated or not gpu.is_accelerator or measured_bytes <= 0:
+            return None
+        card, family = gpu.name, decision.job.family
+        f = applied.peak_factor(card, family, path)[0] if applied is not None else 1.0
+        try:
+            new = observe_peak(self.load(), card=card, family=family, path=path,
+                               estimated_bytes=plan.estimate.peak_bytes / f, measured_bytes=measured_bytes,
+                               now=time.time(), oom=oom, alpha=self.alpha, max_entries=self.max_entries)
+            self.save(new)
+        except OSError as exc:
+            log.warning("hybrid-vae: could not save learned peaks to %s: %s", self.path, exc)
+            return None
+        return new.entries.get(peak_key(card, family, path))
 
     def reset(self) -> int:
         """Delete the file; returns how many entries it held (0 when there was none or it was broken)."""

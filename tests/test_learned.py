@@ -19,6 +19,8 @@ from hybrid_vae.policy.learned import (
     default_path,
     job_voxels,
     observe,
+    observe_peak,
+    peak_key,
     size_bucket,
 )
 
@@ -136,7 +138,7 @@ def test_default_path_env_and_cache(monkeypatch, tmp_path):
         assert default_path() == tmp_path / "cache" / "hybrid-vae" / "learned.json"
 
 
-def test_decide_applies_learned_seconds_never_memory():
+def test_decide_applies_learned_seconds_not_memory():
     job = DecodeJob("sdxl", 1024, 1024)
     base = decide(job, real_gpu(), P)
     x = Learned()
@@ -275,3 +277,135 @@ def test_exact_tiles_learn_under_their_own_key(tmp_path):
     assert d1.chosen.groupnorm == "local" and "learned from" in d1.chosen.estimate.seconds_source
     exact1 = next(o.plan for o in d1.options if o.plan.label == d0.chosen.label)
     assert exact1.estimate.seconds == pytest.approx(3.0 * d0.chosen.estimate.seconds, rel=0.05)
+
+
+# ---- learned peaks ----------------------------------------------------------------------------------------------
+
+def peak(learned: Learned, ratio: float, *, path: str = "full", family: str = "sdxl", oom: bool = False,
+         card: str = CARD, now: float = 0.0) -> Learned:
+    return observe_peak(learned, card=card, family=family, path=path, estimated_bytes=GiB,
+                        measured_bytes=ratio * GiB, now=now, oom=oom)
+
+
+def test_peak_envelope_rises_at_once_falls_slowly_and_an_oom_steps_it_up():
+    x = peak(Learned(), 1.06)
+    fam, wide = x.entries[peak_key(CARD, "sdxl", "full")], x.entries[peak_key(CARD, ANY, "full")]
+    assert fam.factor == pytest.approx(1.06) and wide.factor == pytest.approx(1.06) and fam.what == "peak"
+    x = peak(x, 0.90)  # lower: an EWMA step down (alpha 0.2)
+    assert x.peak_factor(CARD, "sdxl", "full")[0] == pytest.approx(math.exp(0.8 * math.log(1.06) + 0.2 * math.log(0.9)))
+    x = peak(x, 1.10)  # higher: replaces it
+    assert x.peak_factor(CARD, "sdxl", "full")[0] == pytest.approx(1.10)
+    x = peak(x, 1.0, oom=True)  # ran out with its estimate free: above the current factor
+    f, e = x.peak_factor(CARD, "sdxl", "full")
+    assert f == pytest.approx(1.10 * 1.05) and e is not None and e.count == 4
+    assert peak(Learned(), 9.0).peak_factor(CARD, "sdxl", "full")[0] == 2.0  # clamped
+    assert x.factor(CARD, "sdxl", "full", 2**20) == (1.0, None)  # peaks are not timings
+    for bad in ({"estimated_bytes": 0}, {"measured_bytes": math.nan}, {"path": "remote"}, {"family": ANY}):
+        kw = {"card": CARD, "family": "sdxl", "path": "full", "estimated_bytes": GiB, "measured_bytes": GiB,
+              "now": 0.0, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            observe_peak(Learned(), **kw)
+
+
+def test_peak_factor_never_lowers_an_estimate_and_the_family_wins_over_the_card():
+    x = peak(Learned(), 0.8, family="sd15")
+    assert x.peak_factor(CARD, "sd15", "full") == (1.0, None)  # below the estimate: the model's margins stay
+    x = peak(x, 1.2, family="sdxl")  # the card-wide entry is now 1.2
+    assert x.peak_factor(CARD, "sd15", "full") == (1.0, None)  # sd15 has its own, lower, entry
+    f, e = x.peak_factor(CARD, "flux", "full")  # nothing for flux: the card-wide one
+    assert f == pytest.approx(1.2) and e is not None and e.family == ANY
+    assert x.peak_factor(CARD, "flux", "tiled") == (1.0, None) and x.peak_factor("other", "sdxl", "full") == (1.0, None)
+    back = Learned.from_dict(json.loads(json.dumps(x.to_dict())))
+    assert back.entries == x.entries  # peak entries survive the file; old entries (no "what") read as timings
+    old = {"card": CARD, "family": "sdxl", "path": "full", "bucket": "1MP", "factor": 1.3, "count": 3, "updated": 1.0}
+    assert Learned.from_dict({"entries": [old]}).factor(CARD, "sdxl", "full", 2**20)[0] == 1.3
+    assert not Learned.from_dict({"entries": [{**old, "what": "volume"}]}).entries
+
+
+def test_decide_applies_a_learned_peak_and_it_can_change_the_plan():
+    job = DecodeJob("sdxl", 1024, 1024)
+    base = decide(job, real_gpu(), P)
+    full = base.chosen.estimate.peak_bytes
+    x = peak(Learned(), 1.10)
+    d = decide(job, real_gpu(), P, learned=x)
+    assert d.chosen.path == "full" and d.chosen.estimate.peak_bytes == math.ceil(full * 1.10)
+    assert "x1.10 learned peak from 1 decodes" in d.chosen.estimate.peak_source
+    assert d.chosen.estimate.seconds == base.chosen.estimate.seconds
+    # free memory the full decode fits by its estimate but not by what this card has needed
+    free = (full * 1.05 + DecodeSettings().reserve_bytes) / GiB
+    assert decide(job, real_gpu(free_gib=free), P).chosen.path == "full"
+    assert decide(job, real_gpu(free_gib=free), P, learned=x).chosen.path == "tiled"
+
+
+def test_an_offloaded_plan_with_a_learned_peak_still_fits_its_budget():
+    job = DecodeJob("sdxl", 2048, 2048)
+    gpu = GpuState(name=CARD, total_bytes=24 * GiB, free_bytes=2 * GiB, source="nvml", device="cuda:0",
+                   host_available_bytes=32 * GiB, host_total_bytes=64 * GiB)
+    s = DecodeSettings(tile_groupnorm="exact")
+    d0 = decide(job, gpu, P, s)
+    assert d0.chosen.offloaded
+    x = peak(Learned(), 1.3, path="tiled-offload")
+    d = decide(job, gpu, P, s, learned=x)
+    c = d.chosen
+    assert c.offloaded and "x1.30 learned peak" in c.estimate.peak_source
+    assert c.estimate.peak_bytes <= d.available_bytes - DecodeSettings().reserve_bytes
+    assert c.device_budget < d0.chosen.device_budget  # fewer buffers on the GPU, the rest in host memory
+
+
+def test_record_peak_divides_out_the_applied_factor_and_skips_what_is_not_a_gpu_decode(tmp_path):
+    """The orchestrator's loop: true peak = 1.2x the raw estimate; the factor must stay 1.2 (not compound)."""
+    store = LearnedStore(tmp_path / "l.json")
+    job = DecodeJob("sdxl", 1024, 1024)
+    raw = decide(job, real_gpu(), P).chosen.estimate.peak_bytes
+    for _ in range(5):
+        snap = store.load()
+        d = decide(job, real_gpu(), P, learned=snap)
+        e = store.record_peak(d, d.chosen, int(1.2 * raw), applied=snap)
+        assert e is not None
+    assert store.load().peak_factor(CARD, "sdxl", "full")[0] == pytest.approx(1.2, rel=1e-6)
+    sim = GpuState(name=CARD, total_bytes=24 * GiB, free_bytes=20 * GiB, source="simulated", simulated=True)
+    d = decide(job, sim, P)
+    assert LearnedStore(tmp_path / "s.json").record_peak(d, d.chosen, GiB, applied=None) is None
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_orchestrator_learns_from_an_out_of_memory_error(tmp_path):
+    """A real (not simulated) GPU state whose full decode runs out of memory although its estimate was claimed:
+    the store's peak factor for this card's full decodes rises, and the next decision carries it."""
+    import torch
+    from hybrid_vae.extension.fixture import build_tiny_vae
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+
+    state = real_gpu(CARD, free_gib=20.0)
+    store = LearnedStore(tmp_path / "learned.json")
+    dec = HybridDecoder(probe=lambda: state, device="cpu", latent_dir=tmp_path, learned=store,
+                        claim=lambda device, n: True)
+    vae = build_tiny_vae("sd15")
+    calls = {"n": 0}
+
+    def boom(_m, _i):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    h = vae.decoder.conv_in.register_forward_pre_hook(boom)
+    try:
+        z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+        first = dec.decode(z, vae, family="sd15").report
+        assert first.attempts[0][0] == "full" and "out of memory" in (first.attempts[0][1] or "")
+        f, e = store.load().peak_factor(CARD, "sd15", "full")
+        assert f == pytest.approx(1.05) and e is not None and e.count == 1
+        again = dec.decode(z, vae, family="sd15").report
+        assert "x1.05 learned peak from 1 decodes" in again.decision.options[0].plan.estimate.peak_source
+    finally:
+        h.remove()
+
+
+def test_explain_renders_peak_entries():
+    from hybrid_vae.extension.cli_engine import render_learned
+
+    x = peak(peak(Learned(), 1.08), 0.9, family="sd15")
+    info = {"path": "l.json", "error": None, "min_count": 3, "entries": [e.to_dict() for e in x.for_card(CARD)]}
+    text = render_learned(info)
+    assert "full   peak sdxl: x1.08 from 1 decodes (applied)" in text
+    assert "full   peak sd15: x0.90 from 1 decodes (not applied: at most the estimate)" in text
