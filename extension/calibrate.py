@@ -204,7 +204,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per point (median)")
     p.add_argument("--device", default="cuda", help="CUDA device, e.g. cuda:1")
     p.add_argument("--reset-learned", action="store_true",
-                   help="delete the learned timings file (no GPU needed) and exit")
+                   help="delete the learned timings and peaks file (no GPU needed) and exit")
     p.add_argument("--learned", default=None, metavar="PATH",
                    help="learned timings file for --reset-learned (default: $HYBRID_VAE_LEARNED or the user cache)")
     p.set_defaults(func=cmd_calibrate)

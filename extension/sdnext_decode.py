@@ -35,6 +35,7 @@ from hybrid_vae.extension.sdnext_ui import (
     token_endpoints,
 )
 from hybrid_vae.policy.errors import DecodeFailedError, LatentError, ProfileError
+from hybrid_vae.policy.learned import LearnedStore
 from hybrid_vae.policy.model import Decision, DecodeSettings, Plan, split_endpoints
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 from hybrid_vae.policy.reasons import request_text
@@ -303,9 +304,10 @@ class DecodePaths:
             remote, why = self._remote_client(job.cfg, job.profiles)
             if why:
                 job.notes.append(why)
+        learned = LearnedStore(self.data_dir() / "learned.json") if job.cfg.learn else None
         decoder = HybridDecoder(settings=job.settings, profile_path=job.cfg.profile_path, profile_store=self.store,
                                 latent_dir=self.data_dir() / "latents", remote=remote, before_plan=self.before_plan,
-                                on_decision=self._on_decision,
+                                on_decision=self._on_decision, learned=learned,
                                 report_log_level=logging.INFO if job.cfg.decision_log else logging.DEBUG)
         self._tls.busy = True
         try:

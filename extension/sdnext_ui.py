@@ -115,6 +115,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "profiles/example-override.yaml)", "Textbox", attr="profile_path"),
     OptionSpec(PREFIX + "decision_log", True, "Hybrid VAE decision log: one INFO line per decode in SD.Next's log, "
                "and JSON lines in <data>/hybrid-vae/decisions.jsonl", "Checkbox", attr="decision_log"),
+    OptionSpec(PREFIX + "learn", True, "Hybrid VAE: learn this GPU's decode times and memory peaks from each local "
+               "decode (<data>/hybrid-vae/learned.json; a peak above the estimate, or an out-of-memory error, makes "
+               "the next estimate larger; off: the profiles alone)", "Checkbox", attr="learn"),
 )
 #: The :class:`DecodeSettings` fields SD.Next has no option for, and why the engine's default serves there.
 NOT_EXPOSED: Mapping[str, str] = {
@@ -174,7 +177,8 @@ class Config:
     Attributes:
         settings: the engine's settings the ``hybrid_vae_*`` options give (:data:`OPTIONS`; default: the options'
             defaults).
-        enabled, token, profile_path, decision_log: what only SD.Next has (rows of :data:`OPTIONS` with ``attr``).
+        enabled, token, profile_path, decision_log, learn: what only SD.Next has (rows of :data:`OPTIONS` with
+            ``attr``).
         problems: one line per value that could not be used (its default was used instead).
         endpoint_error: why the endpoint list could not be parsed; while set, remote decode is off for
             every family (a typo narrows where images go, never widens it).
@@ -185,6 +189,7 @@ class Config:
     token: str | None = None
     profile_path: str | None = None
     decision_log: bool = True
+    learn: bool = True
     problems: tuple[str, ...] = ()
     endpoint_error: str | None = None
 

@@ -383,8 +383,8 @@ class _PlanMaker:
         sc = fam.spatial_compression
         if tile not in self.moves and self.sched_off is not None:
             self.moves[tile] = passes.traffic(self.sched_off, job.height // sc, job.width // sc, tile)
-        # a learned peak factor scales the whole estimate (with_learned): the buffers get room / factor
-        device_budget, c = offload_costs(job, fam, tile, room / self.peak_factor("tiled-offload"), sched=self.sched_off,
+        pf = self.peak_factor("tiled-offload")  # with_learned scales the whole estimate: the buffers get room / pf
+        device_budget, c = offload_costs(job, fam, tile, room / pf if pf > 1.0 else room, sched=self.sched_off,
                                          moves=self.moves.get(tile))
         if c.host_bytes == 0:
             return None

@@ -467,6 +467,21 @@ def test_cuda_peak_is_measured_and_vae_goes_back(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
+def test_cuda_peak_is_learned_against_its_estimate(tmp_path):
+    """On CUDA the measured allocated peak is recorded as a learned peak: measured / estimated, per card and path."""
+    from hybrid_vae.policy.learned import LearnedStore, learn_path, peak_key
+
+    store = LearnedStore(tmp_path / "learned.json")
+    vae = build_tiny_vae("sd15").half()
+    r = HybridDecoder(latent_dir=tmp_path, learned=store).decode(latent(1, 4, 64, 64, dtype=torch.float16), vae,
+                                                                family="sd15").report
+    e = store.load().entries[peak_key(r.decision.gpu.name, "sd15", learn_path(r.ran))]
+    assert e.what == "peak" and e.count == 1
+    assert e.factor == pytest.approx(max(0.5, min(2.0, r.peak_bytes / r.ran.estimate.peak_bytes)), rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_the_probe_counts_a_split_segments_free_blocks_as_fragmented():
     """Three 4 MiB tensors share one 20 MiB segment of PyTorch's large pool; freeing the middle one leaves free
     blocks inside a segment that still holds live tensors (inactive split bytes): the probe does not count them

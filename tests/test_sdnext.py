@@ -150,7 +150,7 @@ def test_token_option_is_secret_and_every_label_names_the_extension(sd, kl_vae):
     # SD.Next's settings search shows a setting when its text contains the query (ui/settings.ts): every label
     # names the extension, so "hybrid" finds all of them (checked in a real browser by bench/hosts/sdnext/browser.py)
     ours = [v for v in labels.values() if v.section == SECTION]
-    assert len(ours) == len(OPTIONS) == 13 and all("hybrid" in v.label.lower() for v in ours)
+    assert len(ours) == len(OPTIONS) == 14 and all("hybrid" in v.label.lower() for v in ours)
 
 
 def test_accordion_says_when_remote_would_not_happen(sd, kl_vae):
@@ -293,6 +293,31 @@ def test_injected_oom_falls_back_and_keeps_the_image(sd, kl_vae, latent256, monk
     assert "fell back from full (out of memory)" in line
     (entry,) = decisions(sd)
     assert entry["report"]["attempts"][0]["error"] == "out of memory" and entry["report"]["attempts"][-1]["error"] is None
+
+
+def test_learning_is_on_by_default_into_the_data_folder_and_the_option_turns_it_off(sd, kl_vae, latent256,
+                                                                                   monkeypatch):
+    """The decoder SD.Next's glue builds gets the learned store in <data>/hybrid-vae/learned.json (so each local
+    decode on a real GPU refines the next estimates); with the option off it gets none. The simulated GPU here
+    records nothing (a simulated card's times are this CPU's)."""
+    from hybrid_vae.extension import sdnext_decode
+
+    made = []
+
+    class Spy(sdnext_decode.HybridDecoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(sdnext_decode, "HybridDecoder", Spy)
+    runner = loaded(sd, stubtools.ImagePipeline(kl_vae))
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", BIG_VRAM)
+    _p, processed = generate(sd, runner, latent256, size=256)
+    assert len(processed.images) == 1 and made[-1].learned.path == sd.data / "hybrid-vae" / "learned.json"
+    assert not made[-1].learned.path.exists()  # simulated: nothing learned
+    sd.shared.opts.data["hybrid_vae_learn"] = False
+    _p, processed = generate(sd, runner, latent256, size=256)
+    assert len(processed.images) == 1 and made[-1].learned is None
 
 
 @pytest.mark.parametrize("outcome", ["ok", "every plan failed", "latent rejected", "unexpected error"])

@@ -39,7 +39,7 @@ def test_the_option_table_covers_every_field_sdnext_exposes():
     assert len(fields) == len(set(fields)) and set(fields) <= set(DecodeSettings.model_fields)
     assert set(fields) | set(NOT_EXPOSED) == set(DecodeSettings.model_fields)
     assert not set(fields) & set(NOT_EXPOSED)
-    assert {o.attr for o in OPTIONS if o.attr} == {"enabled", "token", "profile_path", "decision_log"}
+    assert {o.attr for o in OPTIONS if o.attr} == {"enabled", "token", "profile_path", "decision_log", "learn"}
     assert all(o.key.startswith("hybrid_vae_") for o in OPTIONS) and set(CHANGED) == {o.key for o in OPTIONS if o.field}
 
 

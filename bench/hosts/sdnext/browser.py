@@ -6,9 +6,9 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install chromium 
 (PyPI). Chromium runs with --headless --no-sandbox --disable-gpu --disable-quic --no-first-run
 --disable-background-networking --disable-component-update --disable-sync and a fresh --user-data-dir.
 
-Checks (exit 1 when one fails): the settings section shows the 13 options and the token field is a password field;
+Checks (exit 1 when one fails): the settings section shows the 14 options and the token field is a password field;
 typing "hybrid" into SD.Next's settings search (``#settings_search``; ui/settings.ts shows a row when its text
-contains the query) leaves all 13 visible; the txt2img accordion opens, offers "as in settings", and its hint says
+contains the query) leaves all 14 visible; the txt2img accordion opens, offers "as in settings", and its hint says
 why remote would not happen while remote decode is off (also after choosing "remote"); the browser console has no
 errors. Screenshots: IMG/sdnext-settings.png, IMG/sdnext-settings-search.png, IMG/sdnext-accordion.png.
 """
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     d = browser(tempfile.mkdtemp(prefix="hv-chromium-"))
     try:
         d.get(a.url)
-        wait(d, "return document.querySelectorAll('[id^=setting_hybrid_vae_]').length >= 13 && "
+        wait(d, "return document.querySelectorAll('[id^=setting_hybrid_vae_]').length >= 14 && "
                 "!!document.querySelector('#hybrid_vae_txt2img')")
         wait(d, "const s=document.querySelector('#splash'); return !s || getComputedStyle(s).display==='none'", 300)
         time.sleep(5)
@@ -104,8 +104,8 @@ def main(argv: list[str]) -> int:
         token_type = js(d, "const e=document.querySelector('#setting_hybrid_vae_hf_token');"
                            "const i=e && e.querySelector('input,textarea'); return i ? i.type : null")
         section.screenshot(str(a.img / "sdnext-settings.png"))
-        check("settings section shows all 13 options; the token field is a password field",
-              len(ids) == 13 and token_type == "password", visible=ids, token_input_type=token_type)
+        check("settings section shows all 14 options; the token field is a password field",
+              len(ids) == 14 and token_type == "password", visible=ids, token_input_type=token_type)
         # ---- SD.Next's settings search --------------------------------------------------------------------
         box = d.find_element(By.CSS_SELECTOR, "#settings_search textarea")
         box.clear()
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
                        ".map(r=>(r.querySelector('[id^=setting_]')||{}).id).filter(x=>x && !x.startsWith('setting_hybrid_vae_'))")
         js(d, "document.querySelector('#settings_search').scrollIntoView({block:'start'})")
         d.save_screenshot(str(a.img / "sdnext-settings-search.png"))  # the query, the section tabs, what is shown
-        check('SD.Next\'s settings search for "hybrid" finds every option', len(found) == 13,
+        check('SD.Next\'s settings search for "hybrid" finds every option', len(found) == 14,
               found=len(found), other_settings_still_shown=others)
         box.clear()
         box.send_keys(Keys.ENTER)

@@ -128,8 +128,8 @@ def phase_plain(h: Host) -> None:
     info = h.call("/sdapi/v1/options-info")
     opts = info["options"] if isinstance(info, dict) and "options" in info else info  # type: ignore[index]
     ours = {k: v for k, v in opts.items() if k.startswith("hybrid_vae_")}  # type: ignore[union-attr]
-    h.check("13 settings, every label names the extension (SD.Next's search matches the shown text)",
-            len(ours) == 13 and all("hybrid" in v["label"].lower() for v in ours.values()),
+    h.check("14 settings, every label names the extension (SD.Next's search matches the shown text)",
+            len(ours) == 14 and all("hybrid" in v["label"].lower() for v in ours.values()),
             labels={k: v["label"] for k, v in ours.items()})
     tok = ours.get("hybrid_vae_hf_token", {})
     h.check("the token option is secret in /sdapi/v1/options-info", tok.get("is_secret") is True,
