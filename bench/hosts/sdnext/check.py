@@ -162,6 +162,11 @@ def phase_plain(h: Host) -> None:
     con, log = h.since(m)
     h.check("a cpu decode's infotext says it was a full decode", line.startswith("cpu full decode, no GPU"),
             infotext=line)
+    learn, learned_file = ours.get("hybrid_vae_learn", {}), h.root / "D" / "hybrid-vae" / "learned.json"
+    h.check("learning is on by default, and a CPU decode learns nothing (no learned.json in <data>/hybrid-vae)",
+            learn.get("default") is True and not learned_file.exists(),
+            hybrid_vae_learn={k: learn.get(k) for k in ("default", "component", "label")},
+            learned_file=str(learned_file), exists=learned_file.exists())
     info_file = h.root / "D" / "hv-host-info.json"
     info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.exists() else {}
     ext = str(h.root / "D" / "extensions" / "sdnext-hybrid-vae")
