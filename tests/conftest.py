@@ -18,18 +18,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _identity_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Endpoint identity verdicts (extension.identity) go to a file of this test session, never the user's cache
-    (subprocesses inherit it)."""
+def _user_cache_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Endpoint identity verdicts (extension.identity) and learned timings and peaks (policy.learned, which the
+    ComfyUI node keeps by default) go to files of this test session, never the user's cache (subprocesses inherit
+    them)."""
     from hybrid_vae.extension.identity import ENV_IDENTITY
+    from hybrid_vae.policy.learned import ENV_LEARNED
 
-    saved = os.environ.get(ENV_IDENTITY)
-    os.environ[ENV_IDENTITY] = str(tmp_path_factory.mktemp("identity") / "identity.json")
+    files = {ENV_IDENTITY: "identity.json", ENV_LEARNED: "learned.json"}
+    saved = {k: os.environ.get(k) for k in files}
+    base = tmp_path_factory.mktemp("user-cache")
+    for k, name in files.items():
+        os.environ[k] = str(base / name)
     yield
-    if saved is None:
-        os.environ.pop(ENV_IDENTITY, None)
-    else:
-        os.environ[ENV_IDENTITY] = saved
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

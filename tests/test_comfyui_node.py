@@ -386,3 +386,27 @@ def test_repo_root_is_found_through_the_symlink(comfy: dict) -> None:
     pack = comfy["pack"]
     assert pack.repo_root() == REPO
     assert Path(pack.__file__).parent.is_symlink() or Path(pack.__file__).resolve() != Path(pack.__file__)
+
+
+def test_the_node_learns_by_default_and_the_learn_input_turns_it_off(comfy: dict, sd15_weights: torch.nn.Module) -> None:
+    """A probe that reports a card (not simulated): the decode's time is recorded in the learned file (the session's,
+    via HYBRID_VAE_LEARNED, tests/conftest.py) under that card; with ``learn`` off nothing is. (The device string
+    is not CUDA, so the plan runs where the VAE is, on the CPU, and no CUDA peak is measured.)"""
+    from hybrid_vae.policy.gpu import GiB, GpuState
+    from hybrid_vae.policy.learned import LearnedStore
+
+    card = "NVIDIA Test Card (node learning)"
+    state = GpuState(device="gpu-on-cpu", name=card, total_bytes=24 * GiB, free_bytes=20 * GiB, source="nvml")
+    node_cls = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]
+    assert node_cls.INPUT_TYPES()["optional"]["learn"] == ("BOOLEAN", node_cls.INPUT_TYPES()["optional"]["learn"][1])
+    assert node_cls.INPUT_TYPES()["optional"]["learn"][1]["default"] is True
+    vae, lat, store = _comfy_vae(comfy, sd15_weights), _latent(1, 4, 16, 16), LearnedStore()
+
+    def count() -> int:
+        return sum(e.count for e in store.load().entries.values() if e.card == card and e.family != "*")
+
+    node = node_cls()
+    node.decode(lat, vae, free_memory_first=False, learn=False, probe=lambda: state)
+    assert count() == 0
+    node.decode(lat, vae, free_memory_first=False, probe=lambda: state)
+    assert count() == 1 and store.path == node._learned.path

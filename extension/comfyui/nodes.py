@@ -36,6 +36,11 @@ What the node does with ComfyUI's objects (``comfy.sd.VAE`` and the ``LATENT`` d
   for a remote or CPU plan, 1.22 GiB (not ComfyUI's 2.13 GiB full-decode figure) for a 512 px exact-tiled
   SD decode. Off: the engine decides from what is free now, keeping the diffusion model loaded and tiling
   instead.
+* ``learn`` (default on): each local decode on a GPU records its time and CUDA peak against the estimate
+  (``policy.learned``, a small JSON file in the user cache or at ``HYBRID_VAE_LEARNED``; ``hybrid-vae explain
+  --learned`` shows it, ``hybrid-vae calibrate --reset-learned`` deletes it): this card's timings correct the
+  ranking, and a peak above the estimate or an out-of-memory error makes the next estimate larger. Off: the
+  profiles alone. On the CPU nothing is learned.
 
 Outputs: ``IMAGE`` (float ``[N, H, W, C]`` in [0, 1]; video frames one after another), a ``STRING`` with the
 decision line -- the same for the same inputs and memory state (no timing in it), e.g.
@@ -62,6 +67,7 @@ from hybrid_vae.policy.env import read_env
 from hybrid_vae.policy.errors import PlanError
 from hybrid_vae.policy.gpu import GpuState
 from hybrid_vae.policy.gpu import probe as probe_gpu
+from hybrid_vae.policy.learned import LearnedStore
 from hybrid_vae.policy.model import Plan, build_settings, field_choices
 from hybrid_vae.policy.profiles import Family, Profiles, ProfileStore
 
@@ -423,6 +429,11 @@ class HybridVAEDecode:
                                            "tooltip": "Tiles: auto (lossless first), exact (same image as a full decode; "
                                                       "host memory when VRAM is short), offload (exact, whole-image "
                                                       "buffers in host memory), local (least memory, colours drift)."}),
+                "learn": ("BOOLEAN", {"default": True,
+                                      "tooltip": "Learn this GPU's decode times and memory peaks from each local "
+                                                 "decode (a small file in the user cache; HYBRID_VAE_LEARNED moves "
+                                                 "it): a peak above the estimate, or an out-of-memory error, makes "
+                                                 "the next estimate larger. Off: the profiles alone."}),
             },
         }
 
@@ -442,6 +453,7 @@ class HybridVAEDecode:
         self._remote: dict[str, Any] = {}
         self._store = ProfileStore()
         self._identity = IdentityChecker()
+        self._learned = LearnedStore()
 
     def _remote_client(self, endpoint: str) -> Any:
         from hybrid_vae.extension.remote import RemoteClient
@@ -452,8 +464,8 @@ class HybridVAEDecode:
         return self._remote[endpoint]
 
     def decode(self, samples: dict[str, Any], vae: Any, endpoint: str = "", family: str = "auto", mode: str = "auto",
-               free_memory_first: bool = True, remote_custom_vae: bool = False, tiling: str = "auto", *,
-               probe: Callable[[], Any] | None = None) -> tuple[Any, str, float]:
+               free_memory_first: bool = True, remote_custom_vae: bool = False, tiling: str = "auto",
+               learn: bool = True, *, probe: Callable[[], Any] | None = None) -> tuple[Any, str, float]:
         t0 = time.perf_counter()
         z = samples["samples"]
         if getattr(vae, "latent_dim", 2) == 2 and z.dim() == 5:
@@ -489,7 +501,8 @@ class HybridVAEDecode:
         prepare = target.prepare if isinstance(target, ComfyVAEAdapter) else None
         decoder = HybridDecoder(settings=settings, profile_store=self._store, latent_dir=_comfy_latent_dir(),
                                 remote=self._remote_client(endpoint) if endpoint else None, probe=gpu_probe,
-                                before_plan=prepare, identity=self._identity)
+                                before_plan=prepare, identity=self._identity,
+                                learned=self._learned if learn else None)
         result = decoder.decode(from_vae_space(z.float(), fam), target, family=key, output="pt")
         text = decision_line(result.report, key, how, target)
         log.info("%s", text)
