@@ -9,7 +9,9 @@ dumps both IMAGEs and the decision line (test node DumpImageTest). PSNR is compu
   tiles     512 px at a budget where exact tiles fit (run with HYBRID_VAE_SIMULATE_GPU free_gib=0.9): PSNR >= 60 dB
             against VAEDecode; a second latent gives the same decision line.
   local     512 px where exact tiles do not fit in VRAM (free_gib=0.5): with tiling auto the engine keeps the whole-image
-            buffers in host memory (exact+host, PSNR >= 60 dB); with tiling local the line says colours may differ.
+            buffers in host memory (exact+host, PSNR >= 60 dB); with tiling local (and learn off, so ComfyUI's
+            validation sees that input) the line says colours may differ; the learned file (HYBRID_VAE_LEARNED, set
+            by run.sh) stays absent: a simulated card learns nothing.
   identity  128 px against two `hybrid-vae serve` endpoints (--same serves sd15_seed0, --other sd15_seed1), each
             request counted at the server: remote for --same, refused with the reason for --other, one canary
             per pair, and what --other's picture would have been (remote_custom_vae on).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import urllib.request
@@ -116,7 +119,7 @@ def part_tiles(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
 def part_local(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
     ok = True
     ref_name = "ref-512-3"
-    for name, opts in (("local-512", {}), ("local-512-forced", {"tiling": "local"})):
+    for name, opts in (("local-512", {}), ("local-512-forced", {"tiling": "local", "learn": False})):
         secs = run(args.port, workflow(512, 3, args.dumps, {name: opts}, ref=name == "local-512"))
         img, text = load(args.dumps, name)
         ref, _ = load(args.dumps, ref_name)
@@ -128,7 +131,11 @@ def part_local(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
             ok &= "exact" in (text or "") and rec["psnr_db_vs_VAEDecode"] >= 60
         else:
             ok &= "colours may differ" in (text or "")
-    return ok
+    learned = os.environ.get("HYBRID_VAE_LEARNED")
+    rec = {"probe": "learned-file", "path": learned, "exists": bool(learned) and os.path.exists(str(learned))}
+    out.append(rec)
+    print(json.dumps(rec), flush=True)
+    return ok and bool(learned) and not rec["exists"]  # a simulated card: nothing learned (its times are the CPU's)
 
 
 def part_identity(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
@@ -176,6 +183,7 @@ def main() -> int:
                       "optional": sorted(info["input"]["optional"])}), flush=True)
     out: list[dict[str, Any]] = []
     ok = {"tiles": part_tiles, "local": part_local, "identity": part_identity}[args.part](args, out)
+    ok &= "learn" in info["input"]["optional"]
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
             for rec in out:

@@ -17,6 +17,8 @@ RES="$ROOT/results"; mkdir -p "$RES" "$ROOT/dumps"
 PY="$ROOT/venv/bin/python"
 export HYBRID_VAE_IDENTITY="$RES/identity.json"
 [ "${KEEP_IDENTITY:-0}" = 1 ] || rm -f "$HYBRID_VAE_IDENTITY"
+export HYBRID_VAE_LEARNED="$RES/learned.json"  # the node's learned store (a simulated card learns nothing)
+rm -f "$HYBRID_VAE_LEARNED"
 SERVE_PIDS=()
 cleanup() {
   ROOT="$ROOT" PORT="$PORT" "$HERE/launch.sh" stop >/dev/null 2>&1 || true
