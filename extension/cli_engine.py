@@ -245,8 +245,8 @@ def render_learned(info: dict[str, Any]) -> str:
     for e in entries:
         if e.get("what") == "peak":
             used = "applied" if e["factor"] > 1 else "not applied: at most the estimate"
-            lines.append(f"          {e['path']:<6} peak {e['family']}: x{e['factor']:.2f} from {e['count']} decodes "
-                         f"({used})")
+            n = f"{e['count']} decode{'s' * (e['count'] != 1)}"
+            lines.append(f"          {e['path']:<6} peak {e['family']}: x{e['factor']:.2f} from {n} ({used})")
             continue
         used = "applied" if e["count"] >= info["min_count"] else "not yet applied"
         lines.append(f"          {e['path']:<6} {e['bucket']:>7}: x{e['factor']:.2f} from {e['count']} decodes ({used})")

@@ -329,7 +329,7 @@ class _PlanMaker:
         if pe is not None:
             wide = " (card-wide)" if pe.family != x.job.family else ""
             est = dataclasses.replace(est, peak_bytes=math.ceil(est.peak_bytes * pf), peak_source=est.peak_source
-                                      + f"; x{pf:.2f} learned peak from {pe.count} decodes{wide}")
+                                      + f"; x{pf:.2f} learned peak from {pe.count} decode{'s' * (pe.count != 1)}{wide}")
         return plan if est is plan.estimate else dataclasses.replace(plan, estimate=est)
 
     def local(self, path: Path_, *, tile: int | None = None, chunk: int | None = None,

@@ -329,7 +329,8 @@ def test_decide_applies_a_learned_peak_and_it_can_change_the_plan():
     x = peak(Learned(), 1.10)
     d = decide(job, real_gpu(), P, learned=x)
     assert d.chosen.path == "full" and d.chosen.estimate.peak_bytes == math.ceil(full * 1.10)
-    assert "x1.10 learned peak from 1 decodes" in d.chosen.estimate.peak_source
+    assert "x1.10 learned peak from 1 decode" in d.chosen.estimate.peak_source
+    assert "1 decodes" not in d.chosen.estimate.peak_source
     assert d.chosen.estimate.seconds == base.chosen.estimate.seconds
     # free memory the full decode fits by its estimate but not by what this card has needed
     free = (full * 1.05 + DecodeSettings().reserve_bytes) / GiB
@@ -396,7 +397,7 @@ def test_orchestrator_learns_from_an_out_of_memory_error(tmp_path):
         f, e = store.load().peak_factor(CARD, "sd15", "full")
         assert f == pytest.approx(1.05) and e is not None and e.count == 1
         again = dec.decode(z, vae, family="sd15").report
-        assert "x1.05 learned peak from 1 decodes" in again.decision.options[0].plan.estimate.peak_source
+        assert "x1.05 learned peak from 1 decode" in again.decision.options[0].plan.estimate.peak_source
     finally:
         h.remove()
 
@@ -407,5 +408,5 @@ def test_explain_renders_peak_entries():
     x = peak(peak(Learned(), 1.08), 0.9, family="sd15")
     info = {"path": "l.json", "error": None, "min_count": 3, "entries": [e.to_dict() for e in x.for_card(CARD)]}
     text = render_learned(info)
-    assert "full   peak sdxl: x1.08 from 1 decodes (applied)" in text
-    assert "full   peak sd15: x0.90 from 1 decodes (not applied: at most the estimate)" in text
+    assert "full   peak sdxl: x1.08 from 1 decode (applied)" in text
+    assert "full   peak sd15: x0.90 from 1 decode (not applied: at most the estimate)" in text
