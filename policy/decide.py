@@ -434,6 +434,11 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
     return plans
 
 
+#: Said in a last-resort plan's ``peak_source`` (and how the reason knows the plan is one: an image's equalised
+#: tiles can be smaller than the family's smallest tile cap without being a last resort).
+LAST_RESORT_NOTE = "a last-resort tile below the family's smallest"
+
+
 def _last_resort_plans(x: _Inputs, gpu_plans: list[Plan]) -> list[Plan]:
     """Tiled plans below the family's smallest tile, down to ``tiling.last_resort_tile_px``, for a decision where
     no GPU plan fits: before the near-fit rule risks an OOM or the CPU takes minutes to hours. Their memory
@@ -444,7 +449,7 @@ def _last_resort_plans(x: _Inputs, gpu_plans: list[Plan]) -> list[Plan]:
         return []
     x2 = dataclasses.replace(x, settings=x.settings.model_copy(update={"min_tile_px": lo}))
     have = {p.label for p in gpu_plans}
-    note = f"; a last-resort tile below the family's smallest ({floor} px): estimate extrapolated, more seams"
+    note = f"; {LAST_RESORT_NOTE} ({floor} px): estimate extrapolated, more seams"
     return [dataclasses.replace(p, estimate=dataclasses.replace(p.estimate, peak_source=p.estimate.peak_source + note))
             for p in _candidates(x2, _PlanMaker(x2))
             if p.path == "tiled" and p.tile_px is not None and p.tile_px < floor and p.label not in have]
@@ -793,8 +798,7 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
         "fragmented": gpu.torch_fragmented_bytes,
         "reserve": x.settings.reserve_bytes, "gpu_note": None if x.on_gpu else gpu.note or gpu.source,
         "unmet_request": choice.unmet, "inferred": x.fam.inferred,
-        "below_tile_px": x.fam.tiling.min_tile_px if c.path == "tiled" and c.tile_px is not None
-        and c.tile_px < x.fam.tiling.min_tile_px and x.settings.min_tile_px is None else None}
+        "below_tile_px": x.fam.tiling.min_tile_px if LAST_RESORT_NOTE in c.estimate.peak_source else None}
     if code.startswith("tiled_") and (c.groupnorm == "exact" or not x.fam.video):
         params |= _tiles_params(x, c, gpu_plans, feasible)
     elif c.path == "remote":

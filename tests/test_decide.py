@@ -500,3 +500,18 @@ def test_last_resort_tiles_only_when_nothing_at_the_smallest_tile_fits():
     assert tight.chosen.estimate.peak_bytes <= tight.budget_bytes
     own = decide(job, parse_simulation(sim.format(1.0)), P, DecodeSettings(min_tile_px=256))
     assert all((o.plan.tile_px or 256) >= 256 for o in own.options) and own.chosen.tile_px != 192
+
+
+def test_an_images_equalised_tile_below_the_smallest_cap_is_not_a_last_resort():
+    """A 512 px SD1.5 image in local tiles at the smallest cap (256 px) runs two equalised 216 px tiles per side:
+    smaller than the cap, but the normal smallest plan, not a last resort; neither the reason nor the infotext
+    may call it one (a real ComfyUI run said ", last-resort tile" here, session 7)."""
+    from hybrid_vae.extension.orchestrator import DecodeReport
+
+    d = decide(DecodeJob("sd15", 512, 512), parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=0.3"), P,
+               DecodeSettings(tile_groupnorm="local"))
+    assert d.chosen.path == "tiled" and d.chosen.tile_px is not None and d.chosen.tile_px < 256
+    assert d.reason_params.get("below_tile_px") is None and "last-resort" not in d.reason
+    r = DecodeReport(chosen=d.chosen, ran=d.chosen, attempts=((d.chosen.label, None, 1.0),), seconds=1.0,
+                     peak_bytes=None, decision=d, simulated=True, device="cpu")
+    assert "last-resort" not in r.infotext()
