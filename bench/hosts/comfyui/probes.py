@@ -11,7 +11,7 @@ dumps both IMAGEs and the decision line (test node DumpImageTest). PSNR is compu
   local     512 px where exact tiles do not fit in VRAM (free_gib=0.5): with tiling auto the engine keeps the whole-image
             buffers in host memory (exact+host, PSNR >= 60 dB); with tiling local (and learn off, so ComfyUI's
             validation sees that input) the line says colours may differ; the learned file (HYBRID_VAE_LEARNED, set
-            by run.sh) stays absent: a simulated card learns nothing.
+            by run.sh, --learned-file) stays absent: a simulated card learns nothing.
   identity  128 px against two `hybrid-vae serve` endpoints (--same serves sd15_seed0, --other sd15_seed1), each
             request counted at the server: remote for --same, refused with the reason for --other, one canary
             per pair, and what --other's picture would have been (remote_custom_vae on).
@@ -131,7 +131,7 @@ def part_local(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
             ok &= "exact" in (text or "") and rec["psnr_db_vs_VAEDecode"] >= 60
         else:
             ok &= "colours may differ" in (text or "")
-    learned = os.environ.get("HYBRID_VAE_LEARNED")
+    learned = args.learned_file  # ComfyUI's HYBRID_VAE_LEARNED, passed by run.sh
     rec = {"probe": "learned-file", "path": learned, "exists": bool(learned) and os.path.exists(str(learned))}
     out.append(rec)
     print(json.dumps(rec), flush=True)
@@ -175,6 +175,7 @@ def main() -> int:
     ap.add_argument("--same", help="endpoint serving models/vae/" + VAE_FILE)
     ap.add_argument("--other", help="endpoint serving another VAE")
     ap.add_argument("--out", help="append the records to this JSON-lines file")
+    ap.add_argument("--learned-file", help="the learned file ComfyUI's node uses (HYBRID_VAE_LEARNED; part local)")
     args = ap.parse_args()
     if args.part == "identity" and not (args.same and args.other):
         ap.error("--part identity needs --same URL and --other URL")

@@ -47,7 +47,8 @@ comfy() {  # comfy FREE_GIB PART...
   for part in "$@"; do
     echo "== part $part (simulated RTX 3070, $free GiB free)"
     "$PY" "$HERE/probes.py" --port "$PORT" --dumps "$ROOT/dumps" --part "$part" \
-      --same "http://127.0.0.1:$P1/sd15" --other "http://127.0.0.1:$P2/sd15" --out "$RES/probes.jsonl" || rc=1
+      --same "http://127.0.0.1:$P1/sd15" --other "http://127.0.0.1:$P2/sd15" --out "$RES/probes.jsonl" \
+      --learned-file "$HYBRID_VAE_LEARNED" || rc=1
   done
   cp "$ROOT/comfy-$PORT.log" "$RES/comfy-$(echo "$@" | tr ' ' '-').log"
   ROOT="$ROOT" PORT="$PORT" "$HERE/launch.sh" stop
