@@ -70,6 +70,9 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--profile", default=None, help="your profile YAML, merged over the built-ins")
     d.add_argument("--remote-custom-vae", action="store_true",
                    help="use --endpoint even when it serves another VAE than --vae")
+    d.add_argument("--learned", nargs="?", const="", default=None, metavar="PATH",
+                   help="apply and update learned timings and peaks (alone: $HYBRID_VAE_LEARNED or the user cache "
+                        "file; a GPU decode is recorded, a simulated or CPU one is not; see `explain --learned`)")
     d.add_argument("--latent-dir", default=None, help="where a latent is saved if this decode fails too")
     d.add_argument("--json", action="store_true", help="print the decode report as JSON")
     d.set_defaults(func=cmd_decode)
@@ -227,6 +230,10 @@ def _decoder(args: argparse.Namespace, family: str, **kw: Any) -> HybridDecoder:
         values.update({"allow_remote": True, "endpoints": {family: spec}, "use_builtin_endpoints": False,
                        "allow_remote_custom_vae": bool(getattr(args, "remote_custom_vae", False))})
         kw["remote"] = EndpointPool(RemoteClient(token=token, trusted_endpoints=[spec] if token else []), pools=[spec])
+    if getattr(args, "learned", None) is not None:
+        from hybrid_vae.policy.learned import LearnedStore
+
+        kw["learned"] = LearnedStore(args.learned or None)
     return HybridDecoder(settings=build_settings(values, names=flags), profile_path=args.profile,
                          latent_dir=args.latent_dir or DEFAULT_LATENT_DIR,
                          probe=(lambda: state) if state is not None else None, **kw)

@@ -127,6 +127,35 @@ def test_decode_simulated_tiled_and_text_report(tmp_path):
     assert Image.open(tmp_path / "t.png").size == (384, 384)
 
 
+def test_decode_applies_a_learned_peak(tmp_path):
+    """`decode --learned FILE`: this card's learned peak for full decodes (x1.5) no longer lets the full decode fit
+    the simulated free memory, so it tiles, and the report's source names the learned factor; a simulated decode is
+    not recorded (the file is unchanged)."""
+    from hybrid_vae.policy.gpu import GiB
+    from hybrid_vae.policy.learned import Learned, LearnedStore, observe_peak
+
+    card = "NVIDIA GeForce RTX 3070"
+    z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(5))
+    path = save_latent(z, tmp_path, family="sd15", profile=load_profiles("").family("sd15"))
+    roomy = json.loads(run("decode", str(path), "--fixture", "--gpu", card, "--free-gib", "8", "--json",
+                           "-o", str(tmp_path / "r.png")).stdout)
+    assert roomy["ran"]["path"] == "full"
+    free = f"{(roomy['ran']['estimate']['peak_bytes'] * 1.2 + 128 * 2**20) / GiB:.4f}"
+    learned = tmp_path / "learned.json"
+    LearnedStore(learned).save(observe_peak(Learned(), card=card, family="sd15", path="full", estimated_bytes=GiB,
+                                            measured_bytes=1.5 * GiB, now=0.0))
+    before = learned.read_bytes()
+    args = ("decode", str(path), "--fixture", "--gpu", card, "--free-gib", free, "--json")
+    plain = json.loads(run(*args, "-o", str(tmp_path / "a.png")).stdout)
+    r = run(*args, "-o", str(tmp_path / "b.png"), "--learned", str(learned))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert plain["ran"]["path"] == "full" and report["ran"]["path"] == "tiled"
+    full_opt = next(o for o in report["decision"]["options"] if o["label"] == "full")
+    assert "x1.50 learned peak from 1 decode" in full_opt["estimate"]["peak_source"] and not full_opt["feasible"]
+    assert learned.read_bytes() == before
+
+
 def test_decode_video_with_a_vae_folder_writes_a_gif(tmp_path):
     vae = build_tiny_vae("hunyuanvideo")
     vae.save_pretrained(tmp_path / "vae")
