@@ -22,8 +22,9 @@ Learned peaks: the memory a local GPU plan really needed, as ``measured / estima
 buckets: in the simulated benchmark they left more out-of-memory errors at the same regret, 22 against 16 on the
 scoring set, since a bucket seen once hides what the family showed at other sizes). The
 measured peak is PyTorch's allocated peak of the decode (``torch.cuda.max_memory_allocated``); an out-of-memory
-error of a plan whose estimate was claimed says only that it needed more than was free, so it counts as
-``max(free / estimate, current factor) x`` :data:`OOM_STEP`. The factor is an upper envelope, not a mean: a
+error of a plan whose estimate was claimed says only that it needed more than the claim found free, so it counts
+as ``max(claimed / estimate, current factor) x`` :data:`OOM_STEP` (the claim is the estimate, so at least 5% above
+the factor already applied). The factor is an upper envelope, not a mean: a
 higher ratio replaces it at once (one decode that needed 6% more than estimated is enough to expect it again),
 a lower one pulls it down like an EWMA (an OOM caused by another process's allocation is forgotten over later
 decodes). ``decide`` multiplies a local plan's peak by the family's factor (else the card-wide one) from the
