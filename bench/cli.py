@@ -129,6 +129,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except ImportError:
             print("regret plot skipped: matplotlib is not installed (the `plots` extra)", file=sys.stderr)
         write_section("bench/matrix.py", matrix.section(res, sens, cdf=cdf, tuning=tuning, tuning_res=tuning_res))
+        if full:
+            from hybrid_vae.bench import online
+
+            learning = {name: online.run(args.profile, sset=s, jobs=args.jobs) for name, s in online.sets().items()}
+            for name, r in learning.items():
+                print(f"\nlearning as it goes, {name}:\n{online.markdown(r)}")
+            write_section("bench/online.py", online.section(learning))
     return 0
 
 

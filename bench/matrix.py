@@ -148,7 +148,8 @@ def _world(profiles: Profiles, params: WorldParams, seed: int, *, offset: int = 
 def train_learned(profiles: Profiles, params: WorldParams, sset: ScenarioSet | str = "scoring", *,
                   per_card: int = 60) -> Learned:
     """Warm-up for the learned rows: ``per_card`` decodes per card, drawn from the set (no network), run by the
-    engine in a world with *other* noise draws (same cards and installations); each successful local decode is
+    engine in another world (its own installations of the same cards, and the card speeds of the set's first
+    world); each successful local decode is
     folded in as the orchestrator records it (:func:`policy.learned.observe` with its seconds,
     :func:`policy.learned.observe_peak` with its allocated peak), and so is an out-of-memory error of a plan
     whose estimate fit what the decision saw (the orchestrator claimed it: ``oom=True`` at the estimate)."""

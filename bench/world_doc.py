@@ -43,8 +43,9 @@ available after the free memory moved (the same test as an attempt, with the eng
 true peak); a refused claim costs 5 ms (assumed: a failed allocation, a probe and `decide()`), and the first
 refusal makes the engine decide again from what a probe sees now (free memory after the move). Peers claim
 nothing.
-The learned rows of the what-if table first run the engine on 60 decodes per card in a world with other noise
-draws (the same installations); what their warm-up records is the world's own: seconds, the allocated peak (the
+The learned rows of the what-if table first run the engine on 60 decodes per card in another world (other
+installations of the same cards; the card speeds of the set's first world); what their warm-up records is that
+world's own: seconds, the allocated peak (the
 true peak less the block rounding, which PyTorch reserves but does not allocate) and OOMs of plans whose
 estimate fit (`bench/matrix.py`, `train_learned`).
 A new plan kind gets its truth by registering a function in `bench/truth.py` (see its docstring)."""
