@@ -378,6 +378,31 @@ def test_what_ifs_and_learning(reduced):
     assert cards == {c.name for c in {x.card for x in matrix.scenarios(P, "reduced")}}
 
 
+def test_learning_as_it_goes_counts_the_same_decodes_as_the_matrix(reduced):
+    """bench/online.py: its cold engine is the matrix's engine over the same decodes (the same OOM attempts, losses,
+    drift and regret), and the learning engine ends each machine with what it recorded: peaks for the cards whose
+    decodes ran on the GPU."""
+    from hybrid_vae.bench import online
+
+    res = online.run(sset="reduced", jobs=1)
+    e = reduced["strategies"]["engine"]
+    cold = res["cold"]
+    assert (cold["ooms"], cold["lost"], cold["drift"]) == (e["ooms"], e["lost"], e["drift"])
+    assert cold["p95_regret"] == pytest.approx(e["p95_regret"]) and cold["scenarios"] == 918
+    assert res["online"]["scenarios"] == 918 and sum(res["ooms_by_quarter"]) == res["online"]["ooms"]
+    assert "| learning as it goes |" in online.section({"reduced": res})
+    from hybrid_vae.bench.strategies import _run_engine
+
+    world = matrix._world(P, WorldParams(), 7)
+    for sc in map(world.seen, matrix.scenarios(P, "reduced", seed=7)):
+        o = _run_engine(world, sc, P)
+        if sc.network is None and o.delivered and o.attempts[-1].split()[0] in ("full", "tiled"):
+            break
+    learned = online._fold(world, sc, P, online.Learned(), o, 0.0)
+    peaks = [e for e in learned.entries.values() if e.what == "peak"]
+    assert {(e.card, e.family) for e in peaks} == {(sc.card.name, sc.family), (sc.card.name, "*")}
+
+
 def test_report_text(reduced):
     md = matrix.markdown(reduced)
     for _, (label, _) in STRATEGIES.items():
