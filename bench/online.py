@@ -143,8 +143,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def section(results: dict[str, dict[str, Any]]) -> str:
     """The docs/benchmarks.md section (``results``: :func:`run` per name of :func:`sets`)."""
-    doc = (__doc__ or "").split("\n\n")[0].replace("\n", " ")
-    parts = ["## The engine learning as it goes (simulated)", "", doc, "",
+    parts = ["## The engine learning as it goes (simulated)", "",
              "Every decode of a set, per card (one world seed x card = one machine) in a random order; the learning "
              "engine decides with what the decodes before it on that machine recorded (`bench/online.py`: the "
              "orchestrator's records, `policy/learned.py`), and all its OOM attempts count, the ones that taught it "
