@@ -228,6 +228,20 @@ class Learned:
         return cls(entries=entries, min_count=min_count)
 
 
+def _check(path: str, family: str, alpha: float, unit: str, **values: float) -> None:
+    """The arguments :func:`observe` and :func:`observe_peak` share: a learned path, a real family, alpha in (0, 1]
+    and positive finite ``values`` (in ``unit``)."""
+    if path not in LEARN_PATHS:
+        raise ValueError(f"path={path!r}: only {sorted(LEARN_PATHS)} decodes are learned")
+    for name, v in values.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v!r}: must be a positive number of {unit}")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha!r}: must be in (0, 1]")
+    if family == ANY:
+        raise ValueError(f"family={family!r} is reserved for card-wide entries")
+
+
 def observe(learned: Learned, *, card: str, family: str, path: str, voxels: float, estimated_s: float,
             measured_s: float, now: float, alpha: float = 0.2, max_entries: int = MAX_ENTRIES) -> Learned:
     """Return ``learned`` with one more observation (pure; the input is unchanged).
@@ -244,15 +258,7 @@ def observe(learned: Learned, *, card: str, family: str, path: str, voxels: floa
     Raises:
         ValueError: a non-positive or non-finite time, an unknown path, or alpha outside (0, 1].
     """
-    if path not in LEARN_PATHS:
-        raise ValueError(f"path={path!r}: only {sorted(LEARN_PATHS)} decodes are learned")
-    for name, v in (("estimated_s", estimated_s), ("measured_s", measured_s)):
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}={v!r}: must be a positive number of seconds")
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha={alpha!r}: must be in (0, 1]")
-    if family == ANY:
-        raise ValueError(f"family={family!r} is reserved for card-wide entries")
+    _check(path, family, alpha, "seconds", estimated_s=estimated_s, measured_s=measured_s)
     lo, hi = RATIO_CLAMP
     ratio = min(hi, max(lo, measured_s / estimated_s))
     entries = dict(learned.entries)
@@ -295,15 +301,7 @@ def observe_peak(learned: Learned, *, card: str, family: str, path: str, estimat
     Raises:
         ValueError: a non-positive or non-finite byte count, an unknown path, or alpha outside (0, 1].
     """
-    if path not in LEARN_PATHS:
-        raise ValueError(f"path={path!r}: only {sorted(LEARN_PATHS)} decodes are learned")
-    for name, v in (("estimated_bytes", estimated_bytes), ("measured_bytes", measured_bytes)):
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}={v!r}: must be a positive number of bytes")
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha={alpha!r}: must be in (0, 1]")
-    if family == ANY:
-        raise ValueError(f"family={family!r} is reserved for card-wide entries")
+    _check(path, family, alpha, "bytes", estimated_bytes=estimated_bytes, measured_bytes=measured_bytes)
     lo, hi = PEAK_CLAMP
     entries = dict(learned.entries)
     for fam in (family, ANY):
