@@ -197,7 +197,7 @@ def gpu_cases() -> list[GpuCase]:
 def tiny_cases() -> list[GpuCase]:
     """A plumbing smoke run with tiny random VAEs (any device, seconds on a CPU)."""
     c = GpuCase
-    return [c("sd15", "tiny:sd15", "float32", 128, 128, 1.0, batch=2), c("sd15", "tiny:sd15", "float32", 384, 320, 0.6),
+    return [c("sd15", "tiny:sd15", "float32", 128, 128, 1.0, batch=2), c("sd15", "tiny:sd15", "float32", 384, 320, 0.5),
             c("hunyuanvideo", "tiny:hunyuanvideo", "float32", 64, 64, 1.0, frames=5)]
 
 

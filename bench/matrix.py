@@ -477,17 +477,23 @@ def sensitivity(jobs: int | None = None, sset: str = "reduced") -> list[dict[str
 #: assumption only encodes it; it stays at the value set from the CPU measurement until a GPU measures it.
 #: What ships (DecodeSettings defaults; exact_margin: the families' profile value), for "shipped before this sweep".
 DEFAULTS = {"reserve_mib": DecodeSettings().reserve_bytes // 2**20, "exact_margin": 1.15,
-            "exact_tolerance": DecodeSettings().exact_tolerance}
+            "exact_tolerance": DecodeSettings().exact_tolerance, "tight_speedup": DecodeSettings().tight_speedup}
 RESERVES_MIB = (64, 128, 256, 384, 512)
 MARGINS = (1.0, 1.15, 1.3)
 TOLERANCES = (1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0)
+#: Stage 3 of the sweep: ``tight_speedup`` (None: no plan goes into the reserve while one fits the budget).
+TIGHT_SPEEDUPS: tuple[float | None, ...] = (None, 1.1, 1.25, 1.5, 2.0)
 
 
-def _variant(reserve_mib: float, margin: float, tolerance: float) -> tuple[str, tuple[str, dict[str, object]]]:
+def _variant(reserve_mib: float, margin: float, tolerance: float,
+             tight: float | str | None = "default") -> tuple[str, tuple[str, dict[str, object]]]:
     name = f"r{reserve_mib:g}_m{margin:g}_t{tolerance:g}"
     label = f"reserve {reserve_mib:g} MiB, exact_margin {margin:g}, exact_tolerance {tolerance:g}"
-    return name, (label, {"reserve_bytes": int(reserve_mib * 2**20), "exact_margin": margin,
-                          "exact_tolerance": tolerance})
+    spec: dict[str, object] = {"reserve_bytes": int(reserve_mib * 2**20), "exact_margin": margin,
+                               "exact_tolerance": tolerance}
+    if tight != "default":  # stage 3; before it, the shipped tight_speedup
+        name, label, spec["tight_speedup"] = f"{name}_s{tight}", f"{label}, tight_speedup {tight}", tight
+    return name, (label, spec)
 
 
 def choose(metrics: Mapping[str, Mapping[str, Any]], *, drift_cap: float | None = None) -> str:
@@ -506,9 +512,9 @@ def choose(metrics: Mapping[str, Mapping[str, Any]], *, drift_cap: float | None 
 
 
 def tune(jobs: int | None = None) -> dict[str, Any]:
-    """Sweep reserve x exact_margin (exact_tolerance at its default) and choose the reserve among the rows at the
-    shipped exact_margin (see :data:`DEFAULTS`), then sweep exact_tolerance at that pair, on the tuning set;
-    returns both stages' metrics and the chosen values."""
+    """Sweep reserve x exact_margin (exact_tolerance and tight_speedup at their defaults) and choose the reserve
+    among the rows at the shipped exact_margin (see :data:`DEFAULTS`), then sweep exact_tolerance at that pair,
+    then tight_speedup at those three, on the tuning set; returns the stages' metrics and the chosen values."""
     stage1 = dict(_variant(r, m, DEFAULTS["exact_tolerance"]) for r in RESERVES_MIB for m in MARGINS)
     res1 = run(sset="tuning", strategies=(), variants=stage1, jobs=jobs)
     m1 = {n: res1["strategies"][n] for n in stage1}
@@ -519,11 +525,16 @@ def tune(jobs: int | None = None) -> dict[str, Any]:
     res2 = run(sset="tuning", strategies=(), variants=stage2, jobs=jobs)
     m2 = {n: res2["strategies"][n] for n in stage2}
     best2 = choose(m2, drift_cap=drift_cap("tuning"))
-    chosen = stage2[best2][1]
-    return {"set": res1["describe"], "scenarios": res1["scenarios"], "stage1": m1, "stage2": m2,
+    tol = float(stage2[best2][1]["exact_tolerance"])  # type: ignore[arg-type]
+    stage3 = dict(_variant(r, m, tol, s) for s in TIGHT_SPEEDUPS)
+    res3 = run(sset="tuning", strategies=(), variants=stage3, jobs=jobs)
+    m3 = {n: res3["strategies"][n] for n in stage3}
+    chosen = stage3[choose(m3, drift_cap=drift_cap("tuning"))][1]
+    return {"set": res1["describe"], "scenarios": res1["scenarios"], "stage1": m1, "stage2": m2, "stage3": m3,
             "chosen": {"reserve_mib": int(chosen["reserve_bytes"]) / 2**20,  # type: ignore[call-overload]
-                       "exact_margin": chosen["exact_margin"], "exact_tolerance": chosen["exact_tolerance"]},
-            "elapsed_s": res1["elapsed_s"] + res2["elapsed_s"]}
+                       "exact_margin": chosen["exact_margin"], "exact_tolerance": chosen["exact_tolerance"],
+                       "tight_speedup": chosen["tight_speedup"]},
+            "elapsed_s": res1["elapsed_s"] + res2["elapsed_s"] + res3["elapsed_s"]}
 
 
 def tune_markdown(t: dict[str, Any]) -> str:
@@ -551,9 +562,13 @@ def tune_markdown(t: dict[str, Any]) -> str:
         f"Stage 1: reserve x exact_margin, exact_tolerance {DEFAULTS['exact_tolerance']:g}:", "", *table(t["stage1"]), "",
         f"Stage 2: exact_tolerance at reserve {c['reserve_mib']:g} MiB, exact_margin {c['exact_margin']:g}:", "",
         *table(t["stage2"]), "",
+        f"Stage 3: tight_speedup (a lossless plan into the reserve when estimated this many times faster; None: "
+        f"never while a plan fits the budget) at exact_tolerance {c['exact_tolerance']:g}, with stage 2's rule:", "",
+        *table(t["stage3"]), "",
         f"Chosen: reserve {c['reserve_mib']:g} MiB, exact_margin {c['exact_margin']:g}, exact_tolerance "
-        f"{c['exact_tolerance']:g} (shipped before this sweep: reserve {DEFAULTS['reserve_mib']} MiB, exact_margin "
-        f"{DEFAULTS['exact_margin']}, exact_tolerance {DEFAULTS['exact_tolerance']})."])
+        f"{c['exact_tolerance']:g}, tight_speedup {c['tight_speedup']} (shipped before this sweep: reserve "
+        f"{DEFAULTS['reserve_mib']} MiB, exact_margin {DEFAULTS['exact_margin']}, exact_tolerance "
+        f"{DEFAULTS['exact_tolerance']}, tight_speedup {DEFAULTS['tight_speedup']})."])
 
 
 def _headline(res: dict[str, Any], what: str) -> list[str]:

@@ -117,24 +117,18 @@ CLAIM_S = 0.005
 Redecide = Callable[[GpuState], Decision]
 
 
-def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *, tight_first: bool,
+def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *,
                   chain: bool = True, redecide: Redecide | None = None) -> Outcome:
     """Run the decision's chain as the orchestrator does: before a local GPU plan runs, its memory is claimed
-    (:func:`policy.decide.claim_bytes`: the estimated peak, or only the floor estimate / ``NEAR_FIT`` for a
-    ``near_fit`` plan and, after a new decision, a GPU plan with only CPU plans behind it), which succeeds when
+    (:func:`policy.decide.claim_bytes`: the estimated peak and the reserve; a plan chosen into the reserve: its
+    estimate; only the floor estimate / ``NEAR_FIT`` for a ``near_fit`` plan and, after a new decision, a GPU plan
+    with only CPU plans behind it), which succeeds when
     that much is available now, after the free memory moved (:meth:`World.available`); a refused claim costs
     :data:`CLAIM_S`, and the first one makes the engine decide again (``redecide``) from what a probe sees now
     (:meth:`World.probe_now`), capped under the refused claim (:meth:`GpuState.capped`, as the orchestrator
     does), whose chain skips the plans that already failed."""
     fam = profiles.family(sc.family)
     plans = list(d.plans) if chain else [d.chosen]
-    if tight_first:
-        tight = [o.plan for o in d.options if o.plan.path in ("full", "tiled") and not o.feasible
-                 and o.plan.estimate.peak_bytes <= d.available_bytes]
-        if tight:
-            t = min(tight, key=lambda p: p.estimate.seconds)
-            if t.estimate.seconds * 1.25 < d.chosen.estimate.seconds:
-                plans.insert(0, t)
     secs, ooms, wasted, claims, labels, note, floor_ooms = 0.0, 0, 0, 0, [], "", 0
     now = world.available(sc)
     i, failed = 0, set()
@@ -142,7 +136,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
         p, i = plans[i], i + 1
         labels.append(p.label)
         last_gpu = redecide is None and claims > 0 and all(q.path == "cpu" for q in plans[i:])
-        claim = claim_bytes(p, d.available_bytes, floor=last_gpu)
+        claim = claim_bytes(p, d, floor=last_gpu)
         floor = 0 < claim < p.estimate.peak_bytes
         if 0 < claim and claim > now:
             secs, wasted, claims = secs + CLAIM_S, wasted + 1, claims + 1
@@ -165,14 +159,15 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
                    floor_ooms=floor_ooms)
 
 
-def _run_engine(world: World, sc: Scenario, profiles: Profiles, *, tight_first: bool = False, chain: bool = True,
+def _run_engine(world: World, sc: Scenario, profiles: Profiles, *, chain: bool = True,
                 learned: Learned | None = None, cache: dict[tuple[object, ...], Decision] | None = None,
                 **settings: object) -> Outcome:
     """The engine's decision for ``sc`` (:func:`engine_decision`) run by :func:`_run_decision`; after a refused
     claim it decides again with the same learned timings and settings."""
     d = engine_decision(sc, profiles, learned=learned, cache=cache, **settings)
-    return _run_decision(world, sc, profiles, d, tight_first=tight_first, chain=chain,
-                         redecide=lambda g: engine_decision(sc, profiles, learned=learned, gpu=g, **settings))
+    return _run_decision(world, sc, profiles, d, chain=chain,
+                         redecide=lambda g: engine_decision(sc, profiles, learned=learned, gpu=g,
+                                                            **{**settings, "tight_speedup": None}))
 
 
 def engine(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
@@ -193,7 +188,7 @@ def engine_no_offload(world: World, sc: Scenario, profiles: Profiles, **kw: Any)
                       DecodeSettings(allow_remote=sc.network is not None),  # type: ignore[arg-type]
                       sc.net_stats())
 
-    return _run_decision(world, sc, profiles, plan(sc.gpu()), tight_first=False, redecide=plan)
+    return _run_decision(world, sc, profiles, plan(sc.gpu()), redecide=plan)
 
 
 def engine_assumed_server(world: World, sc: Scenario, profiles: Profiles, **_: object) -> Outcome:
@@ -201,18 +196,6 @@ def engine_assumed_server(world: World, sc: Scenario, profiles: Profiles, **_: o
     plans at the assumed speed (``policy.estimate.REMOTE_SPEED_FACTOR``; its decisions are not cached, the cache is
     keyed by scenario)."""
     return _run_engine(world, dataclasses.replace(sc, server_spv=None), profiles)
-
-
-def engine_tight_first(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF (not the engine's rule today): a local plan that fits the available memory but not the
-    reserve goes first when it is >= 1.25x faster than the decision's choice; the decision's chain
-    stays behind it, so an OOM costs one attempt, never the image."""
-    return _run_engine(world, sc, profiles, tight_first=True, cache=kw.get("cache"))
-
-
-def engine_tight_learned(world: World, sc: Scenario, profiles: Profiles, **kw: Any) -> Outcome:
-    """WHAT-IF: the 'tight plan first' rule and learned timings and peaks together."""
-    return _run_engine(world, sc, profiles, tight_first=True, learned=kw.get("trained"), cache=kw.get("cache"))
 
 
 # ---- peers -----------------------------------------------------------------------------------------
@@ -411,8 +394,8 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
                         "last-resort ones off)", engine_with(min_tile_px=256)),
     "engine_assumed_server": ("engine ranking endpoints at the assumed speed (2x an H200; before the client inferred "
                               "it from replies)", engine_assumed_server),
-    "engine_tight": ("engine + 'tight plan first' rule (proposed)", engine_tight_first),
-    "engine_tight_learned": ("engine + 'tight plan first' + learned timings and peaks", engine_tight_learned),
+    "engine_no_tight": ("engine without the 'tight plan first' rule (tight_speedup None: never into the reserve "
+                        "while a plan fits the budget)", engine_with(tight_speedup=None)),
     "oracle_but_drift": ("bound: an oracle that knows every hidden draw except the free memory moving after the "
                          "probe", oracle_but_drift),
     "oracle_256mib": ("bound: that oracle keeping 256 MiB spare", oracle_with(256)),

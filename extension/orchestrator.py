@@ -22,15 +22,15 @@ not retried.
 When every plan failed, the latent is saved with :func:`extension.latents.save_latent` and
 :class:`~policy.errors.DecodeFailedError` names the file and the command that decodes it later.
 
-Claims: before a local plan runs on CUDA, its estimated peak is allocated in one block and handed back to
-PyTorch's cache (:func:`claim_memory`), so another process cannot take that memory during the decode. When
-the memory went elsewhere after the probe, the claim is refused in milliseconds, before any decoding: the
-attempt is recorded as ``claim refused: ...``, and (once per decode) the GPU is probed again and the decision
-made again from what is free now (a plan that already failed in this decode is not tried again). Plans the
-decision already knew to exceed the free memory (``near_fit``), and
-after the new decision a GPU plan with only CPU plans behind it, claim only their estimate / ``NEAR_FIT``
-(:func:`~policy.decide.claim_bytes`): the estimate carries margins and an OOM costs one attempt, the CPU far more,
-but below that floor they cannot fit, and the next plan goes without an OOM.
+Claims: before a local plan runs on CUDA, its estimated peak and the reserve (a plan chosen into the reserve:
+its estimated peak) are allocated in one block and handed back to PyTorch's cache (:func:`claim_memory`), so
+another process cannot take that memory during the decode. When the memory went elsewhere after the probe, the
+claim is refused in milliseconds, before any decoding: the attempt is recorded as ``claim refused: ...``, and
+(once per decode) the GPU is probed again and the decision made again from what is free now, into the reserve
+for no plan (a plan that already failed in this decode is not tried again). Plans the decision already knew to
+exceed the free memory (``near_fit``), and after the new decision a GPU plan with only CPU plans behind it,
+claim only their estimate / ``NEAR_FIT`` (:func:`~policy.decide.claim_bytes`): the estimate carries margins and
+an OOM costs one attempt, the CPU far more, but below that floor they cannot fit, and the next plan goes without an OOM.
 """
 
 from __future__ import annotations
@@ -546,8 +546,8 @@ class HybridDecoder:
                         self.learned.record_peak(decision, plan, a.peak, applied=snapshot)
                 return self._finish(p, decision, plan, a, tuple(attempts), t_start, output)
             if a.oom and self.learned is not None and not last_gpu:
-                n = claim_bytes(plan, decision.available_bytes)
-                if n == plan.estimate.peak_bytes:  # its estimate was free when it started, and it needed more
+                n = plan.estimate.peak_bytes
+                if n <= decision.available_bytes:  # its estimate was claimed when it started, and it needed more
                     self.learned.record_peak(decision, plan, n, applied=snapshot, oom=True)
             failed.add(plan.label)
             if plan.path == "remote":
@@ -563,7 +563,7 @@ class HybridDecoder:
         """Claim what :func:`~policy.decide.claim_bytes` says for a local GPU plan before it runs
         (:func:`claim_memory`): the bytes refused when that much is not free now, else 0 (also for remote and CPU
         plans, which claim nothing)."""
-        n = claim_bytes(plan, decision.available_bytes, floor=floor)
+        n = claim_bytes(plan, decision, floor=floor)
         if n <= 0 or self.claim(p.run_dev, n):
             return 0
         log.info("hybrid-vae: %s: %.2f GiB not free at decode time (claim refused)", plan.label, n / 2**30)
@@ -573,10 +573,11 @@ class HybridDecoder:
                   refused: int) -> tuple[_Prepared, tuple[Decision, Learned | None]]:
         """A fresh probe and a new decision after a claim of ``refused`` bytes was refused: the probe's available
         memory is capped under that (:meth:`GpuState.capped`; a probe counts all of torch's cache, which a refused
-        claim has just shown cannot give that much), so the new decision does not pick the same plan again."""
+        claim has just shown cannot give that much), so the new decision does not pick the same plan again; and
+        with memory moving, it does not choose a plan into the reserve (``tight_speedup`` None)."""
         gpu = self._gpu(lambda n: (g.total_gib if (g := p.profiles.gpu(n)) else None))
         gpu = gpu.capped(refused - 1, f"capped under a refused claim of {refused / 2**30:.2f} GiB")
-        p = dataclasses.replace(p, gpu=gpu)
+        p = dataclasses.replace(p, gpu=gpu, settings=p.settings.model_copy(update={"tight_speedup": None}))
         return p, self._decide(p, latents, vae)
 
     def _prepare(self, latents: torch.Tensor, vae: Any, *, family: str | None, height: int | None,

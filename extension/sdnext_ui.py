@@ -122,6 +122,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
 #: The :class:`DecodeSettings` fields SD.Next has no option for, and why the engine's default serves there.
 NOT_EXPOSED: Mapping[str, str] = {
     "exact_tolerance": "the engine's default (chosen on the simulated benchmark, docs/benchmarks.md)",
+    "tight_speedup": "the engine's default (chosen on the simulated benchmark, docs/benchmarks.md)",
     "host_reserve_bytes": "the engine's default (2 GiB of host memory left to SD.Next and the system)",
     "min_tile_px": "the family's smallest tile from the profile (a profile YAML changes it)",
     "remote_format": "auto: raw or png by the measured bandwidth",

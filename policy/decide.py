@@ -19,6 +19,8 @@ Rules (each is tested):
 - ``auto`` chooses the feasible plan with the smallest estimated seconds (ties: the larger tile);
   see ``tile_groupnorm`` for exact vs local tiles.
   Forced modes put their path first when it is feasible and otherwise say why and fall back to auto.
+- ``tight_speedup`` (auto): a lossless GPU plan (full or exact tiles) that fits what is available but not the
+  budget goes first when estimated that many times faster than the plan the budget chose, which follows it.
 - When nothing fits the budget, the smallest GPU plan goes first if it fits inside the reserve; else remote;
   else the CPU, except that the smallest GPU plan still goes first when its estimate is within ``NEAR_FIT``
   (1.25x) of what is available and the CPU is estimated 10x slower, does not fit host memory or is off
@@ -581,6 +583,7 @@ class _Rank:
 class _Choice:
     plan: Plan
     squeezed: bool = False  # nothing fits the budget; the plan fits inside the reserve
+    behind: Plan | None = None  # tight: the plan the budget chose, which goes right after this one
     unmet: UnmetRequest | None = None  # the requested mode that could not run
     near_fit: bool = False  # nothing fits what is available; the plan is within NEAR_FIT of it and the CPU is worse
     cpu: Plan | None = None  # near_fit: the CPU plan it goes before
@@ -595,19 +598,24 @@ NEAR_FIT = 1.25
 CPU_SLOWER = 10.0
 
 
-def claim_bytes(plan: Plan, available_bytes: int, *, floor: bool = False) -> int:
-    """Bytes to claim (allocate at once, hand back to the cache) just before a local GPU plan runs, so memory that
-    went elsewhere since the probe shows as a refused claim, in milliseconds, before any decoding.
+def claim_bytes(plan: Plan, decision: Decision, *, floor: bool = False) -> int:
+    """Bytes to claim (allocate at once, hand back to the cache) just before a local GPU plan of ``decision`` runs,
+    so memory that went elsewhere since the probe shows as a refused claim, in milliseconds, before any decoding.
 
-    The plan's estimated peak when it fits ``available_bytes`` (what its decision saw) and not ``floor``; else
-    (a ``near_fit`` plan, or with ``floor``: the last GPU plan before the CPU) its estimate / :data:`NEAR_FIT`,
-    the least the near-fit rule believes such a plan may need: a refusal there means it cannot fit even at the
-    low end of that band, and the claim refuses no plan the band lets through. 0 for remote and CPU plans.
+    A plan that fits the decision's budget claims its estimated peak plus the reserve (the reserve covers what the
+    estimate does not: workspace, rounding, estimate error; when the memory it stood for has gone, the plan no
+    longer fits as decided). One that fits only what is available (``squeezed``, or ``tight``: chosen on purpose
+    into the reserve) claims its estimate. With ``floor`` (the last GPU plan before the CPU), or a ``near_fit``
+    plan above what is available: its estimate / :data:`NEAR_FIT`, the least the near-fit rule believes such a plan
+    may need: a refusal there means it cannot fit even at the low end of that band, and the claim refuses no plan
+    the band lets through. 0 for remote and CPU plans.
     """
     if plan.path not in ("full", "tiled"):
         return 0
     e = plan.estimate.peak_bytes
-    return e if e <= available_bytes and not floor else math.ceil(e / NEAR_FIT)
+    if floor or e > decision.available_bytes:
+        return math.ceil(e / NEAR_FIT)
+    return e + (decision.available_bytes - decision.budget_bytes) if e <= decision.budget_bytes else e
 
 
 def _cpu_host_ok(x: _Inputs, p: Plan) -> bool:
@@ -632,6 +640,19 @@ def _near_fit(x: _Inputs, gpu_plans: list[Plan], cpu: Plan | None) -> Plan | Non
     if cpu is not None and _cpu_host_ok(x, cpu) and cpu.estimate.seconds < CPU_SLOWER * smallest.estimate.seconds:
         return None
     return smallest
+
+
+def _tight(x: _Inputs, gpu_plans: list[Plan], chosen: Plan) -> Plan | None:
+    """The fastest lossless GPU plan (full, or exact tiles) that fits what is available but not the budget, when it
+    is estimated ``tight_speedup`` times faster than ``chosen`` (what the budget chose); else None. It uses the
+    reserve on purpose; ``chosen`` stays right behind it, so an out-of-memory error costs one attempt."""
+    speedup = x.settings.tight_speedup
+    if speedup is None or not x.on_gpu:
+        return None
+    tight = [p for p in gpu_plans if (p.path == "full" or p.groupnorm == "exact")
+             and x.budget < p.estimate.peak_bytes <= x.available and _host_ok(x, p)]
+    best = min(tight, key=lambda p: (p.estimate.seconds, -(p.tile_px or math.inf)), default=None)
+    return best if best is not None and best.estimate.seconds * speedup < chosen.estimate.seconds else None
 
 
 def _requested(x: _Inputs, feasible: list[Plan], remote: Plan | None, rank: _Rank) -> Plan | None:
@@ -663,7 +684,8 @@ def _choose(x: _Inputs, gpu_plans: list[Plan], feasible: list[Plan], remote: Pla
     if chosen is None and pool:
         chosen = min(pool, key=rank)
     if chosen is not None:
-        return _Choice(chosen, unmet=unmet)
+        tight = _tight(x, gpu_plans, chosen) if unmet is None and mode == "auto" else None
+        return _Choice(tight, behind=chosen) if tight is not None else _Choice(chosen, unmet=unmet)
     # nothing fits the budget: the smallest plan may still fit inside the reserve
     smallest = _smallest(x, gpu_plans)
     if smallest is not None and smallest.estimate.peak_bytes <= x.available:
@@ -762,7 +784,11 @@ def decide(job: DecodeJob, gpu: GpuState, profiles: Profiles, settings: DecodeSe
     cpu_plans.sort(key=lambda p: not _cpu_host_ok(x, p))  # host memory that fits first (stable)
     rank = _Rank(x, feasible)
     choice = _choose(x, gpu_plans, feasible, remote, cpu_plans[0] if cpu_plans else None, rank)
-    chain = _fallback_chain(x, choice.plan, feasible, remote, cpu_plans, rank, gpu_plans)
+    if choice.behind is not None:  # tight: the budget's choice and its chain right behind the tight plan
+        chain = [choice.plan] + [p for p in _fallback_chain(x, choice.behind, feasible, remote, cpu_plans, rank,
+                                                            gpu_plans) if p is not choice.plan]
+    else:
+        chain = _fallback_chain(x, choice.plan, feasible, remote, cpu_plans, rank, gpu_plans)
     why = _reason(x, choice, gpu_plans=gpu_plans, feasible=feasible, remote=remote, route=route, rank=rank)
     return Decision(plans=tuple(chain), reason_code=why.code, reason_params=why.params, options=tuple(options),
                     gpu=gpu, job=job, available_bytes=x.available, budget_bytes=x.budget,
@@ -773,6 +799,8 @@ def _reason_code(x: _Inputs, choice: _Choice, full: Plan, feasible: list[Plan]) 
     c = choice.plan
     if choice.squeezed:
         return "squeezed"
+    if choice.behind is not None:
+        return "tight_faster"
     if choice.near_fit:
         return "near_fit"
     if c.path == "full":
@@ -799,8 +827,12 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
         "reserve": x.settings.reserve_bytes, "gpu_note": None if x.on_gpu else gpu.note or gpu.source,
         "unmet_request": choice.unmet, "inferred": x.fam.inferred,
         "below_tile_px": x.fam.tiling.min_tile_px if LAST_RESORT_NOTE in c.estimate.peak_source else None}
-    if code.startswith("tiled_") and (c.groupnorm == "exact" or not x.fam.video):
+    if (code.startswith("tiled_") or (code == "tight_faster" and c.path == "tiled")) \
+            and (c.groupnorm == "exact" or not x.fam.video):
         params |= _tiles_params(x, c, gpu_plans, feasible)
+    if choice.behind is not None:
+        params |= {"seconds": c.estimate.seconds, "behind_label": describe_plan(choice.behind),
+                   "behind_seconds": choice.behind.estimate.seconds, "tight_speedup": x.settings.tight_speedup}
     elif c.path == "remote":
         params |= {"format": c.response_format, "seconds": c.estimate.seconds}
         local_best = min(feasible, key=rank) if feasible else None

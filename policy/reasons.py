@@ -21,6 +21,9 @@ Codes (the chosen plan's primary reason; :data:`REASON_CODES` lists them):
 - ``tiled_faster``: tiles although full fits: estimated faster.
 - ``tiled_requested``: tiles although full fits: ``mode="tiled"``.
 - ``squeezed``: nothing fits the budget; the smallest GPU plan fits inside the reserve.
+- ``tight_faster``: a lossless GPU plan that fits what is available but not the budget goes first, estimated
+  ``tight_speedup`` (1.25x) or more faster than the plan the budget chose (``behind_label``, ``behind_seconds``),
+  which goes right after it: an OOM there costs one attempt.
 - ``near_fit``: nothing fits what is available; the smallest GPU plan is estimated within ``near_fit`` (1.25x) of it
   and goes first because the CPU would take ``cpu_seconds`` (10x or more), does not fit host memory
   (``cpu_host``), or is off; an OOM there costs one attempt, then the CPU plans follow.
@@ -47,8 +50,8 @@ from typing import Literal, get_args
 from hybrid_vae.policy.gpu import format_gib as _gib
 
 ReasonCode = Literal["full_fits", "batch_sliced", "tiled_full_too_big", "tiled_faster", "tiled_requested",
-                     "squeezed", "near_fit", "remote_faster", "remote_no_gpu", "remote_nothing_fits", "cpu_no_gpu",
-                     "cpu_nothing_fits"]
+                     "squeezed", "tight_faster", "near_fit", "remote_faster", "remote_no_gpu", "remote_nothing_fits",
+                     "cpu_no_gpu", "cpu_nothing_fits"]
 #: Every :data:`ReasonCode`, in the order of the module docstring.
 REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
 #: ``unmet_request``: the mode the settings asked for, which could not run (then the sentence starts with why).
@@ -209,6 +212,11 @@ def _core(code: ReasonCode, p: Mapping[str, ReasonValue]) -> str:
     if code == "squeezed":
         return (f"squeezed into the reserve: {label} needs {_gib(need)} > {_gib(budget)} budget, "
                 f"<= {_gib(_b(p, 'available'))} available; nothing fits the budget")
+    if code == "tight_faster":
+        return (f"into the reserve: {label} needs {_gib(need)} > {_gib(budget)} budget, "
+                f"<= {_gib(_b(p, 'available'))} available; est. {_f(p, 'seconds'):.2f} s, over "
+                f"{_f(p, 'tight_speedup'):g}x faster than {_s(p, 'behind_label')} ({_f(p, 'behind_seconds'):.2f} s), "
+                "which goes next" + _tiles_text(p))
     if code == "near_fit":
         if p.get("cpu_host") is not None:
             cpu = f"the CPU needs {_gib(_b(p, 'cpu_host'))} of host memory, more than is free"
@@ -281,6 +289,8 @@ def summary_text(code: ReasonCode, params: Mapping[str, ReasonValue]) -> str:
     label = _s(p, "label")
     if code == "squeezed":
         text = f"{label}, squeezed into the reserve: {_gib(need)} > {_gib(budget)} budget"
+    elif code == "tight_faster":
+        text = f"{label}, into the reserve: {_gib(need)} > {_gib(budget)} budget, faster than {_s(p, 'behind_label')}"
     elif code == "near_fit":
         text = f"{label}, nearly fits: {_gib(need)} > {_gib(_b(p, 'available'))} available"
     elif code in ("full_fits", "batch_sliced"):

@@ -37,15 +37,21 @@ def card(name: str, free_gib: float, total_gib: float | None = None, reusable_gi
 SDXL = DecodeJob("sdxl", 1024, 1024)
 
 
-def test_claim_bytes_is_the_estimate_or_the_near_fit_floor():
-    """What the orchestrator claims before a plan runs: the estimate when it fits what the decision saw; else (and
-    for the last GPU plan before the CPU) the least the near-fit band says it may need; nothing off the GPU."""
+def test_claim_bytes_is_the_estimate_and_reserve_or_the_near_fit_floor():
+    """What the orchestrator claims before a plan runs: the estimate and the reserve when it fits the budget (so a
+    reserve that went elsewhere since the probe is a refused claim, not an OOM); the estimate alone when it fits only
+    what is available (into the reserve); else (and for the last GPU plan before the CPU) the least the near-fit
+    band says it may need; nothing off the GPU."""
     d = decide(SDXL, card("NVIDIA GeForce RTX 3070", 3), P, DecodeSettings(allow_remote=False))
     gpu = [p for p in d.plans if p.path in ("full", "tiled")]
-    e = gpu[0].estimate.peak_bytes
-    assert claim_bytes(gpu[0], d.available_bytes) == e <= d.available_bytes
-    assert claim_bytes(gpu[0], e - 1) == math.ceil(e / NEAR_FIT) == claim_bytes(gpu[0], e, floor=True) < e
-    assert all(claim_bytes(p, 10 * GiB) == 0 for p in d.plans if p.path == "cpu")
+    e, reserve = gpu[0].estimate.peak_bytes, DecodeSettings().reserve_bytes
+    assert e <= d.budget_bytes and d.available_bytes - d.budget_bytes == reserve
+    assert claim_bytes(gpu[0], d) == e + reserve <= d.available_bytes
+    squeezed = dataclasses.replace(d, budget_bytes=e - 1)
+    assert claim_bytes(gpu[0], squeezed) == e
+    above = dataclasses.replace(d, available_bytes=e - 1, budget_bytes=e - 1 - reserve)
+    assert claim_bytes(gpu[0], above) == math.ceil(e / NEAR_FIT) == claim_bytes(gpu[0], d, floor=True) < e
+    assert all(claim_bytes(p, d) == 0 for p in d.plans if p.path == "cpu")
     assert any(p.path == "cpu" for p in d.plans)
 
 
@@ -315,10 +321,33 @@ def test_squeezed_full_says_so():
     assert d.chosen.path == "full" and d.reason.startswith("squeezed into the reserve: full")
 
 
+def test_a_lossless_plan_goes_into_the_reserve_only_when_much_faster_and_the_reason_says_so():
+    """``tight_speedup``: a lossless plan that fits what is available but not the budget goes first when estimated
+    that many times faster than the budget's choice, which goes right after it; it claims its estimate alone (the
+    reserve is what it uses); never a local-tile plan; off with None."""
+    job = DecodeJob("sd15", 256, 256, dtype="float32")
+    g = card("NVIDIA GeForce RTX 3070", 0.28)
+    d = decide(job, g, P, DecodeSettings(min_tile_px=64))
+    budget_only = decide(job, g, P, DecodeSettings(min_tile_px=64, tight_speedup=None))
+    t, behind = d.chosen, budget_only.chosen
+    assert d.reason_code == "tight_faster" and budget_only.reason_code != "tight_faster"
+    assert t.groupnorm == "exact" and d.budget_bytes < t.estimate.peak_bytes <= d.available_bytes
+    assert t.estimate.seconds * DecodeSettings().tight_speedup < behind.estimate.seconds  # type: ignore[operator]
+    assert d.plans[1] == behind and behind.estimate.peak_bytes <= d.budget_bytes
+    assert claim_bytes(t, d) == t.estimate.peak_bytes and claim_bytes(behind, d) > behind.estimate.peak_bytes
+    assert (f"into the reserve: {t.label} needs" in d.reason and f"faster than {behind.label}" in d.reason
+            and "), which goes next; output equals a full decode" in d.reason), d.reason
+    assert d.summary.startswith(f"{t.label}, into the reserve:"), d.summary
+    # a speed-up it cannot reach, and local tiles only: the budget's choice
+    ratio = behind.estimate.seconds / t.estimate.seconds
+    assert decide(job, g, P, DecodeSettings(min_tile_px=64, tight_speedup=ratio * 1.01)).chosen == behind
+    assert decide(job, g, P, DecodeSettings(min_tile_px=64, tile_groupnorm="local")).reason_code != "tight_faster"
+
+
 def test_local_tiles_over_a_fitting_exact_plan_only_when_much_faster_and_the_reason_says_so():
     job = DecodeJob("sd15", 256, 256, dtype="float32")
     g = card("NVIDIA GeForce RTX 3070", 0.28)
-    base = {"min_tile_px": 64, "reserve_bytes": 128 * 2**20}
+    base = {"min_tile_px": 64, "reserve_bytes": 128 * 2**20, "tight_speedup": None}  # the budget's choice alone
     d = decide(job, g, P, DecodeSettings(**base, exact_tolerance=1.2))
     exact = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "exact"]
     assert d.chosen.groupnorm == "local" and exact

@@ -232,12 +232,12 @@ def test_explain_shows_the_verdict_and_decode_applies_it(endpoints: dict[str, st
 
     lat = save_latent(_latent(6), tmp_path, family="sd15", meta={"height": 128, "width": 128})
     r = _cli("decode", str(lat), "--fixture", "--endpoint", same, "--gpu", "NVIDIA GeForce RTX 3070", "--free-gib",
-             "0.05", "-o", str(tmp_path / "same.png"), "--json")
+             "0.01", "-o", str(tmp_path / "same.png"), "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["ran"]["path"] == "remote" and "endpoint serves this VAE" in rep["infotext"]
     r = _cli("decode", str(lat), "--fixture", "--endpoint", other, "--gpu", "NVIDIA GeForce RTX 3070", "--free-gib",
-             "0.05", "-o", str(tmp_path / "other.png"), "--json")
+             "0.01", "-o", str(tmp_path / "other.png"), "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["ran"]["path"] != "remote" and "endpoint serves another VAE" in rep["infotext"]

@@ -22,7 +22,7 @@ from hybrid_vae.policy import (
     load_profiles,
     parse_simulation,
 )
-from hybrid_vae.policy.decide import NEAR_FIT
+from hybrid_vae.policy.decide import NEAR_FIT, claim_bytes, decide
 
 BIG = "name=NVIDIA GeForce RTX 3070,total_gib=8,free_gib=8"
 
@@ -388,7 +388,7 @@ def test_a_refused_claim_decides_again_from_a_fresh_probe(tiny, tmp_path, profil
     assert r.attempts[0][0] == "full" and r.attempts[0][1].startswith("claim refused: ")
     assert r.decision.gpu.free_bytes == int(0.4 * 2**30)  # the report carries the new decision
     assert r.ran is r.decision.chosen and r.ran.path == "tiled" and r.attempts[1][1] is None
-    assert claims[1] == r.ran.estimate.peak_bytes
+    assert claims[1] == claim_bytes(r.ran, r.decision) == r.ran.estimate.peak_bytes + DecodeSettings().reserve_bytes
     fam = profiles.family("sd15")
     torch.testing.assert_close(res.tensor, run_plan(r.ran, tiny, to_vae_space(z, fam), family=fam))
     # refused every time: one fresh decision, then down its chain; the last GPU plan before the CPU claims only
@@ -413,7 +413,8 @@ def test_a_refused_claim_decides_again_from_a_fresh_probe(tiny, tmp_path, profil
 def test_the_new_decision_after_a_refused_claim_stays_under_it(tiny, tmp_path):
     """A re-probe counts all of torch's cache and may show as much as before, but the refused claim measured that
     the plan's estimate cannot be allocated now: the new decision's available memory is capped under it, so it
-    does not pick the same plan (only to be refused again and fall down its chain)."""
+    does not pick the same plan (only to be refused again and fall down its chain), not even into the reserve: with
+    the memory moving, the new decision puts no plan there (full would go there by ``tight_speedup`` otherwise)."""
     z = latent(1, 4, 40, 40)
     claims = []
 
@@ -428,6 +429,8 @@ def test_the_new_decision_after_a_refused_claim_stays_under_it(tiny, tmp_path):
     assert r.decision.available_bytes < first and r.ran.estimate.peak_bytes < first
     assert r.decision.chosen is r.ran and len(claims) == 2
     assert "capped under a refused claim" in r.decision.gpu.note
+    assert r.attempts[0][0] == "full" and r.ran.path == "tiled" and r.decision.reason_code != "tight_faster"
+    assert decide(r.decision.job, r.decision.gpu, load_profiles("")).reason_code == "tight_faster"
 
 
 def test_the_claim_comes_after_before_plan(tiny, tmp_path):
@@ -436,7 +439,7 @@ def test_the_claim_comes_after_before_plan(tiny, tmp_path):
     dec = HybridDecoder(probe=sim(), latent_dir=tmp_path, before_plan=lambda plan: order.append(("prepare", plan.label)),
                         claim=lambda device, n: order.append(("claim", n)) is None)
     res = dec.decode(latent(1, 4, 16, 16), tiny, family="sd15")
-    assert order == [("prepare", res.report.ran.label), ("claim", res.report.ran.estimate.peak_bytes)]
+    assert order == [("prepare", res.report.ran.label), ("claim", claim_bytes(res.report.ran, res.report.decision))]
 
 
 def test_claim_memory_claims_nothing_off_cuda():

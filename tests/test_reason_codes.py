@@ -51,12 +51,14 @@ SCENARIOS = [
     ("tiles: nothing lossless fits", DecodeJob("sd15", 768, 768), gpu(0.5), {}, None, None, "tiled_full_too_big",
      {"tiles": "local_no_lossless"}),
     ("tiles: local much faster", DecodeJob("sd15", 256, 256, dtype="float32"), gpu(0.28),
-     {"min_tile_px": 64, "reserve_bytes": 128 * 2**20, "exact_tolerance": 1.0}, None, None, "tiled_full_too_big",
-     {"tiles": "local_lossless_slower"}),
+     {"min_tile_px": 64, "reserve_bytes": 128 * 2**20, "exact_tolerance": 1.0, "tight_speedup": None}, None, None,
+     "tiled_full_too_big", {"tiles": "local_lossless_slower"}),
     ("tiles requested while full fits", DecodeJob("sd15", 256, 256, dtype="float32"), gpu(1.0), {"mode": "tiled"},
      None, None, "tiled_requested", {}),
     ("tiles estimated faster (learned)", J512, gpu(8), {}, None, slow_full(J512), "tiled_faster", {}),
     ("squeezed", J512, gpu(1.0), {"reserve_bytes": 960 * 2**20}, None, None, "squeezed", {}),
+    ("into the reserve, much faster", DecodeJob("sd15", 256, 256, dtype="float32"), gpu(0.28), {"min_tile_px": 64},
+     None, None, "tight_faster", {"tiles": "exact", "behind_label": "tiled 64px exact", "tight_speedup": 1.5}),
     ("nearly fits, the CPU's host memory does not", DecodeJob("hunyuanvideo", 1280, 720, frames=129),
      gpu(0.6, host=4), {}, None, None, "near_fit", {"near_fit": 1.25}),
     ("nearly fits, the CPU 10x slower", J512, gpu(0.2, host=64), {}, None, None, "near_fit", {"near_fit": 1.25}),
@@ -106,7 +108,7 @@ def test_every_code_is_reached_by_a_scenario():
 def test_the_codes_tell_apart_what_the_sentence_says():
     """The code and the sentence agree on every branch (a few phrases per code)."""
     phrase = {"full_fits": "full fits: needs", "batch_sliced": "one at a time needs", "squeezed": "squeezed into",
-              "near_fit": "so the GPU is tried first",
+              "tight_faster": "s), which goes next", "near_fit": "so the GPU is tried first",
               "tiled_full_too_big": "; full needs", "tiled_faster": "estimated faster than full",
               "tiled_requested": "requested: needs", "remote_faster": "s, faster than",
               "remote_no_gpu": "s, no GPU", "remote_nothing_fits": "nothing local fits", "cpu_no_gpu": ": no GPU",
@@ -186,6 +188,7 @@ def _string_literals(path: pathlib.Path) -> list[str]:
 def test_the_sentences_live_in_the_renderer_only():
     """No other module's code writes the reason's phrases (one renderer): a change of wording is one edit."""
     phrases = ["full fits: needs", "one at a time needs", "squeezed into the reserve:", "full would fit too",
+               "which goes next",
                "requested but no tile fits", "remote not used for it", "reserve: no budget]",
                "of whole-image buffers in host memory,", "no lossless plan fits:", "budget < "]
     files = [f for d in ("policy", "extension", "server") for f in (REPO / d).rglob("*.py") if f.name != "reasons.py"]
