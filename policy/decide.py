@@ -298,6 +298,13 @@ class _Inputs:
     def can_exact(self) -> bool:
         return not self.fam.video and self.fam.memory.exact_buffer_elements is not None
 
+    @property
+    def video_exact(self) -> bool:
+        """Video tiles are exact (halo) tiles: the family has ``tiling.exact_halo_latent`` (Wan 2.1) and
+        ``tile_groupnorm`` asks for lossless tiles (``exact``/``offload``); ``auto`` keeps the faster local ones."""
+        return (self.fam.video and self.fam.tiling.exact_halo_latent is not None
+                and self.settings.tile_groupnorm in ("exact", "offload"))
+
 
 class _PlanMaker:
     """Builds one decision's local GPU plans with their estimates (learned timings applied)."""
@@ -367,6 +374,24 @@ class _PlanMaker:
             return max(x.job.height, x.job.width) > tile
         return False
 
+    def video_exact(self, tile: int) -> Plan:
+        """Exact video tiles (Wan 2.1, ``extension/stream_wan.py``): priced as local tiles of the region each one
+        decodes, ``tile`` + the halo on both sides (overlap: two halos), with finished frames in host memory."""
+        x, job, fam = self.x, self.x.job, self.x.fam
+        halo = (fam.tiling.exact_halo_latent or 0) * fam.spatial_compression
+        region = min(tile + 2 * halo, max(job.width, job.height))
+        ov = min(2 * halo, region - fam.spatial_compression)
+        secs = local_seconds(job, fam, x.speed, tile_px=region, overlap_px=ov, frame_chunk=None, frame_overlap=0,
+                             slice_batch=True)
+        peak = peak_bytes(job, fam, tile_px=region, overlap_px=ov, frame_chunk=None, slice_batch=True,
+                          host_output=True)
+        est = Estimate(peak_bytes=peak, seconds=secs,
+                       peak_source=f"{self.peak_src}; exact tiles: {region} px regions ({tile} px + {halo} px halo "
+                                   "each side), finished frames to host memory",
+                       seconds_source=f"{x.speed.source}; exact tiles priced as {region} px local tiles")
+        return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
+                                      groupnorm="exact", host_output=True))
+
     def exact(self, tile: int) -> Plan:
         x, job, fam = self.x, self.x.job, self.x.fam
         t = fam.timing
@@ -425,7 +450,9 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
         if tile in seen or tile >= max(job.width, job.height):
             continue
         seen.add(tile)
-        if gn in ("auto", "local") or not x.can_exact:
+        if x.video_exact:
+            plans.append(make.video_exact(tile))
+        elif gn in ("auto", "local") or not x.can_exact:
             plans.append(make.local("tiled", tile=tile, chunk=chunk, slice_batch=True))
     exact_sizes = _exact_sizes(x) if x.can_exact and gn != "local" else []
     if gn != "offload":

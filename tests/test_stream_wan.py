@@ -1,0 +1,99 @@
+"""Exact Wan tiles (``extension/stream_wan.py``): frames equal diffusers' full decode, one halo short they do not;
+the engine plans them only when lossless tiles are asked for; run_plan runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hybrid_vae.extension.executors import run_plan
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.extension.stream_wan import halo_latent, wan_exact_support, wan_exact_tiles
+from hybrid_vae.policy import DecodeJob, DecodeSettings, decide, load_profiles, parse_simulation
+from hybrid_vae.policy.errors import PlanError
+
+P = load_profiles("")
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)  # range [-1, 1]
+
+
+@pytest.fixture(scope="module")
+def wan() -> torch.nn.Module:
+    return build_tiny_vae("wan")
+
+
+@pytest.mark.parametrize(("batch", "frames", "hw", "tile"), [(1, 2, (24, 24), 6), (2, 3, (13, 9), 5),
+                                                             (2, 1, (12, 10), 4), (1, 2, (10, 17), 8)])
+def test_exact_wan_tiles_equal_the_full_decode(wan, batch, frames, hw, tile):
+    """Several tile sizes, non-square frames, batch 2, one and several latent frames: >= 100 dB against
+    diffusers' own decode of the same latent (float32, CPU), every frame and pixel in place."""
+    z = torch.randn(batch, 16, frames, *hw, generator=torch.Generator().manual_seed(3))
+    ledger: dict[str, int] = {}
+    with torch.no_grad():
+        full = wan.decode(z).sample
+        got = wan_exact_tiles(wan, z, tile_latent=tile, ledger=ledger).clamp(-1, 1)
+    assert got.shape == full.shape == (batch, 3, 1 + 4 * (frames - 1), hw[0] * 8, hw[1] * 8)
+    assert _psnr(got, full) >= 100, _psnr(got, full)
+    halo = halo_latent(wan.decoder)
+    assert ledger["tiles"] == batch * math.ceil(hw[0] / tile) * math.ceil(hw[1] / tile)
+    assert ledger["region_px"] <= min(max(hw), tile + 2 * halo)
+
+
+def test_less_halo_than_the_receptive_field_is_not_exact(wan):
+    """The halo is the receptive field after the mid block (9 latent px for the tiny decoder, 13 for Wan 2.1):
+    three pixels less leaves visible seams, so the check above can fail."""
+    from diffusers import AutoencoderKLWan
+
+    z = torch.randn(1, 16, 2, 24, 24, generator=torch.Generator().manual_seed(3))
+    halo = halo_latent(wan.decoder)
+    assert halo == 9 and halo_latent(AutoencoderKLWan().decoder) == 13 == P.family("wan").tiling.exact_halo_latent
+    with torch.no_grad():
+        full = wan.decode(z).sample
+        short = wan_exact_tiles(wan, z, tile_latent=6, halo=halo - 3).clamp(-1, 1)
+    assert _psnr(short, full) < 90
+
+
+def test_exact_wan_tiles_refuse_what_they_cannot_run(wan):
+    assert wan_exact_support(wan) is None
+    assert "AutoencoderKLWan" in (wan_exact_support(build_tiny_vae("hunyuanvideo")) or "")
+    with pytest.raises(PlanError, match="tile_latent=0"):
+        wan_exact_tiles(wan, torch.zeros(1, 16, 1, 8, 8), tile_latent=0)
+    with pytest.raises(PlanError, match="not diffusers' AutoencoderKLWan"):
+        wan_exact_tiles(build_tiny_vae("sd15"), torch.zeros(1, 4, 1, 8, 8), tile_latent=4)
+
+
+def test_the_engine_plans_exact_wan_tiles_only_when_lossless_tiles_are_asked_for(wan):
+    """``tile_groupnorm`` exact/offload: Wan's tiled plans are exact (halo) tiles, priced as the regions they decode
+    (more memory and time than local tiles of the same size); auto keeps the local ones; run_plan runs the plan."""
+    job = DecodeJob("wan", 1280, 720, frames=61)
+    g = parse_simulation("name=NVIDIA GeForce RTX 4090,free_gib=6")
+    auto = decide(job, g, P)
+    exact = decide(job, g, P, DecodeSettings(tile_groupnorm="exact"))
+    assert all(p.groupnorm != "exact" for p in auto.plans)
+    tiled = [p for p in exact.plans if p.path == "tiled"]
+    assert tiled and all(p.groupnorm == "exact" and p.label.endswith("px exact") for p in tiled)
+    assert exact.chosen.estimate.peak_bytes <= exact.budget_bytes
+    local = {p.tile_px: p for o in auto.options for p in [o.plan] if p.path == "tiled"}
+    same = [o.plan for o in exact.options if o.plan.path == "tiled" and o.plan.tile_px in local]
+    assert len(same) > 5
+    for p in same:  # the same tile decodes its halo too: more memory (and, small, more time)
+        assert p.estimate.peak_bytes > local[p.tile_px].estimate.peak_bytes
+        assert "px halo each side" in p.estimate.peak_source
+    smallest = min(same, key=lambda p: p.tile_px or 0)
+    assert smallest.estimate.seconds > 1.5 * local[smallest.tile_px].estimate.seconds
+    assert decide(job, g, P, DecodeSettings(tile_groupnorm="offload")).chosen.label == exact.chosen.label
+    # the executor: a tiny Wan through run_plan equals its full decode
+    z = torch.randn(1, 16, 2, 12, 10, generator=torch.Generator().manual_seed(1))
+    plan = dataclasses.replace(tiled[0], tile_px=32)
+    fam = P.family("wan")
+    with torch.no_grad():
+        got = run_plan(plan, wan, z, family=fam)
+        full = run_plan(dataclasses.replace(plan, path="full", tile_px=None, groupnorm="local"), wan, z, family=fam)
+    assert _psnr(got, full) >= 100
+    with pytest.raises(PlanError, match="exact video tiles run on Wan"):
+        run_plan(plan, build_tiny_vae("hunyuanvideo"), torch.zeros(1, 16, 2, 8, 8), family=P.family("hunyuanvideo"))
