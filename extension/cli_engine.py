@@ -288,10 +288,15 @@ LEGEND = (
 
 def plan_work(d: Decision, p: Plan, fam: Family | None) -> float:
     """Voxels a plan decodes per output voxel (1.0: each once; overlaps make it larger)."""
-    if fam is None or p.path not in ("full", "tiled", "cpu") or p.groupnorm == "exact":
+    if fam is None or p.path not in ("full", "tiled", "cpu") or (p.groupnorm == "exact" and not fam.video):
         return 1.0
     j = d.job
-    voxels, _, _ = decoded_work(j, fam, tile_px=p.tile_px, overlap_px=p.overlap_px, frame_chunk=p.frame_chunk,
+    tile, overlap = p.tile_px, p.overlap_px
+    if p.groupnorm == "exact" and tile is not None:  # exact video tiles: each decodes its halo on both sides
+        halo = (fam.tiling.exact_halo_latent or 0) * fam.spatial_compression
+        tile = min(tile + 2 * halo, max(j.width, j.height))
+        overlap = min(2 * halo, tile - fam.spatial_compression)
+    voxels, _, _ = decoded_work(j, fam, tile_px=tile, overlap_px=overlap, frame_chunk=p.frame_chunk,
                                 frame_overlap=p.frame_overlap)
     return voxels / (j.height * j.width * (j.frames or 1))
 
