@@ -284,6 +284,10 @@ class Exec:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="offload", budget=plan.device_budget)
         if plan.groupnorm == "exact" and not fam.video:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact")
+        if plan.groupnorm == "exact":
+            raise ValueError(f"the simulated world has no truth for exact video tiles ({plan.label!r}, "
+                             "extension/stream_wan.py); simulate with tile_groupnorm auto or local, or register one "
+                             "in bench/truth.py")
         geo: Geometry = "diffusers" if fam.video else "engine"
         return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), overlap_px=plan.overlap_px, geometry=geo,
                    frame_chunk=chunk, frame_overlap=plan.frame_overlap, host_out=plan.host_output)

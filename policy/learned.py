@@ -65,10 +65,11 @@ LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact", "tiled-
 
 
 def learn_path(plan: Plan) -> str:
-    """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact``, ``tiled-offload``
-    (or its path)."""
+    """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact``, ``tiled-offload``,
+    ``tiled-halo`` (exact video tiles, priced as local tiles of their regions: their own key, so a card-wide
+    factor of image exact tiles never scales them), or its path."""
     if plan.path == "tiled" and plan.groupnorm == "exact":
-        return "tiled-offload" if plan.offloaded else "tiled-exact"
+        return "tiled-offload" if plan.offloaded else "tiled-halo" if plan.host_output else "tiled-exact"
     return plan.path
 MAX_ENTRIES = 512
 FORMAT_VERSION = 1

@@ -13,6 +13,7 @@ from hybrid_vae.extension.fixture import build_tiny_vae
 from hybrid_vae.extension.stream_wan import halo_latent, wan_exact_support, wan_exact_tiles
 from hybrid_vae.policy import DecodeJob, DecodeSettings, decide, load_profiles, parse_simulation
 from hybrid_vae.policy.errors import PlanError
+from hybrid_vae.policy.learned import learn_path
 
 P = load_profiles("")
 
@@ -87,6 +88,10 @@ def test_the_engine_plans_exact_wan_tiles_only_when_lossless_tiles_are_asked_for
     smallest = min(same, key=lambda p: p.tile_px or 0)
     assert smallest.estimate.seconds > 1.5 * local[smallest.tile_px].estimate.seconds
     assert decide(job, g, P, DecodeSettings(tile_groupnorm="offload")).chosen.label == exact.chosen.label
+    assert learn_path(exact.chosen) == "tiled-halo"  # learned apart from image exact tiles (another model)
+    from hybrid_vae.bench.world import Exec  # the simulated world has no truth for them: it says so, never guesses
+    with pytest.raises(ValueError, match="no truth for exact video tiles"):
+        Exec.from_plan(exact.chosen, P.family("wan"), 1)
     # the executor: a tiny Wan through run_plan equals its full decode
     z = torch.randn(1, 16, 2, 12, 10, generator=torch.Generator().manual_seed(1))
     plan = dataclasses.replace(tiled[0], tile_px=32)
@@ -120,3 +125,21 @@ def test_on_cuda_exact_wan_tiles_equal_the_full_decode_in_pinned_host_memory():
     peak = torch.cuda.max_memory_allocated() - base
     assert got.device.type == "cpu" and got.is_pinned()
     assert _psnr(got.clamp(-1, 1), full) >= 100 and peak < full_peak, (peak, full_peak)
+
+
+def test_the_orchestrator_decodes_a_wan_video_with_exact_tiles_when_asked(wan, tmp_path):
+    """End to end: HybridDecoder on a simulated card with little memory and ``tile_groupnorm="exact"`` plans exact
+    Wan tiles, runs them, and returns the frames of diffusers' full decode; the report says which plan ran."""
+    from hybrid_vae.extension.latents import to_vae_space
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+
+    fam = P.family("wan")
+    z = torch.randn(1, 16, 2, 64, 80, generator=torch.Generator().manual_seed(4))  # 640x512: full does not fit
+    dec = HybridDecoder(probe=lambda: parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=5"),
+                        latent_dir=tmp_path, settings=DecodeSettings(tile_groupnorm="exact"))
+    res = dec.decode(z, wan, family="wan")
+    r = res.report
+    assert r.ran.path == "tiled" and r.ran.groupnorm == "exact" and r.ran.label.endswith("px exact"), r.ran.label
+    with torch.no_grad():
+        full = wan.decode(to_vae_space(z, fam)).sample.clamp(-1, 1)
+    assert _psnr(res.tensor, full) >= 100
