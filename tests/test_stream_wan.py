@@ -143,3 +143,15 @@ def test_the_orchestrator_decodes_a_wan_video_with_exact_tiles_when_asked(wan, t
     with torch.no_grad():
         full = wan.decode(to_vae_space(z, fam)).sample.clamp(-1, 1)
     assert _psnr(res.tensor, full) >= 100
+
+
+def test_a_vae_exact_wan_tiles_cannot_run_gets_local_tiles_not_a_failed_attempt(wan):
+    """``tile_groupnorm="exact"`` with a Wan VAE the exact tiler refuses (ComfyUI's own WanVAE, Wan 2.2): the
+    settings for that VAE ask for local tiles, so the chain never starts with plans that would fail."""
+    from hybrid_vae.extension.stream import settings_for_vae
+
+    fam, exact = P.family("wan"), DecodeSettings(tile_groupnorm="exact")
+    assert settings_for_vae(exact, wan, fam).tile_groupnorm == "exact"
+    other = settings_for_vae(exact, object(), fam)
+    assert other.tile_groupnorm == "local" and other.video_host_output is False
+    assert settings_for_vae(DecodeSettings(), object(), fam).tile_groupnorm == "auto"
