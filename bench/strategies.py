@@ -394,6 +394,8 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
                         "last-resort ones off)", engine_with(min_tile_px=256)),
     "engine_assumed_server": ("engine ranking endpoints at the assumed speed (2x an H200; before the client inferred "
                               "it from replies)", engine_assumed_server),
+    "engine_exact": ("engine, lossless tiles only (tile_groupnorm exact: no local tiles; Wan: exact halo tiles)",
+                     engine_with(tile_groupnorm="exact")),
     "engine_no_tight": ("engine without the 'tight plan first' rule (tight_speedup None: never into the reserve "
                         "while a plan fits the budget)", engine_with(tight_speedup=None)),
     "oracle_but_drift": ("bound: an oracle that knows every hidden draw except the free memory moving after the "
@@ -411,6 +413,9 @@ def candidates(sc: Scenario, profiles: Profiles, cache: dict[tuple[object, ...],
     # the engine's own decision without a network has every local option (and is cached for it)
     d = engine_decision(dataclasses.replace(sc, network=None), profiles, cache=cache)
     out = {Exec.from_plan(o.plan, fam, sc.batch) for o in d.options}
+    if fam.tiling.exact_halo_latent is not None:  # exact video tiles (Wan): planned under tile_groupnorm exact
+        d = engine_decision(dataclasses.replace(sc, network=None), profiles, cache=cache, tile_groupnorm="exact")
+        out |= {Exec.from_plan(o.plan, fam, sc.batch) for o in d.options if o.plan.groupnorm == "exact"}
     if sc.network is not None and fam.endpoints:  # lossless formats (video: raw only; mp4 is lossy)
         out |= {Exec("remote", fmt="raw")} | (set() if fam.video else {Exec("remote", fmt="png")})
     out.add(_default_full(fam, sc.batch))

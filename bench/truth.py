@@ -36,6 +36,11 @@ tiled-exact             a: U(0.26, 0.42) x full peak + U(0.45, 0.85) x a full   
 tiled-offload           counted (policy.passes): buffers on the device / in host   as tiled-exact + a: copies at
 (bench/world_offload)   + a: tiled-exact's working set x U(1.2, 1.7)               public PCIe rates, staging,
                                                                                    overlap
+tiled-halo (Wan)        i: Wan's region decode (as full/tiled Wan) at the largest   as Wan's: the regions'
+                        region, tile + the halo counted from diffusers' decoder    frames x area (counted from
+                        (13 latent px) clipped to the frame, + one call's frames;  the tiles) + a: whole-frame
+                        a: the whole-frame mid block's peak 0.1x a one-latent-     mid block 0.1x a full
+                        frame full decode's; frames in host memory                 decode's time + copies
 cpu                     m: CPU rows (host bytes); tiles, video a: the GPU truth    m: CPU rows x a: user CPU
                         at float32 x the measured CPU/GPU ratio at 512 px (SD      0.15-0.6x
                         decoder; video: HunyuanVideo's)
@@ -69,6 +74,13 @@ VIDEO_FP32 = 1.32  # 4-byte / 2-byte seconds: the measured SD decoder ratio at 1
 #: HunyuanVideo 0.85-0.86, cpu-video-decode rows against the H200 rows), widened by 0.02 on each side (assumed).
 WAN_CPU_GPU = (0.72, 0.88)
 CPU_VIDEO = 2.0  # a video decoder's CPU seconds per voxel / the SD decoder's (assumed: 3-D convolutions)
+#: Exact Wan tiles' halo in latent pixels: counted from diffusers' ``AutoencoderKLWan()`` decoder by
+#: ``extension.stream_wan.halo_latent`` (a test keeps them equal); not the profile's ``exact_halo_latent``.
+WAN_HALO = 13
+#: Exact Wan tiles' first stage (post_quant_conv, conv_in, mid block over whole frames at the latent resolution):
+#: its peak and its seconds as a share of a one-latent-frame full decode's (assumed: 1/64 of the pixels at up to
+#: 4x the top level's channels, plus the attention's working set).
+WAN_MID_SHARE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +264,37 @@ def tiled_local(world: World, sc: Scenario, ex: Exec) -> Truth:
     return Truth(gpu, 0.0, total * sc.batch, biggest, src)
 
 
+def _halo_axis(n: int, tile: int, halo: int) -> list[int]:
+    """Sizes of the regions exact Wan tiles decode along one axis: each ``tile`` plus ``halo`` on both sides,
+    clipped to the frame (the executor's loop, ``extension.stream_wan``)."""
+    return [min(n, i + tile + halo) - max(0, i - halo) for i in range(0, n, tile)]
+
+
+def tiled_halo(world: World, sc: Scenario, ex: Exec) -> Truth:
+    """Exact Wan tiles: the whole-frame mid block, then each tile's region through the up path, frames to host."""
+    fam = _fam(world, sc)
+    s, tc = fam.spatial_compression, fam.temporal_compression
+    h, w, t = sc.height // s, sc.width // s, ex.tiles[0][0] // s
+    ry, rx = _halo_axis(h, t, WAN_HALO), _halo_axis(w, t, WAN_HALO)
+    big = float(max(ry) * max(rx) * s * s)
+    fr = _frames_at_once(sc, fam, None)
+    region, src = _video_gpu(world, sc, fam, big, fr)
+    whole, _ = _video_gpu(world, sc, fam, float(sc.height * sc.width), fr)
+    gpu = max(region + _out_bytes(world, sc, fr * big, 1.0), WAN_MID_SHARE * whole)
+    frames, lat = sc.frames or 1, _lat_frames(sc, fam)
+    a = world.time.video_a * WAN_TIME
+    k = world.card_factor(sc.card, 2, 1024 * 1024) * (VIDEO_FP32 if dtype_bytes(sc.dtype) == 4 else 1.0)
+    tiles = len(ry) * len(rx)
+    secs = (a * frames * sum(ry) * sum(rx) * s * s + world.time.video_c * lat * tiles) * k
+    secs += WAN_MID_SHARE * a * frames * sc.height * sc.width * k
+    from hybrid_vae.bench.world_offload import link
+
+    host = 3.0 * dtype_bytes(sc.dtype) * sc.batch * frames * sc.height * sc.width
+    copy_s = host / (link(world, sc.card.name).link_gbs * 1e9)
+    biggest = (a * tc * big + world.time.video_c) * k
+    return Truth(gpu, host, secs * sc.batch + copy_s, biggest, f"{src}; halo counted, mid block assumed")
+
+
 def tiled_exact(world: World, sc: Scenario, ex: Exec) -> Truth:
     """Exact tiling (``extension/stream.py``): whole-image buffers plus one tile's working set, one item at a
     time. No GPU has measured it: both parts are assumed fractions of measured full decodes (module docs)."""
@@ -363,4 +406,5 @@ def server_seconds(world: World, sc: Scenario) -> float:
 register("full", full)
 register("tiled-local", tiled_local)
 register("tiled-exact", tiled_exact)
+register("tiled-halo", tiled_halo)
 register("cpu", cpu)

@@ -56,7 +56,7 @@ from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
 __all__ = ["NETWORKS", "Attempt", "Card", "Exec", "NetworkCase", "Scenario", "World", "WorldParams", "comfy_axis",
            "tiledvae_axis"]
 MiB = 1024**2
-Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact", "offload"]
+Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact", "offload", "halo"]
 #: Cards whose speed the world takes from the seed document's measured tables (profiles/gpus.yaml).
 SEED_CARDS = ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4080", "NVIDIA GeForce RTX 4070 Ti",
               "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3080", "NVIDIA GeForce RTX 3070", "NVIDIA H200")
@@ -257,7 +257,8 @@ class Exec:
             object.__setattr__(self, "frame_overlap", 0)
         if not self.kind:
             k = {"full": "full", "cpu": "cpu", "remote": "remote"}.get(self.path) or \
-                {"exact": "tiled-exact", "offload": "tiled-offload"}.get(self.geometry, "tiled-local")
+                {"exact": "tiled-exact", "offload": "tiled-offload", "halo": "tiled-halo"}.get(self.geometry,
+                                                                                              "tiled-local")
             object.__setattr__(self, "kind", k)
 
     @functools.cached_property
@@ -284,10 +285,11 @@ class Exec:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="offload", budget=plan.device_budget)
         if plan.groupnorm == "exact" and not fam.video:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact")
+        if plan.groupnorm == "exact" and fam.architecture == "wan":  # exact Wan tiles (extension/stream_wan.py)
+            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="halo", host_out=True)
         if plan.groupnorm == "exact":
-            raise ValueError(f"the simulated world has no truth for exact video tiles ({plan.label!r}, "
-                             "extension/stream_wan.py); simulate with tile_groupnorm auto or local, or register one "
-                             "in bench/truth.py")
+            raise ValueError(f"the simulated world has no truth for exact video tiles of {fam.architecture} "
+                             f"({plan.label!r}); register one in bench/truth.py")
         geo: Geometry = "diffusers" if fam.video else "engine"
         return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), overlap_px=plan.overlap_px, geometry=geo,
                    frame_chunk=chunk, frame_overlap=plan.frame_overlap, host_out=plan.host_output)

@@ -89,9 +89,7 @@ def test_the_engine_plans_exact_wan_tiles_only_when_lossless_tiles_are_asked_for
     assert smallest.estimate.seconds > 1.5 * local[smallest.tile_px].estimate.seconds
     assert decide(job, g, P, DecodeSettings(tile_groupnorm="offload")).chosen.label == exact.chosen.label
     assert learn_path(exact.chosen) == "tiled-halo"  # learned apart from image exact tiles (another model)
-    from hybrid_vae.bench.world import Exec  # the simulated world has no truth for them: it says so, never guesses
-    with pytest.raises(ValueError, match="no truth for exact video tiles"):
-        Exec.from_plan(exact.chosen, P.family("wan"), 1)
+
     # the executor: a tiny Wan through run_plan equals its full decode
     z = torch.randn(1, 16, 2, 12, 10, generator=torch.Generator().manual_seed(1))
     plan = dataclasses.replace(tiled[0], tile_px=32)
@@ -155,3 +153,18 @@ def test_a_vae_exact_wan_tiles_cannot_run_gets_local_tiles_not_a_failed_attempt(
     other = settings_for_vae(exact, object(), fam)
     assert other.tile_groupnorm == "local" and other.video_host_output is False
     assert settings_for_vae(DecodeSettings(), object(), fam).tile_groupnorm == "auto"
+
+
+def test_the_simulated_worlds_halo_is_counted_from_diffusers_decoder_not_the_profile():
+    """The world's truth for exact Wan tiles uses its own halo, counted from diffusers' Wan 2.1 decoder (not the
+    profile's ``exact_halo_latent``, which the engine reads); the world maps the engine's plan to it."""
+    from diffusers import AutoencoderKLWan
+    from hybrid_vae.bench import truth
+    from hybrid_vae.bench.world import Exec
+
+    assert truth.WAN_HALO == halo_latent(AutoencoderKLWan().decoder)
+    plan = decide(DecodeJob("wan", 1280, 720, frames=61), parse_simulation("name=NVIDIA GeForce RTX 4090,free_gib=6"),
+                  P, DecodeSettings(tile_groupnorm="exact")).chosen
+    ex = Exec.from_plan(plan, P.family("wan"), 1)
+    assert ex.kind == "tiled-halo" and ex.geometry == "halo" and "tiled-halo" in truth.KINDS
+    assert truth._halo_axis(90, 32, 13) == [45, 58, 39]  # 0-45, 19-77, 51-90: the executor's regions
