@@ -263,7 +263,12 @@ def test_chosen_local_plan_always_fits(job, name, free, reusable, s):
         else:
             assert c.estimate.peak_bytes <= d.available_bytes
         fits_budget = [o for o in d.options if o.feasible and o.plan.path in ("full", "tiled")]
-        if fits_budget:
+        if d.reason_code == "tight_faster":  # into the reserve on purpose: lossless, much faster, the budget's next
+            behind = d.plans[1]
+            assert c.path == "full" or c.groupnorm == "exact"
+            assert c.estimate.seconds * s.tight_speedup < behind.estimate.seconds
+            assert behind.path not in ("full", "tiled") or behind.estimate.peak_bytes <= d.budget_bytes
+        elif fits_budget:
             assert c.estimate.peak_bytes <= d.budget_bytes
     # every local GPU fallback after a GPU plan needs less memory than the plans before it
     last = None
