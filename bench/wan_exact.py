@@ -21,15 +21,11 @@ import time
 from typing import Any
 
 
-def _psnr(a: Any, b: Any) -> float:
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
-
-
 def run(*, size: int = 512, frames: int = 1, tile: int = 256, repeat: int = 1) -> dict[str, Any]:
     """Time the three decodes of one seeded latent; returns rows ``{name, seconds, psnr_db}`` and the setup."""
     import torch
     from diffusers import AutoencoderKLWan
+    from hybrid_vae.extension.cli_local import psnr
     from hybrid_vae.extension.executors import run_plan
     from hybrid_vae.extension.stream_wan import halo_latent
     from hybrid_vae.policy import Plan, load_profiles
@@ -57,7 +53,7 @@ def run(*, size: int = 512, frames: int = 1, tile: int = 256, repeat: int = 1) -
                 out = fn()
             times.append(time.process_time() - t0)
         ref = out if ref is None else ref
-        rows.append({"name": name, "seconds": statistics.median(times), "psnr_db": _psnr(out, ref)})
+        rows.append({"name": name, "seconds": statistics.median(times), "psnr_db": psnr(out, ref)})
     return {"size": size, "frames": frames, "tile": tile, "repeat": repeat, "rows": rows}
 
 

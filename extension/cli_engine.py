@@ -26,6 +26,7 @@ from hybrid_vae.policy.gpu import simulated_gpu, vendor_note, with_host
 from hybrid_vae.policy.model import Decision, Plan, build_settings, field_choices
 from hybrid_vae.policy.profiles import Family, Profiles
 from hybrid_vae.policy.reasons import fragmented_text
+from hybrid_vae.policy.tiles import halo_region
 
 
 def add_parser(sub: Any) -> None:
@@ -293,9 +294,8 @@ def plan_work(d: Decision, p: Plan, fam: Family | None) -> float:
     j = d.job
     tile, overlap = p.tile_px, p.overlap_px
     if p.groupnorm == "exact" and tile is not None:  # exact video tiles: each decodes its halo on both sides
-        halo = (fam.tiling.exact_halo_latent or 0) * fam.spatial_compression
-        tile = min(tile + 2 * halo, max(j.width, j.height))
-        overlap = min(2 * halo, tile - fam.spatial_compression)
+        tile, overlap = halo_region(tile, (fam.tiling.exact_halo_latent or 0) * fam.spatial_compression,
+                                    max(j.width, j.height), fam.spatial_compression)
     voxels, _, _ = decoded_work(j, fam, tile_px=tile, overlap_px=overlap, frame_chunk=p.frame_chunk,
                                 frame_overlap=p.frame_overlap)
     return voxels / (j.height * j.width * (j.frames or 1))

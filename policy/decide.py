@@ -89,6 +89,7 @@ from hybrid_vae.policy.model import (
 )
 from hybrid_vae.policy.profiles import Dtype, Family, GpuProfile, Profiles, dtype_bytes
 from hybrid_vae.policy.reasons import Reason, ReasonCode, ReasonValue, UnmetRequest, remote_text
+from hybrid_vae.policy.tiles import halo_region
 
 LOSSY = frozenset({"jpg", "mp4"})
 
@@ -379,8 +380,7 @@ class _PlanMaker:
         decodes, ``tile`` + the halo on both sides (overlap: two halos), with finished frames in host memory."""
         x, job, fam = self.x, self.x.job, self.x.fam
         halo = (fam.tiling.exact_halo_latent or 0) * fam.spatial_compression
-        region = min(tile + 2 * halo, max(job.width, job.height))
-        ov = min(2 * halo, region - fam.spatial_compression)
+        region, ov = halo_region(tile, halo, max(job.width, job.height), fam.spatial_compression)
         secs = local_seconds(job, fam, x.speed, tile_px=region, overlap_px=ov, frame_chunk=None, frame_overlap=0,
                              slice_batch=True)
         peak = peak_bytes(job, fam, tile_px=region, overlap_px=ov, frame_chunk=None, slice_batch=True,

@@ -42,6 +42,14 @@ def temporal_chunks(frames: int, chunk: int, overlap: int) -> list[tuple[int, in
     return axis_tiles(frames, chunk, overlap) if frames > chunk else [(0, frames)]
 
 
+def halo_region(tile: int, halo: int, frame: int, step: int) -> tuple[int, int]:
+    """Exact video tiles (Wan) priced as diffusers' tiles: ``(region, overlap)`` in output pixels, the ``tile`` plus
+    ``halo`` on both sides, at most the ``frame``'s longer side, overlapping by two halos (less than the region by
+    one latent ``step``)."""
+    region = min(tile + 2 * halo, frame)
+    return region, min(2 * halo, region - step)
+
+
 def diffusers_axis(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """The tiles diffusers' own tiling visits: fixed stride ``tile - overlap``, edge tiles clipped.
 

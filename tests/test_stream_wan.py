@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from hybrid_vae.extension.cli_local import psnr
 from hybrid_vae.extension.executors import run_plan
 from hybrid_vae.extension.fixture import build_tiny_vae
 from hybrid_vae.extension.stream_wan import halo_latent, wan_exact_support, wan_exact_tiles
@@ -16,11 +17,6 @@ from hybrid_vae.policy.errors import PlanError
 from hybrid_vae.policy.learned import learn_path
 
 P = load_profiles("")
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)  # range [-1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def test_exact_wan_tiles_equal_the_full_decode(wan, batch, frames, hw, tile):
         full = wan.decode(z).sample
         got = wan_exact_tiles(wan, z, tile_latent=tile, ledger=ledger).clamp(-1, 1)
     assert got.shape == full.shape == (batch, 3, 1 + 4 * (frames - 1), hw[0] * 8, hw[1] * 8)
-    assert _psnr(got, full) >= 100, _psnr(got, full)
+    assert psnr(got, full) >= 100, psnr(got, full)
     halo = halo_latent(wan.decoder)
     assert ledger["tiles"] == batch * math.ceil(hw[0] / tile) * math.ceil(hw[1] / tile)
     assert ledger["region_px"] <= min(max(hw), tile + 2 * halo)
@@ -56,7 +52,7 @@ def test_less_halo_than_the_receptive_field_is_not_exact(wan):
     with torch.no_grad():
         full = wan.decode(z).sample
         short = wan_exact_tiles(wan, z, tile_latent=6, halo=halo - 3).clamp(-1, 1)
-    assert _psnr(short, full) < 90
+    assert psnr(short, full) < 90
 
 
 def test_exact_wan_tiles_refuse_what_they_cannot_run(wan):
@@ -97,7 +93,7 @@ def test_the_engine_plans_exact_wan_tiles_only_when_lossless_tiles_are_asked_for
     with torch.no_grad():
         got = run_plan(plan, wan, z, family=fam)
         full = run_plan(dataclasses.replace(plan, path="full", tile_px=None, groupnorm="local"), wan, z, family=fam)
-    assert _psnr(got, full) >= 100
+    assert psnr(got, full) >= 100
     with pytest.raises(PlanError, match="exact video tiles run on Wan"):
         run_plan(plan, build_tiny_vae("hunyuanvideo"), torch.zeros(1, 16, 2, 8, 8), family=P.family("hunyuanvideo"))
 
@@ -122,7 +118,7 @@ def test_on_cuda_exact_wan_tiles_equal_the_full_decode_in_pinned_host_memory():
         got = wan_exact_tiles(vae, z, tile_latent=8)
     peak = torch.cuda.max_memory_allocated() - base
     assert got.device.type == "cpu" and got.is_pinned()
-    assert _psnr(got.clamp(-1, 1), full) >= 100 and peak < full_peak, (peak, full_peak)
+    assert psnr(got.clamp(-1, 1), full) >= 100 and peak < full_peak, (peak, full_peak)
 
 
 def test_the_orchestrator_decodes_a_wan_video_with_exact_tiles_when_asked(wan, tmp_path):
@@ -140,7 +136,7 @@ def test_the_orchestrator_decodes_a_wan_video_with_exact_tiles_when_asked(wan, t
     assert r.ran.path == "tiled" and r.ran.groupnorm == "exact" and r.ran.label.endswith("px exact"), r.ran.label
     with torch.no_grad():
         full = wan.decode(to_vae_space(z, fam)).sample.clamp(-1, 1)
-    assert _psnr(res.tensor, full) >= 100
+    assert psnr(res.tensor, full) >= 100
 
 
 def test_a_vae_exact_wan_tiles_cannot_run_gets_local_tiles_not_a_failed_attempt(wan):
