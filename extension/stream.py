@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hybrid_vae.extension.stream_store import CudaMover, Ledger, Mover, Region, Store
@@ -340,16 +340,17 @@ class _Stats:
     def add(self, t: torch.Tensor) -> None:
         import torch
 
-        b, c, h, w = t.shape
-        v = t.reshape(b, self.groups, c // self.groups, h, w)  # a view even of a cropped tile: no copy
+        b, c = t.shape[:2]  # [B, C, H, W] or, for video, [B, C, T, H, W]
+        v = t.reshape(b, self.groups, c // self.groups, *t.shape[2:])  # a view even of a cropped tile: no copy
+        dims = (0, *range(2, v.dim()))
         if v.dtype == torch.float32:
-            var, mean = torch.var_mean(v, dim=(0, 2, 3, 4), correction=0)
+            var, mean = torch.var_mean(v, dim=dims, correction=0)
         else:
             step = max(1, self.groups * t.element_size() // 4)
-            parts = [torch.var_mean(v[:, g:g + step].float(), dim=(0, 2, 3, 4), correction=0)
+            parts = [torch.var_mean(v[:, g:g + step].float(), dim=dims, correction=0)
                      for g in range(0, self.groups, step)]
             var, mean = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        k = b * (c // self.groups) * h * w
+        k = t.numel() // self.groups
         mean64, m2 = mean.double(), var.double() * k
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = k, mean64, m2
@@ -541,10 +542,33 @@ def _attn_kv(run: _Run, p: P.Pass, s: Attention) -> None:
     run.sweep(p, body)
 
 
+def _attend(q: torch.Tensor, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``softmax(q k^T) v`` of scaled queries ``[heads, nq, d]`` (float32) over keys and values given chunk by
+    chunk as ``[n, heads * d]`` rows, with a running maximum and mass (float32): only one chunk's logits
+    exist at a time. Returns ``[heads, nq, d]``."""
+    import torch
+
+    heads, _, d = q.shape
+    acc = torch.zeros_like(q)
+    top = torch.full((*q.shape[:2], 1), -torch.inf, dtype=torch.float32, device=q.device)
+    mass = torch.zeros_like(top)
+    for k, v in pairs:
+        k = k.float().view(-1, heads, d).transpose(0, 1)
+        v = v.float().view(-1, heads, d).transpose(0, 1)
+        logits = torch.bmm(q, k.transpose(1, 2))
+        new_top = torch.maximum(top, logits.amax(-1, keepdim=True))
+        logits.sub_(new_top).exp_()
+        fade = (top - new_top).exp_()
+        mass.mul_(fade).add_(logits.sum(-1, keepdim=True))
+        acc.mul_(fade).baddbmm_(logits, v)
+        top = new_top
+        del k, v, logits
+    return acc.div_(mass)
+
+
 def _attn_out(run: _Run, p: P.Pass, s: Attention) -> None:
     """Each query block against every key/value chunk with a running softmax (float32), then the output
     projection and the input, into x's storage."""
-    import torch
 
     assert run.x_stats is not None
     store = run.store
@@ -558,35 +582,26 @@ def _attn_out(run: _Run, p: P.Pass, s: Attention) -> None:
     heads = s.heads
     scale = s.scale if s.scale is not None else (p.reads[0].channels // heads) ** -0.5
 
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        starts = list(range(0, n_tokens, chunk))
+        nxt = (store.fetch_rows(kb, 0, chunk), store.fetch_rows(vb, 0, chunk))
+        for j in range(len(starts)):
+            k, v = (t.take() for t in nxt)
+            if j + 1 < len(starts):  # the next chunk's copy overlaps this chunk's compute
+                b = starts[j + 1]
+                nxt = (store.fetch_rows(kb, b, b + chunk), store.fetch_rows(vb, b, b + chunk))
+            yield k, v
+
     def body(core: Region, got: list[tuple[torch.Tensor, Region]]) -> None:
         (x, _), = got
         c, hh, ww = x.shape[1:]
         n = _norm(x, aff, act=False).flatten(2).transpose(1, 2)[0]
         q = (_project(s.q, n).float() * scale).view(-1, heads, c // heads).transpose(0, 1)  # [heads, nq, d]
         del n
-        acc = torch.zeros_like(q)
-        top = torch.full((*q.shape[:2], 1), -torch.inf, dtype=torch.float32, device=q.device)
-        mass = torch.zeros_like(top)
-        starts = list(range(0, n_tokens, chunk))
-        nxt = (store.fetch_rows(kb, 0, chunk), store.fetch_rows(vb, 0, chunk))
-        for j in range(len(starts)):
-            k, v = (t.take() for t in nxt)
-            if j + 1 < len(starts):
-                b = starts[j + 1]
-                nxt = (store.fetch_rows(kb, b, b + chunk), store.fetch_rows(vb, b, b + chunk))
-            k = k.float().view(-1, heads, c // heads).transpose(0, 1)
-            v = v.float().view(-1, heads, c // heads).transpose(0, 1)
-            logits = torch.bmm(q, k.transpose(1, 2))
-            new_top = torch.maximum(top, logits.amax(-1, keepdim=True))
-            logits.sub_(new_top).exp_()
-            fade = (top - new_top).exp_()
-            mass.mul_(fade).add_(logits.sum(-1, keepdim=True))
-            acc.mul_(fade).baddbmm_(logits, v)
-            top = new_top
-            del k, v, logits
-        acc.div_(mass)
+        acc = _attend(q, chunks())
+        del q
         y = _project(s.proj, acc.transpose(0, 1).reshape(-1, c).to(x.dtype))
-        del acc, q
+        del acc
         if s.dropout is not None:
             y = s.dropout(y)
         y = y.t().reshape(1, c, hh, ww)

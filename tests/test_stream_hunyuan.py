@@ -1,0 +1,120 @@
+"""Exact HunyuanVideo tiles (``extension/stream_hunyuan.py``): frames equal diffusers' full decode, a wrong
+context does not; the device-side working set is bounded by the tile, the host buffers grow with the video."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hybrid_vae.extension import stream_hunyuan
+from hybrid_vae.extension.cli_local import psnr
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.extension.stream_hunyuan import hunyuan_exact_decode, hunyuan_exact_support
+
+
+@pytest.fixture(scope="module")
+def hv() -> torch.nn.Module:
+    return build_tiny_vae("hunyuanvideo")
+
+
+def _z(batch: int, frames: int, h: int, w: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 16, frames, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("batch", "frames", "hw", "tile_px", "tile_frames"),
+                         [(1, 3, (6, 6), 16, 4), (2, 2, (5, 7), 24, 5), (1, 1, (7, 4), 8, 1), (1, 3, (4, 9), 32, 2),
+                          (2, 3, (6, 5), 1024, 64)])
+def test_exact_hunyuan_tiles_equal_the_full_decode(hv, batch, frames, hw, tile_px, tile_frames):
+    """Several tile sizes and frame counts, non-square frames, batch 2, one to three latent frames, and one tile
+    covering everything: >= 100 dB against diffusers' own decode of the same latent (float32, CPU)."""
+    z = _z(batch, frames, *hw)
+    with torch.no_grad():
+        full = hv.decode(z).sample
+    got = hunyuan_exact_decode(hv, z, tile_px=tile_px, tile_frames=tile_frames)
+    assert got.shape == full.shape == (batch, 3, 1 + 4 * (frames - 1), hw[0] * 8, hw[1] * 8)
+    assert psnr(got, full) >= 100, psnr(got, full)
+
+
+@pytest.mark.parametrize("wrong", ["no frames before the tile", "zero padding at the edges"])
+def test_a_wrong_context_is_not_exact(hv, monkeypatch, wrong):
+    """The check above can fail: tiles whose causal context repeats their own first frame instead of reading the
+    two frames before them, or zeros instead of the replicated edge, give visibly different frames (< 90 dB)."""
+    z = _z(1, 3, 6, 6)
+    with torch.no_grad():
+        full = hv.decode(z).sample
+    axis = stream_hunyuan._axis
+    if wrong == "no frames before the tile":
+        def tile_local(lo: int, hi: int, before: int, after: int, n: int) -> torch.Tensor:
+            idx = axis(lo, hi, before, after, n)
+            return idx.clamp_(min=lo) if before == 2 else idx  # the time axis (space reads 1 before, 1 after)
+
+        monkeypatch.setattr(stream_hunyuan, "_axis", tile_local)
+    else:
+        real_gather = stream_hunyuan._Video.gather
+
+        def zero_edges(self, buf, it, iy, ix):
+            out = real_gather(self, buf, it, iy, ix)
+            if int(iy[0]) == int(iy[1]) and iy.numel() > 2:  # the top edge was replicated: zero it instead
+                out[:, :, :, 0] = 0
+            return out
+
+        monkeypatch.setattr(stream_hunyuan._Video, "gather", zero_edges)
+    got = hunyuan_exact_decode(hv, z, tile_px=16, tile_frames=4)
+    assert psnr(got, full) < 90, psnr(got, full)
+
+
+def test_the_device_working_set_is_bounded_by_the_tile_and_the_buffers_grow_with_the_video(hv):
+    """The implementation's own accounting: the most elements one tile's region and output hold on the compute
+    device are the same for a 3-frame 48x48 video and a 5-frame 96x96 one (same tile), while the whole-video
+    buffers (host memory) grow with the video."""
+    small, large = {}, {}
+    hunyuan_exact_decode(hv, _z(1, 3, 6, 6), tile_px=16, tile_frames=4, ledger=small)
+    hunyuan_exact_decode(hv, _z(1, 5, 12, 12), tile_px=16, tile_frames=4, ledger=large)
+    assert small["tile_elements"] == large["tile_elements"] > 0
+    assert large["buffer_elements"] > 3 * small["buffer_elements"]
+
+
+def test_progress_counts_every_pass_of_every_item(hv):
+    seen: list[tuple[int, int]] = []
+    hunyuan_exact_decode(hv, _z(2, 2, 4, 4), tile_px=16, progress=lambda d, t: seen.append((d, t)))
+    total = seen[-1][1]
+    assert [d for d, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t in seen)
+
+
+def test_exact_hunyuan_tiles_refuse_what_they_cannot_run_naming_why(hv):
+    assert hunyuan_exact_support(hv) is None
+    assert "AutoencoderKLHunyuanVideo" in (hunyuan_exact_support(build_tiny_vae("wan")) or "")
+    assert "AutoencoderKLHunyuanVideo" in (hunyuan_exact_support(build_tiny_vae("sd15")) or "")
+    hv.train()
+    try:
+        assert "training mode" in (hunyuan_exact_support(hv) or "")
+    finally:
+        hv.eval()
+    z = _z(1, 2, 4, 4)
+    for kw, field in [({"tile_px": 4}, "tile_px=4"), ({"tile_px": 16, "tile_frames": 0}, "tile_frames=0"),
+                      ({"tile_px": 16, "buffers": "disk"}, "buffers='disk'")]:
+        with pytest.raises(ValueError, match=field):
+            hunyuan_exact_decode(hv, z, **kw)
+    with pytest.raises(ValueError, match="frames, height, width"):
+        hunyuan_exact_decode(hv, z[:, :, 0], tile_px=16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_on_cuda_exact_hunyuan_tiles_equal_the_full_decode_with_host_buffers():
+    """On a GPU: the frames equal the full decode, the result is in (pinned) host memory, and the CUDA peak is
+    under the full decode's."""
+    vae = build_tiny_vae("hunyuanvideo").to("cuda")
+    z = torch.randn(1, 16, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        full = vae.decode(z).sample
+    full_peak = torch.cuda.max_memory_allocated() - base
+    full = full.cpu()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = hunyuan_exact_decode(vae, z, tile_px=64, tile_frames=4)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert got.device.type == "cpu" and psnr(got, full) >= 100
+    assert peak < full_peak, (peak, full_peak)
