@@ -46,7 +46,7 @@ import random
 import zlib
 from typing import Literal
 
-from hybrid_vae.bench import truth, world_offload  # noqa: F401  (world_offload registers "tiled-offload")
+from hybrid_vae.bench import truth, world_exact3d, world_offload  # noqa: F401  (they register their kinds)
 from hybrid_vae.bench.geometry import comfy_axis, tiledvae_axis
 from hybrid_vae.bench.interp import MemoryCurves, TimeFits, curves
 from hybrid_vae.policy.gpu import GiB, GpuState
@@ -56,7 +56,7 @@ from hybrid_vae.policy.profiles import Family, Profiles, dtype_bytes
 __all__ = ["NETWORKS", "Attempt", "Card", "Exec", "NetworkCase", "Scenario", "World", "WorldParams", "comfy_axis",
            "tiledvae_axis"]
 MiB = 1024**2
-Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact", "offload", "halo"]
+Geometry = Literal["engine", "diffusers", "comfy", "tiledvae", "exact", "offload", "halo", "exact3d"]
 #: Cards whose speed the world takes from the seed document's measured tables (profiles/gpus.yaml).
 SEED_CARDS = ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4080", "NVIDIA GeForce RTX 4070 Ti",
               "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3080", "NVIDIA GeForce RTX 3070", "NVIDIA H200")
@@ -257,8 +257,8 @@ class Exec:
             object.__setattr__(self, "frame_overlap", 0)
         if not self.kind:
             k = {"full": "full", "cpu": "cpu", "remote": "remote"}.get(self.path) or \
-                {"exact": "tiled-exact", "offload": "tiled-offload", "halo": "tiled-halo"}.get(self.geometry,
-                                                                                              "tiled-local")
+                {"exact": "tiled-exact", "offload": "tiled-offload", "halo": "tiled-halo",
+                 "exact3d": "tiled-exact3d"}.get(self.geometry, "tiled-local")
             object.__setattr__(self, "kind", k)
 
     @functools.cached_property
@@ -287,6 +287,8 @@ class Exec:
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact")
         if plan.groupnorm == "exact" and fam.architecture == "wan":  # exact Wan tiles (extension/stream_wan.py)
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="halo", host_out=True)
+        if plan.groupnorm == "exact" and fam.architecture == "hunyuanvideo":  # extension/stream_hunyuan.py
+            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact3d", host_out=True)
         if plan.groupnorm == "exact":
             raise ValueError(f"the simulated world has no truth for exact video tiles of {fam.architecture} "
                              f"({plan.label!r}); register one in bench/truth.py")

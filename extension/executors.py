@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hybrid_vae.extension.stream import stream_decode
+from hybrid_vae.extension.stream_hunyuan import hunyuan_exact_decode
 from hybrid_vae.extension.stream_wan import wan_exact_tiles
 from hybrid_vae.policy.errors import PlanError
 from hybrid_vae.policy.tiles import axis_tiles, diffusers_axis
@@ -488,7 +489,9 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
             and the result may come back on the CPU), ``local`` through
             the engine's overlap-and-blend tiler (GroupNorm per tile: colours drift, about 20 dB PSNR
             on the fixture VAE; docs/tiling-quality.md). Wan plans with ``exact`` run
-            :func:`extension.stream_wan.wan_exact_tiles` (frames equal the full decode; on the CPU).
+            :func:`extension.stream_wan.wan_exact_tiles` (frames equal the full decode; on the CPU), HunyuanVideo
+            plans with ``exact`` :func:`extension.stream_hunyuan.hunyuan_exact_decode` (likewise; whole-video
+            buffers in host memory when ``plan.device_budget`` is set).
         vae: a diffusers VAE (``AutoencoderKL``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLWan``,
             or another class with ``decode``).
         latents (`torch.Tensor`): ``[B, C, h, w]`` or ``[B, C, T, h, w]``; moved to the run device/dtype.
@@ -520,9 +523,13 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
         if plan.path == "full" or (plan.path == "cpu" and whole):
             out = _full(vae, z, slice_batch=plan.slice_batch, progress=progress)
         elif video and plan.groupnorm == "exact":
-            if plan.tile_px is None or family.architecture != "wan":
-                raise PlanError(f"exact video tiles run on Wan with a tile size only, not {plan.label!r}")
-            out = wan_exact_tiles(vae, z, tile_latent=plan.tile_px // family.spatial_compression)
+            if plan.tile_px is None or family.architecture not in ("wan", "hunyuanvideo"):
+                raise PlanError(f"exact video tiles run on Wan and HunyuanVideo with a tile size only, not {plan.label!r}")
+            if family.architecture == "wan":
+                out = wan_exact_tiles(vae, z, tile_latent=plan.tile_px // family.spatial_compression)
+            else:
+                out = hunyuan_exact_decode(vae, z, tile_px=plan.tile_px, tile_frames=family.tiling.exact_tile_frames or 16,
+                                           buffers="host" if plan.offloaded else "device", progress=progress)
         elif video:
             out = _tiled_video(vae, z, plan, family, progress)
         elif plan.groupnorm == "exact":

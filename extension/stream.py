@@ -248,19 +248,22 @@ def stream_support(vae: Any) -> str | None:
 def settings_for_vae(settings: DecodeSettings, vae: Any, family: Family) -> DecodeSettings:
     """``settings`` for decoding with ``vae``: local tiles only when exact tiling cannot run it (so the
     engine never plans an exact attempt that would fail; video: exact Wan tiles need diffusers' Wan 2.1 class,
-    :func:`extension.stream_wan.wan_exact_support`); video: no host output when the VAE cannot stream its
+    :func:`extension.stream_wan.wan_exact_support`, exact HunyuanVideo tiles diffusers' class,
+    :func:`extension.stream_hunyuan.hunyuan_exact_support`); video: no host output when the VAE cannot stream its
     chunks or tiles (``extension.executors.chunks_stream`` / ``tiles_stream``: so the estimate counts the VAE's
     own loop). Callers: the orchestrator, ``hybrid-vae serve``."""
     if family.video:
         from hybrid_vae.extension.executors import chunks_stream, tiles_stream
+        from hybrid_vae.extension.stream_hunyuan import hunyuan_exact_support
         from hybrid_vae.extension.stream_wan import wan_exact_support
 
         can = {"hunyuanvideo": chunks_stream, "wan": tiles_stream}.get(family.architecture)
         if settings.video_host_output and (can is None or not can(vae)):
             settings = settings.updated(video_host_output=False)
-        if settings.tile_groupnorm in ("exact", "offload") and family.architecture == "wan" \
-                and (why := wan_exact_support(vae)) is not None:  # e.g. ComfyUI's WanVAE, Wan 2.2: its own tiles
-            log.debug("hybrid-vae: no exact Wan tiles for %s (%s); local tiles", type(vae).__name__, why)
+        support = {"wan": wan_exact_support, "hunyuanvideo": hunyuan_exact_support}.get(family.architecture)
+        if settings.tile_groupnorm in ("exact", "offload") and support is not None \
+                and (why := support(vae)) is not None:  # e.g. ComfyUI's WanVAE, Wan 2.2: their own tiles
+            log.debug("hybrid-vae: no exact video tiles for %s (%s); local tiles", type(vae).__name__, why)
             settings = settings.updated(tile_groupnorm="local")
         return settings
     if settings.tile_groupnorm == "local":

@@ -197,6 +197,7 @@ class _Video:
         spans = [(int(i[0]), int(i[-1]) + 1) for i in (it, iy, ix)]
         (t0, t1), (y0, y1), (x0, x1) = spans
         region = buf[:, :, t0:t1, y0:y1, x0:x1].to(self.device, non_blocking=True)
+        self.moved(region.numel())
         for dim, idx, (a, b) in zip((2, 3, 4), (it, iy, ix), spans, strict=True):
             if idx.numel() != b - a:  # monotone with repeats: not the plain span
                 region = region.index_select(dim, (idx - a).to(self.device))
@@ -213,6 +214,10 @@ class _Video:
     def count(self, *tensors: torch.Tensor) -> None:
         n = sum(t.numel() for t in tensors)
         self.ledger["tile_elements"] = max(self.ledger.get("tile_elements", 0), n)
+
+    def moved(self, n: int) -> None:
+        """Elements copied between the buffers' home and the compute device (counted when they are one too)."""
+        self.ledger["moved_elements"] = self.ledger.get("moved_elements", 0) + n
 
     def tick(self) -> None:
         self.done += 1
@@ -251,6 +256,7 @@ def _conv_pass(v: _Video, src: torch.Tensor, conv: _Conv, aff: tuple[torch.Tenso
         if groups is not None:
             st.add(y)
         out[:, :, t0:t1, y0:y1, x0:x1].copy_(y, non_blocking=True)
+        v.moved(y.numel())
     v.tick()
     return out, st
 
@@ -270,6 +276,7 @@ def _resnet(v: _Video, x: torch.Tensor, xs: _Stats, r: _Res, groups: int) -> tup
     def residual(box: Box) -> torch.Tensor:
         t0, t1, y0, y1, x0, x1 = box
         part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device, non_blocking=True)
+        v.moved(part.numel())
         return part if short is None else short.conv(part)
 
     y, ys = _conv_pass(v, h, r.conv2, aff2, groups, add=residual)
@@ -277,18 +284,22 @@ def _resnet(v: _Video, x: torch.Tensor, xs: _Stats, r: _Res, groups: int) -> tup
 
 
 def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> tuple[torch.Tensor, _Stats]:
-    """Frame-causal self-attention over every position of the video (mid block, latent resolution)."""
+    """Frame-causal self-attention over every position of the video (mid block, latent resolution). Keys and
+    values stay on the compute device (latent resolution: 2 x frames x H x W x C elements, counted in the
+    ledger's ``kv_elements``); the queries run tile by tile, frame by frame."""
     import torch
 
     _, c, t, h, w = x.shape
     aff = _affine(xs, a.norm, c, v.dtype)
-    keys = torch.empty((t, h, w, c), dtype=v.dtype, device=v.home)
+    keys = torch.empty((t, h, w, c), dtype=v.dtype, device=v.device)
     vals = torch.empty_like(keys)
+    v.ledger["kv_elements"] = max(v.ledger.get("kv_elements", 0), 2 * keys.numel())
     for t0, t1, y0, y1, x0, x1 in v.boxes(t, h, w):
         part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device, non_blocking=True)
+        v.moved(part.numel())
         n = _norm(part, aff, act=False)[0].permute(1, 2, 3, 0)  # [t, h, w, C]
-        keys[t0:t1, y0:y1, x0:x1] = _project(a.k, n).to(v.home)
-        vals[t0:t1, y0:y1, x0:x1] = _project(a.v, n).to(v.home)
+        keys[t0:t1, y0:y1, x0:x1] = _project(a.k, n)
+        vals[t0:t1, y0:y1, x0:x1] = _project(a.v, n)
     v.tick()
     keys, vals = keys.view(-1, c), vals.view(-1, c)
     heads = a.heads
@@ -299,10 +310,11 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
     def chunks(rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for r0 in range(0, rows, _KV_CHUNK):
             r1 = min(rows, r0 + _KV_CHUNK)
-            yield keys[r0:r1].to(v.device, non_blocking=True), vals[r0:r1].to(v.device, non_blocking=True)
+            yield keys[r0:r1], vals[r0:r1]
 
     for t0, t1, y0, y1, x0, x1 in v.boxes(t, h, w):
         part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device, non_blocking=True)
+        v.moved(part.numel())
         n = _norm(part, aff, act=False)[0].permute(1, 2, 3, 0)  # [tt, hh, ww, C]
         ys = []
         for f in range(t1 - t0):  # frame t0 + f sees frames 0 .. t0 + f: a prefix of the keys
@@ -319,6 +331,7 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
         v.count(part, y)
         st.add(y)
         out[:, :, t0:t1, y0:y1, x0:x1].copy_(y, non_blocking=True)
+        v.moved(y.numel())
     v.tick()
     return out, st
 
@@ -340,8 +353,11 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
         buffers (`"host"` or `"device"`, defaults to ``"host"``): where the whole-video activations live.
         progress (`Callable[[int, int], None]`, *optional*): called after each pass with (done, passes).
         ledger (`dict`, *optional*): filled with ``tile_elements`` (the most elements of one tile's region and
-            output on the compute device: bounded by the tile, not the video) and ``buffer_elements`` (the most
-            elements of whole-video buffers alive at once, where ``buffers`` says).
+            output on the compute device: bounded by the tile, not the video), ``kv_elements`` (the mid block's
+            keys and values, on the compute device: latent resolution), ``buffer_elements`` (the most elements of
+            whole-video buffers alive at once, where ``buffers`` says, one item) and ``moved_elements`` (elements
+            copied between the buffers and the compute device, all items; with ``"device"`` buffers the copies
+            are within the device). :mod:`policy.video_exact` counts the same from the decoder config.
 
     Returns:
         `torch.Tensor`: the video, (B, 3, 1 + 4 (T - 1), 8 H, 8 W), unclamped, where ``buffers`` says.
@@ -388,9 +404,9 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
                 elif isinstance(s, _Up):
                     x, xs = _conv_pass(v, x, s.conv, None, _next_groups(steps, i), up=s.factor)
                     live = max(live, before + x.numel())
-                else:  # x, keys, values and the output
+                else:  # x and the output (keys and values are on the compute device)
                     x, xs = _attention(v, x, xs, s, _next_groups(steps, i))
-                    live = max(live, 4 * before)
+                    live = max(live, 2 * before)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the last tiles' copies into host memory are asynchronous
         items.append(x)

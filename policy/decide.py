@@ -90,6 +90,7 @@ from hybrid_vae.policy.model import (
 from hybrid_vae.policy.profiles import Dtype, Family, GpuProfile, Profiles, dtype_bytes
 from hybrid_vae.policy.reasons import Reason, ReasonCode, ReasonValue, UnmetRequest, remote_text
 from hybrid_vae.policy.tiles import halo_region
+from hybrid_vae.policy.video_exact import video_exact_estimate
 
 LOSSY = frozenset({"jpg", "mp4"})
 
@@ -300,6 +301,15 @@ class _Inputs:
         return not self.fam.video and self.fam.memory.exact_buffer_elements is not None
 
     @property
+    def video_passes(self) -> bool:
+        """Video tiles may be exact 3-D tiles (HunyuanVideo, ``extension/stream_hunyuan.py``): the family has
+        ``tiling.exact_tile_frames`` and its decoder config, ``tile_groupnorm`` asks for lossless tiles, on a GPU."""
+        f = self.fam
+        return (f.video and f.tiling.exact_tile_frames is not None and f.decoder is not None
+                and f.decoder_widths is not None and f.temporal_compression == 4 and self.on_gpu
+                and self.settings.tile_groupnorm in ("exact", "offload"))
+
+    @property
     def video_exact(self) -> bool:
         """Video tiles are exact (halo) tiles: the family has ``tiling.exact_halo_latent`` (Wan 2.1) and
         ``tile_groupnorm`` asks for lossless tiles (``exact``/``offload``); ``auto`` keeps the faster local ones."""
@@ -392,6 +402,14 @@ class _PlanMaker:
         return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
                                       groupnorm="exact", host_output=True))
 
+    def video_passes(self, tile: int) -> Plan:
+        """Exact HunyuanVideo tiles with every whole-video buffer in host memory
+        (:func:`policy.video_exact.video_exact_estimate`)."""
+        x = self.x
+        est = video_exact_estimate(x.job, x.fam, x.speed, x.gp, tile, dtype_bytes(x.dtype))
+        return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
+                                      groupnorm="exact", device_budget=0, host_output=True))
+
     def exact(self, tile: int) -> Plan:
         x, job, fam = self.x, self.x.job, self.x.fam
         t = fam.timing
@@ -434,22 +452,27 @@ def _video_chunk(x: _Inputs) -> int | None:
 
 def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
     """Every local GPU plan, the full decode first: full, full item by item, temporal chunks, local tiles,
-    exact tiles, offloaded exact tiles, shorter temporal chunks."""
+    exact tiles, offloaded exact tiles, shorter temporal chunks. Exact HunyuanVideo tiles replace the temporal
+    chunks and local tiles when one of them has its host buffers fit (else they are listed, refused)."""
     job, fam, gn = x.job, x.fam, x.settings.tile_groupnorm
     chunk = _video_chunk(x)
     plans = [make.local("full")]
     if job.batch > 1:
         plans.append(make.local("full", slice_batch=True))
-    if chunk is not None:
-        plans.append(make.local("tiled", chunk=chunk, slice_batch=True))
-    seen: set[int] = set()
+    tiles: list[int] = []
     for cap in _tile_caps(job, fam, x.settings):
         if cap <= 2 * x.overlap:
             continue  # the overlap would swallow the tile
         tile = _actual_tile(job, fam, cap, x.overlap)
-        if tile in seen or tile >= max(job.width, job.height):
-            continue
-        seen.add(tile)
+        if tile not in tiles and tile < max(job.width, job.height):
+            tiles.append(tile)
+    exact3d = [make.video_passes(tile) for tile in tiles] if x.video_passes else []
+    plans += exact3d
+    if any(_host_ok(x, p) for p in exact3d):
+        return plans
+    if chunk is not None:
+        plans.append(make.local("tiled", chunk=chunk, slice_batch=True))
+    for tile in tiles:
         if x.video_exact:
             plans.append(make.video_exact(tile))
         elif gn in ("auto", "local") or not x.can_exact:
@@ -553,8 +576,8 @@ def _feasibility(x: _Inputs, gpu_plans: list[Plan]) -> tuple[list[Option], list[
         elif p.estimate.peak_bytes > x.budget:
             options.append(Option(p, False, f"needs {_gib(p.estimate.peak_bytes)} > {budget} budget"))
         elif not _host_ok(x, p):
-            room = "unknown (no psutil, no /proc/meminfo)" if x.host_room is None else \
-                f"{_gib(max(0, x.host_room))} available - {_gib(x.settings.host_reserve_bytes)} reserve"
+            room = "unknown (no psutil, no /proc/meminfo)" if x.gpu.host_available_bytes is None else \
+                f"{_gib(x.gpu.host_available_bytes)} available - {_gib(x.settings.host_reserve_bytes)} reserve"
             options.append(Option(p, False, f"needs {_gib(host)} of host memory > {room}"))
         else:
             feasible.append(p)
@@ -855,7 +878,7 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
         "unmet_request": choice.unmet, "inferred": x.fam.inferred,
         "below_tile_px": x.fam.tiling.min_tile_px if LAST_RESORT_NOTE in c.estimate.peak_source else None}
     if (code.startswith("tiled_") or (code == "tight_faster" and c.path == "tiled")) \
-            and (c.groupnorm == "exact" or not x.fam.video):
+            and (c.groupnorm == "exact" or not x.fam.video or x.video_passes):
         params |= _tiles_params(x, c, gpu_plans, feasible)
     if choice.behind is not None:
         params |= {"seconds": c.estimate.seconds, "behind_label": describe_plan(choice.behind),
@@ -880,6 +903,10 @@ def _reason(x: _Inputs, choice: _Choice, *, gpu_plans: list[Plan], feasible: lis
 def _tiles_params(x: _Inputs, c: Plan, gpu_plans: list[Plan], feasible: list[Plan]) -> dict[str, ReasonValue]:
     """A tiled decision's ``tiles`` note and its numbers: why exact, exact with host memory, or tiles that may
     drift (see :data:`policy.reasons.TileNote`)."""
+    if c.groupnorm == "exact" and c.offloaded and x.fam.video:
+        e = c.estimate
+        return {"tiles": "exact_video_host", "host_bytes": e.host_bytes, "transfer_bytes": e.transfer_bytes,
+                "transfer_seconds": e.transfer_seconds}
     if c.groupnorm == "exact" and c.offloaded:
         inmem = [p for p in gpu_plans if p.groupnorm == "exact" and not p.offloaded]
         least = min(inmem, key=lambda p: p.estimate.peak_bytes) if inmem else None

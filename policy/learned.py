@@ -66,10 +66,13 @@ LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact", "tiled-
 
 def learn_path(plan: Plan) -> str:
     """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact``, ``tiled-offload``,
-    ``tiled-halo`` (exact video tiles, priced as local tiles of their regions: their own key, so a card-wide
-    factor of image exact tiles never scales them), or its path."""
+    ``tiled-halo`` (exact Wan tiles, priced as local tiles of their regions: their own key, so a card-wide
+    factor of image exact tiles never scales them), ``tiled-exact3d`` (exact HunyuanVideo tiles, host buffers;
+    likewise), or its path. The two video keys are not in :data:`LEARN_PATHS` (not learned yet)."""
     if plan.path == "tiled" and plan.groupnorm == "exact":
-        return "tiled-offload" if plan.offloaded else "tiled-halo" if plan.host_output else "tiled-exact"
+        if plan.host_output:  # exact video tiles: Wan's halo tiles, HunyuanVideo's 3-D tiles with host buffers
+            return "tiled-exact3d" if plan.offloaded else "tiled-halo"
+        return "tiled-offload" if plan.offloaded else "tiled-exact"
     return plan.path
 MAX_ENTRIES = 512
 FORMAT_VERSION = 1

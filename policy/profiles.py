@@ -81,6 +81,7 @@ class TilingModel(_Model):
     frame_chunk_overlap: int = Field(1, ge=0, le=16, description="Latent frames shared by consecutive temporal chunks.")
     always_chunked: bool = Field(False, description="The VAE always decodes frame chunks (Wan's causal cache): 'full' is already chunked.")
     last_resort_tile_px: int | None = Field(None, ge=64, le=4096, description="Smaller tiles, down to this, planned only when no GPU plan at min_tile_px fits: below the measured tiles the estimates extrapolate, and more tiles mean more seams.")
+    exact_tile_frames: int | None = Field(None, ge=1, le=1024, description="Video decoders whose GroupNorms span the whole video (HunyuanVideo): output frames per exact 3-D tile (extension/stream_hunyuan.py; needs decoder and decoder_widths). Set: tile_groupnorm exact/offload plans exact tiles with the whole-video buffers in host memory (frames equal a full decode) where they fit it, else diffusers' tiles; None: none.")
     exact_halo_latent: int | None = Field(None, ge=1, le=256, description="Video decoders without statistics across positions (Wan 2.1): latent pixels of context an exact spatial tile decodes on every side beyond its region (the receptive field after the mid block; extension/stream_wan.py counts it from the decoder: 13 for Wan 2.1). Set: tile_groupnorm exact/offload plans exact tiles (frames equal a full decode, each tile recomputes its halo); None: none.")
 
     @model_validator(mode="after")

@@ -216,7 +216,7 @@ def test_common_random_numbers_and_seeds():
 
 
 def test_every_plan_kind_has_a_registered_truth():
-    assert set(truth.KINDS) == {"full", "tiled-local", "tiled-exact", "tiled-offload", "tiled-halo", "cpu"}
+    assert set(truth.KINDS) == {"full", "tiled-local", "tiled-exact", "tiled-offload", "tiled-halo", "tiled-exact3d", "cpu"}
     with pytest.raises(ValueError, match="no truth registered for plan kind 'offload'"):
         QUIET.truth(sc(), Exec("tiled", tiles=((256, 256),), kind="offload"))
 

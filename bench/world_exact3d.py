@@ -1,0 +1,77 @@
+"""The truth of exact HunyuanVideo tiles (kind ``tiled-exact3d``: ``extension/stream_hunyuan.py``, every
+whole-video buffer in host memory), registered in :data:`bench.truth.KINDS`.
+
+Like the rest of the world it never calls :mod:`policy.estimate` or reads the family's memory, timing or decoder
+fields. What is *counted* and what is *assumed*:
+
+* **Counted**: the whole-video buffers (host memory), one tile's region and output, the mid block's keys and
+  values, the elements copied and the tile steps: :func:`policy.video_exact.hunyuan_counts` over the passes of
+  diffusers' ``AutoencoderKLHunyuanVideo`` *defaults* (:data:`DECODER`: a test keeps them equal to the class's
+  own defaults, so a wrong profile would not move the truth), which a test checks against the executor's ledger.
+* **The tile's working set** (assumed, per installation): the counted region and output x ``U(1.5, 3.0)`` (the
+  region's normalised copy, the convolution's output, the residual sum, the 3-D convolution's workspace; no GPU
+  has measured it), plus the keys and values.
+* **Seconds**: the world's full decode of the video (measured H200 video rows, :func:`bench.truth.full`) x
+  :data:`bench.truth.EXACT_TIME` (assumed, as image exact tiles), a fixed cost per tile step, and the counted
+  copies at this installation's link and staging rates (:func:`bench.world_offload.link`, public PCIe figures),
+  not overlapped: the executor's copies are plain (no copy stream).
+* **Host memory**: the buffers and the batch's finished videos must fit the scenario's free RAM.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hybrid_vae.bench import truth
+from hybrid_vae.policy.profiles import dtype_bytes
+from hybrid_vae.policy.video_exact import VideoExactCounts, hunyuan_counts, hunyuan_passes
+
+if TYPE_CHECKING:
+    from hybrid_vae.bench.world import Exec, Scenario, World
+
+#: diffusers' ``AutoencoderKLHunyuanVideo`` defaults: block_out_channels, layers_per_block, latent_channels.
+DECODER = ((128, 256, 512, 512), 2, 16)
+#: Output frames per tile: the executor's default (``hunyuan_exact_decode(tile_frames=16)``).
+TILE_FRAMES = 16
+#: The tile's working set / its counted region and output (assumed, per installation).
+WORKING_SET = (1.5, 3.0)
+
+
+def counts(world: World, sc: Scenario, ex: Exec) -> VideoExactCounts:
+    """What the executor holds and moves for one item of this execution (memoised on the world)."""
+    tc, s = 4, 8
+    lat = ((sc.frames or 1) - 1) // tc + 1
+    key = (lat, sc.height // s, sc.width // s, ex.tiles[0][0])
+    memo: dict[tuple[int, ...], VideoExactCounts] = world.__dict__.setdefault("_exact3d_counts", {})
+    got = memo.get(key)
+    if got is None:
+        widths, lpb, lc = DECODER
+        ps = hunyuan_passes(widths, lpb, latent_channels=lc, latent=key[:3])
+        got = memo[key] = hunyuan_counts(ps, tile_px=key[3], tile_frames=TILE_FRAMES,
+                                         out=(1 + tc * (lat - 1), key[1] * s, key[2] * s))
+    return got
+
+
+def tiled_exact3d(world: World, sc: Scenario, ex: Exec) -> truth.Truth:
+    """Exact 3-D tiles: the tile's working set and the keys and values on the GPU, every whole-video buffer in
+    host memory; the full decode's compute x the exact factor, plus the copies, not overlapped."""
+    from hybrid_vae.bench.world import Exec, _rng
+    from hybrid_vae.bench.world_offload import link
+
+    ds = dtype_bytes(sc.dtype)
+    c = counts(world, sc, ex)
+    factor = _rng(world.seed, "exact3d-working-set", sc.card.name).uniform(*WORKING_SET)
+    gpu = (c.tile_elements * factor + c.kv_elements) * ds
+    out = 3 * (sc.frames or 1) * sc.height * sc.width
+    host = float((c.buffer_elements + (sc.batch - 1) * out) * ds)
+    full = truth.full(world, sc, Exec("full", items=1))
+    lk = link(world, sc.card.name)
+    steps = c.steps * truth.EXACT_STEP_S * world.card_factor(sc.card, ds, float(sc.height * sc.width))
+    copy = c.moved_elements * ds / (min(lk.link_gbs, lk.staging_gbs) * 1e9)
+    one = full.seconds / sc.batch * truth.EXACT_TIME + steps + copy
+    return truth.Truth(gpu, host, one * sc.batch, one,
+                       "counted elements x assumed working set; measured full decode x assumed factor; copies at "
+                       "assumed link and staging rates, not overlapped")
+
+
+truth.register("tiled-exact3d", tiled_exact3d)

@@ -1,0 +1,220 @@
+"""What exact HunyuanVideo tiles (``extension/stream_hunyuan.py``) hold and move, counted from the decoder config.
+
+Pure and analytic: the decoder's passes (conv_in; per resnet two; the mid block's attention two; per upsampler
+one; the output one) at the resolutions the config gives, and the executor's tile grid over each pass. The
+counts equal the executor's own ledger (``tests/test_video_exact.py`` decodes and compares):
+
+- ``buffer_elements``: the most whole-video buffer elements alive at once (one item; where the buffers live:
+  host memory for the engine's plans);
+- ``tile_elements``: the most elements one tile's region (with its context) and output hold on the device;
+- ``kv_elements``: the mid block's keys and values, kept on the device (latent resolution);
+- ``moved_elements``: elements copied between the buffers and the device in one decode (one item);
+- ``steps``: tile steps (one per tile per pass).
+
+The convolutions compute no more than a full decode's: a tile's context is read, not decoded (unlike
+overlapping tiles); what costs time is the copies, the statistics and many smaller kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import TYPE_CHECKING
+
+from hybrid_vae.policy.estimate import HOST_COPY_GBS, latent_frames, link_gbs
+from hybrid_vae.policy.model import Estimate
+
+if TYPE_CHECKING:
+    from hybrid_vae.policy.estimate import SpeedModel
+    from hybrid_vae.policy.model import DecodeJob
+    from hybrid_vae.policy.profiles import Family, GpuProfile
+
+__all__ = ["VideoExactCounts", "VideoPass", "hunyuan_counts", "hunyuan_passes", "video_exact_counts",
+           "video_exact_estimate"]
+
+THW = tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPass:
+    """One pass: ``c_in`` channels at ``src`` (frames, height, width) in, ``c_out`` at ``dst`` out; ``ctx``: a
+    causal 3x3x3 convolution (2 frames before, 1 pixel each side); ``up``: the upsampling before it;
+    ``residual``: channels of the resnet input read back for the shortcut; ``kind`` names it."""
+
+    kind: str
+    c_in: int
+    c_out: int
+    src: THW
+    dst: THW
+    ctx: bool = True
+    up: THW = (1, 1, 1)
+    residual: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoExactCounts:
+    buffer_elements: int
+    tile_elements: int
+    kv_elements: int
+    moved_elements: int
+    steps: int
+
+
+def hunyuan_passes(widths: tuple[int, ...], layers_per_block: int, *, latent_channels: int, latent: THW,
+                   temporal_compression: int = 4, spatial_compression: int = 8, mid_attention: bool = True,
+                   out_channels: int = 3) -> list[VideoPass]:
+    """The passes of diffusers' ``HunyuanVideoDecoder3D`` with ``block_out_channels=widths`` over ``latent``
+    (frames, height, width); its up blocks upsample space while ``i < log2(spatial)``, and time in the
+    ``log2(temporal)`` blocks before the last (the class's rule for a temporal compression of 4).
+
+    Raises:
+        ValueError: a temporal compression other than 4 (the class refuses it too).
+    """
+    if temporal_compression != 4:
+        raise ValueError(f"temporal_compression={temporal_compression}: HunyuanVideo's decoder takes 4 only")
+    rev = list(reversed(widths))
+    c = rev[0]
+    ps = [VideoPass("conv_in", latent_channels, c, latent, latent)]
+    at = latent
+
+    def resnet(cin: int, cout: int, where: THW) -> None:
+        ps.append(VideoPass("res1", cin, cout, where, where))
+        ps.append(VideoPass("res2", cout, cout, where, where, residual=cin))
+
+    resnet(c, c, at)
+    if mid_attention:
+        ps.append(VideoPass("attn_kv", c, c, at, at, ctx=False))
+        ps.append(VideoPass("attn", c, c, at, at, ctx=False))
+    resnet(c, c, at)
+    n = len(widths)
+    n_sp, n_t = int(math.log2(spatial_compression)), int(math.log2(temporal_compression))
+    for i in range(n):
+        cout = rev[i]
+        for j in range(layers_per_block + 1):
+            resnet(c if j == 0 else cout, cout, at)
+        c = cout
+        fs = 2 if i < n_sp else 1
+        ft = 2 if (i >= n - 1 - n_t and i != n - 1) else 1
+        if fs > 1 or ft > 1:
+            dst = (1 + ft * (at[0] - 1), fs * at[1], fs * at[2])
+            ps.append(VideoPass("up", c, c, at, dst, up=(ft, fs, fs)))
+            at = dst
+    ps.append(VideoPass("out", c, out_channels, at, at))
+    return ps
+
+
+def _boxes(n: int, tile: int) -> list[tuple[int, int]]:
+    return [(a, min(a + tile, n)) for a in range(0, n, tile)]
+
+
+def _span(boxes: list[tuple[int, int]], before: int, after: int, n_dst: int, f: int, *, time: bool) -> int:
+    """The sum of the source spans a pass copies along one axis (its context clamped at the edges, mapped
+    through the upsampling)."""
+    span = 0
+    for lo, hi in boxes:
+        first, last = max(0, lo - before), min(n_dst - 1, hi + after - 1)
+        if time:
+            src = [0 if u == 0 else 1 + (u - 1) // f for u in (first, last)]
+        else:
+            src = [u // f for u in (first, last)]
+        span += src[1] - src[0] + 1
+    return span
+
+
+def hunyuan_counts(ps: list[VideoPass], *, tile_px: int, tile_frames: int, out: THW) -> VideoExactCounts:
+    """What the executor holds and moves for one item decoded over ``ps`` with tiles of ``tile_px`` output pixels
+    and ``tile_frames`` output frames (``out``: the output's frames, height, width)."""
+    live = tile = kv = moved = steps = 0
+    for p in ps:
+        t, h, w = p.dst
+        scale = out[1] / h
+        tf = max(1, math.ceil(tile_frames * t / out[0]))
+        ts = max(1, int(tile_px / scale))
+        bt, by, bx = _boxes(t, tf), _boxes(h, ts), _boxes(w, ts)
+        n_boxes = len(bt) * len(by) * len(bx)
+        steps += n_boxes
+        src_n = p.c_in * p.src[0] * p.src[1] * p.src[2]
+        dst_n = p.c_out * t * h * w
+        if p.kind in ("attn_kv", "attn"):
+            kv = max(kv, 2 * src_n)
+            moved += src_n + (dst_n if p.kind == "attn" else 0)
+            big = max(a - b for b, a in bt) * max(a - b for b, a in by) * max(a - b for b, a in bx)
+            tile = max(tile, 2 * p.c_in * big) if p.kind == "attn" else tile
+            live = max(live, src_n + dst_n) if p.kind == "attn" else live
+            continue
+        before, side = (2, 1) if p.ctx else (0, 0)
+        st, sy, sx = (_span(bt, before, 0, t, p.up[0], time=True), _span(by, side, side, h, p.up[1], time=False),
+                      _span(bx, side, side, w, p.up[2], time=False))
+        moved += p.c_in * st * sy * sx + dst_n + (p.residual * t * h * w if p.residual else 0)
+        big_t, big_y, big_x = (max(a - b for b, a in bs) for bs in (bt, by, bx))
+        tile = max(tile, p.c_in * (big_t + before) * (big_y + 2 * side) * (big_x + 2 * side)
+                   + p.c_out * big_t * big_y * big_x)
+        if p.kind == "conv_in":
+            live = max(live, dst_n)
+        elif p.kind == "res2":  # the resnet's input, its hidden activation and its output
+            live = max(live, p.residual * t * h * w + 2 * dst_n)
+        elif p.kind in ("up", "out"):
+            live = max(live, src_n + dst_n)
+    return VideoExactCounts(buffer_elements=live, tile_elements=tile, kv_elements=kv, moved_elements=moved,
+                            steps=steps)
+
+
+@functools.lru_cache(maxsize=256)
+def _counts(widths: tuple[int, ...], layers_per_block: int, latent_channels: int, latent: THW, mid_attention: bool,
+            out_channels: int, tile_px: int, tile_frames: int, out: THW) -> VideoExactCounts:
+    ps = hunyuan_passes(widths, layers_per_block, latent_channels=latent_channels, latent=latent,
+                        mid_attention=mid_attention, out_channels=out_channels)
+    return hunyuan_counts(ps, tile_px=tile_px, tile_frames=tile_frames, out=out)
+
+
+def video_exact_counts(job: DecodeJob, fam: Family, tile_px: int) -> VideoExactCounts:
+    """:func:`hunyuan_counts` of one item of ``job`` (memoised: a pure function of the config and the sizes).
+
+    Raises:
+        ValueError: the family has no decoder config or no ``tiling.exact_tile_frames``.
+    """
+    if fam.decoder is None or fam.decoder_widths is None or fam.tiling.exact_tile_frames is None:
+        raise ValueError(f"{job.family} has no exact video tiles (decoder, decoder_widths, tiling.exact_tile_frames)")
+    sc, lat = fam.spatial_compression, latent_frames(job, fam)
+    return _counts(tuple(fam.decoder_widths), fam.decoder.layers_per_block, fam.latent_channels,
+                   (lat, job.height // sc, job.width // sc), fam.decoder.mid_attention, fam.decoder.out_channels,
+                   tile_px, fam.tiling.exact_tile_frames, (1 + fam.temporal_compression * (lat - 1), job.height, job.width))
+
+
+def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: GpuProfile | None, tile_px: int,
+                         dsize: int) -> Estimate:
+    """Peak, host memory and seconds of exact video tiles with every whole-video buffer in host memory.
+
+    - Device: the tile's region and output, the region's normalised copy and the convolution's output
+      (2 x the counted tile elements, assumed), the mid block's keys and values (counted), the tile workspace,
+      x ``memory.exact_margin``; the weights when not resident.
+    - Host: the whole-video buffers at their widest (counted) and the batch's finished videos.
+    - Seconds: a full decode's x ``exact_time_factor`` (assumed, as image exact tiles), a fixed cost per tile
+      step, and the counted copies at the slower of the card's link and the CPU's staging copies, *not*
+      overlapped (the executor's copies are plain).
+    """
+    c = video_exact_counts(job, fam, tile_px)
+    m, t = fam.memory, fam.timing
+    frames = 1 + fam.temporal_compression * (latent_frames(job, fam) - 1)
+    device = (2 * c.tile_elements + c.kv_elements) * dsize
+    if tile_px * tile_px >= m.tile_workspace_min_px:
+        device += m.tile_workspace_bytes
+    peak = device * m.exact_margin + (0 if job.vae_resident else fam.weights_bytes_fp16 * dsize / 2)
+    out_elems = (fam.decoder.out_channels if fam.decoder else 3) * frames * job.height * job.width
+    host = (c.buffer_elements + (job.batch - 1) * out_elems) * dsize
+    compute = (speed.full(frames * job.height * job.width) * t.exact_time_factor
+               + c.steps * t.exact_step_h200_s * speed.card_factor)
+    gbs, src = link_gbs(gp)
+    rate = min(gbs, HOST_COPY_GBS) * 1e9
+    moved = c.moved_elements * dsize * job.batch
+    copy = moved / rate
+    return Estimate(
+        peak_bytes=int(peak), seconds=compute * job.batch + copy,
+        peak_source=(f"{job.family} exact video tiles (counted from the decoder config): tile {tile_px} px x "
+                     f"{fam.tiling.exact_tile_frames} frames with context, keys/values, x{m.exact_margin:g} margin; "
+                     f"whole-video buffers {host / 2**30:.1f} GiB in host memory"),
+        seconds_source=(f"{speed.source}; exact tiling x{t.exact_time_factor:g} (assumed) + {c.steps} tile steps; "
+                        f"{moved / 1e9:.1f} GB copied at {rate / 1e9:g} GB/s ({src}; CPU staging {HOST_COPY_GBS:g} GB/s "
+                        "assumed), not overlapped"),
+        host_bytes=int(host), transfer_bytes=int(moved), transfer_seconds=copy)

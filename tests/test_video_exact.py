@@ -1,0 +1,114 @@
+"""Exact HunyuanVideo tiles in the engine: the policy's counts (``policy/video_exact.py``) equal the executor's
+ledger; the engine plans them only when lossless tiles are asked for and host memory holds their buffers; the
+orchestrator runs them; the simulated world prices them from diffusers' defaults, not the profile."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from diffusers import AutoencoderKLHunyuanVideo
+from hybrid_vae.extension.cli_local import psnr
+from hybrid_vae.extension.fixture import build_tiny_vae
+from hybrid_vae.extension.stream_hunyuan import hunyuan_exact_decode
+from hybrid_vae.policy import DecodeJob, DecodeSettings, decide, load_profiles, parse_simulation
+from hybrid_vae.policy.learned import learn_path
+from hybrid_vae.policy.video_exact import hunyuan_counts, hunyuan_passes, video_exact_counts
+
+P = load_profiles("")
+
+
+@pytest.mark.parametrize("config", [dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4),
+                                    dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=4,
+                                         mid_block_add_attention=False)])
+@pytest.mark.parametrize(("latent", "tile_px", "tile_frames"), [((3, 5, 7), 16, 4), ((2, 6, 6), 24, 5),
+                                                                 ((1, 7, 4), 8, 1), ((3, 4, 9), 1000, 1000)])
+def test_the_policys_counts_equal_the_executors_ledger(config, latent, tile_px, tile_frames):
+    """Buffers, tile, keys/values, copies: counted from the config alone, equal to what the decode counted."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, **config).eval()
+    ledger: dict[str, int] = {}
+    hunyuan_exact_decode(vae, torch.randn(1, 4, *latent), tile_px=tile_px, tile_frames=tile_frames, ledger=ledger)
+    ps = hunyuan_passes(config["block_out_channels"], config["layers_per_block"], latent_channels=4, latent=latent,
+                        mid_attention=config.get("mid_block_add_attention", True))
+    t, h, w = latent
+    c = hunyuan_counts(ps, tile_px=tile_px, tile_frames=tile_frames, out=(1 + 4 * (t - 1), 8 * h, 8 * w))
+    assert (c.buffer_elements, c.tile_elements, c.kv_elements, c.moved_elements) == (
+        ledger["buffer_elements"], ledger["tile_elements"], ledger.get("kv_elements", 0), ledger["moved_elements"])
+
+
+def test_the_profile_and_the_world_describe_diffusers_default_decoder():
+    """The engine reads the profile's decoder fields, the world its own constants; both are diffusers' defaults
+    (so neither can drift from the class unnoticed, and a wrong profile would not move the world's truth)."""
+    from hybrid_vae.bench.world_exact3d import DECODER, TILE_FRAMES
+
+    d = {k: v.default for k, v in inspect.signature(AutoencoderKLHunyuanVideo.__init__).parameters.items()}
+    assert DECODER == (tuple(d["block_out_channels"]), d["layers_per_block"], d["latent_channels"])
+    fam = P.family("hunyuanvideo")
+    assert (tuple(fam.decoder_widths or ()), fam.decoder and fam.decoder.layers_per_block) == DECODER[:2]
+    assert fam.tiling.exact_tile_frames == TILE_FRAMES
+    assert inspect.signature(hunyuan_exact_decode).parameters["tile_frames"].default == TILE_FRAMES
+
+
+def _gpu(free: float, host: float | None) -> object:
+    h = "" if host is None else f",host_gib={host}"
+    return parse_simulation(f"name=NVIDIA GeForce RTX 4090,free_gib={free}{h}")
+
+
+def test_the_engine_plans_exact_hunyuan_tiles_only_when_asked_and_host_memory_holds_them():
+    job = DecodeJob("hunyuanvideo", 960, 544, frames=61)
+    exact = DecodeSettings(tile_groupnorm="exact")
+    auto = decide(job, _gpu(8, 48), P)
+    assert all(p.groupnorm != "exact" for p in auto.plans)
+    d = decide(job, _gpu(8, 48), P, exact)
+    c = d.chosen
+    assert c.groupnorm == "exact" and c.offloaded and c.label.endswith("exact+host (all)"), c.label
+    assert learn_path(c) == "tiled-exact3d"
+    assert c.estimate.peak_bytes <= d.budget_bytes
+    counted = video_exact_counts(job, P.family("hunyuanvideo"), c.tile_px or 0)
+    assert c.estimate.host_bytes == counted.buffer_elements * 2
+    assert "whole-video buffers in host memory" in d.reason and "not overlapped" in d.reason
+    assert all(p.groupnorm == "exact" for p in d.plans if p.path == "tiled")  # no drifting tiles or chunks
+    assert decide(job, _gpu(8, 48), P, DecodeSettings(tile_groupnorm="offload")).chosen.label == c.label
+    for host in (24, None):  # 30 GiB of buffers do not fit (or host memory is unknown): diffusers' tiles, said why
+        small = decide(job, _gpu(8, host), P, exact)
+        assert small.chosen.groupnorm == "local" and small.chosen.frame_chunk is not None
+        refused = [o for o in small.options if o.plan.groupnorm == "exact"]
+        assert refused and not any(o.feasible for o in refused) and any("host memory" in o.why for o in refused)
+        assert "no lossless plan fits" in small.reason
+
+
+def test_the_orchestrator_decodes_a_hunyuan_video_with_exact_tiles_when_asked(tmp_path):
+    """End to end: HybridDecoder on a simulated card where the full decode does not fit, ``tile_groupnorm="exact"``
+    and host memory for the buffers: exact 3-D tiles run and the frames equal diffusers' full decode."""
+    from hybrid_vae.extension.latents import to_vae_space
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+
+    vae = build_tiny_vae("hunyuanvideo")
+    fam = P.family("hunyuanvideo")
+    z = torch.randn(1, 16, 3, 40, 48, generator=torch.Generator().manual_seed(4))  # 9 x 320x384: full needs ~3 GiB
+    dec = HybridDecoder(probe=lambda: parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=2,host_gib=32"),
+                        latent_dir=tmp_path, settings=DecodeSettings(tile_groupnorm="exact"))
+    res = dec.decode(z, vae, family="hunyuanvideo")
+    r = res.report
+    assert r.ran.path == "tiled" and r.ran.groupnorm == "exact" and r.ran.offloaded, r.ran.label
+    with torch.no_grad():
+        full = vae.decode(to_vae_space(z, fam)).sample.clamp(-1, 1)
+    assert psnr(res.tensor, full) >= 100
+
+
+def test_the_world_prices_the_engines_plan_from_its_own_counts():
+    from hybrid_vae.bench import truth
+    from hybrid_vae.bench.matrix import scenarios
+    from hybrid_vae.bench.world import Exec, World
+
+    job = DecodeJob("hunyuanvideo", 960, 544, frames=33)
+    plan = decide(job, _gpu(8, 48), P, DecodeSettings(tile_groupnorm="exact")).chosen
+    ex = Exec.from_plan(plan, P.family("hunyuanvideo"), 1)
+    assert ex.kind == "tiled-exact3d" and "tiled-exact3d" in truth.KINDS
+    world = World(P)
+    sc = next(s for s in scenarios(P, "scoring") if s.family == "hunyuanvideo" and s.frames == 33 and s.batch == 1)
+    t = truth.of(world, sc, ex)
+    full = truth.of(world, sc, Exec("full", items=1))
+    assert t.host_bytes > 0 and t.gpu_bytes < full.gpu_bytes and t.seconds > full.seconds
