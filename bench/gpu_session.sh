@@ -40,7 +40,7 @@ CARD=$($PY -c "import torch; print(torch.cuda.get_device_name(0))")
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" >"$OUT/$name.log" 2>&1;
          echo "   rc=$?"; tail -n 25 "$OUT/$name.log"; }
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-  step cuda_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_stream.py tests/test_offload.py tests/test_executors.py tests/test_orchestrator.py tests/test_stream_wan.py
+  step cuda_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_stream.py tests/test_offload.py tests/test_executors.py tests/test_orchestrator.py tests/test_stream_wan.py tests/test_stream_hunyuan.py
   step tiled_speed_2048 120 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3 --json "$OUT/offload_2048.json" --check-offload 1.6
   step tiled_speed_1024 60 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 1024 --dtype float16 --budget-gib 1.5 --card "$CARD" --repeat 3
   step calibrate 120 $PY -m hybrid_vae.extension.cli calibrate --out "$OUT/calibrated.yaml" --sizes 512,1024,2048 --dtypes float16,float32 --repeats 2

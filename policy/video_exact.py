@@ -197,7 +197,7 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
     c = video_exact_counts(job, fam, tile_px)
     m, t = fam.memory, fam.timing
     frames = 1 + fam.temporal_compression * (latent_frames(job, fam) - 1)
-    device = (2 * c.tile_elements + c.kv_elements) * dsize
+    device = float((2 * c.tile_elements + c.kv_elements) * dsize)
     if tile_px * tile_px >= m.tile_workspace_min_px:
         device += m.tile_workspace_bytes
     peak = device * m.exact_margin + (0 if job.vae_resident else fam.weights_bytes_fp16 * dsize / 2)

@@ -371,10 +371,14 @@ def test_local_tiles_over_a_fitting_exact_plan_only_when_much_faster_and_the_rea
         **base, tile_groupnorm="local")).options if o.plan.path == "tiled")
 
 
-def test_video_families_have_no_exact_plans():
-    d = decide(DecodeJob("hunyuanvideo", 512, 320, frames=33), card("NVIDIA GeForce RTX 3070", 2.0), P,
-               DecodeSettings(tile_groupnorm="exact"))
-    assert all(o.plan.groupnorm == "local" for o in d.options)
+def test_video_exact_plans_need_host_memory_known_to_hold_their_buffers():
+    """HunyuanVideo's exact 3-D tiles keep every whole-video buffer in host memory: with host memory unknown they
+    are listed, refused, and diffusers' tiles run; under ``auto`` they are not planned at all."""
+    job, g = DecodeJob("hunyuanvideo", 512, 320, frames=33), card("NVIDIA GeForce RTX 3070", 2.0)
+    d = decide(job, g, P, DecodeSettings(tile_groupnorm="exact"))
+    exact = [o for o in d.options if o.plan.groupnorm == "exact"]
+    assert exact and not any(o.feasible for o in exact) and d.chosen.groupnorm == "local"
+    assert all(o.plan.groupnorm == "local" for o in decide(job, g, P).options)
 
 
 # ---- offloaded exact tiles (whole-image buffers in host memory) ------------------------------------------
