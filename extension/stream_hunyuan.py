@@ -255,7 +255,7 @@ def _conv_pass(v: _Video, src: torch.Tensor, conv: _Conv, aff: tuple[torch.Tenso
         del region
         if groups is not None:
             st.add(y)
-        out[:, :, t0:t1, y0:y1, x0:x1].copy_(y, non_blocking=True)
+        out[:, :, t0:t1, y0:y1, x0:x1].copy_(y)  # blocking: the next pass reads this host memory on the CPU
         v.moved(y.numel())
     v.tick()
     return out, st
@@ -330,7 +330,7 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
             y = y / a.rescale
         v.count(part, y)
         st.add(y)
-        out[:, :, t0:t1, y0:y1, x0:x1].copy_(y, non_blocking=True)
+        out[:, :, t0:t1, y0:y1, x0:x1].copy_(y)  # blocking: the next pass reads this host memory on the CPU
         v.moved(y.numel())
     v.tick()
     return out, st
@@ -408,7 +408,7 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
                     x, xs = _attention(v, x, xs, s, _next_groups(steps, i))
                     live = max(live, 2 * before)
             if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the last tiles' copies into host memory are asynchronous
+                torch.cuda.synchronize(device)  # every kernel done before the caller reads the result
         items.append(x)
     ledger["buffer_elements"] = live
     return items[0] if len(items) == 1 else torch.cat(items)
