@@ -14,6 +14,12 @@ is for):
 - exact 3-D tiles at ``--tile`` px and 16 and 4 output frames per tile (``extension.stream_hunyuan``, the
   whole-video buffers in host memory as the engine plans them), with the executor's ledger
   (elements copied between the buffers and the compute device, which on a GPU cross the host link).
+
+``--memory`` instead measures the peak (PyTorch's own count of allocated bytes, :func:`bench.exact_memory.cpu_peak_bytes`)
+of exact tiles at ``--tile`` and twice it, 16 and 4 frames, against the ledger: the engine prices the device side
+as 2 x the counted tile (region with context + output) + the keys and values, x ``exact_margin``; on the CPU the
+buffers share the one memory, so the table gives the whole peak against buffers + 2 x tile + keys/values, and the
+per-tile working set as the difference of two tile sizes over the difference of their counted tiles.
 """
 
 from __future__ import annotations
@@ -68,6 +74,49 @@ def run(*, size: int = 256, frames: int = 3, tile: int = 128, repeat: int = 1) -
     return {"size": size, "frames": frames, "tile": tile, "repeat": repeat, "rows": rows}
 
 
+def memory(*, size: int = 128, frames: int = 3, tile: int = 32) -> list[dict[str, Any]]:
+    """Peak bytes of exact tiles at ``tile`` and ``2 * tile`` px, 16 and 4 frames, with the executor's ledger."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo
+    from hybrid_vae.bench.exact_memory import cpu_peak_bytes
+    from hybrid_vae.extension.stream_hunyuan import hunyuan_exact_decode
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo().eval()
+    z = torch.randn(1, 16, frames, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for tf in (16, 4):
+        for t in (tile, 2 * tile):
+            ledger: dict[str, int] = {}
+            with torch.no_grad():
+                peak = cpu_peak_bytes(lambda t=t, tf=tf, ledger=ledger: hunyuan_exact_decode(
+                    vae, z, tile_px=t, tile_frames=tf, ledger=ledger))
+            rows.append({"size": size, "frames": frames, "tile": t, "tile_frames": tf, "peak": peak, **ledger})
+    return rows
+
+
+def memory_markdown(rows: list[dict[str, Any]]) -> str:
+    r0 = rows[0]
+    out = [f"## Exact HunyuanVideo tiles: peak memory against the counted tile (CPU, float32, {1 + 4 * (r0['frames'] - 1)} "
+           f"frames of {r0['size']}x{r0['size']}, HunyuanVideo decoder config)", "",
+           "`python -m hybrid_vae.bench.hunyuan_exact --memory`: PyTorch's peak allocated bytes of one decode against "
+           "the executor's ledger. Model = buffers + 2 x tile + keys/values (the engine's device side before its "
+           "margin, plus the buffers, which on the CPU share the one memory). Working set per counted tile = the "
+           "difference of the peaks at two tile sizes over the difference of their counted tiles (the buffers and "
+           "the keys/values cancel).", "",
+           "| tile | frames per tile | peak MB | buffers MB | tile (counted) MB | peak / model | working set / counted tile |",
+           "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        model = (r["buffer_elements"] + 2 * r["tile_elements"] + r["kv_elements"]) * 4
+        ws = "-"
+        if i % 2:
+            a = rows[i - 1]
+            ws = f"{(r['peak'] - a['peak']) / ((r['tile_elements'] - a['tile_elements']) * 4):.2f}x"
+        out.append(f"| {r['tile']} px | {r['tile_frames']} | {r['peak'] / 1e6:.1f} | {r['buffer_elements'] * 4 / 1e6:.1f} | "
+                   f"{r['tile_elements'] * 4 / 1e6:.1f} | {r['peak'] / model:.2f} | {ws} |")
+    return "\n".join(out)
+
+
 def markdown(res: dict[str, Any]) -> str:
     full = res["rows"][0]["seconds"]
     n_out = 1 + 4 * (res["frames"] - 1)
@@ -105,8 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=count, default=3, help="latent frames (output frames: 1 + 4 (frames - 1))")
     ap.add_argument("--tile", type=px, default=128, help="tile side in output pixels (multiple of 8)")
     ap.add_argument("--repeat", type=count, default=1)
+    ap.add_argument("--memory", action="store_true", help="measure peak memory against the ledger instead "
+                    "(defaults: 3 latent frames at 128x128, tiles of 32 and 64 px)")
     ap.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
     a = ap.parse_args(argv)
+    if a.memory:
+        text = memory_markdown(memory(size=128 if a.size == 256 else a.size, frames=a.frames,
+                                      tile=32 if a.tile == 128 else a.tile))
+        print(text)
+        if not a.no_write:
+            from hybrid_vae.bench.report import write_section
+
+            write_section("bench/hunyuan_exact.py --memory", text)
+        return 0
     res = run(size=a.size, frames=a.frames, tile=a.tile, repeat=a.repeat)
     text = markdown(res)
     print(text)

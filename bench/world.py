@@ -264,7 +264,7 @@ class Exec:
     @functools.cached_property
     def key(self) -> str:
         return (f"{self.path}|{self.items}|{self.tiles}|{self.overlap_px}|{self.geometry}|{self.frame_chunk}|"
-                f"{self.fmt}|{self.kind}" + (f"|{self.budget}" if self.geometry == "offload" else "")
+                f"{self.fmt}|{self.kind}" + (f"|{self.budget}" if self.geometry in ("offload", "exact3d") else "")
                 + ("|host-out" if self.host_out else ""))
 
     @classmethod
@@ -288,7 +288,9 @@ class Exec:
         if plan.groupnorm == "exact" and fam.architecture == "wan":  # exact Wan tiles (extension/stream_wan.py)
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="halo", host_out=True)
         if plan.groupnorm == "exact" and fam.architecture == "hunyuanvideo":  # extension/stream_hunyuan.py
-            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact3d", host_out=True)
+            host = plan.device_budget is not None  # every whole-video buffer in host memory, else on the GPU
+            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact3d", budget=0 if host else -1,
+                       host_out=host)
         if plan.groupnorm == "exact":
             raise ValueError(f"the simulated world has no truth for exact video tiles of {fam.architecture} "
                              f"({plan.label!r}); register one in bench/truth.py")

@@ -1,5 +1,5 @@
 """The truth of exact HunyuanVideo tiles (kind ``tiled-exact3d``: ``extension/stream_hunyuan.py``, every
-whole-video buffer in host memory), registered in :data:`bench.truth.KINDS`.
+whole-video buffer in host memory, ``Exec.budget`` 0, or on the GPU, -1), registered in :data:`bench.truth.KINDS`.
 
 Like the rest of the world it never calls :mod:`policy.estimate` or reads the family's memory, timing or decoder
 fields. What is *counted* and what is *assumed*:
@@ -15,7 +15,8 @@ fields. What is *counted* and what is *assumed*:
   :data:`bench.truth.EXACT_TIME` (assumed, as image exact tiles), a fixed cost per tile step, and the counted
   copies at this installation's link and staging rates (:func:`bench.world_offload.link`, public PCIe figures),
   not overlapped: the executor's copies are plain (no copy stream).
-* **Host memory**: the buffers and the batch's finished videos must fit the scenario's free RAM.
+* **Host memory**: the buffers and the batch's finished videos must fit the scenario's free RAM (with the buffers
+  on the GPU they count on the GPU instead, and nothing is copied).
 """
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ def tiled_exact3d(world: World, sc: Scenario, ex: Exec) -> truth.Truth:
     factor = _rng(world.seed, "exact3d-working-set", sc.card.name).uniform(*WORKING_SET)
     gpu = (c.tile_elements * factor + c.kv_elements) * ds
     out = 3 * (sc.frames or 1) * sc.height * sc.width
-    host = float((c.buffer_elements + (sc.batch - 1) * out) * ds)
+    buffers = float((c.buffer_elements + (sc.batch - 1) * out) * ds)
     full = truth.full(world, sc, Exec("full", items=1))
-    lk = link(world, sc.card.name)
     steps = c.steps * truth.EXACT_STEP_S * world.card_factor(sc.card, ds, float(sc.height * sc.width))
-    copy = c.moved_elements * ds / (min(lk.link_gbs, lk.staging_gbs) * 1e9)
-    one = full.seconds / sc.batch * truth.EXACT_TIME + steps + copy
+    one = full.seconds / sc.batch * truth.EXACT_TIME + steps
+    if ex.budget != 0:  # the buffers on the GPU: no copies over the link
+        return truth.Truth(gpu + buffers, 0.0, one * sc.batch, one,
+                           "counted elements x assumed working set; measured full decode x assumed factor")
+    host = buffers
+    lk = link(world, sc.card.name)
+    one += c.moved_elements * ds / (min(lk.link_gbs, lk.staging_gbs) * 1e9)
     return truth.Truth(gpu, host, one * sc.batch, one,
                        "counted elements x assumed working set; measured full decode x assumed factor; copies at "
                        "assumed link and staging rates, not overlapped")

@@ -402,13 +402,13 @@ class _PlanMaker:
         return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
                                       groupnorm="exact", host_output=True))
 
-    def video_passes(self, tile: int) -> Plan:
-        """Exact HunyuanVideo tiles with every whole-video buffer in host memory
-        (:func:`policy.video_exact.video_exact_estimate`)."""
+    def video_passes(self, tile: int, *, host: bool = True) -> Plan:
+        """Exact HunyuanVideo tiles with every whole-video buffer in host memory (``host``: label ``exact+host
+        (all)``) or on the GPU (label ``exact``) (:func:`policy.video_exact.video_exact_estimate`)."""
         x = self.x
-        est = video_exact_estimate(x.job, x.fam, x.speed, x.gp, tile, dtype_bytes(x.dtype))
+        est = video_exact_estimate(x.job, x.fam, x.speed, x.gp, tile, dtype_bytes(x.dtype), host_buffers=host)
         return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
-                                      groupnorm="exact", device_budget=0, host_output=True))
+                                      groupnorm="exact", device_budget=0 if host else None, host_output=host))
 
     def exact(self, tile: int) -> Plan:
         x, job, fam = self.x, self.x.job, self.x.fam
@@ -452,8 +452,9 @@ def _video_chunk(x: _Inputs) -> int | None:
 
 def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
     """Every local GPU plan, the full decode first: full, full item by item, temporal chunks, local tiles,
-    exact tiles, offloaded exact tiles, shorter temporal chunks. Exact HunyuanVideo tiles replace the temporal
-    chunks and local tiles when one of them has its host buffers fit (else they are listed, refused)."""
+    exact tiles, offloaded exact tiles, shorter temporal chunks. Exact HunyuanVideo tiles (``exact``/``offload``)
+    come before diffusers' chunks and tiles, which :class:`_Rank` puts after them while one of them fits: they stay
+    as the fallback before the CPU (whose video plans are chunked and tiled too, and take hours)."""
     job, fam, gn = x.job, x.fam, x.settings.tile_groupnorm
     chunk = _video_chunk(x)
     plans = [make.local("full")]
@@ -466,10 +467,11 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
         tile = _actual_tile(job, fam, cap, x.overlap)
         if tile not in tiles and tile < max(job.width, job.height):
             tiles.append(tile)
-    exact3d = [make.video_passes(tile) for tile in tiles] if x.video_passes else []
-    plans += exact3d
-    if any(_host_ok(x, p) for p in exact3d):
-        return plans
+    if x.video_passes and tiles:
+        on_gpu = [make.video_passes(tile, host=False) for tile in tiles] if gn == "exact" else []
+        if on_gpu and min(p.estimate.peak_bytes for p in on_gpu) <= x.budget:  # buffers on the GPU too: no copies
+            plans += on_gpu
+        plans += [make.video_passes(tile) for tile in tiles]
     if chunk is not None:
         plans.append(make.local("tiled", chunk=chunk, slice_batch=True))
     for tile in tiles:
@@ -615,18 +617,22 @@ def _remote_option(x: _Inputs, network: NetworkArg,
 
 class _Rank:
     """Sort key of plans: seconds first (local tiles x ``exact_tolerance`` while a lossless plan fits,
-    ``tile_groupnorm="auto"``, images); ties: the larger tile."""
+    ``tile_groupnorm="auto"``, images; local video tiles and chunks after every other plan while an exact
+    HunyuanVideo tile plan fits, ``exact``/``offload``); ties: the larger tile."""
 
     def __init__(self, x: _Inputs, feasible: list[Plan]) -> None:
         has_exact = any(p.path == "full" or p.groupnorm == "exact" for p in feasible)
         self.penalise_local = x.settings.tile_groupnorm == "auto" and has_exact and not x.fam.video
+        self.local_last = x.video_passes and has_exact
         self.tolerance = x.settings.exact_tolerance
 
-    def __call__(self, p: Plan) -> tuple[float, float]:
+    def __call__(self, p: Plan) -> tuple[float, float, float]:
         secs = p.estimate.seconds
-        if self.penalise_local and p.path == "tiled" and p.groupnorm == "local":
+        local = p.path == "tiled" and p.groupnorm == "local"
+        if self.penalise_local and local:
             secs *= self.tolerance
-        return (secs, -(p.tile_px or math.inf) if p.path != "remote" else 0.0)
+        return (1.0 if self.local_last and local else 0.0, secs,
+                -(p.tile_px or math.inf) if p.path != "remote" else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,8 @@ def learn_path(plan: Plan) -> str:
     """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact``, ``tiled-offload``,
     ``tiled-halo`` (exact Wan tiles, priced as local tiles of their regions: their own key, so a card-wide
     factor of image exact tiles never scales them), ``tiled-exact3d`` (exact HunyuanVideo tiles, host buffers;
-    likewise), or its path. The two video keys are not in :data:`LEARN_PATHS` (not learned yet)."""
+    likewise; with their buffers on the GPU they are ``tiled-exact``, as image exact tiles in memory), or its
+    path. The two video keys are not in :data:`LEARN_PATHS` (not learned yet)."""
     if plan.path == "tiled" and plan.groupnorm == "exact":
         if plan.host_output:  # exact video tiles: Wan's halo tiles, HunyuanVideo's 3-D tiles with host buffers
             return "tiled-exact3d" if plan.offloaded else "tiled-halo"

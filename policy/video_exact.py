@@ -183,16 +183,19 @@ def video_exact_counts(job: DecodeJob, fam: Family, tile_px: int) -> VideoExactC
 
 
 def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: GpuProfile | None, tile_px: int,
-                         dsize: int) -> Estimate:
-    """Peak, host memory and seconds of exact video tiles with every whole-video buffer in host memory.
+                         dsize: int, *, host_buffers: bool = True) -> Estimate:
+    """Peak, host memory and seconds of exact video tiles with every whole-video buffer in host memory
+    (``host_buffers``) or on the device.
 
     - Device: the tile's region and output, the region's normalised copy and the convolution's output
-      (2 x the counted tile elements, assumed), the mid block's keys and values (counted), the tile workspace,
-      x ``memory.exact_margin``; the weights when not resident.
-    - Host: the whole-video buffers at their widest (counted) and the batch's finished videos.
+      (2 x the counted tile elements, assumed: the CPU measured 1.35-1.60x, ``bench/hunyuan_exact.py --memory``),
+      the mid block's keys and values (counted), the tile workspace, and (not ``host_buffers``) the buffers at
+      their widest and the batch's finished videos (counted), x ``memory.exact_margin``; the weights when not
+      resident.
+    - Host (``host_buffers``): the whole-video buffers at their widest (counted) and the batch's finished videos.
     - Seconds: a full decode's x ``exact_time_factor`` (assumed, as image exact tiles), a fixed cost per tile
-      step, and the counted copies at the slower of the card's link and the CPU's staging copies, *not*
-      overlapped (the executor's copies are plain).
+      step, and (``host_buffers``) the counted copies at the slower of the card's link and the CPU's staging
+      copies, *not* overlapped (the executor's copies are plain).
     """
     c = video_exact_counts(job, fam, tile_px)
     m, t = fam.memory, fam.timing
@@ -200,21 +203,25 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
     device = float((2 * c.tile_elements + c.kv_elements) * dsize)
     if tile_px * tile_px >= m.tile_workspace_min_px:
         device += m.tile_workspace_bytes
-    peak = device * m.exact_margin + (0 if job.vae_resident else fam.weights_bytes_fp16 * dsize / 2)
     out_elems = (fam.decoder.out_channels if fam.decoder else 3) * frames * job.height * job.width
-    host = (c.buffer_elements + (job.batch - 1) * out_elems) * dsize
+    buffers = (c.buffer_elements + (job.batch - 1) * out_elems) * dsize
+    if not host_buffers:
+        device += buffers
+    peak = device * m.exact_margin + (0 if job.vae_resident else fam.weights_bytes_fp16 * dsize / 2)
     compute = (speed.full(frames * job.height * job.width) * t.exact_time_factor
-               + c.steps * t.exact_step_h200_s * speed.card_factor)
+               + c.steps * t.exact_step_h200_s * speed.card_factor) * job.batch
+    where = f"whole-video buffers {buffers / 2**30:.1f} GiB " + ("in host memory" if host_buffers else "on the GPU")
+    peak_source = (f"{job.family} exact video tiles (counted from the decoder config): tile {tile_px} px x "
+                   f"{fam.tiling.exact_tile_frames} frames with context, keys/values, {where}, x{m.exact_margin:g} margin")
+    seconds_source = f"{speed.source}; exact tiling x{t.exact_time_factor:g} (assumed) + {c.steps} tile steps"
+    if not host_buffers:
+        return Estimate(peak_bytes=int(peak), seconds=compute, peak_source=peak_source, seconds_source=seconds_source)
     gbs, src = link_gbs(gp)
     rate = min(gbs, HOST_COPY_GBS) * 1e9
     moved = c.moved_elements * dsize * job.batch
     copy = moved / rate
     return Estimate(
-        peak_bytes=int(peak), seconds=compute * job.batch + copy,
-        peak_source=(f"{job.family} exact video tiles (counted from the decoder config): tile {tile_px} px x "
-                     f"{fam.tiling.exact_tile_frames} frames with context, keys/values, x{m.exact_margin:g} margin; "
-                     f"whole-video buffers {host / 2**30:.1f} GiB in host memory"),
-        seconds_source=(f"{speed.source}; exact tiling x{t.exact_time_factor:g} (assumed) + {c.steps} tile steps; "
-                        f"{moved / 1e9:.1f} GB copied at {rate / 1e9:g} GB/s ({src}; CPU staging {HOST_COPY_GBS:g} GB/s "
-                        "assumed), not overlapped"),
-        host_bytes=int(host), transfer_bytes=int(moved), transfer_seconds=copy)
+        peak_bytes=int(peak), seconds=compute + copy, peak_source=peak_source,
+        seconds_source=(f"{seconds_source}; {moved / 1e9:.1f} GB copied at {rate / 1e9:g} GB/s ({src}; CPU staging "
+                        f"{HOST_COPY_GBS:g} GB/s assumed), not overlapped"),
+        host_bytes=int(buffers), transfer_bytes=int(moved), transfer_seconds=copy)

@@ -60,7 +60,7 @@ def test_the_engine_plans_exact_hunyuan_tiles_only_when_asked_and_host_memory_ho
     job = DecodeJob("hunyuanvideo", 960, 544, frames=61)
     exact = DecodeSettings(tile_groupnorm="exact")
     auto = decide(job, _gpu(8, 48), P)
-    assert all(p.groupnorm != "exact" for p in auto.plans)
+    assert all(o.plan.groupnorm != "exact" for o in auto.options)
     d = decide(job, _gpu(8, 48), P, exact)
     c = d.chosen
     assert c.groupnorm == "exact" and c.offloaded and c.label.endswith("exact+host (all)"), c.label
@@ -69,7 +69,9 @@ def test_the_engine_plans_exact_hunyuan_tiles_only_when_asked_and_host_memory_ho
     counted = video_exact_counts(job, P.family("hunyuanvideo"), c.tile_px or 0)
     assert c.estimate.host_bytes == counted.buffer_elements * 2
     assert "whole-video buffers in host memory" in d.reason and "not overlapped" in d.reason
-    assert all(p.groupnorm == "exact" for p in d.plans if p.path == "tiled")  # no drifting tiles or chunks
+    exact_first = [p.groupnorm for p in d.plans if p.path == "tiled"]  # the chain: diffusers' tiles after exact ones
+    assert exact_first == sorted(exact_first) and exact_first[-1] == "local", exact_first
+    assert d.plans[-1].path == "cpu"  # ...as the fallback before the CPU
     assert decide(job, _gpu(8, 48), P, DecodeSettings(tile_groupnorm="offload")).chosen.label == c.label
     for host in (24, None):  # 30 GiB of buffers do not fit (or host memory is unknown): diffusers' tiles, said why
         small = decide(job, _gpu(8, host), P, exact)
@@ -112,3 +114,37 @@ def test_the_world_prices_the_engines_plan_from_its_own_counts():
     t = truth.of(world, sc, ex)
     full = truth.of(world, sc, Exec("full", items=1))
     assert t.host_bytes > 0 and t.gpu_bytes < full.gpu_bytes and t.seconds > full.seconds
+
+
+def test_with_room_on_the_gpu_the_buffers_stay_there_and_nothing_crosses_the_link():
+    """``exact`` with the whole-video buffers fitting the budget: exact tiles with every buffer on the GPU (no
+    copies, faster), the host-memory ones after them; ``offload`` never keeps them all on the GPU; the world prices
+    the on-GPU plan without copies and run_plan runs it (buffers on the compute device)."""
+    from hybrid_vae.bench import truth
+    from hybrid_vae.bench.world import Exec, World
+    from hybrid_vae.extension.executors import run_plan
+
+    job = DecodeJob("hunyuanvideo", 960, 544, frames=33)
+    d = decide(job, _gpu(22, 48), P, DecodeSettings(tile_groupnorm="exact"))
+    c = d.chosen
+    assert c.label.endswith("px exact") and not c.offloaded and c.estimate.host_bytes == 0, c.label
+    host_plans = [p for p in d.plans if p.offloaded]
+    assert host_plans and all(p.estimate.seconds > 2 * c.estimate.seconds for p in host_plans)
+    assert "exact+host (all)" in d.plans[1].label
+    assert decide(job, _gpu(22, 48), P, DecodeSettings(tile_groupnorm="offload")).chosen.offloaded
+    ex, ex_host = (Exec.from_plan(p, P.family("hunyuanvideo"), 1) for p in (c, host_plans[0]))
+    assert ex.kind == ex_host.kind == "tiled-exact3d" and ex.key != ex_host.key
+    world = World(P)
+    from hybrid_vae.bench.matrix import scenarios
+
+    sc = next(s for s in scenarios(P, "scoring") if s.family == "hunyuanvideo" and s.frames == 33 and s.batch == 1)
+    on_gpu, on_host = truth.of(world, sc, ex), truth.of(world, sc, ex_host)
+    assert on_gpu.host_bytes == 0 and on_gpu.gpu_bytes > on_host.host_bytes > 0 and on_gpu.seconds < on_host.seconds
+    vae = build_tiny_vae("hunyuanvideo")
+    z = torch.randn(1, 16, 2, 5, 6, generator=torch.Generator().manual_seed(2))
+    import dataclasses
+
+    with torch.no_grad():
+        got = run_plan(dataclasses.replace(c, tile_px=16), vae, z, family=P.family("hunyuanvideo"))
+        full = vae.decode(z).sample.clamp(-1, 1)
+    assert psnr(got, full) >= 100
