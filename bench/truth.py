@@ -41,6 +41,9 @@ tiled-halo (Wan)        i: Wan's region decode (as full/tiled Wan) at the larges
                         (13 latent px) clipped to the frame, + one call's frames;  the tiles) + a: whole-frame
                         a: the whole-frame mid block's peak 0.1x a one-latent-     mid block 0.1x a full
                         frame full decode's; frames in host memory                 decode's time + copies
+tiled-exact3d           counted (policy.video_exact, diffusers' defaults): buffers  full x 1.08 + per-step cost
+(bench/world_exact3d)   in host memory (or on the GPU) + keys/values + a: the      + counted copies at the link
+                        counted tile x U(1.5, 3.0)                                 and staging rates, not hidden
 cpu                     m: CPU rows (host bytes); tiles, video a: the GPU truth    m: CPU rows x a: user CPU
                         at float32 x the measured CPU/GPU ratio at 512 px (SD      0.15-0.6x
                         decoder; video: HunyuanVideo's)

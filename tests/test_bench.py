@@ -105,7 +105,7 @@ def test_loglog_interpolates_and_extrapolates_by_the_stated_rules():
     assert loglog([(4.0, 40.0)], 8.0, single_slope=0.0) == pytest.approx(40.0)
 
 
-WORLD_MODULES = ("world.py", "truth.py", "interp.py", "geometry.py")
+WORLD_MODULES = ("world.py", "truth.py", "interp.py", "geometry.py", "world_offload.py", "world_exact3d.py")
 
 
 def test_world_modules_never_read_the_estimator_or_its_constants():
@@ -134,6 +134,8 @@ def test_world_runs_with_the_estimator_switched_off(monkeypatch):
               sc("wan", "wan", "bfloat16", 960, 544, frames=33), sc(net=NETWORKS[2])):
         execs = [Exec("full"), Exec("full", items=1), Exec("cpu"), Exec("remote", fmt="raw"),
                  Exec("tiled", tiles=((512, 512),), overlap_px=64, geometry="diffusers", frame_chunk=4)]
+        if s.family == "hunyuanvideo":  # exact 3-D tiles, buffers in host memory and on the GPU
+            execs += [Exec("tiled", tiles=((256, 256),), geometry="exact3d", budget=b, host_out=b == 0) for b in (0, -1)]
         if s.family == "sdxl":
             execs += [Exec("tiled", tiles=((512, 512),), overlap_px=64), Exec("tiled", tiles=((384, 384),), geometry="exact"),
                       Exec("tiled", tiles=((512, 512), (256, 1024)), overlap_px=128, geometry="comfy"),
