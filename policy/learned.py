@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybrid_vae.learned")
 
 ENV_LEARNED = env_name("learned")
-LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact", "tiled-offload"})
+LEARN_PATHS: frozenset[str] = frozenset({"full", "tiled", "tiled-exact", "tiled-offload", "tiled-halo", "tiled-exact3d"})
 
 
 def learn_path(plan: Plan) -> str:
@@ -69,7 +69,7 @@ def learn_path(plan: Plan) -> str:
     ``tiled-halo`` (exact Wan tiles, priced as local tiles of their regions: their own key, so a card-wide
     factor of image exact tiles never scales them), ``tiled-exact3d`` (exact HunyuanVideo tiles, host buffers;
     likewise; with their buffers on the GPU they are ``tiled-exact``, as image exact tiles in memory), or its
-    path. The two video keys are not in :data:`LEARN_PATHS` (not learned yet)."""
+    path (remote and cpu plans are not learned: :data:`LEARN_PATHS`)."""
     if plan.path == "tiled" and plan.groupnorm == "exact":
         if plan.host_output:  # exact video tiles: Wan's halo tiles, HunyuanVideo's 3-D tiles with host buffers
             return "tiled-exact3d" if plan.offloaded else "tiled-halo"

@@ -148,3 +148,29 @@ def test_with_room_on_the_gpu_the_buffers_stay_there_and_nothing_crosses_the_lin
         got = run_plan(dataclasses.replace(c, tile_px=16), vae, z, family=P.family("hunyuanvideo"))
         full = vae.decode(z).sample.clamp(-1, 1)
     assert psnr(got, full) >= 100
+
+
+def test_exact_video_tiles_are_learned_under_their_own_keys(tmp_path):
+    """A decode of exact HunyuanVideo tiles (host buffers) on a real card is learned under ``tiled-exact3d`` (and
+    exact Wan tiles under ``tiled-halo``): the next decision's plan carries the factor; an image exact-tile entry of
+    the same card does not scale it."""
+    from hybrid_vae.policy.gpu import GiB, GpuState
+    from hybrid_vae.policy.learned import LearnedStore
+
+    card = "NVIDIA GeForce RTX 4090"
+    gpu = GpuState(name=card, total_bytes=24 * GiB, free_bytes=8 * GiB, source="nvml", device="cuda:0",
+                   host_available_bytes=48 * GiB, host_total_bytes=64 * GiB)
+    job, s = DecodeJob("hunyuanvideo", 960, 544, frames=33), DecodeSettings(tile_groupnorm="exact")
+    store = LearnedStore(tmp_path / "learned.json")
+    for _ in range(3):
+        snap = store.load()
+        d = decide(job, gpu, P, s, learned=snap)
+        assert learn_path(d.chosen) == "tiled-exact3d"
+        raw = d.chosen.estimate.seconds / snap.factor(card, "hunyuanvideo", "tiled-exact3d", 33 * 960 * 544)[0]
+        assert store.record_decision(d, d.chosen, 1.5 * raw, applied=snap) is not None
+    d = decide(job, gpu, P, s, learned=store.load())
+    assert "learned from 3 decodes" in d.chosen.estimate.seconds_source and d.chosen.offloaded
+    wan = decide(DecodeJob("wan", 1280, 720, frames=61), gpu, P, s).chosen
+    assert learn_path(wan) == "tiled-halo"
+    assert store.record_decision(decide(DecodeJob("wan", 1280, 720, frames=61), gpu, P, s), wan, 10.0,
+                                 applied=None) is not None
