@@ -12,11 +12,13 @@ map from the upsampled video into the source buffer; the mid block's attention i
 every position of its own and earlier frames: with keys in frame order that is a prefix of the keys), run
 query tile by query tile against key/value chunks with a running softmax.
 
-Where the whole-video buffers live (``buffers``): ``"host"`` (CPU memory, pinned when the decode runs on
-CUDA; the GPU then holds the weights, one tile's region and its output, and the statistics: bounded by the
-tile, not the video) or ``"device"`` (the VAE's device: faster, but a 33-frame 544x960 video's widest point
-alone is about 12 GiB in bfloat16). Unlike the image executor, copies are plain (no copy stream, no double
-buffering): the video passes spend most of their time in 3-D convolutions.
+Where the whole-video buffers live (``buffers``): ``"host"`` (ordinary, pageable CPU memory, as the image
+executor's buffers and for its reasons: a strided tile of a pinned tensor is copied through a pageable temporary
+anyway, and PyTorch's pinned allocator would keep up to twice the buffers page-locked; the GPU then holds the
+weights, one tile's region and its output, the mid block's keys and values and the statistics: bounded by the
+tile, not the video) or ``"device"`` (the VAE's device: no copies, but the buffers of a 33-frame 544x960 video
+are 16.4 GiB at their widest in bfloat16, :mod:`policy.video_exact`). Unlike the image executor, copies are
+plain (no copy stream, no double buffering; the engine prices them as not overlapped).
 
 Trade-offs: the output equals a full decode (float rounding apart; ``tests/test_stream_hunyuan.py`` checks
 >= 100 dB float32 and that a wrong clamp is caught), and no overlap is decoded twice; but each tile reads two
@@ -187,16 +189,14 @@ class _Video:
     def empty(self, c: int, t: int, h: int, w: int) -> torch.Tensor:
         import torch
 
-        buf = torch.empty((1, c, t, h, w), dtype=self.dtype, device=self.home,
-                          pin_memory=self.home.type == "cpu" and self.device.type == "cuda")
-        return buf
+        return torch.empty((1, c, t, h, w), dtype=self.dtype, device=self.home)
 
     def gather(self, buf: torch.Tensor, it: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
         """``buf[:, :, it][:, :, :, iy][..., ix]`` on the compute device: the indices' span is copied once,
         repeats (padding, upsampling) are made on the device."""
         spans = [(int(i[0]), int(i[-1]) + 1) for i in (it, iy, ix)]
         (t0, t1), (y0, y1), (x0, x1) = spans
-        region = buf[:, :, t0:t1, y0:y1, x0:x1].to(self.device, non_blocking=True)
+        region = buf[:, :, t0:t1, y0:y1, x0:x1].to(self.device)
         self.moved(region.numel())
         for dim, idx, (a, b) in zip((2, 3, 4), (it, iy, ix), spans, strict=True):
             if idx.numel() != b - a:  # monotone with repeats: not the plain span
@@ -275,7 +275,7 @@ def _resnet(v: _Video, x: torch.Tensor, xs: _Stats, r: _Res, groups: int) -> tup
 
     def residual(box: Box) -> torch.Tensor:
         t0, t1, y0, y1, x0, x1 = box
-        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device, non_blocking=True)
+        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device)
         v.moved(part.numel())
         return part if short is None else short.conv(part)
 
@@ -295,7 +295,7 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
     vals = torch.empty_like(keys)
     v.ledger["kv_elements"] = max(v.ledger.get("kv_elements", 0), 2 * keys.numel())
     for t0, t1, y0, y1, x0, x1 in v.boxes(t, h, w):
-        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device, non_blocking=True)
+        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device)
         v.moved(part.numel())
         n = _norm(part, aff, act=False)[0].permute(1, 2, 3, 0)  # [t, h, w, C]
         keys[t0:t1, y0:y1, x0:x1] = _project(a.k, n)
@@ -313,7 +313,7 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
             yield keys[r0:r1], vals[r0:r1]
 
     for t0, t1, y0, y1, x0, x1 in v.boxes(t, h, w):
-        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device, non_blocking=True)
+        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device)
         v.moved(part.numel())
         n = _norm(part, aff, act=False)[0].permute(1, 2, 3, 0)  # [tt, hh, ww, C]
         ys = []

@@ -101,7 +101,7 @@ def test_exact_hunyuan_tiles_refuse_what_they_cannot_run_naming_why(hv):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 def test_on_cuda_exact_hunyuan_tiles_equal_the_full_decode_with_host_buffers():
-    """On a GPU: the frames equal the full decode, the result is in (pinned) host memory, and the CUDA peak is
+    """On a GPU: the frames equal the full decode, the result is in host memory, and the CUDA peak is
     under the full decode's."""
     vae = build_tiny_vae("hunyuanvideo").to("cuda")
     z = torch.randn(1, 16, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
