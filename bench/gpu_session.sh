@@ -4,7 +4,7 @@
 # `bash bench/gpu_wheels.sh` here (wheels into .whl/), then with the device tool:
 #   run  command="bash bench/gpu_session.sh 1"  carry=[".whl"]  timeout_s=480   (tests, #3/#15 timing, calibrate)
 #   run  command="bash bench/gpu_session.sh 2"  carry=[".whl"]  timeout_s=420   (#6: bench --gpu, 35 decodes)
-#   run  command="bash bench/gpu_session.sh offload"  carry=[".whl"]  timeout_s=300   (#15 alone, ~3 minutes)
+#   run  command="bash bench/gpu_session.sh offload"  carry=[".whl"]  timeout_s=330   (#15 alone, ~3-4 minutes)
 # (no argument runs parts 1 and 2, which may not fit one 600 s call.)
 # It writes under ${OUT:-bench/results/gpu}: the logs, the JSON of each step, docs/benchmarks.md sections
 # (copied back as benchmarks.md) and the calibrated profile (calibrated.yaml); copy them into the repo
@@ -16,7 +16,9 @@
 #   offload (also inside part 1): issue #15, exact tiles with their whole-image buffers in host memory:
 #      CUDA tests (equal to the full decode, the copy stream), then 2048x2048 float16 at 2.5 GiB free:
 #      the offloaded plan's CUDA peak <= its estimate and its time <= 1.6x the full decode
-#      (tiled_speed --check-offload 1.6; offload_2048.json)
+#      (tiled_speed --check-offload 1.6; offload_2048.json); then exact HunyuanVideo tiles (33 frames of 512x320,
+#      bfloat16): full vs diffusers' tiles vs exact tiles with host / GPU buffers, peaks and seconds against the
+#      engine's estimates (bench/hunyuan_exact.py --device cuda: its docs/benchmarks.md section)
 #   wan_memory (inside part 1): Wan's decoder on the GPU (its estimate is interpolated from CPU rows; the
 #      HunyuanVideo row checks the CPU/GPU ratio): video-cuda-decode.jsonl
 set -u
@@ -48,8 +50,9 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   step explain_profile 20 $PY -m hybrid_vae.extension.cli explain --family sdxl --width 1024 --height 1024 --profile "$OUT/calibrated.yaml" --free-gib 4
 fi
 if [ "$PART" = offload ]; then
-  step cuda_offload_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_offload.py tests/test_stream.py
+  step cuda_offload_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_offload.py tests/test_stream.py tests/test_stream_hunyuan.py
   step tiled_speed_2048 150 $PY -m hybrid_vae.bench.tiled_speed --device cuda --size 2048 --dtype float16 --budget-gib 2.5 --card "$CARD" --repeat 3 --json "$OUT/offload_2048.json" --check-offload 1.6
+  step hunyuan_exact 90 $PY -m hybrid_vae.bench.hunyuan_exact --device cuda --dtype bfloat16 --size 320 --width 512 --frames 9 --tile 256
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   step bench_gpu 400 $PY -m hybrid_vae.bench.cli gpu --out "$OUT" --budget-s 330

@@ -31,47 +31,77 @@ import time
 from typing import Any
 
 
-def run(*, size: int = 256, frames: int = 3, tile: int = 128, repeat: int = 1) -> dict[str, Any]:
-    """Time the decodes of one seeded latent; returns rows ``{name, seconds, psnr_db, moved}`` and the setup."""
+def run(*, size: int = 256, frames: int = 3, tile: int = 128, repeat: int = 1, device: str = "cpu",
+        dtype: str = "float32", width: int | None = None) -> dict[str, Any]:
+    """Time the decodes of one seeded latent; returns rows ``{name, seconds, psnr_db, moved, buffers, peak,
+    est_peak, est_s}`` and the setup. On CUDA: wall seconds (synchronised) and the CUDA peak over the weights,
+    with the engine's estimate for the exact plans on this card (``policy.video_exact.video_exact_estimate``)."""
     import torch
     from diffusers import AutoencoderKLHunyuanVideo
     from hybrid_vae.extension.cli_local import psnr
     from hybrid_vae.extension.executors import run_plan
     from hybrid_vae.extension.stream_hunyuan import hunyuan_exact_decode
-    from hybrid_vae.policy import Plan, load_profiles
+    from hybrid_vae.policy import DecodeJob, DecodeSettings, Plan, load_profiles
+    from hybrid_vae.policy.estimate import SpeedModel
     from hybrid_vae.policy.model import Estimate
+    from hybrid_vae.policy.profiles import dtype_bytes
+    from hybrid_vae.policy.video_exact import video_exact_estimate
 
+    cuda = device.startswith("cuda")
     torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo().eval()
-    fam = load_profiles("").family("hunyuanvideo")
-    lat = size // 8
-    z = torch.randn(1, 16, frames, lat, lat, generator=torch.Generator().manual_seed(1))
+    tdt = getattr(torch, dtype)
+    vae = AutoencoderKLHunyuanVideo().eval().to(device=device, dtype=tdt)
+    profiles = load_profiles("")
+    fam = profiles.family("hunyuanvideo")
+    lat_h, lat_w = size // 8, (width or size) // 8
+    z = torch.randn(1, 16, frames, lat_h, lat_w, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=tdt)
     est = Estimate(peak_bytes=0, seconds=0.0, peak_source="bench", seconds_source="bench")
-    local = Plan(path="tiled", estimate=est, dtype="float32", tile_px=tile, overlap_px=tile // 4, frame_chunk=2,
+    local = Plan(path="tiled", estimate=est, dtype=dtype, tile_px=tile, overlap_px=tile // 4, frame_chunk=2,
                  frame_overlap=1, slice_batch=True)
+    card = torch.cuda.get_device_name(0) if cuda else None
+    gp = profiles.gpu(card) if card else None
+    job = DecodeJob("hunyuanvideo", lat_w * 8, lat_h * 8, frames=1 + 4 * (frames - 1), dtype=dtype)
+    speed = SpeedModel(fam, gp, dtype_bytes(dtype), DecodeSettings())
 
-    def exact(tile_frames: int, ledger: dict[str, int]) -> Any:
-        return hunyuan_exact_decode(vae, z, tile_px=tile, tile_frames=tile_frames, buffers="host",
+    def exact(tile_frames: int, ledger: dict[str, int], buffers: str = "host") -> Any:
+        return hunyuan_exact_decode(vae, z, tile_px=tile, tile_frames=tile_frames, buffers=buffers,  # type: ignore[arg-type]
                                     ledger=ledger).clamp(-1, 1)
 
-    cases = [("full (diffusers, no tiling)", lambda _: vae.decode(z).sample.clamp(-1, 1)),
+    def estimate(host: bool) -> Estimate | None:
+        return video_exact_estimate(job, fam, speed, gp, tile, dtype_bytes(dtype), host_buffers=host) if cuda else None
+
+    cases = [("full (diffusers, no tiling)", lambda _: vae.decode(z).sample.clamp(-1, 1), None),
              (f"diffusers' tiles {tile}px/{tile // 4}, 2-latent-frame chunks (local)",
-              lambda _: run_plan(local, vae, z, family=fam)),
-             (f"exact 3-D tiles {tile}px x 16 frames, buffers in host memory", lambda led: exact(16, led)),
-             (f"exact 3-D tiles {tile}px x 4 frames, buffers in host memory", lambda led: exact(4, led))]
+              lambda _: run_plan(local, vae, z, family=fam), None),
+             (f"exact 3-D tiles {tile}px x 16 frames, buffers in host memory", lambda led: exact(16, led), estimate(True)),
+             (f"exact 3-D tiles {tile}px x 4 frames, buffers in host memory", lambda led: exact(4, led), None)]
+    if cuda:
+        cases.append((f"exact 3-D tiles {tile}px x 16 frames, buffers on the GPU",
+                      lambda led: exact(16, led, "device"), estimate(False)))
     rows, ref = [], None
-    for name, fn in cases:
-        times, out, ledger = [], None, {}
+    for name, fn, e in cases:
+        times, out, ledger, peak = [], None, {}, None
         for _ in range(repeat):
             ledger = {}
-            t0 = time.process_time()
+            if cuda:
+                out = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter() if cuda else time.process_time()
             with torch.no_grad():
                 out = fn(ledger)
-            times.append(time.process_time() - t0)
+            if cuda:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+            times.append((time.perf_counter() if cuda else time.process_time()) - t0)
+        out = out.float().cpu()
         ref = out if ref is None else ref
         rows.append({"name": name, "seconds": statistics.median(times), "psnr_db": psnr(out, ref),
-                     "moved": ledger.get("moved_elements"), "buffers": ledger.get("buffer_elements")})
-    return {"size": size, "frames": frames, "tile": tile, "repeat": repeat, "rows": rows}
+                     "moved": ledger.get("moved_elements"), "buffers": ledger.get("buffer_elements"), "peak": peak,
+                     "est_peak": e.peak_bytes if e else None, "est_s": e.seconds if e else None})
+    return {"size": size, "width": width or size, "frames": frames, "tile": tile, "repeat": repeat, "rows": rows,
+            "device": card or "CPU", "dtype": dtype}
 
 
 def memory(*, size: int = 128, frames: int = 3, tile: int = 32) -> list[dict[str, Any]]:
@@ -120,19 +150,32 @@ def memory_markdown(rows: list[dict[str, Any]]) -> str:
 def markdown(res: dict[str, Any]) -> str:
     full = res["rows"][0]["seconds"]
     n_out = 1 + 4 * (res["frames"] - 1)
+    gpu = res["device"] != "CPU"
+    size = f"{res['width']}x{res['size']}"
+    secs = "wall s (synchronised)" if gpu else "CPU seconds of the process"
     out = [f"## Exact HunyuanVideo tiles vs diffusers' tiles vs full (HunyuanVideo decoder config, random weights, "
-           f"{n_out} frames of {res['size']}x{res['size']}, float32, CPU)", "",
-           "`python -m hybrid_vae.bench.hunyuan_exact` (`bench/hunyuan_exact.py`): CPU seconds of the process, median "
+           f"{n_out} frames of {size}, {res['dtype']}, {res['device']})", "",
+           "`python -m hybrid_vae.bench.hunyuan_exact` (`bench/hunyuan_exact.py`): " + secs + ", median "
            f"of {res['repeat']}; PSNR against the full decode (with random weights only the equality of exact tiles "
            "is meaningful). Copied: elements the executor moved between the whole-video buffers and the compute "
-           "device (float32 here; on a GPU in float16/bfloat16 they cross the host link: the engine prices them).", "",
-           "| decode | CPU s | x full | PSNR vs full | buffers (GB, fp32) | copied (GB, fp32) |",
-           "|---|---|---|---|---|---|"]
+           "device (on a GPU they cross the host link: the engine prices them)." + (
+               " Peak: CUDA max allocated over the weights; est.: the engine's estimate for this card "
+               "(`policy.video_exact.video_exact_estimate`)." if gpu else ""), ""]
+    ds = {"float32": 4}.get(res["dtype"], 2)
+    head = f"| decode | {'s' if gpu else 'CPU s'} | x full | PSNR vs full | buffers (GB) | copied (GB) |"
+    if gpu:
+        head += " peak GiB | est. peak GiB | est. s |"
+    out += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         db = "= (reference)" if r is res["rows"][0] else ("inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f} dB")
-        buf = "-" if r["buffers"] is None else f"{r['buffers'] * 4 / 1e9:.2f}"
-        moved = "-" if r["moved"] is None else f"{r['moved'] * 4 / 1e9:.2f}"
-        out.append(f"| {r['name']} | {r['seconds']:.1f} | {r['seconds'] / full:.2f}x | {db} | {buf} | {moved} |")
+        buf = "-" if r["buffers"] is None else f"{r['buffers'] * ds / 1e9:.2f}"
+        moved = "-" if r["moved"] is None else f"{r['moved'] * ds / 1e9:.2f}"
+        line = f"| {r['name']} | {r['seconds']:.2f} | {r['seconds'] / full:.2f}x | {db} | {buf} | {moved} |"
+        if gpu:
+            g = 2**30
+            line += (f" {r['peak'] / g:.2f} | " + ("-" if r["est_peak"] is None else f"{r['est_peak'] / g:.2f}") + " | "
+                     + ("-" if r["est_s"] is None else f"{r['est_s']:.2f}") + " |")
+        out.append(line)
     return "\n".join(out)
 
 
@@ -153,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=px, default=256, help="frame side in output pixels (multiple of 8)")
     ap.add_argument("--frames", type=count, default=3, help="latent frames (output frames: 1 + 4 (frames - 1))")
     ap.add_argument("--tile", type=px, default=128, help="tile side in output pixels (multiple of 8)")
+    ap.add_argument("--width", type=px, default=None, help="frame width (default: --size)")
     ap.add_argument("--repeat", type=count, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: wall seconds, peaks and the estimates)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--memory", action="store_true", help="measure peak memory against the ledger instead "
                     "(defaults: 3 latent frames at 128x128, tiles of 32 and 64 px)")
     ap.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
@@ -167,13 +213,16 @@ def main(argv: list[str] | None = None) -> int:
 
             write_section("bench/hunyuan_exact.py --memory", text)
         return 0
-    res = run(size=a.size, frames=a.frames, tile=a.tile, repeat=a.repeat)
+    if a.device != "cpu" and not a.device.startswith("cuda"):
+        ap.error(f"--device {a.device!r}: give cpu or cuda")
+    res = run(size=a.size, frames=a.frames, tile=a.tile, repeat=a.repeat, device=a.device, dtype=a.dtype,
+              width=a.width)
     text = markdown(res)
     print(text)
     if not a.no_write:
         from hybrid_vae.bench.report import write_section
 
-        write_section("bench/hunyuan_exact.py", text)
+        write_section("bench/hunyuan_exact.py" + (" --device cuda" if res["device"] != "CPU" else ""), text)
     return 0
 
 

@@ -118,3 +118,22 @@ def test_on_cuda_exact_hunyuan_tiles_equal_the_full_decode_with_host_buffers():
     peak = torch.cuda.max_memory_allocated() - base
     assert got.device.type == "cpu" and psnr(got, full) >= 100
     assert peak < full_peak, (peak, full_peak)
+
+
+def test_the_benchmarks_gpu_table_names_peaks_and_estimates():
+    """bench/hunyuan_exact.py on a GPU (not runnable here): its table has the measured peak beside the engine's
+    estimate for each exact plan, and says seconds are wall seconds; the CPU table has neither column."""
+    from hybrid_vae.bench.hunyuan_exact import markdown
+
+    g = 2**30
+    rows = [{"name": "full", "seconds": 0.5, "psnr_db": float("inf"), "moved": None, "buffers": None, "peak": 9 * g,
+             "est_peak": None, "est_s": None},
+            {"name": "exact host", "seconds": 2.0, "psnr_db": 131.0, "moved": 2 * 10**10, "buffers": 3 * 10**9,
+             "peak": 1.2 * g, "est_peak": 1.5 * g, "est_s": 2.4}]
+    gpu = markdown({"size": 320, "width": 512, "frames": 9, "tile": 256, "repeat": 1, "rows": rows,
+                    "device": "NVIDIA H200", "dtype": "bfloat16"})
+    assert "wall s (synchronised)" in gpu and "33 frames of 512x320" in gpu and "NVIDIA H200" in gpu
+    assert "| exact host | 2.00 | 4.00x | 131.0 dB | 6.00 | 40.00 | 1.20 | 1.50 | 2.40 |" in gpu
+    cpu = markdown({"size": 320, "width": 512, "frames": 9, "tile": 256, "repeat": 1, "rows": rows,
+                    "device": "CPU", "dtype": "float32"})
+    assert "est. peak" not in cpu and "CPU seconds" in cpu
