@@ -12,6 +12,10 @@ Rules (each is tested):
 - ``tile_groupnorm="auto"``: lossless plans first: while a full, exact or offloaded exact plan fits, a
   local-tiled plan is chosen only when it is estimated ``exact_tolerance`` faster; ``exact``: no local
   tiles; ``offload``: tiled plans are offloaded exact ones only; ``local``: no exact tiles.
+- Video under ``exact``/``offload`` (on a GPU): Wan's tiled plans are exact halo tiles; HunyuanVideo gets exact
+  3-D tiles (:mod:`policy.video_exact`) with every whole-video buffer on the GPU (``exact`` only, where they fit
+  the budget) and in host memory (where it holds them), ranked before diffusers' chunks and tiles, which stay
+  as the fallback before the CPU (and go first where no exact plan fits). ``auto`` plans no exact video tiles.
 - An offloaded plan also needs its host buffers to fit the probed available host memory minus
   ``host_reserve_bytes`` (unknown host memory: no offloaded plans).
 - A GPU plan is feasible when its estimated peak <= available - reserve
