@@ -282,8 +282,8 @@ LEGEND = (
     "shorter chunks are slower);",
     "          output: = full (same pixels as a full decode), tile drift, chunk blend, lossy (jpg/mp4 answers); "
     "voxel: one pixel of one frame",
-    "          exact+host: exact tiles whose whole-image buffers live partly in host memory ((all): every one); "
-    "host GiB: those buffers, copy s: estimated copy time",
+    "          exact+host: exact tiles whose whole-image (video: whole-video) buffers live partly in host memory "
+    "((all): every one); host GiB: those buffers, copy s: estimated copy time",
 )
 
 
