@@ -1,5 +1,10 @@
 """Exact tiles for diffusers' ``AutoencoderKLHunyuanVideo``: every frame equals the VAE's full decode.
 
+"Full decode" means ``vae.decoder(vae.post_quant_conv(z))`` over the whole video. Note that diffusers'
+``vae.decode`` is *not* that for videos of more than 4 latent frames unless ``use_framewise_decoding`` is off
+(it is on by default): it then decodes temporal chunks, each with its own GroupNorm statistics, and blends them
+(the engine's ``full`` plan turns it off; its chunked plans turn it on).
+
 HunyuanVideo's decoder is the SD decoder made 3-D and causal: every GroupNorm normalises over C x T x H x W
 of the whole video, and between two GroupNorms there is one causal 3x3x3 convolution (replicate padding: one
 pixel on each side, two frames before, none after). So image exact tiling's pass structure
@@ -343,7 +348,8 @@ def _passes(steps: list[Any]) -> int:
 def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames: int = 16,
                          buffers: Literal["host", "device"] = "host", progress: ProgressFn | None = None,
                          ledger: dict[str, int] | None = None) -> torch.Tensor:
-    """Decode HunyuanVideo latents ``z`` (B, C, T, H, W) with exact 3-D tiles; the frames equal ``vae.decode``'s.
+    """Decode HunyuanVideo latents ``z`` (B, C, T, H, W) with exact 3-D tiles; the frames equal the full decode's
+    (``vae.decoder(vae.post_quant_conv(z))``; ``vae.decode`` with ``use_framewise_decoding`` off).
 
     Args:
         vae: diffusers' ``AutoencoderKLHunyuanVideo`` (in eval mode, weights resident on the compute device).

@@ -471,11 +471,11 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
         tile = _actual_tile(job, fam, cap, x.overlap)
         if tile not in tiles and tile < max(job.width, job.height):
             tiles.append(tile)
-    if x.video_passes and tiles:
-        on_gpu = [make.video_passes(tile, host=False) for tile in tiles] if gn == "exact" else []
-        if on_gpu and min(p.estimate.peak_bytes for p in on_gpu) <= x.budget:  # buffers on the GPU too: no copies
-            plans += on_gpu
-        plans += [make.video_passes(tile) for tile in tiles]
+    if x.video_passes:  # 3-D tiles tile time too: one as large as the frame still bounds the memory
+        tiles3d = tiles + [max(job.width, job.height)]
+        if gn == "exact":  # every buffer on the GPU (no copies), where they fit
+            plans += [make.video_passes(tile, host=False) for tile in tiles3d]
+        plans += [make.video_passes(tile) for tile in tiles3d]
     if chunk is not None:
         plans.append(make.local("tiled", chunk=chunk, slice_batch=True))
     for tile in tiles:

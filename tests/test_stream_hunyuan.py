@@ -34,6 +34,25 @@ def test_exact_hunyuan_tiles_equal_the_full_decode(hv, batch, frames, hw, tile_p
     assert psnr(got, full) >= 100, psnr(got, full)
 
 
+def test_long_videos_equal_the_full_decode_not_diffusers_framewise_default(hv):
+    """Beyond 4 latent frames diffusers' ``vae.decode`` decodes blended temporal chunks by default
+    (``use_framewise_decoding``), each with its own statistics; exact tiles equal the full decode, which is
+    ``vae.decode`` with that off (six latent frames, 21 output frames)."""
+    z = _z(1, 6, 4, 5)
+    got = hunyuan_exact_decode(hv, z, tile_px=16, tile_frames=8)
+    assert hv.use_framewise_decoding  # diffusers' default
+    try:
+        with torch.no_grad():
+            chunked = hv.decode(z).sample
+            hv.use_framewise_decoding = False
+            full = hv.decode(z).sample
+    finally:
+        hv.use_framewise_decoding = True
+    assert got.shape == full.shape == (1, 3, 21, 32, 40)
+    assert psnr(got, full) >= 100, psnr(got, full)
+    assert psnr(chunked, full) < 60  # the default's chunks differ: the reference must be the full decode
+
+
 @pytest.mark.parametrize("wrong", ["no frames before the tile", "zero padding at the edges"])
 def test_a_wrong_context_is_not_exact(hv, monkeypatch, wrong):
     """The check above can fail: tiles whose causal context repeats their own first frame instead of reading the
