@@ -187,24 +187,16 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def px(text: str) -> int:
-        v = int(text)
-        if v < 8 or v % 8:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 8 (output pixels; e.g. 128)")
-        return v
-
-    def count(text: str) -> int:
-        v = int(text)
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-        return v
+    from hybrid_vae.bench.report import count_arg, px_arg
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=px, default=256, help="frame side in output pixels (multiple of 8)")
-    ap.add_argument("--frames", type=count, default=3, help="latent frames (output frames: 1 + 4 (frames - 1))")
-    ap.add_argument("--tile", type=px, default=128, help="tile side in output pixels (multiple of 8)")
-    ap.add_argument("--width", type=px, default=None, help="frame width (default: --size)")
-    ap.add_argument("--repeat", type=count, default=1)
+    ap.add_argument("--size", type=px_arg, default=None,
+                    help="frame side in output pixels (multiple of 8; default 256, with --memory 128)")
+    ap.add_argument("--frames", type=count_arg, default=3, help="latent frames (output frames: 1 + 4 (frames - 1))")
+    ap.add_argument("--tile", type=px_arg, default=None,
+                    help="tile side in output pixels (multiple of 8; default 128, with --memory 32 and 64)")
+    ap.add_argument("--width", type=px_arg, default=None, help="frame width (default: --size)")
+    ap.add_argument("--repeat", type=count_arg, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: wall seconds, peaks and the estimates)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--memory", action="store_true", help="measure peak memory against the ledger instead "
@@ -212,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
     a = ap.parse_args(argv)
     if a.memory:
-        text = memory_markdown(memory(size=128 if a.size == 256 else a.size, frames=a.frames,
-                                      tile=32 if a.tile == 128 else a.tile))
+        text = memory_markdown(memory(size=a.size or 128, frames=a.frames, tile=a.tile or 32))
         print(text)
         if not a.no_write:
             from hybrid_vae.bench.report import write_section
@@ -222,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.device != "cpu" and not a.device.startswith("cuda"):
         ap.error(f"--device {a.device!r}: give cpu or cuda")
-    res = run(size=a.size, frames=a.frames, tile=a.tile, repeat=a.repeat, device=a.device, dtype=a.dtype,
+    res = run(size=a.size or 256, frames=a.frames, tile=a.tile or 128, repeat=a.repeat, device=a.device, dtype=a.dtype,
               width=a.width)
     text = markdown(res)
     print(text)

@@ -5,6 +5,7 @@ Each benchmark owns the text between ``<!-- BEGIN name -->`` and ``<!-- END name
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -61,3 +62,25 @@ def write_measured(rows: list[dict[str, Any]], out: str | None, stem: str) -> Pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
     return path
+
+
+def px_arg(text: str) -> int:
+    """argparse type: output pixels, a positive multiple of 8 (the VAEs' spatial compression)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 8 or v % 8:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 8 (output pixels; e.g. 256)")
+    return v
+
+
+def count_arg(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return v

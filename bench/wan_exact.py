@@ -72,23 +72,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def px(text: str) -> int:
-        v = int(text)
-        if v < 8 or v % 8:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 8 (output pixels; e.g. 256)")
-        return v
-
-    def count(text: str) -> int:
-        v = int(text)
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-        return v
+    from hybrid_vae.bench.report import count_arg, px_arg
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=px, default=512, help="frame side in output pixels (multiple of 8)")
-    ap.add_argument("--frames", type=count, default=1, help="latent frames")
-    ap.add_argument("--tile", type=px, default=256, help="tile side in output pixels (multiple of 8)")
-    ap.add_argument("--repeat", type=count, default=1)
+    ap.add_argument("--size", type=px_arg, default=512, help="frame side in output pixels (multiple of 8)")
+    ap.add_argument("--frames", type=count_arg, default=1, help="latent frames")
+    ap.add_argument("--tile", type=px_arg, default=256, help="tile side in output pixels (multiple of 8)")
+    ap.add_argument("--repeat", type=count_arg, default=1)
     ap.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
     a = ap.parse_args(argv)
     res = run(size=a.size, frames=a.frames, tile=a.tile, repeat=a.repeat)

@@ -342,7 +342,8 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
 
 
 def _passes(steps: list[Any]) -> int:
-    return sum(2 if isinstance(s, _Res) else 2 if not isinstance(s, (_Conv, _Up, tuple)) else 1 for s in steps)
+    """Passes over the video: one per convolution step, two per resnet and per attention (keys/values, output)."""
+    return sum(1 if isinstance(s, (_Conv, _Up, tuple)) else 2 for s in steps)
 
 
 def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames: int = 16,

@@ -472,8 +472,8 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
         if tile not in tiles and tile < max(job.width, job.height):
             tiles.append(tile)
     if x.video_passes:  # 3-D tiles tile time too: one as large as the frame still bounds the memory
-        tiles3d = tiles + [max(job.width, job.height)]
-        if gn == "exact":  # every buffer on the GPU (no copies), where they fit
+        tiles3d = [*tiles, max(job.width, job.height)]
+        if gn == "exact":  # every buffer on the GPU (no copies; refused where they do not fit)
             plans += [make.video_passes(tile, host=False) for tile in tiles3d]
         plans += [make.video_passes(tile) for tile in tiles3d]
     if chunk is not None:

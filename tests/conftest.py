@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hybrid_vae.extension.orchestrator import ENV_STRICT
@@ -43,3 +44,21 @@ def demo() -> Iterator[str]:
     """``hybrid-vae serve --demo`` on loopback (one per test module); its base URL."""
     with serve_demo() as base:
         yield base
+
+
+@pytest.fixture
+def cuda_peak() -> Callable[[Callable[[], Any]], tuple[Any, int]]:
+    """``cuda_peak(fn) -> (fn's result, its CUDA peak allocated bytes over what was allocated before)``, run
+    without gradients (the CUDA tests compare a plan's peak with the full decode's)."""
+    import torch
+
+    def measure(fn: Callable[[], Any]) -> tuple[Any, int]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+
+    return measure

@@ -137,19 +137,11 @@ def test_an_error_mid_decode_leaves_the_vae_untouched():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_on_cuda_equal_to_the_full_decode_and_under_its_peak(dtype):
+def test_on_cuda_equal_to_the_full_decode_and_under_its_peak(dtype, cuda_peak):
     vae = kl(block_out_channels=[32, 64, 128, 128], layers_per_block=2, groups=8).to("cuda", dtype)
     z = torch.randn(1, 4, 64, 64, device="cuda", dtype=dtype)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ref = full(vae, z)
-    full_peak = torch.cuda.max_memory_allocated() - base
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        out = stream_decode(vae, z, tile_px=128)
-    peak = torch.cuda.max_memory_allocated() - base
+    ref, full_peak = cuda_peak(lambda: full(vae, z))
+    out, peak = cuda_peak(lambda: stream_decode(vae, z, tile_px=128))
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert float((out.float() - ref.float()).abs().max()) <= tol * 10 and float((out.float() - ref.float()).abs().mean()) <= tol
     assert peak < full_peak

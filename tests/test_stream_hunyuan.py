@@ -119,22 +119,14 @@ def test_exact_hunyuan_tiles_refuse_what_they_cannot_run_naming_why(hv):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
-def test_on_cuda_exact_hunyuan_tiles_equal_the_full_decode_with_host_buffers():
+def test_on_cuda_exact_hunyuan_tiles_equal_the_full_decode_with_host_buffers(cuda_peak):
     """On a GPU: the frames equal the full decode, the result is in host memory, and the CUDA peak is
     under the full decode's."""
     vae = build_tiny_vae("hunyuanvideo").to("cuda")
     z = torch.randn(1, 16, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        full = vae.decode(z).sample
-    full_peak = torch.cuda.max_memory_allocated() - base
+    full, full_peak = cuda_peak(lambda: vae.decode(z).sample)
     full = full.cpu()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    got = hunyuan_exact_decode(vae, z, tile_px=64, tile_frames=4)
-    peak = torch.cuda.max_memory_allocated() - base
+    got, peak = cuda_peak(lambda: hunyuan_exact_decode(vae, z, tile_px=64, tile_frames=4))
     assert got.device.type == "cpu" and psnr(got, full) >= 100
     assert peak < full_peak, (peak, full_peak)
 

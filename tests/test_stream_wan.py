@@ -100,23 +100,14 @@ def test_the_engine_plans_exact_wan_tiles_only_when_lossless_tiles_are_asked_for
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
-def test_on_cuda_exact_wan_tiles_equal_the_full_decode_in_pinned_host_memory():
+def test_on_cuda_exact_wan_tiles_equal_the_full_decode_in_pinned_host_memory(cuda_peak):
     """On CUDA the mid-block features and finished frames go to host memory (pinned output); the frames equal the
     full decode on the same card, and the peak stays under the full decode's for a frame of several tiles."""
     vae = build_tiny_vae("wan").to("cuda")
     z = torch.randn(1, 16, 2, 48, 48, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        full = vae.decode(z).sample
-    full_peak = torch.cuda.max_memory_allocated() - base
+    full, full_peak = cuda_peak(lambda: vae.decode(z).sample)
     full = full.cpu()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        got = wan_exact_tiles(vae, z, tile_latent=8)
-    peak = torch.cuda.max_memory_allocated() - base
+    got, peak = cuda_peak(lambda: wan_exact_tiles(vae, z, tile_latent=8))
     assert got.device.type == "cpu" and got.is_pinned()
     assert psnr(got.clamp(-1, 1), full) >= 100 and peak < full_peak, (peak, full_peak)
 
