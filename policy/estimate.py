@@ -330,12 +330,18 @@ def offload_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int
     and the copies (bytes moved at the slower of the card's link and the CPU's staging copies) overlap, and
     :data:`OVERLAP_LOSS` of the shorter of the two shows."""
     compute = exact_seconds(job, fam, speed, tile_px, sched=sched)
-    gbs, src = link_gbs(gp)
-    rate = min(gbs, HOST_COPY_GBS) * 1e9
+    rate, src = host_copy_rate(gp)
     copy = costs.moved_bytes / rate
     total = max(compute, copy) + OVERLAP_LOSS * min(compute, copy)
-    return total, copy, (f"{costs.moved_bytes / 1e9:.1f} GB moved at {rate / 1e9:g} GB/s ({src}; CPU staging "
-                         f"{HOST_COPY_GBS:g} GB/s assumed), overlapped with the compute")
+    return total, copy, f"{costs.moved_bytes / 1e9:.1f} GB moved at {src}, overlapped with the compute"
+
+
+def host_copy_rate(gp: GpuProfile | None) -> tuple[float, str]:
+    """(bytes per second, source) of host<->device copies: the slower of the card's link and the CPU's staging
+    copies (:data:`HOST_COPY_GBS`, assumed)."""
+    gbs, src = link_gbs(gp)
+    rate = min(gbs, HOST_COPY_GBS) * 1e9
+    return rate, f"{rate / 1e9:g} GB/s ({src}; CPU staging {HOST_COPY_GBS:g} GB/s assumed)"
 
 
 def _rows_for(gp: GpuProfile, dsize: int) -> list[GpuRow]:

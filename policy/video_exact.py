@@ -22,7 +22,7 @@ import functools
 import math
 from typing import TYPE_CHECKING
 
-from hybrid_vae.policy.estimate import HOST_COPY_GBS, latent_frames, link_gbs
+from hybrid_vae.policy.estimate import host_copy_rate, latent_frames
 from hybrid_vae.policy.model import Estimate
 
 if TYPE_CHECKING:
@@ -216,12 +216,10 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
     seconds_source = f"{speed.source}; exact tiling x{t.exact_time_factor:g} (assumed) + {c.steps} tile steps"
     if not host_buffers:
         return Estimate(peak_bytes=int(peak), seconds=compute, peak_source=peak_source, seconds_source=seconds_source)
-    gbs, src = link_gbs(gp)
-    rate = min(gbs, HOST_COPY_GBS) * 1e9
+    rate, src = host_copy_rate(gp)
     moved = c.moved_elements * dsize * job.batch
     copy = moved / rate
     return Estimate(
         peak_bytes=int(peak), seconds=compute + copy, peak_source=peak_source,
-        seconds_source=(f"{seconds_source}; {moved / 1e9:.1f} GB copied at {rate / 1e9:g} GB/s ({src}; CPU staging "
-                        f"{HOST_COPY_GBS:g} GB/s assumed), not overlapped"),
+        seconds_source=f"{seconds_source}; {moved / 1e9:.1f} GB copied at {src}, not overlapped",
         host_bytes=int(buffers), transfer_bytes=int(moved), transfer_seconds=copy)
