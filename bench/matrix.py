@@ -223,10 +223,10 @@ def _run_scenarios(world: World, chunk: list[Scenario], seed: int) -> list[dict[
         for name, fn in strategies.items():
             o = fn(world, sc, profiles, trained=_STATE["trained"], cache=cache)
             res[name] = (o.supported, o.delivered, o.seconds, o.ooms, o.wasted, o.note, " -> ".join(o.attempts),
-                         o.drift, o.claims, o.floor_ooms)
+                         o.drift, o.claims, o.floor_ooms, o.drift_video)
         row = {"seed": seed, "variant": sc.variant, "size": sc.size_label, "card": sc.card.name, "free": sc.free_frac,
                "network": sc.network.name if sc.network else "none", "best": best, "best_exec": best_key,
-               "best_lossless": lossless, "results": res}
+               "best_lossless": lossless, "video": bool(sc.frames), "results": res}
         if "engine" in res and res["engine"][1] and res["engine"][2] > 1.2 * best:
             row["engine_cause"] = regret_cause(sc, profiles, best_key, cache)
         rows.append(row)
@@ -325,6 +325,8 @@ def _metrics(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
         "claims_refused": sum(r["results"][name][8] for r in sup if len(r["results"][name]) > 8),
         "floor_ooms": sum(r["results"][name][9] for r in sup if len(r["results"][name]) > 9),
         "drift": sum(1 for r in delivered if len(r["results"][name]) > 7 and r["results"][name][7]),
+        "drift_video": sum(1 for r in delivered if len(r["results"][name]) > 10 and r["results"][name][10]),
+        "videos": sum(1 for r in delivered if r.get("video")),
         "median_regret": statistics.median(regrets) if regrets else math.nan,
         "p95_regret": _pct(regrets, 0.95), "max_regret": max(regrets) if regrets else math.nan,
         "mean_regret": statistics.fmean(regrets) if regrets else math.nan,
@@ -341,8 +343,9 @@ def summarise(rows: list[dict[str, Any]], names: Sequence[str], labels: Mapping[
     fams = sorted({r["variant"] for r in rows}, key=[v[0] for v in VARIANTS].index)
     by_family = {f: {n: _metrics([r for r in rows if r["variant"] == f], n) for n in names} for f in fams}
     out: dict[str, Any] = {"strategies": strat, "by_family": by_family,
-                           # scenarios where every lossless execution is > 20% slower than the fastest (drifting) one
-                           "drift_forced": sum(1 for r in rows if r.get("best_lossless", r["best"]) > 1.2 * r["best"])}
+                           # images where every lossless execution is > 20% slower than the fastest (drifting) one
+                           "drift_forced": sum(1 for r in rows if not r.get("video")
+                                               and r.get("best_lossless", r["best"]) > 1.2 * r["best"])}
     if "engine" in names:
         e = strat["engine"]
         out["targets"] = {
@@ -386,12 +389,12 @@ def markdown(res: dict[str, Any]) -> str:
     """The headline table, the per-family breakdown and the engine's worst cases."""
     s = {n: m for n, m in res["strategies"].items() if n in STRATEGIES}
     lines = ["| strategy | scenarios | OOM errors | lost images | wasted attempts | regret median | regret p95 "
-             "| tile-drift images | not supported |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| tile-drift images | drifting videos | not supported |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _n, m in s.items():
         lines.append(f"| {m['label']} | {m['scenarios']} | {m['ooms']} | {m['lost']} ({m['lost'] / max(1, m['scenarios']):.1%}) "
                      f"| {m['wasted_attempts']} | {_f(m['median_regret'])} | {_f(m['p95_regret'])} "
-                     f"| {m.get('drift', 0)} | {m['unsupported']} |")
+                     f"| {m.get('drift', 0)} | {m.get('drift_video', 0)} | {m['unsupported']} |")
     out = "\n".join(lines)
     fam = res["by_family"]
     names = list(s)
@@ -416,12 +419,13 @@ def what_if_markdown(res: dict[str, Any]) -> str:
     s = res["strategies"]
     names = [n for n in ("engine", *WHAT_IF) if n in s] + [n for n in s if n not in ALL]
     lines = ["| variant | OOM errors | lost images | wasted attempts | regret median | regret p95 | regret max "
-             "| tile-drift images | hours in all | decodes > 10 min |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| tile-drift images | drifting videos | hours in all | decodes > 10 min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         m = s[n]
         lines.append(f"| {m['label']} | {m['ooms']} | {m['lost']} | {m['wasted_attempts']} | {_f(m['median_regret'])} "
-                     f"| {_f(m['p95_regret'])} | {_f(m['max_regret'])} | {m.get('drift', 0)} | {m['hours']:.0f} "
+                     f"| {_f(m['p95_regret'])} | {_f(m['max_regret'])} | {m.get('drift', 0)} | {m.get('drift_video', 0)} "
+                     f"| {m['hours']:.0f} "
                      f"| {m['over_10min']} |")
     return "\n".join(lines) + (
         "\n\nHours in all: the variant's seconds summed over every scenario, failed attempts included; decodes > 10 "
@@ -579,7 +583,9 @@ def _headline(res: dict[str, Any], what: str) -> list[str]:
             f"{res['elapsed_s']:.0f} s wall on {res['jobs']} processes.", "", markdown(res), "",
             f"Targets for this engine (0 OOMs, 0 lost, median regret <= 5%, p95 <= 20%{_drift_target(res)}): {met}. "
             f"Measured: {e['ooms']} OOM attempts, {e['lost']} lost, median {_f(e['median_regret'])}, p95 "
-            f"{_f(e['p95_regret'])}, {e['drift']} tile-drift images. Of the OOM attempts, {e.get('floor_ooms', 0)} "
+            f"{_f(e['p95_regret'])}, {e['drift']} tile-drift images; {e.get('drift_video', 0)} drifting videos of "
+            f"{e.get('videos', 0)} (counted, no target: diffusers' video tiles and chunks; `auto` plans no exact "
+            f"video tiles). Of the OOM attempts, {e.get('floor_ooms', 0)} "
             f"are GPU plans run on purpose with only their floor claimed (estimate / 1.25: nothing fits and the plan "
             f"nearly does, or the last GPU plan before the CPU after a new decision); the other "
             f"{e['ooms'] - e.get('floor_ooms', 0)} had their estimate claimed and needed more; "

@@ -36,7 +36,9 @@ class Outcome:
             a new decision; :func:`policy.decide.claim_bytes`).
         note: why an image was lost (``out of memory``, ``no endpoint``, ...).
         drift: the image came from spatial tiles with per-tile GroupNorm statistics (an image VAE's
-            "local" tiles, any peer's tiling): its colours differ from a full decode.
+            "local" tiles on the GPU or the CPU, any peer's tiling): its colours differ from a full decode.
+        drift_video: the video came from tiles or temporal chunks that differ from its full decode
+            (:func:`video_drifts`); counted apart from ``drift`` (issue 15's target counts images).
     """
 
     supported: bool
@@ -49,11 +51,34 @@ class Outcome:
     drift: bool = False
     claims: int = 0
     floor_ooms: int = 0
+    drift_video: bool = False
+
+
+#: Tile geometries whose output equals the full decode (exact tiles, in GPU or host memory; Wan's halo tiles;
+#: HunyuanVideo's 3-D tiles).
+LOSSLESS_GEOMETRIES = ("exact", "offload", "halo", "exact3d")
+
+
+def _tiles_drift(ex: Exec) -> bool:
+    return ex.path in ("tiled", "cpu") and bool(ex.tiles) and ex.geometry not in LOSSLESS_GEOMETRIES
 
 
 def drifts(world: World, sc: Scenario, ex: Exec) -> bool:
-    """Whether ``ex`` gives an image VAE's output per-tile GroupNorm statistics (video: not counted)."""
-    return ex.path == "tiled" and ex.geometry not in ("exact", "offload") and not world.profiles.family(sc.family).video
+    """Whether ``ex`` gives an image VAE's output per-tile GroupNorm statistics: spatial tiles of a drifting
+    geometry, on the GPU or the CPU (video: :func:`video_drifts`)."""
+    return not world.profiles.family(sc.family).video and _tiles_drift(ex)
+
+
+def video_drifts(world: World, sc: Scenario, ex: Exec) -> bool:
+    """Whether ``ex`` gives a video frames that differ from its full decode: spatial tiles of a drifting geometry
+    (diffusers' or ComfyUI's: HunyuanVideo's GroupNorms see one tile; Wan's RMS norm is per position, so its tiles
+    differ only where a tile's receptive field is cut, less, but still not the full decode), or temporal chunks
+    (HunyuanVideo's, each with its own statistics, blended). A remote decode is the server's: not counted."""
+    return world.profiles.family(sc.family).video and (_tiles_drift(ex) or ex.frame_chunk is not None)
+
+
+def _done(world: World, sc: Scenario, ex: Exec) -> dict[str, bool]:
+    return {"drift": drifts(world, sc, ex), "drift_video": video_drifts(world, sc, ex)}
 
 
 def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | list[tuple[str, Exec]]) -> Outcome:
@@ -64,7 +89,7 @@ def run_chain(world: World, sc: Scenario, chain: Iterator[tuple[str, Exec]] | li
         t += a.seconds
         labels.append(label)
         if a.ok:
-            return Outcome(True, True, t, tuple(labels), ooms, wasted, drift=drifts(world, sc, ex))
+            return Outcome(True, True, t, tuple(labels), ooms, wasted, **_done(world, sc, ex))
         wasted += 1
         ooms += a.oom
         note = a.error or "failed"
@@ -148,7 +173,7 @@ def _run_decision(world: World, sc: Scenario, profiles: Profiles, d: Decision, *
         a = world.attempt(sc, ex)
         secs += a.seconds
         if a.ok:
-            return Outcome(True, True, secs, tuple(labels), ooms, wasted, drift=drifts(world, sc, ex), claims=claims,
+            return Outcome(True, True, secs, tuple(labels), ooms, wasted, **_done(world, sc, ex), claims=claims,
                            floor_ooms=floor_ooms)
         wasted += 1
         ooms += a.oom
@@ -441,6 +466,6 @@ def best_two(world: World, sc: Scenario, profiles: Profiles,
             continue
         if a.seconds < best:
             best, key = a.seconds, ex.key
-        if a.seconds < lossless and not drifts(world, sc, ex):
+        if a.seconds < lossless and not drifts(world, sc, ex) and not video_drifts(world, sc, ex):
             lossless = a.seconds
     return best, key, lossless

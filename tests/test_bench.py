@@ -234,6 +234,31 @@ def test_peer_geometries():
 # ---- strategies ------------------------------------------------------------------------------------
 
 
+def test_drift_is_counted_for_images_and_videos_apart():
+    """An image drifts from drifting tiles on the GPU or the CPU; a video from diffusers' (or ComfyUI's) tiles or
+    temporal chunks; lossless geometries, full decodes and remote decodes never count."""
+    from hybrid_vae.bench.strategies import drifts, video_drifts
+
+    img, vid = sc(), sc("hunyuanvideo", "hunyuanvideo", "float16", 960, 544, frames=33)
+    t = ((512, 512),)
+    cases = {  # execution: (image drifts, video drifts)
+        Exec("full"): (False, False),
+        Exec("remote", fmt="raw"): (False, False),
+        Exec("tiled", tiles=t, overlap_px=64): (True, True),
+        Exec("tiled", tiles=t, overlap_px=64, geometry="comfy"): (True, True),
+        Exec("cpu", tiles=t, overlap_px=64): (True, True),
+        Exec("cpu"): (False, False),
+        Exec("tiled", tiles=t, geometry="exact"): (False, False),
+        Exec("tiled", tiles=t, geometry="offload", budget=0): (False, False),
+        Exec("tiled", tiles=t, geometry="exact3d", budget=0): (False, False),
+        Exec("full", frame_chunk=4, frame_overlap=1): (False, True),
+        Exec("cpu", frame_chunk=1): (False, True),
+    }
+    for ex, (image, video) in cases.items():
+        assert (drifts(QUIET, img, ex), video_drifts(QUIET, img, ex)) == (image, False), ex
+        assert (drifts(QUIET, vid, ex), video_drifts(QUIET, vid, ex)) == (False, video), ex
+
+
 def test_crash_strategies_lose_the_image_on_oom():
     s = sc(free=0.5)  # 3070 with 4 GiB free: stock SDXL 1024 full needs ~4.8 GiB
     for fn in (always_full, sdnext_default):
@@ -374,7 +399,12 @@ def test_what_ifs_and_learning(reduced):
         sup = [r["results"][n] for r in rows if r["results"][n][0]]
         assert s[n]["hours"] == pytest.approx(sum(x[2] for x in sup) / 3600) and s[n]["hours"] > 0
         assert s[n]["over_10min"] == sum(1 for x in sup if x[2] > 600)
-    assert "| hours in all | decodes > 10 min |" in matrix.what_if_markdown(reduced)
+    assert "| drifting videos | hours in all | decodes > 10 min |" in matrix.what_if_markdown(reduced)
+    # videos counted apart: the engine (auto) decodes some with diffusers' tiles or chunks, lossless-only fewer
+    videos = sum(1 for r in rows if r["video"])
+    assert s["engine"]["videos"] == videos == 108
+    assert 0 < s["engine"]["drift_video"] <= videos
+    assert s["engine_exact"]["drift_video"] < s["engine"]["drift_video"]
     learned = matrix.train_learned(P, WorldParams(), "reduced", per_card=20)
     cards = {e.card for e in learned.entries.values() if e.family == "*"}
     assert cards == {c.name for c in {x.card for x in matrix.scenarios(P, "reduced")}}
