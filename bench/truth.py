@@ -43,10 +43,12 @@ tiled-halo (Wan)        i: Wan's region decode (as full/tiled Wan) at the larges
                         frame full decode's; frames in host memory                 decode's time + copies
 tiled-exact3d           counted (policy.video_exact, diffusers' defaults): buffers  full x 1.08 + per-step cost
 (bench/world_exact3d)   in host memory (or on the GPU) + keys/values + a: the      + counted copies at the link
-                        counted tile x U(1.5, 3.0)                                 and staging rates, not hidden
+                        counted tile x U(1.5, 3.0) (+ one counted tile in flight   and staging rates, a:
+                        with host buffers)                                         55-95% of the shorter hidden
 cpu                     m: CPU rows (host bytes); tiles, video a: the GPU truth    m: CPU rows x a: user CPU
-                        at float32 x the measured CPU/GPU ratio at 512 px (SD      0.15-0.6x
-                        decoder; video: HunyuanVideo's)
+                        at float32 x the measured CPU/GPU ratio at 512 px (SD      0.15-0.6x; exact tiles x a:
+                        decoder; video: HunyuanVideo's); exact tiles: tiled-exact  U(0.96, 1.36) (the CPU runs'
+                        at float32 x that ratio                                    measured range)
 ======================  =========================================================  ==========================
 """
 
@@ -76,6 +78,9 @@ VIDEO_FP32 = 1.32  # 4-byte / 2-byte seconds: the measured SD decoder ratio at 1
 #: the two decoders measured on both (SD decoder 0.74-0.80, cpu-sd-decode rows against the H200 rows;
 #: HunyuanVideo 0.85-0.86, cpu-video-decode rows against the H200 rows), widened by 0.02 on each side (assumed).
 WAN_CPU_GPU = (0.72, 0.88)
+#: Exact tiles on the CPU / the CPU's full decode, seconds (assumed per installation: the range this project's CPU
+#: runs measured, 0.96-1.13x and 1.03-1.36x).
+CPU_EXACT = (0.96, 1.36)
 CPU_VIDEO = 2.0  # a video decoder's CPU seconds per voxel / the SD decoder's (assumed: 3-D convolutions)
 #: Exact Wan tiles' halo in latent pixels: counted from diffusers' ``AutoencoderKLWan()`` decoder by
 #: ``extension.stream_wan.halo_latent`` (a test keeps them equal); not the profile's ``exact_halo_latent``.
@@ -379,7 +384,12 @@ def cpu(world: World, sc: Scenario, ex: Exec) -> Truth:
     k = sc.batch if ex.items in (0, sc.batch) else ex.items
     out = 4.0 * 3 * sc.batch * (sc.frames or 1) * px  # the float32 output of every item
     as_gpu = dataclasses.replace(sc, dtype="float32")
-    if ex.tiles:
+    if ex.tiles and ex.geometry == "exact":  # exact tiles on the CPU: the world's exact truth in float32 x the ratio
+        host = tiled_exact(world, as_gpu, dataclasses.replace(ex, path="tiled", kind="tiled-exact")).gpu_bytes * ratio
+        from hybrid_vae.bench.world import _rng
+
+        grow = _rng(world.seed, "cpu-exact", sc.card.name).uniform(*CPU_EXACT)
+    elif ex.tiles:
         gpu_ex = dataclasses.replace(ex, path="tiled", kind="tiled-local")
         host = tiled_local(world, as_gpu, gpu_ex).gpu_bytes * ratio
         grid_ = grid(ex.geometry, sc.height // fam.spatial_compression, sc.width // fam.spatial_compression,
@@ -394,6 +404,8 @@ def cpu(world: World, sc: Scenario, ex: Exec) -> Truth:
         grow = 1.0
     t = loglog(secs, px) * grow * (sc.frames or 1) * (CPU_VIDEO if fam.video else 1.0) * sc.batch * inst.cpu_speed
     src = "measured (CPU rows)" if not (ex.tiles or fam.video) else "assumed from measured CPU and GPU rows"
+    if ex.tiles and ex.geometry == "exact":
+        src = "assumed: the world's exact tiling x the measured CPU/GPU ratio; CPU exact/full seconds assumed"
     return Truth(0.0, host, t, t / sc.batch, src)
 
 

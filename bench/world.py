@@ -274,6 +274,8 @@ class Exec:
             return cls("remote", fmt=plan.response_format)
         if plan.path == "cpu":
             tiles = ((plan.tile_px, plan.tile_px),) if plan.tile_px is not None else ()
+            if plan.groupnorm == "exact" and not fam.video:  # exact tiles on the CPU (extension/stream.py)
+                return cls("cpu", items=1, tiles=tiles, geometry="exact")
             return cls("cpu", items=1 if plan.slice_batch else 0, tiles=tiles, overlap_px=plan.overlap_px,
                        geometry="diffusers" if fam.video else "engine",
                        frame_chunk=plan.frame_chunk if fam.video else None, frame_overlap=plan.frame_overlap)

@@ -151,7 +151,7 @@ def plan_output(p: Plan) -> str:
     """What a plan's pixels are against a full local decode: ``= full``, ``tile drift`` (tiles with their
     own GroupNorm statistics), ``chunk blend`` (temporal chunks only: overlapping frames blended) or
     ``lossy`` (jpg/mp4 answers)."""
-    if (p.path == "tiled" and p.groupnorm == "local") or (p.path == "cpu" and (p.tile_px or p.frame_chunk)):
+    if p.groupnorm == "local" and (p.path == "tiled" or (p.path == "cpu" and (p.tile_px or p.frame_chunk))):
         return "tile drift" if p.tile_px is not None else "chunk blend"
     if p.path == "remote" and p.response_format in ("jpg", "mp4"):
         return "lossy"

@@ -22,8 +22,10 @@ executor's buffers and for its reasons: a strided tile of a pinned tensor is cop
 anyway, and PyTorch's pinned allocator would keep up to twice the buffers page-locked; the GPU then holds the
 weights, one tile's region and its output, the mid block's keys and values and the statistics: bounded by the
 tile, not the video) or ``"device"`` (the VAE's device: no copies, but the buffers of a 33-frame 544x960 video
-are 16.4 GiB at their widest in bfloat16, :mod:`policy.video_exact`). Unlike the image executor, copies are
-plain (no copy stream, no double buffering; the engine prices them as not overlapped).
+are 16.4 GiB at their widest in bfloat16, :mod:`policy.video_exact`). The copies go through the image
+executor's mover (:mod:`extension.stream_store`): on CUDA a copy stream and pinned staging, the next tile's span
+requested while this tile computes, finished tiles written into the host buffers one tile late and all of them
+before the next pass (which reads them on the CPU); elsewhere plain copies.
 
 Trade-offs: the output equals a full decode (float rounding apart; ``tests/test_stream_hunyuan.py`` checks
 >= 100 dB float32 and that a wrong clamp is caught), and no overlap is decoded twice; but each tile reads two
@@ -45,6 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from hybrid_vae.extension.stream import _attend, _attention_step, _norm, _project, _Stats
+from hybrid_vae.extension.stream_store import CudaMover, Mover, Ticket
 from hybrid_vae.policy.errors import PlanError
 
 if TYPE_CHECKING:
@@ -177,7 +180,8 @@ def _axis(lo: int, hi: int, before: int, after: int, n: int) -> torch.Tensor:
 
 @dataclasses.dataclass
 class _Video:
-    """One item's decode: where buffers live, the compute device and dtype, tile sizes, progress, accounting."""
+    """One item's decode: where buffers live, the compute device and dtype, tile sizes, the copies (``mover``:
+    None when the buffers live on the compute device), progress, accounting."""
 
     home: torch.device
     device: torch.device
@@ -189,6 +193,7 @@ class _Video:
     ledger: dict[str, int]
     progress: ProgressFn | None
     passes: int
+    mover: Mover | None
     done: int = 0
 
     def empty(self, c: int, t: int, h: int, w: int) -> torch.Tensor:
@@ -196,17 +201,29 @@ class _Video:
 
         return torch.empty((1, c, t, h, w), dtype=self.dtype, device=self.home)
 
-    def gather(self, buf: torch.Tensor, it: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-        """``buf[:, :, it][:, :, :, iy][..., ix]`` on the compute device: the indices' span is copied once,
-        repeats (padding, upsampling) are made on the device."""
-        spans = [(int(i[0]), int(i[-1]) + 1) for i in (it, iy, ix)]
-        (t0, t1), (y0, y1), (x0, x1) = spans
-        region = buf[:, :, t0:t1, y0:y1, x0:x1].to(self.device)
-        self.moved(region.numel())
-        for dim, idx, (a, b) in zip((2, 3, 4), (it, iy, ix), spans, strict=True):
-            if idx.numel() != b - a:  # monotone with repeats: not the plain span
-                region = region.index_select(dim, (idx - a).to(self.device))
-        return region
+    def fetch(self, view: torch.Tensor) -> Ticket:
+        """``view`` of a whole-video buffer (or of the latents, already on the compute device) on its way to the
+        compute device (counted as moved)."""
+        self.moved(view.numel())
+        return Ticket(view) if self.mover is None or view.device != self.home else self.mover.fetch(view)
+
+    def put(self, view: torch.Tensor, tile: torch.Tensor) -> None:
+        """``tile`` into ``view`` of a whole-video buffer (counted as moved); on CUDA with host buffers the copy
+        finishes later (:meth:`settle`, :meth:`drain`)."""
+        self.moved(tile.numel())
+        if self.mover is None:
+            view.copy_(tile)
+        else:
+            self.mover.put(view, tile)
+
+    def settle(self) -> None:
+        if self.mover is not None:
+            self.mover.settle()
+
+    def drain(self) -> None:
+        """Every write of the pass in place: the next pass reads the buffers (on the CPU, for host buffers)."""
+        if self.mover is not None:
+            self.mover.drain()
 
     def boxes(self, t: int, h: int, w: int) -> list[Box]:
         """Output tiles of a pass at ``t`` frames, ``h`` x ``w`` pixels."""
@@ -230,12 +247,43 @@ class _Video:
             self.progress(self.done, self.passes)
 
 
+def _box(t: torch.Tensor, box: Box) -> torch.Tensor:
+    t0, t1, y0, y1, x0, x1 = box
+    return t[:, :, t0:t1, y0:y1, x0:x1]
+
+
+def _sweep(v: _Video, boxes: list[Box], request: Callable[[Box], list[Ticket]],
+           body: Callable[[Box, list[torch.Tensor]], None]) -> None:
+    """Run ``body(box, reads)`` over ``boxes``; the reads of the next tile are requested once this tile's work is
+    queued, so on CUDA with host buffers the copies overlap the compute (as the image executor's sweep)."""
+    nxt = request(boxes[0])
+    for i, box in enumerate(boxes):
+        got = [t.take() for t in nxt]
+        body(box, got)
+        del got
+        if i + 1 < len(boxes):
+            nxt = request(boxes[i + 1])
+        v.settle()
+    v.drain()
+    v.tick()
+
+
+def _expand(span: torch.Tensor, idx: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The tile's region from the span its (monotone) frame, row and column indices cover: repeats (the replicate
+    padding, the upsampling) made on the span's device."""
+    for dim, i in zip((2, 3, 4), idx, strict=True):
+        if i.numel() != span.shape[dim]:  # repeats: not the plain span
+            span = span.index_select(dim, (i - i[0]).to(span.device))
+    return span
+
+
 def _conv_pass(v: _Video, src: torch.Tensor, conv: _Conv, aff: tuple[torch.Tensor, torch.Tensor] | None,
                groups: int | None, *, up: tuple[int, int, int] = (1, 1, 1),
-               add: Callable[[Box], torch.Tensor] | None = None) -> tuple[torch.Tensor, _Stats]:
+               residual: tuple[torch.Tensor, _Conv | None] | None = None) -> tuple[torch.Tensor, _Stats]:
     """``conv(silu(norm(src)))`` (no norm when ``aff`` is None), ``src`` first upsampled by ``up`` (time: all
-    frames but the first), plus ``add(box)``; returns the whole-video result and its statistics (for the next
-    GroupNorm's ``groups``; None: no GroupNorm follows)."""
+    frames but the first), plus ``residual`` (a whole-video buffer, through its shortcut convolution when there
+    is one) at the same place; returns the whole-video result and its statistics (for the next GroupNorm's
+    ``groups``; None: no GroupNorm follows)."""
     import torch
 
     _, _, t, h, w = src.shape
@@ -244,25 +292,38 @@ def _conv_pass(v: _Video, src: torch.Tensor, conv: _Conv, aff: tuple[torch.Tenso
     out = v.empty(conv.conv.out_channels, tu, hu, wu)
     st = _Stats(groups or 1)
     b4, side = (2, 1) if conv.ctx else (0, 0)
-    for box in v.boxes(tu, hu, wu):
+
+    def indices(box: Box) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t0, t1, y0, y1, x0, x1 = box
         it = _axis(t0, t1, b4, 0, tu)
         it = torch.where(it == 0, 0, 1 + torch.div(it - 1, ft, rounding_mode="floor"))
         iy = torch.div(_axis(y0, y1, side, side, hu), fh, rounding_mode="floor")
         ix = torch.div(_axis(x0, x1, side, side, wu), fw, rounding_mode="floor")
-        region = v.gather(src, it, iy, ix)
+        return it, iy, ix
+
+    def request(box: Box) -> list[Ticket]:
+        """The span the tile's indices cover (copied once; repeats are made on the device), and the residual."""
+        (t0, t1), (y0, y1), (x0, x1) = ((int(i[0]), int(i[-1]) + 1) for i in indices(box))
+        got = [v.fetch(src[:, :, t0:t1, y0:y1, x0:x1])]
+        if residual is not None:
+            got.append(v.fetch(_box(residual[0], box)))
+        return got
+
+    def body(box: Box, reads: list[torch.Tensor]) -> None:
+        region = _expand(reads[0], indices(box))
         x = region if aff is None else _norm(region, aff)
         y = conv.conv(x)
         del x
-        if add is not None:
-            y = y + add(box)
+        if residual is not None:
+            short = residual[1]
+            y = y + (reads[1] if short is None else short.conv(reads[1]))
         v.count(region, y)
         del region
         if groups is not None:
             st.add(y)
-        out[:, :, t0:t1, y0:y1, x0:x1].copy_(y)  # blocking: the next pass reads this host memory on the CPU
-        v.moved(y.numel())
-    v.tick()
+        v.put(_box(out, box), y)
+
+    _sweep(v, v.boxes(tu, hu, wu), request, body)
     return out, st
 
 
@@ -276,16 +337,7 @@ def _resnet(v: _Video, x: torch.Tensor, xs: _Stats, r: _Res, groups: int) -> tup
     aff1 = _affine(xs, r.norm1, c, v.dtype)
     h, hs = _conv_pass(v, x, r.conv1, aff1, int(r.norm2.num_groups))
     aff2 = _affine(hs, r.norm2, h.shape[1], v.dtype)
-    short = r.shortcut
-
-    def residual(box: Box) -> torch.Tensor:
-        t0, t1, y0, y1, x0, x1 = box
-        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device)
-        v.moved(part.numel())
-        return part if short is None else short.conv(part)
-
-    y, ys = _conv_pass(v, h, r.conv2, aff2, groups, add=residual)
-    return y, ys
+    return _conv_pass(v, h, r.conv2, aff2, groups, residual=(x, r.shortcut))
 
 
 def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> tuple[torch.Tensor, _Stats]:
@@ -299,14 +351,19 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
     keys = torch.empty((t, h, w, c), dtype=v.dtype, device=v.device)
     vals = torch.empty_like(keys)
     v.ledger["kv_elements"] = max(v.ledger.get("kv_elements", 0), 2 * keys.numel())
-    for t0, t1, y0, y1, x0, x1 in v.boxes(t, h, w):
-        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device)
-        v.moved(part.numel())
-        n = _norm(part, aff, act=False)[0].permute(1, 2, 3, 0)  # [t, h, w, C]
+    boxes = v.boxes(t, h, w)
+
+    def request(box: Box) -> list[Ticket]:
+        return [v.fetch(_box(x, box))]
+
+    def project(box: Box, reads: list[torch.Tensor]) -> None:
+        t0, t1, y0, y1, x0, x1 = box
+        n = _norm(reads[0], aff, act=False)[0].permute(1, 2, 3, 0)  # [t, h, w, C]
         keys[t0:t1, y0:y1, x0:x1] = _project(a.k, n)
         vals[t0:t1, y0:y1, x0:x1] = _project(a.v, n)
-    v.tick()
-    keys, vals = keys.view(-1, c), vals.view(-1, c)
+
+    _sweep(v, boxes, request, project)
+    kv = keys.view(-1, c), vals.view(-1, c)
     heads = a.heads
     scale = a.scale if a.scale is not None else (c // heads) ** -0.5
     out = v.empty(c, t, h, w)
@@ -315,11 +372,11 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
     def chunks(rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for r0 in range(0, rows, _KV_CHUNK):
             r1 = min(rows, r0 + _KV_CHUNK)
-            yield keys[r0:r1], vals[r0:r1]
+            yield kv[0][r0:r1], kv[1][r0:r1]
 
-    for t0, t1, y0, y1, x0, x1 in v.boxes(t, h, w):
-        part = x[:, :, t0:t1, y0:y1, x0:x1].to(v.device)
-        v.moved(part.numel())
+    def attend(box: Box, reads: list[torch.Tensor]) -> None:
+        t0, t1, y0, y1, x0, x1 = box
+        part = reads[0]
         n = _norm(part, aff, act=False)[0].permute(1, 2, 3, 0)  # [tt, hh, ww, C]
         ys = []
         for f in range(t1 - t0):  # frame t0 + f sees frames 0 .. t0 + f: a prefix of the keys
@@ -335,9 +392,9 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
             y = y / a.rescale
         v.count(part, y)
         st.add(y)
-        out[:, :, t0:t1, y0:y1, x0:x1].copy_(y)  # blocking: the next pass reads this host memory on the CPU
-        v.moved(y.numel())
-    v.tick()
+        v.put(_box(out, box), y)
+
+    _sweep(v, boxes, request, attend)
     return out, st
 
 
@@ -386,6 +443,9 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
     steps = _steps(vae)
     device, dtype = vae.post_quant_conv.weight.device, vae.post_quant_conv.weight.dtype
     home = torch.device("cpu") if buffers == "host" else device
+    mover: Mover | None = None
+    if buffers == "host":  # the image executor's copies: on CUDA a copy stream, one tile ahead of the compute
+        mover = CudaMover(device, None) if device.type == "cuda" else Mover(device, None)
     ledger = ledger if ledger is not None else {}
     sc, tc = int(vae.spatial_compression_ratio), int(vae.temporal_compression_ratio)
     n_out = 1 + tc * (z.shape[2] - 1)
@@ -393,7 +453,7 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
     live = 0
     for b in range(z.shape[0]):
         v = _Video(home, device, dtype, tile_px, tile_frames, n_out, sc * z.shape[3], ledger, progress,
-                   _passes(steps) * z.shape[0], done=b * _passes(steps))
+                   _passes(steps) * z.shape[0], mover, done=b * _passes(steps))
         with torch.no_grad():
             zz = vae.post_quant_conv(z[b:b + 1].to(device=device, dtype=dtype))
             x, xs = _conv_pass(v, zz, steps[0], None, _next_groups(steps, 0))

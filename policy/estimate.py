@@ -31,6 +31,11 @@ CPU_SECONDS_PER_VOXEL = 4e-5  # float32 SD decoder on a few CPU cores (assumed; 
 #: decoder at 9 frames (bench/video_cpu_memory.py, cpu-video-decode-2026-12-02.jsonl), 0.73-0.74 on Wan's (whose GPU
 #: figure is derived from those rows); the top of that range, assumed to carry over to tiles and chunks.
 CPU_HOST_PER_GPU_BYTE = 0.86
+#: Seconds of exact tiles on the CPU (float32, whole-image buffers in host memory) per second of the CPU's full decode,
+#: measured on this project's CPU runs: 1.20x at 256x256 (bench/tiled_speed.py cpu, docs/benchmarks.md), 1.03x at
+#: 512x640 and 1.25-1.36x on the SD decoder config (issue 15's side-by-side runs); the top of that range. Local tiles
+#: on the CPU measured 1.65-1.67x in the same run as the 1.20x.
+CPU_EXACT_FACTOR = 1.36
 REMOTE_SPEED_FACTOR = 2.0  # a hosted endpoint's GPU against an H200 (assumed)
 # Response bytes per output pixel and extra seconds per megapixel (encode + decode) per format.
 FORMAT_BYTES_PER_PX: dict[str, float] = {"raw": 3.0, "png": 1.6, "jpg": 0.35, "mp4": 0.08}
@@ -332,8 +337,13 @@ def offload_seconds(job: DecodeJob, fam: Family, speed: SpeedModel, tile_px: int
     compute = exact_seconds(job, fam, speed, tile_px, sched=sched)
     rate, src = host_copy_rate(gp)
     copy = costs.moved_bytes / rate
-    total = max(compute, copy) + OVERLAP_LOSS * min(compute, copy)
-    return total, copy, f"{costs.moved_bytes / 1e9:.1f} GB moved at {src}, overlapped with the compute"
+    return overlapped(compute, copy), copy, f"{costs.moved_bytes / 1e9:.1f} GB moved at {src}, overlapped with the compute"
+
+
+def overlapped(compute: float, copy: float) -> float:
+    """Seconds of compute and copies that overlap (the exact tilers' copy stream, one tile ahead): the longer of
+    the two plus :data:`OVERLAP_LOSS` of the shorter."""
+    return max(compute, copy) + OVERLAP_LOSS * min(compute, copy)
 
 
 def host_copy_rate(gp: GpuProfile | None) -> tuple[float, str]:
@@ -460,6 +470,12 @@ def cpu_host_bytes(job: DecodeJob, fam: Family, *, tile_px: int | None, overlap_
     gpu = peak_bytes(j32, fam, tile_px=tile_px, overlap_px=overlap_px, frame_chunk=frame_chunk,
                      slice_batch=slice_batch, geometry="diffusers" if fam.video else "engine")
     return int(gpu * CPU_HOST_PER_GPU_BYTE)
+
+
+def cpu_exact_host_bytes(job: DecodeJob, fam: Family, tile_px: int) -> int:
+    """Host bytes of exact tiles on the CPU (float32): :func:`exact_peak_bytes` of the same decode, weights
+    excluded (the CPU measured 0.95-1.03x the analytic figure that estimate multiplies by the family's margin)."""
+    return exact_peak_bytes(dataclasses.replace(job, dtype="float32", vae_resident=True), fam, tile_px)
 
 
 def cpu_seconds(job: DecodeJob, fam: Family) -> float:

@@ -317,7 +317,8 @@ class Plan:
     @property
     def label(self) -> str:
         """Short human text, e.g. ``tiled 384px/64``, ``tiled 512px exact``, ``tiled 256px exact+host``,
-        ``tiled 4-latent-frame chunks``, ``full (item by item)``, ``remote png``, ``cpu``, ``cpu 256px/64``."""
+        ``tiled 4-latent-frame chunks``, ``full (item by item)``, ``remote png``, ``cpu``, ``cpu 512px exact``,
+        ``cpu 256px/64``."""
         if self.path == "tiled" and self.groupnorm == "exact":
             host = "" if not self.offloaded else "+host (all)" if self.device_budget == 0 else "+host"
             return f"tiled {self.tile_px}px exact{host}"
@@ -333,6 +334,8 @@ class Plan:
         if self.path == "full" and self.slice_batch:
             return "full (item by item)"
         if self.path == "cpu":
+            if self.groupnorm == "exact":
+                return f"cpu {self.tile_px}px exact"
             parts = [f"{self.tile_px}px/{self.overlap_px}"] if self.tile_px is not None else []
             parts += [f"{self.frame_chunk}-latent-frame chunks"] if self.frame_chunk is not None else []
             return "cpu " + ", ".join(parts) if parts else "cpu"

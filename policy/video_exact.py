@@ -22,7 +22,7 @@ import functools
 import math
 from typing import TYPE_CHECKING
 
-from hybrid_vae.policy.estimate import host_copy_rate, latent_frames
+from hybrid_vae.policy.estimate import host_copy_rate, latent_frames, overlapped
 from hybrid_vae.policy.model import Estimate
 
 if TYPE_CHECKING:
@@ -189,18 +189,20 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
 
     - Device: the tile's region and output, the region's normalised copy and the convolution's output
       (2 x the counted tile elements, assumed: the CPU measured 1.35-1.60x, ``bench/hunyuan_exact.py --memory``),
-      the mid block's keys and values (counted), the tile workspace, and (not ``host_buffers``) the buffers at
-      their widest and the batch's finished videos (counted), x ``memory.exact_margin``; the weights when not
-      resident.
+      with ``host_buffers`` one more region and output in flight (the copy stream reads the next tile's region
+      while this one computes, and the last output is still on its way out: counted), the mid block's keys and
+      values (counted), the tile workspace, and (not ``host_buffers``) the buffers at their widest and the batch's
+      finished videos (counted), x ``memory.exact_margin``; the weights when not resident.
     - Host (``host_buffers``): the whole-video buffers at their widest (counted) and the batch's finished videos.
     - Seconds: a full decode's x ``exact_time_factor`` (assumed, as image exact tiles), a fixed cost per tile
       step, and (``host_buffers``) the counted copies at the slower of the card's link and the CPU's staging
-      copies, *not* overlapped (the executor's copies are plain).
+      copies, overlapped with the compute as the image executor's (:func:`policy.estimate.overlapped`; the same
+      copy stream, :class:`extension.stream_store.CudaMover`).
     """
     c = video_exact_counts(job, fam, tile_px)
     m, t = fam.memory, fam.timing
     frames = 1 + fam.temporal_compression * (latent_frames(job, fam) - 1)
-    device = float((2 * c.tile_elements + c.kv_elements) * dsize)
+    device = float(((3 if host_buffers else 2) * c.tile_elements + c.kv_elements) * dsize)
     if tile_px * tile_px >= m.tile_workspace_min_px:
         device += m.tile_workspace_bytes
     out_elems = (fam.decoder.out_channels if fam.decoder else 3) * frames * job.height * job.width
@@ -220,6 +222,6 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
     moved = c.moved_elements * dsize * job.batch
     copy = moved / rate
     return Estimate(
-        peak_bytes=int(peak), seconds=compute + copy, peak_source=peak_source,
-        seconds_source=f"{seconds_source}; {moved / 1e9:.1f} GB copied at {src}, not overlapped",
+        peak_bytes=int(peak), seconds=overlapped(compute, copy), peak_source=peak_source,
+        seconds_source=f"{seconds_source}; {moved / 1e9:.1f} GB copied at {src}, overlapped with the compute",
         host_bytes=int(buffers), transfer_bytes=int(moved), transfer_seconds=copy)

@@ -301,8 +301,10 @@ def test_engine_decision_sees_the_cache_split_and_margin_overrides():
     s = sc(free=0.5, cache=0.4)
     d = engine_decision(s, P)
     assert d.gpu.torch_reusable_bytes > 0 and d.available_bytes == s.gpu().available_bytes
-    exact = [o.plan for o in engine_decision(s, P, exact_margin=1.0).options if o.plan.groupnorm == "exact"]
-    default = [o.plan for o in d.options if o.plan.groupnorm == "exact"]
+    def tiles(dd):
+        return [o.plan for o in dd.options if o.plan.path == "tiled" and o.plan.groupnorm == "exact"]
+
+    exact, default = tiles(engine_decision(s, P, exact_margin=1.0)), tiles(d)
     assert exact and exact[0].estimate.peak_bytes < default[0].estimate.peak_bytes
 
 

@@ -171,19 +171,35 @@ def test_reusable_cache_counts():
 def test_no_gpu_is_cpu():
     cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="no CUDA")
     d = decide(SDXL, cpu, P)
-    assert [p.label for p in d.plans] == ["cpu", "cpu 256px/64"]
+    assert [p.label for p in d.plans] == ["cpu", "cpu 512px exact", "cpu 256px/64"]
+    assert [p.label for p in decide(SDXL, cpu, P, DecodeSettings(tile_groupnorm="local")).plans] == [
+        "cpu", "cpu 256px/64"]
 
 
 def test_cpu_plans_bound_host_memory():
-    """The CPU plans: one item at a time (video: the VAE's temporal chunks), then local tiles (video: then those
-    tiles one latent frame at a time), so a host without
-    ~15 GiB free for a 2048 px float32 decode still gets the image (docs/benchmarks.md: lost on host memory)."""
+    """The CPU plans: one item at a time (video: the VAE's temporal chunks), then (images) exact tiles with the
+    whole-image buffers in host memory, then local tiles (video: then those tiles one latent frame at a time), so a
+    host without ~15 GiB free for a 2048 px float32 decode still gets the image (docs/benchmarks.md: lost on host
+    memory), without tile drift where the exact tiles' buffers fit."""
+    from hybrid_vae.policy.estimate import CPU_EXACT_FACTOR, cpu_exact_host_bytes
+
     cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="no CUDA")
-    d = decide(DecodeJob("sdxl", 2048, 2048, batch=2), cpu, P)
-    first, tiled = d.plans
+    job = DecodeJob("sdxl", 2048, 2048, batch=2)
+    d = decide(job, cpu, P)
+    first, exact, tiled = d.plans
     assert first.slice_batch and first.tile_px is None and first.dtype == "float32"
+    assert exact.path == "cpu" and exact.groupnorm == "exact" and exact.tile_px == 512 and exact.dtype == "float32"
+    assert exact.estimate.seconds == pytest.approx(first.estimate.seconds * CPU_EXACT_FACTOR)
+    assert exact.estimate.host_bytes == cpu_exact_host_bytes(job, P.family("sdxl"), 512)
+    assert tiled.estimate.host_bytes < exact.estimate.host_bytes < first.estimate.host_bytes
     assert tiled.path == "cpu" and tiled.tile_px == 248 and tiled.slice_batch  # equalised tiles under a 256 cap
-    assert tiled.estimate.seconds > first.estimate.seconds  # the overlaps are decoded twice
+    assert tiled.estimate.seconds > exact.estimate.seconds > first.estimate.seconds  # overlaps decoded twice
+    why = {o.plan.label: o.why for o in d.options}
+    assert why["cpu 512px exact"].startswith("last resort, exact tiles: whole-image buffers in host memory")
+    # a host that holds the exact tiles' buffers but not a whole decode: exact before the full decode
+    host = int(exact.estimate.host_bytes + DecodeSettings().host_reserve_bytes + GiB)
+    short = decide(job, dataclasses.replace(cpu, host_available_bytes=host), P)
+    assert [p.label for p in short.plans] == ["cpu 512px exact", "cpu 248px/64", "cpu"]
     v = decide(DecodeJob("hunyuanvideo", 960, 544, frames=61), cpu, P)
     assert [p.label for p in v.plans] == ["cpu 4-latent-frame chunks", "cpu 256px/64, 4-latent-frame chunks",
                                           "cpu 256px/64, 1-latent-frame chunks"]
@@ -357,7 +373,7 @@ def test_local_tiles_over_a_fitting_exact_plan_only_when_much_faster_and_the_rea
     g = card("NVIDIA GeForce RTX 3070", 0.28)
     base = {"min_tile_px": 64, "reserve_bytes": 128 * 2**20, "tight_speedup": None}  # the budget's choice alone
     d = decide(job, g, P, DecodeSettings(**base, exact_tolerance=1.2))
-    exact = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "exact"]
+    exact = [o.plan for o in d.options if o.feasible and o.plan.path == "tiled" and o.plan.groupnorm == "exact"]
     assert d.chosen.groupnorm == "local" and exact
     assert min(p.estimate.seconds for p in exact) > 1.2 * d.chosen.estimate.seconds
     assert "fits but is estimated" in d.reason and "tile colours may differ" in d.reason
@@ -376,7 +392,7 @@ def test_video_exact_plans_need_host_memory_known_to_hold_their_buffers():
     are listed, refused, and diffusers' tiles run; under ``auto`` they are not planned at all."""
     job, g = DecodeJob("hunyuanvideo", 512, 320, frames=33), card("NVIDIA GeForce RTX 3070", 2.0)
     d = decide(job, g, P, DecodeSettings(tile_groupnorm="exact"))
-    exact = [o for o in d.options if o.plan.groupnorm == "exact"]
+    exact = [o for o in d.options if o.plan.path == "tiled" and o.plan.groupnorm == "exact"]
     assert exact and not any(o.feasible for o in exact) and d.chosen.groupnorm == "local"
     assert all(o.plan.groupnorm == "local" for o in decide(job, g, P).options)
 
@@ -402,7 +418,7 @@ def test_the_situations_that_drifted_are_lossless_now(job, name, free):
     assert "exact+host" in c.label and 0 < c.estimate.host_bytes <= (16 - 2) * GiB
     assert c.estimate.peak_bytes <= d.budget_bytes and c.estimate.transfer_seconds > 0
     assert "in host memory" in d.reason and "output equals a full decode" in d.reason
-    inmem = [o for o in d.options if o.plan.groupnorm == "exact" and not o.plan.offloaded]
+    inmem = [o for o in d.options if o.plan.path == "tiled" and o.plan.groupnorm == "exact" and not o.plan.offloaded]
     assert inmem and not any(o.feasible for o in inmem)  # it really did not fit on the GPU alone
     # without host memory to spare the same decision drifts, and says why
     tight = decide(job, _with_host(card(name, free), 2.5), P)
@@ -444,7 +460,7 @@ def test_local_tiles_only_when_nothing_lossless_fits_or_much_faster():
     g = _with_host(card("NVIDIA GeForce RTX 3070", 2.0), 16)
     job = DecodeJob("sdxl", 1024, 1024)
     d = decide(job, g, P)
-    lossless = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "exact"]
+    lossless = [o.plan for o in d.options if o.feasible and o.plan.path == "tiled" and o.plan.groupnorm == "exact"]
     local = [o.plan for o in d.options if o.feasible and o.plan.groupnorm == "local"]
     assert lossless and local and d.chosen in lossless
     fastest_local = min(p.estimate.seconds for p in local)

@@ -83,6 +83,31 @@ def test_fixture_offloaded_equals_the_full_decode(shape, tile_px, share):
     assert psnr(out, ref) >= 100
 
 
+@pytest.mark.parametrize(("shape", "tile_px", "share"), [((2, 4, 17, 23), 48, 0.0), ((1, 4, 12, 16), 1024, 0.3)])
+def test_copies_that_land_late_as_on_cuda_still_equal_the_full_decode(monkeypatch, lagging_mover, shape, tile_px,
+                                                                       share):
+    """Host buffers through a mover ordered as the CUDA one (reads requested a tile ahead, writes landing a tile
+    late, every write in place at the end of a pass): still the full decode. A pass that ends one write short is
+    caught (one tile per pass: the next pass reads first the tile still pending)."""
+    from hybrid_vae.extension import stream
+
+    vae = load_fixture_vae()
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    ref = full(vae, z)
+    lagging = lagging_mover()
+    monkeypatch.setattr(stream, "Mover", lagging)
+    budget = budget_for(vae, z, tile_px, share)
+    with torch.no_grad():
+        out = stream_decode(vae, z, tile_px=tile_px, device_budget=budget)
+    assert psnr(out, ref) >= 100
+    assert len(lagging.made) == 1 and lagging.made[0].late > 0 and lagging.made[0].h2d > 0
+    if tile_px >= 1024:
+        monkeypatch.setattr(stream, "Mover", lagging_mover(lazy_drain=True))
+        with torch.no_grad():
+            bad = stream_decode(vae, z, tile_px=tile_px, device_budget=budget)
+        assert not bool(((bad.double() - ref.double()).abs() <= 1e-3).all())  # stale (or never written): differs
+
+
 def test_offloaded_is_as_close_to_float64_as_the_full_float32_decode():
     """Where the two float32 results differ (about 2e-4 at most on the fixture), the full decode is the one
     further from a float64 decode: whole-image statistics summed per tile and merged in float64 lose less than
@@ -258,3 +283,23 @@ def test_the_engine_runs_an_offloaded_plan_end_to_end():
     assert "exact+host" in r.report.infotext() and psnr(r.tensor, ref) >= 100
     r = HybridDecoder(probe=lambda: parse_simulation(sim.format(0.5))).decode(z, vae, family="sd15")
     assert not r.report.ran.offloaded and "of host memory" in " ".join(o.why for o in r.report.decision.options)
+
+
+def test_without_a_gpu_exact_tiles_on_the_cpu_when_host_memory_holds_their_buffers_not_a_full_decode():
+    """No GPU and 1 GiB of host memory over the reserve: the CPU's full decode needs more (1.05 GiB est.), exact
+    tiles on the CPU fit (0.69 GiB) and run first: the image equals the full decode (no tile drift), the report
+    names the plan; local tiles stay behind them in the chain."""
+    from hybrid_vae.extension.latents import to_vae_space
+    from hybrid_vae.extension.orchestrator import HybridDecoder
+    from hybrid_vae.policy import GpuState, load_profiles
+
+    vae = load_fixture_vae()
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.8
+    ref = full(vae, to_vae_space(z, load_profiles("").family("sd15"))).clamp(-1, 1)
+    cpu = GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu", note="no CUDA",
+                   host_available_bytes=3 * 2**30)
+    r = HybridDecoder(probe=lambda: cpu).decode(z, vae, family="sd15")
+    ran = r.report.ran
+    assert ran.path == "cpu" and ran.groupnorm == "exact" and ran.label == "cpu 256px exact", ran.label
+    assert [p.label for p in r.report.decision.plans] == ["cpu 256px exact", "cpu 216px/64", "cpu"]
+    assert "cpu exact tiles 256px" in r.report.infotext() and psnr(r.tensor, ref) >= 100

@@ -211,7 +211,7 @@ def test_every_plan_failing_saves_the_latent_and_names_it(tiny, tmp_path):
     assert err.latent_path is not None and err.latent_path.is_file()
     assert str(err.latent_path) in str(err) and "hybrid-vae decode" in str(err)
     labels = [a[0] for a in err.attempts]
-    assert labels[0] == "full" and labels[-2:] == ["cpu", "cpu 192px/64"]
+    assert labels[0] == "full" and labels[-3:] == ["cpu", "cpu 160px exact", "cpu 192px/64"]
     assert all(a[1] == "out of memory" for a in err.attempts)
     back, meta = load_latent(err.latent_path)
     assert torch.equal(back, z)  # the latent as given: not normalised, same dtype

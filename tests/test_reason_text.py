@@ -91,23 +91,29 @@ def test_cpu_plans_say_full_or_tiled():
     gpu = parse_simulation("name=NVIDIA GeForce RTX 3070,free_gib=0.01")
     d = decide(DecodeJob("sd15", 1024, 1024, batch=2), gpu, PROFILES, DecodeSettings())
     cpu = [p for p in d.plans if p.path == "cpu"]
-    assert [describe_plan(p) for p in cpu] == ["cpu full decode (item by item)", "cpu tiled 256px/64"], cpu
+    assert [describe_plan(p) for p in cpu] == ["cpu full decode (item by item)", "cpu exact tiles 512px",
+                                               "cpu tiled 256px/64"], cpu
     assert d.summary.startswith("cpu full decode (item by item), no GPU plan fits")
     v = decide(DecodeJob("hunyuanvideo", 512, 512, frames=33), gpu, PROFILES, DecodeSettings())
     assert describe_plan(v.chosen).startswith("cpu full frames, ") and "-frame chunks" in describe_plan(v.chosen)
     assert describe_plan(d.options[0].plan) == d.options[0].plan.label  # other plans: their label
 
 
-def test_a_cpu_fallback_to_tiles_says_tiled():
+@pytest.mark.parametrize("exact_fails", [False, True])
+def test_a_cpu_fallback_to_tiles_says_tiled(exact_fails):
+    """The CPU's full decode fails: exact tiles next (the infotext says so), and when they fail too, local tiles."""
     import torch
     from hybrid_vae.extension.fixture import build_tiny_vae
     from hybrid_vae.extension.orchestrator import HybridDecoder
 
-    def full_cpu_fails(plan):
-        if plan.path == "cpu" and plan.tile_px is None:
+    def cpu_fails(plan):
+        if plan.path == "cpu" and (plan.tile_px is None or (exact_fails and plan.groupnorm == "exact")):
             raise torch.OutOfMemoryError("host out of memory (injected)")
 
     dec = HybridDecoder(probe=lambda: GpuState(name="cpu", total_bytes=0, free_bytes=0, source="cpu"),
-                        before_plan=full_cpu_fails)
+                        before_plan=cpu_fails)
     r = dec.decode(torch.randn(1, 4, 64, 64) * 0.18215, build_tiny_vae("sd15"), family="sd15")
-    assert re.match(r"cpu tiled \d+px/64, fell back from cpu \(out of memory\)", r.report.infotext()), r.report.infotext()
+    want = r"cpu tiled \d+px/64" if exact_fails else r"cpu exact tiles \d+px"
+    assert re.match(want + r", fell back from cpu \(out of memory\)", r.report.infotext()), r.report.infotext()
+    kinds = [a[0].split()[-1].split("px/")[-1] for a in r.report.attempts]
+    assert kinds == (["cpu", "exact", "64"] if exact_fails else ["cpu", "exact"]), r.report.attempts
