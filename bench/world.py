@@ -251,6 +251,7 @@ class Exec:
     kind: str = ""
     budget: int = -1  # offloaded exact tiles: the device bytes of their whole-image buffers
     host_out: bool = False  # video chunks: finished frames streamed to host memory (the engine's executor)
+    tile_frames: int = 0  # exact 3-D video tiles: output frames per tile (0: the executor's default)
 
     def __post_init__(self) -> None:  # one key per execution: no overlap without chunks
         if self.frame_chunk is None and self.frame_overlap:
@@ -265,7 +266,7 @@ class Exec:
     def key(self) -> str:
         return (f"{self.path}|{self.items}|{self.tiles}|{self.overlap_px}|{self.geometry}|{self.frame_chunk}|"
                 f"{self.fmt}|{self.kind}" + (f"|{self.budget}" if self.geometry in ("offload", "exact3d") else "")
-                + ("|host-out" if self.host_out else ""))
+                + ("|host-out" if self.host_out else "") + (f"|{self.tile_frames}f" if self.tile_frames else ""))
 
     @classmethod
     def from_plan(cls, plan: Plan, fam: Family, batch: int) -> Exec:
@@ -292,7 +293,7 @@ class Exec:
         if plan.groupnorm == "exact" and fam.architecture == "hunyuanvideo":  # extension/stream_hunyuan.py
             host = plan.device_budget is not None  # every whole-video buffer in host memory, else on the GPU
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact3d", budget=0 if host else -1,
-                       host_out=host)
+                       host_out=host, tile_frames=plan.tile_frames or 0)
         if plan.groupnorm == "exact":
             raise ValueError(f"the simulated world has no truth for exact video tiles of {fam.architecture} "
                              f"({plan.label!r}); register one in bench/truth.py")

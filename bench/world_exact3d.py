@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 #: diffusers' ``AutoencoderKLHunyuanVideo`` defaults: block_out_channels, layers_per_block, latent_channels.
 DECODER = ((128, 256, 512, 512), 2, 16)
-#: Output frames per tile: the executor's default (``hunyuan_exact_decode(tile_frames=16)``).
+#: Output frames per tile: the executor's default (``hunyuan_exact_decode(tile_frames=16)``); a plan may give fewer.
 TILE_FRAMES = 16
 #: The tile's working set / its counted region and output (assumed, per installation).
 WORKING_SET = (1.5, 3.0)
@@ -44,13 +44,13 @@ def counts(world: World, sc: Scenario, ex: Exec) -> VideoExactCounts:
     """What the executor holds and moves for one item of this execution (memoised on the world)."""
     tc, s = 4, 8
     lat = ((sc.frames or 1) - 1) // tc + 1
-    key = (lat, sc.height // s, sc.width // s, ex.tiles[0][0])
+    key = (lat, sc.height // s, sc.width // s, ex.tiles[0][0], ex.tile_frames or TILE_FRAMES)
     memo: dict[tuple[int, ...], VideoExactCounts] = world.__dict__.setdefault("_exact3d_counts", {})
     got = memo.get(key)
     if got is None:
         widths, lpb, lc = DECODER
         ps = hunyuan_passes(widths, lpb, latent_channels=lc, latent=key[:3])
-        got = memo[key] = hunyuan_counts(ps, tile_px=key[3], tile_frames=TILE_FRAMES,
+        got = memo[key] = hunyuan_counts(ps, tile_px=key[3], tile_frames=key[4],
                                          out=(1 + tc * (lat - 1), key[1] * s, key[2] * s))
     return got
 

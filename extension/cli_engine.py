@@ -284,6 +284,8 @@ LEGEND = (
     "voxel: one pixel of one frame",
     "          exact+host: exact tiles whose whole-image (video: whole-video) buffers live partly in host memory "
     "((all): every one); host GiB: those buffers, copy s: estimated copy time",
+    "          x 4 frames: exact video tiles of that many output frames (else the family's default, 16: fewer "
+    "frames hold less on the GPU, copy more)",
 )
 
 

@@ -528,7 +528,8 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
             if family.architecture == "wan":
                 out = wan_exact_tiles(vae, z, tile_latent=plan.tile_px // family.spatial_compression)
             else:
-                out = hunyuan_exact_decode(vae, z, tile_px=plan.tile_px, tile_frames=family.tiling.exact_tile_frames or 16,
+                frames = plan.tile_frames or family.tiling.exact_tile_frames or 16
+                out = hunyuan_exact_decode(vae, z, tile_px=plan.tile_px, tile_frames=frames,
                                            buffers="host" if plan.offloaded else "device", progress=progress)
         elif video:
             out = _tiled_video(vae, z, plan, family, progress)

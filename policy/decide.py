@@ -424,13 +424,16 @@ class _PlanMaker:
         return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
                                       groupnorm="exact", host_output=True))
 
-    def video_passes(self, tile: int, *, host: bool = True) -> Plan:
+    def video_passes(self, tile: int, *, host: bool = True, frames: int | None = None) -> Plan:
         """Exact HunyuanVideo tiles with every whole-video buffer in host memory (``host``: label ``exact+host
-        (all)``) or on the GPU (label ``exact``) (:func:`policy.video_exact.video_exact_estimate`)."""
+        (all)``) or on the GPU (label ``exact``), ``frames`` output frames per tile (None: the family's
+        ``tiling.exact_tile_frames``) (:func:`policy.video_exact.video_exact_estimate`)."""
         x = self.x
-        est = video_exact_estimate(x.job, x.fam, x.speed, x.gp, tile, dtype_bytes(x.dtype), host_buffers=host)
+        est = video_exact_estimate(x.job, x.fam, x.speed, x.gp, tile, dtype_bytes(x.dtype), host_buffers=host,
+                                   tile_frames=frames)
         return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
-                                      groupnorm="exact", device_budget=0 if host else None, host_output=host))
+                                      groupnorm="exact", device_budget=0 if host else None, host_output=host,
+                                      tile_frames=frames))
 
     def exact(self, tile: int) -> Plan:
         x, job, fam = self.x, self.x.job, self.x.fam
@@ -494,6 +497,11 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
         if gn == "exact":  # every buffer on the GPU (no copies; refused where they do not fit)
             plans += [make.video_passes(tile, host=False) for tile in tiles3d]
         plans += [make.video_passes(tile) for tile in tiles3d]
+        # with host buffers the tile is what the GPU holds: tiles one latent frame long hold a third of the
+        # default's (16 frames), for more steps and copies (each reads two earlier frames of context)
+        one = fam.temporal_compression
+        if one < (fam.tiling.exact_tile_frames or 0):
+            plans += [make.video_passes(tile, frames=one) for tile in tiles3d]
     if chunk is not None:
         plans.append(make.local("tiled", chunk=chunk, slice_batch=True))
     for tile in tiles:

@@ -295,6 +295,8 @@ class Plan:
             buffer in host memory, label ``exact+host (all)``).
         host_output: video plans: the finished frames go to host memory as each temporal chunk (HunyuanVideo)
             or spatial tile (Wan) is decoded, on diffusers' classes, so the GPU never holds the whole video.
+        tile_frames: exact 3-D video tiles (HunyuanVideo): output frames per tile; None: the family's
+            ``tiling.exact_tile_frames`` (label ``tiled 256px x 4 frames exact+host (all)`` when set).
         dtype: the dtype the decode runs in.
         endpoint / response_format: for remote plans.
         estimate: the plan's estimated peak and seconds.
@@ -313,6 +315,7 @@ class Plan:
     endpoint: str | None = None
     response_format: ResponseFormat | None = None
     host_output: bool = False
+    tile_frames: int | None = None
 
     @property
     def label(self) -> str:
@@ -321,7 +324,8 @@ class Plan:
         ``cpu 256px/64``."""
         if self.path == "tiled" and self.groupnorm == "exact":
             host = "" if not self.offloaded else "+host (all)" if self.device_budget == 0 else "+host"
-            return f"tiled {self.tile_px}px exact{host}"
+            frames = f" x {self.tile_frames} frames" if self.tile_frames is not None else ""
+            return f"tiled {self.tile_px}px{frames} exact{host}"
         if self.path == "tiled":
             parts = []
             if self.tile_px is not None:

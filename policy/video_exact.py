@@ -168,8 +168,9 @@ def _counts(widths: tuple[int, ...], layers_per_block: int, latent_channels: int
     return hunyuan_counts(ps, tile_px=tile_px, tile_frames=tile_frames, out=out)
 
 
-def video_exact_counts(job: DecodeJob, fam: Family, tile_px: int) -> VideoExactCounts:
-    """:func:`hunyuan_counts` of one item of ``job`` (memoised: a pure function of the config and the sizes).
+def video_exact_counts(job: DecodeJob, fam: Family, tile_px: int, tile_frames: int | None = None) -> VideoExactCounts:
+    """:func:`hunyuan_counts` of one item of ``job`` (memoised: a pure function of the config and the sizes), with
+    ``tile_frames`` output frames per tile (None: the family's ``tiling.exact_tile_frames``).
 
     Raises:
         ValueError: the family has no decoder config or no ``tiling.exact_tile_frames``.
@@ -179,13 +180,16 @@ def video_exact_counts(job: DecodeJob, fam: Family, tile_px: int) -> VideoExactC
     sc, lat = fam.spatial_compression, latent_frames(job, fam)
     return _counts(tuple(fam.decoder_widths), fam.decoder.layers_per_block, fam.latent_channels,
                    (lat, job.height // sc, job.width // sc), fam.decoder.mid_attention, fam.decoder.out_channels,
-                   tile_px, fam.tiling.exact_tile_frames, (1 + fam.temporal_compression * (lat - 1), job.height, job.width))
+                   tile_px, tile_frames or fam.tiling.exact_tile_frames,
+                   (1 + fam.temporal_compression * (lat - 1), job.height, job.width))
 
 
 def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: GpuProfile | None, tile_px: int,
-                         dsize: int, *, host_buffers: bool = True) -> Estimate:
-    """Peak, host memory and seconds of exact video tiles with every whole-video buffer in host memory
-    (``host_buffers``) or on the device.
+                         dsize: int, *, host_buffers: bool = True, tile_frames: int | None = None) -> Estimate:
+    """Peak, host memory and seconds of exact video tiles of ``tile_px`` pixels and ``tile_frames`` output frames
+    (None: the family's ``tiling.exact_tile_frames``) with every whole-video buffer in host memory
+    (``host_buffers``) or on the device. Fewer frames per tile: a smaller tile on the device, more tile steps, and
+    more copies (each tile reads two earlier frames of context).
 
     - Device: the tile's region and output, the region's normalised copy and the convolution's output
       (2 x the counted tile elements, assumed: the CPU measured 1.35-1.60x, ``bench/hunyuan_exact.py --memory``),
@@ -199,7 +203,7 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
       copies, overlapped with the compute as the image executor's (:func:`policy.estimate.overlapped`; the same
       copy stream, :class:`extension.stream_store.CudaMover`).
     """
-    c = video_exact_counts(job, fam, tile_px)
+    c = video_exact_counts(job, fam, tile_px, tile_frames)
     m, t = fam.memory, fam.timing
     frames = 1 + fam.temporal_compression * (latent_frames(job, fam) - 1)
     device = float(((3 if host_buffers else 2) * c.tile_elements + c.kv_elements) * dsize)
@@ -213,8 +217,9 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
     compute = (speed.full(frames * job.height * job.width) * t.exact_time_factor
                + c.steps * t.exact_step_h200_s * speed.card_factor) * job.batch
     where = f"whole-video buffers {buffers / 2**30:.1f} GiB " + ("in host memory" if host_buffers else "on the GPU")
+    frames_per_tile = tile_frames or fam.tiling.exact_tile_frames
     peak_source = (f"{job.family} exact video tiles (counted from the decoder config): tile {tile_px} px x "
-                   f"{fam.tiling.exact_tile_frames} frames with context, keys/values, {where}, x{m.exact_margin:g} margin")
+                   f"{frames_per_tile} frames with context, keys/values, {where}, x{m.exact_margin:g} margin")
     seconds_source = f"{speed.source}; exact tiling x{t.exact_time_factor:g} (assumed) + {c.steps} tile steps"
     if not host_buffers:
         return Estimate(peak_bytes=int(peak), seconds=compute, peak_source=peak_source, seconds_source=seconds_source)

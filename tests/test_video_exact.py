@@ -4,6 +4,7 @@ orchestrator runs them; the simulated world prices them from diffusers' defaults
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -81,6 +82,42 @@ def test_the_engine_plans_exact_hunyuan_tiles_only_when_asked_and_host_memory_ho
         assert "no lossless plan fits" in small.reason
 
 
+def test_tiles_one_latent_frame_long_fit_where_the_default_ones_do_not(monkeypatch):
+    """61 frames of 512x320 on an RTX 3080 with 2.5 GiB free and 16 GiB of host memory, ``exact``: 16-frame 3-D
+    tiles need 3.8 GiB and more on the GPU, tiles of 4 frames (one latent frame) from 1.2 GiB: those run, priced
+    with more copies and steps (counted for 4 frames); the executor gets the plan's frames."""
+    from hybrid_vae.extension import executors
+    from hybrid_vae.extension.executors import run_plan
+
+    job = DecodeJob("hunyuanvideo", 512, 320, frames=61)
+    fam = P.family("hunyuanvideo")
+    sim = parse_simulation("name=NVIDIA GeForce RTX 3080,free_gib=2.5,host_gib=16")
+    d = decide(job, sim, P, DecodeSettings(tile_groupnorm="exact"))
+    c = d.chosen
+    assert c.offloaded and c.tile_frames == 4 and c.label == f"tiled {c.tile_px}px x 4 frames exact+host (all)"
+    default = [o for o in d.options if o.plan.path == "tiled" and o.plan.offloaded and o.plan.tile_frames is None]
+    assert default and not any(o.feasible for o in default)
+    same = next(o.plan for o in default if o.plan.tile_px == c.tile_px)
+    four, sixteen = (video_exact_counts(job, fam, c.tile_px or 0, f) for f in (4, None))
+    assert four.tile_elements < sixteen.tile_elements / 2 and four.moved_elements > sixteen.moved_elements
+    assert c.estimate.transfer_bytes == four.moved_elements * 2 > same.estimate.transfer_bytes
+    assert c.estimate.peak_bytes < same.estimate.peak_bytes / 2
+    seen: list[int] = []
+    real = executors.hunyuan_exact_decode
+
+    def spy(*a, **kw):
+        seen.append(kw["tile_frames"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(executors, "hunyuan_exact_decode", spy)
+    vae = build_tiny_vae("hunyuanvideo")
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = vae.decoder(vae.post_quant_conv(z))
+    out = run_plan(dataclasses.replace(c, tile_px=16), vae, z, family=fam)  # the plan's frames on a tiny video
+    assert seen == [4] and psnr(out, full.clamp(-1, 1)) >= 100
+
+
 def test_the_orchestrator_decodes_a_hunyuan_video_with_exact_tiles_when_asked(tmp_path):
     """End to end: HybridDecoder on a simulated card where the full decode does not fit, ``tile_groupnorm="exact"``
     and host memory for the buffers: exact 3-D tiles run and the frames equal diffusers' full decode."""
@@ -114,6 +151,9 @@ def test_the_world_prices_the_engines_plan_from_its_own_counts():
     t = truth.of(world, sc, ex)
     full = truth.of(world, sc, Exec("full", items=1))
     assert t.host_bytes > 0 and t.gpu_bytes < full.gpu_bytes and t.seconds > full.seconds
+    four = dataclasses.replace(ex, tile_frames=4)  # tiles one latent frame long: counted as such, a key of their own
+    t4 = truth.of(world, sc, four)
+    assert four.key != ex.key and t4.gpu_bytes < t.gpu_bytes / 2 and t4.host_bytes == t.host_bytes
 
 
 def test_with_room_on_the_gpu_the_buffers_stay_there_and_nothing_crosses_the_link():
