@@ -419,8 +419,8 @@ WHAT_IF: dict[str, tuple[str, Strategy]] = {
                         "last-resort ones off)", engine_with(min_tile_px=256)),
     "engine_assumed_server": ("engine ranking endpoints at the assumed speed (2x an H200; before the client inferred "
                               "it from replies)", engine_assumed_server),
-    "engine_exact": ("engine, lossless tiles only (tile_groupnorm exact: no local image tiles; Wan: exact halo tiles; "
-                     "HunyuanVideo: exact 3-D tiles, diffusers' tiles where none fits)",
+    "engine_exact": ("engine, lossless tiles only (tile_groupnorm exact: no local image tiles on the GPU; Wan: exact "
+                     "halo tiles; HunyuanVideo: exact 3-D tiles, diffusers' tiles where none fits)",
                      engine_with(tile_groupnorm="exact")),
     "engine_no_tight": ("engine without the 'tight plan first' rule (tight_speedup None: never into the reserve "
                         "while a plan fits the budget)", engine_with(tight_speedup=None)),

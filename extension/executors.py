@@ -498,7 +498,9 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
         family (`Family`): the family profile (compression factors, architecture).
         device (`str | torch.device | None`, defaults to the VAE's device): where GPU plans run.
             The orchestrator passes the probed device, or the device that exists when the GPU is
-            simulated. ``cpu`` plans always run on the CPU (with a tile or, for video, chunks: tiled there).
+            simulated. ``cpu`` plans always run on the CPU (with a tile or, for video, chunks: tiled there; an
+            ``exact`` one through :func:`extension.stream.stream_decode` with every whole-image buffer in host
+            memory).
         progress (`ProgressFn | None`): ``progress(done, total)`` after each tile, chunk or item.
     Returns:
         torch.Tensor: float in [-1, 1] on the run device (an offloaded exact plan's may be on the CPU),
@@ -536,7 +538,10 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
         elif plan.groupnorm == "exact":
             if plan.tile_px is None:
                 raise PlanError(f"exact tiled plan {plan.label!r} has no tile size")
-            out = stream_decode(vae, z, tile_px=plan.tile_px, device_budget=plan.device_budget, progress=progress)
+            # a cpu plan's buffers in host memory even where the decoder's weights are not on the CPU (ComfyUI's
+            # adapter runs them where ComfyUI holds them): the device holds one tile, never the whole image
+            budget = 0 if plan.path == "cpu" else plan.device_budget
+            out = stream_decode(vae, z, tile_px=plan.tile_px, device_budget=budget, progress=progress)
         elif is_kl_like(vae):
             out = _tiled_kl(vae, z, plan, family, progress)
         else:
