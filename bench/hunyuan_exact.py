@@ -18,7 +18,8 @@ is for):
 
 ``--memory`` instead measures the peak (PyTorch's own count of allocated bytes, :func:`bench.exact_memory.cpu_peak_bytes`)
 of exact tiles at ``--tile`` and twice it, 16 and 4 frames, against the ledger: the engine prices the device side
-as 2 x the counted tile (region with context + output) + the keys and values, x ``exact_margin``; on the CPU the
+as 2 x the counted tile (region with context + output) + the keys and values, x ``exact_margin`` (3 x with host
+buffers on a GPU: the next tile's reads and the last output in flight on the copy stream); on the CPU the
 buffers share the one memory, so the table gives the whole peak against buffers + 2 x tile + keys/values, and the
 per-tile working set as the difference of two tile sizes over the difference of their counted tiles.
 """

@@ -32,7 +32,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from hybrid_vae.extension.stream import stream_decode
+from hybrid_vae.extension.stream import compute_device, stream_decode
 from hybrid_vae.extension.stream_hunyuan import hunyuan_exact_decode
 from hybrid_vae.extension.stream_wan import wan_exact_tiles
 from hybrid_vae.policy.errors import PlanError
@@ -500,7 +500,7 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
             The orchestrator passes the probed device, or the device that exists when the GPU is
             simulated. ``cpu`` plans always run on the CPU (with a tile or, for video, chunks: tiled there; an
             ``exact`` one through :func:`extension.stream.stream_decode` with every whole-image buffer in host
-            memory).
+            memory where the decoder computes elsewhere, ComfyUI's adapter).
         progress (`ProgressFn | None`): ``progress(done, total)`` after each tile, chunk or item.
     Returns:
         torch.Tensor: float in [-1, 1] on the run device (an offloaded exact plan's may be on the CPU),
@@ -538,9 +538,11 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
         elif plan.groupnorm == "exact":
             if plan.tile_px is None:
                 raise PlanError(f"exact tiled plan {plan.label!r} has no tile size")
-            # a cpu plan's buffers in host memory even where the decoder's weights are not on the CPU (ComfyUI's
-            # adapter runs them where ComfyUI holds them): the device holds one tile, never the whole image
-            budget = 0 if plan.path == "cpu" else plan.device_budget
+            # a cpu plan whose decoder computes elsewhere (ComfyUI's adapter runs ComfyUI's modules where ComfyUI
+            # holds them): every buffer in host memory, the device holds one tile; on the CPU itself in memory
+            # (as its host estimate: host buffers would add the copies and the un-narrowed schedule, ~1.3x)
+            off_cpu = plan.path == "cpu" and compute_device(vae).type != "cpu"
+            budget = 0 if off_cpu else plan.device_budget
             out = stream_decode(vae, z, tile_px=plan.tile_px, device_budget=budget, progress=progress)
         elif is_kl_like(vae):
             out = _tiled_kl(vae, z, plan, family, progress)

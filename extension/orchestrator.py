@@ -704,7 +704,8 @@ class HybridDecoder:
             peak_bytes=a.peak, decision=decision, simulated=p.gpu.simulated,
             device="remote" if plan.path == "remote" else ("cpu" if plan.path == "cpu" else p.run_dev),
             remote=a.remote, profile_error=p.profile_error,
-            groupnorm=plan.groupnorm if plan.path == "tiled" and not p.fam.video else None,
+            groupnorm=plan.groupnorm if (plan.path == "tiled" or (plan.path == "cpu" and plan.tile_px is not None))
+            and not p.fam.video else None,
             notes=(p.upcast,) if p.upcast else ())
         log.log(self.report_log_level, "hybrid-vae: %s %dx%d%s: %s", p.family, job.width, job.height,
                 f" x{job.batch}" if job.batch > 1 else "", report.infotext())

@@ -439,17 +439,18 @@ class _Run:
         return None
 
     def sweep(self, p: P.Pass, body: Callable[[Region, list[tuple[torch.Tensor, Region]]], None]) -> None:
-        """Run ``body(core, reads)`` over the tiles of ``p``; the reads of the next tile are requested
-        before this tile's writes are finished, so on CUDA the copies overlap the compute."""
+        """Run ``body(core, reads)`` over the tiles of ``p``. The next tile's reads are requested before this
+        tile is computed: on CUDA its upload is queued on the copy stream ahead of this tile's download, so it runs
+        while this tile computes (one in-order copy stream: an upload queued after the download would wait for it,
+        and the download waits for the compute). The reads come from earlier passes' buffers, never this one's."""
         reads = [a for a in p.reads if self.sched.buffers[a.buffer].role != "tokens"]
         cores = self.cores(p)
         nxt = [self.store.fetch(a, cores[0]) for a in reads]
         for i, core in enumerate(cores):
             got = [(t.take(), inner) for t, inner in nxt]
+            nxt = [self.store.fetch(a, cores[i + 1]) for a in reads] if i + 1 < len(cores) else []
             body(core, got)
             del got
-            if i + 1 < len(cores):
-                nxt = [self.store.fetch(a, cores[i + 1]) for a in reads]
             self.store.mover.settle()
             self.tick()
         self.store.mover.drain()
@@ -650,6 +651,16 @@ def _output(run: _Run, p: P.Pass, s: Output) -> None:
         run.store.write(out, core, _crop(s.conv(_norm(t, aff)), inner))
 
     run.sweep(p, body)
+
+
+def compute_device(vae: Any) -> torch.device:
+    """The device exact tiles of ``vae`` compute on: its decoder's (:func:`steps_of`; a VAE with ``stream_steps()``
+    may hold them elsewhere than its own parameters say).
+
+    Raises:
+        PlanError: the VAE's decoder is not one exact tiles run.
+    """
+    return _compute_device_dtype(steps_of(vae))[0]
 
 
 def _compute_device_dtype(steps: Sequence[Step]) -> tuple[torch.device, torch.dtype]:

@@ -254,15 +254,16 @@ def _box(t: torch.Tensor, box: Box) -> torch.Tensor:
 
 def _sweep(v: _Video, boxes: list[Box], request: Callable[[Box], list[Ticket]],
            body: Callable[[Box, list[torch.Tensor]], None]) -> None:
-    """Run ``body(box, reads)`` over ``boxes``; the reads of the next tile are requested once this tile's work is
-    queued, so on CUDA with host buffers the copies overlap the compute (as the image executor's sweep)."""
+    """Run ``body(box, reads)`` over ``boxes``. As the image executor's sweep: the next tile's reads are requested
+    before this tile is computed, so on CUDA with host buffers its upload runs on the copy stream while this tile
+    computes (queued after this tile's download it would wait for this tile's compute). The reads come from earlier
+    passes' buffers, never this one's."""
     nxt = request(boxes[0])
     for i, box in enumerate(boxes):
         got = [t.take() for t in nxt]
+        nxt = request(boxes[i + 1]) if i + 1 < len(boxes) else []
         body(box, got)
         del got
-        if i + 1 < len(boxes):
-            nxt = request(boxes[i + 1])
         v.settle()
     v.drain()
     v.tick()

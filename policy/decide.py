@@ -497,7 +497,7 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
         if gn == "exact":  # every buffer on the GPU (no copies; refused where they do not fit)
             plans += [make.video_passes(tile, host=False) for tile in tiles3d]
         plans += [make.video_passes(tile) for tile in tiles3d]
-        # with host buffers the tile is what the GPU holds: tiles one latent frame long hold a third of the
+        # with host buffers the tile is what the GPU holds: tiles of one latent frame's output frames hold a third of the
         # default's (16 frames), for more steps and copies (each reads two earlier frames of context)
         one = fam.temporal_compression
         if one < (fam.tiling.exact_tile_frames or 0):

@@ -68,9 +68,10 @@ def learn_path(plan: Plan) -> str:
     """The path key a plan's timings are learned under: ``full``, ``tiled``, ``tiled-exact``, ``tiled-offload``,
     ``tiled-halo`` (exact Wan tiles, priced as local tiles of their regions: their own key, so a card-wide
     factor of image exact tiles never scales them), ``tiled-exact3d`` (exact HunyuanVideo tiles, host buffers;
-    likewise; with their buffers on the GPU they are ``tiled-exact``, as image exact tiles in memory: a plan does
-    not say whether it is a video's, so there a card-wide peak entry of that path mixes the two models -- a known
-    limit), or its path (remote and cpu plans are not learned: :data:`LEARN_PATHS`)."""
+    likewise; 16- and 4-frame tiles share it; with their buffers on the GPU they are ``tiled-exact``, as image
+    exact tiles in memory: a plan does not say whether it is a video's, so there a card-wide peak entry of that
+    path mixes the two models -- a known limit), or its path (remote and cpu plans are not learned:
+    :data:`LEARN_PATHS`)."""
     if plan.path == "tiled" and plan.groupnorm == "exact":
         if plan.host_output:  # exact video tiles: Wan's halo tiles, HunyuanVideo's 3-D tiles with host buffers
             return "tiled-exact3d" if plan.offloaded else "tiled-halo"

@@ -248,7 +248,7 @@ def _core(code: ReasonCode, p: Mapping[str, ReasonValue]) -> str:
         return f"remote {_s(p, 'format')} est. {_f(p, 'seconds'):.2f} s, {vs}"
     why = "no GPU" if code == "cpu_no_gpu" else f"no GPU plan fits {_gib(_b(p, 'available'))}"
     if p.get("local_tiles_off") is not None:
-        why += f" (local tiles are off: tile_groupnorm={_s(p, 'local_tiles_off')})"
+        why += f" (local GPU tiles are off: tile_groupnorm={_s(p, 'local_tiles_off')})"
     if p.get("unmet_request") == "remote":  # the "remote requested but ..." prefix said why already
         return f"{label}: {why}"
     return f"{label}: {why}; remote: {'failed before' if p.get('remote_planned') else remote_text(p)}"

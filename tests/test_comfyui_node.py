@@ -211,6 +211,23 @@ def test_local_tiles_say_colours_may_differ(
     assert (image - ref).abs().mean().item() < 0.05  # tile borders only (GroupNorm sees each tile)
 
 
+def test_a_cpu_decode_in_exact_tiles_says_so(
+        comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing fits the GPU and the host holds exact tiles' buffers but not a whole CPU decode: the CPU plan in exact
+    tiles runs over ComfyUI's own modules (their buffers in host memory), and the line says it equals a full decode."""
+    monkeypatch.setenv("HYBRID_VAE_SIMULATE_GPU", "name=NVIDIA GeForce RTX 3070,free_gib=0.01,host_gib=3")
+    vae = _comfy_vae(comfy, sd15_weights)
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["HybridVAEDecode"]()
+    lat = _latent(1, 4, 64, 64, seed=1)
+    image, text, _ = node.decode(lat, vae)
+    assert "cpu exact tiles 256px" in text, text
+    assert "exact tiles over ComfyUI's decoder | exact tiles: equals a full decode" in text
+    assert "colours may differ" not in text and vae.decode_calls == []
+    ref = vae.decode(lat["samples"])
+    assert image.shape == ref.shape == (1, 512, 512, 3)
+    assert (image - ref).abs().max().item() < 1e-4
+
+
 @pytest.mark.slow
 def test_low_vram_simulated_runs_comfyuis_decode_tiled_for_other_vaes(
         comfy: dict, sd15_weights: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:

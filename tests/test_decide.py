@@ -382,7 +382,7 @@ def test_local_tiles_over_a_fitting_exact_plan_only_when_much_faster_and_the_rea
     only = decide(job, g, P, DecodeSettings(**base, tile_groupnorm="exact"))
     assert all(p.groupnorm == "exact" for p in only.plans if p.path == "tiled")
     tight = decide(job, card("NVIDIA GeForce RTX 3070", 0.1), P, DecodeSettings(**base, tile_groupnorm="exact"))
-    assert tight.chosen.path == "cpu" and "local tiles are off: tile_groupnorm=exact" in tight.reason
+    assert tight.chosen.path == "cpu" and "local GPU tiles are off: tile_groupnorm=exact" in tight.reason
     assert all(o.plan.groupnorm == "local" for o in decide(job, g, P, DecodeSettings(
         **base, tile_groupnorm="local")).options if o.plan.path == "tiled")
 

@@ -84,7 +84,7 @@ def test_the_engine_plans_exact_hunyuan_tiles_only_when_asked_and_host_memory_ho
 
 def test_tiles_one_latent_frame_long_fit_where_the_default_ones_do_not(monkeypatch):
     """61 frames of 512x320 on an RTX 3080 with 2.5 GiB free and 16 GiB of host memory, ``exact``: 16-frame 3-D
-    tiles need 3.8 GiB and more on the GPU, tiles of 4 frames (one latent frame) from 1.2 GiB: those run, priced
+    tiles need 3.8 GiB and more on the GPU, tiles of 4 frames (one latent frame's worth) from 1.2 GiB: those run, priced
     with more copies and steps (counted for 4 frames); the executor gets the plan's frames."""
     from hybrid_vae.extension import executors
     from hybrid_vae.extension.executors import run_plan
@@ -151,7 +151,7 @@ def test_the_world_prices_the_engines_plan_from_its_own_counts():
     t = truth.of(world, sc, ex)
     full = truth.of(world, sc, Exec("full", items=1))
     assert t.host_bytes > 0 and t.gpu_bytes < full.gpu_bytes and t.seconds > full.seconds
-    four = dataclasses.replace(ex, tile_frames=4)  # tiles one latent frame long: counted as such, a key of their own
+    four = dataclasses.replace(ex, tile_frames=4)  # 4-frame tiles: counted as such, a key of their own
     t4 = truth.of(world, sc, four)
     assert four.key != ex.key and t4.gpu_bytes < t.gpu_bytes / 2 and t4.host_bytes == t.host_bytes
 

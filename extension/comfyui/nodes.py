@@ -385,13 +385,13 @@ def decision_line(report: DecodeReport, key: str, how: str, target: Any) -> str:
     calls = getattr(target, "calls", None)
     if ran.path != "remote" and not isinstance(target, ComfyVAEAdapter):
         parts.append("engine executors (diffusers VAE)")
-    elif ran.path == "tiled" and report.groupnorm == "exact":
+    elif ran.path in ("tiled", "cpu") and report.groupnorm == "exact":
         parts.append("exact tiles over ComfyUI's decoder")
     elif ran.path != "remote" and calls:
         parts.append(f"ComfyUI {calls[-1]}")
-    if ran.path == "tiled" and report.groupnorm == "exact":
+    if ran.path in ("tiled", "cpu") and report.groupnorm == "exact":
         parts.append("exact tiles: equals a full decode")
-    elif ran.path == "tiled" and report.groupnorm == "local":
+    elif ran.path in ("tiled", "cpu") and report.groupnorm == "local":
         parts.append("local tiles: colours may differ from a full decode")
     asked = getattr(target, "asked", None)
     if asked:
