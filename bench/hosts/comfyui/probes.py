@@ -1,6 +1,6 @@
 """Workflows over a running ComfyUI's HTTP API that check the Hybrid VAE Decode node against ComfyUI's own VAEDecode.
 
-usage: python probes.py --port 8189 --dumps DIR --part tiles|local|identity [--same URL --other URL] [--out JSON]
+usage: python probes.py --port 8189 --dumps DIR --part tiles|local|cpu|identity [--same URL --other URL] [--out JSON]
 
 Each workflow loads models/vae/sd15_seed0.safetensors with ComfyUI's VAELoader, makes a seeded random latent
 (test node RandomLatentTest), decodes it with ComfyUI's VAEDecode (the reference) and with HybridVAEDecode, and
@@ -12,6 +12,9 @@ dumps both IMAGEs and the decision line (test node DumpImageTest). PSNR is compu
             buffers in host memory (exact+host, PSNR >= 60 dB); with tiling local (and learn off, so ComfyUI's
             validation sees that input) the line says colours may differ; the learned file (HYBRID_VAE_LEARNED, set
             by run.sh, --learned-file) stays absent: a simulated card learns nothing.
+  cpu       512 px with no GPU memory to speak of and host memory for exact tiles' buffers but not a whole CPU decode
+            (free_gib=0.01,host_gib=3): the CPU plan in exact tiles over ComfyUI's decoder, PSNR >= 60 dB, the line
+            says it equals a full decode.
   identity  128 px against two `hybrid-vae serve` endpoints (--same serves sd15_seed0, --other sd15_seed1), each
             request counted at the server: remote for --same, refused with the reason for --other, one canary
             per pair, and what --other's picture would have been (remote_custom_vae on).
@@ -138,6 +141,19 @@ def part_local(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
     return ok and bool(learned) and not rec["exists"]  # a simulated card: nothing learned (its times are the CPU's)
 
 
+def part_cpu(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
+    name = "cpu-512"
+    secs = run(args.port, workflow(512, 6, args.dumps, {name: {}}, ref=True))
+    img, text = load(args.dumps, name)
+    ref, _ = load(args.dumps, "ref-512-6")
+    rec = {"probe": name, "decision": text, "psnr_db_vs_VAEDecode": round(psnr(img, ref), 2),
+           "workflow_s": round(secs, 1)}
+    out.append(rec)
+    print(json.dumps(rec), flush=True)
+    return ("cpu exact tiles" in (text or "") and "equals a full decode" in (text or "")
+            and rec["psnr_db_vs_VAEDecode"] >= 60)
+
+
 def part_identity(args: argparse.Namespace, out: list[dict[str, Any]]) -> bool:
     same, other = args.same, args.other
     hybrids = {"same": {"endpoint": same, "mode": "remote"},
@@ -171,7 +187,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, default=8189)
     ap.add_argument("--dumps", required=True)
-    ap.add_argument("--part", choices=["tiles", "local", "identity"], required=True)
+    ap.add_argument("--part", choices=["tiles", "local", "cpu", "identity"], required=True)
     ap.add_argument("--same", help="endpoint serving models/vae/" + VAE_FILE)
     ap.add_argument("--other", help="endpoint serving another VAE")
     ap.add_argument("--out", help="append the records to this JSON-lines file")
@@ -183,7 +199,7 @@ def main() -> int:
     print(json.dumps({"probe": "object_info", "output": info["output"], "output_name": info["output_name"],
                       "optional": sorted(info["input"]["optional"])}), flush=True)
     out: list[dict[str, Any]] = []
-    ok = {"tiles": part_tiles, "local": part_local, "identity": part_identity}[args.part](args, out)
+    ok = {"tiles": part_tiles, "local": part_local, "cpu": part_cpu, "identity": part_identity}[args.part](args, out)
     ok &= "learn" in info["input"]["optional"]
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
