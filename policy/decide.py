@@ -199,7 +199,7 @@ def describe_plan(plan: Plan) -> str:
 def _cpu_plans(job: DecodeJob, fam: Family, settings: DecodeSettings, overlap: int) -> list[Plan]:
     """The CPU plans, last in every chain. The first decodes one item at a time (video: in the VAE's temporal
     chunks); for a frame larger than the smallest tile, images then in exact tiles (output equals a full decode;
-    whole-image buffers in host memory, about a third of a full decode's; faster than local tiles on the CPU,
+    whole-image buffers in host memory, about half a full decode's; faster than local tiles on the CPU,
     1.20x against 1.65x a full decode measured; not with ``tile_groupnorm="local"``), then in local tiles, so the
     host memory is bounded by the tile (video: in those tiles one latent frame at a time too, the least host
     memory): a float32 CPU decode needs about 3.8 KB of host memory per output pixel (962 MiB at 512 px measured
