@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,23 +65,21 @@ def write_measured(rows: list[dict[str, Any]], out: str | None, stem: str) -> Pa
     return path
 
 
-def px_arg(text: str) -> int:
-    """argparse type: output pixels, a positive multiple of 8 (the VAEs' spatial compression)."""
+def _int_arg(text: str, ok: Callable[[int], bool], why: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        v = 0
-    if v < 8 or v % 8:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 8 (output pixels; e.g. 256)")
+        v = None
+    if v is None or not ok(v):
+        raise argparse.ArgumentTypeError(f"{text!r} {why}")
     return v
+
+
+def px_arg(text: str) -> int:
+    """argparse type: output pixels, a positive multiple of 8 (the VAEs' spatial compression)."""
+    return _int_arg(text, lambda v: v >= 8 and v % 8 == 0, "is not a positive multiple of 8 (output pixels; e.g. 256)")
 
 
 def count_arg(text: str) -> int:
     """argparse type: a whole number of at least 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
-    return v
+    return _int_arg(text, lambda v: v >= 1, "must be a whole number of at least 1")

@@ -59,7 +59,7 @@ def tiled_exact3d(world: World, sc: Scenario, ex: Exec) -> truth.Truth:
     """Exact 3-D tiles: the tile's working set and the keys and values on the GPU, every whole-video buffer in
     host memory; the full decode's compute x the exact factor and the copies, overlapped."""
     from hybrid_vae.bench.world import Exec, _rng
-    from hybrid_vae.bench.world_offload import link
+    from hybrid_vae.bench.world_offload import link, overlapped
 
     ds = dtype_bytes(sc.dtype)
     c = counts(world, sc, ex)
@@ -76,8 +76,7 @@ def tiled_exact3d(world: World, sc: Scenario, ex: Exec) -> truth.Truth:
     gpu += c.tile_elements * ds  # the next tile's region and the last output in flight
     lk = link(world, sc.card.name)
     copy = c.moved_elements * ds / (min(lk.link_gbs, lk.staging_gbs) * 1e9)
-    hidden = _rng(world.seed, "exact3d-overlap", sc.local_key).uniform(0.55, 0.95)
-    one += copy - hidden * min(one, copy)
+    one = overlapped(world, sc, one, copy, "exact3d-overlap")
     return truth.Truth(gpu, buffers, one * sc.batch, one,
                        "counted elements x assumed working set; measured full decode x assumed factor; copies at "
                        "assumed link and staging rates and overlap")

@@ -43,7 +43,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hybrid_vae.extension.stream_store import CudaMover, Ledger, Mover, Region, Store
+from hybrid_vae.extension.stream_store import CudaMover, Ledger, Mover, Region, Store, sweep
 from hybrid_vae.policy import passes as P
 from hybrid_vae.policy.errors import PlanError
 
@@ -439,21 +439,11 @@ class _Run:
         return None
 
     def sweep(self, p: P.Pass, body: Callable[[Region, list[tuple[torch.Tensor, Region]]], None]) -> None:
-        """Run ``body(core, reads)`` over the tiles of ``p``. The next tile's reads are requested before this
-        tile is computed: on CUDA its upload is queued on the copy stream ahead of this tile's download, so it runs
-        while this tile computes (one in-order copy stream: an upload queued after the download would wait for it,
-        and the download waits for the compute). The reads come from earlier passes' buffers, never this one's."""
+        """Run ``body(core, reads)`` over the tiles of ``p`` (:func:`extension.stream_store.sweep`: the next
+        tile's reads requested before this one computes)."""
         reads = [a for a in p.reads if self.sched.buffers[a.buffer].role != "tokens"]
-        cores = self.cores(p)
-        nxt = [self.store.fetch(a, cores[0]) for a in reads]
-        for i, core in enumerate(cores):
-            got = [(t.take(), inner) for t, inner in nxt]
-            nxt = [self.store.fetch(a, cores[i + 1]) for a in reads] if i + 1 < len(cores) else []
-            body(core, got)
-            del got
-            self.store.mover.settle()
-            self.tick()
-        self.store.mover.drain()
+        sweep(self.cores(p), lambda core: [self.store.fetch(a, core) for a in reads], body, self.store.mover,
+              self.tick)
 
 
 def _crop(t: torch.Tensor, inner: Region, k: int = 1) -> torch.Tensor:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from hybrid_vae.extension.stream import _attend, _attention_step, _norm, _project, _Stats
-from hybrid_vae.extension.stream_store import CudaMover, Mover, Ticket
+from hybrid_vae.extension.stream_store import CudaMover, Mover, Ticket, sweep
 from hybrid_vae.policy.errors import PlanError
 
 if TYPE_CHECKING:
@@ -201,29 +201,20 @@ class _Video:
 
         return torch.empty((1, c, t, h, w), dtype=self.dtype, device=self.home)
 
-    def fetch(self, view: torch.Tensor) -> Ticket:
+    def fetch(self, view: torch.Tensor) -> tuple[Ticket, None]:
         """``view`` of a whole-video buffer (or of the latents, already on the compute device) on its way to the
-        compute device (counted as moved)."""
+        compute device (counted as moved), as :func:`extension.stream_store.sweep` takes a read."""
         self.moved(view.numel())
-        return Ticket(view) if self.mover is None or view.device != self.home else self.mover.fetch(view)
+        return (Ticket(view) if self.mover is None or view.device != self.home else self.mover.fetch(view)), None
 
     def put(self, view: torch.Tensor, tile: torch.Tensor) -> None:
         """``tile`` into ``view`` of a whole-video buffer (counted as moved); on CUDA with host buffers the copy
-        finishes later (:meth:`settle`, :meth:`drain`)."""
+        finishes later (when :func:`extension.stream_store.sweep` settles and drains the mover)."""
         self.moved(tile.numel())
         if self.mover is None:
             view.copy_(tile)
         else:
             self.mover.put(view, tile)
-
-    def settle(self) -> None:
-        if self.mover is not None:
-            self.mover.settle()
-
-    def drain(self) -> None:
-        """Every write of the pass in place: the next pass reads the buffers (on the CPU, for host buffers)."""
-        if self.mover is not None:
-            self.mover.drain()
 
     def boxes(self, t: int, h: int, w: int) -> list[Box]:
         """Output tiles of a pass at ``t`` frames, ``h`` x ``w`` pixels."""
@@ -252,20 +243,14 @@ def _box(t: torch.Tensor, box: Box) -> torch.Tensor:
     return t[:, :, t0:t1, y0:y1, x0:x1]
 
 
-def _sweep(v: _Video, boxes: list[Box], request: Callable[[Box], list[Ticket]],
-           body: Callable[[Box, list[torch.Tensor]], None]) -> None:
-    """Run ``body(box, reads)`` over ``boxes``. As the image executor's sweep: the next tile's reads are requested
-    before this tile is computed, so on CUDA with host buffers its upload runs on the copy stream while this tile
-    computes (queued after this tile's download it would wait for this tile's compute). The reads come from earlier
-    passes' buffers, never this one's."""
-    nxt = request(boxes[0])
-    for i, box in enumerate(boxes):
-        got = [t.take() for t in nxt]
-        nxt = request(boxes[i + 1]) if i + 1 < len(boxes) else []
-        body(box, got)
-        del got
-        v.settle()
-    v.drain()
+Reads = list[tuple["torch.Tensor", None]]
+
+
+def _sweep(v: _Video, boxes: list[Box], request: Callable[[Box], list[tuple[Ticket, None]]],
+           body: Callable[[Box, Reads], None]) -> None:
+    """One pass over ``boxes`` (:func:`extension.stream_store.sweep`: the next tile's reads requested before this
+    one computes, every write in place at the end), then its progress tick."""
+    sweep(boxes, request, body, v.mover)
     v.tick()
 
 
@@ -302,7 +287,7 @@ def _conv_pass(v: _Video, src: torch.Tensor, conv: _Conv, aff: tuple[torch.Tenso
         ix = torch.div(_axis(x0, x1, side, side, wu), fw, rounding_mode="floor")
         return it, iy, ix
 
-    def request(box: Box) -> list[Ticket]:
+    def request(box: Box) -> list[tuple[Ticket, None]]:
         """The span the tile's indices cover (copied once; repeats are made on the device), and the residual."""
         (t0, t1), (y0, y1), (x0, x1) = ((int(i[0]), int(i[-1]) + 1) for i in indices(box))
         got = [v.fetch(src[:, :, t0:t1, y0:y1, x0:x1])]
@@ -310,14 +295,14 @@ def _conv_pass(v: _Video, src: torch.Tensor, conv: _Conv, aff: tuple[torch.Tenso
             got.append(v.fetch(_box(residual[0], box)))
         return got
 
-    def body(box: Box, reads: list[torch.Tensor]) -> None:
-        region = _expand(reads[0], indices(box))
+    def body(box: Box, reads: Reads) -> None:
+        region = _expand(reads[0][0], indices(box))
         x = region if aff is None else _norm(region, aff)
         y = conv.conv(x)
         del x
         if residual is not None:
             short = residual[1]
-            y = y + (reads[1] if short is None else short.conv(reads[1]))
+            y = y + (reads[1][0] if short is None else short.conv(reads[1][0]))
         v.count(region, y)
         del region
         if groups is not None:
@@ -354,12 +339,12 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
     v.ledger["kv_elements"] = max(v.ledger.get("kv_elements", 0), 2 * keys.numel())
     boxes = v.boxes(t, h, w)
 
-    def request(box: Box) -> list[Ticket]:
+    def request(box: Box) -> list[tuple[Ticket, None]]:
         return [v.fetch(_box(x, box))]
 
-    def project(box: Box, reads: list[torch.Tensor]) -> None:
+    def project(box: Box, reads: Reads) -> None:
         t0, t1, y0, y1, x0, x1 = box
-        n = _norm(reads[0], aff, act=False)[0].permute(1, 2, 3, 0)  # [t, h, w, C]
+        n = _norm(reads[0][0], aff, act=False)[0].permute(1, 2, 3, 0)  # [t, h, w, C]
         keys[t0:t1, y0:y1, x0:x1] = _project(a.k, n)
         vals[t0:t1, y0:y1, x0:x1] = _project(a.v, n)
 
@@ -375,9 +360,9 @@ def _attention(v: _Video, x: torch.Tensor, xs: _Stats, a: Any, groups: int) -> t
             r1 = min(rows, r0 + _KV_CHUNK)
             yield kv[0][r0:r1], kv[1][r0:r1]
 
-    def attend(box: Box, reads: list[torch.Tensor]) -> None:
+    def attend(box: Box, reads: Reads) -> None:
         t0, t1, y0, y1, x0, x1 = box
-        part = reads[0]
+        part = reads[0][0]
         n = _norm(part, aff, act=False)[0].permute(1, 2, 3, 0)  # [tt, hh, ww, C]
         ys = []
         for f in range(t1 - t0):  # frame t0 + f sees frames 0 .. t0 + f: a prefix of the keys

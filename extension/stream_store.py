@@ -7,17 +7,19 @@ Used by :mod:`extension.stream`, which runs the passes; nothing here knows the d
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hybrid_vae.policy import passes as P
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CudaMover", "Ledger", "Mover", "Region", "Store", "Ticket"]
+__all__ = ["CudaMover", "DeferredMover", "Ledger", "Mover", "Region", "Store", "Ticket", "sweep"]
 
 Region = tuple[int, int, int, int]  # y0, y1, x0, x1
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 # ---- accounting: what lives on the compute device ---------------------------------------------------
@@ -183,7 +185,33 @@ class Mover:
         """Finish every write (the end of a pass)."""
 
 
-class CudaMover(Mover):
+class DeferredMover(Mover):
+    """Writes that land later: :meth:`put` of a subclass queues ``(view, staged, done)`` with :meth:`defer`;
+    :meth:`settle` lands all but the most recent (waiting for ``done``, an event, when there is one) and
+    :meth:`drain` all of them."""
+
+    def __init__(self, device: torch.device, ledger: Ledger | None) -> None:
+        super().__init__(device, ledger)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+
+    def defer(self, view: torch.Tensor, staged: torch.Tensor, done: Any = None) -> None:
+        self.pending.append((view, staged, done))
+
+    def _finish(self, keep: int) -> None:
+        while len(self.pending) > keep:
+            view, staged, done = self.pending.pop(0)
+            if done is not None:
+                done.synchronize()
+            view.copy_(staged)
+
+    def settle(self) -> None:
+        self._finish(1)
+
+    def drain(self) -> None:
+        self._finish(0)
+
+
+class CudaMover(DeferredMover):
     """CUDA: copies on a separate stream through pinned staging buffers, so they overlap the compute.
 
     Host -> device: the tile's region is gathered on the CPU into a pinned buffer and copied on the copy
@@ -199,7 +227,6 @@ class CudaMover(Mover):
 
         super().__init__(device, ledger)
         self.stream = torch.cuda.Stream(device)
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
 
     def fetch(self, view: torch.Tensor) -> Ticket:
         import torch
@@ -226,19 +253,30 @@ class CudaMover(Mover):
             done = torch.cuda.Event()
             done.record(self.stream)
         tile.record_stream(self.stream)  # the compute stream must not reuse it before the copy ran
-        self.pending.append((view, staged, done))
+        self.defer(view, staged, done)
 
-    def _finish(self, keep: int) -> None:
-        while len(self.pending) > keep:
-            view, staged, done = self.pending.pop(0)
-            done.synchronize()
-            view.copy_(staged)
 
-    def settle(self) -> None:
-        self._finish(1)
-
-    def drain(self) -> None:
-        self._finish(0)
+def sweep(tiles: Sequence[T], request: Callable[[T], list[tuple[Ticket, R]]],
+          body: Callable[[T, list[tuple[torch.Tensor, R]]], None], mover: Mover | None,
+          after: Callable[[], None] | None = None) -> None:
+    """Run ``body(tile, reads)`` over the ``tiles`` of one pass (``request(tile)``: its reads, each a ticket and
+    what the body needs to place it; ``after``: called after each tile). The next tile's reads are requested
+    before this tile is computed: on CUDA its upload is queued on the copy stream ahead of this tile's download, so
+    it runs while this tile computes (one in-order copy stream: an upload queued after the download would wait for
+    it, and the download waits for the compute). The reads come from earlier passes' buffers, never this one's;
+    every write is in place when the pass returns (the next pass may read them on the CPU)."""
+    nxt = request(tiles[0])
+    for i, tile in enumerate(tiles):
+        got = [(t.take(), r) for t, r in nxt]
+        nxt = request(tiles[i + 1]) if i + 1 < len(tiles) else []
+        body(tile, got)
+        del got
+        if mover is not None:
+            mover.settle()
+        if after is not None:
+            after()
+    if mover is not None:
+        mover.drain()
 
 
 # ---- the whole-image buffers ------------------------------------------------------------------------

@@ -196,9 +196,8 @@ def video_exact_estimate(job: DecodeJob, fam: Family, speed: SpeedModel, gp: Gpu
       with ``host_buffers`` one more counted tile in flight (the copy stream uploads the next tile's region, and
       for a resnet's second pass its residual, while this one computes, and the last output is on its way out:
       about 1.4x the counted tile, which with the CPU's measured 1.35-1.60x stays under 3 x 1.15), the mid
-      block's keys and
-      values (counted), the tile workspace, and (not ``host_buffers``) the buffers at their widest and the batch's
-      finished videos (counted), x ``memory.exact_margin``; the weights when not resident.
+      block's keys and values (counted), the tile workspace, and (not ``host_buffers``) the buffers at their
+      widest and the batch's finished videos (counted), x ``memory.exact_margin``; the weights when not resident.
     - Host (``host_buffers``): the whole-video buffers at their widest (counted) and the batch's finished videos.
     - Seconds: a full decode's x ``exact_time_factor`` (assumed, as image exact tiles), a fixed cost per tile
       step, and (``host_buffers``) the counted copies at the slower of the card's link and the CPU's staging

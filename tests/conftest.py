@@ -66,36 +66,30 @@ def cuda_peak() -> Callable[[Callable[[], Any]], tuple[Any, int]]:
 
 @pytest.fixture
 def lagging_mover() -> Callable[..., type]:
-    """``lagging_mover(lazy_drain=False)``: a :class:`extension.stream_store.Mover` that orders its copies as
-    :class:`~extension.stream_store.CudaMover` does, on the CPU: a tile's read is copied when it is requested (one
-    tile ahead of the compute), and its writes land one tile late (:meth:`settle`) or at the end of the pass
-    (:meth:`drain`). The CUDA mover itself needs a GPU; this checks the executors never read a buffer before the
+    """``lagging_mover(lazy_drain=False)``: the CUDA mover's deferred writes
+    (:class:`extension.stream_store.DeferredMover`, the same code) on the CPU: a tile's read is copied when it is
+    requested (one tile ahead of the compute), and its writes land one tile late (``settle``) or at the end of the
+    pass (``drain``). The CUDA mover itself needs a GPU; this checks the executors never read a buffer before the
     writes it needs have landed. ``lazy_drain=True`` is the bug the check must catch: a pass ends with one write
     still pending. The class's ``made`` lists its instances (``late``: writes that landed after their tile)."""
-    from hybrid_vae.extension.stream_store import Mover
+    from hybrid_vae.extension.stream_store import DeferredMover
 
     def make(*, lazy_drain: bool = False) -> type:
-        class Lagging(Mover):
+        class Lagging(DeferredMover):
             made: ClassVar[list[Lagging]] = []  # every instance, for the test to check it ran
 
             def __init__(self, device: Any, ledger: Any) -> None:
                 super().__init__(device, ledger)
                 self.made.append(self)
-                self.pending: list[tuple[Any, Any]] = []
                 self.late = 0  # writes that landed after the tile that made them
 
             def put(self, view: Any, tile: Any) -> None:
                 self._count(0, tile.numel() * tile.element_size())
-                self.pending.append((view, tile.clone()))
+                self.defer(view, tile.clone())
 
             def _finish(self, keep: int) -> None:
-                while len(self.pending) > keep:
-                    view, tile = self.pending.pop(0)
-                    view.copy_(tile)
-                    self.late += 1
-
-            def settle(self) -> None:
-                self._finish(1)
+                self.late += max(0, len(self.pending) - keep)
+                super()._finish(keep)
 
             def drain(self) -> None:
                 self._finish(1 if lazy_drain else 0)
