@@ -11,6 +11,9 @@
 set -euo pipefail
 ROOT=$(cd "${1:?usage: run.sh ROOT [tiles|local|cpu|identity ...]}" && pwd); shift
 PARTS=${*:-tiles identity local cpu}
+for p in $PARTS; do
+  case "$p" in tiles|local|cpu|identity) ;; *) echo "run.sh: part '$p': use tiles, local, cpu or identity" >&2; exit 2;; esac
+done
 HERE=$(cd "$(dirname "$0")" && pwd)
 PORT=${PORT:-8189}
 read -r P1 P2 <<< "${SERVE_PORTS:-8201 8202}"
