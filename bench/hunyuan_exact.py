@@ -48,7 +48,7 @@ def run(*, size: int = 256, frames: int = 3, tile: int = 128, repeat: int = 1, d
     from hybrid_vae.policy.estimate import SpeedModel
     from hybrid_vae.policy.model import Estimate
     from hybrid_vae.policy.profiles import dtype_bytes
-    from hybrid_vae.policy.video_exact import video_exact_estimate
+    from hybrid_vae.policy.video_exact import video_exact_counts, video_exact_estimate
 
     cuda = device.startswith("cuda")
     torch.manual_seed(0)
@@ -66,12 +66,15 @@ def run(*, size: int = 256, frames: int = 3, tile: int = 128, repeat: int = 1, d
     job = DecodeJob("hunyuanvideo", lat_w * 8, lat_h * 8, frames=1 + 4 * (frames - 1), dtype=dtype)
     speed = SpeedModel(fam, gp, dtype_bytes(dtype), DecodeSettings())
 
-    def exact(tile_frames: int, ledger: dict[str, int], buffers: str = "host") -> Any:
+    def exact(tile_frames: int, ledger: dict[str, int], buffers: str = "host", budget: int = 0) -> Any:
         return hunyuan_exact_decode(vae, z, tile_px=tile, tile_frames=tile_frames, buffers=buffers,  # type: ignore[arg-type]
-                                    ledger=ledger).clamp(-1, 1)
+                                    device_budget=budget, ledger=ledger).clamp(-1, 1)
 
-    def estimate(host: bool) -> Estimate | None:
-        return video_exact_estimate(job, fam, speed, gp, tile, dtype_bytes(dtype), host_buffers=host) if cuda else None
+    def estimate(host: bool, budget: int = 0) -> Estimate | None:
+        return video_exact_estimate(job, fam, speed, gp, tile, dtype_bytes(dtype), host_buffers=host,
+                                    device_budget=budget) if cuda else None
+
+    half = video_exact_counts(job, fam, tile, 16).buffer_elements * dtype_bytes(dtype) // 2
 
     vae.use_framewise_decoding = False  # the reference is the whole video at once (run_plan sets it per plan)
     vae.use_tiling = False
@@ -83,6 +86,8 @@ def run(*, size: int = 256, frames: int = 3, tile: int = 128, repeat: int = 1, d
     if cuda:
         cases.append((f"exact 3-D tiles {tile}px x 16 frames, buffers on the GPU",
                       lambda led: exact(16, led, "device"), estimate(False)))
+        cases.append((f"exact 3-D tiles {tile}px x 16 frames, half the buffers' bytes on the GPU",
+                      lambda led: exact(16, led, "host", half), estimate(True, half)))
     rows, ref = [], None
     for name, fn, e in cases:
         times, out, ledger, peak = [], None, {}, None

@@ -291,8 +291,10 @@ class Exec:
         if plan.groupnorm == "exact" and fam.architecture == "wan":  # exact Wan tiles (extension/stream_wan.py)
             return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="halo", host_out=True)
         if plan.groupnorm == "exact" and fam.architecture == "hunyuanvideo":  # extension/stream_hunyuan.py
-            host = plan.device_budget is not None  # every whole-video buffer in host memory, else on the GPU
-            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact3d", budget=0 if host else -1,
+            host = plan.device_budget is not None  # the whole-video buffers in host memory (those the budget keeps
+            # on the GPU apart), else all on the GPU
+            return cls("tiled", tiles=((plan.tile_px, plan.tile_px),), geometry="exact3d",
+                       budget=(plan.device_budget or 0) if host else -1,
                        host_out=host, tile_frames=plan.tile_frames or 0)
         if plan.groupnorm == "exact":
             raise ValueError(f"the simulated world has no truth for exact video tiles of {fam.architecture} "

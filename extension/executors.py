@@ -532,7 +532,8 @@ def run_plan(plan: Plan, vae: Any, latents: torch.Tensor, *, family: Family,
             else:
                 frames = plan.tile_frames or family.tiling.exact_tile_frames or 16
                 out = hunyuan_exact_decode(vae, z, tile_px=plan.tile_px, tile_frames=frames,
-                                           buffers="host" if plan.offloaded else "device", progress=progress)
+                                           buffers="host" if plan.offloaded else "device",
+                                           device_budget=plan.device_budget or 0, progress=progress)
         elif video:
             out = _tiled_video(vae, z, plan, family, progress)
         elif plan.groupnorm == "exact":

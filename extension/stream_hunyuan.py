@@ -22,7 +22,10 @@ executor's buffers and for its reasons: a strided tile of a pinned tensor is cop
 anyway, and PyTorch's pinned allocator would keep up to twice the buffers page-locked; the GPU then holds the
 weights, one tile's region and its output, the mid block's keys and values and the statistics: bounded by the
 tile, not the video) or ``"device"`` (the VAE's device: no copies, but the buffers of a 33-frame 544x960 video
-are 16.4 GiB at their widest in bfloat16, :mod:`policy.video_exact`). The copies go through the image
+are 16.4 GiB at their widest in bfloat16, :mod:`policy.video_exact`). With ``"host"`` buffers, ``device_budget``
+keeps some of them on the device: those that would move the most per byte (the latent-rate ones, whose tiles read
+the most context), placed by :func:`policy.video_exact.hunyuan_counts` as the engine's estimate counts them; the
+finished video is in host memory whatever the budget. The copies go through the image
 executor's mover (:mod:`extension.stream_store`): on CUDA a copy stream and pinned staging, the next tile's span
 requested while this tile computes, finished tiles written into the host buffers one tile late and all of them
 before the next pass (which reads them on the CPU); elsewhere plain copies.
@@ -43,12 +46,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from hybrid_vae.extension.stream import _attend, _attention_step, _norm, _project, _Stats
 from hybrid_vae.extension.stream_store import CudaMover, Mover, Ticket, sweep
 from hybrid_vae.policy.errors import PlanError
+from hybrid_vae.policy.video_exact import VideoExactCounts, hunyuan_counts, hunyuan_passes
 
 if TYPE_CHECKING:
     import torch
@@ -181,7 +186,12 @@ def _axis(lo: int, hi: int, before: int, after: int, n: int) -> torch.Tensor:
 @dataclasses.dataclass
 class _Video:
     """One item's decode: where buffers live, the compute device and dtype, tile sizes, the copies (``mover``:
-    None when the buffers live on the compute device), progress, accounting."""
+    None when the buffers live on the compute device), progress, accounting.
+
+    ``hosted``: the indices (in the order the passes make them, :func:`policy.video_exact.hunyuan_counts`'
+    numbering) of the whole-video buffers that live in host memory (``home``); the others live on the compute
+    device. The buffers in host memory are known by their storage (on a CPU "device" both sides are CPU tensors),
+    and the ledger counts what each side holds and what crosses between them."""
 
     home: torch.device
     device: torch.device
@@ -194,26 +204,56 @@ class _Video:
     progress: ProgressFn | None
     passes: int
     mover: Mover | None
+    hosted: frozenset[int]
     done: int = 0
+    made: int = 0  # buffers made so far
+    alive: dict[bool, int] = dataclasses.field(default_factory=lambda: {True: 0, False: 0})  # elements, by hosted
+    host_ptrs: set[int] = dataclasses.field(default_factory=set)
 
     def empty(self, c: int, t: int, h: int, w: int) -> torch.Tensor:
+        """The next whole-video buffer, where the placement puts it (counted while it is alive)."""
         import torch
 
-        return torch.empty((1, c, t, h, w), dtype=self.dtype, device=self.home)
+        hosted = self.made in self.hosted
+        self.made += 1
+        buf = torch.empty((1, c, t, h, w), dtype=self.dtype, device=self.home if hosted else self.device)
+        n = buf.numel()
+        self.alive[hosted] += n
+        key = "host_buffer_elements" if hosted else "device_buffer_elements"
+        self.ledger[key] = max(self.ledger.get(key, 0), self.alive[hosted])
+        if hosted:
+            ptr = buf.untyped_storage().data_ptr()
+            self.host_ptrs.add(ptr)
+            weakref.finalize(buf, self._free, True, n, ptr)
+        else:
+            weakref.finalize(buf, self._free, False, n, 0)
+        return buf
+
+    def _free(self, hosted: bool, n: int, ptr: int) -> None:
+        self.alive[hosted] -= n
+        self.host_ptrs.discard(ptr)
+
+    def _hosted(self, view: torch.Tensor) -> bool:
+        return view.untyped_storage().data_ptr() in self.host_ptrs
 
     def fetch(self, view: torch.Tensor) -> tuple[Ticket, None]:
         """``view`` of a whole-video buffer (or of the latents, already on the compute device) on its way to the
-        compute device (counted as moved), as :func:`extension.stream_store.sweep` takes a read."""
+        compute device (counted as moved; over the host link when the buffer is in host memory), as
+        :func:`extension.stream_store.sweep` takes a read."""
         self.moved(view.numel())
-        return (Ticket(view) if self.mover is None or view.device != self.home else self.mover.fetch(view)), None
+        if self.mover is None or not self._hosted(view):
+            return Ticket(view), None
+        self.ledger["host_moved_elements"] = self.ledger.get("host_moved_elements", 0) + view.numel()
+        return self.mover.fetch(view), None
 
     def put(self, view: torch.Tensor, tile: torch.Tensor) -> None:
-        """``tile`` into ``view`` of a whole-video buffer (counted as moved); on CUDA with host buffers the copy
+        """``tile`` into ``view`` of a whole-video buffer (counted as moved); on CUDA into host memory the copy
         finishes later (when :func:`extension.stream_store.sweep` settles and drains the mover)."""
         self.moved(tile.numel())
-        if self.mover is None:
+        if self.mover is None or not self._hosted(view):
             view.copy_(tile)
         else:
+            self.ledger["host_moved_elements"] = self.ledger.get("host_moved_elements", 0) + tile.numel()
             self.mover.put(view, tile)
 
     def boxes(self, t: int, h: int, w: int) -> list[Box]:
@@ -389,9 +429,23 @@ def _passes(steps: list[Any]) -> int:
     return sum(1 if isinstance(s, (_Conv, _Up, tuple)) else 2 for s in steps)
 
 
+def _placement(vae: Any, z: torch.Tensor, tile_px: int, tile_frames: int, budget: int) -> VideoExactCounts:
+    """The counts (and placement) of :mod:`policy.video_exact` for this VAE's decoder over one item of ``z``, with
+    ``budget`` elements of buffers on the device."""
+    cfg = vae.config
+    t, h, w = z.shape[2:]
+    sc, tc = int(vae.spatial_compression_ratio), int(vae.temporal_compression_ratio)
+    ps = hunyuan_passes(tuple(cfg.block_out_channels), int(cfg.layers_per_block), latent_channels=int(z.shape[1]),
+                        latent=(t, h, w), temporal_compression=tc, spatial_compression=sc,
+                        mid_attention=bool(getattr(cfg, "mid_block_add_attention", True)),
+                        out_channels=int(cfg.out_channels))
+    return hunyuan_counts(ps, tile_px=tile_px, tile_frames=tile_frames, out=(1 + tc * (t - 1), sc * h, sc * w),
+                          device_budget=budget)
+
+
 def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames: int = 16,
-                         buffers: Literal["host", "device"] = "host", progress: ProgressFn | None = None,
-                         ledger: dict[str, int] | None = None) -> torch.Tensor:
+                         buffers: Literal["host", "device"] = "host", device_budget: int = 0,
+                         progress: ProgressFn | None = None, ledger: dict[str, int] | None = None) -> torch.Tensor:
     """Decode HunyuanVideo latents ``z`` (B, C, T, H, W) with exact 3-D tiles; the frames equal the full decode's
     (``vae.decoder(vae.post_quant_conv(z))``; ``vae.decode`` with ``use_framewise_decoding`` off).
 
@@ -401,13 +455,19 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
         tile_px (`int`): the tiles' side in output pixels (at a pass of lower resolution, proportionally fewer).
         tile_frames (`int`, defaults to 16): output frames per tile (proportionally fewer at lower frame rates).
         buffers (`"host"` or `"device"`, defaults to ``"host"``): where the whole-video activations live.
+        device_budget (`int`, defaults to 0): with ``"host"`` buffers, bytes of them that may stay on the compute
+            device at any pass (per item): those that would move the most per byte stay there, as
+            :func:`policy.video_exact.hunyuan_counts` places them (fewer copies, more device memory); the
+            finished video is in host memory whatever the budget. 0: every buffer in host memory.
         progress (`Callable[[int, int], None]`, *optional*): called after each pass with (done, passes).
         ledger (`dict`, *optional*): filled with ``tile_elements`` (the most elements of one tile's region and
             output on the compute device: bounded by the tile, not the video), ``kv_elements`` (the mid block's
             keys and values, on the compute device: latent resolution), ``buffer_elements`` (the most elements of
             whole-video buffers alive at once, where ``buffers`` says, one item) and ``moved_elements`` (elements
             copied between the buffers and the compute device, all items; with ``"device"`` buffers the copies
-            are within the device). :mod:`policy.video_exact` counts the same from the decoder config.
+            are within the device), ``device_buffer_elements``/``host_buffer_elements`` (the most buffer elements
+            alive at once on each side) and ``host_moved_elements`` (elements copied over the host link).
+            :mod:`policy.video_exact` counts the same from the decoder config.
 
     Returns:
         `torch.Tensor`: the video, (B, 3, 1 + 4 (T - 1), 8 H, 8 W), unclamped, where ``buffers`` says.
@@ -424,6 +484,8 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
         raise ValueError(f"tile_frames={tile_frames}: give at least 1")
     if buffers not in ("host", "device"):
         raise ValueError(f"buffers={buffers!r}: give 'host' or 'device'")
+    if device_budget < 0 or (device_budget and buffers != "host"):
+        raise ValueError(f"device_budget={device_budget}: give 0 or more bytes, with buffers='host' only")
     if z.dim() != 5:
         raise ValueError(f"z has shape {tuple(z.shape)}: give (batch, channels, frames, height, width)")
     steps = _steps(vae)
@@ -435,11 +497,13 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
     ledger = ledger if ledger is not None else {}
     sc, tc = int(vae.spatial_compression_ratio), int(vae.temporal_compression_ratio)
     n_out = 1 + tc * (z.shape[2] - 1)
+    counted = _placement(vae, z, tile_px, tile_frames, device_budget // dtype.itemsize) if buffers == "host" else None
+    hosted = counted.host if counted is not None else frozenset()
     items = []
     live = 0
     for b in range(z.shape[0]):
         v = _Video(home, device, dtype, tile_px, tile_frames, n_out, sc * z.shape[3], ledger, progress,
-                   _passes(steps) * z.shape[0], mover, done=b * _passes(steps))
+                   _passes(steps) * z.shape[0], mover, hosted, done=b * _passes(steps))
         with torch.no_grad():
             zz = vae.post_quant_conv(z[b:b + 1].to(device=device, dtype=dtype))
             x, xs = _conv_pass(v, zz, steps[0], None, _next_groups(steps, 0))
@@ -462,6 +526,9 @@ def hunyuan_exact_decode(vae: Any, z: torch.Tensor, *, tile_px: int, tile_frames
                     live = max(live, 2 * before)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # every kernel done before the caller reads the result
+        if counted is not None and v.made != counted.buffers:
+            raise RuntimeError(f"the decode made {v.made} whole-video buffers where its placement counted "
+                               f"{counted.buffers}: policy.video_exact's passes differ from this decoder's")
         items.append(x)
     ledger["buffer_elements"] = live
     return items[0] if len(items) == 1 else torch.cat(items)

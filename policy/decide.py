@@ -14,7 +14,8 @@ Rules (each is tested):
   tiles; ``offload``: tiled plans are offloaded exact ones only; ``local``: no exact tiles.
 - Video under ``exact``/``offload`` (on a GPU): Wan's tiled plans are exact halo tiles; HunyuanVideo gets exact
   3-D tiles (:mod:`policy.video_exact`) with every whole-video buffer on the GPU (``exact`` only, where they fit
-  the budget) and in host memory (where it holds them), ranked before diffusers' chunks and tiles, which stay
+  the budget), with those that fit the budget beside the tile on the GPU and the rest in host memory, and with
+  all of them in host memory (where it holds them), ranked before diffusers' chunks and tiles, which stay
   as the fallback before the CPU (and go first where no exact plan fits). ``auto`` plans no exact video tiles.
 - An offloaded plan also needs its host buffers to fit the probed available host memory minus
   ``host_reserve_bytes`` (unknown host memory: no offloaded plans).
@@ -96,7 +97,7 @@ from hybrid_vae.policy.model import (
 from hybrid_vae.policy.profiles import Dtype, Family, GpuProfile, Profiles, dtype_bytes
 from hybrid_vae.policy.reasons import Reason, ReasonCode, ReasonValue, UnmetRequest, remote_text
 from hybrid_vae.policy.tiles import halo_region
-from hybrid_vae.policy.video_exact import video_exact_estimate
+from hybrid_vae.policy.video_exact import video_exact_counts, video_exact_estimate, video_exact_room
 
 LOSSY = frozenset({"jpg", "mp4"})
 
@@ -424,15 +425,25 @@ class _PlanMaker:
         return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
                                       groupnorm="exact", host_output=True))
 
-    def video_passes(self, tile: int, *, host: bool = True, frames: int | None = None) -> Plan:
-        """Exact HunyuanVideo tiles with every whole-video buffer in host memory (``host``: label ``exact+host
-        (all)``) or on the GPU (label ``exact``), ``frames`` output frames per tile (None: the family's
-        ``tiling.exact_tile_frames``) (:func:`policy.video_exact.video_exact_estimate`)."""
+    def video_passes(self, tile: int, *, host: bool = True, frames: int | None = None,
+                     room: float | None = None) -> Plan | None:
+        """Exact HunyuanVideo tiles with the whole-video buffers in host memory (``host``) or on the GPU (label
+        ``exact``), ``frames`` output frames per tile (None: the family's ``tiling.exact_tile_frames``)
+        (:func:`policy.video_exact.video_exact_estimate`). With ``room`` (bytes of device memory for the plan),
+        the buffers that fit beside the tile stay on the GPU (label ``exact+host``; None when none fits: the
+        ``exact+host (all)`` plan covers it); without, every buffer is in host memory (``exact+host (all)``)."""
         x = self.x
-        est = video_exact_estimate(x.job, x.fam, x.speed, x.gp, tile, dtype_bytes(x.dtype), host_buffers=host,
-                                   tile_frames=frames)
+        ds = dtype_bytes(x.dtype)
+        budget = 0
+        if host and room is not None:
+            pf = self.peak_factor("tiled-exact3d")  # with_learned scales the whole estimate: the buffers get room / pf
+            budget = video_exact_room(x.job, x.fam, tile, ds, room / pf if pf > 1.0 else room, tile_frames=frames)
+            if not video_exact_counts(x.job, x.fam, tile, frames, device_budget=budget // ds).device_buffer_elements:
+                return None
+        est = video_exact_estimate(x.job, x.fam, x.speed, x.gp, tile, ds, host_buffers=host, tile_frames=frames,
+                                   device_budget=budget)
         return self.with_learned(Plan(path="tiled", estimate=est, dtype=x.dtype, tile_px=tile, slice_batch=True,
-                                      groupnorm="exact", device_budget=0 if host else None, host_output=host,
+                                      groupnorm="exact", device_budget=budget if host else None, host_output=host,
                                       tile_frames=frames))
 
     def exact(self, tile: int) -> Plan:
@@ -494,14 +505,18 @@ def _candidates(x: _Inputs, make: _PlanMaker) -> list[Plan]:
             tiles.append(tile)
     if x.video_passes:  # 3-D tiles tile time too: one as large as the frame still bounds the memory
         tiles3d = [*tiles, max(job.width, job.height)]
-        if gn == "exact":  # every buffer on the GPU (no copies; refused where they do not fit)
-            plans += [make.video_passes(tile, host=False) for tile in tiles3d]
-        plans += [make.video_passes(tile) for tile in tiles3d]
         # with host buffers the tile is what the GPU holds: tiles of one latent frame's output frames hold a third of the
-        # default's (16 frames), for more steps and copies (each reads two earlier frames of context)
+        # default's (16 frames), for more steps and copies (each reads two earlier frames of context); the buffers
+        # that fit the budget beside the tile stay on the GPU (fewer copies), or none do
         one = fam.temporal_compression
-        if one < (fam.tiling.exact_tile_frames or 0):
-            plans += [make.video_passes(tile, frames=one) for tile in tiles3d]
+        frame_sets = [None, one] if one < (fam.tiling.exact_tile_frames or 0) else [None]
+        made: list[Plan | None] = []
+        for frames in frame_sets:
+            if gn == "exact" and frames is None:  # every buffer on the GPU (no copies; refused where they do not fit)
+                made += [make.video_passes(tile, host=False) for tile in tiles3d]
+            made += [make.video_passes(tile, frames=frames, room=x.budget) for tile in tiles3d]
+            made += [make.video_passes(tile, frames=frames) for tile in tiles3d]
+        plans += [p for p in made if p is not None]
     if chunk is not None:
         plans.append(make.local("tiled", chunk=chunk, slice_batch=True))
     for tile in tiles:
@@ -943,7 +958,7 @@ def _tiles_params(x: _Inputs, c: Plan, gpu_plans: list[Plan], feasible: list[Pla
     if c.groupnorm == "exact" and c.offloaded and x.fam.video:
         e = c.estimate
         return {"tiles": "exact_video_host", "host_bytes": e.host_bytes, "transfer_bytes": e.transfer_bytes,
-                "transfer_seconds": e.transfer_seconds}
+                "transfer_seconds": e.transfer_seconds, "gpu_buffer_budget": c.device_budget or 0}
     if c.groupnorm == "exact" and c.offloaded:
         inmem = [p for p in gpu_plans if p.groupnorm == "exact" and not p.offloaded]
         least = min(inmem, key=lambda p: p.estimate.peak_bytes) if inmem else None

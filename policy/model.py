@@ -290,9 +290,9 @@ class Plan:
         slice_batch: decode the batch one item at a time.
         groupnorm: tiled image plans: ``exact`` (layer by layer over the whole image, output equals a
             full decode) or ``local`` (each tile through the whole decoder with its own statistics).
-        device_budget: exact plans: None keeps every whole-image buffer on the GPU; an int is the bytes
-            they may use there, the rest live in host memory ("offloaded", label ``exact+host``; 0: every
-            buffer in host memory, label ``exact+host (all)``).
+        device_budget: exact plans: None keeps every whole-image (or whole-video) buffer on the GPU; an int is
+            the bytes they may use there, the rest live in host memory ("offloaded", label ``exact+host``; 0:
+            every buffer in host memory, label ``exact+host (all)``).
         host_output: video plans: the finished frames go to host memory as each temporal chunk (HunyuanVideo)
             or spatial tile (Wan) is decoded, on diffusers' classes, so the GPU never holds the whole video.
         tile_frames: exact 3-D video tiles (HunyuanVideo): output frames per tile; None: the family's

@@ -342,28 +342,40 @@ def steps(sched: Schedule, lh: int, lw: int, tile_px: int) -> int:
 def placement(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch: int,
               device_budget: int | None, *, moves: list[tuple[int, int]] | None = None) -> frozenset[int]:
     """The buffers that live in host memory when the whole-image buffers on the device may use at most
-    ``device_budget`` bytes at any time (``None``: no limit, all on the device; 0: all in host memory).
-
-    Greedy and deterministic: buffers in order of bytes they would move per byte of their size (most first;
-    ties: the larger mover, then the earlier buffer) go to the device when they fit there for their whole
-    life, beside the ones already placed; the rest go to the host.
-    """
+    ``device_budget`` bytes at any time (``None``: no limit, all on the device; 0: all in host memory), as
+    :func:`greedy_host` places them."""
     if device_budget is None:
         return frozenset()
     size = buffer_bytes(sched, lh, lw, dsize, batch)
-    life = sched.life
     moved = [(u + d) * dsize * batch for u, d in (moves or traffic(sched, lh, lw, tile_px))]
+    return greedy_host(size, sched.life, moved, device_budget)
+
+
+def greedy_host(size: Sequence[int], life: Sequence[tuple[int, int]], moved: Sequence[int], device_budget: int, *,
+                host: frozenset[int] = frozenset()) -> frozenset[int]:
+    """The buffers (indices) that go to host memory when those on the device may hold at most ``device_budget``
+    (in ``size``'s unit) at any pass: buffer ``i`` is alive from pass ``life[i][0]`` to ``life[i][1]`` (inclusive)
+    and would move ``moved[i]`` between host and device if it lived in host memory; ``host``: buffers that live
+    there whatever the budget (a video's finished frames).
+
+    Greedy and deterministic: buffers in order of bytes they would move per byte of their size (most first;
+    ties: the larger mover, then the earlier buffer) go to the device when they fit there for their whole
+    life, beside the ones already placed; the rest go to the host. Shared by exact image tiles
+    (:func:`placement`) and exact HunyuanVideo tiles (:mod:`policy.video_exact`).
+    """
     order = sorted(range(len(size)), key=lambda i: (-moved[i] / max(1, size[i]), -moved[i], i))
-    used = [0] * len(sched.passes)
-    host: set[int] = set()
+    used = [0] * (1 + max((b for _, b in life), default=0))
+    out: set[int] = set(host)
     for i in order:
+        if i in host:
+            continue
         a, b = life[i]
         if max(used[a:b + 1]) + size[i] <= device_budget:
             for p in range(a, b + 1):
                 used[p] += size[i]
         else:
-            host.add(i)
-    return frozenset(host)
+            out.add(i)
+    return frozenset(out)
 
 
 def costs(sched: Schedule, lh: int, lw: int, tile_px: int, dsize: int, batch: int = 1,

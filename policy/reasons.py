@@ -57,9 +57,10 @@ REASON_CODES: tuple[ReasonCode, ...] = get_args(ReasonCode)
 #: ``unmet_request``: the mode the settings asked for, which could not run (then the sentence starts with why).
 UnmetRequest = Literal["full", "tiled", "remote"]
 #: ``tiles``: ``exact_host`` (exact tiles, buffers partly in host memory), ``exact_video_host`` (exact HunyuanVideo
-#: tiles, every whole-video buffer in host memory, copies overlapped), ``exact`` (output equals a full
-#: decode), ``local_lossless_slower`` (a lossless plan fits but is over ``exact_tolerance`` slower),
-#: ``local_no_lossless`` (no lossless plan fits); absent for tiles with nothing to say (video, no exact model).
+#: tiles, the whole-video buffers in host memory but those the budget keeps on the GPU, copies overlapped),
+#: ``exact`` (output equals a full decode), ``local_lossless_slower`` (a lossless plan fits but is over
+#: ``exact_tolerance`` slower), ``local_no_lossless`` (no lossless plan fits); absent for tiles with nothing to say
+#: (video, no exact model).
 TileNote = Literal["exact_host", "exact_video_host", "exact", "local_lossless_slower", "local_no_lossless"]
 #: ``remote_code``: why remote is (``configured``, ``pool``, ``builtin``) or is not (the rest) a candidate.
 RemoteCode = Literal["remote_off", "inferred_family", "custom_vae", "configured", "pool", "builtin", "no_endpoint",
@@ -196,7 +197,9 @@ def _tiles_text(p: Mapping[str, ReasonValue]) -> str:
                 f"{_b(p, 'transfer_bytes') / 1e9:.1f} GB copied (est. {_f(p, 'transfer_seconds'):.2f} s, overlapped); "
                 f"output equals a full decode")
     if note == "exact_video_host":
-        return (f"; {_gib(_b(p, 'host_bytes'))} of whole-video buffers in host memory, "
+        gpu = (f" (up to {_gib(_b(p, 'gpu_buffer_budget'))} of them on the GPU)"
+               if _b(p, "gpu_buffer_budget") else "")
+        return (f"; {_gib(_b(p, 'host_bytes'))} of whole-video buffers in host memory{gpu}, "
                 f"{_b(p, 'transfer_bytes') / 1e9:.1f} GB copied (est. {_f(p, 'transfer_seconds'):.2f} s, overlapped); "
                 f"frames equal a full decode")
     if note == "exact":

@@ -82,20 +82,27 @@ def test_a_wrong_context_is_not_exact(hv, monkeypatch, wrong):
     assert psnr(got, full) < 90, psnr(got, full)
 
 
-@pytest.mark.parametrize(("frames", "hw", "tile_px", "tile_frames"), [(3, (6, 6), 16, 4), (2, (5, 7), 1024, 64)])
+@pytest.mark.parametrize(("frames", "hw", "tile_px", "tile_frames", "budget"),
+                         [(3, (6, 6), 16, 4, 0), (3, (6, 6), 16, 4, 400_000), (2, (5, 7), 1024, 64, 0)])
 def test_copies_that_land_late_as_on_cuda_still_equal_the_full_decode(hv, monkeypatch, lagging_mover, frames, hw,
-                                                                       tile_px, tile_frames):
+                                                                       tile_px, tile_frames, budget):
     """Host buffers through a mover ordered as the CUDA one (reads requested a tile ahead, writes landing a tile
-    late, every write in place at the end of a pass): still the full decode. With a pass that ends one write short,
-    the next pass reads a stale buffer (one tile per pass: the tile it reads first is the one still pending)."""
+    late, every write in place at the end of a pass): still the full decode, also with some buffers on the device
+    (``device_budget``: reads and writes of those stay on the device, the others go through the mover). With a
+    pass that ends one write short, the next pass reads a stale buffer (one tile per pass: the tile it reads first
+    is the one still pending)."""
     z = _z(1, frames, *hw)
     with torch.no_grad():
         full = hv.decoder(hv.post_quant_conv(z))
     lagging = lagging_mover()
     monkeypatch.setattr(stream_hunyuan, "Mover", lagging)
-    got = hunyuan_exact_decode(hv, z, tile_px=tile_px, tile_frames=tile_frames, buffers="host")
+    ledger: dict[str, int] = {}
+    got = hunyuan_exact_decode(hv, z, tile_px=tile_px, tile_frames=tile_frames, buffers="host",
+                               device_budget=budget, ledger=ledger)
     assert psnr(got, full) >= 100, psnr(got, full)
     assert len(lagging.made) == 1 and lagging.made[0].late > 0 and lagging.made[0].h2d > 0
+    assert lagging.made[0].h2d + lagging.made[0].d2h == ledger["host_moved_elements"] * 4
+    assert (ledger.get("device_buffer_elements", 0) > 0) == (budget > 0) and ledger["host_buffer_elements"] > 0
     if tile_px >= 1024:
         monkeypatch.setattr(stream_hunyuan, "Mover", lagging_mover(lazy_drain=True))
         bad = hunyuan_exact_decode(hv, z, tile_px=tile_px, tile_frames=tile_frames, buffers="host")
@@ -131,7 +138,9 @@ def test_exact_hunyuan_tiles_refuse_what_they_cannot_run_naming_why(hv):
         hv.eval()
     z = _z(1, 2, 4, 4)
     for kw, field in [({"tile_px": 4}, "tile_px=4"), ({"tile_px": 16, "tile_frames": 0}, "tile_frames=0"),
-                      ({"tile_px": 16, "buffers": "disk"}, "buffers='disk'")]:
+                      ({"tile_px": 16, "buffers": "disk"}, "buffers='disk'"),
+                      ({"tile_px": 16, "device_budget": -1}, "device_budget=-1"),
+                      ({"tile_px": 16, "buffers": "device", "device_budget": 8}, "device_budget=8")]:
         with pytest.raises(ValueError, match=field):
             hunyuan_exact_decode(hv, z, **kw)
     with pytest.raises(ValueError, match="frames, height, width"):

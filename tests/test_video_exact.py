@@ -39,6 +39,43 @@ def test_the_policys_counts_equal_the_executors_ledger(config, latent, tile_px, 
         ledger["buffer_elements"], ledger["tile_elements"], ledger.get("kv_elements", 0), ledger["moved_elements"])
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 0.6, 10.0])
+def test_buffers_placed_on_the_device_are_counted_as_the_executor_places_them(share):
+    """With a device budget (a share of the widest buffers), the buffers each side holds at once and the elements
+    copied over the host link, counted from the config, equal the decode's ledger; more budget, fewer copies; the
+    frames still equal the full decode, and the finished video is in host memory whatever the budget."""
+    torch.manual_seed(0)
+    config = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, **config).eval()
+    latent, tile_px, tile_frames = (3, 5, 7), 16, 4
+    ps = hunyuan_passes(config["block_out_channels"], config["layers_per_block"], latent_channels=4, latent=latent)
+    t, h, w = latent
+    out = (1 + 4 * (t - 1), 8 * h, 8 * w)
+    none = hunyuan_counts(ps, tile_px=tile_px, tile_frames=tile_frames, out=out)
+    budget = int(share * none.buffer_elements)
+    c = hunyuan_counts(ps, tile_px=tile_px, tile_frames=tile_frames, out=out, device_budget=budget)
+    ledger: dict[str, int] = {}
+    z = torch.randn(1, 4, *latent)
+    got = hunyuan_exact_decode(vae, z, tile_px=tile_px, tile_frames=tile_frames, device_budget=budget * 4,
+                               ledger=ledger)
+    assert (c.device_buffer_elements, c.host_buffer_elements, c.host_moved_elements) == (
+        ledger.get("device_buffer_elements", 0), ledger.get("host_buffer_elements", 0),
+        ledger.get("host_moved_elements", 0))
+    assert c.device_buffer_elements <= budget and c.buffers - 1 in c.host
+    assert (c.buffer_elements, c.tile_elements, c.moved_elements) == (
+        ledger["buffer_elements"], ledger["tile_elements"], ledger["moved_elements"])
+    if share == 0:
+        assert c.host == frozenset(range(c.buffers)) and c.device_buffer_elements == 0
+        assert 0 < c.moved_elements - c.host_moved_elements < c.moved_elements / 100  # all but the latent's reads
+    else:
+        assert c.host_moved_elements < none.host_moved_elements and c.device_buffer_elements > 0
+    if share > 1:  # everything but the finished video on the device: its one write crosses the link
+        assert c.host == {c.buffers - 1} and c.host_moved_elements == 3 * out[0] * out[1] * out[2]
+    with torch.no_grad():
+        full = vae.decoder(vae.post_quant_conv(z))
+    assert psnr(got, full) >= 100, psnr(got, full)
+
+
 def test_the_profile_and_the_world_describe_diffusers_default_decoder():
     """The engine reads the profile's decoder fields, the world its own constants; both are diffusers' defaults
     (so neither can drift from the class unnoticed, and a wrong profile would not move the world's truth)."""
@@ -64,12 +101,18 @@ def test_the_engine_plans_exact_hunyuan_tiles_only_when_asked_and_host_memory_ho
     assert all(o.plan.groupnorm != "exact" for o in auto.options)
     d = decide(job, _gpu(8, 48), P, exact)
     c = d.chosen
-    assert c.groupnorm == "exact" and c.offloaded and c.label.endswith("exact+host (all)"), c.label
+    assert c.groupnorm == "exact" and c.offloaded and c.label.endswith("exact+host"), c.label
     assert learn_path(c) == "tiled-exact3d"
     assert c.estimate.peak_bytes <= d.budget_bytes
-    counted = video_exact_counts(job, P.family("hunyuanvideo"), c.tile_px or 0)
-    assert c.estimate.host_bytes == counted.buffer_elements * 2
-    assert "whole-video buffers in host memory" in d.reason and "s, overlapped)" in d.reason
+    fam = P.family("hunyuanvideo")
+    assert c.device_budget and c.estimate.peak_bytes > d.budget_bytes * 0.7  # the budget's buffers on the GPU...
+    counted = video_exact_counts(job, fam, c.tile_px or 0, device_budget=c.device_budget // 2)
+    none = video_exact_counts(job, fam, c.tile_px or 0)
+    assert counted.device_buffer_elements > 0 and c.estimate.host_bytes == counted.host_buffer_elements * 2
+    assert c.estimate.transfer_bytes == counted.host_moved_elements * 2 < none.host_moved_elements * 2  # ...fewer copies
+    assert "GiB of whole-video buffers in host memory (up to" in d.reason and "s, overlapped)" in d.reason
+    every = next(o.plan for o in d.options if o.plan.label == f"tiled {c.tile_px}px exact+host (all)")
+    assert every.estimate.host_bytes == none.buffer_elements * 2 and every.estimate.seconds > c.estimate.seconds
     exact_first = [p.groupnorm for p in d.plans if p.path == "tiled"]  # the chain: diffusers' tiles after exact ones
     assert exact_first == sorted(exact_first) and exact_first[-1] == "local", exact_first
     assert d.plans[-1].path == "cpu"  # ...as the fallback before the CPU
@@ -94,14 +137,16 @@ def test_tiles_one_latent_frame_long_fit_where_the_default_ones_do_not(monkeypat
     sim = parse_simulation("name=NVIDIA GeForce RTX 3080,free_gib=2.5,host_gib=16")
     d = decide(job, sim, P, DecodeSettings(tile_groupnorm="exact"))
     c = d.chosen
-    assert c.offloaded and c.tile_frames == 4 and c.label == f"tiled {c.tile_px}px x 4 frames exact+host (all)"
+    assert c.offloaded and c.tile_frames == 4 and c.label.startswith(f"tiled {c.tile_px}px x 4 frames exact+host")
     default = [o for o in d.options if o.plan.path == "tiled" and o.plan.offloaded and o.plan.tile_frames is None]
     assert default and not any(o.feasible for o in default)
-    same = next(o.plan for o in default if o.plan.tile_px == c.tile_px)
+    same = next(o.plan for o in default if o.plan.tile_px == c.tile_px and o.plan.device_budget == 0)
+    every = next(o for o in d.options if o.plan.label == f"tiled {c.tile_px}px x 4 frames exact+host (all)")
+    assert every.feasible
     four, sixteen = (video_exact_counts(job, fam, c.tile_px or 0, f) for f in (4, None))
     assert four.tile_elements < sixteen.tile_elements / 2 and four.moved_elements > sixteen.moved_elements
-    assert c.estimate.transfer_bytes == four.moved_elements * 2 > same.estimate.transfer_bytes
-    assert c.estimate.peak_bytes < same.estimate.peak_bytes / 2
+    assert every.plan.estimate.transfer_bytes == four.host_moved_elements * 2 > same.estimate.transfer_bytes
+    assert every.plan.estimate.peak_bytes < same.estimate.peak_bytes / 2
     seen: list[int] = []
     real = executors.hunyuan_exact_decode
 
@@ -143,9 +188,11 @@ def test_the_world_prices_the_engines_plan_from_its_own_counts():
     from hybrid_vae.bench.world import Exec, World
 
     job = DecodeJob("hunyuanvideo", 960, 544, frames=33)
-    plan = decide(job, _gpu(8, 48), P, DecodeSettings(tile_groupnorm="exact")).chosen
-    ex = Exec.from_plan(plan, P.family("hunyuanvideo"), 1)
-    assert ex.kind == "tiled-exact3d" and "tiled-exact3d" in truth.KINDS
+    d = decide(job, _gpu(8, 48), P, DecodeSettings(tile_groupnorm="exact"))
+    fam = P.family("hunyuanvideo")
+    every = next(o.plan for o in d.options if o.plan.label == "tiled 256px exact+host (all)")
+    ex = Exec.from_plan(every, fam, 1)
+    assert ex.kind == "tiled-exact3d" and "tiled-exact3d" in truth.KINDS and ex.budget == 0
     world = World(P)
     sc = next(s for s in scenarios(P, "scoring") if s.family == "hunyuanvideo" and s.frames == 33 and s.batch == 1)
     t = truth.of(world, sc, ex)
@@ -154,23 +201,31 @@ def test_the_world_prices_the_engines_plan_from_its_own_counts():
     four = dataclasses.replace(ex, tile_frames=4)  # 4-frame tiles: counted as such, a key of their own
     t4 = truth.of(world, sc, four)
     assert four.key != ex.key and t4.gpu_bytes < t.gpu_bytes / 2 and t4.host_bytes == t.host_bytes
+    # the chosen plan keeps some buffers on the GPU: the world counts them there (the executor's placement for the
+    # plan's budget), with fewer bytes over the link
+    part = Exec.from_plan(d.chosen, fam, 1)
+    assert d.chosen.device_budget and part.budget == d.chosen.device_budget and part.key != four.key
+    kept, none = truth.of(world, sc, part), truth.of(world, sc, dataclasses.replace(part, budget=0))
+    assert kept.gpu_bytes > none.gpu_bytes and kept.host_bytes <= none.host_bytes and kept.seconds < none.seconds
 
 
 def test_with_room_on_the_gpu_the_buffers_stay_there_and_nothing_crosses_the_link():
     """``exact`` with the whole-video buffers fitting the budget: exact tiles with every buffer on the GPU (no
-    copies, faster), the host-memory ones after them; ``offload`` never keeps them all on the GPU; the world prices
-    the on-GPU plan without copies and run_plan runs it (buffers on the compute device)."""
+    copies) or, as fast, all but the finished video there; both well before the plans with every buffer in host
+    memory; ``offload`` never keeps them all on the GPU; the world prices the on-GPU plan without copies and
+    run_plan runs it (buffers on the compute device)."""
     from hybrid_vae.bench import truth
     from hybrid_vae.bench.world import Exec, World
     from hybrid_vae.extension.executors import run_plan
 
     job = DecodeJob("hunyuanvideo", 960, 544, frames=33)
     d = decide(job, _gpu(22, 48), P, DecodeSettings(tile_groupnorm="exact"))
-    c = d.chosen
-    assert c.label.endswith("px exact") and not c.offloaded and c.estimate.host_bytes == 0, c.label
-    host_plans = [p for p in d.plans if p.offloaded]
+    c = next(o.plan for o in d.options if o.feasible and o.plan.label.endswith("px exact"))
+    assert not c.offloaded and c.estimate.host_bytes == 0, c.label
+    host_plans = [o.plan for o in d.options if o.plan.label.endswith("exact+host (all)")]
     assert host_plans and all(p.estimate.seconds > 2 * c.estimate.seconds for p in host_plans)
-    assert "exact+host (all)" in d.plans[1].label
+    assert d.chosen.estimate.seconds <= c.estimate.seconds * 1.05
+    assert (d.chosen.estimate.transfer_bytes or 0) < min(p.estimate.transfer_bytes or 0 for p in host_plans) / 10
     assert decide(job, _gpu(22, 48), P, DecodeSettings(tile_groupnorm="offload")).chosen.offloaded
     ex, ex_host = (Exec.from_plan(p, P.family("hunyuanvideo"), 1) for p in (c, host_plans[0]))
     assert ex.kind == ex_host.kind == "tiled-exact3d" and ex.key != ex_host.key
